@@ -1,0 +1,100 @@
+"""Validated hyperparameters, shared by the numpy, torch and jax optimizers (DESIGN 3).
+
+One frozen dataclass per optimizer, so the three frameworks accept exactly the same arguments and
+reject bad ones with the same ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from natgrad_impls.names import Fisher, Optimizer, parse
+
+
+def _check(condition: bool, name: str, value, requirement: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {value!r} must be {requirement}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD:
+    lr: float
+    momentum: float = 0.0
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam:
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(_finite(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "in [0, 1)")
+        _check(_finite(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "in [0, 1)")
+        _check(_finite(self.eps) and self.eps >= 0, "eps", self.eps, "a finite number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class NaturalGradient:
+    """`ef` and `ngd`: theta <- theta - lr (C + damping I)^-1 g.
+
+    damping may be 0 only where C (plus the problem's l2 term) is invertible: small D, dense solve.
+    """
+
+    lr: float
+    damping: float
+    fisher: Fisher = Fisher.EXACT  # ignored by `ef`
+    samples: int = 1  # labels drawn per example when fisher is mc
+    seed: int = 0  # seeds the mc label sampler
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(_finite(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
+        object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
+        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class KFAC:
+    lr: float
+    damping: float
+    kfac_update_period: int = 10
+    kfac_ema: float = 0.95
+    fisher: Fisher = Fisher.MC
+    samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(_finite(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
+        _check(isinstance(self.kfac_update_period, int) and self.kfac_update_period >= 1,
+               "kfac_update_period", self.kfac_update_period, "an integer >= 1")
+        _check(_finite(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
+        object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
+        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+
+
+HYPERPARAMETERS = {
+    Optimizer.SGD: SGD,
+    Optimizer.ADAM: Adam,
+    Optimizer.EF: NaturalGradient,
+    Optimizer.NGD: NaturalGradient,
+    Optimizer.KFAC: KFAC,
+}
+
+
+def names(optimizer: Optimizer | str) -> tuple[str, ...]:
+    """The hyperparameter names an optimizer accepts."""
+    optimizer = parse(Optimizer, optimizer, "optimizer")
+    return tuple(f.name for f in dataclasses.fields(HYPERPARAMETERS[optimizer]))

@@ -1,0 +1,77 @@
+"""The suite's vocabulary (DESIGN 3): one Enum per choice, shared by code, CLI, config and files.
+
+Every user-facing string is parsed once, by `parse`, into one of these Enums; the error names the
+field and the allowed values so that the CLI and the config validation say the same thing.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+
+class Optimizer(enum.StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+    EF = "ef"
+    NGD = "ngd"
+    KFAC = "kfac"
+
+    @property
+    def legend(self) -> str:
+        return {"sgd": "SGD", "adam": "Adam", "ef": "EF", "ngd": "NGD", "kfac": "K-FAC"}[self.value]
+
+
+class Framework(enum.StrEnum):
+    NUMPY = "numpy"
+    TORCH = "torch"
+    JAX = "jax"
+
+
+class Device(enum.StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(enum.StrEnum):
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+
+
+class Fisher(enum.StrEnum):
+    """How `ngd` and `kfac` estimate the true Fisher."""
+
+    EXACT = "exact"  # expectation over the model's predictive distribution, in closed form
+    MC = "mc"  # labels sampled from the model
+
+
+class Curvature(enum.StrEnum):
+    EMPIRICAL = "empirical"
+    EXACT = "exact"
+    MC = "mc"
+
+
+class Likelihood(enum.StrEnum):
+    GAUSSIAN = "gaussian"  # unit noise: l = (f - y)^2 / 2, summed over outputs
+    BERNOULLI = "bernoulli"  # sigmoid link on logits, summed over outputs
+    CATEGORICAL = "categorical"  # softmax over logits, integer labels
+
+
+class Activation(enum.StrEnum):
+    RELU = "relu"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse(enum_type: type[E], value: str | E, field: str) -> E:
+    """`value` as a member of `enum_type`, or a ValueError naming `field` and the allowed values."""
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum_type)
+        raise ValueError(f"{field}: {value!r} is not one of {allowed}") from None

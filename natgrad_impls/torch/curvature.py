@@ -1,0 +1,294 @@
+"""Curvature in PyTorch: empirical Fisher, true Fisher (exact or MC) and K-FAC (DESIGN 4, 5).
+
+Every curvature here is built from one forward pass and one batched backward pass (`linearize`):
+the parametric layers' inputs a and the output gradients delta for a stack of output-space
+cotangents. Layers work on augmented weights W' = [W | b] (out x in'), so a per-example gradient of
+a dense layer is delta a^T.
+
+- `FactorCurvature`, C = s^2 U U^T + shift I, U's columns being per-example (pseudo-)gradients:
+  EF (cotangent: the residual), exact Fisher (cotangents: the columns of Lambda^1/2), MC Fisher
+  (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
+  Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
+- `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
+Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from natgrad_impls.models import Conv2d, Model, Problem
+from natgrad_impls.names import Curvature
+from natgrad_impls.torch import model as M
+
+
+# -- layer matrices: params dict <-> {layer: W' (..., out, in')} <-> flat canonical vector --------
+
+def to_layers(model: Model, params: dict) -> dict[str, torch.Tensor]:
+    """Augmented weights [W | b]; works with leading batch dimensions."""
+    layers = {}
+    for name, layer in model.parametric():
+        w = params[f"{name}.weight"]
+        lead = w.shape[: w.dim() - (4 if isinstance(layer, Conv2d) else 2)]
+        w = w.reshape(*lead, w.shape[len(lead)], -1)
+        layers[name] = torch.cat([w, params[f"{name}.bias"][..., None]], -1) if layer.bias else w
+    return layers
+
+
+def from_layers(model: Model, layers: dict) -> dict[str, torch.Tensor]:
+    params = {}
+    shapes = model.param_shapes()
+    for name, layer in model.parametric():
+        w = layers[name]
+        lead = w.shape[:-2]
+        if layer.bias:
+            params[f"{name}.weight"] = w[..., :-1].reshape(*lead, *shapes[f"{name}.weight"])
+            params[f"{name}.bias"] = w[..., -1]
+        else:
+            params[f"{name}.weight"] = w.reshape(*lead, *shapes[f"{name}.weight"])
+    return params
+
+
+def flatten(model: Model, params: dict) -> torch.Tensor:
+    """Canonical flat vector(s); leading batch dimensions are kept."""
+    shapes = model.param_shapes()
+    parts = []
+    for name, shape in shapes.items():
+        p = params[name]
+        parts.append(p.reshape(*p.shape[: p.dim() - len(shape)], -1))
+    return torch.cat(parts, -1)
+
+
+def unflatten(model: Model, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+    params, offset = {}, 0
+    for name, shape in model.param_shapes().items():
+        size = math.prod(shape)
+        params[name] = vector[..., offset : offset + size].reshape(*vector.shape[:-1], *shape)
+        offset += size
+    return params
+
+
+# -- one forward, one batched backward --------------------------------------------------------------
+
+def linearize(problem: Problem, params: dict, x: torch.Tensor):
+    """Output f, layer inputs {layer: a}, and pullback(cotangents r x N x k) -> {layer: delta}.
+
+    delta is r x N x out (Dense) or r x N x T x out (Conv2d, T output positions)."""
+    model = problem.model
+    zeros = _perturbation_zeros(model, x)
+
+    def run(perturbations):
+        return M.forward(model, params, x, perturbations)
+
+    f, vjp, inputs = torch.func.vjp(run, zeros, has_aux=True)
+
+    def pullback(cotangents: torch.Tensor) -> dict[str, torch.Tensor]:
+        deltas = torch.func.vmap(vjp)(cotangents)[0]
+        return {name: (d.flatten(3).transpose(2, 3) if d.dim() == 5 else d) for name, d in deltas.items()}
+
+    return f, inputs, pullback
+
+
+def _perturbation_zeros(model: Model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: x.new_zeros(x.shape[0], *shape) for name, shape in model.output_shapes().items()}
+
+
+# -- C = s^2 U U^T + shift I ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FactorCurvature:
+    """C = scale^2 U U^T + shift I; U's M = r N columns are delta_(c,n) a_n^T per layer.
+
+    inputs: {layer: a (N x in' or N x T x in')}; deltas: {layer: delta (r x N x out, r x N x T x out)}.
+    """
+
+    model: Model
+    inputs: dict
+    deltas: dict
+    scale: float
+    shift: float = 0.0
+
+    @property
+    def num_columns(self) -> int:
+        d = next(iter(self.deltas.values()))
+        return d.shape[0] * d.shape[1]
+
+    def gram(self) -> torch.Tensor:
+        """U^T U (M x M), layer by layer: (Delta Delta^T) * (A A^T) for Dense layers; convolutions
+        materialise their per-example gradients (DESIGN 4 allows it)."""
+        total = 0
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            r, n = d.shape[:2]
+            if a.dim() == 2:
+                dd = d.reshape(r * n, -1) @ d.reshape(r * n, -1).T
+                total = total + dd * (a @ a.T).repeat(r, r)
+            else:
+                g = torch.einsum("cnto,nti->cnoi", d, a).reshape(r * n, -1)
+                total = total + g @ g.T
+        return total
+
+    def transpose_multiply(self, layers: dict) -> torch.Tensor:
+        """U^T v for v given as layer matrices: r x N."""
+        total = 0
+        for name, a in self.inputs.items():
+            av = a @ layers[name].T  # N (x T) x out
+            d = self.deltas[name]
+            total = total + (d * av).sum(-1) if a.dim() == 2 else total + (d * av).sum((-1, -2))
+        return total
+
+    def factor_multiply(self, c: torch.Tensor) -> dict:
+        """U c for coefficients c (r x N), as layer matrices."""
+        out = {}
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            if a.dim() == 2:
+                out[name] = torch.einsum("cno,cn,ni->oi", d, c, a)
+            else:
+                out[name] = torch.einsum("cnto,cn,nti->oi", d, c, a)
+        return out
+
+    def columns(self) -> torch.Tensor:
+        """U^T as M x D in canonical order (small problems and tests only)."""
+        per_layer = {}
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            eq = "cno,ni->cnoi" if a.dim() == 2 else "cnto,nti->cnoi"
+            g = torch.einsum(eq, d, a)
+            per_layer[name] = g.reshape(-1, *g.shape[2:])
+        return flatten(self.model, from_layers(self.model, per_layer))
+
+    def multiply(self, v: dict) -> dict:
+        layers = to_layers(self.model, v)
+        u = self.factor_multiply(self.scale**2 * self.transpose_multiply(layers))
+        return from_layers(self.model, {k: u[k] + self.shift * layers[k] for k in layers})
+
+    def multiply_inverse(self, v: dict, damping: float) -> dict:
+        """(C + damping I)^-1 v: Woodbury on the M columns, or a dense solve when D <= M."""
+        lam = damping + self.shift
+        if lam == 0 or self.model.num_params() <= self.num_columns:
+            return self._dense_solve(v, lam)
+        layers = to_layers(self.model, v)
+        s2 = self.scale**2
+        r, n = next(iter(self.deltas.values())).shape[:2]
+        kernel = s2 * self.gram()
+        kernel.diagonal().add_(lam)
+        coeff = torch.linalg.solve(kernel, self.transpose_multiply(layers).reshape(-1)).reshape(r, n)
+        correction = self.factor_multiply(s2 * coeff)
+        return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
+
+    def _dense_solve(self, v: dict, lam: float) -> dict:
+        u = self.columns()
+        matrix = self.scale**2 * (u.T @ u)
+        matrix.diagonal().add_(lam)
+        return unflatten(self.model, torch.linalg.solve(matrix, flatten(self.model, v)))
+
+    def to_dense(self) -> torch.Tensor:
+        u = self.columns()
+        matrix = self.scale**2 * (u.T @ u)
+        matrix.diagonal().add_(self.shift)
+        return matrix
+
+
+# -- K-FAC ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KroneckerCurvature:
+    """Block diagonal, one block A (x) G per layer acting as V -> G V A on W' (G, A symmetric)."""
+
+    model: Model
+    A: dict
+    G: dict
+    shift: float = 0.0  # the problem's l2: multiply adds it, inverse adds it to the damping
+
+    def multiply(self, v: dict) -> dict:
+        layers = to_layers(self.model, v)
+        return from_layers(self.model, {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()})
+
+    def inverse(self, damping: float) -> "KroneckerCurvature":
+        """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses
+        of A + sqrt(lambda)/pi I and G + pi sqrt(lambda) I, pi = sqrt((tr A/dim A) / (tr G/dim G)).
+        Returned as a KroneckerCurvature whose multiply applies them."""
+        root = math.sqrt(damping + self.shift)
+        A_inv, G_inv = {}, {}
+        for k in self.A:
+            pi = torch.sqrt(torch.diagonal(self.A[k]).mean() / torch.diagonal(self.G[k]).mean())
+            A_inv[k] = _damped_inverse(self.A[k], root / pi)
+            G_inv[k] = _damped_inverse(self.G[k], root * pi)
+        return KroneckerCurvature(self.model, A_inv, G_inv)
+
+    def multiply_inverse(self, v: dict, damping: float) -> dict:
+        return self.inverse(damping).multiply(v)
+
+    def to_dense(self) -> torch.Tensor:
+        return _dense_by_columns(self.model, self.multiply, next(iter(self.A.values())))
+
+
+def _damped_inverse(matrix: torch.Tensor, shift) -> torch.Tensor:
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(matrix + shift * eye))
+
+
+def _dense_by_columns(model: Model, multiply, like: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(model.num_params(), dtype=like.dtype, device=like.device)
+    return torch.stack([flatten(model, multiply(unflatten(model, e))) for e in eye], 1)
+
+
+# -- builders ---------------------------------------------------------------------------------------
+
+def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
+    """(1/N) sum_n delta_n a_n^T per layer, from the residual's deltas (no r axis)."""
+    return {
+        name: torch.einsum("no,ni->oi" if a.dim() == 2 else "nto,nti->oi", deltas0[name], a) / n
+        for name, a in inputs.items()
+    }
+
+
+def _fisher_cotangents(problem, f, curvature: Curvature, samples: int, generator):
+    if curvature == Curvature.EXACT:
+        return M.fisher_factor(problem, f)
+    return M.sampled_residuals(problem, f, samples, generator)
+
+
+def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, generator=None):
+    """Loss, gradient (as layer matrices, l2 included) and the FactorCurvature of one batch, from
+    one forward and one backward pass over 1 + r stacked cotangents."""
+    x, y = batch
+    n = x.shape[0]
+    f, inputs, pullback = linearize(problem, params, x)
+    res = M.residual(problem, f, y)
+    if curvature == Curvature.EMPIRICAL:
+        deltas = pullback(res[None])
+        factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
+    else:
+        extra = _fisher_cotangents(problem, f, curvature, samples, generator)
+        deltas = pullback(torch.cat([res[None], extra]))
+        draws = samples if curvature == Curvature.MC else 1
+        factor_deltas = {k: d[1:] for k, d in deltas.items()}
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2)
+    grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
+    value = M.nll(problem, f, y).mean()
+    if problem.l2:
+        layers = to_layers(problem.model, params)
+        grad = {k: grad[k] + problem.l2 * layers[k] for k in grad}
+        value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
+    return value, grad, factor
+
+
+def kronecker(factor: FactorCurvature) -> "KroneckerCurvature":
+    """K-FAC from the same columns: A = (1/N) sum_n a a^T (summed over positions T for convs),
+    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T]."""
+    A, G = {}, {}
+    for name, a in factor.inputs.items():
+        d = factor.deltas[name]
+        n = a.shape[0]
+        if a.dim() == 2:
+            A[name] = a.T @ a / n
+            G[name] = factor.scale**2 * torch.einsum("cno,cnp->op", d, d)
+        else:
+            A[name] = torch.einsum("nti,ntj->ij", a, a) / n
+            G[name] = factor.scale**2 * torch.einsum("cnto,cntp->op", d, d) / a.shape[1]
+    return KroneckerCurvature(factor.model, A, G, factor.shift)

@@ -1,0 +1,123 @@
+"""Models and likelihoods in PyTorch, functional (params are a dict name -> tensor).
+
+`forward` can add a perturbation to every parametric layer's output and capture every parametric
+layer's (bias-augmented) input; the vector-Jacobian product with respect to the perturbations gives
+the backpropagated output gradients delta. Inputs and deltas are all that the gradient, the Gram
+matrix of the Woodbury solves and the K-FAC factors need (DESIGN 4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, layer_name
+from natgrad_impls.names import Activation, Likelihood
+
+_ACTIVATIONS = {Activation.RELU: torch.relu, Activation.TANH: torch.tanh, Activation.SIGMOID: torch.sigmoid}
+
+
+def to_torch(arrays: dict, device="cpu", dtype=torch.float64) -> dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(value, dtype=dtype, device=device) for name, value in arrays.items()}
+
+
+def _augment(a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Append the constant 1 that multiplies the bias column of the augmented weight."""
+    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if bias else a
+
+
+def forward(model: Model, params: dict, x: torch.Tensor, perturbations: dict | None = None):
+    """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
+    unfolded patches N x T x in*k*k'; ' = with the bias column)."""
+    inputs = {}
+    h = x
+    for index, layer in enumerate(model.layers):
+        name = layer_name(index, layer)
+        if isinstance(layer, Dense):
+            inputs[name] = _augment(h, layer.bias)
+            h = F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
+        elif isinstance(layer, Conv2d):
+            patches = F.unfold(h, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+            inputs[name] = _augment(patches.transpose(1, 2), layer.bias)
+            h = F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), layer.stride, layer.padding)
+        elif isinstance(layer, Act):
+            h = _ACTIVATIONS[layer.kind](h)
+        elif isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, Flatten):
+            h = h.flatten(1)
+        if name is not None and perturbations is not None:
+            h = h + perturbations[name]
+        # (the perturbations are zeros: they only mark where delta is read off)
+    return h, inputs
+
+
+def output(model: Model, params: dict, x: torch.Tensor) -> torch.Tensor:
+    return forward(model, params, x)[0]
+
+
+def clip_logits(problem: Problem, f: torch.Tensor) -> torch.Tensor:
+    """Logits clipped to +-logit_clip with a straight-through gradient (identity where unclipped)."""
+    if problem.logit_clip is None:
+        return f
+    return f + (f.clamp(-problem.logit_clip, problem.logit_clip) - f).detach()
+
+
+def nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example negative log-likelihood (N,), summed over output dimensions."""
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return 0.5 * ((f - y) ** 2).sum(-1)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        f = clip_logits(problem, f)
+        return (F.softplus(f) - y * f).sum(-1)
+    return F.cross_entropy(f, y, reduction="none")
+
+
+def loss(problem: Problem, params: dict, batch) -> torch.Tensor:
+    """Mean NLL over the batch plus the l2 term (DESIGN 4)."""
+    x, y = batch
+    value = nll(problem, output(problem.model, params, x), y).mean()
+    if problem.l2:
+        value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
+    return value
+
+
+def residual(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d nll_n / d f_n in closed form, N x k (the mean convention divides by N later)."""
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return f - y
+    if problem.likelihood == Likelihood.BERNOULLI:
+        return torch.sigmoid(clip_logits(problem, f)) - y
+    return torch.softmax(f, -1) - F.one_hot(y, f.shape[-1]).to(f.dtype)
+
+
+def fisher_factor(problem: Problem, f: torch.Tensor) -> torch.Tensor:
+    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k.
+
+    gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: diag(sqrt p) - p sqrt(p)^T, which
+    squares to diag(p) - p p^T because p sums to one.
+    """
+    n, k = f.shape
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return torch.eye(k, dtype=f.dtype, device=f.device).expand(n, k, k).permute(2, 0, 1)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        s = torch.sigmoid(clip_logits(problem, f))
+        return torch.diag_embed(torch.sqrt(s * (1 - s))).permute(2, 0, 1)
+    p = torch.softmax(f, -1)
+    root = p.sqrt()
+    factor = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+    return factor.permute(2, 0, 1)
+
+
+def sampled_residuals(problem: Problem, f: torch.Tensor, samples: int, generator: torch.Generator):
+    """d nll / d f at labels drawn from the model, samples x N x k: E[r r^T] = Lambda_n."""
+    shape = (samples, *f.shape)
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return -torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        s = torch.sigmoid(clip_logits(problem, f))
+        u = torch.rand(shape, generator=generator, dtype=f.dtype, device=f.device)
+        return s - (u < s).to(f.dtype)
+    p = torch.softmax(f, -1)
+    labels = torch.multinomial(p, samples, replacement=True, generator=generator).T
+    return p - F.one_hot(labels, f.shape[-1]).to(f.dtype)
