@@ -68,8 +68,8 @@ def nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:
-        f = clip_logits(problem, f)
-        return (F.softplus(f) - y * f).sum(-1)
+        # (not softplus(f) - y f: torch's softplus returns f exactly above its threshold of 20)
+        return F.binary_cross_entropy_with_logits(clip_logits(problem, f), y, reduction="none").sum(-1)
     return F.cross_entropy(f, y, reduction="none")
 
 

@@ -46,8 +46,10 @@ class NaturalGradientState(NamedTuple):
 
 class KFACState(NamedTuple):
     step: int
-    curvature: C.KroneckerCurvature | None  # moving averages of the factors
-    inverse: C.KroneckerCurvature | None  # damped inverses, refreshed every kfac_update_period
+    A: dict | None  # moving averages of the Kronecker factors, per layer
+    G: dict | None
+    A_inv: dict | None  # their damped inverses, refreshed every kfac_update_period steps
+    G_inv: dict | None
 
 
 def _loss_and_grad(problem: Problem, params: dict, batch):
@@ -164,23 +166,22 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     curvature = Curvature(h.fisher.value)
 
     def init(params):
-        return KFACState(0, None, None)
+        return KFACState(0, None, None, None, None)
 
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
-        batch_factors = C.kronecker(factor)
-        factors = batch_factors if state.curvature is None else _ema(state.curvature, batch_factors, h.kfac_ema)
-        inverse = state.inverse
+        factors = C.kronecker(factor)
+        if state.step > 0:
+            mix = lambda old, new: {k: h.kfac_ema * old[k] + (1 - h.kfac_ema) * new[k] for k in new}
+            factors = C.KroneckerCurvature(problem.model, mix(state.A, factors.A), mix(state.G, factors.G), factors.shift)
         if state.step % h.kfac_update_period == 0:
             inverse = factors.inverse(h.damping)
+        else:
+            inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         direction = inverse.multiply(C.from_layers(problem.model, grad))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, KFACState(state.step + 1, factors, inverse), {"loss": value, "grad_norm": _norm(grad.values())}
+        new_state = KFACState(state.step + 1, factors.A, factors.G, inverse.A, inverse.G)
+        return new, new_state, {"loss": value, "grad_norm": _norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
-
-
-def _ema(old: C.KroneckerCurvature, new: C.KroneckerCurvature, decay: float) -> C.KroneckerCurvature:
-    mix = lambda a, b: {k: decay * a[k] + (1 - decay) * b[k] for k in a}
-    return C.KroneckerCurvature(old.model, mix(old.A, new.A), mix(old.G, new.G), new.shift)

@@ -1,0 +1,322 @@
+"""Download-and-verify for the download tasks (DESIGN 6), and parsers for their file formats.
+
+Every file is pinned by URL and sha256 and lives in the cache folder `$NATGRAD_DATA` (default
+`~/.cache/natgrad`) under `Resource.filename`. `fetch` returns the cached file when its checksum
+matches, and otherwise downloads it to a temporary file in the same folder, checks it, and renames
+it into place, so that a killed or corrupted download never leaves a file that looks complete.
+Offline, `fetch` raises `DataUnavailable` saying where to put the file by hand.
+
+`NATGRAD_DATA_MIRROR=<base URL>` replaces the pinned URLs by `<base URL>/<filename>` (a local mirror,
+or a `file://` folder; the tests use it so that they can never reach the network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pickle
+import posixpath
+import re
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import warnings
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class DataUnavailable(RuntimeError):
+    """A download task's file is neither in the cache nor downloadable (offline, moved, unpinned)."""
+
+
+class ChecksumMismatch(RuntimeError):
+    """A downloaded file does not have its pinned sha256 (nothing was kept)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    """One pinned file. `filename` is a path relative to the cache folder (MNIST and Fashion-MNIST
+    share file names, so each data set has its own subfolder). `sha256=None` means "not pinned yet":
+    fetch refuses it unless NATGRAD_ALLOW_UNPINNED=1, and then prints the checksum to pin."""
+
+    name: str
+    url: str
+    sha256: str | None
+    filename: str
+    mirrors: tuple[str, ...] = ()  # tried in order after `url`
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NATGRAD_DATA") or Path.home() / ".cache" / "natgrad").expanduser()
+
+
+def cache_path(resource: Resource) -> Path:
+    return cache_dir() / resource.filename
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _urls(resource: Resource) -> list[str]:
+    mirror = os.environ.get("NATGRAD_DATA_MIRROR")
+    if mirror:
+        return [mirror.rstrip("/") + "/" + urllib.parse.quote(resource.filename)]
+    return [resource.url, *resource.mirrors]
+
+
+def _by_hand(resource: Resource, path: Path) -> str:
+    pin = f" (sha256 {resource.sha256})" if resource.sha256 else ""
+    return (
+        f"Download it by hand and save it as {path}{pin}, "
+        f"or set NATGRAD_DATA to a folder that holds {resource.filename}"
+    )
+
+
+def fetch(resource: Resource) -> Path:
+    """The verified local copy of `resource`, downloaded into the cache folder if needed."""
+    path = cache_path(resource)
+    allow_unpinned = os.environ.get("NATGRAD_ALLOW_UNPINNED") == "1"
+    if resource.sha256 is None and not allow_unpinned:
+        raise DataUnavailable(
+            f"{resource.name}: {resource.filename} has no pinned sha256 yet; set NATGRAD_ALLOW_UNPINNED=1 to use "
+            f"{path} (downloaded from {resource.url} if absent) and pin the checksum that is printed"
+        )
+    stale = None
+    if path.is_file():
+        actual = sha256sum(path)
+        if resource.sha256 is None:
+            warnings.warn(f"{resource.name}: using unpinned {path}, sha256 {actual} (pin it in natgrad_impls/data.py)")
+            return path
+        if actual == resource.sha256:
+            return path
+        stale = actual  # a wrong file in the cache is replaced, never used
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in _urls(resource):
+        try:
+            return _download(resource, url, path)
+        except ChecksumMismatch:
+            raise
+        except Exception as error:  # offline, 404, refused, ...: try the next URL
+            failures.append(f"{url} ({error})")
+    found = f"; the file there has sha256 {stale}" if stale else ""
+    raise DataUnavailable(
+        f"{resource.name}: could not download {resource.filename} from {', '.join(failures)}{found}. "
+        f"Offline? {_by_hand(resource, path)}"
+    )
+
+
+def _download(resource: Resource, url: str, path: Path) -> Path:
+    """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    temp = Path(temp)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        actual = digest.hexdigest()
+        if resource.sha256 is None:
+            warnings.warn(f"{resource.name}: downloaded unpinned {resource.filename}, sha256 {actual} (pin it)")
+        elif actual != resource.sha256:
+            raise ChecksumMismatch(
+                f"{resource.name}: {resource.filename} from {url} has sha256 {actual}, expected {resource.sha256}; "
+                "nothing was kept"
+            )
+        os.replace(temp, path)
+        return path
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# -- pinned files ----------------------------------------------------------------------------------
+# Sources of the checksums (none could be recomputed here, there is no internet):
+# - MNIST: tensorflow-datasets url_checksums/mnist.txt (for the identical files on the CVDF mirror,
+#   listed as a second URL; torchvision's md5s for the ossci mirror are those of the original files).
+# - Fashion-MNIST: tensorflow-datasets url_checksums/fashion_mnist.txt, for exactly these URLs.
+# - CIFAR-10: tensorflow-datasets url_checksums/cifar10.csv and torchvision's prototype datasets.
+# - UCI energy, CCPP, yacht: published by several independent projects (same values in each).
+# - LIBSVM a1a, a1a.t: no published checksum was found; to be pinned on the first online run.
+_LIBSVM = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
+_UCI = "https://archive.ics.uci.edu/ml/machine-learning-databases/"
+_MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_MNIST_CVDF = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+_IDX = {
+    "train-images": "train-images-idx3-ubyte.gz",
+    "train-labels": "train-labels-idx1-ubyte.gz",
+    "test-images": "t10k-images-idx3-ubyte.gz",
+    "test-labels": "t10k-labels-idx1-ubyte.gz",
+}
+_MNIST_SHA256 = {
+    "train-images": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "test-images": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "test-labels": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+_FASHION_SHA256 = {
+    "train-images": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "test-images": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "test-labels": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+
+RESOURCES: dict[str, Resource] = {
+    "a1a": Resource("a1a", _LIBSVM + "a1a", None, "libsvm/a1a"),
+    "a1a.t": Resource("a1a.t", _LIBSVM + "a1a.t", None, "libsvm/a1a.t"),
+    "energy": Resource(
+        "energy", _UCI + "00242/ENB2012_data.xlsx",
+        "0089fcffc1415e41e2ff63730cca5280efe54fc43d722dfde1b0aaa808e35dc4", "uci/ENB2012_data.xlsx",
+    ),
+    "powerplant": Resource(
+        "powerplant", _UCI + "00294/CCPP.zip",
+        "cc7b2a4977c0a44e8221c91d9a7e5746b3c68186cff7e5c61c70af6432b98c7a", "uci/CCPP.zip",
+    ),
+    "yacht": Resource(
+        "yacht", _UCI + "00243/yacht_hydrodynamics.data",
+        "00dfecc0fc01ddd4c90b558a3ac11b246df8ebcfea130724223475a9a67f0ea1", "uci/yacht_hydrodynamics.data",
+    ),
+    **{
+        f"mnist/{key}": Resource(
+            f"mnist/{key}", _MNIST + file, _MNIST_SHA256[key], f"mnist/{file}", mirrors=(_MNIST_CVDF + file,)
+        )
+        for key, file in _IDX.items()
+    },
+    **{
+        f"fashion-mnist/{key}": Resource(
+            f"fashion-mnist/{key}", _FASHION + file, _FASHION_SHA256[key], f"fashion-mnist/{file}"
+        )
+        for key, file in _IDX.items()
+    },
+    "cifar10": Resource(
+        "cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", "cifar10/cifar-10-python.tar.gz",
+    ),
+}
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+def read_libsvm(path: Path, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense float64 features (N, n_features) and labels (N,) of a LIBSVM text file. n_features is
+    given because the file only implies the largest index it happens to contain."""
+    from sklearn.datasets import load_svmlight_file
+
+    X, y = load_svmlight_file(str(path), n_features=n_features, dtype=np.float64)
+    return X.toarray(), y.astype(np.float64)
+
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST format), gzipped or not: 2 zero bytes, a type code, the number of
+    dimensions, the dimensions as big-endian int32, then the data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        raw = stream.read()
+    if raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file")
+    ndim = raw[3]
+    shape = tuple(np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    data = np.frombuffer(raw, _IDX_TYPES[raw[2]], offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+def read_table(path: Path) -> np.ndarray:
+    """A whitespace-separated numeric text table (UCI yacht); repeated blanks and blank lines are fine."""
+    return np.loadtxt(path, dtype=np.float64, ndmin=2)
+
+
+_XLSX = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+_RELS = "{http://schemas.openxmlformats.org/package/2006/relationships}"
+_DOC_RELS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
+
+
+def _column(reference: str) -> int:
+    letters = re.match(r"[A-Z]+", reference).group()
+    index = 0
+    for letter in letters:
+        index = index * 26 + ord(letter) - ord("A") + 1
+    return index - 1
+
+
+def read_xlsx(source, sheet: int = 0) -> list[list]:
+    """The cells of one worksheet of an .xlsx file (path or file object) as rows of float | str | None.
+
+    A small reader on zipfile + ElementTree, because pandas needs openpyxl for .xlsx and the
+    pinned environment does not have it; the UCI sheets are plain tables of numbers and a header.
+    """
+    with zipfile.ZipFile(source) as archive:
+        names = set(archive.namelist())
+        strings = []
+        if "xl/sharedStrings.xml" in names:
+            root = ET.fromstring(archive.read("xl/sharedStrings.xml"))
+            strings = ["".join(t.text or "" for t in item.iter(f"{_XLSX}t")) for item in root.iter(f"{_XLSX}si")]
+        workbook = ET.fromstring(archive.read("xl/workbook.xml"))
+        rel_id = list(workbook.iter(f"{_XLSX}sheet"))[sheet].get(f"{_DOC_RELS}id")
+        rels = ET.fromstring(archive.read("xl/_rels/workbook.xml.rels"))
+        target = next(r.get("Target") for r in rels.iter(f"{_RELS}Relationship") if r.get("Id") == rel_id)
+        target = target.lstrip("/") if target.startswith("/") else posixpath.normpath(posixpath.join("xl", target))
+        root = ET.fromstring(archive.read(target))
+    rows = []
+    for row in root.iter(f"{_XLSX}row"):
+        cells = {}
+        for position, cell in enumerate(row.iter(f"{_XLSX}c")):
+            column = _column(cell.get("r")) if cell.get("r") else position
+            kind, value = cell.get("t"), cell.find(f"{_XLSX}v")
+            if kind == "inlineStr":
+                cells[column] = "".join(t.text or "" for t in cell.iter(f"{_XLSX}t"))
+            elif value is None or value.text is None:
+                continue
+            elif kind == "s":
+                cells[column] = strings[int(value.text)]
+            elif kind in ("str", "e", "b"):
+                cells[column] = value.text
+            else:
+                cells[column] = float(value.text)
+        if cells:
+            rows.append([cells.get(i) for i in range(max(cells) + 1)])
+    return rows
+
+
+def numeric_rows(rows: list[list], columns: int) -> np.ndarray:
+    """The rows whose first `columns` cells are all numbers (drops the header and blank padding rows
+    that some copies of the UCI sheets carry), as a float64 (N, columns) array."""
+    keep = [row[:columns] for row in rows if len(row) >= columns and all(isinstance(v, float) for v in row[:columns])]
+    return np.array(keep, dtype=np.float64).reshape(-1, columns)
+
+
+def read_zip_member(path: Path, member: str) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(member)
+
+
+def read_cifar10(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train images (50000, 3, 32, 32) uint8, labels), (test images, labels) from the python tarball.
+    The batches are pickles; they are only unpickled after `fetch` has verified the tarball's sha256."""
+
+    def batch(archive, name):
+        with archive.extractfile(f"cifar-10-batches-py/{name}") as stream:
+            content = pickle.load(stream, encoding="bytes")
+        return np.asarray(content[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(content[b"labels"], np.int64)
+
+    with tarfile.open(path, "r:gz") as archive:
+        train = [batch(archive, f"data_batch_{i}") for i in range(1, 6)]
+        test = batch(archive, "test_batch")
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])), test
+

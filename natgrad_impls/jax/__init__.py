@@ -1,0 +1,16 @@
+"""JAX implementations: `natgrad_impls.jax.<optimizer>(problem, **hyperparameters)`."""
+
+import jax
+
+# Without x64, JAX silently stores float64 arrays as float32; the float64 runs (the Kunstner protocol
+# and the cross-framework parity checks, DESIGN 4) need real doubles. float32 runs are unaffected:
+# their dtype comes from the params and data, not from the default.
+jax.config.update("jax_enable_x64", True)
+
+from natgrad_impls.jax.model import loss, output, to_jax  # noqa: E402
+from natgrad_impls.jax.optimizers import FunctionalOptimizer, adam, ef, kfac, ngd, sgd  # noqa: E402
+from natgrad_impls.names import Optimizer  # noqa: E402
+
+OPTIMIZERS = {Optimizer.SGD: sgd, Optimizer.ADAM: adam, Optimizer.EF: ef, Optimizer.NGD: ngd, Optimizer.KFAC: kfac}
+
+__all__ = ["OPTIMIZERS", "FunctionalOptimizer", "adam", "ef", "kfac", "loss", "ngd", "output", "sgd", "to_jax"]

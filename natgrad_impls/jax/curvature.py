@@ -1,0 +1,303 @@
+"""Curvature in JAX: empirical Fisher, true Fisher (exact or MC) and K-FAC (DESIGN 4, 5).
+
+A line-by-line mirror of `natgrad_impls.torch.curvature`. Every curvature here is built from one
+forward pass and one batched backward pass (`linearize`): the parametric layers' inputs a and the
+output gradients delta for a stack of output-space cotangents. Layers work on augmented weights
+W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^T.
+
+- `FactorCurvature`, C = s^2 U U^T + shift I, U's columns being per-example (pseudo-)gradients:
+  EF (cotangent: the residual), exact Fisher (cotangents: the columns of Lambda^1/2), MC Fisher
+  (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
+  Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
+- `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
+Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests.
+They are plain containers used inside jitted functions; the choices they make (Woodbury or dense,
+scale, shift) depend only on shapes and Python floats, so they are static under jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import cho_factor, cho_solve
+
+from natgrad_impls.jax import model as M
+from natgrad_impls.models import Conv2d, Model, Problem
+from natgrad_impls.names import Curvature
+
+
+# -- layer matrices: params dict <-> {layer: W' (..., out, in')} <-> flat canonical vector --------
+
+def to_layers(model: Model, params: dict) -> dict[str, jax.Array]:
+    """Augmented weights [W | b]; works with leading batch dimensions."""
+    layers = {}
+    for name, layer in model.parametric():
+        w = params[f"{name}.weight"]
+        lead = w.shape[: w.ndim - (4 if isinstance(layer, Conv2d) else 2)]
+        w = w.reshape(*lead, w.shape[len(lead)], -1)
+        layers[name] = jnp.concatenate([w, params[f"{name}.bias"][..., None]], -1) if layer.bias else w
+    return layers
+
+
+def from_layers(model: Model, layers: dict) -> dict[str, jax.Array]:
+    params = {}
+    shapes = model.param_shapes()
+    for name, layer in model.parametric():
+        w = layers[name]
+        lead = w.shape[:-2]
+        if layer.bias:
+            params[f"{name}.weight"] = w[..., :-1].reshape(*lead, *shapes[f"{name}.weight"])
+            params[f"{name}.bias"] = w[..., -1]
+        else:
+            params[f"{name}.weight"] = w.reshape(*lead, *shapes[f"{name}.weight"])
+    return params
+
+
+def flatten(model: Model, params: dict) -> jax.Array:
+    """Canonical flat vector(s); leading batch dimensions are kept."""
+    shapes = model.param_shapes()
+    parts = []
+    for name, shape in shapes.items():
+        p = params[name]
+        parts.append(p.reshape(*p.shape[: p.ndim - len(shape)], -1))
+    return jnp.concatenate(parts, -1)
+
+
+def unflatten(model: Model, vector: jax.Array) -> dict[str, jax.Array]:
+    params, offset = {}, 0
+    for name, shape in model.param_shapes().items():
+        size = math.prod(shape)
+        params[name] = vector[..., offset : offset + size].reshape(*vector.shape[:-1], *shape)
+        offset += size
+    return params
+
+
+# -- one forward, one batched backward --------------------------------------------------------------
+
+def linearize(problem: Problem, params: dict, x: jax.Array):
+    """Output f, layer inputs {layer: a}, and pullback(cotangents r x N x k) -> {layer: delta}.
+
+    delta is r x N x out (Dense) or r x N x T x out (Conv2d, T output positions)."""
+    model = problem.model
+    zeros = _perturbation_zeros(model, x)
+
+    def run(perturbations):
+        return M.forward(model, params, x, perturbations)
+
+    f, vjp, inputs = jax.vjp(run, zeros, has_aux=True)
+
+    def pullback(cotangents: jax.Array) -> dict[str, jax.Array]:
+        deltas = jax.vmap(vjp)(cotangents)[0]
+        return {
+            name: (d.reshape(*d.shape[:3], -1).transpose(0, 1, 3, 2) if d.ndim == 5 else d)
+            for name, d in deltas.items()
+        }
+
+    return f, inputs, pullback
+
+
+def _perturbation_zeros(model: Model, x: jax.Array) -> dict[str, jax.Array]:
+    return {name: jnp.zeros((x.shape[0], *shape), x.dtype) for name, shape in model.output_shapes().items()}
+
+
+# -- C = s^2 U U^T + shift I ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FactorCurvature:
+    """C = scale^2 U U^T + shift I; U's M = r N columns are delta_(c,n) a_n^T per layer.
+
+    inputs: {layer: a (N x in' or N x T x in')}; deltas: {layer: delta (r x N x out, r x N x T x out)}.
+    """
+
+    model: Model
+    inputs: dict
+    deltas: dict
+    scale: float
+    shift: float = 0.0
+
+    @property
+    def num_columns(self) -> int:
+        d = next(iter(self.deltas.values()))
+        return d.shape[0] * d.shape[1]
+
+    def gram(self) -> jax.Array:
+        """U^T U (M x M), layer by layer: (Delta Delta^T) * (A A^T) for Dense layers; convolutions
+        materialise their per-example gradients (DESIGN 4 allows it)."""
+        total = 0
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            r, n = d.shape[:2]
+            if a.ndim == 2:
+                dd = d.reshape(r * n, -1) @ d.reshape(r * n, -1).T
+                total = total + dd * jnp.tile(a @ a.T, (r, r))
+            else:
+                g = jnp.einsum("cnto,nti->cnoi", d, a).reshape(r * n, -1)
+                total = total + g @ g.T
+        return total
+
+    def transpose_multiply(self, layers: dict) -> jax.Array:
+        """U^T v for v given as layer matrices: r x N."""
+        total = 0
+        for name, a in self.inputs.items():
+            av = a @ layers[name].T  # N (x T) x out
+            d = self.deltas[name]
+            total = total + (d * av).sum(-1) if a.ndim == 2 else total + (d * av).sum((-1, -2))
+        return total
+
+    def factor_multiply(self, c: jax.Array) -> dict:
+        """U c for coefficients c (r x N), as layer matrices."""
+        out = {}
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            if a.ndim == 2:
+                out[name] = jnp.einsum("cno,cn,ni->oi", d, c, a)
+            else:
+                out[name] = jnp.einsum("cnto,cn,nti->oi", d, c, a)
+        return out
+
+    def columns(self) -> jax.Array:
+        """U^T as M x D in canonical order (small problems and tests only)."""
+        per_layer = {}
+        for name, a in self.inputs.items():
+            d = self.deltas[name]
+            eq = "cno,ni->cnoi" if a.ndim == 2 else "cnto,nti->cnoi"
+            g = jnp.einsum(eq, d, a)
+            per_layer[name] = g.reshape(-1, *g.shape[2:])
+        return flatten(self.model, from_layers(self.model, per_layer))
+
+    def multiply(self, v: dict) -> dict:
+        layers = to_layers(self.model, v)
+        u = self.factor_multiply(self.scale**2 * self.transpose_multiply(layers))
+        return from_layers(self.model, {k: u[k] + self.shift * layers[k] for k in layers})
+
+    def multiply_inverse(self, v: dict, damping: float) -> dict:
+        """(C + damping I)^-1 v: Woodbury on the M columns, or a dense solve when D <= M.
+
+        The choice is made on Python floats and shapes, so it is static under jit."""
+        lam = damping + self.shift
+        if lam == 0 or self.model.num_params() <= self.num_columns:
+            return self._dense_solve(v, lam)
+        layers = to_layers(self.model, v)
+        s2 = self.scale**2
+        r, n = next(iter(self.deltas.values())).shape[:2]
+        kernel = s2 * self.gram()
+        kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
+        coeff = jnp.linalg.solve(kernel, self.transpose_multiply(layers).reshape(-1)).reshape(r, n)
+        correction = self.factor_multiply(s2 * coeff)
+        return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
+
+    def _dense_solve(self, v: dict, lam: float) -> dict:
+        u = self.columns()
+        matrix = self.scale**2 * (u.T @ u)
+        matrix = matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+        return unflatten(self.model, jnp.linalg.solve(matrix, flatten(self.model, v)))
+
+    def to_dense(self) -> jax.Array:
+        u = self.columns()
+        matrix = self.scale**2 * (u.T @ u)
+        return matrix + self.shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+
+
+# -- K-FAC ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KroneckerCurvature:
+    """Block diagonal, one block A (x) G per layer acting as V -> G V A on W' (G, A symmetric)."""
+
+    model: Model
+    A: dict
+    G: dict
+    shift: float = 0.0  # the problem's l2: multiply adds it, inverse adds it to the damping
+
+    def multiply(self, v: dict) -> dict:
+        layers = to_layers(self.model, v)
+        return from_layers(self.model, {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()})
+
+    def inverse(self, damping: float) -> "KroneckerCurvature":
+        """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses
+        of A + sqrt(lambda)/pi I and G + pi sqrt(lambda) I, pi = sqrt((tr A/dim A) / (tr G/dim G)).
+        Returned as a KroneckerCurvature whose multiply applies them."""
+        root = math.sqrt(damping + self.shift)
+        A_inv, G_inv = {}, {}
+        for k in self.A:
+            pi = jnp.sqrt(jnp.diagonal(self.A[k]).mean() / jnp.diagonal(self.G[k]).mean())
+            A_inv[k] = _damped_inverse(self.A[k], root / pi)
+            G_inv[k] = _damped_inverse(self.G[k], root * pi)
+        return KroneckerCurvature(self.model, A_inv, G_inv)
+
+    def multiply_inverse(self, v: dict, damping: float) -> dict:
+        return self.inverse(damping).multiply(v)
+
+    def to_dense(self) -> jax.Array:
+        return _dense_by_columns(self.model, self.multiply, next(iter(self.A.values())))
+
+
+def _damped_inverse(matrix: jax.Array, shift) -> jax.Array:
+    eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+    return cho_solve(cho_factor(matrix + shift * eye, lower=True), eye)
+
+
+def _dense_by_columns(model: Model, multiply, like: jax.Array) -> jax.Array:
+    eye = jnp.eye(model.num_params(), dtype=like.dtype)
+    return jax.vmap(lambda e: flatten(model, multiply(unflatten(model, e))), out_axes=1)(eye)
+
+
+# -- builders ---------------------------------------------------------------------------------------
+
+def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
+    """(1/N) sum_n delta_n a_n^T per layer, from the residual's deltas (no r axis)."""
+    return {
+        name: jnp.einsum("no,ni->oi" if a.ndim == 2 else "nto,nti->oi", deltas0[name], a) / n
+        for name, a in inputs.items()
+    }
+
+
+def _fisher_cotangents(problem, f, curvature: Curvature, samples: int, key):
+    if curvature == Curvature.EXACT:
+        return M.fisher_factor(problem, f)
+    return M.sampled_residuals(problem, f, samples, key)
+
+
+def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, key=None):
+    """Loss, gradient (as layer matrices, l2 included) and the FactorCurvature of one batch, from
+    one forward and one backward pass over 1 + r stacked cotangents. `key` (a jax.random key)
+    drives the label sampler of the mc curvature and is ignored otherwise."""
+    x, y = batch
+    n = x.shape[0]
+    f, inputs, pullback = linearize(problem, params, x)
+    res = M.residual(problem, f, y)
+    if curvature == Curvature.EMPIRICAL:
+        deltas = pullback(res[None])
+        factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
+    else:
+        extra = _fisher_cotangents(problem, f, curvature, samples, key)
+        deltas = pullback(jnp.concatenate([res[None], extra]))
+        draws = samples if curvature == Curvature.MC else 1
+        factor_deltas = {k: d[1:] for k, d in deltas.items()}
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2)
+    grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
+    value = M.nll(problem, f, y).mean()
+    if problem.l2:
+        layers = to_layers(problem.model, params)
+        grad = {k: grad[k] + problem.l2 * layers[k] for k in grad}
+        value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
+    return value, grad, factor
+
+
+def kronecker(factor: FactorCurvature) -> KroneckerCurvature:
+    """K-FAC from the same columns: A = (1/N) sum_n a a^T (summed over positions T for convs),
+    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T]."""
+    A, G = {}, {}
+    for name, a in factor.inputs.items():
+        d = factor.deltas[name]
+        n = a.shape[0]
+        if a.ndim == 2:
+            A[name] = a.T @ a / n
+            G[name] = factor.scale**2 * jnp.einsum("cno,cnp->op", d, d)
+        else:
+            A[name] = jnp.einsum("nti,ntj->ij", a, a) / n
+            G[name] = factor.scale**2 * jnp.einsum("cnto,cntp->op", d, d) / a.shape[1]
+    return KroneckerCurvature(factor.model, A, G, factor.shift)

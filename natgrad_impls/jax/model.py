@@ -1,0 +1,154 @@
+"""Models and likelihoods in JAX, functional (params are a dict name -> array, a pytree).
+
+`forward` can add a perturbation to every parametric layer's output and capture every parametric
+layer's (bias-augmented) input; the vector-Jacobian product with respect to the perturbations gives
+the backpropagated output gradients delta. Inputs and deltas are all that the gradient, the Gram
+matrix of the Woodbury solves and the K-FAC factors need (DESIGN 4). Layouts are torch's (NCHW
+activations, OIHW kernels, Dense weights out x in), so the same NumPy parameters fit both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, layer_name
+from natgrad_impls.names import Activation, Likelihood
+
+_ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.TANH: jnp.tanh, Activation.SIGMOID: jax.nn.sigmoid}
+_CONV_LAYOUT = ("NCHW", "OIHW", "NCHW")
+
+
+def to_jax(arrays: dict, dtype=jnp.float64, device=None) -> dict[str, jax.Array]:
+    return {name: jax.device_put(jnp.asarray(value, dtype=dtype), device) for name, value in arrays.items()}
+
+
+def _augment(a: jax.Array, bias: bool) -> jax.Array:
+    """Append the constant 1 that multiplies the bias column of the augmented weight."""
+    return jnp.concatenate([a, jnp.ones_like(a[..., :1])], axis=-1) if bias else a
+
+
+def _patches(h: jax.Array, layer: Conv2d) -> jax.Array:
+    """N x T x in*k*k patches with torch's F.unfold feature order (channel, then kh, kw).
+
+    HIGHEST precision: the patches are an identity convolution, which TF32/bf16 passes would round.
+    """
+    k, p = layer.kernel_size, layer.padding
+    patches = lax.conv_general_dilated_patches(
+        h, (k, k), (layer.stride, layer.stride), [(p, p), (p, p)],
+        dimension_numbers=_CONV_LAYOUT, precision=lax.Precision.HIGHEST,
+    )
+    return patches.reshape(*patches.shape[:2], -1).transpose(0, 2, 1)
+
+
+def forward(model: Model, params: dict, x: jax.Array, perturbations: dict | None = None):
+    """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
+    unfolded patches N x T x in*k*k'; ' = with the bias column)."""
+    inputs = {}
+    h = x
+    for index, layer in enumerate(model.layers):
+        name = layer_name(index, layer)
+        if isinstance(layer, Dense):
+            inputs[name] = _augment(h, layer.bias)
+            h = h @ params[f"{name}.weight"].T
+            if layer.bias:
+                h = h + params[f"{name}.bias"]
+        elif isinstance(layer, Conv2d):
+            inputs[name] = _augment(_patches(h, layer), layer.bias)
+            p = layer.padding
+            h = lax.conv_general_dilated(
+                h, params[f"{name}.weight"], (layer.stride, layer.stride), [(p, p), (p, p)],
+                dimension_numbers=_CONV_LAYOUT,
+            )
+            if layer.bias:
+                h = h + params[f"{name}.bias"][:, None, None]
+        elif isinstance(layer, Act):
+            h = _ACTIVATIONS[layer.kind](h)
+        elif isinstance(layer, MaxPool2d):
+            # torch's F.max_pool2d: implicit -inf padding, floor mode (windows that fit). The init
+            # value must be a concrete -inf (NumPy, not a traced jnp value) for JAX to recognise
+            # a max-pool, which it can differentiate, rather than a generic reduction.
+            k, s, p = layer.kernel_size, layer.stride, layer.padding
+            h = lax.reduce_window(
+                h, np.array(-np.inf, h.dtype), lax.max, (1, 1, k, k), (1, 1, s, s), [(0, 0), (0, 0), (p, p), (p, p)]
+            )
+        elif isinstance(layer, Flatten):
+            h = h.reshape(h.shape[0], -1)
+        if name is not None and perturbations is not None:
+            h = h + perturbations[name]
+        # (the perturbations are zeros: they only mark where delta is read off)
+    return h, inputs
+
+
+def output(model: Model, params: dict, x: jax.Array) -> jax.Array:
+    return forward(model, params, x)[0]
+
+
+def clip_logits(problem: Problem, f: jax.Array) -> jax.Array:
+    """Logits clipped to +-logit_clip with a straight-through gradient (identity where unclipped)."""
+    if problem.logit_clip is None:
+        return f
+    return f + lax.stop_gradient(jnp.clip(f, -problem.logit_clip, problem.logit_clip) - f)
+
+
+def nll(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example negative log-likelihood (N,), summed over output dimensions."""
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return 0.5 * ((f - y) ** 2).sum(-1)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        f = clip_logits(problem, f)
+        return (jax.nn.softplus(f) - y * f).sum(-1)
+    return jax.nn.logsumexp(f, -1) - jnp.take_along_axis(f, y[:, None], -1)[:, 0]
+
+
+def loss(problem: Problem, params: dict, batch) -> jax.Array:
+    """Mean NLL over the batch plus the l2 term (DESIGN 4)."""
+    x, y = batch
+    value = nll(problem, output(problem.model, params, x), y).mean()
+    if problem.l2:
+        value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
+    return value
+
+
+def residual(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
+    """d nll_n / d f_n in closed form, N x k (the mean convention divides by N later)."""
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return f - y
+    if problem.likelihood == Likelihood.BERNOULLI:
+        return jax.nn.sigmoid(clip_logits(problem, f)) - y
+    return jax.nn.softmax(f, -1) - jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)
+
+
+def fisher_factor(problem: Problem, f: jax.Array) -> jax.Array:
+    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k.
+
+    gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: diag(sqrt p) - p sqrt(p)^T, which
+    squares to diag(p) - p p^T because p sums to one.
+    """
+    n, k = f.shape
+    eye = jnp.eye(k, dtype=f.dtype)
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        s = jax.nn.sigmoid(clip_logits(problem, f))
+        return (jnp.sqrt(s * (1 - s))[:, :, None] * eye).transpose(2, 0, 1)
+    p = jax.nn.softmax(f, -1)
+    root = jnp.sqrt(p)
+    factor = root[:, :, None] * eye - p[:, :, None] * root[:, None, :]
+    return factor.transpose(2, 0, 1)
+
+
+def sampled_residuals(problem: Problem, f: jax.Array, samples: int, key: jax.Array) -> jax.Array:
+    """d nll / d f at labels drawn from the model, samples x N x k: E[r r^T] = Lambda_n."""
+    shape = (samples, *f.shape)
+    if problem.likelihood == Likelihood.GAUSSIAN:
+        return -jax.random.normal(key, shape, f.dtype)
+    if problem.likelihood == Likelihood.BERNOULLI:
+        s = jax.nn.sigmoid(clip_logits(problem, f))
+        u = jax.random.uniform(key, shape, f.dtype)
+        return s - (u < s).astype(f.dtype)
+    p = jax.nn.softmax(f, -1)
+    labels = jax.random.categorical(key, f, axis=-1, shape=(samples, f.shape[0]))
+    return p - jax.nn.one_hot(labels, f.shape[-1], dtype=f.dtype)

@@ -1,0 +1,211 @@
+"""The five optimizers in JAX, one functional interface (DESIGN 5), mirroring natgrad_impls.torch:
+
+    opt = natgrad_impls.jax.ngd(problem, lr=0.1, damping=1e-4)
+    state = opt.init(params)
+    params, state, info = opt.step(params, state, batch)
+
+params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the
+loss at the parameters the step started from and the gradient norm. `step` is one jitted function
+with the problem and the hyperparameters closed over (static); states are NamedTuples of arrays,
+the step counter included, so branching on it (K-FAC's inverse refresh) happens inside jit.
+The curvature-based optimizers differ only in the curvature they precondition with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from natgrad_impls import hyperparameters as hp
+from natgrad_impls.jax import curvature as C
+from natgrad_impls.jax import model as M
+from natgrad_impls.models import Problem
+from natgrad_impls.names import Curvature, Fisher
+
+
+class FunctionalOptimizer(NamedTuple):
+    init: Callable[[dict], Any]
+    step: Callable[[dict, Any, tuple], tuple[dict, Any, dict]]
+    hyperparameters: Any
+
+
+class SGDState(NamedTuple):
+    step: jax.Array
+    momentum: dict | None
+
+
+class AdamState(NamedTuple):
+    step: jax.Array
+    m: dict
+    v: dict
+
+
+class NaturalGradientState(NamedTuple):
+    step: jax.Array
+
+
+class KFACState(NamedTuple):
+    step: jax.Array
+    A: dict  # moving averages of the factors, {layer: in' x in'} and {layer: out x out}
+    G: dict
+    A_inv: dict  # damped inverses, refreshed every kfac_update_period steps
+    G_inv: dict
+
+
+def _counter() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+def _loss_and_grad(problem: Problem, params: dict, batch):
+    return jax.value_and_grad(lambda p: M.loss(problem, p, batch))(params)
+
+
+def _norm(arrays) -> jax.Array:
+    return jnp.linalg.norm(jnp.stack([jnp.linalg.norm(a.ravel()) for a in arrays]))
+
+
+def _key(seed: int, step: jax.Array) -> jax.Array:
+    """The MC label sampler of one step: reproducible from (seed, step) alone."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimizer:
+    """Stochastic gradient descent, optionally with heavy-ball momentum.
+
+    b <- momentum b + g (b_0 = 0);  theta <- theta - lr b.
+    Matches torch.optim.SGD (dampening 0, no Nesterov) and optax.sgd.
+    """
+    h = hp.SGD(lr, momentum)
+
+    def init(params):
+        return SGDState(_counter(), {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None)
+
+    @jax.jit
+    def step(params, state, batch):
+        value, grad = _loss_and_grad(problem, params, batch)
+        direction, buffers = grad, None
+        if h.momentum:
+            buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
+            direction = buffers
+        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(grad.values())}
+
+    return FunctionalOptimizer(init, step, h)
+
+
+def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """Adam: a diagonal second-moment preconditioner with bias correction.
+
+    m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  theta <- theta - lr m^ / (sqrt(v^) + eps),
+    m^ = m / (1 - b1^t), v^ = v / (1 - b2^t), t the step count from 1 (eps outside the root).
+    Matches torch.optim.Adam and optax.adam to float64 round-off.
+    """
+    h = hp.Adam(lr, b1, b2, eps)
+
+    def init(params):
+        zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
+        return AdamState(_counter(), zeros(), zeros())
+
+    @jax.jit
+    def step(params, state, batch):
+        value, grad = _loss_and_grad(problem, params, batch)
+        t = state.step + 1
+        m = {k: h.b1 * state.m[k] + (1 - h.b1) * g for k, g in grad.items()}
+        v = {k: h.b2 * state.v[k] + (1 - h.b2) * g * g for k, g in grad.items()}
+        # The corrections in float64 (as torch's Python floats), then rounded to the params' dtype.
+        tf = t.astype(jnp.float64)
+        c1, c2 = 1 - h.b1**tf, 1 - h.b2**tf
+        new = {
+            k: p - h.lr * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
+            for k, p in params.items()
+        }
+        return new, AdamState(t, m, v), {"loss": value, "grad_norm": _norm(grad.values())}
+
+    return FunctionalOptimizer(init, step, h)
+
+
+def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
+    def init(params):
+        return NaturalGradientState(_counter())
+
+    @jax.jit
+    def step(params, state, batch):
+        key = _key(h.seed, state.step) if curvature == Curvature.MC else None
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
+        direction = factor.multiply_inverse(C.from_layers(problem.model, grad), h.damping)
+        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
+
+    return FunctionalOptimizer(init, step, h)
+
+
+def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
+    """NGD preconditioned by the damped empirical Fisher.
+
+    theta <- theta - lr (EF + damping I)^-1 g,  EF = (1/N) sum_n g_n g_n^T,
+    g_n the gradient of example n's own NLL (the l2 term enters g, never EF). Woodbury on the N
+    per-example gradients (Gram matrix from layer inputs and output gradients) unless D <= N.
+    """
+    return _natural_gradient(problem, hp.NaturalGradient(lr, damping), Curvature.EMPIRICAL)
+
+
+def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fisher.EXACT, samples: int = 1,
+        seed: int = 0) -> FunctionalOptimizer:
+    """NGD preconditioned by the damped true Fisher.
+
+    theta <- theta - lr (F + l2 I + damping I)^-1 g,  F = (1/N) sum_n J_n^T Lambda_n J_n.
+    fisher="exact": Lambda_n in closed form (k columns per example: outputs or classes);
+    fisher="mc": (1/S) sum_s r_s r_s^T with r_s the residual at a label drawn from the model
+    (`samples` S per example, key = fold_in(key(seed), step)).
+    """
+    h = hp.NaturalGradient(lr, damping, fisher, samples, seed)
+    return _natural_gradient(problem, h, Curvature(h.fisher.value))
+
+
+def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 10, kfac_ema: float = 0.95,
+         fisher: Fisher | str = Fisher.MC, samples: int = 1, seed: int = 0) -> FunctionalOptimizer:
+    """K-FAC (Martens & Grosse 2015; KFC for convolutions): block-diagonal Kronecker Fisher.
+
+    Per layer, A = E[a a^T], G = E[delta delta^T] (delta from labels drawn from the model, or from
+    the exact output Fisher factor), kept as moving averages X <- ema X + (1 - ema) X_batch
+    (X_0 = the first batch's); every `kfac_update_period` steps (from step 0) the damped inverses
+    are refreshed with factored Tikhonov damping pi; the update is
+    W' <- W' - lr (G + pi sqrt(lambda) I)^-1 grad_W' (A + sqrt(lambda)/pi I)^-1, lambda = damping + l2,
+    W' = [W | b] the bias-augmented weight.
+    """
+    h = hp.KFAC(lr, damping, kfac_update_period, kfac_ema, fisher, samples, seed)
+    curvature = Curvature(h.fisher.value)
+
+    def init(params):
+        # Zeros of the factors' shapes, so that the state is a fixed pytree from the start; step 0
+        # overwrites them with the first batch's factors and refreshes the inverses.
+        layers = C.to_layers(problem.model, params)
+        square = lambda size, like: jnp.zeros((size, size), like.dtype)
+        A = {k: square(w.shape[1], w) for k, w in layers.items()}
+        G = {k: square(w.shape[0], w) for k, w in layers.items()}
+        return KFACState(_counter(), A, G, A, G)
+
+    @jax.jit
+    def step(params, state, batch):
+        key = _key(h.seed, state.step) if curvature == Curvature.MC else None
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
+        batch_factors = C.kronecker(factor)
+        first = state.step == 0
+        mix = lambda old, new: {k: jnp.where(first, new[k], h.kfac_ema * old[k] + (1 - h.kfac_ema) * new[k]) for k in old}
+        factors = C.KroneckerCurvature(problem.model, mix(state.A, batch_factors.A), mix(state.G, batch_factors.G),
+                                       batch_factors.shift)
+
+        def refresh():
+            inverse = factors.inverse(h.damping)
+            return inverse.A, inverse.G
+
+        A_inv, G_inv = lax.cond(state.step % h.kfac_update_period == 0, refresh, lambda: (state.A_inv, state.G_inv))
+        direction = C.KroneckerCurvature(problem.model, A_inv, G_inv).multiply(C.from_layers(problem.model, grad))
+        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        state = KFACState(state.step + 1, factors.A, factors.G, A_inv, G_inv)
+        return new, state, {"loss": value, "grad_norm": _norm(grad.values())}
+
+    return FunctionalOptimizer(init, step, h)

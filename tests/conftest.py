@@ -1,0 +1,116 @@
+"""Shared test fixtures: one interface over the torch and jax implementations (BackPACK-style), so
+that every curvature and optimizer test runs against both, and the `gpu` marker."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from natgrad_impls import models
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a visible CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class TorchImpl:
+    name = "torch"
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.module = importlib.import_module("natgrad_impls.torch")
+        self.curvature = importlib.import_module("natgrad_impls.torch.curvature")
+
+    def params(self, arrays, dtype="float64"):
+        return self.module.to_torch(arrays, self.device, getattr(torch, dtype))
+
+    def batch(self, x, y, dtype="float64"):
+        x = torch.as_tensor(x, dtype=getattr(torch, dtype), device=self.device)
+        y = torch.as_tensor(y, device=self.device)
+        return x, (y.to(x.dtype) if y.is_floating_point() else y)
+
+    def rng(self, seed):
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @staticmethod
+    def numpy(tree):
+        if isinstance(tree, dict):
+            return {k: v.detach().cpu().numpy() for k, v in tree.items()}
+        return tree.detach().cpu().numpy()
+
+
+class JaxImpl:
+    name = "jax"
+
+    def __init__(self):
+        self.module = importlib.import_module("natgrad_impls.jax")
+        self.curvature = importlib.import_module("natgrad_impls.jax.curvature")
+        import jax.numpy as jnp
+
+        self.jnp = jnp
+
+    def params(self, arrays, dtype="float64"):
+        return self.module.to_jax(arrays, getattr(self.jnp, dtype))
+
+    def batch(self, x, y, dtype="float64"):
+        x = self.jnp.asarray(x, dtype=getattr(self.jnp, dtype))
+        y = self.jnp.asarray(y)
+        return x, (y.astype(x.dtype) if self.jnp.issubdtype(y.dtype, self.jnp.floating) else y)
+
+    def rng(self, seed):
+        import jax
+
+        return jax.random.key(seed)
+
+    @staticmethod
+    def numpy(tree):
+        if isinstance(tree, dict):
+            return {k: np.asarray(v) for k, v in tree.items()}
+        return np.asarray(tree)
+
+
+@pytest.fixture(params=["torch", "jax"])
+def impl(request):
+    if request.param == "torch":
+        return TorchImpl()
+    pytest.importorskip("jax")
+    return JaxImpl()
+
+
+# -- small problems shared by the tests ------------------------------------------------------------
+
+def make_data(problem: models.Problem, n: int, seed: int = 0):
+    """Random inputs and labels of the right kind for `problem` (float64 NumPy)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *problem.model.input_shape))
+    k = list(problem.model.output_shapes().values())[-1][0]
+    if problem.likelihood == "gaussian":
+        y = rng.normal(size=(n, k))
+    elif problem.likelihood == "bernoulli":
+        y = rng.integers(0, 2, size=(n, k)).astype(np.float64)
+    else:
+        y = rng.integers(0, k, size=n)
+    return x, y
+
+
+PROBLEMS = {
+    "linear-gaussian": models.Problem(models.linear(4, 2, bias=True), "gaussian"),
+    "logistic": models.Problem(models.linear(5, 1, bias=True), "bernoulli"),
+    "softmax-regression": models.Problem(models.linear(4, 3, bias=True), "categorical"),
+    "mlp-categorical": models.Problem(models.mlp((5, 6, 3), "tanh"), "categorical"),
+    "mlp-gaussian-l2": models.Problem(models.mlp((3, 5, 2), "sigmoid"), "gaussian", l2=0.03),
+    "mlp-bernoulli": models.Problem(models.mlp((4, 5, 3), "relu"), "bernoulli"),
+    "cnn-categorical": models.Problem(models.cnn((2, 6, 6), (3,), (4, 3)), "categorical"),
+}

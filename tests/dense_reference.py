@@ -1,0 +1,94 @@
+"""Dense float64 references built with torch.func autograd alone: per-example gradients (vmap of
+grad), output Jacobians (jacrev) and the Hessian of the NLL with respect to the output. They share
+nothing with the layer-wise curvature code under test but the forward pass and the NLL, which
+tests/test_model.py checks against torch.nn separately."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from natgrad_impls import models
+from natgrad_impls.torch import model as M
+
+
+def _flat(model: models.Model, tree: dict, lead: int) -> torch.Tensor:
+    """Canonical flattening with `lead` leading batch dimensions kept."""
+    return torch.cat([tree[name].reshape(*tree[name].shape[:lead], -1) for name in model.param_names()], -1)
+
+
+def _setup(problem, params, x, y):
+    p = {k: torch.tensor(np.asarray(v), dtype=torch.float64) for k, v in params.items()}
+    x = torch.as_tensor(x, dtype=torch.float64)
+    y = torch.as_tensor(y)
+    y = y.to(torch.float64) if y.is_floating_point() else y
+    return p, x, y
+
+
+def loss_gradient(problem, params, x, y) -> np.ndarray:
+    p, x, y = _setup(problem, params, x, y)
+    grad = torch.func.grad(lambda q: M.loss(problem, q, (x, y)))(p)
+    return _flat(problem.model, grad, 0).numpy()
+
+
+def loss_hessian(problem, params, x, y) -> np.ndarray:
+    p, x, y = _setup(problem, params, x, y)
+    flat = _flat(problem.model, p, 0)
+    return torch.func.hessian(lambda v: M.loss(problem, _unflatten_torch(problem.model, v), (x, y)))(flat).numpy()
+
+
+def _unflatten_torch(model, vector):
+    out, offset = {}, 0
+    for name, shape in model.param_shapes().items():
+        size = int(np.prod(shape))
+        out[name] = vector[offset : offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def per_example_gradients(problem, params, x, y) -> np.ndarray:
+    """N x D: gradients of each example's own NLL (no l2 term)."""
+    p, x, y = _setup(problem, params, x, y)
+
+    def nll_one(q, xi, yi):
+        return M.nll(problem, M.output(problem.model, q, xi[None]), yi[None])[0]
+
+    grads = torch.func.vmap(torch.func.grad(nll_one), in_dims=(None, 0, 0))(p, x, y)
+    return _flat(problem.model, grads, 1).numpy()
+
+
+def empirical_fisher(problem, params, x, y) -> np.ndarray:
+    g = per_example_gradients(problem, params, x, y)
+    return g.T @ g / len(g)
+
+
+def fisher(problem, params, x, y) -> np.ndarray:
+    """(1/N) sum_n J_n^T H_n J_n + l2 I with J_n = d f_n / d theta (jacrev) and H_n the autograd
+    Hessian of the NLL with respect to the output (equal to the output Fisher for these
+    likelihoods); no logit clipping is assumed."""
+    p, x, y = _setup(problem, params, x, y)
+    model = problem.model
+
+    def f_one(q, xi):
+        return M.output(model, q, xi[None])[0]
+
+    def nll_of_output(f, yi):
+        return M.nll(problem, f[None], yi[None])[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))(p, x)  # name -> N x k x shape
+    J = _flat(model, jac, 2)  # N x k x D
+    f = M.output(model, p, x)
+    H = torch.func.vmap(torch.func.hessian(nll_of_output))(f, y)  # N x k x k
+    F = torch.einsum("nkd,nkl,nle->de", J, H, J) / x.shape[0]
+    return (F + problem.l2 * torch.eye(F.shape[0], dtype=F.dtype)).numpy()
+
+
+def layer_blocks(model: models.Model) -> dict[str, slice]:
+    """Where each parametric layer's weight and bias sit in the canonical vector (contiguous)."""
+    blocks, offset = {}, 0
+    shapes = model.param_shapes()
+    for name, _ in model.parametric():
+        size = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith(f"{name}."))
+        blocks[name] = slice(offset, offset + size)
+        offset += size
+    return blocks

@@ -1,0 +1,183 @@
+"""Every curvature against a dense float64 reference built independently with autograd
+(tests/dense_reference.py), in torch and in jax (DESIGN 4; curvlinops-style)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dense_reference as ref
+from conftest import PROBLEMS, make_data
+from natgrad_impls import models
+from natgrad_impls.names import Curvature
+
+RTOL = 1e-10
+
+
+def close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = max(np.abs(expected).max(), 1e-300)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+def build(impl, problem, n, curvature, seed=0, samples=1):
+    x, y = make_data(problem, n, seed)
+    params = models.init_params(problem.model, seed + 1)
+    rng = impl.rng(seed) if curvature == Curvature.MC else None
+    value, grad, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params), impl.batch(x, y), curvature, samples, rng
+    )
+    return (x, y, params), value, grad, factor
+
+
+def flat(impl, problem, tree):
+    return models.flatten(problem.model, impl.numpy(tree))
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_loss_and_gradient_match_autograd(impl, name):
+    problem = PROBLEMS[name]
+    (x, y, params), value, grad, _ = build(impl, problem, 9, Curvature.EMPIRICAL)
+    grad = impl.curvature.from_layers(problem.model, grad)
+    close(flat(impl, problem, grad), ref.loss_gradient(problem, params, x, y))
+    close(float(value), float(impl.numpy(impl.module.loss(problem, impl.params(params), impl.batch(x, y)))))
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_empirical_fisher_matches_per_example_gradients(impl, name):
+    problem = PROBLEMS[name]
+    (x, y, params), _, _, factor = build(impl, problem, 9, Curvature.EMPIRICAL)
+    close(impl.numpy(factor.to_dense()), ref.empirical_fisher(problem, params, x, y))
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_exact_fisher_matches_jacobian_reference(impl, name):
+    problem = PROBLEMS[name]
+    (x, y, params), _, _, factor = build(impl, problem, 9, Curvature.EXACT)
+    close(impl.numpy(factor.to_dense()), ref.fisher(problem, params, x, y))
+
+
+@pytest.mark.parametrize("name", ["linear-gaussian", "logistic", "softmax-regression"])
+def test_fisher_equals_loss_hessian_for_linear_models(impl, name):
+    """Canonical links and a linear model: the Hessian of the NLL is the Fisher (GGN)."""
+    problem = PROBLEMS[name]
+    (x, y, params), _, _, factor = build(impl, problem, 9, Curvature.EXACT)
+    close(impl.numpy(factor.to_dense()), ref.loss_hessian(problem, params, x, y))
+
+
+@pytest.mark.parametrize("curvature", list(Curvature))
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2", "cnn-categorical", "logistic"])
+def test_multiply_matches_dense(impl, name, curvature):
+    problem = PROBLEMS[name]
+    _, _, _, factor = build(impl, problem, 5, curvature, samples=2)
+    dense = impl.numpy(factor.to_dense())
+    v = np.random.default_rng(3).normal(size=problem.model.num_params())
+    product = factor.multiply(impl.params(models.unflatten(problem.model, v)))
+    close(flat(impl, problem, product), dense @ v)
+
+
+@pytest.mark.parametrize("curvature", list(Curvature))
+@pytest.mark.parametrize(
+    "name, n, woodbury",
+    [("mlp-categorical", 4, True), ("mlp-gaussian-l2", 3, True), ("cnn-categorical", 3, True),
+     ("logistic", 2, True), ("logistic", 20, False)],
+)
+def test_multiply_inverse_matches_dense_solve(impl, name, n, woodbury, curvature):
+    """Woodbury (D > M columns) and the dense path (D <= M) both equal a dense solve."""
+    problem = PROBLEMS[name]
+    _, _, _, factor = build(impl, problem, n, curvature, samples=2)
+    assert (problem.model.num_params() > factor.num_columns) == woodbury
+    damping = 1e-3
+    dense = impl.numpy(factor.to_dense()) + damping * np.eye(problem.model.num_params())
+    v = np.random.default_rng(4).normal(size=problem.model.num_params())
+    solution = factor.multiply_inverse(impl.params(models.unflatten(problem.model, v)), damping)
+    close(flat(impl, problem, solution), np.linalg.solve(dense, v), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-bernoulli", "linear-gaussian"])
+def test_mc_fisher_converges_to_exact(impl, name):
+    """E[MC Fisher] = Fisher: the relative error falls like 1/sqrt(samples) (seeded)."""
+    problem = PROBLEMS[name]
+    (x, y, params), _, _, exact = build(impl, problem, 6, Curvature.EXACT)
+    exact = impl.numpy(exact.to_dense())
+    errors = {}
+    for samples in (16, 4096):
+        _, _, _, mc = build(impl, problem, 6, Curvature.MC, samples=samples)
+        errors[samples] = np.linalg.norm(impl.numpy(mc.to_dense()) - exact) / np.linalg.norm(exact)
+    # Expected ratio sqrt(4096/16) = 16; allow a factor 3 for the randomness of one seed.
+    assert errors[4096] < errors[16] * 3 / 16
+    assert errors[4096] < 0.1
+
+
+def test_kfac_is_exact_for_linear_gaussian(impl):
+    problem = models.Problem(models.linear(4, 3, bias=True), "gaussian")
+    (x, y, params), _, _, factor = build(impl, problem, 7, Curvature.EXACT)
+    kfac = impl.curvature.kronecker(factor)
+    close(impl.numpy(kfac.to_dense()), ref.fisher(problem, params, x, y))
+
+
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-bernoulli", "mlp-gaussian-l2"])
+def test_kfac_blocks_are_exact_for_a_single_datum(impl, name):
+    """One example: each layer's Fisher block is (a a^T) (x) (sum_c delta_c delta_c^T) exactly."""
+    problem = PROBLEMS[name]
+    (x, y, params), _, _, factor = build(impl, problem, 1, Curvature.EXACT)
+    kfac = impl.numpy(impl.curvature.kronecker(factor).to_dense())
+    fisher = ref.fisher(problem, params, x, y)
+    for block in ref.layer_blocks(problem.model).values():
+        close(kfac[block, block], fisher[block, block])
+    off_diagonal = np.ones_like(kfac, dtype=bool)
+    for block in ref.layer_blocks(problem.model).values():
+        off_diagonal[block, block] = False
+    assert np.all(kfac[off_diagonal] == 0)
+
+
+def test_kfc_is_exact_for_a_convolution_with_one_position(impl):
+    """A convolution whose kernel covers its whole input has T = 1 and is a dense layer."""
+    model = models.Model((models.Conv2d(2, 3, 3), models.Flatten()), (2, 3, 3))
+    problem = models.Problem(model, "gaussian")
+    (x, y, params), _, _, factor = build(impl, problem, 1, Curvature.EXACT)
+    close(impl.numpy(impl.curvature.kronecker(factor).to_dense()), ref.fisher(problem, params, x, y))
+
+
+def test_kfac_inverse_uses_factored_tikhonov(impl):
+    problem = PROBLEMS["mlp-categorical"]
+    _, _, _, factor = build(impl, problem, 8, Curvature.EXACT)
+    kfac = impl.curvature.kronecker(factor)
+    damping = 0.05
+    v = np.random.default_rng(5).normal(size=problem.model.num_params())
+    got = flat(impl, problem, kfac.multiply_inverse(impl.params(models.unflatten(problem.model, v)), damping))
+    blocks = ref.layer_blocks(problem.model)
+    expected = np.zeros_like(v)
+    for name, block in blocks.items():
+        A, G = impl.numpy(kfac.A[name]), impl.numpy(kfac.G[name])
+        pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+        damped = np.kron(G + pi * np.sqrt(damping) * np.eye(len(G)), A + np.sqrt(damping) / pi * np.eye(len(A)))
+        # kron(G, A) acts on the row-major augmented weight [W | b]; move to canonical order.
+        order = _augmented_to_canonical(len(G), len(A))
+        expected[block] = np.linalg.solve(damped[np.ix_(order, order)], v[block])
+    close(got, expected, rtol=1e-9)
+
+
+def _augmented_to_canonical(rows: int, cols: int) -> np.ndarray:
+    """Index map: canonical position (weight row-major, then bias) -> row-major [W | b] position."""
+    grid = np.arange(rows * cols).reshape(rows, cols)
+    return np.concatenate([grid[:, :-1].reshape(-1), grid[:, -1]])
+
+
+def test_logit_clip_is_straight_through(impl):
+    """Clipped Bernoulli: loss at the clipped logit, gradient (c - y) x and Fisher c(1 - c) x x^T
+    with c the clipped mean (the paper code's convention)."""
+    clip = models.KUNSTNER_LOGIT_CLIP
+    problem = models.Problem(models.linear(2, 1), "bernoulli", logit_clip=clip)
+    x = np.array([[30.0, 1.0], [-0.5, 1.0]])
+    y = np.array([[0.0], [1.0]])
+    params = {"dense0.weight": np.array([[2.0, 0.5]])}
+    value, grad, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params), impl.batch(x, y), Curvature.EXACT, 1, None
+    )
+    logits = np.clip(x @ params["dense0.weight"][0], -clip, clip)
+    c = 1 / (1 + np.exp(-logits))
+    nll = np.logaddexp(0, logits) - y[:, 0] * logits  # -log Bernoulli(y; c), without 1 - c cancellation
+    close(float(value), nll.mean())
+    close(flat(impl, problem, impl.curvature.from_layers(problem.model, grad)), ((c - y[:, 0]) @ x) / 2)
+    close(impl.numpy(factor.to_dense()), (x.T * (c * (1 - c))) @ x / 2)

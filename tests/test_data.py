@@ -1,0 +1,132 @@
+"""natgrad_impls.data.fetch on small files served from tmp_path by file:// URLs (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from natgrad_impls import data
+from natgrad_impls.data import ChecksumMismatch, DataUnavailable, Resource, fetch
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache folder as NATGRAD_DATA, and urlopen limited to file:// URLs."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NATGRAD_DATA", str(folder))
+    monkeypatch.delenv("NATGRAD_DATA_MIRROR", raising=False)
+    monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED", raising=False)
+    real = urllib.request.urlopen
+
+    def local_only(url, *args, **kwargs):
+        assert str(url).startswith("file:"), f"a test tried to reach {url}"
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_only)
+    return folder
+
+
+def served(tmp_path, content: bytes, name="remote.bin") -> tuple[str, str]:
+    """A file:// URL serving `content`, and its sha256."""
+    path = tmp_path / "server" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path.as_uri(), hashlib.sha256(content).hexdigest()
+
+
+def files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_download_checks_and_caches(cache, tmp_path):
+    url, sha = served(tmp_path, b"some bytes\n")
+    path = fetch(Resource("thing", url, sha, "sub/thing.bin"))
+    assert path == cache / "sub" / "thing.bin"
+    assert path.read_bytes() == b"some bytes\n"
+    assert files_in(cache) == [path]  # no temporary file left behind
+
+
+def test_mismatch_is_refused_and_nothing_kept(cache, tmp_path):
+    url, sha = served(tmp_path, b"tampered")
+    wrong = "0" * 64
+    with pytest.raises(ChecksumMismatch) as error:
+        fetch(Resource("thing", url, wrong, "thing.bin"))
+    message = str(error.value)
+    assert "thing.bin" in message and wrong in message and sha in message
+    assert files_in(cache) == []
+
+
+def test_cached_file_is_used_without_download(cache, tmp_path, monkeypatch):
+    url, sha = served(tmp_path, b"payload")
+    resource = Resource("thing", url, sha, "thing.bin")
+    first = fetch(resource)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("fetch downloaded a file that was already cached")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    assert fetch(resource) == first
+
+
+def test_wrong_cached_file_is_replaced(cache, tmp_path):
+    url, sha = served(tmp_path, b"right")
+    resource = Resource("thing", url, sha, "thing.bin")
+    (cache / "thing.bin").parent.mkdir(parents=True)
+    (cache / "thing.bin").write_bytes(b"wrong")
+    assert fetch(resource).read_bytes() == b"right"
+
+
+def test_offline_error_names_file_url_and_cache_path(cache, tmp_path):
+    url = (tmp_path / "nowhere" / "a1a").as_uri()
+    resource = Resource("a1a", url, "f" * 64, "libsvm/a1a")
+    with pytest.raises(DataUnavailable) as error:
+        fetch(resource)
+    message = str(error.value)
+    assert "libsvm/a1a" in message and url in message
+    assert str(cache / "libsvm" / "a1a") in message  # where to put it by hand
+    assert isinstance(error.value, RuntimeError)
+    assert files_in(cache) == []
+
+
+def test_unpinned_files_need_an_explicit_opt_in(cache, tmp_path, monkeypatch):
+    url, sha = served(tmp_path, b"unpinned")
+    resource = Resource("thing", url, None, "thing.bin")
+    with pytest.raises(DataUnavailable, match="NATGRAD_ALLOW_UNPINNED"):
+        fetch(resource)
+    monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
+    with pytest.warns(UserWarning, match=sha):  # the checksum to pin is printed
+        assert fetch(resource).read_bytes() == b"unpinned"
+
+
+def test_mirror_replaces_the_pinned_url(cache, tmp_path, monkeypatch):
+    url, sha = served(tmp_path, b"mirrored", name="sub/thing.bin")
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "server").as_uri())
+    resource = Resource("thing", "https://example.invalid/thing.bin", sha, "sub/thing.bin")
+    assert fetch(resource).read_bytes() == b"mirrored"
+
+
+def test_second_url_is_tried_when_the_first_fails(cache, tmp_path):
+    url, sha = served(tmp_path, b"second")
+    resource = Resource("thing", (tmp_path / "missing").as_uri(), sha, "thing.bin", mirrors=(url,))
+    assert fetch(resource).read_bytes() == b"second"
+
+
+def test_default_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("NATGRAD_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.cache_dir() == tmp_path / ".cache" / "natgrad"
+
+
+def test_pinned_resources_are_well_formed():
+    filenames = [r.filename for r in data.RESOURCES.values()]
+    assert len(set(filenames)) == len(filenames)  # MNIST and Fashion-MNIST must not collide
+    for key, resource in data.RESOURCES.items():
+        assert resource.name == key
+        assert re.fullmatch(r"https?://\S+", resource.url)
+        assert resource.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", resource.sha256)
+    unpinned = {k for k, r in data.RESOURCES.items() if r.sha256 is None}
+    assert unpinned <= {"a1a", "a1a.t"}  # no published checksum found: pin on the first online run

@@ -1,0 +1,169 @@
+"""The optimizers' updates: sgd and adam against torch.optim and optax, ef/ngd/kfac against their
+dense formulas, hyperparameter validation; each in torch and jax."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+
+import dense_reference as ref
+from conftest import PROBLEMS, make_data
+from natgrad_impls import hyperparameters, make_optimizer, models
+from natgrad_impls.names import Curvature
+
+PROBLEM = PROBLEMS["mlp-categorical"]
+jax.config.update("jax_enable_x64", True)  # optax references in float64
+
+
+def run(impl, optimizer, steps, problem=PROBLEM, n=16, **hp):
+    x, y = make_data(problem, n, seed=0)
+    params = impl.params(models.init_params(problem.model, 1))
+    opt = getattr(impl.module, optimizer)(problem, **hp)
+    state = opt.init(params)
+    losses = []
+    for _ in range(steps):
+        params, state, info = opt.step(params, state, impl.batch(x, y))
+        losses.append(float(impl.numpy(info["loss"])))
+    return impl.numpy(params), state, losses
+
+
+def reference_with(step_fn, steps, problem=PROBLEM, n=16):
+    """Drive a reference optimizer with autograd gradients of the same loss, in float64."""
+    x, y = make_data(problem, n, seed=0)
+    params = models.init_params(problem.model, 1)
+    for _ in range(steps):
+        params = step_fn(params, models.unflatten(problem.model, ref.loss_gradient(problem, params, x, y)))
+    return params
+
+
+def torch_optim_reference(make, steps):
+    x, y = make_data(PROBLEM, 16, seed=0)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in models.init_params(PROBLEM.model, 1).items()}
+    opt = make(list(tensors.values()))
+    batch = (torch.as_tensor(x), torch.as_tensor(y))
+    from natgrad_impls.torch import model as M
+
+    for _ in range(steps):
+        opt.zero_grad()
+        M.loss(PROBLEM, tensors, batch).backward()
+        opt.step()
+    return {k: v.detach().numpy() for k, v in tensors.items()}
+
+
+def optax_reference(transform, steps):
+    state = {"opt": None}
+
+    def step(params, grads):
+        if state["opt"] is None:
+            state["opt"] = transform.init(params)
+        updates, state["opt"] = transform.update(grads, state["opt"], params)
+        return {k: np.asarray(v) for k, v in optax.apply_updates(params, updates).items()}
+
+    return reference_with(step, steps)
+
+
+def assert_params_close(actual, expected, rtol=1e-12):
+    for name in expected:
+        scale = np.abs(expected[name]).max()
+        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_reproduces_torch_optim_and_optax(impl, momentum):
+    ours, _, _ = run(impl, "sgd", 50, lr=0.3, momentum=momentum)
+    assert_params_close(ours, torch_optim_reference(lambda p: torch.optim.SGD(p, lr=0.3, momentum=momentum), 50))
+    assert_params_close(ours, optax_reference(optax.sgd(0.3, momentum=momentum or None), 50))
+
+
+def test_adam_reproduces_torch_optim_and_optax(impl):
+    hp = dict(lr=0.05, b1=0.8, b2=0.99, eps=1e-6)
+    ours, _, _ = run(impl, "adam", 50, **hp)
+    expected = torch_optim_reference(lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.99), eps=1e-6, foreach=True), 50)
+    assert_params_close(ours, expected, rtol=1e-11)
+    assert_params_close(ours, optax_reference(optax.adam(0.05, b1=0.8, b2=0.99, eps=1e-6), 50), rtol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "optimizer, hp, curvature",
+    [("ef", {}, "empirical"), ("ngd", {"fisher": "exact"}, "exact")],
+)
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2", "logistic"])
+def test_natural_gradient_step_is_the_dense_formula(impl, optimizer, hp, curvature, name):
+    """One step: theta - lr (C + damping I)^-1 g, with C and g from the dense references."""
+    problem = PROBLEMS[name]
+    lr, damping = 0.7, 1e-2
+    ours, _, _ = run(impl, optimizer, 1, problem=problem, n=6, lr=lr, damping=damping, **hp)
+    x, y = make_data(problem, 6, seed=0)
+    params = models.init_params(problem.model, 1)
+    C = (ref.empirical_fisher if curvature == "empirical" else ref.fisher)(problem, params, x, y)
+    g = ref.loss_gradient(problem, params, x, y)
+    expected = models.flatten(problem.model, params) - lr * np.linalg.solve(C + damping * np.eye(len(g)), g)
+    np.testing.assert_allclose(models.flatten(problem.model, ours), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ngd_mc_is_seeded(impl):
+    a, _, _ = run(impl, "ngd", 3, lr=0.5, damping=1e-2, fisher="mc", seed=7)
+    b, _, _ = run(impl, "ngd", 3, lr=0.5, damping=1e-2, fisher="mc", seed=7)
+    c, _, _ = run(impl, "ngd", 3, lr=0.5, damping=1e-2, fisher="mc", seed=8)
+    assert_params_close(a, b, rtol=0)
+    assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-6
+
+
+def test_kfac_first_step_and_update_period(impl):
+    """Step 0 preconditions with the first batch's factors; the inverse is refreshed only every
+    kfac_update_period steps while the factors move every step."""
+    problem, lr, damping = PROBLEM, 0.5, 1e-2
+    x, y = make_data(problem, 16, seed=0)
+    params0 = models.init_params(problem.model, 1)
+    _, _, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params0), impl.batch(x, y), Curvature.EXACT, 1, None
+    )
+    kron = impl.curvature.kronecker(factor)
+    g = models.unflatten(problem.model, ref.loss_gradient(problem, params0, x, y))
+    direction = impl.numpy(kron.multiply_inverse(impl.params(g), damping))
+    after_one, _, _ = run(impl, "kfac", 1, lr=lr, damping=damping, fisher="exact", kfac_update_period=3)
+    assert_params_close(after_one, {k: params0[k] - lr * direction[k] for k in params0}, rtol=1e-10)
+
+    def inverse_and_factor(steps):
+        _, state, _ = run(impl, "kfac", steps, lr=lr, damping=damping, fisher="exact", kfac_update_period=3)
+        return state
+
+    s1, s3, s4 = inverse_and_factor(1), inverse_and_factor(3), inverse_and_factor(4)
+    inv = lambda s: impl.numpy(s.A_inv["dense0"])
+    fac = lambda s: impl.numpy(s.G["dense0"])  # (the first layer's A is the fixed input moment)
+    np.testing.assert_array_equal(inv(s1), inv(s3))  # steps 1 and 2 reuse step 0's inverse
+    assert np.abs(inv(s4) - inv(s3)).max() > 0  # step 3 refreshes it
+    assert np.abs(fac(s3) - fac(s1)).max() > 0  # the moving averages move every step
+
+
+@pytest.mark.parametrize(
+    "optimizer, hp, field",
+    [
+        ("sgd", {"lr": -1.0}, "lr"),
+        ("sgd", {"lr": 0.1, "momentum": 1.0}, "momentum"),
+        ("adam", {"b1": 1.0}, "b1"),
+        ("adam", {"b2": -0.1}, "b2"),
+        ("adam", {"eps": -1e-8}, "eps"),
+        ("ef", {"lr": 0.1, "damping": -1.0}, "damping"),
+        ("ngd", {"lr": 0.1, "damping": 1e-3, "fisher": "hessian"}, "fisher"),
+        ("ngd", {"lr": float("nan"), "damping": 1e-3}, "lr"),
+        ("ngd", {"lr": 0.1, "damping": 1e-3, "fisher": "mc", "samples": 0}, "samples"),
+        ("kfac", {"lr": 0.1, "damping": 0.0}, "damping"),
+        ("kfac", {"lr": 0.1, "damping": 1e-3, "kfac_update_period": 0}, "kfac_update_period"),
+        ("kfac", {"lr": 0.1, "damping": 1e-3, "kfac_ema": 1.5}, "kfac_ema"),
+    ],
+)
+@pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
+def test_bad_hyperparameters_name_the_argument(framework, optimizer, hp, field):
+    problem = PROBLEMS["logistic"]
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        make_optimizer(framework, optimizer, problem, **hp)
+
+
+def test_hyperparameter_names_are_shared():
+    assert hyperparameters.names("kfac") == ("lr", "damping", "kfac_update_period", "kfac_ema", "fisher", "samples", "seed")
+    with pytest.raises(ValueError, match="optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"):
+        hyperparameters.names("lbfgs")

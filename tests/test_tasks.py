@@ -1,0 +1,294 @@
+"""The task registry: names, shapes, dtypes, the Kunstner conventions, seeding, and the download
+tasks both offline (a clear DataUnavailable) and on small stand-in files with matching checksums."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+import urllib.request
+import zipfile
+
+import numpy as np
+import pytest
+
+from natgrad_impls import data, models
+from natgrad_impls.data import DataUnavailable
+from natgrad_impls.tasks import MISSPEC_VARIANTS, TASKS, get_task, misspec_sets
+
+DESIGN_NAMES = [
+    "wine", "breastcancer", "a1a", "energy", "powerplant", "yacht", "vecfield", "misspec",
+    "digits-mlp", "mnist1d-mlp", "mnist-mlp", "fashionmnist-cnn", "cifar10-cnn", "mnist-autoencoder",
+]
+KUNSTNER = ["wine", "breastcancer", "a1a", "energy", "powerplant", "yacht"]
+OFFLINE = [name for name, task in TASKS.items() if task.offline]
+DOWNLOAD = [name for name, task in TASKS.items() if not task.offline]
+
+
+def test_registry_has_exactly_the_design_names():
+    assert list(TASKS) == DESIGN_NAMES
+    assert DOWNLOAD == ["a1a", "energy", "powerplant", "yacht", "mnist-mlp", "fashionmnist-cnn", "cifar10-cnn",
+                        "mnist-autoencoder"]
+    assert all(get_task(name) is TASKS[name] for name in TASKS)
+
+
+def test_unknown_task_names_the_field_and_the_allowed_values():
+    with pytest.raises(ValueError) as error:
+        get_task("mnist")
+    assert str(error.value) == f"task: 'mnist' is not one of {', '.join(DESIGN_NAMES)}"
+
+
+def check_dataset(task, dataset):
+    """Shapes and dtypes of DESIGN 6 / the tasks module docstring, for any task."""
+    problem, (X, y) = task.problem, dataset.train
+    assert X.dtype == np.float64 and X.flags.c_contiguous and np.isfinite(X).all()
+    assert X.shape[1:] == problem.model.input_shape
+    outputs = list(problem.model.output_shapes().values())[-1][0]
+    if problem.likelihood == "categorical":
+        assert y.shape == (len(X),) and y.dtype == np.int64
+        assert 0 <= y.min() and y.max() < outputs
+    else:
+        assert y.shape == (len(X), outputs) and y.dtype == np.float64
+    if problem.likelihood == "bernoulli":
+        assert ((0 <= y) & (y <= 1)).all()
+    if dataset.test is not None:
+        assert dataset.test.X.shape[1:] == X.shape[1:] and dataset.test.y.shape[1:] == y.shape[1:]
+        assert dataset.test.y.dtype == y.dtype
+    return X, y
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_tasks_load(name):
+    task = TASKS[name]
+    dataset = task.load(seed=0)
+    X, _ = check_dataset(task, dataset)
+    assert len(X) == task.n_train
+    assert (dataset.test is None) == (name in KUNSTNER + ["vecfield", "misspec"])
+    if task.batch_size is not None:
+        assert task.batch_size < task.n_train
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_same_seed_same_data(name):
+    first, second = TASKS[name].load(seed=3), TASKS[name].load(seed=3)
+    np.testing.assert_array_equal(first.train.X, second.train.X)
+    np.testing.assert_array_equal(first.train.y, second.train.y)
+    generated = name in ("vecfield", "misspec")
+    assert generated != np.array_equal(first.train.X, TASKS[name].load(seed=4).train.X)
+
+
+def test_kunstner_tasks_use_raw_features_with_ones_last():
+    from sklearn.datasets import load_breast_cancer, load_wine
+
+    for name, loader in [("wine", load_wine), ("breastcancer", load_breast_cancer)]:
+        task = TASKS[name]
+        (X, y), test = task.load()
+        raw, labels = loader(return_X_y=True)
+        np.testing.assert_array_equal(X[:, :-1], raw)  # no standardisation
+        np.testing.assert_array_equal(X[:, -1], 1.0)
+        np.testing.assert_array_equal(y[:, 0], labels)  # wine: the class label as a real number
+        assert test is None and task.batch_size is None and task.steps == 100
+    for name in KUNSTNER:
+        task = TASKS[name]
+        assert task.problem.model == models.linear(task.problem.model.input_shape[0], 1, bias=False)
+        assert task.problem.l2 == 0.0
+
+
+def test_logit_clipping_is_the_default_and_a_switch():
+    for name in ["breastcancer", "a1a", "misspec"]:
+        assert TASKS[name].problem.logit_clip == models.KUNSTNER_LOGIT_CLIP
+        exact = TASKS[name].exact()
+        assert exact.problem.logit_clip is None and exact.name == name
+    assert TASKS["wine"].problem.logit_clip is None and TASKS["mnist-autoencoder"].problem.logit_clip is None
+
+
+def test_vecfield():
+    task = TASKS["vecfield"]
+    (X, y), _ = task.load(seed=0)
+    assert X.shape == (1000, 2)
+    np.testing.assert_array_equal(X[:, 0], 1.0)  # bias FIRST here
+    assert (X[:, 1] > 0).all()  # lognormal
+    assert task.problem.l2 == pytest.approx(1 / (0.1 * 1000))
+    theta = np.linalg.lstsq(X, y[:, 0], rcond=None)[0]
+    np.testing.assert_allclose(theta, [2.0, 2.0], atol=0.25)
+
+
+def test_misspec_variants():
+    sets = misspec_sets(seed=0)
+    assert list(sets) == list(MISSPEC_VARIANTS) and len(sets) == 6
+    assert TASKS["misspec"].variant == "logistic-correct"
+    for variant, (task, dataset) in sets.items():
+        assert task.name == "misspec" and task.variant == variant
+        X, y = check_dataset(task, dataset)
+        assert X.shape == (1000, 2)
+        if variant.startswith("logistic"):
+            assert task.problem.likelihood == "bernoulli" and task.problem.l2 == 0.0
+            assert not (X == 1.0).all(axis=0).any()  # no bias column
+            assert y.sum() == 500
+        else:
+            assert task.problem.likelihood == "gaussian"
+            assert task.problem.l2 == pytest.approx(1 / (0.1 * 1000))
+            np.testing.assert_array_equal(X[:, 1], 1.0)
+    assert get_task("misspec", "linear-correct").variant == "linear-correct"
+    with pytest.raises(ValueError, match="variant: 'nope' is not one of logistic-correct"):
+        get_task("misspec", "nope")
+    with pytest.raises(ValueError, match="variant"):
+        get_task("wine", "linear-correct")
+
+
+def test_networks():
+    assert TASKS["digits-mlp"].problem.model.input_shape == (64,)
+    assert TASKS["mnist1d-mlp"].problem.model == models.mlp((40, 100, 100, 10), "relu")
+    for name in ["digits-mlp", "mnist1d-mlp", "mnist-mlp", "fashionmnist-cnn", "cifar10-cnn"]:
+        assert TASKS[name].classes == 10 and TASKS[name].batch_size == 128
+    assert TASKS["breastcancer"].classes == 2 and TASKS["wine"].classes is None
+    cifar = TASKS["cifar10-cnn"].problem.model
+    assert cifar.input_shape == (3, 32, 32)
+    assert [s for s in cifar.output_shapes().values()][:3] == [(64, 28, 28), (96, 12, 12), (128, 6, 6)]
+    assert TASKS["mnist-autoencoder"].problem.model.param_shapes()["dense13.weight"] == (784, 1000)
+
+
+def test_mnist1d_leaves_global_random_state_alone():
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    TASKS["mnist1d-mlp"].load()
+    assert np.random.rand() == expected
+
+
+# -- download tasks ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty cache, a mirror that does not exist, and urlopen limited to file:// URLs, so that
+    nothing here can reach the network; unpinned files allowed, so that a1a also tries to download."""
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "no-mirror").as_uri())
+    monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
+    real = urllib.request.urlopen
+
+    def local_only(url, *args, **kwargs):
+        assert str(url).startswith("file:"), f"a test tried to reach {url}"
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_only)
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("name", DOWNLOAD)
+def test_download_tasks_fail_offline_with_a_clear_error(name, offline):
+    with pytest.raises(DataUnavailable) as error:
+        TASKS[name].load()
+    message = str(error.value)
+    # names the missing file and the exact path to put it at by hand
+    assert any(str(offline / r.filename) in message for r in data.RESOURCES.values()), message
+
+
+def test_a1a_is_refused_while_unpinned(offline, monkeypatch):
+    monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED")
+    with pytest.raises(DataUnavailable, match="libsvm/a1a.*NATGRAD_ALLOW_UNPINNED"):
+        TASKS["a1a"].load()
+
+
+def write_xlsx(rows) -> bytes:
+    """A minimal one-sheet .xlsx: header strings shared, numbers inline, gaps allowed (None)."""
+    strings, xml_rows = [], []
+    for i, row in enumerate(rows, start=1):
+        cells = []
+        for j, value in enumerate(row):
+            ref = f"{chr(ord('A') + j)}{i}"
+            if isinstance(value, str):
+                strings.append(value)
+                cells.append(f'<c r="{ref}" t="s"><v>{len(strings) - 1}</v></c>')
+            elif value is not None:
+                cells.append(f'<c r="{ref}"><v>{float(value)!r}</v></c>')
+        xml_rows.append(f'<row r="{i}">{"".join(cells)}</row>')
+    main = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
+    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        sheet = '<sheet name="Sheet1" sheetId="1" r:id="rId1"/>'
+        archive.writestr("xl/workbook.xml", f'<workbook {main} xmlns:r="{rel}"><sheets>{sheet}</sheets></workbook>')
+        archive.writestr(
+            "xl/_rels/workbook.xml.rels",
+            '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+            f'<Relationship Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+        )
+        cells = "".join(xml_rows)
+        archive.writestr("xl/worksheets/sheet1.xml", f"<worksheet {main}><sheetData>{cells}</sheetData></worksheet>")
+        items = "".join(f"<si><t>{s}</t></si>" for s in strings)
+        archive.writestr("xl/sharedStrings.xml", f"<sst {main}>{items}</sst>")
+    return buffer.getvalue()
+
+
+def write_idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def write_cifar(n: int, rng) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+            content = pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def stand_in_files(rng) -> dict[str, bytes]:
+    """Small files in each download format, keyed by resource."""
+    table = lambda n, d: rng.uniform(1, 9, (n, d)).round(3)
+    energy = [[f"X{i}" for i in range(1, 9)] + ["Y1", "Y2"], *table(5, 10).tolist(), [None] * 10, [None] * 11 + [1.0]]
+    plant = io.BytesIO()
+    with zipfile.ZipFile(plant, "w") as archive:
+        archive.writestr("CCPP/Folds5x2_pp.xlsx", write_xlsx([["AT", "V", "AP", "RH", "PE"], *table(6, 5).tolist()]))
+    files = {
+        "a1a": b"-1 3:1 11:1 14:1 \n+1 5:1 7:1 119:1 \n-1 1:1 \n",
+        "energy": write_xlsx(energy),
+        "powerplant": plant.getvalue(),
+        "yacht": "\n".join("  ".join(f"{v:g}" for v in row) for row in table(4, 7)).encode() + b"\n\n",
+        "cifar10": write_cifar(2, rng),
+    }
+    for prefix in ["mnist", "fashion-mnist"]:
+        for part, n in [("train", 5), ("test", 3)]:
+            files[f"{prefix}/{part}-images"] = write_idx(rng.integers(0, 256, (n, 28, 28)))
+            files[f"{prefix}/{part}-labels"] = write_idx(rng.integers(0, 10, (n,)))
+    return files
+
+
+EXPECTED_N = {"a1a": 3, "energy": 5, "powerplant": 6, "yacht": 4, "cifar10-cnn": 10,
+              "mnist-mlp": 5, "fashionmnist-cnn": 5, "mnist-autoencoder": 5}
+
+
+def test_download_tasks_parse_their_files(offline, monkeypatch):
+    """Stand-in files with the real formats, placed in the cache under pinned checksums."""
+    monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED")
+    for key, content in stand_in_files(np.random.default_rng(0)).items():
+        resource = dataclasses.replace(data.RESOURCES[key], sha256=hashlib.sha256(content).hexdigest())
+        monkeypatch.setitem(data.RESOURCES, key, resource)
+        path = data.cache_path(resource)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    for name in DOWNLOAD:
+        task = TASKS[name]
+        dataset = task.load()
+        X, y = check_dataset(task, dataset)
+        assert len(X) == EXPECTED_N[name], name
+        if name in KUNSTNER:
+            np.testing.assert_array_equal(X[:, -1], 1.0)
+            assert dataset.test is None
+        else:
+            assert dataset.test is not None and 0 <= X.min() and X.max() <= 1  # pixels in [0, 1]
+    (X, y), _ = TASKS["a1a"].load()
+    np.testing.assert_array_equal(y[:, 0], [0, 1, 0])
+    assert X[1, 118] == 1 and X[2, 0] == 1  # 1-based LIBSVM indices
+    (X, y), test = TASKS["mnist-autoencoder"].load()
+    np.testing.assert_array_equal(X, y)
+    assert test.X.shape == (3, 784)
