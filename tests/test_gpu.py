@@ -1,0 +1,86 @@
+"""On a visible CUDA device: every optimizer runs there, in torch and jax, and its float64
+trajectory equals the CPU one (GPU reductions change the round-off, not the run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import PROBLEMS, TorchImpl, make_data
+from natgrad_impls import models
+
+pytestmark = pytest.mark.gpu
+
+SETTINGS = {
+    "sgd": {"lr": 0.2, "momentum": 0.5},
+    "adam": {"lr": 0.05},
+    "ef": {"lr": 0.1, "damping": 1e-2},
+    "ngd": {"lr": 0.3, "damping": 1e-2},
+    "kfac": {"lr": 0.3, "damping": 1e-2, "kfac_update_period": 3, "fisher": "exact"},
+}
+
+
+class JaxCuda:
+    """The jax implementation with every array placed on the GPU."""
+
+    name = "jax"
+
+    def __init__(self, device):
+        import jax
+        import jax.numpy as jnp
+
+        import natgrad_impls.jax as nj
+
+        self.module, self.jax, self.jnp = nj, jax, jnp
+        self.device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+
+    def params(self, arrays, dtype="float64"):
+        return {k: self.jax.device_put(self.jnp.asarray(v, dtype=dtype), self.device) for k, v in arrays.items()}
+
+    def batch(self, x, y, dtype="float64"):
+        y = np.asarray(y)
+        put = lambda a, t=None: self.jax.device_put(self.jnp.asarray(a, dtype=t), self.device)
+        return put(x, dtype), put(y, dtype if y.dtype.kind == "f" else None)
+
+    @staticmethod
+    def numpy(tree):
+        return {k: np.asarray(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)
+
+
+def trajectory(impl, optimizer, problem, steps=30, dtype="float64"):
+    x, y = make_data(problem, 32, seed=0)
+    params = impl.params(models.init_params(problem.model, 0), dtype)
+    opt = getattr(impl.module, optimizer)(problem, **SETTINGS[optimizer])
+    state, batch, losses = opt.init(params), impl.batch(x, y, dtype), []
+    for _ in range(steps):
+        params, state, info = opt.step(params, state, batch)
+        losses.append(float(impl.numpy(info["loss"])))
+    return np.array(losses), models.flatten(problem.model, impl.numpy(params))
+
+
+@pytest.mark.parametrize("name", ["mlp-categorical", "cnn-categorical", "logistic"])
+@pytest.mark.parametrize("optimizer", list(SETTINGS))
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cuda_matches_cpu_in_float64(framework, optimizer, name):
+    problem = PROBLEMS[name]
+    cpu, cuda = (TorchImpl("cpu"), TorchImpl("cuda")) if framework == "torch" else (JaxCuda("cpu"), JaxCuda("cuda"))
+    expected, got = trajectory(cpu, optimizer, problem), trajectory(cuda, optimizer, problem)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9)
+    np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-9 * np.abs(expected[1]).max())
+
+
+@pytest.mark.parametrize("optimizer", ["ngd", "kfac"])
+def test_cuda_float32_mc_runs_and_learns(optimizer):
+    """The float32 MC paths (sampling on the device) run and reduce the loss."""
+    problem = PROBLEMS["mlp-categorical"]
+    hp = dict(SETTINGS[optimizer], fisher="mc")
+    x, y = make_data(problem, 64, seed=0)
+    impl = TorchImpl("cuda")
+    params = impl.params(models.init_params(problem.model, 0), "float32")
+    opt = getattr(impl.module, optimizer)(problem, **hp)
+    state, batch = opt.init(params), impl.batch(x, y, "float32")
+    losses = []
+    for _ in range(30):
+        params, state, info = opt.step(params, state, batch)
+        losses.append(float(info["loss"]))
+    assert losses[-1] < 0.8 * losses[0]
