@@ -167,3 +167,20 @@ def test_hyperparameter_names_are_shared():
     assert hyperparameters.names("kfac") == ("lr", "damping", "kfac_update_period", "kfac_ema", "fisher", "samples", "seed")
     with pytest.raises(ValueError, match="optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"):
         hyperparameters.names("lbfgs")
+
+
+@pytest.mark.parametrize(
+    "optimizer, hp",
+    [("sgd", {"lr": 1.0}), ("adam", {"lr": 0.05}), ("ef", {"lr": 0.1, "damping": 1e-2}),
+     ("ngd", {"lr": 0.1, "damping": 0.05, "fisher": "mc", "samples": 4}), ("kfac", {"lr": 0.3, "damping": 1e-2})],
+)
+def test_float32_runs_stay_float32_and_learn(impl, optimizer, hp):
+    x, y = make_data(PROBLEM, 32, seed=0)
+    params = impl.params(models.init_params(PROBLEM.model, 1), "float32")
+    opt = getattr(impl.module, optimizer)(PROBLEM, **hp)
+    state, batch, losses = opt.init(params), impl.batch(x, y, "float32"), []
+    for _ in range(30):
+        params, state, info = opt.step(params, state, batch)
+        losses.append(float(impl.numpy(info["loss"])))
+    assert {str(v.dtype) for v in impl.numpy(params).values()} == {"float32"}
+    assert losses[-1] < 0.7 * losses[0]
