@@ -194,7 +194,8 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
         first = state.step == 0
-        mix = lambda old, new: {k: jnp.where(first, new[k], h.kfac_ema * old[k] + (1 - h.kfac_ema) * new[k]) for k in old}
+        ema = lambda old, new: h.kfac_ema * old + (1 - h.kfac_ema) * new
+        mix = lambda old, new: {k: jnp.where(first, new[k], ema(old[k], new[k])) for k in old}
         factors = C.KroneckerCurvature(problem.model, mix(state.A, batch_factors.A), mix(state.G, batch_factors.G),
                                        batch_factors.shift)
 
