@@ -151,7 +151,8 @@ def test_kfac_inverse_uses_factored_tikhonov(impl):
     for name, block in blocks.items():
         A, G = impl.numpy(kfac.A[name]), impl.numpy(kfac.G[name])
         pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
-        damped = np.kron(G + pi * np.sqrt(damping) * np.eye(len(G)), A + np.sqrt(damping) / pi * np.eye(len(A)))
+        # Martens & Grosse (2015) 6.3: each factor damped in proportion to its own scale.
+        damped = np.kron(G + np.sqrt(damping) / pi * np.eye(len(G)), A + pi * np.sqrt(damping) * np.eye(len(A)))
         # kron(G, A) acts on the row-major augmented weight [W | b]; move to canonical order.
         order = _augmented_to_canonical(len(G), len(A))
         expected[block] = np.linalg.solve(damped[np.ix_(order, order)], v[block])

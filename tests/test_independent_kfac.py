@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_data
 from natgrad_impls import models
 from natgrad_impls.names import Curvature, Likelihood
 
@@ -334,3 +335,31 @@ def test_factors_and_dense_match_kfac_jax(impl, kfac_jax, likelihood):
         assert rel_err(s * G[name], G_ref) < TOL, name
     # the estimator's own matrix-vector product, in our canonical order
     assert rel_err(s * dense, reference) < TOL
+
+
+def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl):
+    """Factored Tikhonov damping: our damped inverse factors equal kfac-jax's
+    pi_adjusted_kronecker_inverse of the same factors (Martens & Grosse 2015, 6.3)."""
+    pytest.importorskip("kfac_jax")
+    import jax
+    import jax.numpy as jnp
+    from kfac_jax._src.utils.math import pi_adjusted_kronecker_inverse
+
+    jax.config.update("jax_enable_x64", True)
+
+    problem = models.Problem(models.mlp((6, 8, 3), "tanh"), "categorical")
+    x, y = make_data(problem, 16, seed=0)
+    params = models.init_params(problem.model, 0)
+    x = 10.0 * x  # A's scale far from G's, so that a swapped pi would show
+    _, _, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params), impl.batch(x, y), Curvature.EXACT, 1, None
+    )
+    kron = impl.curvature.kronecker(factor)
+    damping = 1e-2
+    inverse = kron.inverse(damping)
+    for name in kron.A:
+        A, G = np.asarray(impl.numpy(kron.A[name])), np.asarray(impl.numpy(kron.G[name]))
+        A_inv, G_inv = (np.asarray(a) for a in pi_adjusted_kronecker_inverse(jnp.asarray(A), jnp.asarray(G), damping=damping))
+        # Only the product is defined: kfac-jax moves a scalar from one factor to the other.
+        ours = np.kron(impl.numpy(inverse.G[name]), impl.numpy(inverse.A[name]))
+        assert rel_err(ours, np.kron(G_inv, A_inv)) < 1e-10

@@ -218,14 +218,15 @@ class KroneckerCurvature:
 
     def inverse(self, damping: float) -> "KroneckerCurvature":
         """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses
-        of A + sqrt(lambda)/pi I and G + pi sqrt(lambda) I, pi = sqrt((tr A/dim A) / (tr G/dim G)).
+        of A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A) / (tr G/dim G)),
+        so that each factor is damped in proportion to its own scale (DESIGN 4 has the two swapped).
         Returned as a KroneckerCurvature whose multiply applies them."""
         root = math.sqrt(damping + self.shift)
         A_inv, G_inv = {}, {}
         for k in self.A:
             pi = jnp.sqrt(jnp.diagonal(self.A[k]).mean() / jnp.diagonal(self.G[k]).mean())
-            A_inv[k] = _damped_inverse(self.A[k], root / pi)
-            G_inv[k] = _damped_inverse(self.G[k], root * pi)
+            A_inv[k] = _damped_inverse(self.A[k], root * pi)
+            G_inv[k] = _damped_inverse(self.G[k], root / pi)
         return KroneckerCurvature(self.model, A_inv, G_inv)
 
     def multiply_inverse(self, v: dict, damping: float) -> dict:

@@ -293,7 +293,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     Fisher, exact or mc as in `ngd`), both kept as moving averages X <- ema X + (1 - ema) X_batch
     (X_0 = the first batch's). At steps 0, period, 2 period, ... the damped inverses are refreshed
     with factored Tikhonov damping, lambda = damping + l2, pi = sqrt((tr A / dim A) / G):
-    theta <- theta - lr (G + pi sqrt(lambda))^-1 (A + sqrt(lambda)/pi I)^-1 g.
+    theta <- theta - lr (G + sqrt(lambda)/pi)^-1 (A + pi sqrt(lambda) I)^-1 g.
     With one output the block A (x) G is the true Fisher up to replacing lambda_n by its mean.
     """
     check_problem(problem)
@@ -316,8 +316,8 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         if state.step % h.kfac_update_period == 0:
             root = math.sqrt(h.damping + problem.l2)
             pi = math.sqrt(np.trace(A) / A.shape[0] / G)
-            A_inv = np.linalg.inv(A + root / pi * np.eye(A.shape[0]))
-            G_inv = 1.0 / (G + root * pi)
+            A_inv = np.linalg.inv(A + root * pi * np.eye(A.shape[0]))
+            G_inv = 1.0 / (G + root / pi)
         new = theta - h.lr * G_inv * (A_inv @ grad)
         return _params(problem, new), KFACState(state.step + 1, A, G, A_inv, G_inv), _info(value, grad)
 

@@ -159,7 +159,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     the exact output Fisher factor), kept as moving averages X <- ema X + (1 - ema) X_batch
     (X_0 = the first batch's); every `kfac_update_period` steps (from step 0) the damped inverses
     are refreshed with factored Tikhonov damping pi; the update is
-    W' <- W' - lr (G + pi sqrt(lambda) I)^-1 grad_W' (A + sqrt(lambda)/pi I)^-1, lambda = damping + l2,
+    W' <- W' - lr (G + sqrt(lambda)/pi I)^-1 grad_W' (A + pi sqrt(lambda) I)^-1, lambda = damping + l2,
     W' = [W | b] the bias-augmented weight.
     """
     h = hp.KFAC(lr, damping, kfac_update_period, kfac_ema, fisher, samples, seed)
