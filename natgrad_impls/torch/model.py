@@ -82,6 +82,15 @@ def loss(problem: Problem, params: dict, batch) -> torch.Tensor:
     return value
 
 
+def loss_and_grad(problem: Problem, params: dict, batch) -> tuple[torch.Tensor, dict]:
+    """Loss and its gradient by one reverse pass of plain autograd: the unit of cost, and what
+    sgd and adam use (torch.func.grad_and_value adds ~0.3 ms a call, measured on a 100k MLP)."""
+    leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
+    value = loss(problem, leaves, batch)
+    grads = torch.autograd.grad(value, list(leaves.values()))
+    return value.detach(), dict(zip(leaves, grads))
+
+
 def residual(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """d nll_n / d f_n in closed form, N x k (the mean convention divides by N later)."""
     if problem.likelihood == Likelihood.GAUSSIAN:

@@ -52,11 +52,6 @@ class KFACState(NamedTuple):
     G_inv: dict | None
 
 
-def _loss_and_grad(problem: Problem, params: dict, batch):
-    grad, value = torch.func.grad_and_value(lambda p: M.loss(problem, p, batch))(params)
-    return value, grad
-
-
 def _norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
@@ -78,13 +73,15 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         return SGDState(0, {k: torch.zeros_like(p) for k, p in params.items()} if h.momentum else None)
 
     def step(params, state, batch):
-        value, grad = _loss_and_grad(problem, params, batch)
-        direction, buffers = grad, None
-        if h.momentum:
-            buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
-            direction = buffers
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(grad.values())}
+        value, grad = M.loss_and_grad(problem, params, batch)
+        names, g = list(grad), list(grad.values())
+        direction, buffers = g, None
+        if h.momentum:  # foreach ops: one kernel per operation over all tensors, as torch.optim
+            direction = torch._foreach_mul([state.momentum[k] for k in names], h.momentum)
+            torch._foreach_add_(direction, g)
+            buffers = dict(zip(names, direction))
+        new = dict(zip(names, torch._foreach_add([params[k] for k in names], direction, alpha=-h.lr)))
+        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(g)}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -103,13 +100,21 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         return AdamState(0, zeros(), zeros())
 
     def step(params, state, batch):
-        value, grad = _loss_and_grad(problem, params, batch)
+        value, grad = M.loss_and_grad(problem, params, batch)
+        names, g = list(grad), list(grad.values())
         t = state.step + 1
-        m = {k: h.b1 * state.m[k] + (1 - h.b1) * g for k, g in grad.items()}
-        v = {k: h.b2 * state.v[k] + (1 - h.b2) * g * g for k, g in grad.items()}
         c1, c2 = 1 - h.b1**t, 1 - h.b2**t
-        new = {k: p - h.lr * (m[k] / c1) / (torch.sqrt(v[k] / c2) + h.eps) for k, p in params.items()}
-        return new, AdamState(t, m, v), {"loss": value, "grad_norm": _norm(grad.values())}
+        # foreach ops: one kernel per operation over all tensors, as torch.optim's foreach Adam
+        m = torch._foreach_mul([state.m[k] for k in names], h.b1)
+        torch._foreach_add_(m, g, alpha=1 - h.b1)
+        v = torch._foreach_mul([state.v[k] for k in names], h.b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - h.b2)
+        denominator = torch._foreach_sqrt(v)
+        torch._foreach_div_(denominator, math.sqrt(c2))
+        torch._foreach_add_(denominator, h.eps)
+        new = torch._foreach_addcdiv([params[k] for k in names], m, denominator, value=-h.lr / c1)
+        state = AdamState(t, dict(zip(names, m)), dict(zip(names, v)))
+        return dict(zip(names, new)), state, {"loss": value, "grad_norm": _norm(g)}
 
     return FunctionalOptimizer(init, step, h)
 
