@@ -185,7 +185,9 @@ class FactorCurvature:
         r, n = next(iter(self.deltas.values())).shape[:2]
         kernel = s2 * self.gram()
         kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-        coeff = jnp.linalg.solve(kernel, self.transpose_multiply(layers).reshape(-1)).reshape(r, n)
+        # The kernel lambda I + s^2 U^T U is symmetric positive definite: Cholesky, not LU.
+        rhs = self.transpose_multiply(layers).reshape(-1)
+        coeff = cho_solve(cho_factor(kernel, lower=True), rhs).reshape(r, n)
         correction = self.factor_multiply(s2 * coeff)
         return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
 

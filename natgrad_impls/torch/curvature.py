@@ -176,7 +176,9 @@ class FactorCurvature:
         r, n = next(iter(self.deltas.values())).shape[:2]
         kernel = s2 * self.gram()
         kernel.diagonal().add_(lam)
-        coeff = torch.linalg.solve(kernel, self.transpose_multiply(layers).reshape(-1)).reshape(r, n)
+        # The kernel lambda I + s^2 U^T U is symmetric positive definite: Cholesky, not LU.
+        rhs = self.transpose_multiply(layers).reshape(-1, 1)
+        coeff = torch.cholesky_solve(rhs, torch.linalg.cholesky(kernel)).reshape(r, n)
         correction = self.factor_multiply(s2 * coeff)
         return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
 
