@@ -1,0 +1,191 @@
+"""The `natgrad` command line (DESIGN 7): the interface scripts, pipeline rules and users share.
+
+    natgrad tasks
+    natgrad run  --task T --optimizer O --framework F [--device cpu|cuda] [--dtype ..] [--lr ..]
+                 [--damping ..] [--steps ..] [--batch-size ..] [--seed ..] --out FILE
+    natgrad grid --task T --optimizers sgd,ngd,ef,... [--framework F] [--lrs=START:STOP:NUM]
+                 [--dampings=START:STOP:NUM] [--steps ..] --out FILE
+
+FILE ends in .csv or .parquet and is written atomically. Bad input (an unknown name, a negative lr,
+numpy on a network task, cuda without a GPU, ...) exits with status 2 and one line on stderr naming
+the field and the allowed values, before any work is done and without writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from natgrad_impls import results
+
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 1
+
+# Optimizer hyperparameters beyond lr and damping, as (option, name, type).
+EXTRA_HYPERPARAMETERS = (
+    ("--momentum", "momentum", float),
+    ("--b1", "b1", float),
+    ("--b2", "b2", float),
+    ("--eps", "eps", float),
+    ("--fisher", "fisher", str),
+    ("--samples", "samples", int),
+    ("--kfac-update-period", "kfac_update_period", int),
+    ("--kfac-ema", "kfac_ema", float),
+)
+
+
+class BadInput(Exception):
+    """Raised instead of argparse's multi-line usage errors: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BadInput(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="natgrad", description="Natural-gradient benchmarks: tasks, single runs and Kunstner grids.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("tasks", help="list the tasks: name, N, D, classes, parameters, offline or download, source")
+
+    run = commands.add_parser("run", help="one training run, recorded step by step")
+    run.add_argument("--task", required=True)
+    run.add_argument("--variant", help="misspec only: which of its data sets")
+    run.add_argument("--optimizer", required=True, help="sgd, adam, ef, ngd or kfac")
+    run.add_argument("--framework", required=True, help="numpy (convex tasks only), torch or jax")
+    _common(run)
+    run.add_argument("--lr", type=float)
+    run.add_argument("--damping", type=float)
+    for option, name, kind in EXTRA_HYPERPARAMETERS:
+        run.add_argument(option, dest=name, type=kind)
+    run.add_argument("--steps", type=int, help="default: the task's")
+    run.add_argument("--batch-size", type=int, help="default: the task's (full batch on the convex tasks)")
+    run.add_argument("--eval-every", type=int, help="steps between full-train/test evaluations on networks (200)")
+    run.add_argument("--cos-ef-ngd", action="store_true", help="record the EF/NGD cosine at every step (run's damping)")
+    run.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+
+    grid = commands.add_parser("grid", help="a Kunstner lr x damping grid on a full-batch convex task, vectorised")
+    grid.add_argument("--task", required=True)
+    grid.add_argument("--variant", help="misspec only: which of its data sets")
+    grid.add_argument("--optimizers", default="sgd,ngd,ef", help="comma-separated (default: sgd,ngd,ef)")
+    grid.add_argument("--framework", default="numpy", help="numpy (default), torch or jax")
+    _common(grid)
+    grid.add_argument("--lrs", default="-20:10:241", help="log10 START:STOP:NUM (default -20:10:241); write --lrs=-20:10:241")
+    grid.add_argument("--dampings", default="-10:10:41", help="log10 START:STOP:NUM (default -10:10:41)")
+    for option, name, kind in EXTRA_HYPERPARAMETERS:
+        grid.add_argument(option, dest=name, type=kind)
+    grid.add_argument("--steps", type=int, help="default: the task's (100)")
+    grid.add_argument("--repeats", type=int, default=5, help="runs from theta0 + 1e-14 noise that check each best run "
+                      "for chaos (default 5; 0 skips the check)")
+    grid.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+    return parser
+
+
+def _common(parser):
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float64", help="float64 (default) or float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+
+def _hyperparameters(args, names=("lr", "damping")) -> dict:
+    values = {name: getattr(args, name) for name in names}
+    values.update({name: getattr(args, name) for _, name, _ in EXTRA_HYPERPARAMETERS})
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def cmd_tasks(args) -> int:
+    from natgrad_impls.tasks import TASKS
+
+    rows = [("task", "N", "D", "classes", "params", "offline", "source")]
+    for name, task in TASKS.items():
+        model = task.problem.model
+        rows.append((name, str(task.n_train), str(math.prod(model.input_shape)), str(task.classes or "-"),
+                     str(model.num_params()), "yes" if task.offline else "download", task.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def cmd_run(args) -> int:
+    from natgrad_impls import runner
+
+    hps = _hyperparameters(args)
+    for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("eval_every", args.eval_every)):
+        if value is not None and value < (0 if name == "steps" else 1):
+            raise BadInput(f"{name}: {value!r} must be an integer >= {0 if name == 'steps' else 1}")
+    out = _checked(lambda: results.check_path(args.out))
+    spec = _checked(lambda: runner.resolve(args.task, args.optimizer, args.framework, args.device, args.dtype, hps,
+                                           args.seed, args.variant))
+    if args.cos_ef_ngd and "damping" not in spec.kwargs():
+        raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
+    frame = _unavailable(lambda: runner.run(
+        spec.task, spec.optimizer, spec.framework, spec.device, spec.dtype, hps, args.steps, args.batch_size, args.seed,
+        eval_every=args.eval_every, cos_ef_ngd=args.cos_ef_ngd, progress=False if args.no_progress else None))
+    results.write(frame, out)
+    last = frame.iloc[-1]
+    state = "diverged" if last["diverged"] else "final"
+    print(f"{spec.task.name} {spec.optimizer.value} {spec.framework.value}: {state} loss {last['loss']:.6g} at step "
+          f"{int(last['step'])}, {last['time_s']:.3g} s of steps; wrote {len(frame)} rows to {out}")
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from natgrad_impls import grid
+
+    hps = _hyperparameters(args, names=())
+    out = _checked(lambda: results.check_path(args.out))
+    checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
+                                             args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps))
+    task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
+    result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
+                                                args.repeats, None, hps, progress=False if args.no_progress else None))
+    for best in result.best:
+        print(best.describe())
+    results.write(result.frame, out)
+    print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
+          f"wrote {len(result.frame)} rows to {out}")
+    return 0
+
+
+def _checked(call):
+    try:
+        return call()
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+
+
+def _unavailable(call):
+    from natgrad_impls.data import DataUnavailable
+
+    try:
+        return call()
+    except DataUnavailable as error:
+        raise SystemExit(_fail(str(error), EXIT_UNAVAILABLE)) from None
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"natgrad: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+COMMANDS = {"tasks": cmd_tasks, "run": cmd_run, "grid": cmd_grid}
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BadInput as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+
+
+def entry() -> None:  # pragma: no cover - the console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

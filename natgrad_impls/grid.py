@@ -1,0 +1,834 @@
+"""Kunstner grids (DESIGN 4, 7) as one vectorised computation, not a loop of runs.
+
+    result = grid.run_grid("breastcancer", ["sgd", "ngd", "ef"])      # the paper's grid
+    result.frame                    # long format, one row per run per recorded step
+    result.best                     # each optimizer's best run, with its chaos check
+
+A full-batch convex task is a linear model f = Z theta (Z = the inputs, with a column of ones when
+the layer has a bias) with a gaussian or bernoulli likelihood, so everything a step needs has a
+closed form that batches over runs: for B runs stacked as Theta (B x D),
+
+    F = Theta Z^T (B x N),  r = mean(F) - y,  G = r Z / N + l2 Theta,
+    C_b = sum_n w_bn z_n z_n^T / N  =  W (P / N),   P_n = the upper triangle of z_n z_n^T,
+
+with w = r^2 (EF) or the output-space Fisher (c(1-c), or 1 for the gaussian; or its MC estimate
+from the same label draws the framework's `ngd` makes: the draws depend only on (seed, step), so one
+draw serves every run). Forming every run's C is one matrix product of B x N by N x D(D+1)/2, the
+floating-point floor of about N D^2 flops per run and step; the solves are batched. sgd and adam
+are lr grids, ef, ngd and kfac lr x damping grids.
+
+The computation is written once against an array namespace (`numpy`, `torch`, `jax.numpy`; see
+`_Backend`), so a float64 grid in any framework reproduces the framework's own `natgrad run` to
+round-off on runs that are not chaotic. Runs go through in chunks (cache-sized on numpy, spread over
+the CPU cores in threads); a run that diverges (loss > 100 x its first loss, NaN/inf, or a failed
+solve) is recorded up to that step and masked out of the rest of the computation. On numpy and
+torch a run whose Fisher weights are bitwise those of its previous step reuses that step's matrix
+(the product would give the same matrix): exactly the same numbers, less work. The chaos repeats
+and the whole grid are float64 by default; `dtype` float32 runs the same computation in float32.
+
+Rows are those of `natgrad run` (steps 0..steps, loss and grad_norm at theta_k, diverged on every
+row of a diverged run), except time_s: the run's share of the batched computation's wall-clock
+(each chunk-step's time divided by the runs in it), cumulated like a run's step time.
+
+Chaos (DESIGN 4): each optimizer's best run (lowest last recorded loss) is repeated from
+theta0 + 1e-14 * noise (`repeats` draws); it is chaotic when a repeat's last loss differs from the
+best run's by more than 1e-8 relative. The repeats are rows of the frame with repeat = 1..R (the grid
+itself is repeat 0), `best` marks the best run and its repeats, and `chaotic` is set on their rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+
+from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
+from natgrad_impls.runner import (
+    DIVERGENCE_FACTOR, accepted, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns, progress_bar,
+    resolve_task, check_setting,
+)
+
+PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
+PAPER_DAMPINGS = (-10.0, 10.0, 41)
+CHAOS_NOISE = 1e-14
+CHAOS_TOLERANCE = 1e-8
+DEFAULT_REPEATS = 5
+WITH_DAMPING = (Optimizer.EF, Optimizer.NGD, Optimizer.KFAC)
+
+
+def logspace(bounds) -> np.ndarray:
+    """np.logspace(start, stop, num) from (start, stop, num) log10 bounds."""
+    start, stop, num = bounds
+    return np.logspace(float(start), float(stop), int(num))
+
+
+def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
+    """'START:STOP:NUM' (log10 bounds) as a tuple, or a ValueError naming the field."""
+    parts = str(text).split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+        if not (math.isfinite(start) and math.isfinite(stop)) or num < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{field}: {text!r} must be START:STOP:NUM (log10 bounds, NUM an integer >= 1), "
+                         f"e.g. {':'.join(str(int(v)) for v in (PAPER_LRS if field == 'lrs' else PAPER_DAMPINGS))}") from None
+    return start, stop, num
+
+
+# -- array namespaces ----------------------------------------------------------------------------------
+
+class _Backend:
+    """What the batched computation needs beyond the operators the three array modules share
+    (`@`, arithmetic, exp, log1p, abs, sqrt, where, clip, mean/sum over the last axis)."""
+
+    name: str
+    xp = None
+    compact_below = 1.0  # compact the chunk when fewer than this fraction of its rows are active
+    reuse = False  # skip forming a run's matrix when its weights did not change (needs row scatter)
+    workers = 1
+    chunk = 4096
+
+    def asarray(self, a):
+        raise NotImplementedError
+
+    def numpy(self, a) -> np.ndarray:
+        raise NotImplementedError
+
+    def sync(self, a):
+        pass
+
+
+class _NumpyBackend(_Backend):
+    name = "numpy"
+    xp = np
+    reuse = True
+
+    def __init__(self, device, dtype):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.workers = max(1, min(8, cores))  # chunks in parallel threads, BLAS single-threaded in each
+
+    def asarray(self, a):
+        return np.asarray(a, dtype=np.float64)
+
+    def index(self, a):
+        return a
+
+    def cast(self, mask):
+        return mask.astype(np.float64)
+
+    def relu(self, a):
+        return np.maximum(a, 0.0)
+
+    def take_columns(self, a, index):
+        return np.take(a, index, axis=1)
+
+    def add_diagonal(self, matrices, shifts):
+        """matrices + shifts[:, None, None] I, as a new array: a copy, then the diagonal in place."""
+        out = np.array(matrices, copy=True) if matrices.shape[0] == len(shifts) else \
+            np.repeat(matrices, len(shifts), axis=0)
+        d = out.shape[-1]
+        out.reshape(len(out), d * d)[:, :: d + 1] += shifts[:, None]
+        return out
+
+    def numpy(self, a):
+        return a
+
+    def eye(self, d):
+        return np.eye(d)
+
+    def solve(self, A, b):
+        """(x, failed rows or None): np.linalg.solve per run, as the numpy reference does."""
+        try:
+            return np.linalg.solve(A, b[..., None])[..., 0], None
+        except np.linalg.LinAlgError:
+            x, failed = np.full_like(b, np.nan), np.zeros(len(b), bool)
+            for i in range(len(b)):
+                try:
+                    x[i] = np.linalg.solve(A[i], b[i])
+                except np.linalg.LinAlgError:
+                    failed[i] = True
+            return x, failed
+
+    def damped_inverse(self, A, shifts):
+        """inv(A + s I) per run, as numpy's kfac does."""
+        M = A + shifts[:, None, None] * np.eye(A.shape[-1])
+        try:
+            return np.linalg.inv(M), None
+        except np.linalg.LinAlgError:
+            out, failed = np.full_like(M, np.nan), np.zeros(len(M), bool)
+            for i in range(len(M)):
+                try:
+                    out[i] = np.linalg.inv(M[i])
+                except np.linalg.LinAlgError:
+                    failed[i] = True
+            return out, failed
+
+    def draws(self, kind, seed, step, samples, n):
+        rng = np.random.default_rng((seed, step))  # natgrad_impls.numpy's sampler
+        return rng.random((samples, n)) if kind == "uniform" else rng.standard_normal((samples, n))
+
+
+class _TorchBackend(_Backend):
+    name = "torch"
+    reuse = True
+
+    def __init__(self, device, dtype):
+        import torch
+
+        from natgrad_impls.torch import optimizers
+
+        self.xp = torch
+        self._generator = optimizers._generator
+        self.device = torch.device(device.value)
+        self.dtype = getattr(torch, dtype.value)
+        self.cuda = device == Device.CUDA
+        self.chunk = 16384 if self.cuda else 2048
+
+    def asarray(self, a):
+        return self.xp.as_tensor(np.asarray(a), dtype=self.dtype, device=self.device)
+
+    def index(self, a):
+        return self.xp.as_tensor(a, device=self.device)
+
+    def cast(self, mask):
+        return mask.to(self.dtype)
+
+    def relu(self, a):
+        return self.xp.relu(a)
+
+    def take_columns(self, a, index):
+        return a[:, index]
+
+    def add_diagonal(self, matrices, shifts):
+        return matrices + shifts[:, None, None] * self.eye(matrices.shape[-1])
+
+    def numpy(self, a):
+        return a.detach().cpu().numpy()
+
+    def sync(self, a):
+        if self.cuda:
+            self.xp.cuda.synchronize()
+
+    def eye(self, d):
+        return self.xp.eye(d, dtype=self.dtype, device=self.device)
+
+    def solve(self, A, b):
+        x, info = self.xp.linalg.solve_ex(A, b[..., None])
+        return x[..., 0], self.numpy(info) != 0
+
+    def damped_inverse(self, A, shifts):
+        """cholesky_inverse(cholesky(A + s I)) per run, as torch's kfac does."""
+        torch = self.xp
+        L, info = torch.linalg.cholesky_ex(A + shifts[:, None, None] * self.eye(A.shape[-1]))
+        return torch.cholesky_inverse(L), self.numpy(info) != 0
+
+    def draws(self, kind, seed, step, samples, n):
+        """torch.rand/randn of shape (samples, N, 1) from torch's kfac/ngd generator for (seed, step)."""
+        generator = self._generator(seed, step, self.device)
+        draw = self.xp.rand if kind == "uniform" else self.xp.randn
+        return draw((samples, n, 1), generator=generator, dtype=self.dtype, device=self.device)[..., 0]
+
+
+class _JaxBackend(_Backend):
+    name = "jax"
+    compact_below = 0.5  # every new shape recompiles: compact geometrically, mask in between
+
+    def __init__(self, device, dtype):
+        import jax
+        import jax.numpy as jnp
+
+        import natgrad_impls.jax  # noqa: F401  (enables float64)
+        from natgrad_impls.jax import curvature, optimizers
+
+        self.jax, self.xp = jax, jnp
+        self._key = optimizers._key
+        self._inverse = jax.jit(jax.vmap(curvature._damped_inverse, in_axes=(None, 0)))
+        self._solve = jax.jit(lambda A, b: jnp.linalg.solve(A, b[..., None])[..., 0])
+        self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+        self.dtype = getattr(jnp, dtype.value)
+
+    def asarray(self, a):
+        return self.jax.device_put(self.xp.asarray(np.asarray(a), dtype=self.dtype), self.device)
+
+    def index(self, a):
+        return self.jax.device_put(self.xp.asarray(a), self.device)
+
+    def cast(self, mask):
+        return mask.astype(self.dtype)
+
+    def relu(self, a):
+        return self.xp.maximum(a, 0.0)
+
+    def take_columns(self, a, index):
+        return a[:, index]
+
+    def add_diagonal(self, matrices, shifts):
+        return matrices + shifts[:, None, None] * self.eye(matrices.shape[-1])
+
+    def numpy(self, a):
+        return np.asarray(a)
+
+    def sync(self, a):
+        self.jax.block_until_ready(a)
+
+    def eye(self, d):
+        return self.xp.eye(d, dtype=self.dtype)
+
+    def solve(self, A, b):
+        return self._solve(A, b), None  # failures are NaNs, as in jax's own steps
+
+    def damped_inverse(self, A, shifts):
+        return self._inverse(A, shifts), None
+
+    def draws(self, kind, seed, step, samples, n):
+        key = self._key(seed, self.xp.asarray(step, self.xp.int32))
+        draw = self.jax.random.uniform if kind == "uniform" else self.jax.random.normal
+        return draw(key, (samples, n, 1), self.dtype)[..., 0]
+
+
+_BACKENDS = {Framework.NUMPY: _NumpyBackend, Framework.TORCH: _TorchBackend, Framework.JAX: _JaxBackend}
+
+
+# -- the linear model, batched over runs -------------------------------------------------------------
+
+class _Linear:
+    """Closed forms of a one-output linear model, for B parameter vectors at once."""
+
+    def __init__(self, be, problem, x, y):
+        xp = be.xp
+        z = np.asarray(x, dtype=np.float64)
+        if problem.model.layers[0].bias:
+            z = np.hstack([z, np.ones((len(z), 1))])
+        self.be, self.problem = be, problem
+        self.n, self.d = z.shape
+        self.bernoulli = problem.likelihood == Likelihood.BERNOULLI
+        self.clip = problem.logit_clip if self.bernoulli else None
+        self.l2 = float(problem.l2)
+        self.Z = be.asarray(z)
+        self.ZT = be.asarray(np.ascontiguousarray(z.T))
+        labels = np.asarray(y, dtype=np.float64).reshape(1, -1)
+        self.y = be.asarray(labels)
+        binary = self.bernoulli and np.all((labels == 0) | (labels == 1))
+        self.sign = be.asarray(1 - 2 * labels) if binary else None
+        upper_i, upper_j = np.triu_indices(self.d)
+        self.P = be.asarray(z[:, upper_i] * z[:, upper_j] / self.n)  # N x D(D+1)/2, 1/N folded in
+        unpack = np.zeros((self.d, self.d), dtype=np.int64)
+        unpack[upper_i, upper_j] = unpack[upper_j, upper_i] = np.arange(len(upper_i))
+        self.unpack = be.index(unpack.reshape(-1))
+        self.eye = be.eye(self.d)
+        if be.name == "jax":  # one compilation per chunk shape instead of one per operation
+            self.forward, self.form = be.jax.jit(self.forward), be.jax.jit(self.form)
+        self.gram = self.form(be.asarray(np.ones((1, self.n))))[0]  # Z^T Z / N: the gaussian Fisher, K-FAC's A
+
+    def forward(self, theta):
+        """loss (B), gradient (B x D), residual r = mean - y (B x N) and the predictive mean c
+        (B x N; None for the gaussian, whose mean is f) at every run's theta."""
+        xp, be = self.be.xp, self.be
+        f = theta @ self.ZT
+        if self.bernoulli:
+            if self.clip is not None:  # straight-through: the clipped logits are used everywhere
+                f = xp.clip(f, -self.clip, self.clip)
+            e = xp.exp(-xp.abs(f))
+            # softplus(f) - y f = log1p(e) + relu(f) - y f; for labels in {0, 1}, relu(f) - y f is
+            # exactly relu(s f) with s = 1 - 2y (one pass less, the same numbers)
+            nll = xp.log1p(e) + (be.relu(self.sign * f) if self.sign is not None else be.relu(f) - self.y * f)
+            c = xp.where(f >= 0, 1.0, e) / (1 + e)
+            r = c - self.y
+        else:
+            r = f - self.y
+            nll = 0.5 * r * r
+            c = None
+        loss = nll.mean(-1)
+        grad = (r @ self.Z) / self.n
+        if self.l2:
+            loss = loss + 0.5 * self.l2 * (theta * theta).sum(-1)
+            grad = grad + self.l2 * theta
+        return loss, grad, r, c
+
+    @staticmethod
+    def fisher_weight(c):
+        """The output-space Fisher c (1 - c) of the bernoulli; None (= 1) for the gaussian."""
+        return None if c is None else c * (1 - c)
+
+    def form(self, w):
+        """sum_n w_bn z_n z_n^T / N for every row of w (B x N): one product with P."""
+        packed = w @ self.P
+        return self.be.take_columns(packed, self.unpack).reshape(packed.shape[0], self.d, self.d)
+
+    def sampled_weights(self, c, draws):
+        """The MC Fisher weight (1/S) sum_s r_s^2 at labels drawn from the model, from the shared
+        draws (S x N): uniforms for bernoulli (y = u < c), normals for gaussian (r = -noise)."""
+        if c is None:
+            return (draws * draws).mean(0)[None, :]
+        r = c[:, None, :] - self.be.cast(draws[None] < c[:, None, :])
+        return (r * r).mean(1)
+
+
+# -- optimizers as batched updates -------------------------------------------------------------------
+
+class _Method:
+    """State and update of one optimizer over a chunk of runs. `state` is a dict of per-run arrays
+    (leading axis = run) and shared arrays; `per_run` names the per-run ones (for compaction)."""
+
+    per_run: tuple[str, ...] = ()
+
+    def __init__(self, model, be, h, lr, damping, seed):
+        self.model, self.be, self.h, self.seed = model, be, h, seed
+        self.lr = lr[:, None]
+
+    def init(self, theta):
+        return {}
+
+    def update(self, k, theta, state, grad, r, c):
+        """(new theta, new state, failed rows as a numpy bool array or None) from the forward
+        pass's gradient, residual r and predictive mean c at theta."""
+        raise NotImplementedError
+
+    def select(self, state, keep):
+        """The state (and per-run settings) of the runs in `keep` (compaction)."""
+        self.lr = self.lr[keep]
+        return {name: (value[keep] if name in self.per_run and value is not None else value) for name, value in state.items()}
+
+
+class _SGD(_Method):
+    per_run = ("buffer",)
+
+    def init(self, theta):
+        return {"buffer": theta * 0 if self.h.momentum else None}
+
+    def update(self, k, theta, state, grad, r, c):
+        if self.h.momentum:
+            buffer = self.h.momentum * state["buffer"] + grad
+            return theta - self.lr * buffer, {"buffer": buffer}, None
+        return theta - self.lr * grad, state, None
+
+
+class _Adam(_Method):
+    per_run = ("m", "v")
+
+    def init(self, theta):
+        return {"m": theta * 0, "v": theta * 0}
+
+    def update(self, k, theta, state, grad, r, c):
+        h, xp = self.h, self.be.xp
+        m = h.b1 * state["m"] + (1 - h.b1) * grad
+        v = h.b2 * state["v"] + (1 - h.b2) * grad * grad
+        t = k + 1
+        c1, c2 = 1 - h.b1**t, 1 - h.b2**t  # in float64, as torch's Python floats and the jax code
+        return theta - self.lr * (m / c1) / (xp.sqrt(v / c2) + h.eps), {"m": m, "v": v}, None
+
+
+class _NaturalGradient(_Method):
+    """ef (w = r^2, shift = damping) and ngd (w = the Fisher weight, shift = l2 + damping)."""
+
+    per_run = ("weights", "matrix")
+
+    def __init__(self, model, be, h, lr, damping, seed, empirical):
+        super().__init__(model, be, h, lr, damping, seed)
+        self.empirical = empirical
+        self.shift = damping if empirical else model.l2 + damping
+
+    def init(self, theta):
+        return {"weights": None, "matrix": None}
+
+    def select(self, state, keep):
+        self.shift = self.shift[keep]
+        return super().select(state, keep)
+
+    def _weights(self, k, r, c):
+        model, h = self.model, self.h
+        if self.empirical:
+            return r * r
+        if h.fisher == Fisher.MC:
+            kind = "uniform" if model.bernoulli else "normal"
+            return model.sampled_weights(c, self.be.draws(kind, h.seed, k, h.samples, model.n))
+        return model.fisher_weight(c)  # None for the gaussian: the Fisher is Z^T Z / N
+
+    def update(self, k, theta, state, grad, r, c):
+        model, be = self.model, self.be
+        w = self._weights(k, r, c)
+        previous = state["weights"]
+        if w is None:
+            matrix = model.gram[None]
+        elif w.shape[0] == 1:  # the same weights for every run (gaussian mc)
+            matrix = model.form(w)
+        elif be.reuse and previous is not None:
+            changed = be.numpy((w != previous).any(-1))
+            if changed.all():
+                matrix = model.form(w)
+            elif not changed.any():
+                matrix = state["matrix"]
+            else:  # the previous matrices belong to this state alone: update them in place
+                matrix = state["matrix"]
+                matrix[changed] = model.form(w[changed])
+        else:
+            matrix = model.form(w)
+        keep_w = w if (be.reuse and w is not None and w.shape[0] > 1) else None
+        direction, failed = be.solve(be.add_diagonal(matrix, self.shift), grad)
+        return theta - self.lr * direction, {"weights": keep_w, "matrix": matrix if keep_w is not None else None}, failed
+
+
+class _KFAC(_Method):
+    """K-FAC for one output: A = Z^T Z / N (shared), G = the mean Fisher weight (per run), moving
+    averages, damped inverses refreshed every kfac_update_period steps with factored Tikhonov
+    damping as in the frameworks' kfac: (A + pi sqrt(lambda) I)^-1, (G + sqrt(lambda)/pi)^-1,
+    pi = sqrt((tr A / dim A) / G), lambda = damping + l2."""
+
+    per_run = ("G", "A_inv", "G_inv")
+
+    def __init__(self, model, be, h, lr, damping, seed):
+        super().__init__(model, be, h, lr, damping, seed)
+        self.root = (damping + model.l2) ** 0.5
+
+    def init(self, theta):
+        return {"A": None, "G": None, "A_inv": None, "G_inv": None}
+
+    def select(self, state, keep):
+        self.root = self.root[keep]
+        return super().select(state, keep)
+
+    def update(self, k, theta, state, grad, r, c):
+        model, be, h, xp = self.model, self.be, self.h, self.be.xp
+        if h.fisher == Fisher.MC:
+            kind = "uniform" if model.bernoulli else "normal"
+            w = model.sampled_weights(c, be.draws(kind, h.seed, k, h.samples, model.n))
+        else:
+            w = model.fisher_weight(c)
+        G_batch = w.mean(-1) if w is not None else theta[:, 0] * 0 + 1.0
+        if G_batch.shape[0] != theta.shape[0]:
+            G_batch = G_batch + theta[:, 0] * 0
+        if k == 0:
+            A, G = model.gram, G_batch
+        else:
+            A = h.kfac_ema * state["A"] + (1 - h.kfac_ema) * model.gram
+            G = h.kfac_ema * state["G"] + (1 - h.kfac_ema) * G_batch
+        failed = None
+        A_inv, G_inv = state["A_inv"], state["G_inv"]
+        if k % h.kfac_update_period == 0:
+            pi = xp.sqrt((A.diagonal().mean()) / G)
+            A_inv, failed = be.damped_inverse(A, self.root * pi)  # the frameworks' factored Tikhonov
+            G_inv = 1 / (G + self.root / pi)
+        direction = G_inv[:, None] * (A_inv @ grad[..., None])[..., 0]
+        return theta - self.lr * direction, {"A": A, "G": G, "A_inv": A_inv, "G_inv": G_inv}, failed
+
+
+def _method(optimizer, model, be, h, lr, damping, seed):
+    if optimizer == Optimizer.SGD:
+        return _SGD(model, be, h, lr, damping, seed)
+    if optimizer == Optimizer.ADAM:
+        return _Adam(model, be, h, lr, damping, seed)
+    if optimizer == Optimizer.KFAC:
+        return _KFAC(model, be, h, lr, damping, seed)
+    return _NaturalGradient(model, be, h, lr, damping, seed, empirical=optimizer == Optimizer.EF)
+
+
+# -- trajectories --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Trajectories:
+    """B runs: loss, grad_norm and time_s (B x steps+1, NaN after a run's last step), last (the
+    last recorded step), diverged."""
+
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    time_s: np.ndarray
+    last: np.ndarray
+    diverged: np.ndarray
+
+    @property
+    def final(self) -> np.ndarray:
+        """Each run's last recorded loss."""
+        return self.loss[np.arange(len(self.last)), self.last]
+
+
+def _chunk(model, be, optimizer, h, lr, damping, theta0, steps, seed) -> Trajectories:
+    """Every run of one chunk through `steps` steps (plus the final evaluation)."""
+    xp = be.xp
+    count = len(lr)
+    out = Trajectories(np.full((count, steps + 1), np.nan), np.full((count, steps + 1), np.nan),
+                       np.zeros((count, steps + 1)), np.full(count, steps), np.zeros(count, bool))
+    rows = np.arange(count)  # chunk row -> run
+    active = np.ones(count, bool)  # rows still running (the others are masked until compaction)
+    elapsed = np.zeros(count)
+    theta = be.asarray(theta0)
+    method = _method(optimizer, model, be, h, be.asarray(lr), be.asarray(damping), seed)
+    state = method.init(theta)
+    initial = None
+    for k in range(steps + 1):
+        start = time.perf_counter()
+        loss, grad, r, c = model.forward(theta)
+        norm = xp.sqrt((grad * grad).sum(-1))
+        values, norms = be.numpy(loss), be.numpy(norm)
+        took = time.perf_counter() - start
+        if initial is None:
+            initial = values.copy()
+        live = rows[active]
+        out.loss[live, k] = values[active]
+        out.grad_norm[live, k] = norms[active]
+        out.time_s[live, k] = elapsed[live]
+        bad = active & ~(values <= DIVERGENCE_FACTOR * initial)  # NaN-safe
+        if bad.any():
+            out.last[rows[bad]], out.diverged[rows[bad]] = k, True
+            active &= ~bad
+        if k == steps or not active.any():
+            break
+        start = time.perf_counter()
+        theta, state, failed = method.update(k, theta, state, grad, r, c)
+        be.sync(theta)
+        took += time.perf_counter() - start
+        elapsed[rows[active]] += took / active.sum()
+        if failed is not None and (failed & active).any():  # a singular solve: diverged at this step
+            failed &= active
+            out.loss[rows[failed], k] = np.nan
+            out.last[rows[failed]], out.diverged[rows[failed]] = k, True
+            active &= ~failed
+        if not active.all() and active.sum() < be.compact_below * len(active):
+            state = method.select(state, active)
+            theta, rows, initial = theta[active], rows[active], initial[active]
+            active = active[active]
+        elif not active.all() and be.name == "jax":
+            # masked rows restart from theta0 so that their (ignored) numbers stay finite
+            keep = xp.asarray(active)[:, None]
+            theta = xp.where(keep, theta, be.asarray(theta0[rows]))
+    return out
+
+
+def trajectories(problem, x, y, optimizer, h, lr, damping, steps, framework="numpy", device="cpu", dtype="float64",
+                 theta0=None, seed=0, progress=None, desc="") -> Trajectories:
+    """B = len(lr) runs of `optimizer` (hyperparameters `h`, lr and damping per run; damping NaN
+    for sgd/adam) on the full batch (x, y), from theta0 (B x D, default zeros), batched."""
+    optimizer = parse(Optimizer, optimizer, "optimizer")
+    framework = parse(Framework, framework, "framework")
+    be = _BACKENDS[framework](parse(Device, device, "device"), parse(DType, dtype, "dtype"))
+    lr = np.asarray(lr, dtype=np.float64)
+    damping = np.nan_to_num(np.asarray(damping, dtype=np.float64), nan=0.0)
+    model = _Linear(be, problem, x, y)
+    if theta0 is None:
+        theta0 = np.zeros((len(lr), model.d))
+    chunk = be.chunk
+    if be.name == "numpy":  # keep the B x N temporaries of a chunk in cache
+        chunk = int(np.clip(2**18 // model.n, 64, 2048))
+    starts = list(range(0, len(lr), chunk))
+    parts: list[Trajectories | None] = [None] * len(starts)
+    bar = progress_bar(len(lr), desc, progress)
+    lock = threading.Lock()
+
+    def work(index):
+        s = slice(starts[index], starts[index] + chunk)
+        with np.errstate(all="ignore"):  # overflow in runs that are diverging is expected
+            parts[index] = _chunk(model, be, optimizer, h, lr[s], damping[s], theta0[s], steps, seed)
+        with lock:
+            bar.update(len(lr[s]))
+
+    if be.name != "numpy":
+        for index in range(len(starts)):
+            work(index)
+    else:  # chunks in parallel threads, BLAS on one thread each (also best for small products)
+        with _single_threaded_blas(), ThreadPoolExecutor(min(be.workers, len(starts))) as pool:
+            list(pool.map(work, range(len(starts))))
+    bar.close()
+    return Trajectories(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Trajectories)))
+
+
+class _single_threaded_blas:
+    """BLAS on one thread while the chunks run in parallel threads (no oversubscription)."""
+
+    def __enter__(self):
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._limits = threadpool_limits(1, user_api="blas")
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            self._limits = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+
+
+# -- the grid --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Best:
+    """An optimizer's best run and its chaos check."""
+
+    optimizer: str
+    lr: float
+    damping: float
+    loss: float  # last recorded loss
+    step: int  # its step
+    diverged: bool
+    repeats: np.ndarray  # last losses of the runs from theta0 + 1e-14 noise
+    chaotic: bool
+    spread: float  # (max - min) / |loss| over the best run and its repeats
+
+    def describe(self) -> str:
+        hps = f"lr={self.lr:.3g}" + ("" if math.isnan(self.damping) else f" damping={self.damping:.3g}")
+        what = f"{self.optimizer:5s} best {hps:28s} loss {self.loss:.6g} at step {self.step}"
+        if self.diverged:
+            what += " (diverged: every run did)"
+        if len(self.repeats) == 0:
+            return what
+        if self.chaotic:
+            low, high = np.nanmin(np.append(self.repeats, self.loss)), np.nanmax(np.append(self.repeats, self.loss))
+            return (f"{what}  CHAOTIC: {len(self.repeats)} repeats from theta0 + 1e-14 noise end between {low:.6g} and "
+                    f"{high:.6g} (spread {self.spread:.2g} relative)")
+        return f"{what}  not chaotic ({len(self.repeats)} repeats from theta0 + 1e-14 noise: spread {self.spread:.2g} relative)"
+
+
+@dataclasses.dataclass
+class GridResult:
+    frame: pd.DataFrame
+    best: list[Best]
+    seconds: float  # wall-clock of the computation (not of writing the frame)
+    runs: int  # grid runs (repeats not counted)
+
+
+def check_grid_task(task) -> None:
+    if not (is_convex(task) and task.batch_size is None):
+        from natgrad_impls.tasks import TASKS
+
+        allowed = [name for name, t in TASKS.items() if is_convex(t) and t.batch_size is None]
+        raise ValueError(f"task: {task.name!r} is not a full-batch convex task (one of {', '.join(allowed)})")
+
+
+def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS, dampings=PAPER_DAMPINGS,
+             steps=None, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None):
+    """Parse and check a grid before any work (ValueError naming the field and the allowed values)."""
+    if isinstance(optimizers, str):
+        optimizers = [o for o in optimizers.split(",") if o]
+    if not optimizers:
+        raise ValueError(f"optimizers: none given (a comma-separated list of {', '.join(o.value for o in Optimizer)})")
+    optimizers = [parse(Optimizer, o, "optimizers") for o in optimizers]
+    framework = parse(Framework, framework, "framework")
+    device = parse(Device, device, "device")
+    dtype = parse(DType, dtype, "dtype")
+    task = resolve_task(task, variant)
+    check_grid_task(task)
+    check_setting(task, framework, device, dtype)
+    lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
+    dampings = parse_bounds(dampings, "dampings") if isinstance(dampings, str) else tuple(dampings)
+    steps = task.steps if steps is None else int(steps)
+    if steps < 0:
+        raise ValueError(f"steps: {steps!r} must be an integer >= 0")
+    if int(repeats) < 0:
+        raise ValueError(f"repeats: {repeats!r} must be an integer >= 0")
+    extra = dict(hyperparameters or {})
+    for name in extra:
+        if not any(name in _fields(o) for o in optimizers):
+            raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
+                             f"(theirs: {', '.join(sorted({f for o in optimizers for f in _fields(o)} - {'lr', 'damping'}))})")
+    for optimizer in optimizers:  # lr and damping come from the grid; check the rest now
+        sample = {"lr": 1.0, **({"damping": 1.0} if optimizer in WITH_DAMPING else {})}
+        make_hyperparameters(optimizer, {**{k: v for k, v in extra.items() if k in _fields(optimizer)}, **sample})
+    return task, optimizers, framework, device, dtype, lrs, dampings, steps
+
+
+def _fields(optimizer):
+    return accepted(optimizer)
+
+
+def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS,
+             dampings=PAPER_DAMPINGS, steps=None, seed=0, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None,
+             progress=None) -> GridResult:
+    """The lr (x damping) grid of each optimizer on a full-batch convex task, batched (module docstring).
+
+    lrs, dampings: (start, stop, num) log10 bounds or 'START:STOP:NUM'; hyperparameters: the
+    optimizers' other hyperparameters (e.g. fisher, kfac_update_period), given to those that have them.
+    """
+    task, optimizers, framework, device, dtype, lr_bounds, damping_bounds, steps = validate(
+        task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters)
+    start = time.perf_counter()
+    data = task.load(seed)
+    x, y = data.train
+    frames, bests = [], []
+    lr_values, damping_values = logspace(lr_bounds), logspace(damping_bounds)
+    noise = CHAOS_NOISE * np.random.default_rng((seed, 2)).standard_normal((int(repeats), task.problem.model.num_params()))
+    extra = dict(hyperparameters or {})
+    for optimizer in optimizers:
+        if optimizer in WITH_DAMPING:
+            lr, damping = (a.ravel() for a in np.meshgrid(lr_values, damping_values, indexing="ij"))
+        else:
+            lr, damping = lr_values, np.full(len(lr_values), np.nan)
+        own = {k: v for k, v in extra.items() if k in _fields(optimizer)}
+        h = make_hyperparameters(optimizer, {**own, "lr": 1.0, **({"damping": 1.0} if optimizer in WITH_DAMPING else {})}, seed)
+        common = dict(framework=framework, device=device, dtype=dtype, seed=seed)
+        runs = trajectories(task.problem, x, y, optimizer, h, lr, damping, steps, progress=progress,
+                            desc=f"{task.name} {optimizer.value}", **common)
+        finals = runs.final
+        best = None
+        if np.isfinite(finals).any():
+            b = int(np.nanargmin(np.where(np.isfinite(finals), finals, np.nan)))
+            rep = None
+            if len(noise):
+                rep = trajectories(task.problem, x, y, optimizer, h, np.full(len(noise), lr[b]),
+                                   np.full(len(noise), damping[b]), steps, theta0=noise, progress=False, **common)
+            best = _best(optimizer, lr[b], damping[b], runs, b, rep)
+            bests.append(best)
+        frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, 0,
+                             None if best is None else (b, best.chaotic)))
+        if best is not None and rep is not None:
+            frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, np.full(len(noise), lr[b]),
+                                 np.full(len(noise), damping[b]), rep, 1, "all", best.chaotic))
+    seconds = time.perf_counter() - start
+    frame = pd.concat(frames, ignore_index=True)
+    runs = sum(len(lr_values) * (len(damping_values) if o in WITH_DAMPING else 1) for o in optimizers)
+    return GridResult(frame[ordered_columns(frame.columns)], bests, seconds, runs)
+
+
+def _best(optimizer, lr, damping, runs, b, rep) -> Best:
+    loss = float(runs.final[b])
+    repeats = np.array([]) if rep is None else rep.final
+    with np.errstate(invalid="ignore"):
+        relative = np.abs(repeats - loss) / abs(loss) if loss else np.abs(repeats - loss)
+    chaotic = bool(len(repeats) and (not np.all(np.isfinite(repeats)) or np.any(relative > CHAOS_TOLERANCE)
+                                     or np.any(rep.last != runs.last[b])))
+    values = np.append(repeats, loss)
+    spread = float((np.nanmax(values) - np.nanmin(values)) / abs(loss)) if loss and np.isfinite(values).any() else math.nan
+    return Best(optimizer.value, float(lr), float(damping), loss, int(runs.last[b]), bool(runs.diverged[b]), repeats,
+                chaotic, spread)
+
+
+def _frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, repeat, best, chaotic=None):
+    """Long format: one row per run and recorded step (vectorised: runs x steps, masked)."""
+    count, width = runs.loss.shape
+    steps = np.arange(width)
+    mask = steps[None, :] <= runs.last[:, None]
+    run_of_row = np.repeat(np.arange(count), mask.sum(1))
+    columns = {
+        "task": task.name, "optimizer": optimizer.value, "framework": framework.value, "device": device.value,
+        "dtype": dtype.value, "seed": seed,
+        **{k: v for k, v in hyperparameter_columns(optimizer, h).items() if k not in ("lr", "damping")},
+        "lr": lr[run_of_row], "damping": damping[run_of_row] if optimizer in WITH_DAMPING else np.nan,
+        "step": np.broadcast_to(steps, runs.loss.shape)[mask], "loss": runs.loss[mask], "time_s": runs.time_s[mask],
+        "diverged": runs.diverged[run_of_row], "grad_norm": runs.grad_norm[mask],
+        "repeat": np.zeros(len(run_of_row), np.int64) if repeat == 0 else (run_of_row + 1),
+    }
+    is_best = np.zeros(len(run_of_row), bool)
+    chaos = pd.arrays.BooleanArray(np.zeros(len(run_of_row), bool), np.ones(len(run_of_row), bool))
+    if best == "all":
+        is_best[:] = True
+        chaos[:] = chaotic
+    elif best is not None:
+        index, flag = best
+        is_best = run_of_row == index
+        chaos[is_best] = flag
+    columns["best"] = is_best
+    columns["chaotic"] = chaos
+    if task.variant is not None:
+        columns["variant"] = task.variant
+    frame = pd.DataFrame(columns)
+    for name in ("task", "optimizer", "framework", "device", "dtype") + (("variant",) if task.variant else ()):
+        frame[name] = frame[name].astype("category")
+    for name in ("lr", "damping"):
+        frame[name] = frame[name].astype(np.float64)
+    return frame

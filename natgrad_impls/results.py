@@ -1,0 +1,53 @@
+"""Result files (DESIGN 7, 8): long-format tables, `.csv` or `.parquet` by extension, written
+atomically (a temporary file beside the target, then a rename), so that a killed run never leaves a
+file that looks complete and a pipeline resumes by recomputing only what is missing.
+
+    results.check_path("runs/wine.parquet")        # ValueError naming `out` unless .csv/.parquet
+    results.write(frame, "runs/wine.parquet")
+    frame = results.read("runs/wine.parquet")
+
+In CSV files missing values (hyperparameters an optimizer does not have, metrics that were not
+measured) are empty fields, never zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+FORMATS = (".csv", ".parquet")
+
+
+def check_path(path, field: str = "out") -> Path:
+    """`path` as a Path, or a ValueError naming `field` and the allowed extensions."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"{field}: {str(path)!r} must end in one of {', '.join(FORMATS)}")
+    if path.exists() and path.is_dir():
+        raise ValueError(f"{field}: {str(path)!r} is a folder, not a file ending in one of {', '.join(FORMATS)}")
+    return path
+
+
+def write(frame: pd.DataFrame, path) -> Path:
+    """Write `frame` to `path` (format by extension) through a temporary file and a rename."""
+    path = check_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        if path.suffix.lower() == ".csv":
+            frame.to_csv(temp, index=False)
+        else:
+            frame.to_parquet(temp, index=False)
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return path
+
+
+def read(path) -> pd.DataFrame:
+    path = check_path(path, "path")
+    return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)

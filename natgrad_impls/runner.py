@@ -1,0 +1,628 @@
+"""One training run (DESIGN 4, 7): a task, an optimizer, a framework, recorded step by step.
+
+    frame = runner.run("breastcancer", "ngd", "torch", hyperparameters={"lr": 1.0, "damping": 1e-4})
+
+Every run starts from parameters drawn in NumPy (`models.init_params`): theta0 = 0 on the convex
+tasks (the Kunstner protocol), Glorot elsewhere. Rows are steps k = 0..steps, each describing the
+parameters theta_k after k updates:
+
+- loss, grad_norm: the objective and the norm of its gradient at theta_k, on the step's batch: the
+  full-batch objective on the convex (full-batch) tasks, the mini-batch loss on networks. They are
+  the `info` the optimizer returns for step k; the last row (k = steps) comes from one more step
+  whose update is discarded.
+- time_s: cumulative wall-clock of the steps 0..k-1 (each synchronised: torch.cuda.synchronize,
+  jax.block_until_ready), after a warm-up step (jit compilation, first-call costs) that is not
+  recorded; evaluation, logging and batch slicing are outside it.
+- train_loss, train_accuracy, test_loss, test_accuracy: full-train and test evaluation, every
+  `eval_every` steps and at the last step, on tasks trained with mini-batches or with a test split
+  (the networks); empty on the other rows. Accuracy where the task has classes.
+- cos_ef_ngd (optional): cosine between (EF + damping I)^-1 g and (F + damping I)^-1 g at theta_k
+  on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping.
+- diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf, or
+  its step failed (a singular solve); the same value on every row of the run. A diverged run's
+  last row is the step that diverged (loss NaN when its step failed); nothing is raised. (jax
+  brings losses to the host every 16 steps; a divergence seen late truncates the run at its step.)
+- lr, damping and the optimizer's other hyperparameters; batch_size (empty for full batch).
+
+Mini-batches: a per-epoch permutation drawn from the seed, cut into batches of batch_size (the
+incomplete last one dropped, so that shapes never change), gathered on the device once per epoch.
+Hyperparameters the optimizer does not have are empty (NaN), never zero. Same seed, same machine:
+identical numbers (time_s aside). `frame.attrs` holds "setup_s", "loop_s", "step_s", "eval_s":
+the wall-clock of setup (data, conversion, warm-up), of the whole step loop, of the timed steps
+and of the evaluations, so that the runner's own overhead (loop_s - step_s) can be measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from natgrad_impls import hyperparameters as hp
+from natgrad_impls import make_optimizer, models
+from natgrad_impls.names import DType, Device, Framework, Optimizer, parse
+from natgrad_impls.tasks import Task, get_task
+
+DIVERGENCE_FACTOR = 100.0
+DEFAULT_EVAL_EVERY = 200
+EVAL_CHUNK = 4096
+HYPERPARAMETER_ORDER = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
+                        "kfac_ema")
+
+
+# -- validation, shared with the command line and the grid ------------------------------------------
+
+def is_convex(task: Task) -> bool:
+    """One Dense layer with one output, gaussian or bernoulli: the tasks the numpy reference runs."""
+    from natgrad_impls.numpy import check_problem
+
+    try:
+        check_problem(task.problem)
+    except ValueError:
+        return False
+    return True
+
+
+def frameworks_for(task: Task) -> tuple[Framework, ...]:
+    return tuple(Framework) if is_convex(task) else (Framework.TORCH, Framework.JAX)
+
+
+def available_devices(framework: Framework) -> tuple[Device, ...]:
+    """cpu, plus cuda where the framework sees a GPU (numpy: cpu only)."""
+    if framework == Framework.TORCH:
+        import torch
+
+        return (Device.CPU, Device.CUDA) if torch.cuda.is_available() else (Device.CPU,)
+    if framework == Framework.JAX:
+        import jax
+
+        try:
+            return (Device.CPU, Device.CUDA) if jax.devices("gpu") else (Device.CPU,)
+        except RuntimeError:
+            return (Device.CPU,)
+    return (Device.CPU,)
+
+
+def _allowed(values) -> str:
+    return ", ".join(str(getattr(v, "value", v)) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A validated run: names parsed into Enums, the task resolved, hyperparameters checked."""
+
+    task: Task
+    optimizer: Optimizer
+    framework: Framework
+    device: Device
+    dtype: DType
+    hyperparameters: Any  # the optimizer's hyperparameters dataclass
+
+    def kwargs(self) -> dict:
+        return optimizer_kwargs(self.optimizer, self.hyperparameters)
+
+
+def resolve_task(task: str | Task, variant: str | None = None) -> Task:
+    if isinstance(task, Task):
+        return task.with_variant(variant) if variant is not None else task
+    return get_task(task, variant)
+
+
+def check_setting(task: Task, framework: Framework, device: Device, dtype: DType) -> None:
+    """ValueError naming the field and the allowed values for a framework/device/dtype that cannot
+    run `task` here (numpy on a network, numpy in float32, cuda without a GPU)."""
+    allowed = frameworks_for(task)
+    if framework not in allowed:
+        raise ValueError(f"framework: {framework.value!r} is not available for task {task.name!r} "
+                         f"(one of {_allowed(allowed)})")
+    if framework == Framework.NUMPY and dtype != DType.FLOAT64:
+        raise ValueError(f"dtype: {dtype.value!r} is not available for numpy (one of float64)")
+    devices = available_devices(framework)
+    if device not in devices:
+        raise ValueError(f"device: {device.value!r} is not available here for {framework.value} (one of {_allowed(devices)})")
+
+
+def accepted(optimizer: Optimizer | str) -> tuple[str, ...]:
+    """The hyperparameters an optimizer takes (the same in every framework; `ef` has no fisher)."""
+    import inspect
+
+    from natgrad_impls.numpy import OPTIMIZERS
+
+    optimizer = parse(Optimizer, optimizer, "optimizer")
+    return tuple(name for name in inspect.signature(OPTIMIZERS[optimizer]).parameters if name != "problem")
+
+
+def optimizer_kwargs(optimizer: Optimizer, h) -> dict:
+    """The keyword arguments of `natgrad_impls.<framework>.<optimizer>` from its hyperparameters."""
+    values = dataclasses.asdict(h)
+    return {name: values[name] for name in accepted(optimizer)}
+
+
+def make_hyperparameters(optimizer: Optimizer | str, values: dict, seed: int = 0):
+    """The optimizer's validated hyperparameters from `values` (None entries are ignored); the
+    run's seed seeds the optimizer's sampler unless `values` sets it. ValueError naming the field."""
+    optimizer = parse(Optimizer, optimizer, "optimizer")
+    cls = hp.HYPERPARAMETERS[optimizer]
+    names = accepted(optimizer)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name in names}
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    for name in values:
+        if name not in fields:
+            raise ValueError(f"{name}: not a hyperparameter of {optimizer.value} (one of {', '.join(fields)})")
+    for name, field in fields.items():
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if required and name not in values:
+            raise ValueError(f"{name}: required by {optimizer.value} (its hyperparameters: {', '.join(fields)})")
+    if "seed" in fields and "seed" not in values:
+        values["seed"] = seed
+    return cls(**values)
+
+
+def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperparameters=None, seed=0,
+            variant=None) -> Spec:
+    """Parse and check everything about a run before any work is done (ValueError naming the field)."""
+    optimizer = parse(Optimizer, optimizer, "optimizer")
+    framework = parse(Framework, framework, "framework")
+    device = parse(Device, device, "device")
+    dtype = parse(DType, dtype, "dtype")
+    task = resolve_task(task, variant)
+    h = make_hyperparameters(optimizer, hyperparameters or {}, seed)
+    check_setting(task, framework, device, dtype)
+    return Spec(task, optimizer, framework, device, dtype, h)
+
+
+def hyperparameter_columns(optimizer: Optimizer, h) -> dict:
+    """lr and damping always (NaN where the optimizer has none), then the optimizer's others."""
+    values = optimizer_kwargs(optimizer, h)
+    columns = {"lr": float(values.get("lr", math.nan)), "damping": float(values.get("damping", math.nan))}
+    for name in HYPERPARAMETER_ORDER[2:]:
+        if name in values:
+            value = values[name]
+            columns[name] = value.value if hasattr(value, "value") else value
+    return columns
+
+
+# -- framework plumbing ----------------------------------------------------------------------------
+
+class _NumpyIO:
+    fetch_every = 1  # steps between bringing losses to the host (and checking for divergence)
+
+    def __init__(self, problem, device, dtype):
+        self.problem = problem
+
+    def params(self, arrays):
+        return {k: np.array(v, dtype=np.float64) for k, v in arrays.items()}
+
+    def array(self, a):
+        return np.asarray(a)
+
+    def pair(self, x, y):
+        return x, y
+
+    def batches(self, data, order, size):
+        """The batches of one epoch: data permuted by `order`, cut into consecutive `size` rows."""
+        x, y = data[0][order], data[1][order]
+        return [(x[i:i + size], y[i:i + size]) for i in range(0, len(order), size)]
+
+    def state(self, state):
+        return state
+
+    def sync(self, tree):
+        pass
+
+    def scalars(self, info):
+        return float(info["loss"]), float(info["grad_norm"])
+
+    def prepare_evaluation(self, params, splits, classes):
+        pass
+
+    def evaluate(self, params, x, y, classes):
+        import natgrad_impls.numpy as nn
+
+        value = nn.loss(self.problem, params, (x, y))
+        theta = models.flatten(self.problem.model, params)
+        correct = math.nan
+        if classes == 2:
+            z = np.hstack([x, np.ones((len(x), 1))]) if self.problem.model.layers[0].bias else x
+            correct = float(np.sum((z @ theta > 0) == (y[:, 0] > 0.5)))
+        return value, correct / len(x)
+
+    def cosine(self, params, batch, damping):
+        import natgrad_impls.numpy as nn
+
+        g = nn.gradient(self.problem, params, batch)
+        eye = np.eye(len(g))
+        d_ef = np.linalg.solve(nn.empirical_fisher(self.problem, params, batch) + damping * eye, g)
+        d_ngd = np.linalg.solve(nn.fisher(self.problem, params, batch) + damping * eye, g)
+        return float(d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd)))
+
+
+class _TorchIO:
+    fetch_every = 1
+
+    def __init__(self, problem, device, dtype):
+        import torch
+
+        import natgrad_impls.torch as nt
+        from natgrad_impls.torch import curvature, model
+
+        self.torch, self.nt, self.C, self.M = torch, nt, curvature, model
+        self.problem = problem
+        self.device = torch.device(device.value)
+        self.dtype = getattr(torch, dtype.value)
+        self.cuda = device == Device.CUDA
+
+    def params(self, arrays):
+        return self.nt.to_torch(arrays, self.device, self.dtype)
+
+    def array(self, a):
+        a = np.asarray(a)
+        return self.torch.as_tensor(a, device=self.device, dtype=self.dtype if a.dtype.kind == "f" else None)
+
+    def pair(self, x, y):
+        return self.array(x), self.array(y)
+
+    def batches(self, data, order, size):
+        index = self.torch.as_tensor(order, device=self.device)
+        x, y = data[0].index_select(0, index), data[1].index_select(0, index)
+        return list(zip(x.split(size), y.split(size)))  # views
+
+    def state(self, state):
+        return state
+
+    def sync(self, tree):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def scalars(self, info):
+        return float(info["loss"]), float(info["grad_norm"])
+
+    def prepare_evaluation(self, params, splits, classes):
+        pass
+
+    def evaluate(self, params, x, y, classes):
+        torch, total, correct = self.torch, 0.0, 0.0
+        with torch.no_grad():
+            for start in range(0, x.shape[0], EVAL_CHUNK):
+                xc, yc = x[start:start + EVAL_CHUNK], y[start:start + EVAL_CHUNK]
+                f = self.nt.output(self.problem.model, params, xc)
+                total += float(self.M.nll(self.problem, f, yc).sum())
+                correct += _correct(f, yc, classes)
+            value = total / x.shape[0]
+            if self.problem.l2:
+                value += 0.5 * self.problem.l2 * float(sum((p**2).sum() for p in params.values()))
+        return value, correct / x.shape[0]
+
+    def cosine(self, params, batch, damping):
+        from natgrad_impls.names import Curvature
+
+        C, model = self.C, self.problem.model
+        _, grad, ef = C.gradient_and_curvature(self.problem, params, batch, Curvature.EMPIRICAL)
+        _, _, fisher = C.gradient_and_curvature(self.problem, params, batch, Curvature.EXACT)
+        v = C.from_layers(model, grad)
+        a = C.flatten(model, ef.multiply_inverse(v, damping))
+        b = C.flatten(model, fisher.multiply_inverse(v, damping))
+        return float(a @ b / (self.torch.linalg.vector_norm(a) * self.torch.linalg.vector_norm(b)))
+
+
+class _JaxIO:
+    fetch_every = 16
+
+    def __init__(self, problem, device, dtype):
+        import jax
+        import jax.numpy as jnp
+
+        import natgrad_impls.jax as nj
+        from natgrad_impls.jax import curvature, model
+
+        self.jax, self.jnp, self.nj, self.C, self.M = jax, jnp, nj, curvature, model
+        self.problem = problem
+        self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+        self.dtype = getattr(jnp, dtype.value)
+        self.np_dtype = np.dtype(dtype.value)
+        self._evaluate = None
+        self._batches = None
+        self._cosine = None
+
+    def params(self, arrays):
+        return self.jax.device_put({k: np.asarray(v, dtype=self.np_dtype) for k, v in arrays.items()}, self.device)
+
+    def _host(self, a):
+        a = np.asarray(a)
+        return a.astype(self.np_dtype, copy=False) if a.dtype.kind == "f" else a
+
+    def array(self, a):
+        return self.jax.device_put(self._host(a), self.device)
+
+    def pair(self, x, y):
+        return self.jax.device_put((self._host(x), self._host(y)), self.device)  # one transfer call
+
+    def batches(self, data, order, size):
+        """One compiled call per epoch cuts all its batches (eager slicing would dispatch, and
+        compile, per batch; a compiled take per step costs twice as much here)."""
+        if self._batches is None:
+            def cut(d, o):
+                x, y = d[0][o], d[1][o]
+                return [(x[i:i + size], y[i:i + size]) for i in range(0, o.shape[0], size)]
+
+            self._batches = self.jax.jit(cut)
+        return self._batches(data, np.asarray(order))
+
+    def scalars(self, info):
+        return float(np.asarray(info["loss"])), float(np.asarray(info["grad_norm"]))  # the cheapest way out
+
+    def prepare_evaluation(self, params, splits, classes):
+        """Compile the evaluations during setup, not in the loop's first one."""
+        for x, y in splits:
+            self.evaluate(params, x, y, classes)
+
+    def state(self, state):
+        """Committed to the device like the parameters, so that the jitted step sees the same
+        argument types before and after its first call (no second compilation)."""
+        return self.jax.device_put(state, self.device)
+
+    def sync(self, tree):
+        self.jax.block_until_ready(tree)
+
+    def evaluate(self, params, x, y, classes):
+        """One compiled call for a split of up to EVAL_CHUNK examples, else chunks of that size
+        (the last one padded and masked): one compilation per split, done in setup."""
+        jnp = self.jnp
+        if self._evaluate is None:
+            problem, M = self.problem, self.M
+
+            def chunk(p, xc, yc, mask):
+                f = self.nj.output(problem.model, p, xc)
+                hits = _correct(f, yc, classes, jnp)
+                return jnp.stack([(M.nll(problem, f, yc) * mask).sum(), (hits * mask).sum() if classes else hits])
+
+            self._evaluate = self.jax.jit(chunk)
+        n = x.shape[0]
+        size = n if n <= EVAL_CHUNK else EVAL_CHUNK
+        totals = []
+        for start in range(0, n, size):
+            xc, yc = x[start:start + size], y[start:start + size]
+            mask = jnp.ones(xc.shape[0], x.dtype)
+            if xc.shape[0] < size:
+                pad = size - xc.shape[0]
+                xc = jnp.concatenate([xc, jnp.zeros((pad, *xc.shape[1:]), xc.dtype)])
+                yc = jnp.concatenate([yc, jnp.zeros((pad, *yc.shape[1:]), yc.dtype)])
+                mask = jnp.concatenate([mask, jnp.zeros(pad, x.dtype)])
+            totals.append(self._evaluate(params, xc, yc, mask))
+        total, correct = np.sum(np.asarray(self.jax.device_get(totals)), axis=0)
+        value = float(total) / n
+        if self.problem.l2:
+            value += 0.5 * self.problem.l2 * float(sum((p**2).sum() for p in params.values()))
+        return value, float(correct) / n
+
+    def cosine(self, params, batch, damping):
+        if self._cosine is None:
+            from natgrad_impls.names import Curvature
+
+            C, model, jnp, problem = self.C, self.problem.model, self.jnp, self.problem
+
+            def cosine(p, b, lam):
+                _, grad, ef = C.gradient_and_curvature(problem, p, b, Curvature.EMPIRICAL)
+                _, _, fisher = C.gradient_and_curvature(problem, p, b, Curvature.EXACT)
+                v = C.from_layers(model, grad)
+                a = C.flatten(model, ef.multiply_inverse(v, lam))
+                c = C.flatten(model, fisher.multiply_inverse(v, lam))
+                return a @ c / (jnp.linalg.norm(a) * jnp.linalg.norm(c))
+
+            # damping is static: multiply_inverse branches on it (dense solve when it is 0)
+            self._cosine = self.jax.jit(cosine, static_argnums=2)
+        return float(self._cosine(params, batch, float(damping)))
+
+
+def _correct(f, y, classes, xp=None):
+    """Number of correct predictions: argmax for categorical outputs, f > 0 for one bernoulli output."""
+    if classes is None:
+        return math.nan if xp is None else xp.asarray(math.nan)
+    if f.shape[-1] == 1:
+        hits = (f[:, 0] > 0) == (y[:, 0] > 0.5)
+    else:
+        hits = f.argmax(-1) == y
+    return float(hits.sum()) if xp is None else hits.astype(f.dtype)
+
+
+_IO = {Framework.NUMPY: _NumpyIO, Framework.TORCH: _TorchIO, Framework.JAX: _JaxIO}
+
+
+class _Batches:
+    """Full batch, or mini-batches of a fixed size in a per-epoch permutation drawn from the seed
+    (the last incomplete batch of an epoch is dropped, so that every step sees the same shapes).
+    The training set lives on the device; each epoch is split into its batches there at once."""
+
+    def __init__(self, io, x, y, batch_size, seed):
+        self.io = io
+        self.n = int(x.shape[0])
+        self.full = batch_size is None or batch_size >= self.n
+        self.size = self.n if self.full else int(batch_size)
+        self.rng = np.random.default_rng((seed, 1))
+        self.data = io.pair(x, y)  # on the device, once
+        self.epoch: list = []
+
+    def first(self):
+        """A batch for the warm-up step, cut as every epoch's are (so jax compiles that here)."""
+        if self.full:
+            return self.data
+        return self.io.batches(self.data, np.arange(self.n // self.size * self.size), self.size)[0]
+
+    def next(self):
+        if self.full:
+            return self.data
+        if not self.epoch:
+            order = self.rng.permutation(self.n)[: self.n // self.size * self.size]
+            self.epoch = self.io.batches(self.data, order, self.size)[::-1]
+        return self.epoch.pop()
+
+
+def _linalg_errors() -> tuple[type[BaseException], ...]:
+    errors = [np.linalg.LinAlgError]
+    if "torch" in sys.modules:
+        errors.append(sys.modules["torch"].linalg.LinAlgError)
+    return tuple(errors)
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None = None):
+    """A tqdm bar on a terminal, nothing otherwise (enabled=None: decide by stderr being a tty)."""
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparameters=None, steps=None,
+        batch_size=None, seed=0, *, variant=None, eval_every=None, cos_ef_ngd=False, cos_damping=None,
+        init=None, progress=None) -> pd.DataFrame:
+    """Train once and return the long-format table of DESIGN 7 (see the module docstring).
+
+    task: a name or a Task; hyperparameters: a dict of the optimizer's hyperparameters (lr,
+    damping, ...); steps and batch_size default to the task's (batch_size None = full batch);
+    eval_every: steps between full-train/test evaluations on networks (default 200: with the
+    final one, six on a 1000-step run, a few percent of its time);
+    cos_ef_ngd: also record the EF/NGD cosine, with `cos_damping` (default: the run's damping);
+    init: "zeros" or "glorot" (default: zeros on the convex tasks, glorot elsewhere);
+    progress: None = a bar when stderr is a terminal.
+    """
+    setup_start = time.perf_counter()
+    spec = resolve(task, optimizer, framework, device, dtype, hyperparameters, seed, variant)
+    task, problem = spec.task, spec.task.problem
+    steps = task.steps if steps is None else int(steps)
+    if steps < 0:
+        raise ValueError(f"steps: {steps!r} must be an integer >= 0")
+    if batch_size is None:
+        batch_size = task.batch_size
+    elif int(batch_size) < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    eval_every = DEFAULT_EVAL_EVERY if eval_every is None else int(eval_every)
+    if eval_every < 1:
+        raise ValueError(f"eval_every: {eval_every!r} must be an integer >= 1")
+    if cos_ef_ngd:
+        cos_damping = spec.kwargs().get("damping") if cos_damping is None else cos_damping
+        if cos_damping is None:
+            raise ValueError(f"cos_damping: {spec.optimizer.value} has no damping; pass cos_damping (a number >= 0)")
+
+    convex = is_convex(task)
+    data = task.load(seed)
+    io = _IO[spec.framework](problem, spec.device, spec.dtype)
+    batches = _Batches(io, data.train.X, data.train.y, batch_size, seed)
+    test = None if data.test is None else io.pair(data.test.X, data.test.y)
+    evaluate = test is not None or not batches.full
+    train_x, train_y = batches.data
+    classes = task.classes
+
+    params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
+    opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
+    state = io.state(opt.init(params))
+    errors = _linalg_errors()
+    if spec.framework != Framework.NUMPY:  # warm-up: compilation and first-call costs, discarded
+        try:
+            io.sync(opt.step(params, state, batches.first())[0])
+        except errors:
+            pass  # the first recorded step fails the same way and is recorded as diverged
+    if evaluate:
+        io.prepare_evaluation(params, [(train_x, train_y)] + ([test] if test is not None else []), classes)
+
+    rows = steps + 1
+    loss = np.full(rows, np.nan)
+    grad_norm = np.full(rows, np.nan)
+    time_s = np.zeros(rows)
+    cosines = np.full(rows, np.nan) if cos_ef_ngd else None
+    evaluations = {name: np.full(rows, np.nan) for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+    diverged, last, elapsed, eval_s, initial, pending = False, steps, 0.0, 0.0, math.nan, []
+    bar = progress_bar(steps, f"{task.name} {spec.optimizer.value} {spec.framework.value}", progress)
+    setup_s = time.perf_counter() - setup_start
+    loop_start = time.perf_counter()
+    for k in range(rows):
+        batch = batches.next()
+        if (evaluate and (k % eval_every == 0 or k == steps)) or cos_ef_ngd:
+            eval_start = time.perf_counter()
+            if evaluate and (k % eval_every == 0 or k == steps):
+                evaluations["train_loss"][k], evaluations["train_accuracy"][k] = io.evaluate(params, train_x, train_y, classes)
+                if test is not None:
+                    evaluations["test_loss"][k], evaluations["test_accuracy"][k] = io.evaluate(params, *test, classes)
+            if cos_ef_ngd:
+                cosines[k] = io.cosine(params, batch, cos_damping)
+            eval_s += time.perf_counter() - eval_start
+        start = time.perf_counter()
+        try:
+            new_params, new_state, info = opt.step(params, state, batch)
+            io.sync(new_params)
+        except errors:  # a singular solve: the run diverged at this step (unless it did before)
+            time_s[k], last = elapsed, k
+            diverged, last, initial = True, *_fetch(io, pending, loss, grad_norm, initial, last)
+            break
+        took = time.perf_counter() - start
+        time_s[k] = elapsed
+        pending.append((k, info))
+        if len(pending) >= io.fetch_every or k == steps:
+            # Losses come to the host in groups (jax: every 16 steps, each fetch costs a few us);
+            # a divergence found late truncates the run at its step, as if it had stopped there.
+            found, initial = _fetch(io, pending, loss, grad_norm, initial, None)
+            if found is not None:
+                diverged, last = True, found
+                break
+        if k == steps:  # the extra step only measured the final parameters
+            break
+        elapsed += took
+        params, state = new_params, new_state
+        bar.update(1)
+    loop_s = time.perf_counter() - loop_start
+    bar.close()
+
+    n = last + 1
+    columns = {
+        "task": task.name, "optimizer": spec.optimizer.value, "framework": spec.framework.value,
+        "device": spec.device.value, "dtype": spec.dtype.value, "seed": seed,
+        **hyperparameter_columns(spec.optimizer, spec.hyperparameters),
+        "batch_size": float(batches.size) if not batches.full else math.nan,
+        "step": np.arange(n), "loss": loss[:n], "time_s": time_s[:n], "diverged": np.full(n, diverged),
+        "grad_norm": grad_norm[:n],
+    }
+    if evaluate:
+        for name, values in evaluations.items():
+            if not (name.endswith("accuracy") and classes is None) and not (name.startswith("test") and test is None):
+                columns[name] = values[:n]
+    if cos_ef_ngd:
+        columns["cos_ef_ngd"] = cosines[:n]
+    if task.variant is not None:
+        columns["variant"] = task.variant
+    frame = pd.DataFrame(columns)
+    frame = frame[ordered_columns(frame.columns)]
+    frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=elapsed, eval_s=eval_s)
+    return frame
+
+
+def _fetch(io, pending, loss, grad_norm, initial, default):
+    """Record the pending steps' loss and gradient norm; the first step that diverged (loss above
+    100 x the first one, or NaN/inf) or `default`, and the first loss."""
+    found = default
+    for j, info in pending:
+        loss[j], grad_norm[j] = io.scalars(info)
+        if j == 0:
+            initial = loss[0]
+        if not loss[j] <= DIVERGENCE_FACTOR * initial:  # also catches NaN
+            found = j
+            break
+    pending.clear()
+    return found, initial
+
+
+LEADING = ("task", "optimizer", "framework", "device", "dtype", "seed", "lr", "damping", "step", "loss", "time_s",
+           "diverged", "grad_norm", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "cos_ef_ngd",
+           "variant")
+
+
+def ordered_columns(columns) -> list[str]:
+    """DESIGN 7's columns first, in a fixed order, then the rest as they come."""
+    present = list(columns)
+    return [c for c in LEADING if c in present] + [c for c in present if c not in LEADING]

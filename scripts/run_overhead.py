@@ -1,0 +1,88 @@
+"""Overhead of `natgrad run` around the optimizer step (issue: tasks, runner and the command line).
+
+    python scripts/run_overhead.py [--repeats 3]
+
+For each case, the runner's step loop (recording, divergence checks, batch slicing, periodic
+evaluation, the progress bar's bookkeeping, the final evaluation step) against a bare loop of the
+same optimizer steps on the same batches, prepared beforehand, timed the same way:
+
+    overhead = runner loop wall-clock / bare loop wall-clock - 1      (target: under 10%)
+
+and, from the runner alone, the share of its loop spent outside the timed steps,
+(loop_s - step_s) / loop_s, split into evaluation and the rest. Times are the minimum over
+--repeats (the least disturbed by other processes on a shared machine), shares their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+from natgrad_impls import make_optimizer, models, runner
+
+CASES = [
+    # task, optimizer, framework, hyperparameters, steps
+    ("breastcancer", "ngd", "numpy", {"lr": 1.0, "damping": 1e-4}, 500),
+    ("breastcancer", "ef", "torch", {"lr": 0.05, "damping": 1e-4}, 500),
+    ("breastcancer", "ngd", "jax", {"lr": 1.0, "damping": 1e-4}, 500),
+    ("digits-mlp", "sgd", "torch", {"lr": 0.05}, 1000),
+    ("digits-mlp", "adam", "jax", {"lr": 1e-3}, 1000),
+    ("mnist1d-mlp", "kfac", "torch", {"lr": 0.01, "damping": 1e-2}, 300),
+]
+
+
+def bare_loop(task_name, optimizer, framework, hp, steps, seed=0) -> float:
+    """The same steps without the runner: batches prepared first, then step + sync in a loop."""
+    spec = runner.resolve(task_name, optimizer, framework, hyperparameters=hp, seed=seed)
+    task = spec.task
+    data = task.load(seed)
+    io = runner._IO[spec.framework](task.problem, spec.device, spec.dtype)
+    batches = runner._Batches(io, data.train.X, data.train.y, task.batch_size, seed)
+    prepared = [batches.next() for _ in range(steps)]
+    convex = runner.is_convex(task)
+    params = io.params(models.init_params(task.problem.model, seed, "zeros" if convex else "glorot"))
+    opt = make_optimizer(spec.framework, spec.optimizer, task.problem, **spec.kwargs())
+    state = io.state(opt.init(params))
+    io.sync(opt.step(params, state, prepared[0])[0])  # warm-up, as the runner does
+    start = time.perf_counter()
+    for batch in prepared:
+        new_params, new_state, info = opt.step(params, state, batch)
+        io.sync(new_params)
+        params, state = new_params, new_state
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable timings on a shared machine; 0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    print(f"{'case':36s} {'steps':>5s} {'bare s':>8s} {'runner s':>9s} {'overhead':>9s} {'eval':>7s} {'other':>7s}")
+    worst = 0.0
+    for task, optimizer, framework, hp, steps in CASES:
+        bare, loops, evals, others = [], [], [], []
+        for _ in range(args.repeats):
+            bare.append(bare_loop(task, optimizer, framework, hp, steps))
+            frame = runner.run(task, optimizer, framework, hyperparameters=hp, steps=steps, progress=False)
+            a = frame.attrs
+            loops.append(a["loop_s"])
+            evals.append(a["eval_s"] / a["loop_s"])
+            others.append((a["loop_s"] - a["step_s"] - a["eval_s"]) / a["loop_s"])
+        b, l = min(bare), min(loops)
+        overhead = l / b - 1
+        worst = max(worst, overhead)
+        print(f"{task + ' ' + optimizer + ' ' + framework:36s} {steps:5d} {b:8.3f} {l:9.3f} {overhead:9.1%} "
+              f"{statistics.median(evals):7.1%} {statistics.median(others):7.1%}")
+    print(f"worst overhead: {worst:.1%} (target: under 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

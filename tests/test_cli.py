@@ -1,0 +1,151 @@
+"""The `natgrad` command line (DESIGN 7): tasks, run and grid end to end (a few through the
+installed console script, the rest in-process through `main(argv)`), and bad input: a non-zero
+exit, one line naming the field and the allowed values, and no file written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from natgrad_impls import cli, results
+from natgrad_impls.tasks import TASKS
+
+
+def _natgrad(*args, cwd=None):
+    """The console script when installed, else the module (same entry point)."""
+    exe = shutil.which("natgrad", path=os.path.dirname(sys.executable)) or shutil.which("natgrad")
+    command = [exe] if exe else [sys.executable, "-m", "natgrad_impls.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_tasks_lists_every_task_and_says_which_are_offline():
+    done = _natgrad("tasks")
+    assert done.returncode == 0, done.stderr
+    header, *lines = done.stdout.splitlines()
+    assert header.split()[:6] == ["task", "N", "D", "classes", "params", "offline"]
+    listed = {line.split()[0]: line.split() for line in lines}
+    assert list(listed) == list(TASKS)
+    for name, fields in listed.items():
+        assert fields[1] == str(TASKS[name].n_train)
+        assert fields[5] == ("yes" if TASKS[name].offline else "download"), name
+
+
+def test_run_end_to_end(tmp_path):
+    out = tmp_path / "runs" / "breastcancer-ngd.parquet"  # the folder is created
+    done = _natgrad("run", "--task", "breastcancer", "--optimizer", "ngd", "--framework", "torch", "--lr", "1",
+                    "--damping", "1e-4", "--steps", "5", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no progress bar when stderr is not a terminal
+    frame = results.read(out)
+    assert frame["step"].tolist() == list(range(6)) and not frame["diverged"].any()
+    assert (frame[["task", "optimizer", "framework", "device", "dtype"]].iloc[0].tolist()
+            == ["breastcancer", "ngd", "torch", "cpu", "float64"])
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left behind
+
+
+def test_grid_end_to_end(tmp_path):
+    out = tmp_path / "grid.csv"
+    done = _natgrad("grid", "--task", "wine", "--optimizers", "sgd,ngd,ef", "--lrs=-4:0:5", "--dampings=-4:0:3",
+                    "--steps", "10", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for optimizer in ("sgd", "ngd", "ef"):
+        line = next(line for line in lines if line.startswith(optimizer))
+        assert "best lr=" in line and "chaotic" in line.lower()
+    assert "35 runs x 10 steps" in done.stdout  # 5 sgd + 15 ngd + 15 ef
+    frame = results.read(out)
+    assert set(frame["optimizer"]) == {"sgd", "ngd", "ef"}
+    first = out.read_text().splitlines()[1].split(",")
+    header = out.read_text().splitlines()[0].split(",")
+    assert dict(zip(header, first))["damping"] == ""  # sgd: no damping, an empty field
+
+
+@pytest.mark.parametrize("optimizer,extra", [("sgd", ["--lr", "1e-6", "--momentum", "0.9"]),
+                                             ("adam", ["--lr", "1e-3", "--b1", "0.8"]),
+                                             ("kfac", ["--lr", "0.1", "--damping", "1e-2", "--kfac-update-period", "3",
+                                                       "--fisher", "exact"])])
+def test_run_in_process_with_hyperparameters(tmp_path, optimizer, extra, capsys):
+    out = tmp_path / "run.csv"
+    assert cli.main(["run", "--task", "wine", "--optimizer", optimizer, "--framework", "numpy", *extra, "--steps", "3",
+                     "--out", str(out)]) == 0
+    frame = results.read(out)
+    values = dict(zip(extra[::2], extra[1::2]))
+    column = {"--momentum": "momentum", "--b1": "b1", "--kfac-update-period": "kfac_update_period"}
+    for option, name in column.items():
+        if option in values:
+            assert np.all(frame[name] == float(values[option]))
+    assert "wrote 4 rows" in capsys.readouterr().out
+
+
+BAD = {
+    "unknown task": (["run", "--task", "mnist9", "--optimizer", "sgd", "--framework", "torch", "--lr", "0.1"],
+                     "task: 'mnist9' is not one of wine, breastcancer"),
+    "unknown optimizer": (["run", "--task", "wine", "--optimizer", "lbfgs", "--framework", "numpy", "--lr", "0.1"],
+                          "optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"),
+    "negative lr": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-0.1"],
+                    "lr: -0.1 must be a finite number >= 0"),
+    "numpy on a network": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1"],
+                           "framework: 'numpy' is not available for task 'digits-mlp' (one of torch, jax)"),
+    "cuda without a gpu": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "torch", "--device", "cuda",
+                            "--lr", "0.1"], "device: 'cuda' is not available here for torch (one of cpu)"),
+    "unknown framework": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "tf", "--lr", "0.1"],
+                          "framework: 'tf' is not one of numpy, torch, jax"),
+    "damping for sgd": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                         "--damping", "1"], "damping: not a hyperparameter of sgd (one of lr, momentum)"),
+    "missing lr": (["run", "--task", "wine", "--optimizer", "ngd", "--framework", "numpy", "--damping", "1"],
+                   "lr: required by ngd"),
+    "bad fisher": (["run", "--task", "wine", "--optimizer", "ngd", "--framework", "numpy", "--lr", "1", "--damping", "1",
+                    "--fisher", "exakt"], "fisher: 'exakt' is not one of exact, mc"),
+    "grid: unknown optimizer": (["grid", "--task", "wine", "--optimizers", "sgd,newton"],
+                                "optimizers: 'newton' is not one of sgd, adam, ef, ngd, kfac"),
+    "grid: a network": (["grid", "--task", "digits-mlp"], "task: 'digits-mlp' is not a full-batch convex task (one of"),
+    "grid: bad lrs": (["grid", "--task", "wine", "--lrs=-20:10"], "lrs: '-20:10' must be START:STOP:NUM"),
+    "grid: numpy in float32": (["grid", "--task", "wine", "--dtype", "float32"],
+                               "dtype: 'float32' is not available for numpy (one of float64)"),
+    "grid: cuda without a gpu": (["grid", "--task", "wine", "--framework", "jax", "--device", "cuda"],
+                                 "device: 'cuda' is not available here for jax (one of cpu)"),
+    "missing option": (["run", "--task", "wine", "--framework", "numpy"], "the following arguments are required: --optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("extension", [".csv", ".parquet"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, extension):
+    argv, message = BAD[case]
+    if "cuda" in case:
+        pytest.importorskip("torch")
+        from natgrad_impls.runner import available_devices
+        from natgrad_impls.names import Device, Framework
+
+        if Device.CUDA in available_devices(Framework(argv[argv.index("--framework") + 1])):
+            pytest.skip("a GPU is visible here")
+    out = tmp_path / f"out{extension}"
+    status = cli.main([*argv, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_BAD_INPUT
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_output_name_is_refused_before_any_work(tmp_path, capsys):
+    status = cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                       "--out", str(tmp_path / "run.txt")])
+    assert status == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"natgrad: out: {str(tmp_path / 'run.txt')!r} must end in one of .csv, .parquet"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_through_the_console_script(tmp_path):
+    done = _natgrad("run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-1",
+                    "--out", str(tmp_path / "x.csv"))
+    assert done.returncode == cli.EXIT_BAD_INPUT
+    assert done.stderr.splitlines() == ["natgrad: lr: -1.0 must be a finite number >= 0"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,200 @@
+"""`natgrad grid` (natgrad_impls.grid): the vectorised grid gives the numbers of a plain loop of
+`natgrad run` calls (to 1e-10 relative in float64, runs that are not chaotic), in numpy, torch and
+jax; diverged runs are recorded up to their divergence and masked out; best runs are checked for
+chaos as DESIGN 4 defines it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from natgrad_impls import cli, grid, results, runner
+from natgrad_impls.tasks import get_task
+
+LRS, DAMPINGS, STEPS = "-3:0:4", "-4:0:3", 20
+ALL = "sgd,adam,ef,ngd,kfac"
+# Points compared per optimizer and task: all of them in numpy, a sample in torch and jax (jax
+# compiles every run's step, about a second each).
+SAMPLE = {"numpy": None, "torch": 3, "jax": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These problems are tiny: torch's intra-op threads only add synchronisation (and stall on a
+    loaded machine). Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _grid(tmp_path, task, framework, optimizers=ALL, lrs=LRS, dampings=DAMPINGS, steps=STEPS, repeats=0):
+    out = tmp_path / f"grid-{task}-{framework}.parquet"
+    status = cli.main(["grid", "--task", task, "--optimizers", optimizers, "--framework", framework, f"--lrs={lrs}",
+                       f"--dampings={dampings}", "--steps", str(steps), "--repeats", str(repeats), "--out", str(out)])
+    assert status == 0
+    return results.read(out)
+
+
+def _run(tmp_path, task, framework, optimizer, lr, damping, steps=STEPS):
+    out = tmp_path / f"run-{task}-{framework}-{optimizer}-{lr:g}-{damping:g}.parquet"
+    argv = ["run", "--task", task, "--optimizer", optimizer, "--framework", framework, "--lr", repr(float(lr)),
+            "--steps", str(steps), "--out", str(out)]
+    if not math.isnan(damping):
+        argv += ["--damping", repr(float(damping))]
+    assert cli.main(argv) == 0
+    return results.read(out)
+
+
+def _sensitivity(task, optimizer, lr, damping, steps=STEPS, repeats=3) -> float:
+    """How far runs from theta0 + 1e-14 noise move the recorded losses (max relative change over
+    the steps; inf when they stop at another step): a property of the dynamics, measured with the
+    numpy grid. Above 1e-8 the run is chaotic (DESIGN 4)."""
+    t = get_task(task)
+    x, y = t.load().train
+    hp = {"lr": 1.0, **({} if math.isnan(damping) else {"damping": 1.0})}
+    h = runner.make_hyperparameters(optimizer, hp)
+    theta0 = np.vstack([np.zeros(x.shape[1]),
+                        1e-14 * np.random.default_rng(1).standard_normal((repeats, x.shape[1]))])
+    runs = grid.trajectories(t.problem, x, y, optimizer, h, np.full(repeats + 1, lr), np.full(repeats + 1, damping),
+                             steps, theta0=theta0, progress=False)
+    if len(set(runs.last)) > 1:
+        return math.inf
+    with np.errstate(invalid="ignore"):
+        moved = np.abs(runs.loss - runs.loss[0]) / np.abs(runs.loss[0])
+    return float(np.nanmax(moved)) if np.isfinite(runs.loss).any() else 0.0
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("task", ["wine", "breastcancer"])
+def test_grid_equals_a_loop_of_runs(tmp_path, task, framework):
+    """Runs that are not chaotic agree to 1e-10 relative at every step. A few are sensitive without
+    being chaotic (a 1e-14 change of theta0 moves them by 1e-10..1e-8, e.g. ef at lr 1, damping
+    1e-4, which turns chaotic after 20 steps): they must agree to within 100 x that sensitivity,
+    since the round-off of two ways of forming the same matrix is such a perturbation, and a large
+    one when the solve is ill-conditioned."""
+    frame = _grid(tmp_path, task, framework)
+    strict = sensitive = chaotic = diverged = 0
+    for optimizer, runs in frame.groupby("optimizer", observed=True):
+        points = runs[["lr", "damping"]].drop_duplicates().to_numpy()
+        if SAMPLE[framework]:
+            points = points[np.linspace(0, len(points) - 1, SAMPLE[framework] + 2)[1:-1].round().astype(int)]
+        for lr, damping in points:
+            same_damping = (runs["damping"] == damping) | (np.isnan(damping) & runs["damping"].isna())
+            mine = runs[(runs["lr"] == lr) & same_damping]
+            loop = _run(tmp_path, task, framework, optimizer, lr, damping)
+            assert len(mine) == len(loop), (optimizer, lr, damping)
+            assert mine["diverged"].tolist() == loop["diverged"].tolist()
+            diverged += bool(loop["diverged"].iloc[0])
+            spread = _sensitivity(task, optimizer, lr, damping)
+            if spread > 1e-8:
+                chaotic += 1
+                continue
+            tolerance = 1e-10 if spread <= 1e-10 else 100 * spread
+            strict += tolerance == 1e-10
+            sensitive += tolerance > 1e-10
+            np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=tolerance, err_msg=f"{optimizer} {lr} {damping}")
+            # gradients shrink to round-off at convergence: compare them relative to the first one
+            np.testing.assert_allclose(mine["grad_norm"], loop["grad_norm"], rtol=max(1e-7, tolerance),
+                                       atol=1e-10 * loop["grad_norm"].iloc[0])
+    assert strict >= {"numpy": 30, "torch": 8, "jax": 3}[framework], (strict, sensitive, chaotic)
+    if task == "wine":
+        assert diverged > 0  # the comparison covers masked runs too (clipping keeps breastcancer's bounded)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_monte_carlo_fisher_draws_are_the_frameworks_own(tmp_path, framework):
+    """ngd with fisher=mc: the grid draws each step's labels as the framework's ngd does (from the
+    seed and the step alone), so a grid run equals `natgrad run` (and another seed does not)."""
+    out = tmp_path / "grid.parquet"
+    argv = ["grid", "--task", "breastcancer", "--optimizers", "ngd", "--framework", framework, "--fisher", "mc",
+            "--lrs=-1:0:2", "--dampings=-2:-2:1", "--steps", "10", "--repeats", "0", "--out", str(out)]
+    assert cli.main(argv) == 0
+    frame = results.read(out)
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}.parquet"
+        assert cli.main(["run", "--task", "breastcancer", "--optimizer", "ngd", "--framework", framework, "--fisher",
+                         "mc", "--lr", "1.0", "--damping", "0.01", "--steps", "10", "--seed", str(seed),
+                         "--out", str(run)]) == 0
+        mine = frame[frame["lr"] == 1.0]["loss"].to_numpy()
+        theirs = results.read(run)["loss"].to_numpy()
+        if seed == 0:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-10)
+        else:
+            assert not np.allclose(mine[1:], theirs[1:], rtol=1e-6)
+
+
+def test_chaotic_best_runs_are_flagged(tmp_path):
+    """DESIGN 4: ef at breastcancer's lr 0.1, damping 1e-10 moves by tens of percent under a 1e-14
+    perturbation of theta0; ngd there does not."""
+    result = grid.run_grid("breastcancer", ["ef", "ngd"], lrs=(-1, -1, 1), dampings=(-10, -10, 1), progress=False)
+    best = {b.optimizer: b for b in result.best}
+    assert best["ef"].chaotic and best["ef"].spread > 1e-3
+    assert not best["ngd"].chaotic and best["ngd"].spread < 1e-8
+    assert "CHAOTIC" in best["ef"].describe() and "not chaotic" in best["ngd"].describe()
+    repeats = result.frame[(result.frame["repeat"] > 0)]
+    assert sorted(repeats["repeat"].unique()) == [1, 2, 3, 4, 5]
+    assert repeats["best"].all() and (repeats.groupby("optimizer", observed=True)["chaotic"].first() ==
+                                      pd.Series({"ef": True, "ngd": False})).all()
+
+
+def test_frame_layout_and_best_runs():
+    result = grid.run_grid("wine", ["sgd", "ngd"], lrs=(-6, 0, 7), dampings=(-4, 0, 3), steps=10, repeats=2,
+                           progress=False)
+    frame = result.frame
+    assert list(frame.columns[:13]) == ["task", "optimizer", "framework", "device", "dtype", "seed", "lr", "damping",
+                                        "step", "loss", "time_s", "diverged", "grad_norm"]
+    own = frame[frame["repeat"] == 0]
+    assert own.groupby(["optimizer", "lr", "damping"], dropna=False, observed=True).ngroups == result.runs == 7 + 21
+    assert own[own["optimizer"] == "sgd"]["damping"].isna().all()
+    # one row per run and step, up to the last recorded one; the best run has the lowest last loss
+    for optimizer, runs in own.groupby("optimizer", observed=True):
+        last = runs.groupby(["lr", "damping"], dropna=False).tail(1)
+        counts = runs.groupby(["lr", "damping"], dropna=False).size().to_numpy()
+        assert np.array_equal(np.sort(counts), np.sort(last["step"].to_numpy() + 1))
+        assert (last[~last["diverged"]]["step"] == 10).all() and (last["diverged"]).any() == (optimizer == "sgd")
+        best = next(b for b in result.best if b.optimizer == optimizer)
+        assert best.loss == last["loss"].min()
+        marked = runs[runs["best"]]
+        assert set(marked["lr"]) == {best.lr} and marked["chaotic"].notna().all()
+    for column in ("time_s",):
+        assert (own.groupby(["optimizer", "lr", "damping"], dropna=False)[column].diff().dropna() >= 0).all()
+
+
+def test_paper_grid_is_the_default():
+    assert np.array_equal(grid.logspace(grid.PAPER_LRS), np.logspace(-20, 10, 241))
+    assert np.array_equal(grid.logspace(grid.PAPER_DAMPINGS), np.logspace(-10, 10, 41))
+    args = cli._parser().parse_args(["grid", "--task", "wine", "--out", "x.csv"])
+    assert grid.parse_bounds(args.lrs, "lrs") == grid.PAPER_LRS
+    assert grid.parse_bounds(args.dampings, "dampings") == grid.PAPER_DAMPINGS
+    assert args.optimizers == "sgd,ngd,ef" and args.framework == "numpy"
+
+
+def test_validation_names_the_field():
+    with pytest.raises(ValueError, match=r"^optimizers: 'sdg' is not one of sgd, adam, ef, ngd, kfac$"):
+        grid.validate("wine", "sgd,sdg")
+    with pytest.raises(ValueError, match=r"^task: 'digits-mlp' is not a full-batch convex task \(one of wine, "):
+        grid.validate("digits-mlp", "sgd")
+    with pytest.raises(ValueError, match=r"^dampings: '1:2' must be START:STOP:NUM"):
+        grid.validate("wine", "ngd", dampings="1:2")
+    with pytest.raises(ValueError, match=r"^fisher: 'exakt' is not one of exact, mc$"):
+        grid.validate("wine", "ngd", hyperparameters={"fisher": "exakt"})
+    with pytest.raises(ValueError, match=r"^fisher: not a hyperparameter of sgd, ef \(theirs: momentum\)$"):
+        grid.validate("wine", "sgd,ef", hyperparameters={"fisher": "mc"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cuda_grid_equals_the_cpu_grid(framework):
+    # exact Fisher: torch draws other random numbers on the GPU than on the CPU
+    kwargs = dict(lrs=(-3, 0, 4), dampings=(-4, 0, 3), steps=20, repeats=0, hyperparameters={"fisher": "exact"},
+                  progress=False)
+    on_gpu = grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], framework, "cuda", **kwargs).frame
+    on_cpu = grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], "numpy", **kwargs).frame
+    assert len(on_gpu) == len(on_cpu)
+    np.testing.assert_allclose(on_gpu["loss"], on_cpu["loss"], rtol=1e-8)

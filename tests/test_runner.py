@@ -1,0 +1,179 @@
+"""The runner (natgrad_impls.runner): every offline task x optimizer x framework runs; divergence
+stops and marks a run without raising; runs are reproducible; the DESIGN 7 columns are there,
+with missing hyperparameters empty."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from natgrad_impls import models, results, runner
+from natgrad_impls.tasks import TASKS, Dataset, Split, Task
+
+OFFLINE = [name for name, task in TASKS.items() if task.offline]
+CONVEX = [name for name in OFFLINE if runner.is_convex(TASKS[name])]
+# Small steps: the smoke runs must not diverge.
+SMOKE = {
+    "sgd": {"lr": 1e-6, "momentum": 0.5},
+    "adam": {"lr": 1e-3},
+    "ef": {"lr": 1e-2, "damping": 1e-2},
+    "ngd": {"lr": 1e-2, "damping": 1e-2},
+    "kfac": {"lr": 1e-2, "damping": 1e-2, "kfac_update_period": 2},
+}
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small problems: torch's intra-op threads only add synchronisation (and stall on a loaded
+    machine). Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+REQUIRED = ["task", "optimizer", "framework", "device", "dtype", "seed", "lr", "damping", "step", "loss", "time_s",
+            "diverged", "grad_norm"]
+
+
+def _cases():
+    for task in OFFLINE:
+        for framework in ("numpy", "torch", "jax"):
+            if framework == "numpy" and task not in CONVEX:
+                continue
+            for optimizer in SMOKE:
+                yield task, optimizer, framework
+
+
+def test_offline_tasks_are_the_expected_ones():
+    assert set(CONVEX) == {"wine", "breastcancer", "vecfield", "misspec"}
+    assert set(OFFLINE) - set(CONVEX) == {"digits-mlp", "mnist1d-mlp"}
+
+
+@pytest.mark.parametrize("task,optimizer,framework", list(_cases()))
+def test_smoke(task, optimizer, framework):
+    hp = dict(SMOKE[optimizer])
+    if task not in CONVEX and optimizer == "sgd":
+        hp["lr"] = 0.05
+    if task not in CONVEX and optimizer == "ngd":
+        hp["fisher"] = "mc"  # the exact Fisher of 10 classes costs 10 x the columns: slow for a smoke test
+    frame = runner.run(task, optimizer, framework, hyperparameters=hp, steps=2, eval_every=1, progress=False)
+    assert list(frame.columns[: len(REQUIRED)]) == REQUIRED
+    assert frame["step"].tolist() == [0, 1, 2]
+    assert not frame["diverged"].any()
+    assert np.isfinite(frame["loss"]).all() and np.isfinite(frame["grad_norm"]).all()
+    assert frame["time_s"].iloc[0] == 0 and frame["time_s"].is_monotonic_increasing
+    assert (frame["lr"] == hp["lr"]).all()
+    assert frame["damping"].isna().all() == (optimizer in ("sgd", "adam"))
+    if task in CONVEX:
+        assert "test_loss" not in frame  # no test split, full batch: nothing else to evaluate
+        assert frame["batch_size"].isna().all()
+    else:
+        for column in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert frame[column].notna().all(), column
+        assert (frame["batch_size"] == TASKS[task].batch_size).all()
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_divergence_stops_and_marks_the_run(framework):
+    frame = runner.run("wine", "sgd", framework, hyperparameters={"lr": 1.0}, steps=50, progress=False)
+    assert frame["diverged"].all()
+    assert len(frame) == 2  # step 0, then the step whose loss exceeded 100 x the first
+    assert frame["loss"].iloc[-1] > 100 * frame["loss"].iloc[0]
+
+
+def _singular_task() -> Task:
+    """A linear regression whose two inputs are the same column: Z^T Z is exactly singular."""
+    x = np.repeat(np.linspace(-1, 1, 20)[:, None], 2, axis=1)
+    data = Dataset(Split(x, (x[:, :1] * 3 + 1)), None)
+    problem = models.Problem(models.linear(2, 1), "gaussian")
+    return Task("singular", problem, True, "test", 20, None, 10, lambda seed: data)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_a_failed_solve_is_a_divergence_not_a_crash(framework):
+    frame = runner.run(_singular_task(), "ngd", framework, hyperparameters={"lr": 1.0, "damping": 0.0}, progress=False)
+    assert frame["diverged"].all()
+    assert len(frame) == 1 and math.isnan(frame["loss"].iloc[-1])
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_same_seed_same_numbers(framework):
+    task = "wine" if framework == "numpy" else "digits-mlp"
+    hp = {"lr": 0.1, "damping": 1e-2} if framework == "numpy" else {"lr": 1e-3}
+    kwargs = dict(hyperparameters=hp, steps=4, seed=3, eval_every=2, progress=False)
+    optimizer = "ef" if framework == "numpy" else "adam"
+    first = runner.run(task, optimizer, framework, **kwargs)
+    second = runner.run(task, optimizer, framework, **kwargs)
+    measured = [c for c in first.columns if c != "time_s"]
+    pd.testing.assert_frame_equal(first[measured], second[measured])
+    if framework != "numpy":  # mini-batches: another seed, another order
+        other = runner.run(task, optimizer, framework, **{**kwargs, "seed": 4})
+        assert not np.allclose(other["loss"].iloc[1:], first["loss"].iloc[1:])
+
+
+def test_convex_tasks_start_from_zero_and_agree_across_frameworks():
+    """The Kunstner protocol: theta0 = 0, float64; numpy, torch and jax agree to round-off."""
+    kwargs = dict(hyperparameters={"lr": 0.5, "damping": 1e-3}, steps=10, progress=False)
+    losses = [runner.run("breastcancer", "ngd", fw, **kwargs)["loss"].to_numpy() for fw in ("numpy", "torch", "jax")]
+    assert losses[0][0] == pytest.approx(math.log(2), rel=1e-15)  # theta0 = 0: every p = 1/2
+    for other in losses[1:]:
+        np.testing.assert_allclose(other, losses[0], rtol=1e-10)
+
+
+def test_cos_ef_ngd_is_measured_and_agrees_across_frameworks():
+    kwargs = dict(hyperparameters={"lr": 0.1, "damping": 1e-3}, steps=3, cos_ef_ngd=True, progress=False)
+    cosines = [runner.run("breastcancer", "ef", fw, **kwargs)["cos_ef_ngd"].to_numpy() for fw in ("numpy", "torch", "jax")]
+    assert np.all(np.abs(cosines[0]) <= 1 + 1e-12)
+    for other in cosines[1:]:
+        np.testing.assert_allclose(other, cosines[0], rtol=1e-8)
+    with pytest.raises(ValueError, match="cos_damping"):
+        runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 0.1}, steps=1, cos_ef_ngd=True, progress=False)
+
+
+def test_missing_hyperparameters_are_empty_in_the_file(tmp_path):
+    frame = runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-6}, steps=2, progress=False)
+    path = results.write(frame, tmp_path / "run.csv")
+    header, first = path.read_text().splitlines()[:2]
+    fields = dict(zip(header.split(","), first.split(",")))
+    assert fields["damping"] == "" and fields["batch_size"] == "" and fields["momentum"] == "0.0"
+    back = results.read(path)
+    assert back["damping"].isna().all()
+    pd.testing.assert_frame_equal(results.read(results.write(frame, tmp_path / "run.parquet")), frame)
+
+
+def test_timing_covers_the_steps_only():
+    frame = runner.run("digits-mlp", "sgd", "torch", hyperparameters={"lr": 0.05}, steps=20, eval_every=5,
+                       progress=False)
+    attrs = frame.attrs
+    assert frame["time_s"].iloc[-1] == pytest.approx(attrs["step_s"])
+    assert attrs["step_s"] + attrs["eval_s"] <= attrs["loop_s"]
+    assert frame["test_accuracy"].notna().sum() == 5  # steps 0, 5, 10, 15, 20
+
+
+def test_validation_names_the_field():
+    with pytest.raises(ValueError, match=r"^damping: not a hyperparameter of sgd \(one of lr, momentum\)$"):
+        runner.resolve("wine", "sgd", "numpy", hyperparameters={"lr": 1.0, "damping": 1.0})
+    with pytest.raises(ValueError, match=r"^damping: required by ngd"):
+        runner.resolve("wine", "ngd", "numpy", hyperparameters={"lr": 1.0})
+    with pytest.raises(ValueError, match=r"^framework: 'numpy' is not available for task 'digits-mlp' \(one of torch, jax\)$"):
+        runner.resolve("digits-mlp", "sgd", "numpy", hyperparameters={"lr": 1.0})
+    with pytest.raises(ValueError, match=r"^dtype: 'float32' is not available for numpy \(one of float64\)$"):
+        runner.resolve("wine", "sgd", "numpy", dtype="float32", hyperparameters={"lr": 1.0})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cuda_runs_equal_cpu_runs(framework):
+    """On a GPU: the same run, float64, to round-off; mini-batches and evaluation work there."""
+    kwargs = dict(hyperparameters={"lr": 1.0, "damping": 1e-4}, steps=20, progress=False)
+    on_gpu = runner.run("breastcancer", "ngd", framework, "cuda", **kwargs)
+    on_cpu = runner.run("breastcancer", "ngd", framework, "cpu", **kwargs)
+    np.testing.assert_allclose(on_gpu["loss"], on_cpu["loss"], rtol=1e-10)
+    frame = runner.run("digits-mlp", "kfac", framework, "cuda", "float32", hyperparameters={"lr": 0.01, "damping": 1e-2},
+                       steps=30, eval_every=10, progress=False)
+    assert not frame["diverged"].any() and frame["test_accuracy"].notna().sum() == 4
+    assert frame["loss"].iloc[-1] < frame["loss"].iloc[0]
