@@ -3,20 +3,79 @@
 Both are timed the same way: built and warmed up (jit compilation, allocator) first, then each call
 synchronised (torch.cuda.synchronize, jax block_until_ready) and the median of `repeats` taken.
 Cost in gradient-equivalents = time(step) / time(gradient) on the same task, framework, device.
-The asv suite, the cost script and the pipeline's timing rules all time through here.
+The asv suite (benchmarks/), the cost script (scripts/step_cost.py) and the pipeline's timing rules
+all time through here, on the problem `mlp_problem` builds and with the settings in `SETTINGS`.
+
+Peers, the libraries users would otherwise pick, are timed the same way on the same parameters and
+batch (`peer_step_call`): torch.optim.SGD/Adam (foreach), optax.sgd/adam (jitted), and kfac-jax's
+K-FAC optimizer with fixed learning rate, damping and no momentum.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from natgrad_impls import make_optimizer
+from natgrad_impls import make_optimizer, models
 from natgrad_impls.models import Problem
-from natgrad_impls.names import Device, DType, Framework, parse
+from natgrad_impls.names import Device, DType, Framework, Likelihood, parse
+
+
+# -- what is timed ------------------------------------------------------------------------------------
+
+def mlp_problem(width: int = 128, batch: int = 128, seed: int = 0):
+    """(problem, params, batch) of the cost benchmarks: a 784-width-10 relu MLP (width 128: 101,770
+    parameters), categorical likelihood, NumPy float64 Glorot parameters from `seed` and a random
+    batch of `batch` standard-normal inputs with uniform labels. Random data is enough for timing:
+    the work of a step does not depend on the values."""
+    model = models.mlp((784, width, 10), "relu")
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(batch, 784)), rng.integers(0, 10, batch)
+    return Problem(model, Likelihood.CATEGORICAL), models.init_params(model, seed), data
+
+
+# What is timed, by label: "<optimizer>" or "<optimizer>-<variant>" -> (optimizer, hyperparameters).
+# Unnamed hyperparameters are the library's defaults (`kfac`: MC labels, one sample, ema 0.95). The
+# lr is small: timing runs take hundreds of steps on random data and must not diverge.
+SETTINGS: dict[str, tuple[str, dict]] = {
+    "sgd": ("sgd", {"lr": 1e-4}),
+    "sgd-momentum": ("sgd", {"lr": 1e-4, "momentum": 0.9}),
+    "adam": ("adam", {"lr": 1e-4}),
+    "ef": ("ef", {"lr": 1e-4, "damping": 1e-3}),
+    "ngd-exact": ("ngd", {"lr": 1e-4, "damping": 1e-3, "fisher": "exact"}),
+    "ngd-mc": ("ngd", {"lr": 1e-4, "damping": 1e-3, "fisher": "mc"}),
+    "kfac": ("kfac", {"lr": 1e-4, "damping": 1e-3, "kfac_update_period": 10}),
+}
+
+
+def setting(label: str) -> tuple[str, dict]:
+    """(optimizer, hyperparameters) of a label of `SETTINGS`, or a ValueError naming the labels."""
+    if label not in SETTINGS:
+        raise ValueError(f"setting: {label!r} is not one of {', '.join(SETTINGS)}")
+    optimizer, hyperparameters = SETTINGS[label]
+    return optimizer, dict(hyperparameters)
+
+
+def device_available(framework, device) -> bool:
+    """Whether `framework` sees a `device` (cpu always; cuda where a GPU is visible to it)."""
+    framework, device = parse(Framework, framework, "framework"), parse(Device, device, "device")
+    if device == Device.CPU:
+        return True
+    if framework == Framework.TORCH:
+        import torch
+
+        return torch.cuda.is_available()
+    if framework == Framework.JAX:
+        import jax
+
+        try:
+            return bool(jax.devices("gpu"))
+        except RuntimeError:
+            return False
+    return False
 
 
 def _framework_io(framework: Framework, device: Device, dtype: DType):
@@ -93,12 +152,10 @@ def gradient_call(framework, problem: Problem, params, batch, device="cpu", dtyp
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     p, data = to_params(params), to_batch(*batch)
     if framework == Framework.TORCH:
-        import torch
+        from natgrad_impls.torch import model as M
 
-        import natgrad_impls.torch as nt
-
-        grad = torch.func.grad_and_value(lambda q: nt.loss(problem, q, data))
-        return (lambda: grad(p)), sync
+        # one reverse pass of plain autograd (torch.func.grad_and_value adds ~0.3 ms a call)
+        return (lambda: M.loss_and_grad(problem, p, data)), sync
     if framework == Framework.JAX:
         import jax
 
@@ -121,16 +178,60 @@ def gradient_equivalents(framework, optimizer, problem, params, batch, device="c
     return {"step_s": step_s, "gradient_s": grad_s, "gradient_equivalents": step_s / grad_s}
 
 
-PEERS = ("torch.optim.SGD", "torch.optim.Adam", "optax.sgd", "optax.adam")
+def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes: Iterable[int], device="cpu",
+                  dtype="float32", repeats: int = 20, hyperparameters: dict | None = None, seed: int = 0):
+    """Step and gradient time over a grid of MLP widths and batch sizes (`mlp_problem`), one row per
+    grid point, long format: framework, device, dtype, optimizer, variant, width, batch_size,
+    num_params, step_s, gradient_s, gradient_equivalents. `optimizer` is a label of `SETTINGS`
+    ("kfac", "ngd-mc", ...: the optimizer column gets its name, the variant column the rest);
+    `hyperparameters` override the label's. The report's cost figures and the pipeline's timing
+    rules read this table; the asv suite (bench_scaling) times one grid point per benchmark."""
+    import pandas as pd
+
+    name, hp = setting(optimizer)
+    hp.update(hyperparameters or {})
+    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    if not device_available(framework, device):
+        raise ValueError(f"device: {device.value!r} is not visible to {framework.value}")
+    rows = []
+    for width in widths:
+        for batch_size in batch_sizes:
+            problem, params, batch = mlp_problem(width, batch_size, seed)
+            cost = gradient_equivalents(framework, name, problem, params, batch, device, dtype, repeats, **hp)
+            rows.append(dict(framework=framework.value, device=device.value, dtype=dtype.value, optimizer=name,
+                             variant=variant(optimizer), width=width, batch_size=batch_size,
+                             num_params=problem.model.num_params(), **cost))
+    return pd.DataFrame(rows)
+
+
+def variant(label: str) -> str:
+    """What a label of `SETTINGS` adds to its optimizer's name ("mc", "momentum"; "" for none)."""
+    return label.partition("-")[2]
+
+
+PEERS = ("torch.optim.SGD", "torch.optim.Adam", "optax.sgd", "optax.adam", "kfac_jax.Optimizer")
+# Which of our settings each peer is compared with (same hyperparameters, same model and batch).
+PEER_OF = {
+    "torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "optax.sgd": "sgd", "optax.adam": "adam",
+    "kfac_jax.Optimizer": "kfac",
+}
+
+
+def peer_framework(peer: str) -> Framework:
+    """The framework a peer runs in, or a ValueError naming the peers."""
+    if peer not in PEERS:
+        raise ValueError(f"peer: {peer!r} is not one of {', '.join(PEERS)}")
+    return Framework.TORCH if peer.startswith("torch") else Framework.JAX
 
 
 def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dtype="float32", **hyperparameters):
     """One training step (loss, gradient, update) of a library users would otherwise pick, on the
-    same parameters and batch as `step_call`: torch.optim (foreach) or optax (jitted)."""
-    if peer not in PEERS:
-        raise ValueError(f"peer: {peer!r} is not one of {', '.join(PEERS)}")
-    framework = Framework.TORCH if peer.startswith("torch") else Framework.JAX
+    same parameters and batch as `step_call`: torch.optim (foreach), optax (jitted) or kfac-jax's
+    K-FAC (`kfac_jax_step_call`). Returns (call, sync, period) like `step_call`."""
+    framework = peer_framework(peer)
     device, dtype = parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    if peer == "kfac_jax.Optimizer":
+        return kfac_jax_step_call(problem, params, batch, device, dtype, **hyperparameters)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     data = to_batch(*batch)
     if framework == Framework.TORCH:
@@ -148,13 +249,14 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
             opt.step()
             return leaves
 
-        return call, sync
+        return call, sync, 1
     import jax
     import optax
 
     import natgrad_impls.jax as nj
 
-    transform = optax.sgd(**hyperparameters) if peer.endswith("sgd") else optax.adam(**hyperparameters)
+    make = optax.sgd if peer.endswith("sgd") else optax.adam
+    transform = make(**_optax_names(hyperparameters))
 
     @jax.jit
     def update(p, state, b):
@@ -169,7 +271,110 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
         carry["params"], carry["state"] = update(carry["params"], carry["state"], data)
         return carry["params"]
 
-    return call, sync
+    return call, sync, 1
+
+
+def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="float32", lr=1e-4, damping=1e-3,
+                       kfac_update_period: int = 10, kfac_ema: float = 0.95, fisher="mc", samples: int = 1,
+                       seed: int = 0):
+    """kfac-jax's `Optimizer.step` on our MLP, configured as our `kfac`: fixed learning rate and
+    damping (no adaptation, no momentum, no l2), factors as moving averages with decay `kfac_ema`
+    updated every step, inverses refreshed every `kfac_update_period` steps, MC labels
+    ("fisher_gradients", `samples` per example) or the exact Fisher ("fisher_exact"). Layers are
+    registered by hand (register_dense, register_softmax_cross_entropy_loss), not by graph matching.
+    kfac-jax's dense layers compute x @ w + b with w in x out: our weights are handed over transposed.
+    Its step is jitted internally; the Python step counter is passed along (`global_step_int`) so
+    that a step does not wait for the device to read it back. Returns (call, sync, period)."""
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    _patch_kfac_jax()
+    model = problem.model
+    if problem.likelihood != Likelihood.CATEGORICAL or problem.l2 or model.has_conv:
+        raise ValueError("problem: the kfac_jax peer takes MLPs with the categorical likelihood and no l2")
+    device, dtype = parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    fisher = {"mc": "fisher_gradients", "exact": "fisher_exact"}[str(fisher)]
+    jax_device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+    put = lambda a, t=getattr(jnp, dtype.value): jax.device_put(jnp.asarray(a, dtype=t), jax_device)
+    layers = [name for name, _ in model.parametric()]
+    activations = [layer for layer in model.layers if not isinstance(layer, models.Dense)]
+    import natgrad_impls.jax.model as M
+
+    act = M._ACTIVATIONS[activations[0].kind] if activations else None
+
+    def loss(p, data):
+        x, y = data
+        h = x
+        for index, (w, b) in enumerate(p):
+            if index:
+                h = act(h)
+            h = kfac_jax.register_dense(h @ w + b, h, w, b)
+        kfac_jax.register_softmax_cross_entropy_loss(h, y)
+        return jnp.mean(jax.nn.logsumexp(h, -1) - jnp.take_along_axis(h, y[:, None], -1)[:, 0])
+
+    optimizer = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss),
+        l2_reg=0.0,
+        use_adaptive_learning_rate=False,
+        learning_rate_schedule=lambda step: lr,
+        use_adaptive_momentum=False,
+        momentum_schedule=lambda step: 0.0,
+        use_adaptive_damping=False,
+        damping_schedule=lambda step: damping,
+        estimation_mode=fisher,
+        num_estimator_samples=samples,
+        curvature_ema=kfac_ema,
+        curvature_update_period=1,
+        inverse_update_period=kfac_update_period,
+        num_burnin_steps=0,
+        use_automatic_registration=False,
+        multi_device=False,
+    )
+    p = [(put(params[f"{n}.weight"].T), put(params[f"{n}.bias"])) for n in layers]
+    data = (put(batch[0]), put(batch[1], jnp.int32))
+    key = jax.random.key(seed)
+    carry = {"params": p, "state": optimizer.init(p, key, data), "step": 0}
+
+    def call():
+        step = carry["step"]
+        carry["params"], carry["state"], _ = optimizer.step(
+            carry["params"], carry["state"], jax.random.fold_in(key, step), batch=data, global_step_int=step
+        )
+        carry["step"] = step + 1
+        return carry["params"]
+
+    return call, jax.block_until_ready, kfac_update_period
+
+
+def _patch_kfac_jax() -> None:
+    """kfac-jax 0.0.8's tag_graph_matcher.eval_jaxpr_eqn unpacks `subfuns, params =
+    primitive.get_bind_params(params)`; since jax 0.10 get_bind_params returns the params alone
+    ("too many values to unpack"). Replace it by one that takes both conventions (idempotent)."""
+    import jax.extend as jex
+    from kfac_jax._src import tag_graph_matcher
+
+    if getattr(tag_graph_matcher.eval_jaxpr_eqn, "_natgrad_compat", False):
+        return
+
+    def eval_jaxpr_eqn(eqn, in_values):
+        bound = eqn.primitive.get_bind_params(eqn.params)
+        subfuns, bind_params = ((), bound) if isinstance(bound, dict) else bound
+        with jex.source_info_util.user_context(eqn.source_info.traceback):
+            output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
+        return output if isinstance(output, list) else [output]
+
+    eval_jaxpr_eqn._natgrad_compat = True
+    tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
+
+
+def _optax_names(hyperparameters: dict) -> dict:
+    """Our names (lr) in optax's (learning_rate); momentum 0 is optax's None (no trace)."""
+    out = dict(hyperparameters)
+    out["learning_rate"] = out.pop("lr")
+    if "momentum" in out and not out["momentum"]:
+        del out["momentum"]
+    return out
 
 
 def _torch_names(hyperparameters: dict) -> dict:

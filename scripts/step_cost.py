@@ -1,11 +1,19 @@
 """Cost of one step of each optimizer, measured side by side in one run (issue: core library).
 
-Prints, on an MLP of about 100k parameters (784-128-10, batch 128, float32 by default):
-  - our sgd/adam step time over torch.optim (foreach) and optax on the same parameters (target <= 1.2);
+Prints, on the MLP of `natgrad_impls.timing.mlp_problem` (784-128-10 relu, 101,770 parameters,
+batch 128, float32 by default), with the settings of `timing.SETTINGS`:
   - every optimizer's step in gradient-equivalents, time(step) / time(mini-batch gradient)
-    (targets on CPU: kfac (period 10) <= 3, ef and ngd mc <= 4; ngd exact ~ classes x that).
-Usage: python scripts/step_cost.py [--framework torch,jax] [--device cpu|cuda] [--dtype float32]
-       [--repeats 30] [--out results/step_cost.csv]
+    (targets on CPU: kfac (period 10) <= 3, ef and ngd-mc <= 4; ngd-exact ~ classes x that);
+  - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
+    over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
+Every time is the median of `--repeats` samples; a K-FAC sample spans one inversion period.
+`--rounds R` repeats the whole measurement R times in this process and reports the median of the
+rounds (the machine may be shared: rounds spread a burst of load over several samples).
+
+    python scripts/step_cost.py [--framework torch,jax] [--device cpu|cuda] [--dtype float32]
+        [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--out results/step_cost.csv]
+    python scripts/step_cost.py --sweep --widths 64,128,256,512 --batch-sizes 32,128,512 \\
+        --out results/scaling.csv          # timing.scaling_sweep over the grid, long format
 """
 
 from __future__ import annotations
@@ -13,29 +21,47 @@ from __future__ import annotations
 import argparse
 import platform
 
-import numpy as np
 import pandas as pd
 
-from natgrad_impls import models, timing
+from natgrad_impls import timing
 
-# Small lr: timing runs take hundreds of steps on random data and must not diverge.
-OPTIMIZERS = [
-    ("sgd", {"lr": 1e-4}),
-    ("sgd", {"lr": 1e-4, "momentum": 0.9}),
-    ("adam", {"lr": 1e-4}),
-    ("ef", {"lr": 1e-4, "damping": 1e-3}),
-    ("ngd", {"lr": 1e-4, "damping": 1e-3, "fisher": "mc"}),
-    ("ngd", {"lr": 1e-4, "damping": 1e-3, "fisher": "exact"}),
-    ("kfac", {"lr": 1e-4, "damping": 1e-3, "kfac_update_period": 10}),
-]
-PEERS = {"sgd": ("torch.optim.SGD", "optax.sgd"), "adam": ("torch.optim.Adam", "optax.adam")}
+PEER_COLUMN = {"torch.optim.SGD": "over_torch", "torch.optim.Adam": "over_torch", "optax.sgd": "over_optax",
+               "optax.adam": "over_optax", "kfac_jax.Optimizer": "over_kfac_jax"}
 
 
-def mlp_problem(width=128, batch=128, seed=0):
-    model = models.mlp((784, width, 10), "relu")
-    rng = np.random.default_rng(seed)
-    data = rng.normal(size=(batch, 784)), rng.integers(0, 10, batch)
-    return models.Problem(model, "categorical"), models.init_params(model, seed), data
+def _peers(label: str, framework: str) -> list[str]:
+    return [peer for peer, ours in timing.PEER_OF.items() if ours == label and timing.peer_framework(peer) == framework]
+
+
+def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, width=128, batch_size=128,
+               peers=True) -> pd.DataFrame:
+    """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
+    exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time)."""
+    problem, params, batch = timing.mlp_problem(width, batch_size)
+    rows = []
+    for framework in frameworks:
+        grad, grad_sync = timing.gradient_call(framework, problem, params, batch, device, dtype)
+        for label in settings:
+            optimizer, hp = timing.setting(label)
+            step, sync, period = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
+            step_s = timing.median_seconds(step, sync, repeats, block=period)
+            # the unit of cost is timed next to each step, so that both see the same machine load
+            grad_s = timing.median_seconds(grad, grad_sync, repeats)
+            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer,
+                       variant=timing.variant(label), width=width, batch_size=batch_size,
+                       num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
+                       gradient_equivalents=step_s / grad_s)
+            for peer in _peers(label, framework) if peers else ():
+                try:
+                    call, psync, pperiod = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
+                except ImportError as error:  # kfac-jax is a test extra
+                    print(f"skipping {peer}: {error}")
+                    continue
+                peer_s = timing.median_seconds(call, psync, repeats, block=pperiod)
+                row[PEER_COLUMN[peer]] = step_s / peer_s
+                row[PEER_COLUMN[peer].replace("over_", "") + "_s"] = peer_s
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def main(argv=None):
@@ -44,29 +70,38 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--settings", default=",".join(timing.SETTINGS),
+                        help=f"labels of timing.SETTINGS (default: all of {', '.join(timing.SETTINGS)})")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out")
+    parser.add_argument("--no-peers", action="store_true", help="skip the torch.optim / optax / kfac-jax peers")
+    parser.add_argument("--sweep", action="store_true", help="timing.scaling_sweep over --widths x --batch-sizes")
+    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--batch-sizes", default="32,128,512")
+    parser.add_argument("--out", help="CSV file for the table")
     args = parser.parse_args(argv)
-    problem, params, batch = mlp_problem(args.width, args.batch_size)
-    rows = []
-    for framework in args.framework.split(","):
-        grad, sync = timing.gradient_call(framework, problem, params, batch, args.device, args.dtype)
-        grad_s = timing.median_seconds(grad, sync, args.repeats)
-        for optimizer, hp in OPTIMIZERS:
-            step, sync, period = timing.step_call(framework, optimizer, problem, params, batch, args.device, args.dtype, **hp)
-            step_s = timing.median_seconds(step, sync, args.repeats, block=period)
-            row = dict(framework=framework, device=args.device, dtype=args.dtype, optimizer=optimizer,
-                       variant=hp.get("fisher", "momentum" if hp.get("momentum") else ""), step_s=step_s,
-                       gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
-            for peer in PEERS.get(optimizer, ()):
-                if peer.startswith(framework):
-                    call, psync = timing.peer_step_call(peer, problem, params, batch, args.device, args.dtype, **hp)
-                    row[f"over_{peer.split('.')[0]}"] = step_s / timing.median_seconds(call, psync, args.repeats)
-            rows.append(row)
-    table = pd.DataFrame(rows)
+    frameworks, settings = args.framework.split(","), args.settings.split(",")
+    for label in settings:
+        timing.setting(label)  # fail on a bad label before measuring anything
+    if args.sweep:
+        widths = [int(w) for w in args.widths.split(",")]
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        table = pd.concat(
+            [timing.scaling_sweep(f, label, widths, batch_sizes, args.device, args.dtype, args.repeats)
+             for f in frameworks for label in settings],
+            ignore_index=True,
+        )
+    else:
+        rounds = [cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width,
+                             args.batch_size, not args.no_peers).assign(round=r) for r in range(args.rounds)]
+        table = pd.concat(rounds, ignore_index=True)
+        if args.rounds > 1:
+            keys = ["framework", "device", "dtype", "optimizer", "variant", "width", "batch_size", "num_params"]
+            table = table.drop(columns="round").groupby(keys, sort=False, dropna=False).median().reset_index()
+            table["rounds"] = args.rounds
     table["machine"] = platform.processor() or platform.machine()
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(table.drop(columns="machine").to_string(index=False))
     if args.out:
         table.to_csv(args.out, index=False)

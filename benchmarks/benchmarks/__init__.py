@@ -1,0 +1,1 @@
+"""asv benchmarks of natgrad-bench: see benchmarks/README.md."""

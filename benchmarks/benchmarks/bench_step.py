@@ -1,0 +1,132 @@
+"""Cost of one optimizer step: ours and the peers', in seconds, peak memory and gradient-equivalents.
+
+Every benchmark times through natgrad_impls.timing (the cost script and the pipeline do too) on the
+MLP of `timing.mlp_problem` with the settings of `timing.SETTINGS`, in float32. `setup` builds the
+optimizer, compiles (jax.jit, kfac-jax's internal jit) and runs two full periods; each timed call is
+one step followed by a device synchronisation. A K-FAC step's cost depends on where it falls in the
+inversion period, so every time sample spans `number` = one period (10) consecutive steps: the
+reported time per step includes its share of the inversion. cuda parameters are skipped
+(SkipNotImplemented) where the framework sees no GPU.
+"""
+
+from __future__ import annotations
+
+from natgrad_impls import timing
+
+from .common import DEVICES, DTYPE, FRAMEWORKS, QUICK, REPEATS, SETTINGS, SIZES, SkipNotImplemented, require_device, warm_up
+
+PERIOD = timing.SETTINGS["kfac"][1]["kfac_update_period"]
+
+
+class Step:
+    """Our optimizers: `time_step` is the wall-clock time of one step (loss, gradient, curvature,
+    update) after warm-up; `peakmem_step` the peak resident memory of a process that has built the
+    optimizer and taken steps (imports included: compare across commits, not across settings)."""
+
+    params = [SETTINGS, FRAMEWORKS, DEVICES, list(SIZES)]
+    param_names = ["optimizer", "framework", "device", "size"]
+    number = PERIOD  # one K-FAC inversion period per sample
+    repeat = (3, 20, 20.0)
+    warmup_time = 0.0  # setup warms up
+    timeout = 600
+
+    def setup(self, optimizer, framework, device, size):
+        require_device(framework, device)
+        width, batch_size = SIZES[size]
+        problem, params, batch = timing.mlp_problem(width, batch_size)
+        name, hyperparameters = timing.setting(optimizer)
+        self.call, self.sync, period = timing.step_call(framework, name, problem, params, batch, device, DTYPE,
+                                                        **hyperparameters)
+        warm_up(self.call, self.sync, period)
+
+    def time_step(self, *params):
+        self.sync(self.call())
+
+    def peakmem_step(self, *params):
+        self.sync(self.call())
+
+
+class PeerStep:
+    """The libraries users would otherwise pick, timed exactly as `Step`: torch.optim.SGD/Adam
+    (foreach), optax.sgd/adam (one jitted update), kfac-jax's K-FAC Optimizer (fixed lr and
+    damping, no momentum, inverses every 10 steps, MC Fisher), with our hyperparameters."""
+
+    params = [list(timing.PEERS), DEVICES, list(SIZES)]
+    param_names = ["peer", "device", "size"]
+    number = PERIOD
+    repeat = (3, 20, 20.0)
+    warmup_time = 0.0
+    timeout = 600
+
+    def setup(self, peer, device, size):
+        require_device(timing.peer_framework(peer).value, device)
+        width, batch_size = SIZES[size]
+        problem, params, batch = timing.mlp_problem(width, batch_size)
+        _, hyperparameters = timing.setting(timing.PEER_OF[peer])
+        try:
+            self.call, self.sync, period = timing.peer_step_call(peer, problem, params, batch, device, DTYPE,
+                                                                 **hyperparameters)
+        except ImportError as error:  # kfac-jax is a test extra
+            raise SkipNotImplemented(f"{peer}: {error}") from None
+        warm_up(self.call, self.sync, period)
+
+    def time_step(self, *params):
+        self.sync(self.call())
+
+    def peakmem_step(self, *params):
+        self.sync(self.call())
+
+
+class OverPeer:
+    """Our step time over the peer's, both measured in one process, alternating, as medians of
+    one-period blocks (timing.median_seconds): the targets are <= 1.2 for sgd and adam over
+    torch.optim and optax, and <= 1 for kfac over kfac-jax. A ratio is steadier across machines and
+    load than either time."""
+
+    params = [list(timing.PEERS), DEVICES, list(SIZES)]
+    param_names = ["peer", "device", "size"]
+    unit = "ours / peer"
+    processes = 1
+    timeout = 600
+
+    def setup(self, peer, device, size):
+        framework = timing.peer_framework(peer).value
+        require_device(framework, device)
+        width, batch_size = SIZES[size]
+        problem, params, batch = timing.mlp_problem(width, batch_size)
+        name, hyperparameters = timing.setting(timing.PEER_OF[peer])
+        try:
+            self.peer = timing.peer_step_call(peer, problem, params, batch, device, DTYPE, **hyperparameters)
+        except ImportError as error:
+            raise SkipNotImplemented(f"{peer}: {error}") from None
+        self.ours = timing.step_call(framework, name, problem, params, batch, device, DTYPE, **hyperparameters)
+
+    def track_over_peer(self, *params):
+        ours, peer = [], []
+        for _ in range(3 if not QUICK else 1):  # alternate, so that a burst of load hits both
+            ours.append(timing.median_seconds(*self.ours[:2], REPEATS, block=self.ours[2]))
+            peer.append(timing.median_seconds(*self.peer[:2], REPEATS, block=self.peer[2]))
+        return sorted(ours)[len(ours) // 2] / sorted(peer)[len(peer) // 2]
+
+
+class Cost:
+    """One step in gradient-equivalents: time(step) / time(one mini-batch loss and gradient) on the
+    same model, batch, framework and device (DESIGN 4), via timing.gradient_equivalents. sgd is
+    about 1; kfac (period 10) should stay under 3, ef and ngd-mc under 4 on CPU."""
+
+    params = [SETTINGS, FRAMEWORKS, DEVICES, list(SIZES)]
+    param_names = ["optimizer", "framework", "device", "size"]
+    unit = "gradients"
+    processes = 1
+    timeout = 600
+
+    def setup(self, optimizer, framework, device, size):
+        require_device(framework, device)
+
+    def track_gradient_equivalents(self, optimizer, framework, device, size):
+        width, batch_size = SIZES[size]
+        problem, params, batch = timing.mlp_problem(width, batch_size)
+        name, hyperparameters = timing.setting(optimizer)
+        cost = timing.gradient_equivalents(framework, name, problem, params, batch, device, DTYPE, REPEATS,
+                                           **hyperparameters)
+        return cost["gradient_equivalents"]

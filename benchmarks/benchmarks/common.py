@@ -1,0 +1,60 @@
+"""Parameters and helpers shared by the benchmark classes.
+
+NATGRAD_ASV_QUICK=1 shrinks every parameter list to its smallest useful point (one tiny MLP, few
+training steps, one sample per timing), so that `make test` can run the whole suite once in about a
+minute and fail on a broken benchmark; the numbers it produces mean nothing. Without it, the sizes
+are those of the report (`small` is the MLP of scripts/step_cost.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from asv_runner.benchmarks.mark import SkipNotImplemented
+
+# Everything a benchmark needs is imported here, once: asv.conf.json launches benchmarks from a
+# forkserver that imports the suite and forks one process per benchmark and parameter set, so
+# these imports are not paid again in every process. Importing runs no computation (no thread
+# pools, no device), so forking afterwards is safe. torch.func's first call imports torch._dynamo
+# (1.4 s); optax and kfac-jax are the peers'.
+import jax  # noqa: E402,F401
+import optax  # noqa: E402,F401
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401
+
+import natgrad_impls.jax  # noqa: E402,F401  (enables float64 in JAX, as every entry point does)
+import natgrad_impls.torch  # noqa: E402,F401
+from natgrad_impls import timing  # noqa: E402
+
+try:
+    import kfac_jax  # noqa: F401  (a test extra; PeerStep skips it where missing)
+except ImportError:
+    pass
+
+QUICK = os.environ.get("NATGRAD_ASV_QUICK", "") not in ("", "0")
+
+SETTINGS = list(timing.SETTINGS)  # sgd, sgd-momentum, adam, ef, ngd-exact, ngd-mc, kfac
+FRAMEWORKS = ["torch", "jax"]
+DEVICES = ["cpu", "cuda"]
+# size -> (MLP width, batch size); the MLP is 784-width-10 (timing.mlp_problem).
+SIZES = {"tiny": (32, 32)} if QUICK else {"small": (128, 128), "large": (512, 256)}
+DTYPE = "float32"
+# Median of this many samples in the track_ benchmarks that time through natgrad_impls.timing.
+REPEATS = 2 if QUICK else 20
+# The scaling sweep (width x batch size) of the report's cost figures, a few settings only.
+SWEEP_SETTINGS = ["kfac"] if QUICK else ["sgd", "adam", "ef", "ngd-mc", "kfac"]
+SWEEP_WIDTHS = [32] if QUICK else [64, 128, 256, 512, 1024]
+SWEEP_BATCH_SIZES = [32] if QUICK else [32, 128, 512]
+
+
+def require_device(framework: str, device: str) -> None:
+    """SkipNotImplemented where `framework` does not see `device` (cuda without a GPU)."""
+    if not timing.device_available(framework, device):
+        raise SkipNotImplemented(f"{framework} sees no {device} device")
+
+
+def warm_up(call, sync, period: int) -> None:
+    """Compile and run two full periods (K-FAC: two inversions) before anything is timed."""
+    for _ in range(2 * period):
+        out = call()
+    sync(out)

@@ -1,0 +1,130 @@
+"""The asv suite runs: every benchmark once, in quick mode, against the installed package, so that a
+broken benchmark fails `make test` (issue: asv performance tracking).
+
+`asv run --quick --python=same --dry-run` runs each benchmark function once per parameter set in
+this interpreter's environment and saves nothing; NATGRAD_ASV_QUICK=1 shrinks the parameters (one
+tiny MLP, a few training steps). The numbers mean nothing here; only that every benchmark ran.
+Also checked: the cost functions the suite and the pipeline share, on a tiny problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from natgrad_impls import timing
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+# Benchmark functions of the suite; a new one is added here, so that one silently dropped (an import
+# error in its module, a renamed method) fails the test rather than going unnoticed.
+EXPECTED = {
+    "bench_step.Step.time_step", "bench_step.Step.peakmem_step", "bench_step.PeerStep.time_step",
+    "bench_step.PeerStep.peakmem_step", "bench_step.OverPeer.track_over_peer",
+    "bench_step.Cost.track_gradient_equivalents", "bench_training.Training.track_loss",
+    "bench_scaling.Scaling.track_gradient_equivalents",
+}
+
+
+def _asv(args, env, timeout):
+    return subprocess.run([sys.executable, "-m", "asv", *args], cwd=BENCHMARKS, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_asv_quick_run(tmp_path):
+    env = dict(
+        os.environ,
+        HOME=str(tmp_path),  # asv keeps its machine description in ~/.asv-machine.json
+        NATGRAD_ASV_QUICK="1",
+        COLUMNS="200",  # asv shortens benchmark names to the terminal's width
+        # One thread per process: on a loaded 2-core machine torch's thread pool can stall each op
+        # for a scheduler tick; the numbers are thrown away anyway.
+        OMP_NUM_THREADS="1",
+        # The benchmarks of one setting compile the same jitted programs: compile each once.
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    machine = _asv(["machine", "--yes", "--machine", "natgrad-ci"], env, 60)
+    assert machine.returncode == 0, machine.stdout + machine.stderr
+    run = _asv(["run", "--quick", "--python=same", "--dry-run", "--show-stderr", "--machine", "natgrad-ci"], env, 600)
+    output = run.stdout + run.stderr
+    # asv exits 2 when any benchmark failed; a failed one is reported as "failed" with its traceback.
+    assert run.returncode == 0, output[-8000:]
+    assert not re.search(r"\bfailed\b", output), output[-8000:]
+    # "[ 50%] ··· bench_training.Training.track_loss    ok", long names shortened to "...name"
+    ran = {name for shown in re.findall(r"··· (\S+)\s+ok$", output, flags=re.M)
+           for name in EXPECTED if name == shown or (shown.startswith("...") and name.endswith(shown[3:]))}
+    assert ran == EXPECTED, (sorted(EXPECTED - ran), output[-4000:])
+
+
+def test_asv_conf_keeps_results_inside_benchmarks():
+    import json
+
+    text = (BENCHMARKS / "asv.conf.json").read_text()
+    conf = json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.M))
+    assert conf["repo"] == ".."
+    for key in ("results_dir", "html_dir", "env_dir"):
+        assert not Path(conf[key]).is_absolute() and ".." not in Path(conf[key]).parts, key
+
+
+def test_scaling_sweep_long_format():
+    table = timing.scaling_sweep("jax", "sgd", [8, 16], [4], "cpu", "float32", repeats=2)
+    assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "variant", "width", "batch_size",
+                                   "num_params", "step_s", "gradient_s", "gradient_equivalents"]
+    assert table["width"].tolist() == [8, 16] and (table["batch_size"] == 4).all()
+    assert table["num_params"].tolist() == [784 * 8 + 8 + 8 * 10 + 10, 784 * 16 + 16 + 16 * 10 + 10]
+    assert np.allclose(table["gradient_equivalents"], table["step_s"] / table["gradient_s"])
+    with pytest.raises(ValueError, match="setting"):
+        timing.scaling_sweep("jax", "newton", [8], [4])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax 0.0.8 uses deprecated jax names
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_kfac_jax_peer_takes_our_kfac_step(framework):
+    """kfac-jax's Optimizer, as the peer configures it, does the work of our `kfac` step: with the
+    exact Fisher, its first steps (the first batch's factors, inverted once with M&G's factored
+    Tikhonov damping, then reused) land on our parameters (float64). Its factor average differs
+    from ours after the first step (a normalised weighted mean), which only matters for later
+    inversions."""
+    pytest.importorskip("kfac_jax")
+    problem, params, batch = timing.mlp_problem(width=16, batch=8)
+    hyperparameters = dict(lr=1.0, damping=1e-2, kfac_update_period=10, fisher="exact")
+    theirs, _, period = timing.peer_step_call("kfac_jax.Optimizer", problem, params, batch, "cpu", "float64",
+                                              **hyperparameters)
+    ours, _, _ = timing.step_call(framework, "kfac", problem, params, batch, "cpu", "float64", **hyperparameters)
+    assert period == 10
+    for _ in range(3):
+        a, b = ours(), theirs()
+        for index, name in enumerate(["dense0", "dense2"]):
+            weight = np.asarray(a[f"{name}.weight"])
+            update = np.abs(weight - params[f"{name}.weight"]).max()
+            assert np.abs(np.asarray(b[index][0]).T - weight).max() <= 1e-10 * update, name
+            np.testing.assert_allclose(np.asarray(b[index][1]), np.asarray(a[f"{name}.bias"]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("peer, momentum", [("torch.optim.SGD", 0.0), ("torch.optim.SGD", 0.9), ("torch.optim.Adam", 0.0),
+                                            ("optax.sgd", 0.0), ("optax.sgd", 0.9), ("optax.adam", 0.0)])
+def test_sgd_adam_peers_take_our_step(peer, momentum):
+    """Each peer does what the optimizer it is compared with does: three steps from the same
+    parameters on the same batch land on the same parameters (float64)."""
+    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    label = timing.PEER_OF[peer]
+    _, hyperparameters = timing.setting(label)
+    hyperparameters.update(lr=0.1, **({"momentum": momentum} if momentum else {}))
+    framework = timing.peer_framework(peer).value
+    ours, _, _ = timing.step_call(framework, label, problem, params, batch, "cpu", "float64", **hyperparameters)
+    theirs, _, _ = timing.peer_step_call(peer, problem, params, batch, "cpu", "float64", **hyperparameters)
+    for _ in range(3):
+        a, b = ours(), theirs()
+    for name in params:
+        np.testing.assert_allclose(np.asarray(a[name].detach() if framework == "torch" else a[name]),
+                                   np.asarray(b[name].detach() if framework == "torch" else b[name]),
+                                   rtol=1e-10, atol=1e-12, err_msg=name)
