@@ -8,16 +8,9 @@ import pytest
 
 from conftest import PROBLEMS, TorchImpl, make_data
 from natgrad_impls import models
+from test_parity import SETTINGS  # the same non-chaotic settings as the CPU parity tests
 
 pytestmark = pytest.mark.gpu
-
-SETTINGS = {
-    "sgd": {"lr": 0.2, "momentum": 0.5},
-    "adam": {"lr": 0.05},
-    "ef": {"lr": 0.1, "damping": 1e-2},
-    "ngd": {"lr": 0.3, "damping": 1e-2},
-    "kfac": {"lr": 0.3, "damping": 1e-2, "kfac_update_period": 3, "fisher": "exact"},
-}
 
 
 class JaxCuda:

@@ -13,23 +13,18 @@ The curvature-based optimizers differ only in the curvature they precondition wi
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from natgrad_impls import hyperparameters as hp
+from natgrad_impls.interface import FunctionalOptimizer
 from natgrad_impls.jax import curvature as C
 from natgrad_impls.jax import model as M
 from natgrad_impls.models import Problem
 from natgrad_impls.names import Curvature, Fisher
-
-
-class FunctionalOptimizer(NamedTuple):
-    init: Callable[[dict], Any]
-    step: Callable[[dict, Any, tuple], tuple[dict, Any, dict]]
-    hyperparameters: Any
 
 
 class SGDState(NamedTuple):

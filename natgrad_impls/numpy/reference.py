@@ -21,20 +21,15 @@ same draws as torch's or jax's samplers, so mc runs agree across frameworks only
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import expit
 
 from natgrad_impls import hyperparameters as hp
+from natgrad_impls.interface import FunctionalOptimizer
 from natgrad_impls.models import Dense, Problem, flatten, unflatten
 from natgrad_impls.names import Fisher, Likelihood, parse
-
-
-class FunctionalOptimizer(NamedTuple):
-    init: Callable[[dict], Any]
-    step: Callable[[dict, Any, tuple], tuple[dict, Any, dict]]
-    hyperparameters: Any
 
 
 class SGDState(NamedTuple):

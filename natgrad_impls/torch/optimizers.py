@@ -12,21 +12,16 @@ The curvature-based optimizers differ only in the curvature they precondition wi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from natgrad_impls import hyperparameters as hp
+from natgrad_impls.interface import FunctionalOptimizer
 from natgrad_impls.models import Problem
 from natgrad_impls.names import Curvature, Fisher
 from natgrad_impls.torch import curvature as C
 from natgrad_impls.torch import model as M
-
-
-class FunctionalOptimizer(NamedTuple):
-    init: Callable[[dict], Any]
-    step: Callable[[dict, Any, tuple], tuple[dict, Any, dict]]
-    hyperparameters: Any
 
 
 class SGDState(NamedTuple):
