@@ -347,25 +347,24 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     return call, jax.block_until_ready, kfac_update_period
 
 
-def _patch_kfac_jax() -> None:
+def kfac_jax_eval_jaxpr_eqn(eqn, in_values):
     """kfac-jax 0.0.8's tag_graph_matcher.eval_jaxpr_eqn unpacks `subfuns, params =
     primitive.get_bind_params(params)`; since jax 0.10 get_bind_params returns the params alone
-    ("too many values to unpack"). Replace it by one that takes both conventions (idempotent)."""
+    ("too many values to unpack"). This one takes both conventions."""
     import jax.extend as jex
+
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, bind_params = ((), bound) if isinstance(bound, dict) else bound
+    with jex.source_info_util.user_context(eqn.source_info.traceback):
+        output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
+    return output if isinstance(output, list) else [output]
+
+
+def _patch_kfac_jax() -> None:
+    """Install `kfac_jax_eval_jaxpr_eqn` in kfac-jax (idempotent)."""
     from kfac_jax._src import tag_graph_matcher
 
-    if getattr(tag_graph_matcher.eval_jaxpr_eqn, "_natgrad_compat", False):
-        return
-
-    def eval_jaxpr_eqn(eqn, in_values):
-        bound = eqn.primitive.get_bind_params(eqn.params)
-        subfuns, bind_params = ((), bound) if isinstance(bound, dict) else bound
-        with jex.source_info_util.user_context(eqn.source_info.traceback):
-            output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
-        return output if isinstance(output, list) else [output]
-
-    eval_jaxpr_eqn._natgrad_compat = True
-    tag_graph_matcher.eval_jaxpr_eqn = eval_jaxpr_eqn
+    tag_graph_matcher.eval_jaxpr_eqn = kfac_jax_eval_jaxpr_eqn
 
 
 def _optax_names(hyperparameters: dict) -> dict:

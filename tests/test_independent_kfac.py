@@ -28,6 +28,7 @@ import torch
 from conftest import make_data
 from natgrad_impls import models
 from natgrad_impls.names import Curvature, Likelihood
+from natgrad_impls.timing import kfac_jax_eval_jaxpr_eqn
 
 SIZES = (6, 8, 5, 3)  # three dense layers: dense0, dense2, dense4 (tanh in between)
 N = 16
@@ -226,25 +227,13 @@ KFAC_JAX_SCALE = {
 }
 
 
-def _eval_jaxpr_eqn_compat(eqn, in_values):
-    """kfac-jax 0.0.8's tag_graph_matcher.eval_jaxpr_eqn unpacks `subfuns, params =
-    eqn.primitive.get_bind_params(eqn.params)`; in jax 0.10 get_bind_params returns the params dict
-    alone ("ValueError: too many values to unpack"). The same function for both conventions."""
-    import jax.extend as jex
-
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, bind_params = ((), bound) if isinstance(bound, dict) else bound
-    with jex.source_info_util.user_context(eqn.source_info.traceback):
-        output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
-    return output if isinstance(output, list) else [output]
-
-
 @pytest.fixture
 def kfac_jax(monkeypatch):
     kfac_jax = pytest.importorskip("kfac_jax")
     from kfac_jax._src import tag_graph_matcher
 
-    monkeypatch.setattr(tag_graph_matcher, "eval_jaxpr_eqn", _eval_jaxpr_eqn_compat)
+    # kfac-jax 0.0.8 on jax 0.10 needs one function replaced (see natgrad_impls.timing).
+    monkeypatch.setattr(tag_graph_matcher, "eval_jaxpr_eqn", kfac_jax_eval_jaxpr_eqn)
     return kfac_jax
 
 
