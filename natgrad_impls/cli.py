@@ -183,9 +183,5 @@ def main(argv=None) -> int:
         return _fail(str(error), EXIT_BAD_INPUT)
 
 
-def entry() -> None:  # pragma: no cover - the console script
-    sys.exit(main())
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
