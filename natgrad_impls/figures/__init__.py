@@ -1,0 +1,65 @@
+"""Figures and tables in the style of Kunstner, Balles & Hennig (2019), drawn from tidy tables only.
+
+Every figure function takes pandas DataFrames with the columns of DESIGN 7 (or of the small tables
+that `natgrad_impls.toys` and the cost code write) and returns a `Drawn`: the matplotlib figure and
+the notes that belong in its caption (e.g. an optimizer absent from the table, a chaotic best run).
+Nothing is recomputed from the tasks here, so a figure can be redrawn from any run, CPU or GPU,
+ours or a user's.
+
+    drawn = paper.optimisation(grid_frame, cos_frame)
+    save(drawn, "results/figures/fig3.png")      # writes fig3.png and fig3.pdf, atomically
+
+One look everywhere (`style`): a fixed colour and line style per optimizer, log-scale losses, light
+frames, readable at column width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI machines or cluster nodes
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from natgrad_impls.figures import style  # noqa: E402,F401
+
+
+@dataclasses.dataclass
+class Drawn:
+    figure: Figure
+    notes: list[str] = dataclasses.field(default_factory=list)  # caption notes, one sentence each
+
+    @property
+    def caption_notes(self) -> str:
+        return " ".join(self.notes)
+
+
+def save(drawn: Drawn, path, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
+    """Write the figure as `path` with each suffix of `formats` (temp file + rename each) and the
+    notes beside it as `path` with suffix `.notes.txt`; returns the paths written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in formats:
+        target = path.with_suffix("." + suffix)
+        _atomic(target, lambda temp: drawn.figure.savefig(temp, format=suffix, dpi=dpi, bbox_inches="tight"))
+        written.append(target)
+    notes = path.with_suffix(".notes.txt")
+    _atomic(notes, lambda temp: Path(temp).write_text(drawn.caption_notes + "\n"))
+    written.append(notes)
+    return written
+
+
+def _atomic(target: Path, write) -> None:
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, target)
+    finally:
+        Path(temp).unlink(missing_ok=True)

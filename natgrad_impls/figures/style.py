@@ -1,0 +1,59 @@
+"""The one look of every figure: colours, line styles and labels per optimizer, and the rc settings.
+
+The paper drew GD dashed, NGD solid and EF dash-dot; Adam and K-FAC extend that with dotted and
+long-dashed lines. Colours are the colour-blind-safe seaborn palette, fixed per optimizer so that
+an optimizer has the same colour in every figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import matplotlib as mpl
+import seaborn as sns
+
+from natgrad_impls.names import Framework, Optimizer
+
+OPTIMIZERS = tuple(o.value for o in Optimizer)  # sgd, adam, ef, ngd, kfac: the order of legends
+LABELS = {"sgd": "SGD", "adam": "Adam", "ef": "EF", "ngd": "NGD", "kfac": "K-FAC"}
+_PALETTE = sns.color_palette("colorblind")
+COLORS = {"sgd": _PALETTE[7], "adam": _PALETTE[2], "ef": _PALETTE[3], "ngd": _PALETTE[0], "kfac": _PALETTE[4]}
+LINESTYLES = {"sgd": (0, (5, 2)), "adam": (0, (1, 1.5)), "ef": (0, (6, 2, 1, 2)), "ngd": "-", "kfac": (0, (10, 3))}
+FRAMEWORK_LABELS = {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}
+FRAMEWORK_MARKERS = {"numpy": "s", "torch": "o", "jax": "^"}
+DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
+
+assert set(LABELS) == set(OPTIMIZERS) == set(COLORS) == set(LINESTYLES)
+assert set(FRAMEWORK_LABELS) == {f.value for f in Framework}
+
+COLUMN_WIDTH = 3.25  # inches: one column of a two-column paper
+FULL_WIDTH = 6.75
+
+RC = {
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.4,
+    "axes.edgecolor": "0.6", "axes.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False,
+    "grid.color": "0.9", "grid.linewidth": 0.5, "legend.frameon": False,
+    "savefig.dpi": 200, "figure.dpi": 100, "pdf.fonttype": 42,  # editable text in PDFs
+}
+
+
+@contextlib.contextmanager
+def paper():
+    """Draw inside this context: seaborn's white grid with the RC settings above."""
+    with sns.axes_style("whitegrid"), mpl.rc_context(RC):
+        yield
+
+
+def line_kwargs(optimizer: str) -> dict:
+    """Colour, line style and legend label of `optimizer` (a name of DESIGN 3)."""
+    return {"color": COLORS[optimizer], "linestyle": LINESTYLES[optimizer], "label": LABELS[optimizer]}
+
+
+def present(optimizers, wanted=OPTIMIZERS) -> tuple[list[str], list[str]]:
+    """(present, missing): the optimizers of `wanted` found in `optimizers`, in legend order, and a
+    caption note per absent one."""
+    found = set(map(str, optimizers))
+    there = [o for o in wanted if o in found]
+    missing = [f"{LABELS[o]}: not in the table, left out." for o in wanted if o not in found]
+    return there, missing
