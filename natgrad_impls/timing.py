@@ -204,6 +204,94 @@ def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes:
     return pd.DataFrame(rows)
 
 
+def task_problem(task: str, seed: int = 0):
+    """(task, problem, params, batch) of a task's own model: Glorot parameters from `seed`
+    (`models.init_params`) and one mini-batch of the task's batch size (full batch when it has
+    none), drawn from its training set by `seed`. Real data, so that a timed step sees the shapes
+    and values of training."""
+    from natgrad_impls.tasks import get_task
+
+    task = get_task(task)
+    train = task.load(seed).train
+    n = len(train.X)
+    size = n if task.batch_size is None else min(task.batch_size, n)
+    rows = np.sort(np.random.default_rng((seed, 2)).choice(n, size, replace=False))
+    return task, task.problem, models.init_params(task.problem.model, seed), (train.X[rows], train.y[rows])
+
+
+COST_REPEATS = 10  # samples per median: a digits-mlp or mnist1d-mlp cost table in ~10-20 s on 2 CPU cores
+COST_BUDGET_S = 1.5  # seconds of samples per setting at most (3 samples at least; see affordable_repeats)
+
+
+def affordable_repeats(call, sync, repeats: int, block: int = 1, budget_s: float = COST_BUDGET_S) -> int:
+    """`repeats`, or fewer (at least 3) when one block of calls is so slow that `repeats` of them would
+    take more than `budget_s`: a slow setting (ngd-exact on a busy CPU takes up to a second a step)
+    must not hold up a whole cost table. One call (that compiles) and one timed block decide; they
+    warm the step up as `median_seconds`' warm-up would."""
+    sync(call())
+    start = time.perf_counter()
+    for _ in range(block):
+        out = call()
+    sync(out)
+    took = time.perf_counter() - start
+    return int(max(3, min(repeats, budget_s // max(took, 1e-9))))
+
+
+def cost_table(task: str, framework, device="cpu", dtype="float32", settings: Iterable[str] = tuple(SETTINGS),
+               repeats: int = COST_REPEATS, seed: int = 0):
+    """One optimizer step of every setting (labels of `SETTINGS`) and one mini-batch gradient on a
+    task's own model and batch (`task_problem`), one row per setting: task, optimizer, setting,
+    framework, device, dtype, batch_size, num_params, step_s, gradient_s, gradient_equivalents.
+    The gradient is timed right after each step so that both see the same machine load (the
+    machine may be shared); K-FAC's samples span one inversion period. The report's step-cost
+    figure reads this table; `mlp_problem` tables (`scaling_table`) measure the same on a fixed MLP."""
+    import pandas as pd
+
+    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    if not device_available(framework, device):
+        raise ValueError(f"device: {device.value!r} is not visible to {framework.value}")
+    labels = list(settings)
+    for label in labels:
+        setting(label)  # fail on a bad label before measuring anything
+    spec, problem, params, batch = task_problem(task, seed)
+    grad, grad_sync = gradient_call(framework, problem, params, batch, device, dtype)
+    rows = []
+    for label in labels:
+        optimizer, hp = setting(label)
+        step, sync, period = step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
+        samples = affordable_repeats(step, sync, repeats, period)  # its calls are the warm-up
+        step_s = median_seconds(step, sync, samples, block=period, warmup=0)
+        grad_s = median_seconds(grad, grad_sync, repeats)
+        rows.append(dict(task=spec.name, optimizer=optimizer, setting=label, framework=framework.value,
+                         device=device.value, dtype=dtype.value, batch_size=len(batch[0]),
+                         num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
+                         gradient_equivalents=step_s / grad_s))
+    return pd.DataFrame(rows)
+
+
+SCALING_SETTINGS = ("sgd", "adam", "ef", "ngd-mc", "kfac")  # ngd-exact (classes x the work of ngd-mc) on request
+
+
+def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256), batch_sizes: Iterable[int] = (32, 128),
+                  optimizers: Iterable[str] = SCALING_SETTINGS, dtype="float32", repeats: int = 5, seed: int = 0):
+    """`scaling_sweep` over several settings as one tidy table: framework, device, dtype, optimizer,
+    setting (the label of `SETTINGS`), width, batch_size, num_params, step_s, gradient_s,
+    gradient_equivalents; one row per setting and grid point of the 784-width-10 MLP
+    (`mlp_problem`). The scaling figure fits log-log slopes to it. The defaults (5 settings, 6 grid
+    points, 5 samples each) take about half a minute for torch on 2 idle CPU cores; jax pays one
+    compilation per setting and grid point on top (about 2.5 minutes for 4 x 3 points)."""
+    import pandas as pd
+
+    widths, batch_sizes, labels = list(widths), list(batch_sizes), list(optimizers)
+    for label in labels:
+        setting(label)
+    frames = [scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed)
+              .drop(columns="variant").assign(setting=label) for label in labels]
+    columns = ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size", "num_params", "step_s",
+               "gradient_s", "gradient_equivalents"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
 def variant(label: str) -> str:
     """What a label of `SETTINGS` adds to its optimizer's name ("mc", "momentum"; "" for none)."""
     return label.partition("-")[2]

@@ -1,0 +1,289 @@
+"""Training on the network tasks: loss, EF/NGD cosine and test accuracy of tuned runs over seeds.
+
+Input: runner frames (`runner.run`, DESIGN 7) of tuned runs, concatenated: several seeds per task,
+optimizer, framework and device. Columns read: task, optimizer, framework, device, seed, step,
+time_s, loss, and where drawn cos_ef_ngd or test_accuracy (rows where they are measured).
+
+Layout (the same for every figure here): one row of panels per task (two for `training`: against
+step, then against wall-clock seconds), one column per framework and device (PyTorch CPU, JAX CPU,
+PyTorch GPU, JAX GPU: those present). Panels of a row share their axes, so that a glance along the
+time row compares frameworks and devices on the same clock. In a panel: the median over seeds as a
+line, the min..max over seeds as a band, one colour and line style per optimizer (`style`).
+
+A (task, optimizer, framework, device) with runs of more than one hyperparameter setting is drawn
+with its best (lowest median final loss) and a caption note says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib import pyplot as plt
+
+from natgrad_impls.figures import Drawn, style
+
+KEYS = ["task", "optimizer", "framework", "device"]
+SETTING_COLUMNS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
+                   "kfac_ema", "batch_size")
+PANEL_WIDTH = 1.65  # inches per column: four columns at full width
+PANEL_HEIGHT = 1.35
+BAND_ALPHA = 0.18
+FRAMEWORK_ORDER = ("numpy", "torch", "jax")
+DEVICE_ORDER = ("cpu", "cuda")
+
+
+# -- public figures -----------------------------------------------------------------------------------
+
+def training(frame: pd.DataFrame, y: str = "loss", smooth: int | None = None) -> Drawn:
+    """Loss against step and against wall-clock seconds (time_s) per task, log-scale loss.
+
+    y: "loss" (the step's mini-batch loss, the default: every step has one) or "train_loss" /
+    "test_loss" (full evaluations, on the rows where they were measured). smooth: running mean over
+    this many steps of each run's mini-batch loss before taking the median over seeds (default:
+    1/50 of the run, at least 1), because single mini-batch losses are noisy enough to hide the
+    comparison; the caption says which window was used."""
+    frame, notes = _prepare(frame, y)
+    if frame.empty:
+        return _empty(f"No {y} values in the table: nothing to draw.", notes)
+    if y == "loss":
+        frame = _smooth(frame, y, smooth, notes)
+    kinds = [("step", "step"), ("time_s", "time [s]")]
+    drawn = _grid(frame, y, kinds, ylabel=_YLABELS.get(y, y), log=True, notes=notes)
+    return drawn
+
+
+def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
+    """cos(EF direction, NGD direction) along training, on the rows where it was measured
+    (`runner.run(..., cos_ef_ngd=True)`): how far the empirical Fisher points from the true one.
+    smooth: running mean over this many measurements (default: 1/50 of them when there are more
+    than 100, since a cosine on each mini-batch is as noisy as its loss)."""
+    frame, notes = _prepare(frame, "cos_ef_ngd")
+    if frame.empty:
+        return _empty("No cos_ef_ngd values in the table: nothing to draw.", notes)
+    along = [style.LABELS.get(o, o) for o in style.present(frame["optimizer"].unique())[0]]
+    notes.append(f"Cosine measured along the runs of {', '.join(along)}.")
+    frame = _smooth(frame, "cos_ef_ngd", smooth, notes)
+    drawn = _grid(frame, "cos_ef_ngd", [("step", "step")], ylabel="cos(EF, NGD)", log=False, notes=notes,
+                  note_missing=False)
+    for ax in drawn.figure.axes:
+        if ax.has_data():
+            ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+    return drawn
+
+
+def _smooth(frame, value, window, notes) -> pd.DataFrame:
+    """Each run's `value` as a running mean over `window` measurements (default: 1/50 of the
+    longest run's measurements when it has more than 100, else none), with a note saying so."""
+    runs = frame.sort_values("step").groupby(KEYS + ["seed"], observed=True)[value]
+    if window is None:
+        longest = int(runs.size().max())
+        window = longest // 50 if longest > 100 else 1
+    if window <= 1:
+        return frame
+    name = {"loss": "Mini-batch loss", "cos_ef_ngd": "Cosine"}.get(value, value)
+    notes.append(f"{name} as a running mean over {window} measurements.")
+    smoothed = runs.transform(lambda v: v.rolling(window, min_periods=1).mean())
+    return frame.assign(**{value: smoothed})
+
+
+def accuracy(frame: pd.DataFrame) -> Drawn:
+    """Test accuracy against wall-clock seconds, on the rows where it was evaluated; markers at
+    the evaluations, since they are few."""
+    frame, notes = _prepare(frame, "test_accuracy")
+    if frame.empty:
+        return _empty("No test_accuracy values in the table: nothing to draw.", notes)
+    drawn = _grid(frame, "test_accuracy", [("time_s", "time [s]")], ylabel="test accuracy", log=False, notes=notes,
+                  markers=True)
+    low = _accuracy_floor(frame)
+    if low > 0:
+        for ax in drawn.figure.axes:
+            if ax.has_data():
+                ax.set_ylim(low, 1.0)
+        drawn.notes.append(f"Accuracy axis from {low:.2f}: the first evaluations lie below.")
+    return drawn
+
+
+def _accuracy_floor(frame) -> float:
+    """Where the accuracy axis starts: twice the worst final error below the worst final accuracy
+    (the comparison is in the last percent; the climb from chance is not), 0 if that is below 0."""
+    final = frame.sort_values("step").groupby(KEYS + ["seed"], observed=True)["test_accuracy"].last()
+    worst = float(final.groupby(level=KEYS, observed=True).median().min())
+    return max(0.0, round(worst - 2 * (1 - worst), 2))
+
+
+_YLABELS = {"loss": "mini-batch loss", "train_loss": "train loss", "test_loss": "test loss"}
+
+
+# -- preparing the table ------------------------------------------------------------------------------
+
+def _prepare(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
+    """The rows where `value` is measured, names as plain strings, one hyperparameter setting per
+    (task, optimizer, framework, device), and the notes that go with it."""
+    missing = [c for c in KEYS + ["seed", "step", "time_s"] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame: missing columns {', '.join(missing)} (runner.run's long format)")
+    if value not in frame.columns:
+        return frame.iloc[:0], []
+    for name in KEYS:
+        frame[name] = frame[name].astype(str)
+    frame = frame[np.isfinite(frame[value].astype(float))].copy()
+    frame, notes = _one_setting(frame, value)
+    return frame, notes + _diverged_notes(frame)
+
+
+def _label(frame) -> pd.Series:
+    return (frame["task"] + ", " + frame["optimizer"].map(lambda o: style.LABELS.get(o, o)) + ", "
+            + frame["framework"].map(lambda f: style.FRAMEWORK_LABELS.get(f, f)) + " "
+            + frame["device"].map(lambda d: style.DEVICE_LABELS.get(d, d)))
+
+
+def _diverged_notes(frame) -> list[str]:
+    """'<task>, <optimizer>, <framework> <device>: k of n seeds diverged (drawn up to there).'"""
+    if "diverged" not in frame.columns or frame.empty:
+        return []
+    runs = frame.groupby(KEYS + ["seed"], observed=True)["diverged"].any()
+    notes = []
+    for key, flags in runs.groupby(level=KEYS, observed=True):
+        if flags.any():
+            label = _label(pd.DataFrame([dict(zip(KEYS, key))])).iloc[0]
+            notes.append(f"{label}: {int(flags.sum())} of {len(flags)} seeds diverged (drawn up to their divergence).")
+    return notes
+
+
+def _one_setting(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
+    """Keep, per (task, optimizer, framework, device), the hyperparameter setting with the lowest
+    median final loss (final `value` where the table has no loss column), with a note per choice."""
+    columns = [c for c in SETTING_COLUMNS if c in frame.columns]
+    if not columns or frame.empty:
+        return frame, []
+    setting = pd.util.hash_pandas_object(frame[columns], index=False)  # one id per setting, NaN-safe
+    frame = frame.assign(_setting=setting)
+    by = "loss" if "loss" in frame.columns else value
+    final = frame.sort_values("step").groupby(KEYS + ["_setting", "seed"], observed=True)[by].last()
+    score = final.groupby(level=KEYS + ["_setting"], observed=True).median().reset_index()
+    notes, keep = [], []
+    for key, group in score.groupby(KEYS, observed=True):
+        best = group.sort_values(by, na_position="last").iloc[0]["_setting"]
+        keep.append((*key, best))
+        if len(group) > 1:
+            task, optimizer, framework, device = key
+            notes.append(f"{task}, {style.LABELS.get(optimizer, optimizer)}, {_combo_label((framework, device))}: "
+                         f"{len(group)} hyperparameter settings, the best (lowest median final loss) drawn.")
+    kept = pd.DataFrame(keep, columns=KEYS + ["_setting"])
+    return frame.merge(kept, on=KEYS + ["_setting"]).drop(columns="_setting"), notes
+
+
+def summarise(frame: pd.DataFrame, value: str, x: str) -> pd.DataFrame:
+    """Per optimizer and step: median, min and max of `value` over seeds, and the median of `x`
+    (the clock differs a little between seeds; steps align them)."""
+    grouped = frame.groupby(["optimizer", "step"], observed=True)
+    out = grouped[value].agg(["median", "min", "max"])
+    out["x"] = grouped[x].median()
+    return out.reset_index().sort_values(["optimizer", "x"])
+
+
+# -- drawing -----------------------------------------------------------------------------------------
+
+def _combos(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (framework, device) pairs present, devices first (CPU panels, then GPU panels)."""
+    present = set(map(tuple, frame[["framework", "device"]].drop_duplicates().to_numpy()))
+    order = [(f, d) for d in DEVICE_ORDER for f in FRAMEWORK_ORDER]
+    return [c for c in order if c in present] + sorted(present - set(order))
+
+
+def _combo_label(combo) -> str:
+    framework, device = combo
+    return f"{style.FRAMEWORK_LABELS.get(framework, framework)} {style.DEVICE_LABELS.get(device, device)}"
+
+
+def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=True) -> Drawn:
+    """Rows: task x kind of x axis; columns: framework/device. One y range per task, one x range per
+    row, so that panels side by side compare on the same scales."""
+    tasks = list(dict.fromkeys(frame["task"]))
+    combos = _combos(frame)
+    nrows, ncols = len(tasks) * len(kinds), len(combos)
+    width = min(style.FULL_WIDTH, max(style.COLUMN_WIDTH, PANEL_WIDTH * ncols))
+    with style.paper():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width, PANEL_HEIGHT * nrows + 0.45), squeeze=False,
+                                 layout="constrained")
+        shown = set()
+        for t, task in enumerate(tasks):
+            rows = frame[frame["task"] == task]
+            there, missing = style.present(rows["optimizer"].unique())
+            notes.extend(f"{task}: {m}" for m in missing if note_missing)
+            for k, (x, xlabel) in enumerate(kinds):
+                r = t * len(kinds) + k
+                for c, combo in enumerate(combos):
+                    ax = axes[r, c]
+                    cell = rows[(rows["framework"] == combo[0]) & (rows["device"] == combo[1])]
+                    if k == 0:
+                        ax.set_title(f"{task} · {_combo_label(combo)}")
+                    if cell.empty:
+                        _no_runs(ax)
+                        if k == 0:
+                            notes.append(f"{task}: no {_combo_label(combo)} runs.")
+                        continue
+                    shown |= _draw_cell(ax, cell, value, x, there, markers)
+                    if log:
+                        ax.set_yscale("log")
+                    ax.set_xlabel(xlabel)
+                    if c == 0:
+                        ax.set_ylabel(ylabel)
+                _same_limits(axes[r], "x")
+            _same_limits(axes[t * len(kinds):(t + 1) * len(kinds)].ravel(), "y")
+        _legend(fig, [o for o in style.OPTIMIZERS if o in shown])
+    return Drawn(fig, notes)
+
+
+def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
+    """Median line and min..max band per optimizer; returns the optimizers drawn."""
+    summary = summarise(cell, value, x)
+    drawn = set()
+    for optimizer in optimizers:
+        line = summary[summary["optimizer"] == optimizer]
+        if line.empty:
+            continue
+        kwargs = style.line_kwargs(optimizer)
+        if markers:
+            kwargs.update(marker="o", markersize=2.5)
+        ax.plot(line["x"], line["median"], **kwargs)
+        if cell.loc[cell["optimizer"] == optimizer, "seed"].nunique() > 1:
+            ax.fill_between(line["x"], line["min"], line["max"], color=kwargs["color"], alpha=BAND_ALPHA,
+                            linewidth=0, label="_band")
+        drawn.add(optimizer)
+    return drawn
+
+
+def _same_limits(axes, which: str) -> None:
+    """One range on axis `which` ("x" or "y") for the panels that have data."""
+    used = [ax for ax in axes if ax.has_data()]
+    if not used:
+        return
+    get, set_ = f"get_{which}lim", f"set_{which}lim"
+    low = min(getattr(ax, get)()[0] for ax in used)
+    high = max(getattr(ax, get)()[1] for ax in used)
+    for ax in used:
+        getattr(ax, set_)(low, high)
+
+
+def _legend(fig, optimizers) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
+    if handles:
+        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=3)
+
+
+def _no_runs(ax) -> None:
+    ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _empty(message: str, notes: list[str]) -> Drawn:
+    """A small figure that says what is missing, instead of raising inside a pipeline."""
+    with style.paper():
+        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, 1.2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    return Drawn(fig, notes + [message])

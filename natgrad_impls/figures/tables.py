@@ -1,0 +1,220 @@
+"""The report's tables: each optimizer's best hyperparameters with its final loss and time to a
+target loss, and the environment the numbers were measured in.
+
+Target rule (`best_hyperparameters`): per task, the target is the *worst of the best final losses*,
+the largest over (optimizer, framework, device) of the median-over-seeds final loss of its best
+setting (diverged settings left out). Every drawn optimizer reaches it by construction (in the
+median over seeds), so every row gets a time, and the time compares how fast each gets to the loss
+the slowest one ends at: the question the wall-clock figures ask. A fixed number (say, 1.1 x the
+best final loss) would leave most optimizers without a time on most tasks.
+
+The objective is the full-train loss (`train_loss`) where the frame has it, since mini-batch losses
+are noisy enough to cross a target by luck; else `loss` (the full-batch objective on the convex
+tasks). Time to target: `time_s` at the first recorded row at or below the target, the low median
+over seeds (a seed that never gets there counts as infinitely slow: empty when more than half never
+do). Time is cumulative step time, so evaluation (every `eval_every` steps) makes its
+resolution coarse on networks; the step at which the target is reached is given too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+
+import numpy as np
+import pandas as pd
+
+from natgrad_impls.figures import style
+
+GROUP = ["task", "optimizer", "framework", "device", "dtype"]
+HYPERPARAMETERS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
+                   "kfac_ema", "batch_size")
+
+
+def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task x optimizer x framework x device (x dtype) the best hyperparameters, with
+    final_loss (median over seeds, and its min and max), the task's target_loss, steps_to_target and
+    time_to_target_s (low medians over seeds), seeds, steps, and final_test_accuracy where measured.
+
+    `runs`: runner frames (tuned runs, any number of seeds and settings: the best setting is the one
+    with the lowest median final loss) or grid frames (`natgrad grid`: its rows with best == True
+    and repeat == 0 are the best run; chaotic is carried over)."""
+    frame = _runs(runs)
+    if frame.empty:
+        return pd.DataFrame(columns=GROUP + ["final_loss", "target_loss", "time_to_target_s"])
+    objective = "train_loss" if "train_loss" in frame.columns and frame["train_loss"].notna().any() else "loss"
+    hp = [c for c in HYPERPARAMETERS if c in frame.columns]
+    group = [c for c in GROUP if c in frame.columns]
+    measured = frame[frame[objective].notna()]
+    per_run = _per_run(measured, group, hp, objective)
+    settings = _per_setting(per_run, group, hp)
+    best = settings.sort_values("final_loss", na_position="last").groupby(group, observed=True, sort=False).head(1)
+    finite = best[np.isfinite(best["final_loss"])]
+    targets = finite.groupby("task", observed=True)["final_loss"].max().rename("target_loss")
+    best = best.merge(targets, on="task", how="left")
+    reach = _reach(measured, best, group, hp, objective)
+    best = best.merge(reach, on=group, how="left")
+    best["objective"] = objective
+    order = group + hp + ["seeds", "steps", "final_loss", "final_loss_min", "final_loss_max", "target_loss",
+                          "steps_to_target", "time_to_target_s", "objective", "diverged"]
+    order += [c for c in ("final_test_accuracy", "chaotic") if c in best.columns]
+    best = best[order]
+    best["_order"] = best["optimizer"].map({o: i for i, o in enumerate(style.OPTIMIZERS)})
+    best = best.sort_values(["task", "_order", "framework", "device"]).drop(columns="_order").reset_index(drop=True)
+    return best.dropna(axis=1, how="all")
+
+
+def _runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Plain-string names; a grid frame cut to its best runs (repeat 0)."""
+    frame = runs.copy()
+    if "best" in frame.columns:
+        frame = frame[frame["best"].astype(bool)]
+        if "repeat" in frame.columns:
+            frame = frame[frame["repeat"] == 0]
+    for name in GROUP:
+        if name in frame.columns:
+            frame[name] = frame[name].astype(str)
+    for column, default in (("seed", 0), ("diverged", False), ("time_s", np.nan)):
+        if column not in frame.columns:
+            frame[column] = default
+    return frame
+
+
+def _key(frame, hp) -> pd.Series:
+    """One string per hyperparameter setting (NaN-safe, unlike grouping on float columns)."""
+    return pd.util.hash_pandas_object(frame[hp], index=False) if hp else pd.Series(0, index=frame.index)
+
+
+def _per_run(frame, group, hp, objective) -> pd.DataFrame:
+    """One row per run: its setting, final objective (inf when diverged), steps, test accuracy."""
+    frame = frame.assign(_setting=_key(frame, hp)).sort_values("step")
+    runs = frame.groupby(group + ["_setting", "seed"], observed=True, sort=False)
+    out = runs.agg(final=(objective, "last"), steps=("step", "max"), diverged=("diverged", "any"),
+                   **{h: (h, "first") for h in hp})
+    if "test_accuracy" in frame.columns:
+        out["final_test_accuracy"] = runs["test_accuracy"].agg(lambda v: v.dropna().iloc[-1] if v.notna().any() else np.nan)
+    if "chaotic" in frame.columns:
+        out["chaotic"] = runs["chaotic"].agg(lambda v: bool(v.fillna(False).astype(bool).any()))
+    out.loc[out["diverged"] | ~np.isfinite(out["final"]), "final"] = np.inf
+    return out.reset_index()
+
+
+def _per_setting(per_run, group, hp) -> pd.DataFrame:
+    """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed did."""
+    settings = per_run.groupby(group + ["_setting"], observed=True, sort=False)
+    out = settings.agg(final_loss=("final", "median"), final_loss_min=("final", "min"),
+                       final_loss_max=("final", "max"), seeds=("seed", "nunique"), steps=("steps", "max"),
+                       diverged=("diverged", "any"), **{h: (h, "first") for h in hp})
+    if "final_test_accuracy" in per_run.columns:
+        out["final_test_accuracy"] = settings["final_test_accuracy"].median()
+    if "chaotic" in per_run.columns:
+        out["chaotic"] = settings["chaotic"].any()
+    return out.reset_index()
+
+
+def _reach(measured, best, group, hp, objective) -> pd.DataFrame:
+    """Median over the best setting's seeds of the first step (and time_s) at or below the target."""
+    frame = measured.assign(_setting=_key(measured, hp)).merge(best[group + ["_setting", "target_loss"]],
+                                                               on=group + ["_setting"])
+    rows = []
+    for key, group_rows in frame.groupby(group, observed=True, sort=False):
+        steps, times = [], []
+        for _, run in group_rows.sort_values("step").groupby("seed", sort=False):
+            hit = run[run[objective] <= run["target_loss"]]
+            steps.append(hit["step"].iloc[0] if len(hit) else math.inf)
+            times.append(hit["time_s"].iloc[0] if len(hit) else math.inf)
+        rows.append((*key, _finite_median(steps), _finite_median(times)))
+    return pd.DataFrame(rows, columns=group + ["steps_to_target", "time_to_target_s"])
+
+
+def _finite_median(values) -> float:
+    """The low median (an actual seed's value): with the target at most the best setting's median
+    final loss, at least half the seeds reach it, so the low median is finite for every group that
+    set or beat the target. NaN when more than half never get there."""
+    value = float(statistics.median_low(values)) if values else math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
+    """An HTML table for the report: optimizer names as legends (SGD, K-FAC), frameworks and
+    devices as in the figures, numbers to `digits` significant digits, empty cells blank."""
+    shown = frame.copy()
+    names = {"optimizer": style.LABELS, "framework": style.FRAMEWORK_LABELS, "device": style.DEVICE_LABELS}
+    for column, labels in names.items():
+        if column in shown.columns:
+            shown[column] = shown[column].map(lambda v, labels=labels: labels.get(v, v))
+    formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
+                  for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
+    return shown.to_html(index=False, formatters=formatters, na_rep="", border=0, classes="natgrad-table")
+
+
+# -- environment ----------------------------------------------------------------------------------------
+
+PACKAGES = ("numpy", "torch", "jax", "jaxlib", "optax", "pandas", "matplotlib", "seaborn", "snakemake")
+
+
+def environment() -> pd.DataFrame:
+    """(key, value) rows: python, the versions of the packages that made the numbers (those
+    importable), platform, CPU model, cores, and the GPU torch or jax sees, if any."""
+    rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
+    rows += [(name, version) for name in PACKAGES if (version := _version(name)) is not None]
+    rows += [("cpu", cpu_model()), ("cpu cores (logical)", str(os.cpu_count()))]
+    if hasattr(os, "sched_getaffinity"):
+        rows.append(("cpu cores (usable)", str(len(os.sched_getaffinity(0)))))
+    rows += [(f"gpu ({framework})", name) for framework, name in _gpus()]
+    return pd.DataFrame(rows, columns=["key", "value"])
+
+
+def _version(name: str) -> str | None:
+    """The installed version without importing the package (jax and torch imports are slow)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[tuple[str, str]]:
+    """The GPUs torch and jax see (only frameworks already imported or importable; no GPU: none)."""
+    found = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            found += [("torch", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        try:
+            found += [("jax", getattr(d, "device_kind", str(d))) for d in jax.devices("gpu")]
+        except RuntimeError:
+            pass
+    except ImportError:
+        pass
+    return found

@@ -1,0 +1,327 @@
+"""Figures and tables beyond the paper (networks, cost, tables): each drawn from a small table
+built here, checked for what is drawn (lines per panel, colours and line styles per optimizer, log
+scales, bands, fitted slopes) and for notes instead of crashes when something is missing. The
+timing tables get one tiny real call each (columns and positivity; no timing assertions)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+
+from natgrad_impls import timing  # noqa: E402
+from natgrad_impls.figures import Drawn, cost, networks, save, style, tables  # noqa: E402
+
+COMBOS = [("torch", "cpu"), ("jax", "cpu")]
+RATES = {"sgd": 0.01, "adam": 0.02, "ef": 0.015, "ngd": 0.03, "kfac": 0.04}
+SECONDS = {("numpy", "cpu"): 3e-3, ("torch", "cpu"): 2e-3, ("jax", "cpu"): 1e-3, ("torch", "cuda"): 5e-4, ("jax", "cuda"): 4e-4}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def runs(tasks=("digits-mlp",), optimizers=("sgd", "adam", "ngd"), combos=COMBOS, seeds=(0, 1), steps=100,
+         lr=0.1) -> pd.DataFrame:
+    """Runner-shaped frames: loss = exp(-rate * step) (+ a seed offset), time_s = step x a
+    per-framework/device step time, test_accuracy every 25 steps, cos_ef_ngd every 10 on ef runs."""
+    rows = []
+    step = np.arange(steps + 1)
+    for task in tasks:
+        for optimizer in optimizers:
+            for framework, device in combos:
+                for seed in seeds:
+                    loss = 2.3 * np.exp(-RATES[optimizer] * step) * (1 + 0.1 * seed) + 1e-3
+                    every = step % 25 == 0
+                    frame = pd.DataFrame({
+                        "task": task, "optimizer": optimizer, "framework": framework, "device": device,
+                        "dtype": "float32", "seed": seed, "lr": lr,
+                        "damping": 1e-3 if optimizer in ("ef", "ngd", "kfac") else np.nan,
+                        "step": step, "loss": loss, "time_s": step * SECONDS[framework, device] * (1 + 0.05 * seed),
+                        "diverged": False, "grad_norm": loss,
+                        "train_loss": np.where(every, loss, np.nan),
+                        "test_loss": np.where(every, loss * 1.1, np.nan),
+                        "test_accuracy": np.where(every, 1 - 0.9 * np.exp(-RATES[optimizer] * step), np.nan),
+                        "cos_ef_ngd": np.where((step % 10 == 0) & (optimizer == "ef"), 0.5 + 0.4 * np.exp(-step / 50), np.nan),
+                        "batch_size": 128.0,
+                    })
+                    rows.append(frame)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _color(line):
+    return mcolors.to_rgb(line.get_color())
+
+
+def _check_style(line, optimizer):
+    assert _color(line) == pytest.approx(mcolors.to_rgb(style.COLORS[optimizer]))
+    expected = style.line_kwargs(optimizer)["linestyle"]
+    reference = plt.Line2D([], [], linestyle=expected)
+    assert line.get_linestyle() == reference.get_linestyle()
+    assert line.get_dashes() == reference.get_dashes() if hasattr(line, "get_dashes") else True
+
+
+def _data_axes(drawn: Drawn):
+    return [ax for ax in drawn.figure.axes if ax.get_lines()]
+
+
+# -- networks -------------------------------------------------------------------------------------------
+
+def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path):
+    frame = runs()
+    drawn = networks.training(frame, smooth=1)
+    axes = np.array(drawn.figure.axes).reshape(2, 2)  # rows: step, time; columns: PyTorch CPU, JAX CPU
+    for ax in axes.ravel():
+        assert ax.get_yscale() == "log"
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["SGD", "Adam", "NGD"]
+        for line, optimizer in zip(lines, ["sgd", "adam", "ngd"]):
+            _check_style(line, optimizer)
+        assert len(ax.collections) == 3  # one min..max band per optimizer (two seeds)
+    assert [ax.get_xlabel() for ax in axes[:, 0]] == ["step", "time [s]"]
+    assert axes[0, 0].get_title() == "digits-mlp · PyTorch CPU" and axes[0, 1].get_title() == "digits-mlp · JAX CPU"
+    # the band spans the seeds: seed 1's loss is 10 % above seed 0's
+    sgd = frame[(frame.optimizer == "sgd") & (frame.framework == "torch")]
+    band = axes[0, 0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(sgd.loss.min()) and band.max() == pytest.approx(sgd.loss.max())
+    # the median line at each step is the median over seeds, drawn against the median clock
+    line = axes[1, 0].get_lines()[0]
+    assert line.get_xdata()[-1] == pytest.approx(sgd[sgd.step == 100].time_s.median())
+    # panels of a row share the x range; time panels compare frameworks on one clock
+    assert axes[1, 0].get_xlim() == axes[1, 1].get_xlim()
+    legend = drawn.figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["SGD", "Adam", "NGD"]
+    assert any("EF: not in the table" in n for n in drawn.notes) and any("K-FAC" in n for n in drawn.notes)
+    written = save(drawn, tmp_path / "training.png")
+    assert all(p.exists() for p in written)
+
+
+def test_training_smooths_minibatch_loss_and_says_so():
+    drawn = networks.training(runs(steps=200))
+    assert any("running mean over 4 measurements" in n for n in drawn.notes)
+    drawn = networks.training(runs(), y="train_loss")
+    assert all(len(line.get_xdata()) == 5 for line in _data_axes(drawn)[0].get_lines())  # steps 0, 25, .., 100
+
+
+def test_training_leaves_out_a_missing_device_with_a_note():
+    frame = pd.concat([runs(tasks=("digits-mlp",), combos=[("torch", "cpu"), ("torch", "cuda")]),
+                       runs(tasks=("mnist1d-mlp",), combos=[("torch", "cpu")], optimizers=("kfac",))])
+    drawn = networks.training(frame, smooth=1)
+    axes = np.array(drawn.figure.axes).reshape(4, 2)
+    assert "no runs" in [t.get_text() for t in axes[2, 1].texts]
+    assert not axes[2, 1].get_lines() and len(axes[2, 0].get_lines()) == 1
+    assert "mnist1d-mlp: no PyTorch GPU runs." in drawn.notes
+    assert [line.get_label() for line in axes[0, 1].get_lines()] == ["SGD", "Adam", "NGD"]
+
+
+def test_training_draws_the_best_of_several_settings_with_a_note():
+    frame = pd.concat([runs(optimizers=("sgd",), lr=0.1),
+                       runs(optimizers=("sgd",), lr=1.0).assign(loss=lambda f: f.loss * 3)])
+    drawn = networks.training(frame, smooth=1)
+    line = drawn.figure.axes[0].get_lines()[0]
+    assert line.get_ydata()[-1] == pytest.approx(frame[(frame.lr == 0.1) & (frame.step == 100)].loss.median())
+    assert any("2 hyperparameter settings" in n for n in drawn.notes)
+
+
+def test_training_notes_diverged_seeds():
+    frame = runs(optimizers=("sgd",))
+    frame.loc[frame.seed == 1, "diverged"] = True
+    drawn = networks.training(frame[~((frame.seed == 1) & (frame.step > 50))], smooth=1)
+    assert "digits-mlp, SGD, PyTorch CPU: 1 of 2 seeds diverged (drawn up to their divergence)." in drawn.notes
+
+
+def test_cosine_draws_the_measured_rows_only():
+    frame = runs(optimizers=("sgd", "ef"))
+    drawn = networks.cosine(frame)
+    for ax in drawn.figure.axes:
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["EF"]
+        assert len(lines[0].get_xdata()) == 11  # steps 0, 10, ..., 100
+        assert ax.get_yscale() == "linear" and ax.get_ylim()[1] == pytest.approx(1.02)
+        assert ax.get_ylabel() in ("cos(EF, NGD)", "")
+    empty = networks.cosine(frame.drop(columns="cos_ef_ngd"))
+    assert any("No cos_ef_ngd" in n for n in empty.notes) and not _data_axes(empty)
+
+
+def test_accuracy_against_time_with_markers():
+    drawn = networks.accuracy(runs())
+    ax = drawn.figure.axes[0]
+    assert ax.get_xlabel() == "time [s]" and ax.get_ylabel() == "test accuracy"
+    lines = ax.get_lines()
+    assert len(lines) == 3 and all(line.get_marker() == "o" for line in lines)
+    assert len(lines[0].get_xdata()) == 5
+    # the axis starts below the worst final accuracy (sgd: 1 - 0.9 exp(-1) = 0.67) by twice its error
+    assert ax.get_ylim() == pytest.approx((0.0, 1.0)) or ax.get_ylim()[0] <= 0.67
+
+
+def test_networks_figures_accept_a_real_run():
+    from natgrad_impls import runner
+
+    frame = pd.concat([runner.run("digits-mlp", "ef", "torch", dtype="float32", steps=4, eval_every=2, seed=seed,
+                                  hyperparameters={"lr": 0.01, "damping": 1e-2}, cos_ef_ngd=True, progress=False)
+                       for seed in (0, 1)])
+    for figure in (networks.training, networks.cosine, networks.accuracy):
+        drawn = figure(frame)
+        assert len(_data_axes(drawn)) >= 1 and len(_data_axes(drawn)[0].get_lines()) == 1
+    table = tables.best_hyperparameters(frame)
+    assert table.loc[0, "optimizer"] == "ef" and table.loc[0, "seeds"] == 2 and table.loc[0, "objective"] == "train_loss"
+
+
+# -- cost -----------------------------------------------------------------------------------------------
+
+def cost_rows(combos=COMBOS + [("torch", "cuda")], tasks=("digits-mlp", "mnist1d-mlp"), settings=tuple(timing.SETTINGS)):
+    rows = []
+    for task in tasks:
+        for framework, device in combos:
+            for i, label in enumerate(settings):
+                optimizer = timing.setting(label)[0]
+                gradient = SECONDS[framework, device]
+                rows.append(dict(task=task, optimizer=optimizer, setting=label, framework=framework, device=device,
+                                 dtype="float32", batch_size=128, num_params=9610, step_s=gradient * (1 + i),
+                                 gradient_s=gradient, gradient_equivalents=1.0 + i))
+    return pd.DataFrame(rows)
+
+
+def test_step_cost_dots_per_setting_framework_and_device():
+    drawn = cost.step_cost(cost_rows())
+    axes = drawn.figure.axes
+    assert len(axes) == 2 and all(ax.get_xscale() == "log" for ax in axes)
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert labels == ["SGD", "SGD (momentum)", "Adam", "EF", "NGD (exact)", "NGD (MC)", "K-FAC"]
+    dots = [line for line in axes[0].get_lines() if line.get_linestyle() == "None"]
+    assert len(dots) == 7 * 3
+    kfac = [d for d in dots if d.get_xdata()[0] == 7.0]
+    assert {d.get_marker() for d in kfac} == {"o", "^"}
+    assert all(_color(d) == pytest.approx(mcolors.to_rgb(style.COLORS["kfac"])) for d in kfac)
+    hollow = [d for d in kfac if d.get_markerfacecolor() in ("white", "w", (1.0, 1.0, 1.0, 1.0))]
+    assert len(hollow) == 1  # the GPU one
+    assert [t.get_text() for t in drawn.figure.legends[0].get_texts()] == ["PyTorch CPU", "JAX CPU", "PyTorch GPU"]
+    partial = cost.step_cost(cost_rows(settings=("sgd", "ngd-mc")))
+    assert any("Adam: not in the table" in n for n in partial.notes)
+
+
+def scaling_rows(widths=(32, 64, 128, 256), batch_sizes=(16, 64, 256), settings=("sgd", "ngd-exact", "ngd-mc")):
+    """Power laws: step time = c * width^2 * batch (ngd-exact: width * batch^2), small noise."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for combo in COMBOS:
+        for label in settings:
+            a, b = (1, 2) if label == "ngd-exact" else (2, 1)
+            for w in widths:
+                for n in batch_sizes:
+                    step = 1e-9 * w**a * n**b * np.exp(rng.normal(0, 1e-3))
+                    rows.append(dict(framework=combo[0], device=combo[1], dtype="float32",
+                                     optimizer=timing.setting(label)[0], setting=label, width=w, batch_size=n,
+                                     num_params=w * 794 + 10, step_s=step, gradient_s=1e-9 * w * n,
+                                     gradient_equivalents=step / (1e-9 * w * n)))
+    return pd.DataFrame(rows)
+
+
+def test_fitted_slope_recovers_power_laws():
+    x = np.array([32, 64, 128, 256.0])
+    assert cost.fitted_slope(x, 3e-7 * x**2) == pytest.approx(2.0, abs=0.01)
+    assert np.isnan(cost.fitted_slope([64, 64], [1.0, 2.0]))
+
+
+def test_scaling_log_log_with_slopes_in_the_legend():
+    drawn = cost.scaling(scaling_rows())
+    axes = np.array(drawn.figure.axes).reshape(2, 2)
+    for ax in axes.ravel():
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        assert len(ax.get_lines()) == 4  # three settings and the gradient
+    by_width = [t.get_text() for t in axes[0, 0].get_legend().get_texts()]
+    by_batch = [t.get_text() for t in axes[0, 1].get_legend().get_texts()]
+    slope = lambda text: float(text.rsplit(": ", 1)[1])  # noqa: E731
+    assert [t.rsplit(":", 1)[0] for t in by_width] == ["SGD", "NGD (exact)", "NGD (MC)", "gradient"]
+    assert [slope(t) for t in by_width] == pytest.approx([2, 1, 2, 1], abs=0.01)
+    assert [slope(t) for t in by_batch] == pytest.approx([1, 2, 1, 1], abs=0.01)
+    exact, mc = axes[0, 0].get_lines()[1:3]
+    assert exact.get_marker() != mc.get_marker() and _color(exact) == pytest.approx(mcolors.to_rgb(style.COLORS["ngd"]))
+    assert _color(mc) != pytest.approx(_color(exact)) and mc.get_linestyle() == exact.get_linestyle()
+    assert "batch size 256" in axes[0, 0].get_xlabel()
+    one_width = cost.scaling(scaling_rows(widths=(128,)))
+    assert any("no width sweep" in n for n in one_width.notes)
+
+
+def test_devices_pairs_and_a_note_without_gpu():
+    drawn = cost.devices(cost_rows(combos=COMBOS + [("torch", "cuda"), ("jax", "cuda")], tasks=("digits-mlp",)))
+    left, right = drawn.figure.axes
+    assert left.get_xscale() == right.get_xscale() == "log"
+    joins = lambda ax: [line for line in ax.get_lines() if line.get_linestyle() == "-"]  # noqa: E731
+    assert len(joins(left)) == 7 * 2 and len(joins(right)) == 7 * 2  # per setting: per framework / per device
+    assert not drawn.notes
+    cpu_only = cost.devices(cost_rows(tasks=("digits-mlp",), combos=COMBOS))
+    (right,) = cpu_only.figure.axes
+    assert len(joins(right)) == 7 and right.get_title() == "digits-mlp: PyTorch against JAX"
+    assert "CPU against GPU not drawn: no GPU rows." in cpu_only.notes
+    one_task_gpu = cost.devices(pd.concat([cost_rows(tasks=("digits-mlp",)), cost_rows(tasks=("mnist1d-mlp",), combos=COMBOS)]))
+    assert "mnist1d-mlp: CPU against GPU not drawn, no GPU rows." in one_task_gpu.notes
+    nothing = cost.devices(cost_rows(tasks=("digits-mlp",), combos=[("torch", "cpu")]))
+    assert not _data_axes(nothing) and len(nothing.notes) == 3
+
+
+def test_cost_table_real_call():
+    table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=2)
+    assert list(table.columns) == ["task", "optimizer", "setting", "framework", "device", "dtype", "batch_size",
+                                   "num_params", "step_s", "gradient_s", "gradient_equivalents"]
+    assert list(table.setting) == ["sgd", "kfac"] and set(table.task) == {"digits-mlp"}
+    assert (table.batch_size == 128).all() and (table.num_params == 64 * 128 + 128 + 128 * 10 + 10).all()
+    assert (table[["step_s", "gradient_s", "gradient_equivalents"]] > 0).all().all()
+    with pytest.raises(ValueError, match="setting"):
+        timing.cost_table("digits-mlp", "torch", settings=("newton",))
+
+
+def test_scaling_table_real_call():
+    table = timing.scaling_table("jax", "cpu", widths=(8, 16), batch_sizes=(4,), optimizers=("sgd", "ngd-mc"), repeats=2)
+    assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size",
+                                   "num_params", "step_s", "gradient_s", "gradient_equivalents"]
+    assert list(table.setting) == ["sgd", "sgd", "ngd-mc", "ngd-mc"] and list(table.optimizer)[-1] == "ngd"
+    assert (table[["step_s", "gradient_s"]] > 0).all().all()
+    cost.scaling(table)  # draws a real table
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+
+def test_best_hyperparameters_of_tuned_runs_and_target_rule():
+    frame = pd.concat([runs(optimizers=("sgd", "ngd"), lr=0.1),
+                       runs(optimizers=("sgd",), lr=1.0).assign(train_loss=lambda f: f.train_loss * 3)])
+    table = tables.best_hyperparameters(frame)
+    assert list(table.optimizer) == ["sgd", "sgd", "ngd", "ngd"]
+    assert (table.lr == 0.1).all() and (table.seeds == 2).all() and (table.objective == "train_loss").all()
+    final = frame[(frame.lr == 0.1) & (frame.step == 100) & (frame.optimizer == "sgd")].train_loss.median()
+    assert table.final_loss.iloc[0] == pytest.approx(final)
+    # target: the worst of the best final losses (sgd, the slower), reached by everyone
+    assert (table.target_loss == table.final_loss.max()).all()
+    assert table.time_to_target_s.notna().all()
+    ngd = table[table.optimizer == "ngd"].iloc[0]
+    assert ngd.steps_to_target < 100 and ngd.time_to_target_s < table.time_to_target_s.iloc[0]
+    html = tables.to_html(table)
+    assert "<table" in html and "NGD" in html and "PyTorch" in html
+
+
+def test_best_hyperparameters_of_a_grid_frame():
+    frame = runs(optimizers=("ef", "ngd"), seeds=(0,), combos=[("numpy", "cpu")]).drop(
+        columns=["train_loss", "test_loss", "test_accuracy", "cos_ef_ngd"])
+    other = frame.assign(lr=10.0, loss=np.inf, diverged=True)
+    grid = pd.concat([frame.assign(best=True, repeat=0, chaotic=False), other.assign(best=False, repeat=0, chaotic=pd.NA),
+                      frame.assign(best=True, repeat=1, chaotic=False, loss=frame.loss * 2)])
+    table = tables.best_hyperparameters(grid)
+    assert list(table.optimizer) == ["ef", "ngd"] and (table.lr == 0.1).all()
+    assert (table.objective == "loss").all() and not table.chaotic.any()
+    assert table.final_loss.tolist() == pytest.approx(frame[frame.step == 100].groupby("optimizer").loss.first().tolist())
+
+
+def test_environment_lists_versions_and_machine():
+    env = tables.environment()
+    assert list(env.columns) == ["key", "value"]
+    keys = set(env.key)
+    assert {"python", "numpy", "torch", "jax", "pandas", "cpu", "cpu cores (logical)"} <= keys
+    assert env.set_index("key").loc["numpy", "value"] == np.__version__
