@@ -2,7 +2,8 @@
 
     natgrad tasks
     natgrad run  --task T --optimizer O --framework F [--device cpu|cuda] [--dtype ..] [--lr ..]
-                 [--damping ..] [--steps ..] [--batch-size ..] [--seed ..] --out FILE
+                 [--damping ..] [--hyperparameters FILE.json] [--steps ..] [--batch-size ..] [--seed ..]
+                 --out FILE
     natgrad grid --task T --optimizers sgd,ngd,ef,... [--framework F] [--lrs=START:STOP:NUM]
                  [--dampings=START:STOP:NUM] [--steps ..] --out FILE
 
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--damping", type=float)
     for option, name, kind in EXTRA_HYPERPARAMETERS:
         run.add_argument(option, dest=name, type=kind)
+    run.add_argument("--hyperparameters", metavar="FILE.json",
+                     help="hyperparameters from a JSON object (e.g. a pipeline's best setting); options given here win")
     run.add_argument("--steps", type=int, help="default: the task's")
     run.add_argument("--batch-size", type=int, help="default: the task's (full batch on the convex tasks)")
     run.add_argument("--eval-every", type=int, help="steps between full-train/test evaluations on networks (200)")
@@ -110,10 +113,28 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def _hyperparameters_file(path) -> dict:
+    """The JSON object of `--hyperparameters`, or BadInput naming the field."""
+    import json
+
+    names = ("lr", "damping", *(name for _, name, _ in EXTRA_HYPERPARAMETERS))
+    try:
+        with open(path) as handle:
+            values = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"hyperparameters: cannot read {path!r} as JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise BadInput(f"hyperparameters: {path!r} must hold a JSON object of {', '.join(names)}")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise BadInput(f"hyperparameters: {unknown[0]!r} in {path!r} is not one of {', '.join(names)}")
+    return values
+
+
 def cmd_run(args) -> int:
     from natgrad_impls import runner
 
-    hps = _hyperparameters(args)
+    hps = {**(_hyperparameters_file(args.hyperparameters) if args.hyperparameters else {}), **_hyperparameters(args)}
     for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("eval_every", args.eval_every)):
         if value is not None and value < (0 if name == "steps" else 1):
             raise BadInput(f"{name}: {value!r} must be an integer >= {0 if name == 'steps' else 1}")
@@ -175,7 +196,14 @@ def _fail(message: str, status: int) -> int:
 COMMANDS = {"tasks": cmd_tasks, "run": cmd_run, "grid": cmd_grid}
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds, so a result being written removes its temporary file
+
+
 def main(argv=None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill`, or a pipeline stopping its jobs
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -113,6 +113,7 @@ class _NumpyBackend(_Backend):
 
     def __init__(self, device, dtype):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = int(os.environ.get("OMP_NUM_THREADS", cores))  # a pipeline job's share of the machine
         self.workers = max(1, min(8, cores))  # chunks in parallel threads, BLAS single-threaded in each
 
     def asarray(self, a):

@@ -34,14 +34,25 @@ def check_path(path, field: str = "out") -> Path:
 def write(frame: pd.DataFrame, path) -> Path:
     """Write `frame` to `path` (format by extension) through a temporary file and a rename."""
     path = check_path(path)
+    if path.suffix.lower() == ".csv":
+        return atomic(path, lambda temp: frame.to_csv(temp, index=False))
+    return atomic(path, lambda temp: frame.to_parquet(temp, index=False))
+
+
+def write_text(text: str, path) -> Path:
+    """Write `text` to `path` atomically (captions, JSON settings)."""
+    return atomic(Path(path), lambda temp: Path(temp).write_text(text))
+
+
+def atomic(path: Path, write) -> Path:
+    """Call `write(temp)` on a hidden temporary file `.NAME.*.part` beside `path`, then rename it to
+    `path`: a reader (or a resumed pipeline) sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(handle)
     try:
-        if path.suffix.lower() == ".csv":
-            frame.to_csv(temp, index=False)
-        else:
-            frame.to_parquet(temp, index=False)
+        write(temp)
+        os.chmod(temp, 0o644)  # mkstemp makes owner-only files; results are for sharing
         os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)

@@ -469,6 +469,17 @@ def _linalg_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def thread_environment(threads: int) -> dict[str, str]:
+    """Environment variables that keep torch, BLAS and XLA to `threads` cores. Set them before
+    torch or jax is imported in a process that shares the machine with other jobs: a multi-threaded
+    step that loses a core to another process slows down several-fold."""
+    n = str(int(threads))
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    if n == "1":
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return env
+
+
 def progress_bar(total: int, desc: str, enabled: bool | None = None):
     """A tqdm bar on a terminal, nothing otherwise (enabled=None: decide by stderr being a tty)."""
     from tqdm.auto import tqdm

@@ -33,7 +33,7 @@ HYPERPARAMETERS = {
     "ef": {"lr": 0.3, "damping": 0.1},
     "ngd-exact": {"lr": 0.1, "damping": 1e-2, "fisher": "exact"},
     "ngd-mc": {"lr": 0.1, "damping": 0.1, "fisher": "mc"},
-    "kfac": {"lr": 0.2, "damping": 1e-2, "kfac_update_period": 10},
+    "kfac": {"lr": 0.1, "damping": 1e-2, "kfac_update_period": 10},
 }
 assert set(HYPERPARAMETERS) == set(timing.SETTINGS)
 

@@ -16,8 +16,6 @@ frames, readable at column width.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +24,7 @@ matplotlib.use("Agg")  # files only: no display on CI machines or cluster nodes
 
 from matplotlib.figure import Figure  # noqa: E402
 
+from natgrad_impls import results  # noqa: E402
 from natgrad_impls.figures import style  # noqa: E402,F401
 
 
@@ -39,27 +38,18 @@ class Drawn:
         return " ".join(self.notes)
 
 
-def save(drawn: Drawn, path, formats=("png", "pdf"), dpi: int = 200) -> list[Path]:
-    """Write the figure as `path` with each suffix of `formats` (temp file + rename each) and the
-    notes beside it as `path` with suffix `.notes.txt`; returns the paths written."""
+def save(drawn: Drawn, path, formats=("png", "pdf"), dpi: int = 200, notes: bool = True) -> list[Path]:
+    """Write the figure as `path` with each suffix of `formats` (temp file + rename each) and, with
+    `notes`, the caption notes beside it as `path` with suffix `.notes.txt`; returns the paths."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix in formats:
         target = path.with_suffix("." + suffix)
-        _atomic(target, lambda temp: drawn.figure.savefig(temp, format=suffix, dpi=dpi, bbox_inches="tight"))
+        results.atomic(target, lambda temp: drawn.figure.savefig(temp, format=suffix, dpi=dpi, bbox_inches="tight"))
         written.append(target)
-    notes = path.with_suffix(".notes.txt")
-    _atomic(notes, lambda temp: Path(temp).write_text(drawn.caption_notes + "\n"))
-    written.append(notes)
+    if notes:
+        target = path.with_suffix(".notes.txt")
+        results.write_text(drawn.caption_notes + "\n", target)
+        written.append(target)
     return written
-
-
-def _atomic(target: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""The Snakemake pipeline (DESIGN 2, 8): lint, dry runs of every configuration, the config schema,
+and the smoke configuration end to end in a copy of the repository, killed half-way and resumed.
+
+Everything runs in a temporary copy, so that the repository's own results/ is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # snakemake and natgrad of this environment
+SKIP = {".git", ".venv", ".snakemake", ".pytest_cache", "__pycache__", "html", "env"}
+SMOKE_TIMEOUT_S = 900
+
+
+def copy_repository(target: Path) -> Path:
+    """The working tree without environments, caches or results (results/reference is kept)."""
+
+    def ignore(folder, names):
+        skipped = {n for n in names if n in SKIP or n.endswith(".egg-info")}
+        if Path(folder) == REPO / "results":
+            skipped |= {n for n in names if n not in ("reference", "README.md")}
+        if Path(folder) == REPO / "benchmarks":
+            skipped |= {"results"}
+        return skipped
+
+    shutil.copytree(REPO, target, ignore=ignore)
+    return target
+
+
+def snakemake(cwd: Path, *args, timeout=300, check=False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def result_files(root: Path) -> set[Path]:
+    results = root / "results"
+    return {p for p in results.rglob("*")
+            if p.is_file() and p.name != "README.md" and not {"reference", "logs"} & set(p.relative_to(results).parts)}
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    return copy_repository(tmp_path_factory.mktemp("pipeline") / "natgrad-bench")
+
+
+def test_lint_is_clean(repo_copy):
+    done = snakemake(repo_copy, "--lint", "--workflow-profile", "none")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Congratulations, your workflow is in a good condition" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("overlay", [None, "config/smoke.yaml", "config/paper.yaml", "config/gpu.yaml"])
+def test_dry_run_builds_the_dag(repo_copy, overlay):
+    args = ["-n", "--workflow-profile", "none"] + (["--configfile", overlay] if overlay else [])
+    done = snakemake(repo_copy, *args, check=True)
+    jobs = int(re.search(r"^total\s+(\d+)", done.stdout, re.MULTILINE).group(1))
+    assert jobs > 20
+    for rule in ("grid", "tune", "train", "cost", "figure_fig3_optimisation", "table_environment"):
+        assert re.search(rf"^{rule}\s+\d+", done.stdout, re.MULTILINE), f"{overlay}: no {rule} job"
+    assert not result_files(repo_copy)
+
+
+BAD_CONFIGS = {
+    "unknown task": ("convex:\n  tasks: [wine, iris]\n", r"'iris' is not one of", "convex"),
+    "negative lr": ("networks:\n  lrs: {sgd: [0.1, -0.01]}\n", r"-0.01 is less than or equal to the minimum of 0",
+                    "lrs"),
+    "misspelled key": ("netwroks:\n  tasks: [digits-mlp]\n", r"'netwroks' was unexpected", "netwroks"),
+    "unknown optimizer": ("optimizers: [sgd, lbfgs]\n", r"'lbfgs' is not one of", "optimizers"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
+    text, message, field = BAD_CONFIGS[name]
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(text)
+    done = snakemake(repo_copy, "--cores", "1", "--configfile", str(overlay))  # a real run, not a dry one
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "Error validating config file" in output
+    assert re.search(message, output), output[-2000:]
+    assert field in output
+    assert not result_files(repo_copy), "a job ran before the config was checked"
+
+
+def wait_for(condition, timeout, process):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False
+
+
+def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
+    """Start the smoke pipeline, kill it (SIGTERM, as `kill` does) once some jobs have finished,
+    check that no partial result is left, run it again: it finishes, recomputes only what was
+    missing and writes a report that names every figure."""
+    root = copy_repository(tmp_path / "natgrad-bench")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/smoke.yaml"]
+    first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    finished = lambda: len(list((root / "results").glob("tune/**/*.parquet"))) >= 2  # noqa: E731
+    try:
+        assert wait_for(finished, SMOKE_TIMEOUT_S, first), "the smoke pipeline ended before it could be killed"
+        os.kill(first.pid, signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode != 0, "the pipeline finished before the kill"
+
+    survivors = {path: path.stat().st_mtime_ns for path in result_files(root)}
+    assert survivors and not (root / "results" / "report.html").exists()
+    assert not [p for p in (root / "results").rglob("*.part")], "a partial file was left behind"
+    for path in survivors:  # every file left is a whole result
+        if path.suffix == ".parquet":
+            assert len(pd.read_parquet(path)) > 0, path
+
+    second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for path, mtime in survivors.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+    assert not [p for p in (root / "results").rglob("*.part")]
+
+    report = root / "results" / "report.html"
+    assert report.exists()
+    html = report.read_text(errors="replace")
+    figures = sorted(p.stem for p in (root / "results" / "figures").glob("*.png"))
+    assert len(figures) >= 12, figures
+    for name in figures:
+        assert f"{name}.png" in html, f"the report does not name {name}"
+        assert (root / "results" / "figures" / f"{name}.pdf").stat().st_size > 0
+        assert (root / "results" / "figures" / f"{name}.rst").read_text().strip()
+    for table in ("environment", "best-convex", "best-networks"):
+        assert f"{table}.csv" in html
+    assert list((root / "results" / "logs").rglob("*.log")), "no job logs"

@@ -1,0 +1,183 @@
+# Shared by the rules: the names (DESIGN 3, 6), the devices, the tuning grid and the targets.
+import glob
+import os
+
+from natgrad_impls.names import Device, Framework, Optimizer
+from natgrad_impls.tasks import TASKS
+
+RESULTS = "results"
+ENVIRONMENT = "../../environment.yml"  # every rule: one pinned environment (relative to the rule files)
+LOGS = f"{RESULTS}/logs"
+
+
+wildcard_constraints:
+    task="|".join(TASKS),
+    optimizer="|".join(o.value for o in Optimizer),
+    framework="|".join(f.value for f in Framework),
+    device="|".join(d.value for d in Device),
+    seed=r"\d+",
+
+
+def remove_stale_temporaries():
+    """Result files are written as hidden `.NAME.*.part` files and renamed into place; a job killed
+    hard (SIGKILL, a lost node) leaves its temporary behind. Never read as a result, it is removed
+    when the workflow starts again (the lock guarantees no other run is writing)."""
+    for path in glob.glob(f"{RESULTS}/**/.*.part", recursive=True):
+        os.remove(path)
+
+
+def devices():
+    """cpu, plus cuda where torch sees a GPU (config `devices: auto`), or the configured list."""
+    if config["devices"] != "auto":
+        return list(config["devices"])
+    import torch
+
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def devices_for(framework):
+    return ["cpu"] if framework == "numpy" else devices()
+
+
+def data_inputs(wildcards):
+    """The data job of a download task (fetch and verify first); nothing for offline tasks."""
+    return [] if TASKS[wildcards.task].offline else [f"{RESULTS}/data/{wildcards.task}.csv"]
+
+
+def gpu_resources(wildcards):
+    return 1 if wildcards.device == "cuda" else 0
+
+
+def single_threaded(threads):
+    """`export ...;` that keeps a shell job's torch, BLAS and XLA to `threads` cores (parallel jobs
+    on a small machine must not oversubscribe it)."""
+    from natgrad_impls.runner import thread_environment
+
+    return "export " + " ".join(f"{k}='{v}'" for k, v in thread_environment(threads).items()) + ";"
+
+
+def hyperparameter_options(values):
+    """{name: value} as command-line options, e.g. --kfac-update-period 10."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in values.items())
+
+
+def fixed_hyperparameters(section, optimizer):
+    return dict(config[section].get("hyperparameters", {}).get(optimizer, {}))
+
+
+# -- the network tuning grid: lr (and damping for ef, ngd, kfac) per optimizer ----------------------
+def tuning_runs(optimizer):
+    """The settings of `optimizer`'s tuning grid, with its fixed hyperparameters, as dicts."""
+    n = config["networks"]
+    fixed = fixed_hyperparameters("networks", optimizer)
+    lrs = n["lrs"].get(optimizer, [])
+    if optimizer in ("sgd", "adam"):
+        return [{**fixed, "lr": lr} for lr in lrs]
+    return [{**fixed, "lr": lr, "damping": damping} for lr in lrs for damping in n["dampings"]]
+
+
+def network_optimizers():
+    return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
+
+
+def network_runs():
+    n = config["networks"]
+    return [f"{RESULTS}/train/{task}/{optimizer}/{framework}-{device}.parquet"
+            for task in n["tasks"] for optimizer in network_optimizers() for framework in n["frameworks"]
+            for device in devices_for(framework)]
+
+
+def grid_files(frameworks=None):
+    c = config["convex"]
+    return [f"{RESULTS}/grid/{task}/{framework}-{device}.parquet"
+            for task in c["tasks"] for framework in (frameworks or c["frameworks"]) for device in devices_for(framework)]
+
+
+def cost_files():
+    t = config["timing"]
+    return [f"{RESULTS}/cost/{task}/{framework}-{device}.csv"
+            for task in t["tasks"] for framework in t["frameworks"] for device in devices()]
+
+
+def scaling_files():
+    s = config["timing"]["scaling"]
+    if not s["settings"]:
+        return []
+    return [f"{RESULTS}/scaling/{framework}-{device}.csv" for framework in s["frameworks"] for device in devices()]
+
+
+def reference_files(pattern):
+    """Committed tables of earlier runs (config `reference`), shown beside this run's."""
+    return sorted(glob.glob(os.path.join(config["reference"], pattern)))
+
+
+# -- per stage ------------------------------------------------------------------------------------
+def grid_options(wildcards):
+    c = config["convex"]
+    fixed = {}
+    for optimizer in config["optimizers"]:
+        fixed.update(fixed_hyperparameters("convex", optimizer))
+    return (f"--lrs={c['lrs']} --dampings={c['dampings']} --steps {c['steps']} --repeats {c['repeats']} "
+            + hyperparameter_options(fixed))
+
+
+def toy_inputs(wildcards):
+    wine = f"{RESULTS}/grid/wine/numpy-cpu.parquet"
+    if wildcards.toy == "starting_point" and wine in grid_files():
+        return [wine]
+    return []
+
+
+
+
+
+MAIN_CONVEX_TASKS = ("breastcancer", "wine")  # figure 3 of the paper; the appendix figure has all
+
+
+def numpy_grids(tasks):
+    return [f"{RESULTS}/grid/{task}/numpy-cpu.parquet" for task in tasks]
+
+
+def cos_files(tasks):
+    return [f"{RESULTS}/grid/{task}/cos.parquet" for task in tasks]
+
+
+def figures():
+    """{figure: (report category, inputs)} for this configuration."""
+    c, n, t = config["convex"], config["networks"], config["timing"]
+    toys, out = config["toys"], {}
+    if "vecfield" in toys:
+        out["fig1-vecfield"] = ("1. Kunstner et al. (2019)", [f"{RESULTS}/toys/vecfield.parquet"])
+    if "misspec" in toys:
+        out["fig2-misspecification"] = ("1. Kunstner et al. (2019)", [f"{RESULTS}/toys/misspec.parquet"])
+        out["appendix-misspecification-linear"] = ("2. Appendix", [f"{RESULTS}/toys/misspec.parquet"])
+    if "numpy" in c["frameworks"] and c["tasks"]:
+        main = [task for task in c["tasks"] if task in MAIN_CONVEX_TASKS] or c["tasks"][:2]
+        out["fig3-optimisation"] = ("1. Kunstner et al. (2019)", numpy_grids(main) + cos_files(main))
+        if set(c["tasks"]) - set(main):
+            out["appendix-optimisation-all-tasks"] = ("2. Appendix", numpy_grids(c["tasks"]) + cos_files(c["tasks"]))
+    if "starting_point" in toys:
+        out["appendix-starting-point"] = ("2. Appendix", [f"{RESULTS}/toys/starting_point.parquet"])
+    if n["tasks"] and network_optimizers():
+        for name in ("networks-loss", "networks-accuracy"):
+            out[name] = ("3. Networks", network_runs())
+        if set(n.get("cos_ef_ngd", [])) & set(network_optimizers()):
+            out["networks-cosine"] = ("3. Networks", network_runs())
+    if cost_files() and t["settings"]:
+        out["cost-steps"] = ("4. Cost", cost_files())
+        out["cost-devices"] = ("4. Cost", cost_files())
+    if scaling_files():
+        out["cost-scaling"] = ("4. Cost", scaling_files())
+    if reference_files("*.csv"):
+        out["reference-cost"] = ("5. Reference runs", reference_files("*.csv"))
+    return out
+
+
+def tables():
+    """{table: inputs}: best hyperparameters of the grids and of the tuned networks, environment."""
+    out = {"environment": []}
+    if grid_files():
+        out["best-convex"] = grid_files()
+    if config["networks"]["tasks"] and network_optimizers():
+        out["best-networks"] = network_runs()
+    return out

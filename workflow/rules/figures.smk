@@ -1,0 +1,46 @@
+# Every figure and table, drawn from the result tables alone (natgrad_impls.figures). Each figure
+# rule writes the PNG, the PDF and its caption: workflow/report/<figure>.rst followed by the notes
+# of this run (an optimizer absent from the table, a chaotic best run, ...).
+
+for _figure, (_category, _inputs) in figures().items():
+
+    rule:
+        name:
+            f"figure_{_figure.replace('-', '_')}"
+        input:
+            _inputs,
+        output:
+            png=report(f"{RESULTS}/figures/{_figure}.png", caption=f"../../{RESULTS}/figures/{_figure}.rst",
+                       category=_category),
+            pdf=f"{RESULTS}/figures/{_figure}.pdf",
+            caption=f"{RESULTS}/figures/{_figure}.rst",
+        conda:
+            ENVIRONMENT
+        log:
+            f"{LOGS}/figures/{_figure}.log",
+        params:
+            figure=_figure,
+            caption=f"workflow/report/{_figure}.rst",
+        threads: 1
+        script:
+            "../scripts/figure.py"
+
+
+for _table, _inputs in tables().items():
+
+    rule:
+        name:
+            f"table_{_table.replace('-', '_')}"
+        input:
+            _inputs,
+        output:
+            csv=report(f"{RESULTS}/tables/{_table}.csv", caption=f"../report/{_table}.rst", category="6. Tables"),
+        conda:
+            ENVIRONMENT
+        log:
+            f"{LOGS}/tables/{_table}.log",
+        params:
+            table=_table,
+        threads: 1
+        script:
+            "../scripts/table.py"

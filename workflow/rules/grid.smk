@@ -1,0 +1,41 @@
+# Figure 3: the Kunstner grid of every optimizer on each full-batch convex task (`natgrad grid`),
+# and the EF/NGD cosine along the best EF run of the numpy grid.
+
+
+rule grid:
+    input:
+        data_inputs,
+    output:
+        f"{RESULTS}/grid/{{task}}/{{framework}}-{{device}}.parquet",
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/grid/{{task}}/{{framework}}-{{device}}.log",
+    params:
+        optimizers=",".join(config["optimizers"]),
+        options=grid_options,
+        env=single_threaded(1),
+    threads: 1
+    priority: 10  # the longest jobs: start them first
+    resources:
+        gpu=gpu_resources,
+    shell:
+        "{params.env} natgrad grid --task {wildcards.task} --optimizers {params.optimizers} "
+        "--framework {wildcards.framework} --device {wildcards.device} {params.options} "
+        "--no-progress --out {output} > {log} 2>&1"
+
+
+rule cos_along_best_ef:
+    input:
+        f"{RESULTS}/grid/{{task}}/numpy-cpu.parquet",
+    output:
+        f"{RESULTS}/grid/{{task}}/cos.parquet",
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/grid/{{task}}/cos.log",
+    params:
+        steps=config["convex"]["steps"],
+    threads: 1
+    script:
+        "../scripts/cos_along_best_ef.py"

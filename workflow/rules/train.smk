@@ -1,0 +1,47 @@
+# Networks, the DeepOBS protocol: the whole tuning grid on one seed and its best setting by final
+# full-train loss (`tune`), then that setting rerun on `seeds` (`train`). One job runs all the settings (all the seeds)
+# of one task, optimizer, framework and device in one process: a job's fixed cost (interpreter,
+# torch or jax, the data, compilation: about 5 s) is several times that of a 400-step run.
+
+
+rule tune:
+    input:
+        data_inputs,
+    output:
+        runs=f"{RESULTS}/tune/{{task}}/{{optimizer}}/{{framework}}-{{device}}.parquet",
+        best=f"{RESULTS}/tune/{{task}}/{{optimizer}}/{{framework}}-{{device}}.best.json",
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/tune/{{task}}/{{optimizer}}/{{framework}}-{{device}}.log",
+    params:
+        runs=lambda w: tuning_runs(w.optimizer),
+        seeds=[config["networks"]["tuning_seed"]],
+        protocol=config["networks"],
+        cos_ef_ngd=False,
+    threads: 1
+    resources:
+        gpu=gpu_resources,
+    script:
+        "../scripts/train.py"
+
+
+rule train:
+    input:
+        data_inputs,
+        best=f"{RESULTS}/tune/{{task}}/{{optimizer}}/{{framework}}-{{device}}.best.json",
+    output:
+        runs=f"{RESULTS}/train/{{task}}/{{optimizer}}/{{framework}}-{{device}}.parquet",
+    conda:
+        ENVIRONMENT
+    log:
+        f"{LOGS}/train/{{task}}/{{optimizer}}/{{framework}}-{{device}}.log",
+    params:
+        seeds=config["networks"]["seeds"],
+        protocol=config["networks"],
+        cos_ef_ngd=lambda w: w.optimizer in config["networks"].get("cos_ef_ngd", []),
+    threads: 1
+    resources:
+        gpu=gpu_resources,
+    script:
+        "../scripts/train.py"

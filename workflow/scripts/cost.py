@@ -1,0 +1,18 @@
+"""Time one rule's cost table: a network task's (rule cost) or the scaling sweep (rule scaling)."""
+
+import contextlib
+
+from natgrad_impls import results, timing
+
+snakemake = globals()["snakemake"]  # set by Snakemake's script directive
+
+w, t = snakemake.wildcards, snakemake.params.timing
+with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    if snakemake.rule == "cost":
+        table = timing.cost_table(w.task, w.framework, w.device, t["dtype"], t["settings"], t["repeats"])
+    else:
+        s = snakemake.params.scaling
+        table = timing.scaling_table(w.framework, w.device, s["widths"], s["batch_sizes"], s["settings"], t["dtype"],
+                                     t["repeats"])
+    results.write(table, snakemake.output[0])
+    print(table.to_string())

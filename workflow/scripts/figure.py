@@ -1,0 +1,68 @@
+"""Draw one figure of the report from result tables and write PNG, PDF and caption (the static
+caption of workflow/report/ followed by this run's notes)."""
+
+import contextlib
+from pathlib import Path
+
+import pandas as pd
+from matplotlib import pyplot as plt
+
+from natgrad_impls import results
+from natgrad_impls.figures import cost, networks, paper, save
+
+snakemake = globals()["snakemake"]  # set by Snakemake's script directive
+
+
+def read(paths, **kwargs) -> pd.DataFrame:
+    frames = [results.read(p) if not str(p).endswith(".parquet") else pd.read_parquet(p, **kwargs) for p in paths]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def grids_and_cos(paths):
+    grids = [p for p in paths if not p.endswith("cos.parquet")]
+    best_only = {"filters": [("best", "==", True)]}  # figure 3 draws best runs and their repeats
+    return read(grids, **best_only), read([p for p in paths if p.endswith("cos.parquet")])
+
+
+def reference(paths) -> pd.DataFrame:
+    """Committed cost tables; those of scripts/step_cost.py (no task column) are named by their MLP."""
+    frames = []
+    for path in paths:
+        frame = results.read(path)
+        if "gradient_equivalents" not in frame.columns:
+            continue
+        if "task" not in frame.columns:
+            frame["task"] = [f"MLP 784-{w}-10, batch {b}" for w, b in zip(frame["width"], frame["batch_size"])]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+DRAW = {
+    "fig1-vecfield": lambda paths: paper.vecfield(read(paths)),
+    "fig2-misspecification": lambda paths: paper.misspecification(read(paths), kind="logistic"),
+    "appendix-misspecification-linear": lambda paths: paper.misspecification(read(paths), kind="linear"),
+    "fig3-optimisation": lambda paths: paper.optimisation(*grids_and_cos(paths)),
+    "appendix-optimisation-all-tasks": lambda paths: paper.optimisation(*grids_and_cos(paths)),
+    "appendix-starting-point": lambda paths: paper.starting_point(read(paths)),
+    "networks-loss": lambda paths: networks.training(read(paths)),
+    "networks-accuracy": lambda paths: networks.accuracy(read(paths)),
+    "networks-cosine": lambda paths: networks.cosine(read(paths)),
+    "cost-steps": lambda paths: cost.step_cost(read(paths)),
+    "cost-devices": lambda paths: cost.devices(read(paths)),
+    "cost-scaling": lambda paths: cost.scaling(read(paths)),
+    "reference-cost": lambda paths: cost.step_cost(reference(paths)),
+}
+
+
+def caption(static: str, notes: str) -> str:
+    text = Path(static).read_text().strip()
+    return text + (f"\n\n**This run:** {notes}\n" if notes.strip() else "\n")
+
+
+with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    name = snakemake.params.figure
+    drawn = DRAW[name](list(snakemake.input))
+    save(drawn, snakemake.output.png, notes=False)  # the notes go into the caption
+    plt.close(drawn.figure)
+    results.write_text(caption(snakemake.params.caption, drawn.caption_notes), snakemake.output.caption)
+    print(f"{name}: {drawn.caption_notes or 'no notes'}")

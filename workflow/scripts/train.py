@@ -1,0 +1,55 @@
+"""Rules tune and train: the runs of one task, optimizer, framework and device, in one process,
+written together as one long-format table. tune: every setting of params.runs on the tuning seed,
+and the best one (lowest final full-train loss, diverged runs last; figures.tables) as the JSON
+that train and `natgrad run --hyperparameters` read. train: that setting on every seed."""
+
+import contextlib
+import json
+import math
+import os
+
+from natgrad_impls.runner import HYPERPARAMETER_ORDER, thread_environment
+
+snakemake = globals()["snakemake"]  # set by Snakemake's script directive
+os.environ.update(thread_environment(snakemake.threads))  # before torch or jax is imported
+
+import pandas as pd  # noqa: E402
+
+from natgrad_impls import results, runner  # noqa: E402
+
+
+def train(settings, seeds, protocol, cos_ef_ngd) -> pd.DataFrame:
+    w, frames = snakemake.wildcards, []
+    for hyperparameters in settings:
+        for seed in seeds:
+            frame = runner.run(w.task, w.optimizer, w.framework, w.device, protocol["dtype"], hyperparameters,
+                               protocol["steps"], seed=seed, eval_every=protocol["eval_every"], cos_ef_ngd=cos_ef_ngd,
+                               progress=False)
+            last = frame.iloc[-1]
+            print(f"{hyperparameters} seed {seed}: {'diverged' if last['diverged'] else 'final'} loss "
+                  f"{last['loss']:.6g} at step {int(last['step'])}, {last['time_s']:.3g} s of steps", flush=True)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_setting(runs: pd.DataFrame) -> dict:
+    from natgrad_impls.figures import tables
+
+    best = tables.best_hyperparameters(runs).iloc[0]
+    chosen = {name: best[name] for name in HYPERPARAMETER_ORDER if name in best and not pd.isna(best[name])}
+    chosen = {k: (v.item() if hasattr(v, "item") else v) for k, v in chosen.items()}
+    diverged = "" if math.isfinite(best["final_loss"]) else " (every setting diverged)"
+    print(f"best of {len(snakemake.params.runs)} settings: {chosen}, final {best['objective']} "
+          f"{best['final_loss']:.6g}{diverged}")
+    return chosen
+
+
+with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    params = snakemake.params
+    if snakemake.rule == "tune":
+        runs = train(params.runs, params.seeds, params.protocol, params.cos_ef_ngd)
+        results.write_text(json.dumps(best_setting(runs), indent=1), snakemake.output.best)
+    else:
+        with open(snakemake.input.best) as handle:
+            runs = train([json.load(handle)], params.seeds, params.protocol, params.cos_ef_ngd)
+    results.write(runs, snakemake.output.runs)
