@@ -170,6 +170,7 @@ def figures():
         out["cost-scaling"] = ("4. Cost", scaling_files())
     if reference_files("*.csv"):
         out["reference-cost"] = ("5. Reference runs", reference_files("*.csv"))
+        out["reference-devices"] = ("5. Reference runs", reference_files("*.csv"))
     return out
 
 

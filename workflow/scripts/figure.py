@@ -51,6 +51,7 @@ DRAW = {
     "cost-devices": lambda paths: cost.devices(read(paths)),
     "cost-scaling": lambda paths: cost.scaling(read(paths)),
     "reference-cost": lambda paths: cost.step_cost(reference(paths)),
+    "reference-devices": lambda paths: cost.devices(reference(paths)),
 }
 
 
