@@ -273,7 +273,7 @@ SCALING_SETTINGS = ("sgd", "adam", "ef", "ngd-mc", "kfac")  # ngd-exact (classes
 
 
 def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256), batch_sizes: Iterable[int] = (32, 128),
-                  optimizers: Iterable[str] = SCALING_SETTINGS, dtype="float32", repeats: int = 5, seed: int = 0):
+                  settings: Iterable[str] = SCALING_SETTINGS, dtype="float32", repeats: int = 5, seed: int = 0):
     """`scaling_sweep` over several settings as one tidy table: framework, device, dtype, optimizer,
     setting (the label of `SETTINGS`), width, batch_size, num_params, step_s, gradient_s,
     gradient_equivalents; one row per setting and grid point of the 784-width-10 MLP
@@ -282,7 +282,7 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
     compilation per setting and grid point on top (about 2.5 minutes for 4 x 3 points)."""
     import pandas as pd
 
-    widths, batch_sizes, labels = list(widths), list(batch_sizes), list(optimizers)
+    widths, batch_sizes, labels = list(widths), list(batch_sizes), list(settings)
     for label in labels:
         setting(label)
     frames = [scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed)

@@ -149,3 +149,32 @@ def test_bad_input_through_the_console_script(tmp_path):
     assert done.returncode == cli.EXIT_BAD_INPUT
     assert done.stderr.splitlines() == ["natgrad: lr: -1.0 must be a finite number >= 0"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_reads_hyperparameters_from_json_and_options_win(tmp_path, capsys):
+    settings = tmp_path / "best.json"
+    settings.write_text('{"lr": 0.5, "damping": 0.01, "fisher": "mc"}')
+    out = tmp_path / "run.csv"
+    status = cli.main(["run", "--task", "breastcancer", "--optimizer", "ngd", "--framework", "numpy", "--steps", "3",
+                       "--hyperparameters", str(settings), "--damping", "0.1", "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    frame = results.read(out)
+    assert frame["lr"].unique().tolist() == [0.5] and frame["damping"].unique().tolist() == [0.1]
+    assert frame["fisher"].unique().tolist() == ["mc"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"lr": 0.5, "dampin": 0.01}', "hyperparameters: 'dampin' in"),
+    ("lr: 0.5", "hyperparameters: cannot read"),
+    ("[0.5]", "must hold a JSON object"),
+])
+def test_bad_hyperparameters_file_is_one_line_and_writes_nothing(tmp_path, capsys, text, message):
+    settings = tmp_path / "settings" / "best.json"
+    settings.parent.mkdir()
+    settings.write_text(text)
+    out = tmp_path / "run.csv"
+    status = cli.main(["run", "--task", "wine", "--optimizer", "ngd", "--framework", "numpy",
+                       "--hyperparameters", str(settings), "--out", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == cli.EXIT_BAD_INPUT and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()

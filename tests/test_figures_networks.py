@@ -280,7 +280,7 @@ def test_cost_table_real_call():
 
 
 def test_scaling_table_real_call():
-    table = timing.scaling_table("jax", "cpu", widths=(8, 16), batch_sizes=(4,), optimizers=("sgd", "ngd-mc"), repeats=2)
+    table = timing.scaling_table("jax", "cpu", widths=(8, 16), batch_sizes=(4,), settings=("sgd", "ngd-mc"), repeats=2)
     assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size",
                                    "num_params", "step_s", "gradient_s", "gradient_equivalents"]
     assert list(table.setting) == ["sgd", "sgd", "ngd-mc", "ngd-mc"] and list(table.optimizer)[-1] == "ngd"

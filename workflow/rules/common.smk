@@ -1,4 +1,5 @@
 # Shared by the rules: the names (DESIGN 3, 6), the devices, the tuning grid and the targets.
+import functools
 import glob
 import os
 
@@ -15,7 +16,6 @@ wildcard_constraints:
     optimizer="|".join(o.value for o in Optimizer),
     framework="|".join(f.value for f in Framework),
     device="|".join(d.value for d in Device),
-    seed=r"\d+",
 
 
 def remove_stale_temporaries():
@@ -26,17 +26,18 @@ def remove_stale_temporaries():
         os.remove(path)
 
 
+@functools.cache
 def devices():
     """cpu, plus cuda where torch sees a GPU (config `devices: auto`), or the configured list."""
     if config["devices"] != "auto":
-        return list(config["devices"])
+        return tuple(config["devices"])
     import torch
 
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 def devices_for(framework):
-    return ["cpu"] if framework == "numpy" else devices()
+    return ("cpu",) if framework == "numpy" else devices()
 
 
 def data_inputs(wildcards):
@@ -87,10 +88,10 @@ def network_runs():
             for device in devices_for(framework)]
 
 
-def grid_files(frameworks=None):
+def grid_files():
     c = config["convex"]
     return [f"{RESULTS}/grid/{task}/{framework}-{device}.parquet"
-            for task in c["tasks"] for framework in (frameworks or c["frameworks"]) for device in devices_for(framework)]
+            for task in c["tasks"] for framework in c["frameworks"] for device in devices_for(framework)]
 
 
 def cost_files():
@@ -122,13 +123,11 @@ def grid_options(wildcards):
 
 
 def toy_inputs(wildcards):
+    """The starting-point figure reuses the numpy wine grid where the config has one."""
     wine = f"{RESULTS}/grid/wine/numpy-cpu.parquet"
     if wildcards.toy == "starting_point" and wine in grid_files():
         return [wine]
     return []
-
-
-
 
 
 MAIN_CONVEX_TASKS = ("breastcancer", "wine")  # figure 3 of the paper; the appendix figure has all
