@@ -23,8 +23,6 @@ from natgrad_impls.timing import SETTINGS
 
 VARIANT_LABELS = {"mc": "MC", "exact": "exact", "momentum": "momentum"}
 VARIANT_MARKERS = {"": "o", "mc": "o", "exact": "s", "momentum": "D"}
-FRAMEWORK_ORDER = ("numpy", "torch", "jax")
-DEVICE_ORDER = ("cpu", "cuda")
 ROW_HEIGHT = 0.2  # inches per setting in the dot plots
 
 
@@ -76,15 +74,14 @@ def _missing_settings(table) -> list[str]:
     return style.present(table["optimizer"].unique())[1]
 
 
-def _combos(table) -> list[tuple[str, str]]:
-    present = set(map(tuple, table[["framework", "device"]].drop_duplicates().to_numpy()))
-    order = [(f, d) for d in DEVICE_ORDER for f in FRAMEWORK_ORDER]
-    return [c for c in order if c in present] + sorted(present - set(order))
 
-
-def _combo_label(combo) -> str:
-    framework, device = combo
-    return f"{style.FRAMEWORK_LABELS.get(framework, framework)} {style.DEVICE_LABELS.get(device, device)}"
+def _cost_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """A cost table with `setting` and `task` columns (task "" when it has none), and the notes on
+    optimizers it lacks."""
+    table = _with_setting(table)
+    if "task" not in table.columns:
+        table["task"] = ""
+    return table, _missing_settings(table)
 
 
 def _median(table, keys, value="step_s") -> pd.DataFrame:
@@ -98,15 +95,12 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     """One step of each setting in gradient-equivalents (step time / mini-batch gradient time), a
     dot per framework and device, one panel per task, log x with the cost of one gradient marked.
     Marker: framework (`style.FRAMEWORK_MARKERS`); filled on CPU, hollow on GPU."""
-    table = _with_setting(table)
-    if "task" not in table.columns:
-        table["task"] = ""
-    notes = _missing_settings(table)
+    table, notes = _cost_rows(table)
     if table.empty:
         return _empty("No cost rows in the table: nothing to draw.", notes)
     tasks = list(dict.fromkeys(table["task"]))
     settings = _order(table["setting"])
-    combos = _combos(table)
+    combos = style.combos(table)
     values = _median(table, ["task", "setting", "framework", "device"], "gradient_equivalents")
     height = ROW_HEIGHT * len(settings) + 0.75
     width = style.COLUMN_WIDTH if len(tasks) == 1 else style.FULL_WIDTH
@@ -123,7 +117,7 @@ def step_cost(table: pd.DataFrame) -> Drawn:
             for combo in combos:
                 if values[(values["task"] == task) & (values["framework"] == combo[0])
                           & (values["device"] == combo[1])].empty:
-                    notes.append(f"{task or 'table'}: no {_combo_label(combo)} rows.")
+                    notes.append(f"{task or 'table'}: no {style.combo_label(combo)} rows.")
         axes[0, 0].set_yticks(range(len(settings)), [setting_label(s) for s in settings])
         _combo_legend(fig, combos)
     return Drawn(fig, notes)
@@ -153,7 +147,7 @@ def _marker(framework, device, color) -> dict:
 
 
 def _combo_legend(fig, combos) -> None:
-    handles = [Line2D([], [], linestyle="none", markersize=4.5, label=_combo_label(c), **_marker(*c, "0.25"))
+    handles = [Line2D([], [], linestyle="none", markersize=4.5, label=style.combo_label(c), **_marker(*c, "0.25"))
                for c in combos]
     fig.legend(handles=handles, loc="outside upper center", ncols=len(handles))
 
@@ -181,7 +175,7 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
         return _empty("No scaling rows in the table: nothing to draw.", notes)
     batch_size = int(table["batch_size"].max()) if batch_size is None else int(batch_size)
     width = int(table["width"].max()) if width is None else int(width)
-    combos = _combos(table)
+    combos = style.combos(table)
     settings = _order(table["setting"])
     with style.paper():
         fig, axes = plt.subplots(len(combos), 2, figsize=(style.FULL_WIDTH, 2.3 * len(combos) + 0.2), squeeze=False,
@@ -193,12 +187,13 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
                 if cut[x].nunique() < 2:
                     ax.text(0.5, 0.5, f"fewer than two {x.replace('_', ' ')}s at {fixed.replace('_', ' ')} {value}",
                             transform=ax.transAxes, ha="center", va="center", color="0.5")
-                    notes.append(f"{_combo_label(combo)}: no {x.replace('_', ' ')} sweep at {fixed.replace('_', ' ')} {value}.")
+                    notes.append(f"{style.combo_label(combo)}: no {x.replace('_', ' ')} sweep at "
+                                 f"{fixed.replace('_', ' ')} {value}.")
                     continue
                 _scaling_lines(ax, cut, x, settings)
                 ax.set_xlabel(("hidden width" if x == "width" else "batch size") + f" ({fixed.replace('_', ' ')} {value})")
                 ax.set_ylabel("time per step [s]")
-                ax.set_title(_combo_label(combo))
+                ax.set_title(style.combo_label(combo))
                 _headroom(ax, LEGEND_ROOM)
                 ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="fitted log-log slope", title_fontsize=5.5,
                           handlelength=2.6, columnspacing=0.8, alignment="left")
@@ -239,10 +234,7 @@ def devices(table: pd.DataFrame) -> Drawn:
     """Step time of each setting on CPU against GPU (left) and in PyTorch against JAX (right), as
     pairs joined by a line on a log axis, one row per task. A table without GPU rows (or with one
     framework) draws the other comparison and says in a note what could not be compared."""
-    table = _with_setting(table)
-    if "task" not in table.columns:
-        table["task"] = ""
-    notes = _missing_settings(table)
+    table, notes = _cost_rows(table)
     if table.empty:
         return _empty("No cost rows in the table: nothing to draw.", notes)
     tasks = list(dict.fromkeys(table["task"]))
@@ -290,7 +282,8 @@ def _name(kind, value) -> str:
 
 def _pairs(ax, rows, settings, compared, within, a, b) -> None:
     """For each setting and each value of `within`: the step time at `a` and at `b`, joined."""
-    groups = [g for g in (FRAMEWORK_ORDER if within == "framework" else DEVICE_ORDER) if g in set(rows[within])]
+    order = style.FRAMEWORK_ORDER if within == "framework" else style.DEVICE_ORDER
+    groups = [g for g in order if g in set(rows[within])]
     offsets = np.linspace(-0.2, 0.2, len(groups)) if len(groups) > 1 else [0.0]
     for offset, group in zip(offsets, groups):
         for y, setting in enumerate(settings):
@@ -306,7 +299,7 @@ def _pairs(ax, rows, settings, compared, within, a, b) -> None:
 
 
 def _pair_legend(fig, values) -> None:
-    combos = _combos(values)
+    combos = style.combos(values)
     _combo_legend(fig, combos)
 
 

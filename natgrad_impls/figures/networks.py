@@ -28,8 +28,6 @@ SETTING_COLUMNS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "sa
 PANEL_WIDTH = 1.65  # inches per column: four columns at full width
 PANEL_HEIGHT = 1.35
 BAND_ALPHA = 0.18
-FRAMEWORK_ORDER = ("numpy", "torch", "jax")
-DEVICE_ORDER = ("cpu", "cuda")
 
 
 # -- public figures -----------------------------------------------------------------------------------
@@ -167,7 +165,7 @@ def _one_setting(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[st
         keep.append((*key, best))
         if len(group) > 1:
             task, optimizer, framework, device = key
-            notes.append(f"{task}, {style.LABELS.get(optimizer, optimizer)}, {_combo_label((framework, device))}: "
+            notes.append(f"{task}, {style.LABELS.get(optimizer, optimizer)}, {style.combo_label((framework, device))}: "
                          f"{len(group)} hyperparameter settings, the best (lowest median final loss) drawn.")
     kept = pd.DataFrame(keep, columns=KEYS + ["_setting"])
     return frame.merge(kept, on=KEYS + ["_setting"]).drop(columns="_setting"), notes
@@ -184,23 +182,12 @@ def summarise(frame: pd.DataFrame, value: str, x: str) -> pd.DataFrame:
 
 # -- drawing -----------------------------------------------------------------------------------------
 
-def _combos(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """The (framework, device) pairs present, devices first (CPU panels, then GPU panels)."""
-    present = set(map(tuple, frame[["framework", "device"]].drop_duplicates().to_numpy()))
-    order = [(f, d) for d in DEVICE_ORDER for f in FRAMEWORK_ORDER]
-    return [c for c in order if c in present] + sorted(present - set(order))
-
-
-def _combo_label(combo) -> str:
-    framework, device = combo
-    return f"{style.FRAMEWORK_LABELS.get(framework, framework)} {style.DEVICE_LABELS.get(device, device)}"
-
 
 def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=True) -> Drawn:
     """Rows: task x kind of x axis; columns: framework/device. One y range per task, one x range per
     row, so that panels side by side compare on the same scales."""
     tasks = list(dict.fromkeys(frame["task"]))
-    combos = _combos(frame)
+    combos = style.combos(frame)
     nrows, ncols = len(tasks) * len(kinds), len(combos)
     width = min(style.FULL_WIDTH, max(style.COLUMN_WIDTH, PANEL_WIDTH * ncols))
     with style.paper():
@@ -217,11 +204,11 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                     ax = axes[r, c]
                     cell = rows[(rows["framework"] == combo[0]) & (rows["device"] == combo[1])]
                     if k == 0:
-                        ax.set_title(f"{task} · {_combo_label(combo)}")
+                        ax.set_title(f"{task} · {style.combo_label(combo)}")
                     if cell.empty:
                         _no_runs(ax)
                         if k == 0:
-                            notes.append(f"{task}: no {_combo_label(combo)} runs.")
+                            notes.append(f"{task}: no {style.combo_label(combo)} runs.")
                         continue
                     shown |= _draw_cell(ax, cell, value, x, there, markers)
                     if log:

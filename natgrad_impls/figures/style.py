@@ -22,6 +22,8 @@ LINESTYLES = {"sgd": (0, (5, 2)), "adam": (0, (1, 1.5)), "ef": (0, (6, 2, 1, 2))
 FRAMEWORK_LABELS = {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}
 FRAMEWORK_MARKERS = {"numpy": "s", "torch": "o", "jax": "^"}
 DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
+FRAMEWORK_ORDER = ("numpy", "torch", "jax")
+DEVICE_ORDER = ("cpu", "cuda")
 
 assert set(LABELS) == set(OPTIMIZERS) == set(COLORS) == set(LINESTYLES)
 assert set(FRAMEWORK_LABELS) == {f.value for f in Framework}
@@ -57,3 +59,16 @@ def present(optimizers, wanted=OPTIMIZERS) -> tuple[list[str], list[str]]:
     there = [o for o in wanted if o in found]
     missing = [f"{LABELS[o]}: not in the table, left out." for o in wanted if o not in found]
     return there, missing
+
+
+def combos(frame) -> list[tuple[str, str]]:
+    """The (framework, device) pairs present in a table, CPU ones first, then GPU ones."""
+    found = set(map(tuple, frame[["framework", "device"]].drop_duplicates().to_numpy()))
+    order = [(f, d) for d in DEVICE_ORDER for f in FRAMEWORK_ORDER]
+    return [c for c in order if c in found] + sorted(found - set(order))
+
+
+def combo_label(combo) -> str:
+    """'PyTorch CPU', 'JAX GPU', ... for a (framework, device) pair."""
+    framework, device = combo
+    return f"{FRAMEWORK_LABELS.get(framework, framework)} {DEVICE_LABELS.get(device, device)}"
