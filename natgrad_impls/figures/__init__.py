@@ -38,6 +38,18 @@ class Drawn:
         return " ".join(self.notes)
 
 
+def placeholder(message: str, notes: list[str]) -> Drawn:
+    """A small figure that says what is missing, instead of raising inside a pipeline; the message
+    joins the caption notes."""
+    from matplotlib import pyplot as plt
+
+    with style.paper():
+        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, 1.2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    return Drawn(fig, notes + [message])
+
+
 def save(drawn: Drawn, path, formats=("png", "pdf"), dpi: int = 200, notes: bool = True) -> list[Path]:
     """Write the figure as `path` with each suffix of `formats` (temp file + rename each) and, with
     `notes`, the caption notes beside it as `path` with suffix `.notes.txt`; returns the paths."""

@@ -18,7 +18,7 @@ from matplotlib import colors as mcolors
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
-from natgrad_impls.figures import Drawn, style
+from natgrad_impls.figures import Drawn, placeholder, style
 from natgrad_impls.timing import SETTINGS
 
 VARIANT_LABELS = {"mc": "MC", "exact": "exact", "momentum": "momentum"}
@@ -97,7 +97,7 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     Marker: framework (`style.FRAMEWORK_MARKERS`); filled on CPU, hollow on GPU."""
     table, notes = _cost_rows(table)
     if table.empty:
-        return _empty("No cost rows in the table: nothing to draw.", notes)
+        return placeholder("No cost rows in the table: nothing to draw.", notes)
     tasks = list(dict.fromkeys(table["task"]))
     settings = _order(table["setting"])
     combos = style.combos(table)
@@ -172,7 +172,7 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
     table = _with_setting(table)
     notes = _missing_settings(table)
     if table.empty:
-        return _empty("No scaling rows in the table: nothing to draw.", notes)
+        return placeholder("No scaling rows in the table: nothing to draw.", notes)
     batch_size = int(table["batch_size"].max()) if batch_size is None else int(batch_size)
     width = int(table["width"].max()) if width is None else int(width)
     combos = style.combos(table)
@@ -236,7 +236,7 @@ def devices(table: pd.DataFrame) -> Drawn:
     framework) draws the other comparison and says in a note what could not be compared."""
     table, notes = _cost_rows(table)
     if table.empty:
-        return _empty("No cost rows in the table: nothing to draw.", notes)
+        return placeholder("No cost rows in the table: nothing to draw.", notes)
     tasks = list(dict.fromkeys(table["task"]))
     settings = _order(table["setting"])
     values = _median(table, ["task", "setting", "framework", "device"])
@@ -249,7 +249,7 @@ def devices(table: pd.DataFrame) -> Drawn:
         if absent:
             notes.append(f"{title} not drawn: no {', '.join(absent)} rows.")
     if not pairs:
-        return _empty("Neither two devices nor two frameworks in the table: nothing to compare.", notes)
+        return placeholder("Neither two devices nor two frameworks in the table: nothing to compare.", notes)
     height = (ROW_HEIGHT * len(settings) + 0.5) * len(tasks) + 0.3
     width = style.FULL_WIDTH if len(pairs) == 2 else style.COLUMN_WIDTH
     with style.paper():
@@ -301,11 +301,3 @@ def _pairs(ax, rows, settings, compared, within, a, b) -> None:
 def _pair_legend(fig, values) -> None:
     combos = style.combos(values)
     _combo_legend(fig, combos)
-
-
-def _empty(message: str, notes: list[str]) -> Drawn:
-    with style.paper():
-        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, 1.2), layout="constrained")
-        ax.axis("off")
-        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    return Drawn(fig, notes + [message])

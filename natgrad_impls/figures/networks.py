@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 
-from natgrad_impls.figures import Drawn, style
+from natgrad_impls.figures import Drawn, placeholder, style
 
 KEYS = ["task", "optimizer", "framework", "device"]
 SETTING_COLUMNS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
@@ -42,7 +42,7 @@ def training(frame: pd.DataFrame, y: str = "loss", smooth: int | None = None) ->
     comparison; the caption says which window was used."""
     frame, notes = _prepare(frame, y)
     if frame.empty:
-        return _empty(f"No {y} values in the table: nothing to draw.", notes)
+        return placeholder(f"No {y} values in the table: nothing to draw.", notes)
     if y == "loss":
         frame = _smooth(frame, y, smooth, notes)
     kinds = [("step", "step"), ("time_s", "time [s]")]
@@ -57,7 +57,7 @@ def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
     than 100, since a cosine on each mini-batch is as noisy as its loss)."""
     frame, notes = _prepare(frame, "cos_ef_ngd")
     if frame.empty:
-        return _empty("No cos_ef_ngd values in the table: nothing to draw.", notes)
+        return placeholder("No cos_ef_ngd values in the table: nothing to draw.", notes)
     along = [style.LABELS.get(o, o) for o in style.present(frame["optimizer"].unique())[0]]
     notes.append(f"Cosine measured along the runs of {', '.join(along)}.")
     frame = _smooth(frame, "cos_ef_ngd", smooth, notes)
@@ -89,7 +89,7 @@ def accuracy(frame: pd.DataFrame) -> Drawn:
     the evaluations, since they are few."""
     frame, notes = _prepare(frame, "test_accuracy")
     if frame.empty:
-        return _empty("No test_accuracy values in the table: nothing to draw.", notes)
+        return placeholder("No test_accuracy values in the table: nothing to draw.", notes)
     drawn = _grid(frame, "test_accuracy", [("time_s", "time [s]")], ylabel="test accuracy", log=False, notes=notes,
                   markers=True)
     low = _accuracy_floor(frame)
@@ -265,12 +265,3 @@ def _no_runs(ax) -> None:
     ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="0.5")
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _empty(message: str, notes: list[str]) -> Drawn:
-    """A small figure that says what is missing, instead of raising inside a pipeline."""
-    with style.paper():
-        fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, 1.2), layout="constrained")
-        ax.axis("off")
-        ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    return Drawn(fig, notes + [message])
