@@ -4,6 +4,9 @@ Prints, on the MLP of `natgrad_impls.timing.mlp_problem` (784-128-10 relu, 101,7
 batch 128, float32 by default), with the settings of `timing.SETTINGS`:
   - every optimizer's step in gradient-equivalents, time(step) / time(mini-batch gradient)
     (targets on CPU: kfac (period 10) <= 3, ef and ngd-mc <= 4; ngd-exact ~ classes x that);
+  - for kfac, its arithmetic floor in the same unit (`timing.kfac_floor`: multiply-adds of the
+    gradient plus the preconditioning, and with the factors and amortised inverses added), so the
+    measured cost can be read against what the model's shapes allow;
   - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
     over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
 Every time is the median of `--repeats` samples; a K-FAC sample spans one inversion period.
@@ -11,7 +14,7 @@ Every time is the median of `--repeats` samples; a K-FAC sample spans one invers
 rounds (the machine may be shared: rounds spread a burst of load over several samples).
 
     python scripts/step_cost.py [--framework torch,jax] [--device cpu|cuda] [--dtype float32]
-        [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--out results/step_cost.csv]
+        [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--sizes 40,128,10] [--out results/step_cost.csv]
     python scripts/step_cost.py --sweep --widths 64,128,256,512 --batch-sizes 32,128,512 \\
         --out results/scaling.csv          # timing.scaling_sweep over the grid, long format
 """
@@ -34,10 +37,11 @@ def _peers(label: str, framework: str) -> list[str]:
 
 
 def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, width=128, batch_size=128,
-               peers=True) -> pd.DataFrame:
+               peers=True, sizes=None) -> pd.DataFrame:
     """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
     exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time)."""
-    problem, params, batch = timing.mlp_problem(width, batch_size)
+    problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
+    layers = "-".join(str(size) for size in (sizes or (784, width, 10)))
     rows = []
     for framework in frameworks:
         grad, grad_sync = timing.gradient_call(framework, problem, params, batch, device, dtype)
@@ -48,9 +52,12 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
             # the unit of cost is timed next to each step, so that both see the same machine load
             grad_s = timing.median_seconds(grad, grad_sync, repeats)
             row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer,
-                       variant=timing.variant(label), width=width, batch_size=batch_size,
+                       variant=timing.variant(label), width=width, sizes=layers, batch_size=batch_size,
                        num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
                        gradient_equivalents=step_s / grad_s)
+            if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
+                floor = timing.kfac_floor(problem.model, batch_size, period)
+                row.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
             for peer in _peers(label, framework) if peers else ():
                 try:
                     call, psync, pperiod = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
@@ -74,6 +81,7 @@ def main(argv=None):
     parser.add_argument("--settings", default=",".join(timing.SETTINGS),
                         help=f"labels of timing.SETTINGS (default: all of {', '.join(timing.SETTINGS)})")
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--sizes", help="the MLP's layer sizes, input first (e.g. 40,128,128,10); default 784,WIDTH,10")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true", help="skip the torch.optim / optax / kfac-jax peers")
     parser.add_argument("--sweep", action="store_true", help="timing.scaling_sweep over --widths x --batch-sizes")
@@ -94,10 +102,11 @@ def main(argv=None):
         )
     else:
         rounds = [cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width,
-                             args.batch_size, not args.no_peers).assign(round=r) for r in range(args.rounds)]
+                             args.batch_size, not args.no_peers,
+                             [int(v) for v in args.sizes.split(",")] if args.sizes else None).assign(round=r) for r in range(args.rounds)]
         table = pd.concat(rounds, ignore_index=True)
         if args.rounds > 1:
-            keys = ["framework", "device", "dtype", "optimizer", "variant", "width", "batch_size", "num_params"]
+            keys = ["framework", "device", "dtype", "optimizer", "variant", "width", "sizes", "batch_size", "num_params"]
             table = table.drop(columns="round").groupby(keys, sort=False, dropna=False).median().reset_index()
             table["rounds"] = args.rounds
     table["machine"] = platform.processor() or platform.machine()

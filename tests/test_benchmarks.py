@@ -128,3 +128,32 @@ def test_sgd_adam_peers_take_our_step(peer, momentum):
         np.testing.assert_allclose(np.asarray(a[name].detach() if framework == "torch" else a[name]),
                                    np.asarray(b[name].detach() if framework == "torch" else b[name]),
                                    rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_kfac_floor_counts_the_products_torch_does():
+    """`timing.kfac_floor` (the arithmetic floor step_cost.py prints) counts the multiply-adds torch's
+    flop counter sees: the gradient (less the bias columns, which torch adds rather than
+    multiplies) and the preconditioning G V A of our K-FAC."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from natgrad_impls.torch import curvature as C
+    from natgrad_impls.torch import model as M
+
+    batch_size = 8
+    problem, params, (x, y) = timing.mlp_problem(batch=batch_size, sizes=(12, 6, 5, 3))
+    floor = timing.kfac_floor(problem.model, batch_size, period=10)
+    p = M.to_torch(params)
+    with FlopCounterMode(display=False) as counter:
+        M.loss_and_grad(problem, p, (torch.as_tensor(x), torch.as_tensor(y)))
+    bias_columns = sum(2 * batch_size * layer.out_features for _, layer in problem.model.parametric())
+    assert floor["gradient"] == counter.get_total_flops() / 2 + bias_columns
+    layers = C.to_layers(problem.model, p)
+    identity = lambda n: torch.eye(n, dtype=torch.float64)
+    kronecker = C.KroneckerCurvature(problem.model, {k: identity(w.shape[1]) for k, w in layers.items()},
+                                     {k: identity(w.shape[0]) for k, w in layers.items()})
+    with FlopCounterMode(display=False) as counter:
+        kronecker.multiply(p)
+    assert floor["precondition"] == counter.get_total_flops() / 2
+    assert floor["floor"] == (floor["gradient"] + floor["precondition"]) / floor["gradient"]
+    assert floor["with_factors"] > floor["floor"]
