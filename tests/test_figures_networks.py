@@ -208,6 +208,19 @@ def test_step_cost_dots_per_setting_framework_and_device():
     assert any("Adam: not in the table" in n for n in partial.notes)
 
 
+def test_step_cost_marks_the_kfac_floor_where_the_table_has_it():
+    rows = cost_rows(tasks=("mlp",))
+    rows["floor_with_factors"] = np.where(rows["setting"] == "kfac", 4.5, np.nan)
+    drawn = cost.step_cost(rows)
+    ax = drawn.figure.axes[0]
+    bars = [line for line in ax.get_lines() if line.get_marker() == "|"]
+    assert len(bars) == 1 and bars[0].get_xdata()[0] == 4.5
+    assert bars[0].get_ydata()[0] == list(timing.SETTINGS).index("kfac")  # on the K-FAC row
+    assert "floor (multiply-adds)" in [t.get_text() for t in drawn.figure.legends[0].get_texts()]
+    plain = cost.step_cost(cost_rows(tasks=("mlp",)))
+    assert not [line for line in plain.figure.axes[0].get_lines() if line.get_marker() == "|"]
+
+
 def scaling_rows(widths=(32, 64, 128, 256), batch_sizes=(16, 64, 256), settings=("sgd", "ngd-exact", "ngd-mc")):
     """Power laws: step time = c * width^2 * batch (ngd-exact: width * batch^2), small noise."""
     rng = np.random.default_rng(0)

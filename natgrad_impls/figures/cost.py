@@ -94,7 +94,8 @@ def _median(table, keys, value="step_s") -> pd.DataFrame:
 def step_cost(table: pd.DataFrame) -> Drawn:
     """One step of each setting in gradient-equivalents (step time / mini-batch gradient time), a
     dot per framework and device, one panel per task, log x with the cost of one gradient marked.
-    Marker: framework (`style.FRAMEWORK_MARKERS`); filled on CPU, hollow on GPU."""
+    Marker: framework (`style.FRAMEWORK_MARKERS`); filled on CPU, hollow on GPU. Where the table
+    has a `floor_with_factors` column (K-FAC rows of scripts/step_cost.py), a black bar marks it."""
     table, notes = _cost_rows(table)
     if table.empty:
         return placeholder("No cost rows in the table: nothing to draw.", notes)
@@ -107,8 +108,10 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     with style.paper():
         fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), sharey=True, squeeze=False,
                                  layout="constrained")
+        floors = False
         for ax, task in zip(axes[0], tasks):
             _dots(ax, values[values["task"] == task], settings, combos, "gradient_equivalents")
+            floors |= _floor_ticks(ax, table[table["task"] == task], settings)
             ax.axvline(1.0, color="0.4", linewidth=0.7, linestyle=":", zorder=0)
             ax.set_xscale("log")
             ax.set_xlabel("step cost [gradient-equivalents]")
@@ -119,8 +122,20 @@ def step_cost(table: pd.DataFrame) -> Drawn:
                           & (values["device"] == combo[1])].empty:
                     notes.append(f"{task or 'table'}: no {style.combo_label(combo)} rows.")
         axes[0, 0].set_yticks(range(len(settings)), [setting_label(s) for s in settings])
-        _combo_legend(fig, combos)
+        _combo_legend(fig, combos, floors)
     return Drawn(fig, notes)
+
+
+def _floor_ticks(ax, rows, settings) -> bool:
+    """A black bar at each setting's arithmetic floor (the `floor_with_factors` column of
+    scripts/step_cost.py, `timing.kfac_floor`), where the table has one; whether any was drawn."""
+    if "floor_with_factors" not in rows.columns:
+        return False
+    floors = rows.dropna(subset=["floor_with_factors"]).groupby("setting")["floor_with_factors"].first()
+    for setting, value in floors.items():
+        if setting in settings:
+            ax.plot(value, settings.index(setting), **FLOOR_MARKER)
+    return bool(len(floors))
 
 
 def _dots(ax, values, settings, combos, column) -> None:
@@ -146,9 +161,14 @@ def _marker(framework, device, color) -> dict:
             "markeredgecolor": color, "markeredgewidth": 1.0}
 
 
-def _combo_legend(fig, combos) -> None:
+FLOOR_MARKER = {"marker": "|", "markersize": 11, "markeredgewidth": 1.5, "color": "black", "linestyle": "none"}
+
+
+def _combo_legend(fig, combos, floor: bool = False) -> None:
     handles = [Line2D([], [], linestyle="none", markersize=4.5, label=style.combo_label(c), **_marker(*c, "0.25"))
                for c in combos]
+    if floor:
+        handles.append(Line2D([], [], label="floor (multiply-adds)", **FLOOR_MARKER))
     fig.legend(handles=handles, loc="outside upper center", ncols=len(handles))
 
 

@@ -32,7 +32,8 @@ def reference(paths) -> pd.DataFrame:
         if "gradient_equivalents" not in frame.columns:
             continue
         if "task" not in frame.columns:
-            frame["task"] = [f"MLP 784-{w}-10, batch {b}" for w, b in zip(frame["width"], frame["batch_size"])]
+            sizes = frame["sizes"] if "sizes" in frame.columns else [f"784-{w}-10" for w in frame["width"]]
+            frame["task"] = [f"MLP {s}, batch {b}" for s, b in zip(sizes, frame["batch_size"])]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
