@@ -46,7 +46,7 @@ def kfac_floor(model: models.Model, batch: int, period: int = 10) -> dict:
                     not for the first layer);
       precondition: out^2 in' + out in'^2 (G^-1 grad A^-1, every step);
       factors:      N (in'^2 + out^2) / 2 (the symmetric halves of A and G, every step);
-      inverses:     (in'^3 + out^3) / period (Cholesky and inverse, n^3 / 3 + 2 n^3 / 3).
+      inverses:     (in'^3 + out^3) / (2 period) (Cholesky n^3 / 6 and inverse from it n^3 / 3).
     `floor` counts the gradient and the preconditioning only (nothing cheaper computes the update
     from given inverses); `with_factors` adds the factors and the amortised inverses."""
     counts = dict.fromkeys(("gradient", "precondition", "factors", "inverses"), 0.0)
@@ -57,7 +57,7 @@ def kfac_floor(model: models.Model, batch: int, period: int = 10) -> dict:
         counts["gradient"] += 2 * batch * out * inp + (batch * out * layer.in_features if index else 0)
         counts["precondition"] += out * out * inp + out * inp * inp
         counts["factors"] += batch * (inp * inp + out * out) / 2
-        counts["inverses"] += (inp**3 + out**3) / period
+        counts["inverses"] += (inp**3 + out**3) / (2 * period)
     gradient = counts["gradient"]
     return {**counts, "floor": (gradient + counts["precondition"]) / gradient,
             "with_factors": sum(counts.values()) / gradient}

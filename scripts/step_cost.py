@@ -101,9 +101,9 @@ def main(argv=None):
             ignore_index=True,
         )
     else:
+        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
         rounds = [cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width,
-                             args.batch_size, not args.no_peers,
-                             [int(v) for v in args.sizes.split(",")] if args.sizes else None).assign(round=r) for r in range(args.rounds)]
+                             args.batch_size, not args.no_peers, sizes).assign(round=r) for r in range(args.rounds)]
         table = pd.concat(rounds, ignore_index=True)
         if args.rounds > 1:
             keys = ["framework", "device", "dtype", "optimizer", "variant", "width", "sizes", "batch_size", "num_params"]
