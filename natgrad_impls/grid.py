@@ -639,21 +639,11 @@ def trajectories(problem, x, y, optimizer, h, lr, damping, steps, framework="num
     return Trajectories(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Trajectories)))
 
 
-class _single_threaded_blas:
+def _single_threaded_blas():
     """BLAS on one thread while the chunks run in parallel threads (no oversubscription)."""
+    from threadpoolctl import threadpool_limits
 
-    def __enter__(self):
-        try:
-            from threadpoolctl import threadpool_limits
-
-            self._limits = threadpool_limits(1, user_api="blas")
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            self._limits = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._limits is not None:
-            self._limits.restore_original_limits()
+    return threadpool_limits(1, user_api="blas")
 
 
 # -- the grid --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The pins are the same everywhere a newcomer might install from."""
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -28,3 +29,24 @@ def test_lock_agrees_with_pyproject():
     lock = _pins((ROOT / "requirements.lock").read_text().splitlines())
     lower = {k.lower(): v for k, v in lock.items()}
     assert {k: lower.get(k.lower()) for k in pinned} == pinned
+
+
+def test_jax_keeps_scipy_openblas_to_one_thread_and_numpy_untouched():
+    """natgrad_impls.jax limits the OpenBLAS that jaxlib's LAPACK kernels use (SciPy's) to one
+    thread, so that it does not fight XLA's pool; NumPy's OpenBLAS keeps its threads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy, natgrad_impls.jax\n"
+        "from threadpoolctl import threadpool_info\n"
+        "for i in threadpool_info():\n"
+        "    if i['internal_api'] == 'openblas': print(i['filepath'], i['num_threads'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2"}).stdout.split("\n")
+    threads = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out if line}
+    scipy_libs = [path for path in threads if Path(path).parent.name == "scipy.libs"]
+    numpy_libs = [path for path in threads if Path(path).parent.name == "numpy.libs"]
+    assert scipy_libs and all(threads[path] == 1 for path in scipy_libs)
+    assert numpy_libs and all(threads[path] == 2 for path in numpy_libs)
