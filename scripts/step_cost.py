@@ -41,7 +41,7 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
     exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time)."""
     problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
-    layers = "-".join(str(size) for size in (sizes or (784, width, 10)))
+    mlp = "-".join(str(size) for size in (sizes or (784, width, 10)))
     rows = []
     for framework in frameworks:
         grad, grad_sync = timing.gradient_call(framework, problem, params, batch, device, dtype)
@@ -52,7 +52,7 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
             # the unit of cost is timed next to each step, so that both see the same machine load
             grad_s = timing.median_seconds(grad, grad_sync, repeats)
             row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer,
-                       variant=timing.variant(label), width=width, sizes=layers, batch_size=batch_size,
+                       variant=timing.variant(label), width=width, sizes=mlp, batch_size=batch_size,
                        num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
                        gradient_equivalents=step_s / grad_s)
             if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
