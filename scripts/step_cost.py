@@ -42,6 +42,7 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time)."""
     problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
     mlp = "-".join(str(size) for size in (sizes or (784, width, 10)))
+    width = max(sizes[1:-1], default=width) if sizes else width  # the widest hidden layer
     rows = []
     for framework in frameworks:
         grad, grad_sync = timing.gradient_call(framework, problem, params, batch, device, dtype)
