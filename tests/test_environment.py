@@ -1,4 +1,4 @@
-"""The pins are the same everywhere a newcomer might install from."""
+"""The pins are the same everywhere a newcomer might install from; the threading the package sets on import."""
 
 import os
 import re
