@@ -65,6 +65,16 @@ def test_asv_quick_run(tmp_path):
     assert ran == EXPECTED, (sorted(EXPECTED - ran), output[-4000:])
 
 
+@pytest.mark.parametrize("devices, expected", [("cuda", "['cuda']"), ("cpu,cuda", "['cpu', 'cuda']"),
+                                                ("gpu", "NATGRAD_ASV_DEVICES: 'gpu' is not a comma list of cpu, cuda")])
+def test_asv_devices_come_from_the_environment(devices, expected):
+    """A GPU machine runs the cuda parameters alone (scripts/gpu_session.sh); a bad name says so."""
+    code = "import benchmarks.common as c; print(c.DEVICES)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, NATGRAD_ASV_DEVICES=devices))
+    assert expected in (done.stdout if done.returncode == 0 else done.stderr.strip().splitlines()[-1])
+
+
 def test_asv_conf_keeps_results_inside_benchmarks():
     import json
 
@@ -157,3 +167,12 @@ def test_kfac_floor_counts_the_products_torch_does():
     assert floor["precondition"] == counter.get_total_flops() / 2
     assert floor["floor"] == (floor["gradient"] + floor["precondition"]) / floor["gradient"]
     assert floor["with_factors"] > floor["floor"]
+
+
+def test_gpu_session_carries_only_pinned_packages():
+    """scripts/gpu_session.sh takes every version it carries to a GPU machine from requirements.lock."""
+    script = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    lacks = re.search(r'LACKS="([^"]+)"', script).group(1).split()
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731  (pip's name comparison)
+    pinned = {norm(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    assert len(lacks) > 40 and {norm(name) for name in lacks} <= pinned, sorted({norm(n) for n in lacks} - pinned)

@@ -3,7 +3,8 @@
 NATGRAD_ASV_QUICK=1 shrinks every parameter list to its smallest useful point (one tiny MLP, few
 training steps, one sample per timing), so that `make test` can run the whole suite once in about a
 minute and fail on a broken benchmark; the numbers it produces mean nothing. Without it, the sizes
-are those of the report (`small` is the MLP of scripts/step_cost.py).
+are those of the report (`small` is the MLP of scripts/step_cost.py). NATGRAD_ASV_DEVICES=cuda (a
+comma list) keeps only those devices, so that a GPU machine spends its time on cuda alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ QUICK = os.environ.get("NATGRAD_ASV_QUICK", "") not in ("", "0")
 
 SETTINGS = list(timing.SETTINGS)  # sgd, sgd-momentum, adam, ef, ngd-exact, ngd-mc, kfac
 FRAMEWORKS = ["torch", "jax"]
-DEVICES = ["cpu", "cuda"]
+DEVICES = [d for d in os.environ.get("NATGRAD_ASV_DEVICES", "cpu,cuda").split(",") if d]
+if not DEVICES or not set(DEVICES) <= {"cpu", "cuda"}:
+    raise ValueError(f"NATGRAD_ASV_DEVICES: {','.join(DEVICES)!r} is not a comma list of cpu, cuda")
 # size -> (MLP width, batch size); the MLP is 784-width-10 (timing.mlp_problem).
 SIZES = {"tiny": (32, 32)} if QUICK else {"small": (128, 128), "large": (512, 256)}
 DTYPE = "float32"
