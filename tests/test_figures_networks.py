@@ -131,6 +131,15 @@ def test_training_draws_the_best_of_several_settings_with_a_note():
     assert any("2 hyperparameter settings" in n for n in drawn.notes)
 
 
+def test_training_says_where_columns_were_tuned_to_different_settings():
+    frame = runs(optimizers=("sgd", "ngd"))
+    frame.loc[(frame.optimizer == "ngd") & (frame.framework == "jax"), "lr"] = 0.3
+    notes = networks.training(frame, smooth=1).notes
+    assert ("digits-mlp, NGD: tuned to different settings per column (JAX CPU: lr 0.3; PyTorch CPU: lr 0.1); "
+            "the curves differ by that too.") in notes
+    assert not any(n.startswith("digits-mlp, SGD: tuned") for n in notes)
+
+
 def test_training_notes_diverged_seeds():
     frame = runs(optimizers=("sgd",))
     frame.loc[frame.seed == 1, "diverged"] = True
