@@ -184,5 +184,6 @@ def test_gpu_session_carries_only_pinned_packages():
     script = (ROOT / "scripts" / "gpu_session.sh").read_text()
     lacks = re.search(r'LACKS="([^"]+)"', script).group(1).split()
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731  (pip's name comparison)
-    pinned = {norm(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    pinned = {norm(line.split("==")[0]) for line in lock if "==" in line}
     assert len(lacks) > 40 and {norm(name) for name in lacks} <= pinned, sorted({norm(n) for n in lacks} - pinned)

@@ -159,8 +159,8 @@ def _setting_differences(frame) -> list[str]:
         differ = [c for c in columns if chosen[c].nunique(dropna=False) > 1]
         if not differ:
             continue
-        each = "; ".join(f"{style.combo_label(combo)}: " + ", ".join(f"{c} {_plain(chosen.loc[combo, c])}" for c in differ)
-                         for combo in chosen.index)
+        each = "; ".join(f"{style.combo_label(combo)}: "
+                         + ", ".join(f"{c} {_plain(chosen.loc[combo, c])}" for c in differ) for combo in chosen.index)
         notes.append(f"{task}, {style.LABELS.get(optimizer, optimizer)}: tuned to different settings per column "
                      f"({each}); the curves differ by that too.")
     return notes
