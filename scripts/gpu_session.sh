@@ -31,15 +31,15 @@ snakemake-interface-report-plugins snakemake-interface-scheduler-plugins
 snakemake-interface-storage-plugins SQLAlchemy sqlmodel tenacity tfp-nightly throttler traitlets
 typing-inspection tzdata unfoldNd virtualenv yte"
 
-pinned() {  # NAME -> NAME==VERSION from requirements.lock (names compared as pip does)
-    python3 - "$1" <<'EOF'
+pinned() {  # NAME... -> NAME==VERSION lines from requirements.lock (names compared as pip does)
+    python3 - "$@" <<'EOF'
 import re, sys
 norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
-for line in open("requirements.lock"):
-    if "==" in line and norm(line.split("==")[0]) == norm(sys.argv[1]):
-        print(line.strip()); break
-else:
-    sys.exit(f"{sys.argv[1]}: not in requirements.lock")
+lock = {norm(line.split("==")[0]): line.strip() for line in open("requirements.lock") if "==" in line}
+missing = [name for name in sys.argv[1:] if norm(name) not in lock]
+if missing:
+    sys.exit(f"not in requirements.lock: {', '.join(missing)}")
+print("\n".join(lock[norm(name)] for name in sys.argv[1:]))
 EOF
 }
 
@@ -48,8 +48,10 @@ wheels() {
     grep -qx "/.whl/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.whl/" >> .git/info/exclude; }
     local platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
                      --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
-    for name in $LACKS; do
-        req=$(pinned "$name")
+    local requirements
+    # shellcheck disable=SC2086
+    requirements=$(pinned $LACKS)
+    for req in $requirements; do
         # shellcheck disable=SC2086
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             $platforms -d .whl "$req" 2>/dev/null \
