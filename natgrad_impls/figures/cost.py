@@ -74,7 +74,6 @@ def _missing_settings(table) -> list[str]:
     return style.present(table["optimizer"].unique())[1]
 
 
-
 def _cost_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """A cost table with `setting` and `task` columns (task "" when it has none), and the notes on
     optimizers it lacks."""
