@@ -162,19 +162,15 @@ def test_kfac_inverse_uses_factored_tikhonov(impl):
 @pytest.mark.parametrize("n", [1, 31, 128, 129, 300])
 def test_damped_inverse_matches_numpy(impl, n):
     """The K-FAC factor inverse (matrix + shift I)^-1, in float64 against numpy, on sizes around the
-    block size of jax's triangular inverse (128). Not positive definite: jax gives NaN (not a wrong
-    number), torch raises (as its Cholesky does)."""
+    block size of jax's triangular inverse (128). Not positive definite: NaN (not a wrong number)
+    in both frameworks; torch's does not raise, since raising would read its status back to the host."""
     rng = np.random.default_rng(n)
     root = rng.normal(size=(n, n // 2 + 1))
     matrix, shift = root @ root.T / n, 0.01  # singular before the shift: the shift matters
     got = impl.numpy(impl.curvature._damped_inverse(impl.params({"m": matrix})["m"], shift))
     close(got, np.linalg.inv(matrix + shift * np.eye(n)), rtol=1e-10)
     indefinite = impl.params({"m": matrix - 2 * np.abs(matrix).max() * np.eye(n)})["m"]
-    if impl.name == "torch":
-        with pytest.raises(RuntimeError, match="positive-definite"):
-            impl.curvature._damped_inverse(indefinite, shift)
-    else:
-        assert np.isnan(impl.numpy(impl.curvature._damped_inverse(indefinite, shift))).any()
+    assert np.isnan(impl.numpy(impl.curvature._damped_inverse(indefinite, shift))).all()
 
 
 def _augmented_to_canonical(rows: int, cols: int) -> np.ndarray:

@@ -10,7 +10,10 @@ a dense layer is delta a^T.
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
-Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests.
+Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
+and the same products on layer matrices (`*_layers`), which the optimizers use. Few kernels and no
+host sync per step (see `natgrad_impls.torch.model`): foreach ops over the layers, and a Cholesky
+that marks failure with NaN instead of raising (raising reads its status back to the host).
 """
 
 from __future__ import annotations
@@ -76,28 +79,23 @@ def unflatten(model: Model, vector: torch.Tensor) -> dict[str, torch.Tensor]:
 def linearize(problem: Problem, params: dict, x: torch.Tensor):
     """Output f, layer inputs {layer: a}, and pullback(cotangents r x N x k) -> {layer: delta}.
 
-    delta is r x N x out (Dense) or r x N x T x out (Conv2d, T output positions). The deltas are
-    read off zero perturbations added to each layer's output. Plain autograd, not torch.func.vjp
-    (DESIGN 5's choice elsewhere): the same numbers bitwise, and 0.5 ms less per step on the cost
-    MLP (torch.func's graph set-up took longer than the forward pass itself)."""
-    model = problem.model
-    zeros = _perturbation_zeros(model, x)
-    leaves = [z.requires_grad_() for z in zeros.values()]
+    delta is r x N x out (Dense) or r x N x T x out (Conv2d, T output positions): the gradients with
+    respect to the layers' recorded outputs. Plain autograd, not torch.func.vjp (DESIGN 5's choice
+    elsewhere): the same numbers bitwise, and 0.5 ms less per step on the cost MLP (torch.func's
+    graph set-up took longer than the forward pass itself)."""
+    inputs, outputs = {}, {}
     with torch.enable_grad():
-        f, inputs = M.forward(model, params, x, zeros)
+        f = M.forward(problem.model, params, x, inputs, outputs)
+    points = list(outputs.values())
 
     def pullback(cotangents: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(cotangents) == 1:
-            deltas = [d[None] for d in torch.autograd.grad(f, leaves, cotangents[0], retain_graph=True)]
+            deltas = [d[None] for d in torch.autograd.grad(f, points, cotangents[0], retain_graph=True)]
         else:
-            deltas = torch.autograd.grad(f, leaves, cotangents, retain_graph=True, is_grads_batched=True)
-        return {name: (d.flatten(3).transpose(2, 3) if d.dim() == 5 else d) for name, d in zip(zeros, deltas)}
+            deltas = torch.autograd.grad(f, points, cotangents, retain_graph=True, is_grads_batched=True)
+        return {name: (d.flatten(3).transpose(2, 3) if d.dim() == 5 else d) for name, d in zip(outputs, deltas)}
 
     return f.detach(), {name: a.detach() for name, a in inputs.items()}, pullback
-
-
-def _perturbation_zeros(model: Model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: x.new_zeros(x.shape[0], *shape) for name, shape in model.output_shapes().items()}
 
 
 # -- C = s^2 U U^T + shift I ---------------------------------------------------------------------------
@@ -123,26 +121,25 @@ class FactorCurvature:
     def gram(self) -> torch.Tensor:
         """U^T U (M x M), layer by layer: (Delta Delta^T) * (A A^T) for Dense layers; convolutions
         materialise their per-example gradients (DESIGN 4 allows it)."""
-        total = 0
+        terms = []
         for name, a in self.inputs.items():
             d = self.deltas[name]
             r, n = d.shape[:2]
             if a.dim() == 2:
                 dd = d.reshape(r * n, -1) @ d.reshape(r * n, -1).T
-                total = total + dd * (a @ a.T).repeat(r, r)
+                terms.append((dd.view(r, n, r, n) * (a @ a.T)[:, None, :]).view(r * n, r * n))
             else:
                 g = torch.einsum("cnto,nti->cnoi", d, a).reshape(r * n, -1)
-                total = total + g @ g.T
-        return total
+                terms.append(g @ g.T)
+        return sum(terms[1:], terms[0])  # (no kernel adding the first term to a zero)
 
     def transpose_multiply(self, layers: dict) -> torch.Tensor:
         """U^T v for v given as layer matrices: r x N."""
-        total = 0
+        terms = []
         for name, a in self.inputs.items():
             av = a @ layers[name].T  # N (x T) x out
-            d = self.deltas[name]
-            total = total + (d * av).sum(-1) if a.dim() == 2 else total + (d * av).sum((-1, -2))
-        return total
+            terms.append((self.deltas[name] * av).sum(-1 if a.dim() == 2 else (-1, -2)))
+        return sum(terms[1:], terms[0])
 
     def factor_multiply(self, c: torch.Tensor) -> dict:
         """U c for coefficients c (r x N), as layer matrices: the r cotangents' deltas are summed
@@ -150,7 +147,8 @@ class FactorCurvature:
         out = {}
         for name, a in self.inputs.items():
             d = self.deltas[name]
-            weighted = (d * c.reshape(*c.shape, *[1] * (d.dim() - 2))).sum(0)  # N (x T) x out
+            weighted = d * c.reshape(*c.shape, *[1] * (d.dim() - 2))
+            weighted = weighted[0] if len(d) == 1 else weighted.sum(0)  # N (x T) x out
             out[name] = weighted.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
         return out
 
@@ -170,22 +168,29 @@ class FactorCurvature:
         return from_layers(self.model, {k: u[k] + self.shift * layers[k] for k in layers})
 
     def multiply_inverse(self, v: dict, damping: float) -> dict:
-        """(C + damping I)^-1 v: Woodbury on the M columns, or a dense solve when D <= M."""
+        return from_layers(self.model, self.multiply_inverse_layers(to_layers(self.model, v), damping))
+
+    def multiply_inverse_layers(self, layers: dict, damping: float) -> dict:
+        """(C + damping I)^-1 v for v as layer matrices: Woodbury on the M columns, or a dense solve
+        when D <= M. NaN where the Woodbury kernel is not numerically positive definite."""
         lam = damping + self.shift
         if lam == 0 or self.model.num_params() <= self.num_columns:
-            return self._dense_solve(v, lam)
-        layers = to_layers(self.model, v)
-        s2 = self.scale**2
+            return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
+        # (lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam / s^2 I + U^T U) c = U^T v: the
+        # kernel is symmetric positive definite (Cholesky, not LU), and s^2 is folded into its shift.
         r, n = next(iter(self.deltas.values())).shape[:2]
-        kernel = s2 * self.gram()
-        kernel.diagonal().add_(lam)
-        # The kernel lambda I + s^2 U^T U is symmetric positive definite: Cholesky, not LU.
+        kernel = self.gram()
+        kernel.diagonal().add_(lam / self.scale**2)
         rhs = self.transpose_multiply(layers).reshape(-1, 1)
-        coeff = torch.cholesky_solve(rhs, torch.linalg.cholesky(kernel)).reshape(r, n)
-        correction = self.factor_multiply(s2 * coeff)
-        return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
+        coeff = torch.cholesky_solve(rhs, _cholesky(kernel)).reshape(r, n)
+        correction = self.factor_multiply(coeff)
+        names = list(layers)
+        solution = torch._foreach_sub([layers[k] for k in names], [correction[k] for k in names])
+        torch._foreach_div_(solution, lam)
+        return dict(zip(names, solution))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
+        """A singular matrix raises here (torch.linalg.solve): only small problems take this path."""
         u = self.columns()
         matrix = self.scale**2 * (u.T @ u)
         matrix.diagonal().add_(lam)
@@ -210,8 +215,12 @@ class KroneckerCurvature:
     shift: float = 0.0  # the problem's l2: multiply adds it, inverse adds it to the damping
 
     def multiply(self, v: dict) -> dict:
-        layers = to_layers(self.model, v)
-        return from_layers(self.model, {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()})
+        return from_layers(self.model, self.multiply_layers(to_layers(self.model, v)))
+
+    def multiply_layers(self, layers: dict) -> dict:
+        if not self.shift:  # (an inverse: nothing to add)
+            return {k: self.G[k] @ x @ self.A[k] for k, x in layers.items()}
+        return {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()}
 
     def inverse(self, damping: float) -> "KroneckerCurvature":
         """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses
@@ -234,8 +243,18 @@ class KroneckerCurvature:
 
 
 def _damped_inverse(matrix: torch.Tensor, shift) -> torch.Tensor:
+    """(matrix + shift I)^-1 by Cholesky; NaN if that is not numerically positive definite."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(matrix + shift * eye))
+    return torch.cholesky_inverse(_cholesky(matrix + shift * eye))
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor, NaN where the factorisation failed: torch.linalg.cholesky would raise,
+    which reads the status back to the host and so waits for the device on every call. NaNs instead
+    reach the loss, where the runner detects them as a divergence (as in jax)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return torch.where(info == 0, factor, torch.nan)
+
 
 
 def _dense_by_columns(model: Model, multiply, like: torch.Tensor) -> torch.Tensor:
@@ -248,8 +267,10 @@ def _dense_by_columns(model: Model, multiply, like: torch.Tensor) -> torch.Tenso
 def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
     """(1/N) sum_n delta_n a_n^T per layer, from the residual's deltas (no r axis); one matrix
     product over the N (x T) rows (an einsum here went through bmm, 2x slower on the cost MLP)."""
-    return {name: deltas0[name].reshape(-1, deltas0[name].shape[-1]).T @ a.reshape(-1, a.shape[-1]) / n
-            for name, a in inputs.items()}
+    names = list(inputs)
+    sums = [deltas0[k].reshape(-1, deltas0[k].shape[-1]).T @ inputs[k].reshape(-1, inputs[k].shape[-1]) for k in names]
+    torch._foreach_div_(sums, n)
+    return dict(zip(names, sums))
 
 
 def _fisher_cotangents(problem, f, curvature: Curvature, samples: int, generator):
@@ -285,15 +306,18 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
 
 def kronecker(factor: FactorCurvature) -> "KroneckerCurvature":
     """K-FAC from the same columns: A = (1/N) sum_n a a^T (summed over positions T for convs),
-    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T]."""
-    A, G = {}, {}
-    for name, a in factor.inputs.items():
-        d = factor.deltas[name]
-        n = a.shape[0]
-        if a.dim() == 2:
-            A[name] = a.T @ a / n
-            G[name] = factor.scale**2 * torch.einsum("cno,cnp->op", d, d)
-        else:
-            A[name] = torch.einsum("nti,ntj->ij", a, a) / n
-            G[name] = factor.scale**2 * torch.einsum("cnto,cntp->op", d, d) / a.shape[1]
-    return KroneckerCurvature(factor.model, A, G, factor.shift)
+    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T]. Each is one
+    matrix product over all rows; the scales are applied in one foreach op."""
+    names = list(factor.inputs)
+    A = [_product_over_rows(factor.inputs[k]) for k in names]
+    G = [_product_over_rows(factor.deltas[k]) for k in names]
+    n = next(iter(factor.inputs.values())).shape[0]
+    positions = [factor.inputs[k].shape[1] if factor.inputs[k].dim() == 3 else 1 for k in names]
+    torch._foreach_mul_(A + G, [1 / n] * len(names) + [factor.scale**2 / t for t in positions])
+    return KroneckerCurvature(factor.model, dict(zip(names, A)), dict(zip(names, G)), factor.shift)
+
+
+def _product_over_rows(m: torch.Tensor) -> torch.Tensor:
+    """m^T m, every leading dimension counted as rows."""
+    m = m.reshape(-1, m.shape[-1])
+    return m.T @ m

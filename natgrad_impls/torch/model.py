@@ -1,9 +1,13 @@
 """Models and likelihoods in PyTorch, functional (params are a dict name -> tensor).
 
-`forward` can add a perturbation to every parametric layer's output and capture every parametric
-layer's (bias-augmented) input; the vector-Jacobian product with respect to the perturbations gives
-the backpropagated output gradients delta. Inputs and deltas are all that the gradient, the Gram
+`forward` can record every parametric layer's output and capture every parametric layer's
+(bias-augmented) input; the vector-Jacobian product with respect to the recorded outputs gives the
+backpropagated output gradients delta. Inputs and deltas are all that the gradient, the Gram
 matrix of the Woodbury solves and the K-FAC factors need (DESIGN 4).
+
+On a GPU a small model's step is bound by kernel launches, not arithmetic, and a host sync stalls
+the launch queue: the step code here launches few kernels and never waits for the device
+(`one_hot` and the label sampler avoid torch's data-checking `.item()`; `tests/test_torch_sync.py`).
 """
 
 from __future__ import annotations
@@ -26,19 +30,23 @@ def _augment(a: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1) if bias else a
 
 
-def forward(model: Model, params: dict, x: torch.Tensor, perturbations: dict | None = None):
-    """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
-    unfolded patches N x T x in*k*k'; ' = with the bias column)."""
-    inputs = {}
+def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = None, outputs: dict | None = None):
+    """Model output. With `inputs`, every parametric layer's input is recorded there (Dense: N x in';
+    Conv2d: the unfolded patches N x T x in*k*k'; ' = with the bias column); with `outputs`, its
+    output, differentiable: the first one is made a leaf that requires grad, so that autograd
+    records the rest of the model from it and nothing before it. (Without them nothing is
+    augmented or unfolded: the plain gradient, the unit of cost, does no more than it needs.)"""
     h = x
     for index, layer in enumerate(model.layers):
         name = layer_name(index, layer)
         if isinstance(layer, Dense):
-            inputs[name] = _augment(h, layer.bias)
+            if inputs is not None:
+                inputs[name] = _augment(h, layer.bias)
             h = F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
         elif isinstance(layer, Conv2d):
-            patches = F.unfold(h, layer.kernel_size, padding=layer.padding, stride=layer.stride)
-            inputs[name] = _augment(patches.transpose(1, 2), layer.bias)
+            if inputs is not None:
+                patches = F.unfold(h, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+                inputs[name] = _augment(patches.transpose(1, 2), layer.bias)
             h = F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), layer.stride, layer.padding)
         elif isinstance(layer, Act):
             h = _ACTIVATIONS[layer.kind](h)
@@ -46,14 +54,14 @@ def forward(model: Model, params: dict, x: torch.Tensor, perturbations: dict | N
             h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)
         elif isinstance(layer, Flatten):
             h = h.flatten(1)
-        if name is not None and perturbations is not None:
-            h = h + perturbations[name]
-        # (the perturbations are zeros: they only mark where delta is read off)
-    return h, inputs
+        if name is not None and outputs is not None:
+            h = h if outputs else h.detach().requires_grad_()
+            outputs[name] = h
+    return h
 
 
 def output(model: Model, params: dict, x: torch.Tensor) -> torch.Tensor:
-    return forward(model, params, x)[0]
+    return forward(model, params, x)
 
 
 def clip_logits(problem: Problem, f: torch.Tensor) -> torch.Tensor:
@@ -97,7 +105,15 @@ def residual(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor
         return f - y
     if problem.likelihood == Likelihood.BERNOULLI:
         return torch.sigmoid(clip_logits(problem, f)) - y
-    return torch.softmax(f, -1) - F.one_hot(y, f.shape[-1]).to(f.dtype)
+    return torch.softmax(f, -1) - one_hot(y, f)
+
+
+def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Indicator vectors of `labels` (... x N) in `like`'s last dimension, dtype and device: F.one_hot
+    reads the labels' range back to the host first (a sync on a GPU); here a label out of range is
+    an index error (a device-side assert on a GPU)."""
+    shape = (*labels.shape, like.shape[-1])
+    return like.new_zeros(shape).scatter_(-1, labels[..., None], 1.0)
 
 
 def fisher_factor(problem: Problem, f: torch.Tensor) -> torch.Tensor:
@@ -128,5 +144,11 @@ def sampled_residuals(problem: Problem, f: torch.Tensor, samples: int, generator
         u = torch.rand(shape, generator=generator, dtype=f.dtype, device=f.device)
         return s - (u < s).to(f.dtype)
     p = torch.softmax(f, -1)
-    labels = torch.multinomial(p, samples, replacement=True, generator=generator).T
-    return p - F.one_hot(labels, f.shape[-1]).to(f.dtype)
+    return p - one_hot(_categorical(p, samples, generator), p)
+
+
+def _categorical(p: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """samples x N labels drawn from the rows of p: argmax p / e, e ~ Exp(1) (the exponential race,
+    which is what torch.multinomial does for one sample, after a host-side check of p that syncs)."""
+    race = torch.empty((samples, *p.shape), dtype=p.dtype, device=p.device).exponential_(generator=generator)
+    return (p / race).argmax(-1)

@@ -48,7 +48,13 @@ class KFACState(NamedTuple):
 
 
 def _norm(tensors) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+
+
+def _descend(params: dict, direction: dict, lr: float) -> dict:
+    """params - lr direction, one foreach op over all tensors (one kernel per step on a GPU)."""
+    names = list(params)
+    return dict(zip(names, torch._foreach_add([params[k] for k in names], [direction[k] for k in names], alpha=-lr)))
 
 
 def _generator(seed: int, step: int, device) -> torch.Generator:
@@ -121,8 +127,8 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
-        direction = factor.multiply_inverse(C.from_layers(problem.model, grad), h.damping)
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        direction = C.from_layers(problem.model, factor.multiply_inverse_layers(grad, h.damping))
+        new = _descend(params, direction, h.lr)
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
@@ -173,15 +179,25 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
         factors = C.kronecker(factor)
         if state.step > 0:
-            mix = lambda old, new: {k: h.kfac_ema * old[k] + (1 - h.kfac_ema) * new[k] for k in new}
-            factors = C.KroneckerCurvature(problem.model, mix(state.A, factors.A), mix(state.G, factors.G), factors.shift)
+            A, G = _moving_average((state.A, state.G), (factors.A, factors.G), h.kfac_ema)
+            factors = C.KroneckerCurvature(problem.model, A, G, factors.shift)
         if state.step % h.kfac_update_period == 0:
             inverse = factors.inverse(h.damping)
         else:
             inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
-        direction = inverse.multiply(C.from_layers(problem.model, grad))
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        new = _descend(params, C.from_layers(problem.model, inverse.multiply_layers(grad)), h.lr)
         new_state = KFACState(state.step + 1, factors.A, factors.G, inverse.A, inverse.G)
         return new, new_state, {"loss": value, "grad_norm": _norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
+
+
+def _moving_average(old: tuple[dict, ...], new: tuple[dict, ...], ema: float) -> tuple[dict, ...]:
+    """ema old + (1 - ema) new for every tensor of the dicts (K-FAC's A and G), in two foreach ops."""
+    keys = [(i, k) for i, part in enumerate(new) for k in part]
+    mixed = torch._foreach_mul([old[i][k] for i, k in keys], ema)
+    torch._foreach_add_(mixed, [new[i][k] for i, k in keys], alpha=1 - ema)
+    out = tuple({} for _ in new)
+    for (i, k), tensor in zip(keys, mixed):
+        out[i][k] = tensor
+    return out

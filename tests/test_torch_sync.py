@@ -1,0 +1,99 @@
+"""A torch step never waits for the device. On a GPU a small model's step is bound by kernel
+launches, and a host sync (reading a device value back) stalls the launch queue (see
+`natgrad_impls.torch.model`). On the CPU every op a step dispatches is recorded and none may be one
+that reads a value back; on a GPU, torch's own sync detector must stay silent through a step.
+
+The one exception by design: the dense solve that replaces Woodbury when D <= M (tiny problems)
+raises on a singular matrix, so every problem here is checked to take the Woodbury path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import PROBLEMS, TorchImpl, make_data
+from natgrad_impls import models
+
+# Ops that read a device value back to the host: `.item()` and Python truth values (also
+# F.one_hot's range check), torch.linalg's raising error checks, data-dependent output shapes, and
+# torch.multinomial (for one sample it checks its argument on the host first).
+SYNCING = {"_local_scalar_dense", "_linalg_check_errors", "is_nonzero", "equal", "nonzero", "unique",
+           "masked_select", "multinomial"}
+
+STEPS = {
+    "sgd": ("sgd", {"lr": 0.1, "momentum": 0.9}),
+    "adam": ("adam", {"lr": 0.01}),
+    "ef": ("ef", {"lr": 0.1, "damping": 1e-2}),
+    "ngd-exact": ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "exact"}),
+    "ngd-mc": ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc", "samples": 2}),
+    "kfac-mc": ("kfac", {"lr": 0.1, "damping": 1e-2, "kfac_update_period": 2}),
+    "kfac-exact": ("kfac", {"lr": 0.1, "damping": 1e-2, "kfac_update_period": 2, "fisher": "exact"}),
+}
+BATCH = 8
+
+
+class _Dispatched(TorchDispatchMode):
+    """The names of the ops dispatched while active (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _steps(device, setting, problem_name, steps=3):
+    """Run `steps` steps (K-FAC: an inverse refresh, a reuse and a refresh) and yield between them."""
+    problem = PROBLEMS[problem_name]
+    classes = list(problem.model.output_shapes().values())[-1][0]
+    samples = STEPS[setting][1].get("samples", 1)
+    assert problem.model.num_params() > BATCH * max(classes, samples), "the dense-solve path would be taken"
+    impl = TorchImpl(device)
+    x, y = make_data(problem, BATCH, seed=0)
+    params, batch = impl.params(models.init_params(problem.model, 0), "float32"), impl.batch(x, y, "float32")
+    optimizer, hyperparameters = STEPS[setting]
+    opt = getattr(impl.module, optimizer)(problem, **hyperparameters)
+    state = opt.init(params)
+    for _ in range(steps):
+        params, state, info = opt.step(params, state, batch)
+        yield params, info
+
+
+@pytest.mark.parametrize("problem", ["mlp-categorical", "mlp-bernoulli", "mlp-gaussian-l2", "cnn-categorical"])
+@pytest.mark.parametrize("setting", list(STEPS))
+def test_torch_steps_dispatch_no_host_sync(setting, problem):
+    dispatched = _Dispatched()
+    with dispatched:
+        for _ in _steps("cpu", setting, problem):
+            pass
+    assert not dispatched.names & SYNCING, f"{setting} on {problem} reads back: {dispatched.names & SYNCING}"
+    assert {"addmm", "mm"} & dispatched.names  # the recorder saw the step's work
+
+
+def test_the_recorder_sees_a_host_sync():
+    """The check above can fail: the ops it forbids are the ones torch dispatches for these calls."""
+    dispatched = _Dispatched()
+    labels = torch.tensor([0, 2, 1])
+    with dispatched:
+        torch.nn.functional.one_hot(labels, 3)
+        torch.linalg.cholesky(torch.eye(2))
+        torch.multinomial(torch.ones(3), 1)
+    assert {"_local_scalar_dense", "_linalg_check_errors", "multinomial"} <= dispatched.names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", list(STEPS))
+def test_cuda_steps_do_not_synchronise(setting):
+    """torch's sync detector raises on any synchronising CUDA call inside the steps."""
+    steps = _steps("cuda", setting, "mlp-categorical", steps=4)
+    next(steps)  # first-call costs (cuBLAS/cuSOLVER handles, allocator) are allowed to sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in steps:
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
