@@ -1,6 +1,7 @@
 """Curvature in JAX: empirical Fisher, true Fisher (exact or MC) and K-FAC (DESIGN 4, 5).
 
-A line-by-line mirror of `natgrad_impls.torch.curvature`. Every curvature here is built from one
+A mirror of `natgrad_impls.torch.curvature`, function by function (the torch side also fuses ops by
+hand to launch fewer kernels, which XLA does here on its own). Every curvature here is built from one
 forward pass and one batched backward pass (`linearize`): the parametric layers' inputs a and the
 output gradients delta for a stack of output-space cotangents. Layers work on augmented weights
 W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^T.
@@ -10,9 +11,10 @@ W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
-Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests.
-They are plain containers used inside jitted functions; the choices they make (Woodbury or dense,
-scale, shift) depend only on shapes and Python floats, so they are static under jit.
+Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
+and the same products on layer matrices (`*_layers`), which the optimizers use. They are plain
+containers used inside jitted functions; the choices they make (Woodbury or dense, scale, shift)
+depend only on shapes and Python floats, so they are static under jit.
 """
 
 from __future__ import annotations
@@ -174,13 +176,14 @@ class FactorCurvature:
         return from_layers(self.model, {k: u[k] + self.shift * layers[k] for k in layers})
 
     def multiply_inverse(self, v: dict, damping: float) -> dict:
-        """(C + damping I)^-1 v: Woodbury on the M columns, or a dense solve when D <= M.
+        return from_layers(self.model, self.multiply_inverse_layers(to_layers(self.model, v), damping))
 
-        The choice is made on Python floats and shapes, so it is static under jit."""
+    def multiply_inverse_layers(self, layers: dict, damping: float) -> dict:
+        """(C + damping I)^-1 v for v as layer matrices: Woodbury on the M columns, or a dense solve
+        when D <= M. The choice is made on Python floats and shapes, so it is static under jit."""
         lam = damping + self.shift
         if lam == 0 or self.model.num_params() <= self.num_columns:
-            return self._dense_solve(v, lam)
-        layers = to_layers(self.model, v)
+            return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
         s2 = self.scale**2
         r, n = next(iter(self.deltas.values())).shape[:2]
         kernel = s2 * self.gram()
@@ -189,7 +192,7 @@ class FactorCurvature:
         rhs = self.transpose_multiply(layers).reshape(-1)
         coeff = cho_solve(cho_factor(kernel, lower=True), rhs).reshape(r, n)
         correction = self.factor_multiply(s2 * coeff)
-        return from_layers(self.model, {k: (layers[k] - correction[k]) / lam for k in layers})
+        return {k: (layers[k] - correction[k]) / lam for k in layers}
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
         u = self.columns()
@@ -215,8 +218,10 @@ class KroneckerCurvature:
     shift: float = 0.0  # the problem's l2: multiply adds it, inverse adds it to the damping
 
     def multiply(self, v: dict) -> dict:
-        layers = to_layers(self.model, v)
-        return from_layers(self.model, {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()})
+        return from_layers(self.model, self.multiply_layers(to_layers(self.model, v)))
+
+    def multiply_layers(self, layers: dict) -> dict:
+        return {k: self.G[k] @ x @ self.A[k] + self.shift * x for k, x in layers.items()}
 
     def inverse(self, damping: float) -> "KroneckerCurvature":
         """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses

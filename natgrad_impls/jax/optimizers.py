@@ -130,7 +130,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def step(params, state, batch):
         key = _key(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
-        direction = factor.multiply_inverse(C.from_layers(problem.model, grad), h.damping)
+        direction = C.from_layers(problem.model, factor.multiply_inverse_layers(grad, h.damping))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
 
@@ -199,7 +199,8 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
             return inverse.A, inverse.G
 
         A_inv, G_inv = lax.cond(state.step % h.kfac_update_period == 0, refresh, lambda: (state.A_inv, state.G_inv))
-        direction = C.KroneckerCurvature(problem.model, A_inv, G_inv).multiply(C.from_layers(problem.model, grad))
+        inverse = C.KroneckerCurvature(problem.model, A_inv, G_inv)
+        direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
         state = KFACState(state.step + 1, factors.A, factors.G, A_inv, G_inv)
         return new, state, {"loss": value, "grad_norm": _norm(grad.values())}
