@@ -204,6 +204,38 @@ def gradient_equivalents(framework, optimizer, problem, params, batch, device="c
     return {"step_s": step_s, "gradient_s": grad_s, "gradient_equivalents": step_s / grad_s}
 
 
+def torch_ops(optimizer, problem: Problem, params, batch, dtype="float32", **hyperparameters) -> dict:
+    """Operators a torch step dispatches that write new data (views excluded), averaged over one
+    K-FAC period after warm-up, those of the mini-batch gradient, and their ratio. On a GPU a small
+    model's step is bound by kernel launches, one or a few per such operator: the ratio is a
+    device-independent proxy of its cost in gradient-equivalents there, counted on the CPU (a
+    TorchDispatchMode records every operator, backward passes included)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def count(call, calls):
+        for _ in range(calls):  # warm-up: K-FAC's first step has no moving average to update
+            call()
+        with Count() as counter:
+            for _ in range(calls):
+                call()
+        return counter.ops / calls
+
+    step, _, period = step_call("torch", optimizer, problem, params, batch, "cpu", dtype, **hyperparameters)
+    grad, _ = gradient_call("torch", problem, params, batch, "cpu", dtype)
+    step_ops, gradient_ops = count(step, period), count(grad, 1)
+    return {"step_ops": step_ops, "gradient_ops": gradient_ops, "ops_over_gradient": step_ops / gradient_ops}
+
+
 def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes: Iterable[int], device="cpu",
                   dtype="float32", repeats: int = 20, hyperparameters: dict | None = None, seed: int = 0):
     """Step and gradient time over a grid of MLP widths and batch sizes (`mlp_problem`), one row per

@@ -4,6 +4,8 @@ Prints, on the MLP of `natgrad_impls.timing.mlp_problem` (784-128-10 relu, 101,7
 batch 128, float32 by default), with the settings of `timing.SETTINGS`:
   - every optimizer's step in gradient-equivalents, time(step) / time(mini-batch gradient)
     (targets on CPU: kfac (period 10) <= 3, ef and ngd-mc <= 4; ngd-exact ~ classes x that);
+  - for torch, the operators a step dispatches over the gradient's (`timing.torch_ops`): kernel
+    launches bound a small model's step on a GPU, so this predicts gradient-equivalents there;
   - for kfac, its arithmetic floor in the same unit (`timing.kfac_floor`: multiply-adds of the
     gradient plus the preconditioning, and with the factors and amortised inverses added), so the
     measured cost can be read against what the model's shapes allow;
@@ -56,6 +58,9 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
                        variant=timing.variant(label), width=width, sizes=mlp, batch_size=batch_size,
                        num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
                        gradient_equivalents=step_s / grad_s)
+            if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
+                ops = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)
+                row["ops_over_gradient"] = ops["ops_over_gradient"]
             if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
                 floor = timing.kfac_floor(problem.model, batch_size, period)
                 row.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])

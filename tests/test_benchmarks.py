@@ -28,7 +28,7 @@ EXPECTED = {
     "bench_step.Step.time_step", "bench_step.Step.peakmem_step", "bench_step.PeerStep.time_step",
     "bench_step.PeerStep.peakmem_step", "bench_step.OverPeer.track_over_peer",
     "bench_step.Cost.track_gradient_equivalents", "bench_training.Training.track_loss",
-    "bench_scaling.Scaling.track_gradient_equivalents",
+    "bench_scaling.Scaling.track_gradient_equivalents", "bench_step.TorchOps.track_ops_over_gradient",
 }
 
 
@@ -104,6 +104,20 @@ def test_scaling_sweep_long_format():
     assert np.allclose(table["gradient_equivalents"], table["step_s"] / table["gradient_s"])
     with pytest.raises(ValueError, match="setting"):
         timing.scaling_sweep("jax", "newton", [8], [4])
+
+
+def test_torch_ops_counts_what_a_step_adds():
+    """`timing.torch_ops` (the GPU launch proxy of TorchOps): momentum adds exactly its two foreach
+    ops (scale the buffer, add the gradient) to an sgd step; counts are exact, so a repeat agrees."""
+    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    plain = timing.torch_ops("sgd", problem, params, batch, lr=0.1)
+    heavy = timing.torch_ops("sgd", problem, params, batch, lr=0.1, momentum=0.9)
+    assert heavy["step_ops"] - plain["step_ops"] == 2
+    assert plain["gradient_ops"] == heavy["gradient_ops"] > 0
+    assert plain["step_ops"] > plain["gradient_ops"]  # the update and the gradient norm
+    kfac = timing.torch_ops("kfac", problem, params, batch, lr=0.1, damping=1e-2, kfac_update_period=4)
+    assert kfac == timing.torch_ops("kfac", problem, params, batch, lr=0.1, damping=1e-2, kfac_update_period=4)
+    assert kfac["ops_over_gradient"] > plain["ops_over_gradient"]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax 0.0.8 uses deprecated jax names

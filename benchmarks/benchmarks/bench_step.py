@@ -132,3 +132,22 @@ class Cost:
         cost = timing.gradient_equivalents(framework, name, problem, params, batch, device, DTYPE, REPEATS,
                                            **hyperparameters)
         return cost["gradient_equivalents"]
+
+
+class TorchOps:
+    """Operators one torch step dispatches (views excluded), counted on the CPU, over those of the
+    mini-batch gradient (timing.torch_ops). On a GPU a small model's step is bound by kernel
+    launches, so this ratio tracks its cost there in gradient-equivalents on any machine, and,
+    being a count, without noise: a change that adds kernels to a step shows up here exactly."""
+
+    params = [SETTINGS, list(SIZES)]
+    param_names = ["optimizer", "size"]
+    unit = "ops / gradient's"
+    processes = 1
+    timeout = 600
+
+    def track_ops_over_gradient(self, optimizer, size):
+        width, batch_size = SIZES[size]
+        problem, params, batch = timing.mlp_problem(width, batch_size)
+        name, hyperparameters = timing.setting(optimizer)
+        return timing.torch_ops(name, problem, params, batch, DTYPE, **hyperparameters)["ops_over_gradient"]
