@@ -205,35 +205,42 @@ def gradient_equivalents(framework, optimizer, problem, params, batch, device="c
 
 
 def torch_ops(optimizer, problem: Problem, params, batch, dtype="float32", **hyperparameters) -> dict:
-    """Operators a torch step dispatches that write new data (views excluded), averaged over one
+    """Operators a torch step dispatches that write new data (`dispatched_ops`), averaged over one
     K-FAC period after warm-up, those of the mini-batch gradient, and their ratio. On a GPU a small
     model's step is bound by kernel launches, one or a few per such operator: the ratio is a
-    device-independent proxy of its cost in gradient-equivalents there, counted on the CPU (a
-    TorchDispatchMode records every operator, backward passes included)."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += not func.is_view
-            return func(*args, **(kwargs or {}))
-
+    device-independent proxy of its cost in gradient-equivalents there, counted on the CPU."""
     def count(call, calls):
         for _ in range(calls):  # warm-up: K-FAC's first step has no moving average to update
             call()
-        with Count() as counter:
-            for _ in range(calls):
-                call()
-        return counter.ops / calls
+        return sum(dispatched_ops(call, calls).values()) / calls
 
     step, _, period = step_call("torch", optimizer, problem, params, batch, "cpu", dtype, **hyperparameters)
     grad, _ = gradient_call("torch", problem, params, batch, "cpu", dtype)
     step_ops, gradient_ops = count(step, period), count(grad, 1)
     return {"step_ops": step_ops, "gradient_ops": gradient_ops, "ops_over_gradient": step_ops / gradient_ops}
+
+
+def dispatched_ops(call: Callable[[], object], calls: int = 1) -> "collections.Counter[str]":
+    """Names and counts of the torch operators that `calls` calls of `call` dispatch and that write
+    new data (views excluded), backward passes included (a TorchDispatchMode sees every one)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        for _ in range(calls):
+            call()
+    return record.ops
 
 
 def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes: Iterable[int], device="cpu",
