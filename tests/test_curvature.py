@@ -94,6 +94,18 @@ def test_multiply_inverse_matches_dense_solve(impl, name, n, woodbury, curvature
     close(flat(impl, problem, solution), np.linalg.solve(dense, v), rtol=1e-8)
 
 
+@pytest.mark.parametrize("curvature", list(Curvature))
+def test_woodbury_kernel_not_positive_definite_gives_nan(impl, curvature):
+    """A damping so negative that lambda I + s^2 U^T U is indefinite: NaN in both frameworks (a step
+    then diverges at its loss), not a wrong direction and, in torch, not an error that syncs."""
+    problem = PROBLEMS["mlp-categorical"]
+    _, _, _, factor = build(impl, problem, 4, curvature, samples=2)
+    assert problem.model.num_params() > factor.num_columns  # the Woodbury path
+    v = np.random.default_rng(4).normal(size=problem.model.num_params())
+    solution = factor.multiply_inverse(impl.params(models.unflatten(problem.model, v)), -1e3)
+    assert np.isnan(flat(impl, problem, solution)).all()
+
+
 @pytest.mark.parametrize("name", ["mlp-categorical", "mlp-bernoulli", "linear-gaussian"])
 def test_mc_fisher_converges_to_exact(impl, name):
     """E[MC Fisher] = Fisher: the relative error falls like 1/sqrt(samples) (seeded)."""
