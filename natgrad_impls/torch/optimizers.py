@@ -76,12 +76,12 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
     def step(params, state, batch):
         value, grad = M.loss_and_grad(problem, params, batch)
         names, g = list(grad), list(grad.values())
-        direction, buffers = g, None
+        direction, buffers = grad, None
         if h.momentum:  # foreach ops: one kernel per operation over all tensors, as torch.optim
-            direction = torch._foreach_mul([state.momentum[k] for k in names], h.momentum)
-            torch._foreach_add_(direction, g)
-            buffers = dict(zip(names, direction))
-        new = dict(zip(names, torch._foreach_add([params[k] for k in names], direction, alpha=-h.lr)))
+            b = torch._foreach_mul([state.momentum[k] for k in names], h.momentum)
+            torch._foreach_add_(b, g)
+            direction = buffers = dict(zip(names, b))
+        new = _descend(params, direction, h.lr)
         return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(g)}
 
     return FunctionalOptimizer(init, step, h)
