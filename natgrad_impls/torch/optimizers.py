@@ -178,9 +178,10 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
         factors = C.kronecker(factor)
-        if state.step > 0:
-            A, G = _moving_average((state.A, state.G), (factors.A, factors.G), h.kfac_ema)
-            factors = C.KroneckerCurvature(problem.model, A, G, factors.shift)
+        if state.step > 0:  # (the batch's factors are fresh tensors: averaged in place)
+            names = list(factors.A)
+            _moving_average_([factors.A[k] for k in names] + [factors.G[k] for k in names],
+                             [state.A[k] for k in names] + [state.G[k] for k in names], h.kfac_ema)
         if state.step % h.kfac_update_period == 0:
             inverse = factors.inverse(h.damping)
         else:
@@ -192,12 +193,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     return FunctionalOptimizer(init, step, h)
 
 
-def _moving_average(old: tuple[dict, ...], new: tuple[dict, ...], ema: float) -> tuple[dict, ...]:
-    """ema old + (1 - ema) new for every tensor of the dicts (K-FAC's A and G), in two foreach ops."""
-    keys = [(i, k) for i, part in enumerate(new) for k in part]
-    mixed = torch._foreach_mul([old[i][k] for i, k in keys], ema)
-    torch._foreach_add_(mixed, [new[i][k] for i, k in keys], alpha=1 - ema)
-    out = tuple({} for _ in new)
-    for (i, k), tensor in zip(keys, mixed):
-        out[i][k] = tensor
-    return out
+def _moving_average_(new: list, old: list, ema: float) -> None:
+    """new <- ema old + (1 - ema) new, in place, in two foreach ops over all tensors."""
+    torch._foreach_mul_(new, 1 - ema)
+    torch._foreach_add_(new, old, alpha=ema)
