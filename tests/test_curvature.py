@@ -95,6 +95,25 @@ def test_multiply_inverse_matches_dense_solve(impl, name, n, woodbury, curvature
 
 
 @pytest.mark.parametrize("curvature", list(Curvature))
+@pytest.mark.parametrize(
+    "name, n, woodbury", [("mlp-categorical", 4, True), ("mlp-gaussian-l2", 3, True), ("logistic", 20, False)]
+)
+def test_inverse_factor_multiply_matches_dense_solve(impl, name, n, woodbury, curvature):
+    """(C + damping I)^-1 U c, the push-through form ef's step takes, equals a dense solve with U c
+    (the l2 shift included), and so does its dense fallback."""
+    problem = PROBLEMS[name]
+    _, _, _, factor = build(impl, problem, n, curvature, samples=2)
+    assert (problem.model.num_params() > factor.num_columns) == woodbury
+    damping = 1e-3
+    dense = impl.numpy(factor.to_dense()) + damping * np.eye(problem.model.num_params())
+    c = np.random.default_rng(5).normal(size=(factor.num_columns // n, n))
+    u = impl.numpy(factor.columns())  # M x D, rows in c's order
+    solution = factor.inverse_factor_multiply(impl.params({"c": c})["c"], damping)
+    solution = impl.curvature.from_layers(problem.model, solution)
+    close(flat(impl, problem, solution), np.linalg.solve(dense, u.T @ c.reshape(-1)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("curvature", list(Curvature))
 def test_woodbury_kernel_not_positive_definite_gives_nan(impl, curvature):
     """A damping so negative that lambda I + s^2 U^T U is indefinite: NaN in both frameworks (a step
     then diverges at its loss), not a wrong direction and, in torch, not an error that syncs."""
@@ -103,6 +122,9 @@ def test_woodbury_kernel_not_positive_definite_gives_nan(impl, curvature):
     assert problem.model.num_params() > factor.num_columns  # the Woodbury path
     v = np.random.default_rng(4).normal(size=problem.model.num_params())
     solution = factor.multiply_inverse(impl.params(models.unflatten(problem.model, v)), -1e3)
+    assert np.isnan(flat(impl, problem, solution)).all()
+    c = impl.params({"c": np.ones((factor.num_columns // 4, 4))})["c"]
+    solution = impl.curvature.from_layers(problem.model, factor.inverse_factor_multiply(c, -1e3))
     assert np.isnan(flat(impl, problem, solution)).all()
 
 

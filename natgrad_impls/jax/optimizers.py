@@ -130,7 +130,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def step(params, state, batch):
         key = _key(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
-        direction = C.from_layers(problem.model, factor.multiply_inverse_layers(grad, h.damping))
+        direction = C.from_layers(problem.model, C.precondition(problem, curvature, grad, factor, h.damping))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
 

@@ -189,6 +189,19 @@ class FactorCurvature:
         torch._foreach_div_(solution, lam)
         return dict(zip(names, solution))
 
+    def inverse_factor_multiply(self, c: torch.Tensor, damping: float) -> dict:
+        """(C + damping I)^-1 U c for coefficients c (r x N), as layer matrices: for a vector in the
+        factor's span (ef's gradient without l2 is U 1/N). By the push-through identity
+        (lam I + s^2 U U^T)^-1 U = U (lam I + s^2 U^T U)^-1 this is one solve with the Woodbury kernel
+        and one product with U: no U^T v, and no (v - U c) / lam, which cancels when lam is small."""
+        lam = damping + self.shift
+        if lam == 0 or self.model.num_params() <= self.num_columns:
+            return self.multiply_inverse_layers(self.factor_multiply(c), damping)
+        kernel = self.gram()
+        kernel.diagonal().add_(lam / self.scale**2)
+        rhs = c.reshape(-1, 1) / self.scale**2
+        return self.factor_multiply(torch.cholesky_solve(rhs, _cholesky(kernel)).reshape(c.shape))
+
     def _dense_solve(self, v: dict, lam: float) -> dict:
         """A singular matrix raises here (torch.linalg.solve): only small problems take this path."""
         u = self.columns()
@@ -302,6 +315,17 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
         grad = {k: grad[k] + problem.l2 * layers[k] for k in grad}
         value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
     return value, grad, factor
+
+
+def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: FactorCurvature, damping: float) -> dict:
+    """(C + damping I)^-1 g as layer matrices. ef's gradient without l2 is U 1/N (its factor's
+    columns are the per-example gradients), so it takes `inverse_factor_multiply`, which is cheaper
+    and cancels less than the general Woodbury solve."""
+    if curvature == Curvature.EMPIRICAL and not problem.l2:
+        n = next(iter(factor.inputs.values())).shape[0]
+        like = next(iter(grad.values()))
+        return factor.inverse_factor_multiply(torch.full((1, n), 1 / n, dtype=like.dtype, device=like.device), damping)
+    return factor.multiply_inverse_layers(grad, damping)
 
 
 def kronecker(factor: FactorCurvature) -> "KroneckerCurvature":

@@ -127,7 +127,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
-        direction = C.from_layers(problem.model, factor.multiply_inverse_layers(grad, h.damping))
+        direction = C.from_layers(problem.model, C.precondition(problem, curvature, grad, factor, h.damping))
         new = _descend(params, direction, h.lr)
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
 
