@@ -112,43 +112,53 @@ def loss(problem: Problem, params: dict, batch) -> jax.Array:
     return value
 
 
-def residual(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
-    """d nll_n / d f_n in closed form, N x k (the mean convention divides by N later)."""
+def predictive_mean(problem: Problem, f: jax.Array) -> jax.Array:
+    """E[T(y) | f], T(y) the sufficient statistic (`target`): f, sigmoid(f) or softmax(f). Computed
+    once per step and shared by the residuals, the label sampler and the exact Fisher factor."""
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return f - y
+        return f
     if problem.likelihood == Likelihood.BERNOULLI:
-        return jax.nn.sigmoid(clip_logits(problem, f)) - y
-    return jax.nn.softmax(f, -1) - jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)
+        return jax.nn.sigmoid(clip_logits(problem, f))
+    return jax.nn.softmax(f, -1)
 
 
-def fisher_factor(problem: Problem, f: jax.Array) -> jax.Array:
-    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k.
+def target(problem: Problem, y: jax.Array, like: jax.Array) -> jax.Array:
+    """T(y): the labels themselves, or one-hot vectors for categorical labels (... x N)."""
+    if problem.likelihood == Likelihood.CATEGORICAL:
+        return jax.nn.one_hot(y, like.shape[-1], dtype=like.dtype)
+    return y
+
+
+def residual(problem: Problem, mean: jax.Array, y: jax.Array) -> jax.Array:
+    """d nll_n / d f_n = mean_n - T(y_n) in closed form (the likelihoods are exponential families
+    in f), ... x N x k for labels y with leading dimensions (the mean convention divides by N later)."""
+    return mean - target(problem, y, mean)
+
+
+def fisher_factor(problem: Problem, mean: jax.Array) -> jax.Array:
+    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
+    from the predictive mean.
 
     gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: diag(sqrt p) - p sqrt(p)^T, which
     squares to diag(p) - p p^T because p sums to one.
     """
-    n, k = f.shape
-    eye = jnp.eye(k, dtype=f.dtype)
+    n, k = mean.shape
+    eye = jnp.eye(k, dtype=mean.dtype)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1)
     if problem.likelihood == Likelihood.BERNOULLI:
-        s = jax.nn.sigmoid(clip_logits(problem, f))
-        return (jnp.sqrt(s * (1 - s))[:, :, None] * eye).transpose(2, 0, 1)
-    p = jax.nn.softmax(f, -1)
-    root = jnp.sqrt(p)
-    factor = root[:, :, None] * eye - p[:, :, None] * root[:, None, :]
+        return (jnp.sqrt(mean * (1 - mean))[:, :, None] * eye).transpose(2, 0, 1)
+    root = jnp.sqrt(mean)
+    factor = root[:, :, None] * eye - mean[:, :, None] * root[:, None, :]
     return factor.transpose(2, 0, 1)
 
 
-def sampled_residuals(problem: Problem, f: jax.Array, samples: int, key: jax.Array) -> jax.Array:
-    """d nll / d f at labels drawn from the model, samples x N x k: E[r r^T] = Lambda_n."""
-    shape = (samples, *f.shape)
+def sample_labels(problem: Problem, mean: jax.Array, samples: int, key: jax.Array) -> jax.Array:
+    """samples x N labels drawn from the model at its predictive mean; their residuals r satisfy
+    E[r r^T] = Lambda_n."""
+    shape = (samples, *mean.shape)
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return -jax.random.normal(key, shape, f.dtype)
+        return mean + jax.random.normal(key, shape, mean.dtype)
     if problem.likelihood == Likelihood.BERNOULLI:
-        s = jax.nn.sigmoid(clip_logits(problem, f))
-        u = jax.random.uniform(key, shape, f.dtype)
-        return s - (u < s).astype(f.dtype)
-    p = jax.nn.softmax(f, -1)
-    labels = jax.random.categorical(key, f, axis=-1, shape=(samples, f.shape[0]))
-    return p - jax.nn.one_hot(labels, f.shape[-1], dtype=f.dtype)
+        return (jax.random.uniform(key, shape, mean.dtype) < mean).astype(mean.dtype)
+    return jax.random.categorical(key, jnp.log(mean), axis=-1, shape=shape[:-1])

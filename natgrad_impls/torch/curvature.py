@@ -286,10 +286,17 @@ def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
     return dict(zip(names, sums))
 
 
-def _fisher_cotangents(problem, f, curvature: Curvature, samples: int, generator):
+def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, generator) -> torch.Tensor:
+    """The 1 + r stacked output-space cotangents: the residual at the data's labels, then the
+    Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC,
+    one residual computation for data and sampled labels). The predictive mean is computed once."""
+    mean = M.predictive_mean(problem, f)
+    if curvature == Curvature.EMPIRICAL:
+        return M.residual(problem, mean, y)[None]
     if curvature == Curvature.EXACT:
-        return M.fisher_factor(problem, f)
-    return M.sampled_residuals(problem, f, samples, generator)
+        return torch.cat([M.residual(problem, mean, y)[None], M.fisher_factor(problem, mean)])
+    labels = M.sample_labels(problem, mean, samples, generator)
+    return M.residual(problem, mean, torch.cat([y[None], labels]))
 
 
 def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, generator=None):
@@ -298,13 +305,10 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     x, y = batch
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
-    res = M.residual(problem, f, y)
+    deltas = pullback(_cotangents(problem, f, y, curvature, samples, generator))
     if curvature == Curvature.EMPIRICAL:
-        deltas = pullback(res[None])
         factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
     else:
-        extra = _fisher_cotangents(problem, f, curvature, samples, generator)
-        deltas = pullback(torch.cat([res[None], extra]))
         draws = samples if curvature == Curvature.MC else 1
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
         factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2)

@@ -99,13 +99,25 @@ def loss_and_grad(problem: Problem, params: dict, batch) -> tuple[torch.Tensor, 
     return value.detach(), dict(zip(leaves, grads))
 
 
-def residual(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d nll_n / d f_n in closed form, N x k (the mean convention divides by N later)."""
+def predictive_mean(problem: Problem, f: torch.Tensor) -> torch.Tensor:
+    """E[T(y) | f], T(y) the sufficient statistic (`target`): f, sigmoid(f) or softmax(f). Computed
+    once per step and shared by the residuals, the label sampler and the exact Fisher factor."""
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return f - y
+        return f
     if problem.likelihood == Likelihood.BERNOULLI:
-        return torch.sigmoid(clip_logits(problem, f)) - y
-    return torch.softmax(f, -1) - one_hot(y, f)
+        return torch.sigmoid(clip_logits(problem, f))
+    return torch.softmax(f, -1)
+
+
+def target(problem: Problem, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """T(y): the labels themselves, or one-hot vectors for categorical labels (... x N)."""
+    return one_hot(y, like) if problem.likelihood == Likelihood.CATEGORICAL else y
+
+
+def residual(problem: Problem, mean: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d nll_n / d f_n = mean_n - T(y_n) in closed form (the likelihoods are exponential families
+    in f), ... x N x k for labels y with leading dimensions (the mean convention divides by N later)."""
+    return mean - target(problem, y, mean)
 
 
 def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,35 +128,33 @@ def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(shape).scatter_(-1, labels[..., None], 1.0)
 
 
-def fisher_factor(problem: Problem, f: torch.Tensor) -> torch.Tensor:
-    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k.
+def fisher_factor(problem: Problem, mean: torch.Tensor) -> torch.Tensor:
+    """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
+    from the predictive mean.
 
     gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: diag(sqrt p) - p sqrt(p)^T, which
     squares to diag(p) - p p^T because p sums to one.
     """
-    n, k = f.shape
+    n, k = mean.shape
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return torch.eye(k, dtype=f.dtype, device=f.device).expand(n, k, k).permute(2, 0, 1)
+        return torch.eye(k, dtype=mean.dtype, device=mean.device).expand(n, k, k).permute(2, 0, 1)
     if problem.likelihood == Likelihood.BERNOULLI:
-        s = torch.sigmoid(clip_logits(problem, f))
-        return torch.diag_embed(torch.sqrt(s * (1 - s))).permute(2, 0, 1)
-    p = torch.softmax(f, -1)
-    root = p.sqrt()
-    factor = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]
+        return torch.diag_embed(torch.sqrt(mean * (1 - mean))).permute(2, 0, 1)
+    root = mean.sqrt()
+    factor = torch.diag_embed(root) - mean[:, :, None] * root[:, None, :]
     return factor.permute(2, 0, 1)
 
 
-def sampled_residuals(problem: Problem, f: torch.Tensor, samples: int, generator: torch.Generator):
-    """d nll / d f at labels drawn from the model, samples x N x k: E[r r^T] = Lambda_n."""
-    shape = (samples, *f.shape)
+def sample_labels(problem: Problem, mean: torch.Tensor, samples: int, generator: torch.Generator):
+    """samples x N labels drawn from the model at its predictive mean; their residuals r satisfy
+    E[r r^T] = Lambda_n."""
+    shape = (samples, *mean.shape)
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return -torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
+        return mean + torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
     if problem.likelihood == Likelihood.BERNOULLI:
-        s = torch.sigmoid(clip_logits(problem, f))
-        u = torch.rand(shape, generator=generator, dtype=f.dtype, device=f.device)
-        return s - (u < s).to(f.dtype)
-    p = torch.softmax(f, -1)
-    return p - one_hot(_categorical(p, samples, generator), p)
+        u = torch.rand(shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (u < mean).to(mean.dtype)
+    return _categorical(mean, samples, generator)
 
 
 def _categorical(p: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
