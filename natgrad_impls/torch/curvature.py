@@ -9,6 +9,8 @@ a dense layer is delta a^T.
   EF (cotangent: the residual), exact Fisher (cotangents: the columns of Lambda^1/2), MC Fisher
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
+  A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
+  (`inverse_factor_multiply`; `precondition` picks).
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
 Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
 and the same products on layer matrices (`*_layers`), which the optimizers use. Few kernels and no
