@@ -154,8 +154,8 @@ def fisher_factor(problem: Problem, mean: jax.Array) -> jax.Array:
 
 
 def sample_labels(problem: Problem, mean: jax.Array, samples: int, key: jax.Array) -> jax.Array:
-    """samples x N labels drawn from the model at its predictive mean; their residuals r satisfy
-    E[r r^T] = Lambda_n."""
+    """Labels drawn from the model at its predictive mean, samples x N (x k for gaussian and
+    bernoulli); their residuals r satisfy E[r r^T] = Lambda_n."""
     shape = (samples, *mean.shape)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return mean + jax.random.normal(key, shape, mean.dtype)

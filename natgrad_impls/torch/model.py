@@ -146,8 +146,8 @@ def fisher_factor(problem: Problem, mean: torch.Tensor) -> torch.Tensor:
 
 
 def sample_labels(problem: Problem, mean: torch.Tensor, samples: int, generator: torch.Generator):
-    """samples x N labels drawn from the model at its predictive mean; their residuals r satisfy
-    E[r r^T] = Lambda_n."""
+    """Labels drawn from the model at its predictive mean, samples x N (x k for gaussian and
+    bernoulli); their residuals r satisfy E[r r^T] = Lambda_n."""
     shape = (samples, *mean.shape)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return mean + torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
