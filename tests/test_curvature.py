@@ -113,6 +113,35 @@ def test_inverse_factor_multiply_matches_dense_solve(impl, name, n, woodbury, cu
     close(flat(impl, problem, solution), np.linalg.solve(dense, u.T @ c.reshape(-1)), rtol=1e-8)
 
 
+@pytest.mark.parametrize("by_gram", [True, False])
+@pytest.mark.parametrize("curvature", [Curvature.EXACT, Curvature.MC])
+@pytest.mark.parametrize("name, n", [("mlp-categorical", 4), ("mlp-bernoulli", 3), ("cnn-categorical", 3)])
+def test_multiply_inverse_mean_matches_dense_solve(impl, name, n, curvature, by_gram):
+    """The true Fisher's solve with the gradient, U^T g taken from the Gram product over the data's
+    and U's rows together (by_gram) or from the layer inputs, equals a dense solve with autograd's
+    gradient."""
+    problem = PROBLEMS[name]
+    (x, y, params), _, grad, factor = build(impl, problem, n, curvature, samples=2)
+    assert problem.model.num_params() > factor.num_columns  # Woodbury, not the dense fallback
+    damping = 1e-3
+    dense = impl.numpy(factor.to_dense()) + damping * np.eye(problem.model.num_params())
+    solution = factor.multiply_inverse_mean(grad, damping, by_gram)
+    solution = impl.curvature.from_layers(problem.model, solution)
+    expected = np.linalg.solve(dense, ref.loss_gradient(problem, params, x, y))
+    close(flat(impl, problem, solution), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("curvature, n, by_gram", [(Curvature.MC, 20, True), (Curvature.EXACT, 20, False),
+                                                    (Curvature.EXACT, 4, True), (Curvature.EMPIRICAL, 4, False)])
+def test_multiply_inverse_mean_takes_the_gram_product_where_cheaper(impl, curvature, n, by_gram):
+    """784-wide-input-like MLP (50-8-3): the Gram product over (1 + r) N rows is cheaper than a
+    product of the 51-wide inputs with g while r N sum(out) < sum(in' out) = 435; ef keeps no
+    stacked deltas (its gradient is solved for by push-through)."""
+    problem = models.Problem(models.mlp((50, 8, 3), "relu"), "categorical")
+    _, _, _, factor = build(impl, problem, n, curvature)
+    assert factor._mean_by_gram_is_cheaper() == by_gram
+
+
 @pytest.mark.parametrize("curvature", list(Curvature))
 def test_woodbury_kernel_not_positive_definite_gives_nan(impl, curvature):
     """A damping so negative that lambda I + s^2 U^T U is indefinite: NaN in both frameworks (a step

@@ -11,7 +11,9 @@ W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
   A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
-  (`inverse_factor_multiply`; `precondition` picks).
+  (`inverse_factor_multiply`); the true Fisher's gradient without l2, the mean of the data's
+  per-example gradients, may take U^T g from the Gram product (`multiply_inverse_mean`).
+  `precondition` picks.
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
 Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
 and the same products on layer matrices (`*_layers`), which the optimizers use. They are plain
@@ -121,25 +123,31 @@ class FactorCurvature:
     deltas: dict
     scale: float
     shift: float = 0.0
+    # {layer: (1 + r) x N x out}: the data residual's deltas stacked before U's (`deltas` is its
+    # [1:]), kept for the true Fisher, whose gradient they give but whose columns they are not
+    stacked: dict | None = None
 
     @property
     def num_columns(self) -> int:
         d = next(iter(self.deltas.values()))
         return d.shape[0] * d.shape[1]
 
-    def gram(self) -> jax.Array:
-        """U^T U (M x M), layer by layer: (Delta Delta^T) * (A A^T) for Dense layers; convolutions
-        materialise their per-example gradients (DESIGN 4 allows it)."""
+    def gram(self, rows: dict | None = None) -> jax.Array:
+        """W^T U, W's columns built from the deltas `rows` (e x N x out) like U's from `deltas`; by
+        default W = U, U^T U (M x M). Layer by layer: (Delta_W Delta_U^T) * (A A^T) for Dense layers;
+        convolutions materialise their per-example gradients (DESIGN 4 allows it)."""
         total = 0
         for name, a in self.inputs.items():
             d = self.deltas[name]
-            r, n = d.shape[:2]
+            w = d if rows is None else rows[name]
+            r, n, e = d.shape[0], d.shape[1], w.shape[0]
             if a.ndim == 2:
-                dd = d.reshape(r * n, -1) @ d.reshape(r * n, -1).T
-                total = total + dd * jnp.tile(a @ a.T, (r, r))
+                dd = w.reshape(e * n, -1) @ d.reshape(r * n, -1).T
+                total = total + dd * jnp.tile(a @ a.T, (e, r))
             else:
                 g = jnp.einsum("cnto,nti->cnoi", d, a).reshape(r * n, -1)
-                total = total + g @ g.T
+                gw = g if rows is None else jnp.einsum("cnto,nti->cnoi", w, a).reshape(e * n, -1)
+                total = total + gw @ g.T
         return total
 
     def transpose_multiply(self, layers: dict) -> jax.Array:
@@ -186,13 +194,40 @@ class FactorCurvature:
         lam = damping + self.shift
         if lam == 0 or self.model.num_params() <= self.num_columns:
             return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
+        return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
+
+    def multiply_inverse_mean(self, layers: dict, damping: float, by_gram: bool | None = None) -> dict:
+        """(C + damping I)^-1 g for g the mean of the columns V of `stacked`'s first block (the true
+        Fisher's gradient without l2), g also given as layer matrices. As `multiply_inverse_layers`,
+        but U^T g = (V^T U)^T 1/N can come out of one Gram product over V's and U's rows together,
+        (1 + r) N x M, instead of a product of every layer's inputs with g: cheaper where
+        r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
+        choice unless `by_gram` says otherwise."""
+        lam = damping + self.shift
+        if by_gram is None:
+            by_gram = self._mean_by_gram_is_cheaper()
+        if not by_gram or lam == 0 or self.model.num_params() <= self.num_columns:
+            return self.multiply_inverse_layers(layers, damping)
+        n = next(iter(self.inputs.values())).shape[0]
+        joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
+        return self._woodbury(layers, joint[n:], joint[:n].mean(0), lam)
+
+    def _mean_by_gram_is_cheaper(self) -> bool:
+        if self.stacked is None or any(a.ndim != 2 for a in self.inputs.values()):
+            return False
+        outs = {k: d.shape[-1] for k, d in self.deltas.items()}
+        by_gram = self.num_columns * sum(outs.values())
+        by_inputs = sum(a.shape[-1] * outs[k] for k, a in self.inputs.items())
+        return by_gram < by_inputs
+
+    def _woodbury(self, layers: dict, gram: jax.Array, transposed: jax.Array, lam: float) -> dict:
+        """(lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam I + s^2 U^T U) c = U^T v, given U^T U
+        (`gram`) and U^T v (`transposed`): the kernel is symmetric positive definite (Cholesky, not
+        LU)."""
         s2 = self.scale**2
         r, n = next(iter(self.deltas.values())).shape[:2]
-        kernel = s2 * self.gram()
-        kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-        # The kernel lambda I + s^2 U^T U is symmetric positive definite: Cholesky, not LU.
-        rhs = self.transpose_multiply(layers).reshape(-1)
-        coeff = cho_solve(cho_factor(kernel, lower=True), rhs).reshape(r, n)
+        kernel = s2 * gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        coeff = cho_solve(cho_factor(kernel, lower=True), transposed.reshape(-1)).reshape(r, n)
         correction = self.factor_multiply(s2 * coeff)
         return {k: (layers[k] - correction[k]) / lam for k in layers}
 
@@ -324,7 +359,7 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     else:
         draws = samples if curvature == Curvature.MC else 1
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
-        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2)
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
     grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
     value = M.nll(problem, f, y).mean()
     if problem.l2:
@@ -335,14 +370,17 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
 
 
 def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: FactorCurvature, damping: float) -> dict:
-    """(C + damping I)^-1 g as layer matrices. ef's gradient without l2 is U 1/N (its factor's
-    columns are the per-example gradients), so it takes `inverse_factor_multiply`, which is cheaper
-    and cancels less than the general Woodbury solve."""
-    if curvature == Curvature.EMPIRICAL and not problem.l2:
+    """(C + damping I)^-1 g as layer matrices. Without l2 the gradient is the mean of the data's
+    per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
+    `inverse_factor_multiply` (cheaper, and it cancels less than Woodbury); for the true Fisher
+    U^T g may come from the Gram product (`multiply_inverse_mean`)."""
+    if problem.l2:
+        return factor.multiply_inverse_layers(grad, damping)
+    if curvature == Curvature.EMPIRICAL:
         n = next(iter(factor.inputs.values())).shape[0]
         like = next(iter(grad.values()))
         return factor.inverse_factor_multiply(jnp.full((1, n), 1 / n, like.dtype), damping)
-    return factor.multiply_inverse_layers(grad, damping)
+    return factor.multiply_inverse_mean(grad, damping)
 
 
 def kronecker(factor: FactorCurvature) -> KroneckerCurvature:

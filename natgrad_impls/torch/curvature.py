@@ -10,7 +10,9 @@ a dense layer is delta a^T.
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
   A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
-  (`inverse_factor_multiply`; `precondition` picks).
+  (`inverse_factor_multiply`); the true Fisher's gradient without l2, the mean of the data's
+  per-example gradients, may take U^T g from the Gram product (`multiply_inverse_mean`).
+  `precondition` picks.
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
 Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
 and the same products on layer matrices (`*_layers`), which the optimizers use. Few kernels and no
@@ -114,25 +116,31 @@ class FactorCurvature:
     deltas: dict
     scale: float
     shift: float = 0.0
+    # {layer: (1 + r) x N x out}: the data residual's deltas stacked before U's (`deltas` is its
+    # [1:]), kept for the true Fisher, whose gradient they give but whose columns they are not
+    stacked: dict | None = None
 
     @property
     def num_columns(self) -> int:
         d = next(iter(self.deltas.values()))
         return d.shape[0] * d.shape[1]
 
-    def gram(self) -> torch.Tensor:
-        """U^T U (M x M), layer by layer: (Delta Delta^T) * (A A^T) for Dense layers; convolutions
-        materialise their per-example gradients (DESIGN 4 allows it)."""
+    def gram(self, rows: dict | None = None) -> torch.Tensor:
+        """W^T U, W's columns built from the deltas `rows` (e x N x out) like U's from `deltas`; by
+        default W = U, U^T U (M x M). Layer by layer: (Delta_W Delta_U^T) * (A A^T) for Dense layers;
+        convolutions materialise their per-example gradients (DESIGN 4 allows it)."""
         terms = []
         for name, a in self.inputs.items():
             d = self.deltas[name]
-            r, n = d.shape[:2]
+            w = d if rows is None else rows[name]
+            r, n, e = d.shape[0], d.shape[1], w.shape[0]
             if a.dim() == 2:
-                dd = d.reshape(r * n, -1) @ d.reshape(r * n, -1).T
-                terms.append((dd.view(r, n, r, n) * (a @ a.T)[:, None, :]).view(r * n, r * n))
+                dd = w.reshape(e * n, -1) @ d.reshape(r * n, -1).T
+                terms.append((dd.view(e, n, r, n) * (a @ a.T)[:, None, :]).view(e * n, r * n))
             else:
                 g = torch.einsum("cnto,nti->cnoi", d, a).reshape(r * n, -1)
-                terms.append(g @ g.T)
+                gw = g if rows is None else torch.einsum("cnto,nti->cnoi", w, a).reshape(e * n, -1)
+                terms.append(gw @ g.T)
         return sum(terms[1:], terms[0])  # (no kernel adding the first term to a zero)
 
     def transpose_multiply(self, layers: dict) -> torch.Tensor:
@@ -178,13 +186,39 @@ class FactorCurvature:
         lam = damping + self.shift
         if lam == 0 or self.model.num_params() <= self.num_columns:
             return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
-        # (lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam / s^2 I + U^T U) c = U^T v: the
-        # kernel is symmetric positive definite (Cholesky, not LU), and s^2 is folded into its shift.
+        return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
+
+    def multiply_inverse_mean(self, layers: dict, damping: float, by_gram: bool | None = None) -> dict:
+        """(C + damping I)^-1 g for g the mean of the columns V of `stacked`'s first block (the true
+        Fisher's gradient without l2), g also given as layer matrices. As `multiply_inverse_layers`,
+        but U^T g = (V^T U)^T 1/N can come out of one Gram product over V's and U's rows together,
+        (1 + r) N x M, instead of a product of every layer's inputs with g: cheaper where
+        r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
+        choice unless `by_gram` says otherwise."""
+        lam = damping + self.shift
+        if by_gram is None:
+            by_gram = self._mean_by_gram_is_cheaper()
+        if not by_gram or lam == 0 or self.model.num_params() <= self.num_columns:
+            return self.multiply_inverse_layers(layers, damping)
+        n = next(iter(self.inputs.values())).shape[0]
+        joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
+        return self._woodbury(layers, joint[n:], joint[:n].mean(0), lam)
+
+    def _mean_by_gram_is_cheaper(self) -> bool:
+        if self.stacked is None or any(a.dim() != 2 for a in self.inputs.values()):
+            return False
+        outs = {k: d.shape[-1] for k, d in self.deltas.items()}
+        by_gram = self.num_columns * sum(outs.values())
+        by_inputs = sum(a.shape[-1] * outs[k] for k, a in self.inputs.items())
+        return by_gram < by_inputs
+
+    def _woodbury(self, layers: dict, gram: torch.Tensor, transposed: torch.Tensor, lam: float) -> dict:
+        """(lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam / s^2 I + U^T U) c = U^T v, given U^T U
+        (`gram`, overwritten) and U^T v (`transposed`): the kernel is symmetric positive definite
+        (Cholesky, not LU), and s^2 is folded into its shift."""
         r, n = next(iter(self.deltas.values())).shape[:2]
-        kernel = self.gram()
-        kernel.diagonal().add_(lam / self.scale**2)
-        rhs = self.transpose_multiply(layers).reshape(-1, 1)
-        coeff = torch.cholesky_solve(rhs, _cholesky(kernel)).reshape(r, n)
+        gram.diagonal().add_(lam / self.scale**2)
+        coeff = torch.cholesky_solve(transposed.reshape(-1, 1), _cholesky(gram)).reshape(r, n)
         correction = self.factor_multiply(coeff)
         names = list(layers)
         solution = torch._foreach_sub([layers[k] for k in names], [correction[k] for k in names])
@@ -313,7 +347,7 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     else:
         draws = samples if curvature == Curvature.MC else 1
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
-        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2)
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
     grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
     value = M.nll(problem, f, y).mean()
     if problem.l2:
@@ -324,14 +358,17 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
 
 
 def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: FactorCurvature, damping: float) -> dict:
-    """(C + damping I)^-1 g as layer matrices. ef's gradient without l2 is U 1/N (its factor's
-    columns are the per-example gradients), so it takes `inverse_factor_multiply`, which is cheaper
-    and cancels less than the general Woodbury solve."""
-    if curvature == Curvature.EMPIRICAL and not problem.l2:
+    """(C + damping I)^-1 g as layer matrices. Without l2 the gradient is the mean of the data's
+    per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
+    `inverse_factor_multiply` (cheaper, and it cancels less than Woodbury); for the true Fisher
+    U^T g may come from the Gram product (`multiply_inverse_mean`)."""
+    if problem.l2:
+        return factor.multiply_inverse_layers(grad, damping)
+    if curvature == Curvature.EMPIRICAL:
         n = next(iter(factor.inputs.values())).shape[0]
         like = next(iter(grad.values()))
         return factor.inverse_factor_multiply(torch.full((1, n), 1 / n, dtype=like.dtype, device=like.device), damping)
-    return factor.multiply_inverse_layers(grad, damping)
+    return factor.multiply_inverse_mean(grad, damping)
 
 
 def kronecker(factor: FactorCurvature) -> "KroneckerCurvature":
