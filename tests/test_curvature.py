@@ -57,6 +57,25 @@ def test_exact_fisher_matches_jacobian_reference(impl, name):
     close(impl.numpy(factor.to_dense()), ref.fisher(problem, params, x, y))
 
 
+def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl):
+    """Lambda = diag(p) - p p^T from a k x (k - 1) root (its rank, so (k - 1) N Woodbury columns),
+    to float32 round-off also where the model is sure of the first or of the last class (the
+    root's pivot) or gives a class probability 0."""
+    k = 5
+    p = np.random.default_rng(0).dirichlet(np.ones(k), size=4)
+    p[1] = [1 - 4e-7, 1e-7, 1e-7, 1e-7, 1e-7]
+    p[2] = p[1][::-1]
+    p[3] = [0.5, 0.5, 0.0, 0.0, 0.0]
+    problem = models.Problem(models.linear(3, k), "categorical")
+    mean = impl.params({"p": p}, "float32")["p"]
+    root = impl.numpy(impl.module.model.fisher_factor(problem, mean)).astype(np.float64)
+    assert root.shape == (k - 1, 4, k)
+    expected = np.stack([np.diag(q) - np.outer(q, q) for q in p.astype(np.float32).astype(np.float64)])
+    np.testing.assert_allclose(np.einsum("cnk,cnl->nkl", root, root), expected, rtol=0, atol=3e-7)
+    _, _, _, factor = build(impl, problem, 6, Curvature.EXACT)
+    assert factor.num_columns == (k - 1) * 6
+
+
 @pytest.mark.parametrize("name", ["linear-gaussian", "logistic", "softmax-regression"])
 def test_fisher_equals_loss_hessian_for_linear_models(impl, name):
     """Canonical links and a linear model: the Hessian of the NLL is the Fisher (GGN)."""

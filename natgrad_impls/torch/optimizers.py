@@ -149,7 +149,8 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
     """NGD preconditioned by the damped true Fisher.
 
     theta <- theta - lr (F + l2 I + damping I)^-1 g,  F = (1/N) sum_n J_n^T Lambda_n J_n.
-    fisher="exact": Lambda_n in closed form (k columns per example: outputs or classes);
+    fisher="exact": Lambda_n in closed form (a root of k columns per example, k the outputs, or
+    k - 1 for k classes: its rank);
     fisher="mc": (1/S) sum_s r_s r_s^T with r_s the residual at a label drawn from the model
     (`samples` S per example, sampler seeded by `seed` and the step count).
     """
