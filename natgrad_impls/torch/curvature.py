@@ -125,6 +125,10 @@ class FactorCurvature:
         d = next(iter(self.deltas.values()))
         return d.shape[0] * d.shape[1]
 
+    def _solves_densely(self, lam: float) -> bool:
+        """Woodbury needs lam > 0, and pays only while the columns are fewer than the parameters."""
+        return lam == 0 or self.model.num_params() <= self.num_columns
+
     def gram(self, rows: dict | None = None) -> torch.Tensor:
         """W^T U, W's columns built from the deltas `rows` (e x N x out) like U's from `deltas`; by
         default W = U, U^T U (M x M). Layer by layer: (Delta_W Delta_U^T) * (A A^T) for Dense layers;
@@ -187,7 +191,7 @@ class FactorCurvature:
         """(C + damping I)^-1 v for v as layer matrices: Woodbury on the M columns, or a dense solve
         when D <= M. NaN where the Woodbury kernel is not numerically positive definite."""
         lam = damping + self.shift
-        if lam == 0 or self.model.num_params() <= self.num_columns:
+        if self._solves_densely(lam):
             return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
         return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
 
@@ -201,7 +205,7 @@ class FactorCurvature:
         lam = damping + self.shift
         if by_gram is None:
             by_gram = self._mean_by_gram_is_cheaper()
-        if not by_gram or lam == 0 or self.model.num_params() <= self.num_columns:
+        if not by_gram or self._solves_densely(lam):
             return self.multiply_inverse_layers(layers, damping)
         n = next(iter(self.inputs.values())).shape[0]
         joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
@@ -234,7 +238,7 @@ class FactorCurvature:
         (lam I + s^2 U U^T)^-1 U = U (lam I + s^2 U^T U)^-1 this is one solve with the Woodbury kernel
         and one product with U: no U^T v, and no (v - U c) / lam, which cancels when lam is small."""
         lam = damping + self.shift
-        if lam == 0 or self.model.num_params() <= self.num_columns:
+        if self._solves_densely(lam):
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
         kernel = self.gram()
         kernel.diagonal().add_(lam / self.scale**2)
