@@ -226,13 +226,10 @@ class FactorCurvature:
 
     def _woodbury(self, layers: dict, gram: jax.Array, transposed: jax.Array, lam: float) -> dict:
         """(lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam I + s^2 U^T U) c = U^T v, given U^T U
-        (`gram`) and U^T v (`transposed`): the kernel is symmetric positive definite (Cholesky, not
-        LU)."""
-        s2 = self.scale**2
+        (`gram`) and U^T v (`transposed`)."""
         r, n = next(iter(self.deltas.values())).shape[:2]
-        kernel = s2 * gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype)
-        coeff = cho_solve(cho_factor(kernel, lower=True), transposed.reshape(-1)).reshape(r, n)
-        correction = self.factor_multiply(s2 * coeff)
+        coeff = self._kernel_solve(gram, transposed, lam).reshape(r, n)
+        correction = self.factor_multiply(self.scale**2 * coeff)
         return {k: (layers[k] - correction[k]) / lam for k in layers}
 
     def inverse_factor_multiply(self, c: jax.Array, damping: float) -> dict:
@@ -243,10 +240,13 @@ class FactorCurvature:
         lam = damping + self.shift
         if self._solves_densely(lam):
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
-        kernel = self.scale**2 * self.gram()
-        kernel = kernel + lam * jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-        coeff = cho_solve(cho_factor(kernel, lower=True), c.reshape(-1))
-        return self.factor_multiply(coeff.reshape(c.shape))
+        return self.factor_multiply(self._kernel_solve(self.gram(), c, lam).reshape(c.shape))
+
+    def _kernel_solve(self, gram: jax.Array, rhs: jax.Array, lam: float) -> jax.Array:
+        """(lam I + s^2 U^T U)^-1 rhs, flat, given U^T U (`gram`): the Woodbury kernel, symmetric
+        positive definite (Cholesky, not LU)."""
+        kernel = self.scale**2 * gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        return cho_solve(cho_factor(kernel, lower=True), rhs.reshape(-1))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
         u = self.columns()

@@ -221,12 +221,9 @@ class FactorCurvature:
 
     def _woodbury(self, layers: dict, gram: torch.Tensor, transposed: torch.Tensor, lam: float) -> dict:
         """(lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam / s^2 I + U^T U) c = U^T v, given U^T U
-        (`gram`, overwritten) and U^T v (`transposed`): the kernel is symmetric positive definite
-        (Cholesky, not LU), and s^2 is folded into its shift."""
+        (`gram`, overwritten) and U^T v (`transposed`)."""
         r, n = next(iter(self.deltas.values())).shape[:2]
-        gram.diagonal().add_(lam / self.scale**2)
-        coeff = torch.cholesky_solve(transposed.reshape(-1, 1), _cholesky(gram)).reshape(r, n)
-        correction = self.factor_multiply(coeff)
+        correction = self.factor_multiply(self._kernel_solve(gram, transposed, lam).reshape(r, n))
         names = list(layers)
         solution = torch._foreach_sub([layers[k] for k in names], [correction[k] for k in names])
         torch._foreach_div_(solution, lam)
@@ -240,10 +237,13 @@ class FactorCurvature:
         lam = damping + self.shift
         if self._solves_densely(lam):
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
-        kernel = self.gram()
-        kernel.diagonal().add_(lam / self.scale**2)
-        rhs = c.reshape(-1, 1) / self.scale**2
-        return self.factor_multiply(torch.cholesky_solve(rhs, _cholesky(kernel)).reshape(c.shape))
+        return self.factor_multiply(self._kernel_solve(self.gram(), c / self.scale**2, lam).reshape(c.shape))
+
+    def _kernel_solve(self, gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+        """(lam / s^2 I + U^T U)^-1 rhs as a column, given U^T U (`gram`, overwritten): the Woodbury
+        kernel, symmetric positive definite (Cholesky, not LU), s^2 folded into its shift."""
+        gram.diagonal().add_(lam / self.scale**2)
+        return torch.cholesky_solve(rhs.reshape(-1, 1), _cholesky(gram))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
         """A singular matrix raises here (torch.linalg.solve): only small problems take this path."""
