@@ -140,18 +140,21 @@ def _framework_io(framework: Framework, device: Device, dtype: DType):
 
 def median_seconds(call: Callable[[], object], sync: Callable[[object], None], repeats: int, block: int = 1,
                    warmup: int = 2) -> float:
-    """Median over `repeats` samples of the mean time of `block` consecutive calls. A block of one
-    K-FAC update period charges each step its share of the periodic inversion."""
+    """Median over `repeats` samples of the mean time of `block` consecutive calls, each one
+    synchronised as the runner's steps are (a block of one K-FAC update period charges each step its
+    share of the periodic inversion, and no more of the syncs than the gradient it is divided by)."""
     for _ in range(warmup * block):
         sync(call())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(block):
-            out = call()
-        sync(out)
-        times.append((time.perf_counter() - start) / block)
+    times = [_block_seconds(call, sync, block) / block for _ in range(repeats)]
     return statistics.median(times)
+
+
+def _block_seconds(call: Callable[[], object], sync: Callable[[object], None], block: int) -> float:
+    """Wall-clock of `block` consecutive calls, each followed by its sync."""
+    start = time.perf_counter()
+    for _ in range(block):
+        sync(call())
+    return time.perf_counter() - start
 
 
 def step_call(framework, optimizer, problem: Problem, params, batch, device="cpu", dtype="float32", **hyperparameters):
@@ -294,11 +297,7 @@ def affordable_repeats(call, sync, repeats: int, block: int = 1, budget_s: float
     must not hold up a whole cost table. One call (that compiles) and one timed block decide; they
     warm the step up as `median_seconds`' warm-up would."""
     sync(call())
-    start = time.perf_counter()
-    for _ in range(block):
-        out = call()
-    sync(out)
-    took = time.perf_counter() - start
+    took = _block_seconds(call, sync, block)
     return int(max(3, min(repeats, budget_s // max(took, 1e-9))))
 
 

@@ -106,6 +106,21 @@ def test_scaling_sweep_long_format():
         timing.scaling_sweep("jax", "newton", [8], [4])
 
 
+def test_timing_synchronises_every_call_of_a_block():
+    """A K-FAC step is timed in blocks of one period and the gradient in blocks of one: each call is
+    synchronised in both, as the runner's steps are, or the step would be charged a tenth of the
+    sync latency its unit pays (on a GPU, a large part of a small model's gradient time)."""
+    calls, syncs = [], []
+    call = lambda: calls.append(len(calls)) or len(calls)
+    sync = lambda out: syncs.append(out)
+    timing.median_seconds(call, sync, repeats=3, block=4, warmup=1)
+    assert syncs == list(range(1, 3 * 4 + 4 + 1))  # warm-up and samples: every call's own output
+    calls.clear()
+    syncs.clear()
+    assert timing.affordable_repeats(call, sync, repeats=5, block=4) == 5
+    assert syncs == list(range(1, 1 + 4 + 1))
+
+
 def test_torch_ops_counts_what_a_step_adds():
     """`timing.torch_ops` (the GPU launch proxy of TorchOps): momentum adds exactly its two foreach
     ops (scale the buffer, add the gradient) to an sgd step; counts are exact, so a repeat agrees."""
