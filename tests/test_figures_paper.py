@@ -252,10 +252,10 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     assert [line.get_label() for line in _with_gid(loss_ax, "best")] == ["SGD", "Adam", "EF", "NGD"]
     assert "K-FAC: not in the table, left out." in drawn.notes
     assert "a1a: not in the grid frame, left out." in drawn.notes
-    assert any(note.startswith("Cosine(NGD, EF): no cosine frame") for note in drawn.notes)
+    assert any(note.startswith("cos(EF, NGD): no cosine frame") for note in drawn.notes)
     # a cosine frame without this task: the panel says so instead of failing
     drawn = paper.optimisation(small_grid, cos_frame[cos_frame["task"] == "wine"], tasks=["breastcancer"])
-    assert any("Cosine(NGD, EF) on breastcancer: not in the cosine frame" in note for note in drawn.notes)
+    assert any("cos(EF, NGD) on breastcancer: not in the cosine frame" in note for note in drawn.notes)
     # nothing at all to draw
     drawn = paper.optimisation(small_grid, cos_frame, tasks=["a1a"])
     assert drawn.notes == ["a1a: not in the grid frame, left out."]

@@ -339,7 +339,7 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
     optimizers, missing = style.present(best[best["task"].isin(drawn_tasks)]["optimizer"].unique())
     notes += missing
     if cos is None:
-        notes.append("Cosine(NGD, EF): no cosine frame given, left out.")
+        notes.append("cos(EF, NGD): no cosine frame given, left out.")
     with style.paper():
         fig, blocks, per_row = _layout(len(drawn_tasks), cos is not None)
         for i, (task, (loss_ax, cos_ax)) in enumerate(zip(drawn_tasks, blocks)):
@@ -351,7 +351,7 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
             if i % per_row == 0:
                 loss_ax.set_ylabel("Loss")
                 if cos_ax is not None:
-                    cos_ax.set_ylabel("cos(NGD, EF)")
+                    cos_ax.set_ylabel("cos(EF, NGD)")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
         if handles:  # one row: at column width with short handles and tight spacing
             narrow = fig.get_figwidth() <= style.COLUMN_WIDTH
@@ -398,7 +398,7 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
         rows = rows[rows["optimizer"] == "ef"]
     if rows is None or "cos_ef_ngd" not in rows or not rows["cos_ef_ngd"].notna().any():
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color=GREY, fontsize=7)
-        return [f"Cosine(NGD, EF) on {task}: not in the cosine frame, left out."]
+        return [f"cos(EF, NGD) on {task}: not in the cosine frame, left out."]
     rows = rows.sort_values("step")
     ax.plot(rows["step"], rows["cos_ef_ngd"], ".", markersize=2.5, color=style.COLORS["ef"], gid="cos")
     notes = []
@@ -407,7 +407,7 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
         same = np.isclose(rows["lr"].iloc[0], run["lr"].iloc[0]) and np.isclose(rows["damping"].iloc[0],
                                                                                  run["damping"].iloc[0])
         if not same:
-            notes.append(f"Cosine(NGD, EF) on {task}: measured along {_hyperparameters(rows)}, not along the best "
+            notes.append(f"cos(EF, NGD) on {task}: measured along {_hyperparameters(rows)}, not along the best "
                          f"EF run of the grid ({_hyperparameters(run)}).")
     return notes
 

@@ -1,5 +1,5 @@
 """Rerun the best EF run of a numpy grid with the EF/NGD cosine recorded at every step (DESIGN 4:
-cosine(NGD, EF) along the best `ef` run, with that run's damping)."""
+cos(EF, NGD) along the best `ef` run, with that run's damping)."""
 
 import pandas as pd
 
