@@ -12,8 +12,9 @@ batch 128, float32 by default), with the settings of `timing.SETTINGS`:
   - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
     over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
 Every time is the median of `--repeats` samples; a K-FAC sample spans one inversion period.
-`--rounds R` repeats the whole measurement R times in this process and reports the median of the
-rounds (the machine may be shared: rounds spread a burst of load over several samples).
+`--rounds R` builds every step once (jax compiles once), times them all R times in turn and
+reports the median of the rounds (the machine may be shared: rounds spread a burst of load over
+several samples); `--out` is rewritten after every round, so a run stopped early keeps its rounds.
 
     python scripts/step_cost.py [--framework torch,jax] [--device cpu|cuda] [--dtype float32]
         [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--sizes 40,128,10] [--out results/step_cost.csv]
@@ -28,7 +29,7 @@ import platform
 
 import pandas as pd
 
-from natgrad_impls import timing
+from natgrad_impls import results, timing
 
 PEER_COLUMN = {"torch.optim.SGD": "over_torch", "torch.optim.Adam": "over_torch", "optax.sgd": "over_optax",
                "optax.adam": "over_optax", "kfac_jax.Optimizer": "over_kfac_jax"}
@@ -38,43 +39,68 @@ def _peers(label: str, framework: str) -> list[str]:
     return [peer for peer, ours in timing.PEER_OF.items() if ours == label and timing.peer_framework(peer) == framework]
 
 
-def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, width=128, batch_size=128,
-               peers=True, sizes=None) -> pd.DataFrame:
-    """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
-    exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time)."""
-    problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
-    mlp = "-".join(str(size) for size in (sizes or (784, width, 10)))
-    width = max(sizes[1:-1], default=width) if sizes else width  # the widest hidden layer
-    rows = []
+def _measurements(frameworks, settings, device, dtype, problem, params, batch, peers):
+    """Per (framework, setting): the row's columns that need no timing, and the calls to time, each
+    built once (jax compiles here and in no later round: on a GPU compiling costs more than timing)."""
+    floor = None
+    measurements = []
     for framework in frameworks:
-        grad, grad_sync = timing.gradient_call(framework, problem, params, batch, device, dtype)
+        grad = timing.gradient_call(framework, problem, params, batch, device, dtype)
         for label in settings:
             optimizer, hp = timing.setting(label)
-            step, sync, period = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
-            step_s = timing.median_seconds(step, sync, repeats, block=period)
-            # the unit of cost is timed next to each step, so that both see the same machine load
-            grad_s = timing.median_seconds(grad, grad_sync, repeats)
+            step = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
             row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer,
-                       variant=timing.variant(label), width=width, sizes=mlp, batch_size=batch_size,
-                       num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,
-                       gradient_equivalents=step_s / grad_s)
+                       variant=timing.variant(label))
+            counts = {}
             if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
-                ops = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)
-                row["ops_over_gradient"] = ops["ops_over_gradient"]
+                counts["ops_over_gradient"] = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)["ops_over_gradient"]
             if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
-                floor = timing.kfac_floor(problem.model, batch_size, period)
-                row.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
+                floor = floor or timing.kfac_floor(problem.model, len(batch[0]), step[2])
+                counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
+            peer_calls = {}
             for peer in _peers(label, framework) if peers else ():
                 try:
-                    call, psync, pperiod = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
+                    peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
                 except ImportError as error:  # kfac-jax is a test extra
                     print(f"skipping {peer}: {error}")
-                    continue
-                peer_s = timing.median_seconds(call, psync, repeats, block=pperiod)
-                row[PEER_COLUMN[peer]] = step_s / peer_s
-                row[PEER_COLUMN[peer].replace("over_", "") + "_s"] = peer_s
-            rows.append(row)
-    return pd.DataFrame(rows)
+            measurements.append((row, counts, step, grad, peer_calls))
+    return measurements
+
+
+def _time_round(step, grad, peer_calls, repeats) -> dict:
+    """One round of one measurement: step, gradient and peer times, and their ratios."""
+    (call, sync, period), (grad_call, grad_sync) = step, grad
+    step_s = timing.median_seconds(call, sync, repeats, block=period)
+    # the unit of cost is timed next to each step, so that both see the same machine load
+    grad_s = timing.median_seconds(grad_call, grad_sync, repeats)
+    times = dict(step_s=step_s, gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
+    for column, (peer_call, peer_sync, peer_period) in peer_calls.items():
+        peer_s = timing.median_seconds(peer_call, peer_sync, repeats, block=peer_period)
+        times.update({column: step_s / peer_s, column.replace("over_", "") + "_s": peer_s})
+    return times
+
+
+def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, width=128, batch_size=128,
+               peers=True, sizes=None, rounds=1, on_round=None) -> pd.DataFrame:
+    """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
+    exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time). Every
+    call is built once, then all of them are timed `rounds` times in turn; each column is the median
+    over the rounds (of the per-round ratios for ratios), and `on_round(table)` is given the table
+    after every round, so that a run stopped early keeps the rounds it finished."""
+    problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
+    shape = dict(width=max(sizes[1:-1], default=width) if sizes else width,  # the widest hidden layer
+                 sizes="-".join(str(size) for size in (sizes or (784, width, 10))), batch_size=batch_size,
+                 num_params=problem.model.num_params())
+    measurements = _measurements(frameworks, settings, device, dtype, problem, params, batch, peers)
+    history = [[] for _ in measurements]  # per measurement, the times of each round
+    for done in range(1, rounds + 1):
+        for times, (_, _, step, grad, peer_calls) in zip(history, measurements):
+            times.append(_time_round(step, grad, peer_calls, repeats))
+        table = pd.DataFrame([{**row, **shape, **pd.DataFrame(times).median().to_dict(), **counts}
+                              for times, (row, counts, *_) in zip(history, measurements)]).assign(rounds=done)
+        if on_round:
+            on_round(table)
+    return table
 
 
 def main(argv=None):
@@ -97,7 +123,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     frameworks, settings = args.framework.split(","), args.settings.split(",")
     for label in settings:
-        timing.setting(label)  # fail on a bad label before measuring anything
+        timing.setting(label)  # fail on a bad label or file name before measuring anything
+    if args.out:
+        results.check_path(args.out)
+    for framework in frameworks:
+        if not timing.device_available(framework, args.device):
+            raise SystemExit(f"device: {args.device!r} is not visible to {framework}")
+
+    def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
+        if args.out:
+            results.write(table.assign(machine=platform.processor() or platform.machine()), args.out)
+
     if args.sweep:
         widths = [int(w) for w in args.widths.split(",")]
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -106,20 +142,17 @@ def main(argv=None):
              for f in frameworks for label in settings],
             ignore_index=True,
         )
+        keep(table)
     else:
+        def round_done(table):
+            print(f"round {table['rounds'].iloc[0]} of {args.rounds} measured", flush=True)
+            keep(table)
+
         sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
-        rounds = [cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width,
-                             args.batch_size, not args.no_peers, sizes).assign(round=r) for r in range(args.rounds)]
-        table = pd.concat(rounds, ignore_index=True)
-        if args.rounds > 1:
-            keys = ["framework", "device", "dtype", "optimizer", "variant", "width", "sizes", "batch_size", "num_params"]
-            table = table.drop(columns="round").groupby(keys, sort=False, dropna=False).median().reset_index()
-            table["rounds"] = args.rounds
-    table["machine"] = platform.processor() or platform.machine()
+        table = cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width, args.batch_size,
+                           not args.no_peers, sizes, args.rounds, round_done)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        print(table.drop(columns="machine").to_string(index=False))
-    if args.out:
-        table.to_csv(args.out, index=False)
+        print(table.to_string(index=False))
 
 
 if __name__ == "__main__":
