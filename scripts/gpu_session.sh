@@ -4,15 +4,23 @@
 # the checks measure goes to $OUT (default results/gpu), named by the GPU (h100, h200, ...), ready
 # to be committed under results/reference/.
 #
-#   bash scripts/gpu_session.sh wheels     # HERE, with network: .whl/ = py3.12 wheels of every pinned
-#                                          #   package (requirements.lock) that the GPU machine lacks
-#   bash scripts/gpu_session.sh tests      # THERE: versions, the GPU tests, step costs on cuda
-#   bash scripts/gpu_session.sh asv        # THERE: the asv suite's cuda parameters
-#   bash scripts/gpu_session.sh pipeline   # THERE: the default pipeline's timing rules on cpu and cuda
+#   bash scripts/gpu_session.sh wheels            # HERE, with network: .whl/ = py3.12 wheels of every
+#                                                 #   pinned package (requirements.lock) the GPU machine lacks
+#   bash scripts/gpu_session.sh check [SECONDS]   # THERE: all the parts below, most needed first, within
+#                                                 #   SECONDS (default 420) in all
+#   bash scripts/gpu_session.sh PART [SECONDS]    # THERE: one part alone
 #
-# Each of the last three is meant to fit in one 10-minute command (not yet timed on a GPU) and
-# installs .whl/ first (into /tmp/site, nothing outside it), so each can run on a fresh machine.
-# The machine's own torch and jax are used, whatever their versions: the files record them.
+# Parts, in the order `check` runs them:
+#   costs     step costs on cuda (scripts/step_cost.py; the MNIST-size MLP 784-1000-10 at batch 512
+#             first, then 784-128-10 at 128): the numbers the GPU targets are about
+#   tests     the GPU tests (pytest -m gpu)
+#   asv       the asv suite's cuda parameters
+#   pipeline  the default pipeline's timing rules on cpu and cuda
+# A device lease is short (minutes, machine start included), so every part is stopped when the
+# budget runs out, keeping what it finished: step_cost.py rewrites its table after each round.
+# $OUT/check_<gpu>.txt says what ran, for how long and how it ended. Each part installs .whl/ first
+# (into /tmp/site, nothing outside it), so each can run on a fresh machine. The machine's own torch
+# and jax are used, whatever their versions: the files record them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-results/gpu}")
@@ -61,7 +69,7 @@ wheels() {
 }
 
 setup() {  # on the GPU machine: the carried wheels, and a `natgrad` command (the package needs 3.11)
-    if [ ! -d "$SITE/snakemake" ]; then
+    if [ -d .whl ] && [ ! -d "$SITE/snakemake" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
     fi
     mkdir -p "$SITE/bin"
@@ -69,45 +77,74 @@ setup() {  # on the GPU machine: the carried wheels, and a `natgrad` command (th
     chmod +x "$SITE/bin/natgrad"
     export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
     mkdir -p "$OUT"
-    GPU=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).split(); print(next(w for w in n if any(c.isdigit() for c in w)).lower())")
+    # h100, h200, ...: the first word of the name with a digit in it ("nogpu" where torch sees none)
+    GPU=$(python3 -c "import torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''
+print(next((w.lower() for w in name.split() if any(c.isdigit() for c in w)), 'nogpu'))")
 }
 
-tests() {
-    setup
+START=$SECONDS
+BUDGET=${2:-420}
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+
+within_budget() {  # COMMAND...: run it with the seconds left (at least 20), never failing the script
+    local seconds
+    seconds=$(left)
+    if (( seconds < 20 )); then
+        echo "skipped (${seconds} s left): $*"
+        return 0
+    fi
+    timeout --kill-after=10 "$seconds" "$@" || echo "ended with status $? (124: out of time): $*"
+}
+
+part() {  # NAME: run one part, and note in check_<gpu>.txt how long it took and how it ended
+    local began=$SECONDS
+    "$1" || true
+    echo "$1: $(( SECONDS - began )) s, $(left) s of the budget left" | tee -a "$OUT/check_$GPU.txt"
+}
+
+versions() {
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-        python3 -c "import torch, jax; print('torch', torch.__version__, 'jax', jax.__version__)"
+        python3 -c "import torch, jax; print('torch', torch.__version__, 'jax', jax.__version__, jax.devices())"
         echo
-        python3 -m pytest -q -ra -m gpu -p no:cacheprovider 2>&1 | grep -E "^(SKIPPED|FAILED|ERROR)|passed|failed" || true
     } | tee "$OUT/gpu_tests_$GPU.txt"
-    for size in "128 128" "1000 512"; do
+}
+
+costs() {
+    for size in "1000 512" "128 128"; do
         set -- $size
-        python3 scripts/step_cost.py --device cuda --width "$1" --batch-size "$2" --rounds 3 \
+        within_budget python3 scripts/step_cost.py --device cuda --width "$1" --batch-size "$2" --rounds 3 \
             --out "$OUT/step_cost_cuda_${GPU}_w$1_b$2.csv"
     done
 }
 
+tests() {
+    within_budget python3 -m pytest -q -ra -m gpu -p no:cacheprovider 2>&1 \
+        | grep -E "^(SKIPPED|FAILED|ERROR|skipped)| in [0-9.]+s|status" | tee -a "$OUT/gpu_tests_$GPU.txt" || true
+}
+
 asv_cuda() {
-    setup
-    cd benchmarks
-    asv machine --yes > /dev/null
-    # --python=same without --set-commit-hash needs no git history (none travels) and saves nothing:
-    # the printed tables are the record. The timeouts end each command inside the machine's limit,
-    # keeping what was printed or written so far.
-    NATGRAD_ASV_DEVICES=cuda COLUMNS=200 timeout 540 asv run --python=same --bench 'Step|Cost|OverPeer' --show-stderr 2>&1 \
-        | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40 || true
+    (
+        cd benchmarks
+        asv machine --yes > /dev/null
+        # --python=same without --set-commit-hash needs no git history (none travels) and saves
+        # nothing: the printed tables are the record.
+        NATGRAD_ASV_DEVICES=cuda COLUMNS=200 within_budget asv run --python=same --bench 'Cost|OverPeer|Step' \
+            --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
+    )
 }
 
 pipeline() {
-    setup
-    timeout 540 snakemake --cores all --until cost scaling --config 'devices=[cpu,cuda]' 2>&1 | tail -n 40 || true
-    tar czf "$OUT/timing_$GPU.tar.gz" results/cost results/scaling
+    within_budget snakemake --cores all --until cost scaling --config 'devices=[cpu,cuda]' 2>&1 | tail -n 40
+    local written
+    written=$(ls -d results/cost results/scaling 2>/dev/null || true)
+    if [ -n "$written" ]; then tar czf "$OUT/timing_$GPU.tar.gz" $written; else echo "no timing results yet"; fi
 }
 
 case "${1:-}" in
     wheels) wheels ;;
-    tests) tests ;;
-    asv) asv_cuda ;;
-    pipeline) pipeline ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    check) setup; part versions; part costs; part tests; part asv_cuda; part pipeline ;;
+    costs|tests|pipeline) setup; part versions; part "$1" ;;
+    asv) setup; part versions; part asv_cuda ;;
+    *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;
 esac

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,24 @@ def test_gpu_session_carries_only_pinned_packages():
     lock = (ROOT / "requirements.lock").read_text().splitlines()
     pinned = {norm(line.split("==")[0]) for line in lock if "==" in line}
     assert len(lacks) > 40 and {norm(name) for name in lacks} <= pinned, sorted({norm(n) for n in lacks} - pinned)
+
+
+def test_gpu_session_check_keeps_to_its_budget(tmp_path):
+    """`check` runs its parts most needed first and stops at its budget: with none left it skips
+    every part, says so, records each part, and succeeds (a device lease can end mid-way). The script
+    runs from a copy without .whl/, so nothing is installed; python3 is this environment's."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "gpu_session.sh", tmp_path / "scripts")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    done = subprocess.run(["bash", "scripts/gpu_session.sh", "check", "1"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (record,) = (tmp_path / "out").glob("check_*.txt")
+    assert [line.split(":")[0] for line in record.read_text().splitlines()] == [
+        "versions", "costs", "tests", "asv_cuda", "pipeline"]
+    skipped = re.findall(r"^skipped \(-?\d+ s left\): (\S+ \S+)", done.stdout, flags=re.M)
+    assert skipped == ["python3 scripts/step_cost.py"] * 2 + ["python3 -m", "asv run", "snakemake --cores"], done.stdout
