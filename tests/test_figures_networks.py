@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from natgrad_impls import timing  # noqa: E402
+from natgrad_impls import results, timing  # noqa: E402
 from natgrad_impls.figures import Drawn, cost, networks, save, style, tables  # noqa: E402
 
 COMBOS = [("torch", "cpu"), ("jax", "cpu")]
@@ -312,7 +312,7 @@ def test_scaling_table_real_call():
 
 # -- tables ---------------------------------------------------------------------------------------------
 
-def test_best_hyperparameters_of_tuned_runs_and_target_rule():
+def test_best_hyperparameters_of_tuned_runs_and_target_rule(tmp_path):
     frame = pd.concat([runs(optimizers=("sgd", "ngd"), lr=0.1),
                        runs(optimizers=("sgd",), lr=1.0).assign(train_loss=lambda f: f.train_loss * 3)])
     table = tables.best_hyperparameters(frame)
@@ -327,6 +327,10 @@ def test_best_hyperparameters_of_tuned_runs_and_target_rule():
     assert ngd.steps_to_target < 100 and ngd.time_to_target_s < table.time_to_target_s.iloc[0]
     html = tables.to_html(table)
     assert "<table" in html and "NGD" in html and "PyTorch" in html
+    # counts are written as integers ("100", not "100.0"), also in a column with gaps
+    written = pd.read_csv(results.write(table, tmp_path / "best.csv"), dtype=str)
+    for column in ("seeds", "steps", "steps_to_target", "batch_size"):
+        assert written[column].dropna().str.fullmatch(r"\d+").all(), written[column].tolist()
 
 
 def test_best_hyperparameters_of_a_grid_frame():

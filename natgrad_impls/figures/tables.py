@@ -32,6 +32,8 @@ from natgrad_impls.figures import style
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 HYPERPARAMETERS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
                    "kfac_ema", "batch_size")
+# counts, written as integers (a column with gaps would otherwise be float: "10.0" for a period)
+COUNTS = ("samples", "kfac_update_period", "batch_size", "seeds", "steps", "steps_to_target")
 
 
 def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
@@ -64,7 +66,8 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     best = best[order]
     best["_order"] = best["optimizer"].map({o: i for i, o in enumerate(style.OPTIMIZERS)})
     best = best.sort_values(["task", "_order", "framework", "device"]).drop(columns="_order").reset_index(drop=True)
-    return best.dropna(axis=1, how="all")
+    best = best.dropna(axis=1, how="all")
+    return best.astype({c: "Int64" for c in COUNTS if c in best.columns})
 
 
 def _runs(runs: pd.DataFrame) -> pd.DataFrame:
