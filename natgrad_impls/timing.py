@@ -21,7 +21,7 @@ import numpy as np
 
 from natgrad_impls import make_optimizer, models
 from natgrad_impls.models import Problem
-from natgrad_impls.names import Device, DType, Framework, Likelihood, parse
+from natgrad_impls.names import Curvature, Device, DType, Framework, Likelihood, parse
 
 
 # -- what is timed ------------------------------------------------------------------------------------
@@ -195,6 +195,38 @@ def gradient_call(framework, problem: Problem, params, batch, device="cpu", dtyp
     import natgrad_impls.numpy as nn
 
     return (lambda: nn.gradient(problem, p, data)), sync
+
+
+def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", dtype="float32", damping=1e-3):
+    """A zero-argument callable that refreshes K-FAC's damped inverses from one batch's factors, and
+    its sync: the work a `kfac` step does once every kfac_update_period steps, timed alone so that a
+    K-FAC step's cost splits into what the period amortises and what it does not. The factors are
+    those of a `kfac` run's first step (MC labels drawn as its step 0 draws them, seed 0), so the
+    call computes the inverses that step computes."""
+    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    to_params, to_batch, sync = _framework_io(framework, device, dtype)
+    p, data = to_params(params), to_batch(*batch)
+    if framework == Framework.TORCH:
+        from natgrad_impls.torch import curvature as C, optimizers
+
+        generator = optimizers._generator(0, 0, device.value)
+        factors = C.kronecker(C.gradient_and_curvature(problem, p, data, Curvature.MC, 1, generator)[2])
+        return (lambda: factors.inverse(damping)), sync
+    if framework == Framework.JAX:
+        import jax
+
+        from natgrad_impls.jax import curvature as C, optimizers
+
+        key = optimizers._key(0, optimizers._counter())
+        factors = C.kronecker(C.gradient_and_curvature(problem, p, data, Curvature.MC, 1, key)[2])
+
+        def invert(A, G):  # both inverses are returned, or XLA would drop the unused one
+            inverse = C.KroneckerCurvature(problem.model, A, G, factors.shift).inverse(damping)
+            return inverse.A, inverse.G
+
+        invert = jax.jit(invert)
+        return (lambda: invert(factors.A, factors.G)), sync
+    raise ValueError("framework: kfac_inverse_call times torch or jax (numpy's kfac is for linear models)")
 
 
 def gradient_equivalents(framework, optimizer, problem, params, batch, device="cpu", dtype="float32", repeats=20,

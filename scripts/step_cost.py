@@ -8,7 +8,9 @@ batch 128, float32 by default), with the settings of `timing.SETTINGS`:
     launches bound a small model's step on a GPU, so this predicts gradient-equivalents there;
   - for kfac, its arithmetic floor in the same unit (`timing.kfac_floor`: multiply-adds of the
     gradient plus the preconditioning, and with the factors and amortised inverses added), so the
-    measured cost can be read against what the model's shapes allow;
+    measured cost can be read against what the model's shapes allow; and the time of one refresh
+    of its inverses (`inverse_s`, `timing.kfac_inverse_call`) with its amortised share of the step
+    (`inverse_share` = inverse_s / period / step_s);
   - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
     over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
 Every time is the median of `--repeats` samples; a K-FAC sample spans one inversion period.
@@ -57,23 +59,29 @@ def _measurements(frameworks, settings, device, dtype, problem, params, batch, p
             if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
                 floor = floor or timing.kfac_floor(problem.model, len(batch[0]), step[2])
                 counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
+            # K-FAC's inversion alone: what share of its step the period amortises
+            inverse = (timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
+                       if optimizer == "kfac" else None)
             peer_calls = {}
             for peer in _peers(label, framework) if peers else ():
                 try:
                     peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
                 except ImportError as error:  # kfac-jax is a test extra
                     print(f"skipping {peer}: {error}")
-            measurements.append((row, counts, step, grad, peer_calls))
+            measurements.append((row, counts, step, grad, inverse, peer_calls))
     return measurements
 
 
-def _time_round(step, grad, peer_calls, repeats) -> dict:
-    """One round of one measurement: step, gradient and peer times, and their ratios."""
+def _time_round(step, grad, inverse, peer_calls, repeats) -> dict:
+    """One round of one measurement: step, gradient, inversion and peer times, and their ratios."""
     (call, sync, period), (grad_call, grad_sync) = step, grad
     step_s = timing.median_seconds(call, sync, repeats, block=period)
     # the unit of cost is timed next to each step, so that both see the same machine load
     grad_s = timing.median_seconds(grad_call, grad_sync, repeats)
     times = dict(step_s=step_s, gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
+    if inverse:  # one refresh of K-FAC's inverses, and its amortised share of the step
+        inverse_s = timing.median_seconds(*inverse, repeats)
+        times.update(inverse_s=inverse_s, inverse_share=inverse_s / period / step_s)
     for column, (peer_call, peer_sync, peer_period) in peer_calls.items():
         peer_s = timing.median_seconds(peer_call, peer_sync, repeats, block=peer_period)
         times.update({column: step_s / peer_s, column.replace("over_", "") + "_s": peer_s})
@@ -94,8 +102,8 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     measurements = _measurements(frameworks, settings, device, dtype, problem, params, batch, peers)
     history = [[] for _ in measurements]  # per measurement, the times of each round
     for done in range(1, rounds + 1):
-        for times, (_, _, step, grad, peer_calls) in zip(history, measurements):
-            times.append(_time_round(step, grad, peer_calls, repeats))
+        for times, (_, _, *calls) in zip(history, measurements):
+            times.append(_time_round(*calls, repeats))
         table = pd.DataFrame([{**row, **shape, **pd.DataFrame(times).median().to_dict(), **counts}
                               for times, (row, counts, *_) in zip(history, measurements)]).assign(rounds=done)
         if on_round:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from natgrad_impls import timing
+from natgrad_impls import make_optimizer, timing
+from conftest import JaxImpl, TorchImpl
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -158,6 +159,24 @@ def test_kfac_jax_peer_takes_our_kfac_step(framework):
             update = np.abs(weight - params[f"{name}.weight"]).max()
             assert np.abs(np.asarray(b[index][0]).T - weight).max() <= 1e-10 * update, name
             np.testing.assert_allclose(np.asarray(b[index][1]), np.asarray(a[f"{name}.bias"]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", [TorchImpl(), JaxImpl()], ids=["torch", "jax"])
+def test_kfac_inverse_call_inverts_what_a_kfac_step_inverts(impl):
+    """The inversion step_cost.py times apart (`timing.kfac_inverse_call`) is the work a `kfac` step
+    does at a refresh: the inverses of a run's first step (its factors and MC draws), float64."""
+    problem, params, batch = timing.mlp_problem(width=16, batch=8)
+    invert, sync = timing.kfac_inverse_call(impl.name, problem, params, batch, "cpu", "float64", damping=1e-2)
+    inverse = invert()
+    sync(inverse)
+    A_inv, G_inv = (inverse.A, inverse.G) if impl.name == "torch" else inverse
+    opt = make_optimizer(impl.name, "kfac", problem, lr=0.1, damping=1e-2, kfac_update_period=10)
+    theta = impl.params(params)
+    _, state, _ = opt.step(theta, opt.init(theta), impl.batch(*batch))
+    assert set(A_inv) == set(state.A_inv) == {"dense0", "dense2"}
+    for name in A_inv:
+        for ours, step in ((A_inv, state.A_inv), (G_inv, state.G_inv)):
+            np.testing.assert_allclose(impl.numpy(ours[name]), impl.numpy(step[name]), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("peer, momentum", [("torch.optim.SGD", 0.0), ("torch.optim.SGD", 0.9), ("torch.optim.Adam", 0.0),
