@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -41,48 +42,55 @@ def _peers(label: str, framework: str) -> list[str]:
     return [peer for peer, ours in timing.PEER_OF.items() if ours == label and timing.peer_framework(peer) == framework]
 
 
-def _measurements(frameworks, settings, device, dtype, problem, params, batch, peers):
-    """Per (framework, setting): the row's columns that need no timing, and the calls to time, each
-    built once (jax compiles here and in no later round: on a GPU compiling costs more than timing)."""
-    floor = None
+class _Measurement(NamedTuple):
+    """What one row of the table times, built once: the calls and the columns that need no timing."""
+
+    row: dict  # framework, device, dtype, optimizer, variant
+    counts: dict  # ops_over_gradient (torch), the kfac floor
+    step: tuple  # (call, sync, period) of `timing.step_call`
+    grad: tuple  # (call, sync) of `timing.gradient_call`
+    inverse: tuple | None  # (call, sync) of `timing.kfac_inverse_call`, for kfac
+    peers: dict  # over_<peer> column -> (call, sync, period) of `timing.peer_step_call`
+
+
+def _measurements(frameworks, settings, device, dtype, problem, params, batch, peers) -> list[_Measurement]:
+    """One per (framework, setting), each call built once (jax compiles here and in no later round:
+    on a GPU, compiling costs more than timing)."""
     measurements = []
     for framework in frameworks:
         grad = timing.gradient_call(framework, problem, params, batch, device, dtype)
         for label in settings:
             optimizer, hp = timing.setting(label)
             step = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
-            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer,
-                       variant=timing.variant(label))
-            counts = {}
+            counts, inverse = {}, None
             if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
                 counts["ops_over_gradient"] = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)["ops_over_gradient"]
-            if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor)
-                floor = floor or timing.kfac_floor(problem.model, len(batch[0]), step[2])
+            if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor), and the inversion alone
+                floor = timing.kfac_floor(problem.model, len(batch[0]), step[2])
                 counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
-            # K-FAC's inversion alone: what share of its step the period amortises
-            inverse = (timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
-                       if optimizer == "kfac" else None)
+                inverse = timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
             peer_calls = {}
             for peer in _peers(label, framework) if peers else ():
                 try:
                     peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
                 except ImportError as error:  # kfac-jax is a test extra
                     print(f"skipping {peer}: {error}")
-            measurements.append((row, counts, step, grad, inverse, peer_calls))
+            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer, variant=timing.variant(label))
+            measurements.append(_Measurement(row, counts, step, grad, inverse, peer_calls))
     return measurements
 
 
-def _time_round(step, grad, inverse, peer_calls, repeats) -> dict:
+def _time_round(m: _Measurement, repeats: int) -> dict:
     """One round of one measurement: step, gradient, inversion and peer times, and their ratios."""
-    (call, sync, period), (grad_call, grad_sync) = step, grad
+    call, sync, period = m.step
     step_s = timing.median_seconds(call, sync, repeats, block=period)
     # the unit of cost is timed next to each step, so that both see the same machine load
-    grad_s = timing.median_seconds(grad_call, grad_sync, repeats)
+    grad_s = timing.median_seconds(*m.grad, repeats)
     times = dict(step_s=step_s, gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
-    if inverse:  # one refresh of K-FAC's inverses, and its amortised share of the step
-        inverse_s = timing.median_seconds(*inverse, repeats)
+    if m.inverse:  # one refresh of K-FAC's inverses, and its amortised share of the step
+        inverse_s = timing.median_seconds(*m.inverse, repeats)
         times.update(inverse_s=inverse_s, inverse_share=inverse_s / period / step_s)
-    for column, (peer_call, peer_sync, peer_period) in peer_calls.items():
+    for column, (peer_call, peer_sync, peer_period) in m.peers.items():
         peer_s = timing.median_seconds(peer_call, peer_sync, repeats, block=peer_period)
         times.update({column: step_s / peer_s, column.replace("over_", "") + "_s": peer_s})
     return times
@@ -102,10 +110,10 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     measurements = _measurements(frameworks, settings, device, dtype, problem, params, batch, peers)
     history = [[] for _ in measurements]  # per measurement, the times of each round
     for done in range(1, rounds + 1):
-        for times, (_, _, *calls) in zip(history, measurements):
-            times.append(_time_round(*calls, repeats))
-        table = pd.DataFrame([{**row, **shape, **pd.DataFrame(times).median().to_dict(), **counts}
-                              for times, (row, counts, *_) in zip(history, measurements)]).assign(rounds=done)
+        for times, m in zip(history, measurements):
+            times.append(_time_round(m, repeats))
+        table = pd.DataFrame([{**m.row, **shape, **pd.DataFrame(times).median().to_dict(), **m.counts}
+                              for times, m in zip(history, measurements)]).assign(rounds=done)
         if on_round:
             on_round(table)
     return table
@@ -130,8 +138,8 @@ def main(argv=None):
     parser.add_argument("--out", help="CSV file for the table")
     args = parser.parse_args(argv)
     frameworks, settings = args.framework.split(","), args.settings.split(",")
-    for label in settings:
-        timing.setting(label)  # fail on a bad label or file name before measuring anything
+    for label in settings:  # bad input fails before anything is measured
+        timing.setting(label)
     if args.out:
         results.check_path(args.out)
     for framework in frameworks:

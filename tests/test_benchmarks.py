@@ -9,6 +9,7 @@ Also checked: the cost functions the suite and the pipeline share, on a tiny pro
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -159,6 +160,30 @@ def test_kfac_jax_peer_takes_our_kfac_step(framework):
             update = np.abs(weight - params[f"{name}.weight"]).max()
             assert np.abs(np.asarray(b[index][0]).T - weight).max() <= 1e-10 * update, name
             np.testing.assert_allclose(np.asarray(b[index][1]), np.asarray(a[f"{name}.bias"]), rtol=1e-10, atol=1e-12)
+
+
+def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
+    """scripts/step_cost.py: the steps are built (compiled) once, not once per round; each finished
+    round reaches `on_round`; a K-FAC row also has its inversion's time and amortised share."""
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    built = []
+    step_call = timing.step_call
+    monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: built.append(args[1]) or step_call(*args, **kwargs))
+    measure = lambda rounds, on_round=None: step_cost.cost_table(  # noqa: E731
+        ["torch"], ["sgd", "kfac"], repeats=2, peers=False, sizes=(6, 5, 3), batch_size=4, rounds=rounds,
+        on_round=on_round)
+    measure(1)
+    once, rounds = list(built), []
+    table = measure(3, rounds.append)
+    assert set(once) == {"sgd", "kfac"} and built[len(once):] == once  # three rounds build what one does
+    assert [int(t["rounds"].iloc[0]) for t in rounds] == [1, 2, 3] and table is rounds[-1]
+    kfac = table.set_index("optimizer").loc["kfac"]
+    assert 0 < kfac.inverse_share < 1 and kfac.inverse_s > 0
+    first = rounds[0]
+    assert (first.gradient_equivalents == first.step_s / first.gradient_s).all()
+    assert np.isnan(table.set_index("optimizer").loc["sgd", "inverse_s"])
 
 
 @pytest.mark.parametrize("impl", [TorchImpl(), JaxImpl()], ids=["torch", "jax"])
