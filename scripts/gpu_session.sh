@@ -96,13 +96,13 @@ within_budget() {  # COMMAND...: run it with the seconds left (at least 20), nev
     timeout --kill-after=10 "$seconds" "$@" || echo "ended with status $? (124: out of time): $*"
 }
 
-part() {  # NAME: run one part, and note in check_<gpu>.txt how long it took and how it ended
+part() {  # NAME: run part_NAME, and note in check_<gpu>.txt how long it took and how it ended
     local began=$SECONDS
-    "$1" || true
+    "part_$1" || true
     echo "$1: $(( SECONDS - began )) s, $(left) s of the budget left" | tee -a "$OUT/check_$GPU.txt"
 }
 
-versions() {
+part_versions() {
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
         python3 -c "import torch, jax; print('torch', torch.__version__, 'jax', jax.__version__, jax.devices())"
@@ -110,7 +110,7 @@ versions() {
     } | tee "$OUT/gpu_tests_$GPU.txt"
 }
 
-costs() {
+part_costs() {
     for size in "1000 512" "128 128"; do
         set -- $size
         within_budget python3 scripts/step_cost.py --device cuda --width "$1" --batch-size "$2" --rounds 3 \
@@ -118,12 +118,12 @@ costs() {
     done
 }
 
-tests() {
+part_tests() {
     within_budget python3 -m pytest -q -ra -m gpu -p no:cacheprovider 2>&1 \
         | grep -E "^(SKIPPED|FAILED|ERROR|skipped)| in [0-9.]+s|status" | tee -a "$OUT/gpu_tests_$GPU.txt" || true
 }
 
-asv_cuda() {
+part_asv() {
     (
         cd benchmarks
         asv machine --yes > /dev/null
@@ -134,7 +134,7 @@ asv_cuda() {
     )
 }
 
-pipeline() {
+part_pipeline() {
     within_budget snakemake --cores all --until cost scaling --config 'devices=[cpu,cuda]' 2>&1 | tail -n 40
     local written
     written=$(ls -d results/cost results/scaling 2>/dev/null || true)
@@ -143,8 +143,7 @@ pipeline() {
 
 case "${1:-}" in
     wheels) wheels ;;
-    check) setup; part versions; part costs; part tests; part asv_cuda; part pipeline ;;
-    costs|tests|pipeline) setup; part versions; part "$1" ;;
-    asv) setup; part versions; part asv_cuda ;;
+    check) setup; for name in versions costs tests asv pipeline; do part "$name"; done ;;
+    costs|tests|asv|pipeline) setup; part versions; part "$1" ;;
     *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;
 esac
