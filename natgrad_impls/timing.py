@@ -104,6 +104,11 @@ def device_available(framework, device) -> bool:
     return False
 
 
+def _parsed(framework, device, dtype) -> tuple[Framework, Device, DType]:
+    """The three names as Enums, or a ValueError naming the bad field and its allowed values."""
+    return parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+
+
 def _framework_io(framework: Framework, device: Device, dtype: DType):
     """(to params, to batch, synchronise) for a framework on a device."""
     if framework == Framework.TORCH:
@@ -161,7 +166,7 @@ def step_call(framework, optimizer, problem: Problem, params, batch, device="cpu
     """A zero-argument callable that performs one optimizer step (carrying its state along), the
     matching sync, and the number of steps over which the step's cost repeats (K-FAC's period).
     Steps keep updating the same run, as in training."""
-    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    framework, device, dtype = _parsed(framework, device, dtype)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     opt = make_optimizer(framework, optimizer, problem, **hyperparameters)
     carry = {"params": to_params(params)}
@@ -177,7 +182,7 @@ def step_call(framework, optimizer, problem: Problem, params, batch, device="cpu
 
 def gradient_call(framework, problem: Problem, params, batch, device="cpu", dtype="float32"):
     """A zero-argument callable computing one mini-batch loss and gradient: the unit of cost."""
-    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    framework, device, dtype = _parsed(framework, device, dtype)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     p, data = to_params(params), to_batch(*batch)
     if framework == Framework.TORCH:
@@ -203,7 +208,7 @@ def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", 
     K-FAC step's cost splits into what the period amortises and what it does not. The factors are
     those of a `kfac` run's first step (MC labels drawn as its step 0 draws them, seed 0), so the
     call computes the inverses that step computes."""
-    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    framework, device, dtype = _parsed(framework, device, dtype)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     p, data = to_params(params), to_batch(*batch)
     if framework == Framework.TORCH:
@@ -290,7 +295,7 @@ def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes:
 
     name, hp = setting(optimizer)
     hp.update(hyperparameters or {})
-    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    framework, device, dtype = _parsed(framework, device, dtype)
     if not device_available(framework, device):
         raise ValueError(f"device: {device.value!r} is not visible to {framework.value}")
     rows = []
@@ -343,7 +348,7 @@ def cost_table(task: str, framework, device="cpu", dtype="float32", settings: It
     figure reads this table; `mlp_problem` tables (`scaling_table`) measure the same on a fixed MLP."""
     import pandas as pd
 
-    framework, device, dtype = parse(Framework, framework, "framework"), parse(Device, device, "device"), parse(DType, dtype, "dtype")
+    framework, device, dtype = _parsed(framework, device, dtype)
     if not device_available(framework, device):
         raise ValueError(f"device: {device.value!r} is not visible to {framework.value}")
     labels = list(settings)
