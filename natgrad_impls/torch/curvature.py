@@ -356,7 +356,7 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
         factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
     grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
-    value = M.nll(problem, f, y).mean()
+    value = M.mean_nll(problem, f, y)
     if problem.l2:
         layers = to_layers(problem.model, params)
         grad = {k: grad[k] + problem.l2 * layers[k] for k in grad}
@@ -378,16 +378,17 @@ def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: Fac
     return factor.multiply_inverse_mean(grad, damping)
 
 
-def kronecker(factor: FactorCurvature) -> "KroneckerCurvature":
+def kronecker(factor: FactorCurvature, weight: float = 1.0) -> "KroneckerCurvature":
     """K-FAC from the same columns: A = (1/N) sum_n a a^T (summed over positions T for convs),
-    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T]. Each is one
-    matrix product over all rows; the scales are applied in one foreach op."""
+    G = scale^2 sum_(c,n) delta delta^T (averaged over T: KFC), so G = E[delta delta^T], both times
+    `weight` (a moving average's 1 - ema, which so costs no kernel of its own). Each is one matrix
+    product over all rows; the scales are applied in one foreach op."""
     names = list(factor.inputs)
     A = [_product_over_rows(factor.inputs[k]) for k in names]
     G = [_product_over_rows(factor.deltas[k]) for k in names]
     n = next(iter(factor.inputs.values())).shape[0]
     positions = [factor.inputs[k].shape[1] if factor.inputs[k].dim() == 3 else 1 for k in names]
-    torch._foreach_mul_(A + G, [1 / n] * len(names) + [factor.scale**2 / t for t in positions])
+    torch._foreach_mul_(A + G, [weight / n] * len(names) + [weight * factor.scale**2 / t for t in positions])
     return KroneckerCurvature(factor.model, dict(zip(names, A)), dict(zip(names, G)), factor.shift)
 
 

@@ -178,11 +178,12 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
-        factors = C.kronecker(factor)
-        if state.step > 0:  # (the batch's factors are fresh tensors: averaged in place)
+        first = state.step == 0
+        factors = C.kronecker(factor, 1.0 if first else 1 - h.kfac_ema)
+        if not first:  # X <- ema X + (1 - ema) X_batch, in place (the batch's are fresh tensors)
             names = list(factors.A)
-            _moving_average_([factors.A[k] for k in names] + [factors.G[k] for k in names],
-                             [state.A[k] for k in names] + [state.G[k] for k in names], h.kfac_ema)
+            torch._foreach_add_([factors.A[k] for k in names] + [factors.G[k] for k in names],
+                                [state.A[k] for k in names] + [state.G[k] for k in names], alpha=h.kfac_ema)
         if state.step % h.kfac_update_period == 0:
             inverse = factors.inverse(h.damping)
         else:
@@ -192,9 +193,3 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         return new, new_state, {"loss": value, "grad_norm": _norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
-
-
-def _moving_average_(new: list, old: list, ema: float) -> None:
-    """new <- ema old + (1 - ema) new, in place, in two foreach ops over all tensors."""
-    torch._foreach_mul_(new, 1 - ema)
-    torch._foreach_add_(new, old, alpha=ema)
