@@ -104,6 +104,42 @@ def test_natural_gradient_step_is_the_dense_formula(impl, optimizer, hp, curvatu
     np.testing.assert_allclose(models.flatten(problem.model, ours), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "optimizer, hp",
+    [("sgd", {"lr": 0.1}), ("adam", {}), ("ef", {"lr": 0.1, "damping": 1e-2}),
+     ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "exact"}), ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc"}),
+     ("kfac", {"lr": 0.1, "damping": 1e-2})],
+    ids=["sgd", "adam", "ef", "ngd-exact", "ngd-mc", "kfac"],
+)
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2", "logistic", "cnn-categorical"])
+def test_steps_report_the_norm_of_the_autograd_gradient(impl, optimizer, hp, name):
+    """info["grad_norm"] is ||g|| at the step's starting point, g the autograd gradient of the loss:
+    ef without l2 takes it from its Gram matrix (Woodbury: mlp-categorical, cnn-categorical) or from
+    g (dense solve: logistic, D <= N), every other step from g."""
+    problem = PROBLEMS[name]
+    x, y = make_data(problem, 6, seed=0)
+    params = models.init_params(problem.model, 1)
+    opt = getattr(impl.module, optimizer)(problem, **hp)
+    start = impl.params(params)
+    _, _, info = opt.step(start, opt.init(start), impl.batch(x, y))
+    expected = np.linalg.norm(ref.loss_gradient(problem, params, x, y))
+    np.testing.assert_allclose(float(impl.numpy(info["grad_norm"])), expected, rtol=1e-10)
+
+
+def test_ef_gradient_norm_from_the_gram_matrix_is_accurate_in_float32(impl):
+    """ef's ||g|| from 1^T U^T U 1 / N^2 squares the cancellation between per-example gradients
+    that summing them has; on a 64-16-10 MLP at batch 32 in float32 it stays within 1e-5 of the
+    float64 autograd norm."""
+    problem = models.Problem(models.mlp((64, 16, 10), "tanh"), "categorical")
+    x, y = make_data(problem, 32, seed=0)
+    params = models.init_params(problem.model, 1)
+    opt = impl.module.ef(problem, lr=0.1, damping=1e-3)
+    start = impl.params(params, "float32")
+    _, _, info = opt.step(start, opt.init(start), impl.batch(x, y, "float32"))
+    expected = np.linalg.norm(ref.loss_gradient(problem, params, x, y))
+    np.testing.assert_allclose(float(impl.numpy(info["grad_norm"])), expected, rtol=1e-5)
+
+
 def test_ngd_mc_is_seeded(impl):
     a, _, _ = run(impl, "ngd", 3, lr=0.5, damping=1e-2, fisher="mc", seed=7)
     b, _, _ = run(impl, "ngd", 3, lr=0.5, damping=1e-2, fisher="mc", seed=7)

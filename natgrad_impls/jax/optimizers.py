@@ -58,10 +58,6 @@ def _loss_and_grad(problem: Problem, params: dict, batch):
     return jax.value_and_grad(lambda p: M.loss(problem, p, batch))(params)
 
 
-def _norm(arrays) -> jax.Array:
-    return jnp.linalg.norm(jnp.stack([jnp.linalg.norm(a.ravel()) for a in arrays]))
-
-
 def _key(seed: int, step: jax.Array) -> jax.Array:
     """The MC label sampler of one step: reproducible from (seed, step) alone."""
     return jax.random.fold_in(jax.random.key(seed), step)
@@ -86,7 +82,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
             buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
             direction = buffers
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(grad.values())}
+        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": C.total_norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -117,7 +113,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
             k: p - h.lr * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
             for k, p in params.items()
         }
-        return new, AdamState(t, m, v), {"loss": value, "grad_norm": _norm(grad.values())}
+        return new, AdamState(t, m, v), {"loss": value, "grad_norm": C.total_norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -130,9 +126,10 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def step(params, state, batch):
         key = _key(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
-        direction = C.from_layers(problem.model, C.precondition(problem, curvature, grad, factor, h.damping))
+        layers, grad_norm = C.precondition(problem, curvature, grad, factor, h.damping)
+        direction = C.from_layers(problem.model, layers)
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
+        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -204,6 +201,6 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
         state = KFACState(state.step + 1, factors.A, factors.G, A_inv, G_inv)
-        return new, state, {"loss": value, "grad_norm": _norm(grad.values())}
+        return new, state, {"loss": value, "grad_norm": C.total_norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)

@@ -239,6 +239,21 @@ class FactorCurvature:
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
         return self.factor_multiply(self._kernel_solve(self.gram(), c / self.scale**2, lam).reshape(c.shape))
 
+    def inverse_column_mean(self, damping: float) -> tuple[dict, torch.Tensor]:
+        """(C + damping I)^-1 g and ||g|| for g = U 1/N, the mean of the columns (ef's gradient
+        without l2), as layer matrices and a scalar. Woodbury's Gram matrix gives both, the norm as
+        ||g||^2 = 1^T U^T U 1 / N^2, so g itself, out x in' products per layer (on the cost MLP
+        almost half a gradient's arithmetic), is never formed."""
+        a = next(iter(self.inputs.values()))
+        n, lam = a.shape[0], damping + self.shift
+        c = torch.full((1, n), 1 / n, dtype=a.dtype, device=a.device)
+        if self._solves_densely(lam):  # (D <= M: g is cheaper than the M x M Gram matrix)
+            g = self.factor_multiply(c)
+            return self.multiply_inverse_layers(g, damping), total_norm(g.values())
+        gram = self.gram()
+        norm = gram.sum().clamp(min=0).sqrt() / n  # (before the solve overwrites gram's diagonal)
+        return self.factor_multiply(self._kernel_solve(gram, c / self.scale**2, lam).reshape(c.shape)), norm
+
     def _kernel_solve(self, gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
         """(lam / s^2 I + U^T U)^-1 rhs as a column, given U^T U (`gram`, overwritten): the Woodbury
         kernel, symmetric positive definite (Cholesky, not LU), s^2 folded into its shift."""
@@ -342,9 +357,11 @@ def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, gene
     return M.residual(problem, mean, torch.cat([y[None], labels]))
 
 
-def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, generator=None):
+def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, generator=None,
+                           gradient: bool = True):
     """Loss, gradient (as layer matrices, l2 included) and the FactorCurvature of one batch, from
-    one forward and one backward pass over 1 + r stacked cotangents."""
+    one forward and one backward pass over 1 + r stacked cotangents. gradient=False: the gradient
+    is None, for a caller that needs only the factor (ef without l2: `inverse_column_mean`)."""
     x, y = batch
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
@@ -355,27 +372,36 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
         draws = samples if curvature == Curvature.MC else 1
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
         factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
-    grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
+    grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n) if gradient else None
     value = M.mean_nll(problem, f, y)
     if problem.l2:
         layers = to_layers(problem.model, params)
-        grad = {k: grad[k] + problem.l2 * layers[k] for k in grad}
+        grad = {k: grad[k] + problem.l2 * layers[k] for k in grad} if gradient else None
         value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
     return value, grad, factor
 
 
-def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: FactorCurvature, damping: float) -> dict:
-    """(C + damping I)^-1 g as layer matrices. Without l2 the gradient is the mean of the data's
-    per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
-    `inverse_factor_multiply` (cheaper, and it cancels less than Woodbury); for the true Fisher
-    U^T g may come from the Gram product (`multiply_inverse_mean`)."""
+def precondition(problem: Problem, curvature: Curvature, grad: dict | None, factor: FactorCurvature, damping: float):
+    """(C + damping I)^-1 g as layer matrices, and ||g||. Without l2 the gradient is the mean of the
+    data's per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
+    `inverse_column_mean` (cheaper, and it cancels less than Woodbury; `grad` may be None there, as
+    `gradient_needed` says); for the true Fisher U^T g may come from the Gram product
+    (`multiply_inverse_mean`)."""
     if problem.l2:
-        return factor.multiply_inverse_layers(grad, damping)
+        return factor.multiply_inverse_layers(grad, damping), total_norm(grad.values())
     if curvature == Curvature.EMPIRICAL:
-        n = next(iter(factor.inputs.values())).shape[0]
-        like = next(iter(grad.values()))
-        return factor.inverse_factor_multiply(torch.full((1, n), 1 / n, dtype=like.dtype, device=like.device), damping)
-    return factor.multiply_inverse_mean(grad, damping)
+        return factor.inverse_column_mean(damping)
+    return factor.multiply_inverse_mean(grad, damping), total_norm(grad.values())
+
+
+def gradient_needed(problem: Problem, curvature: Curvature) -> bool:
+    """Whether `precondition` needs the gradient itself (all but ef without l2)."""
+    return bool(problem.l2) or curvature != Curvature.EMPIRICAL
+
+
+def total_norm(tensors) -> torch.Tensor:
+    """The 2-norm of all of the tensors together, in three operators (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
 
 
 def kronecker(factor: FactorCurvature, weight: float = 1.0) -> "KroneckerCurvature":

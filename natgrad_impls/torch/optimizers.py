@@ -47,10 +47,6 @@ class KFACState(NamedTuple):
     G_inv: dict | None
 
 
-def _norm(tensors) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
-
-
 def _descend(params: dict, direction: dict, lr: float) -> dict:
     """params - lr direction, one foreach op over all tensors (one kernel per step on a GPU)."""
     names = list(params)
@@ -82,7 +78,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
             torch._foreach_add_(b, g)
             direction = buffers = dict(zip(names, b))
         new = _descend(params, direction, h.lr)
-        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": _norm(g)}
+        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": C.total_norm(g)}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -115,7 +111,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         torch._foreach_add_(denominator, h.eps)
         new = torch._foreach_addcdiv([params[k] for k in names], m, denominator, value=-h.lr / c1)
         state = AdamState(t, dict(zip(names, m)), dict(zip(names, v)))
-        return dict(zip(names, new)), state, {"loss": value, "grad_norm": _norm(g)}
+        return dict(zip(names, new)), state, {"loss": value, "grad_norm": C.total_norm(g)}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -126,10 +122,11 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
 
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
-        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
-        direction = C.from_layers(problem.model, C.precondition(problem, curvature, grad, factor, h.damping))
-        new = _descend(params, direction, h.lr)
-        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": _norm(grad.values())}
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator,
+                                                       C.gradient_needed(problem, curvature))
+        layers, grad_norm = C.precondition(problem, curvature, grad, factor, h.damping)
+        new = _descend(params, C.from_layers(problem.model, layers), h.lr)
+        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -190,6 +187,6 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
             inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         new = _descend(params, C.from_layers(problem.model, inverse.multiply_layers(grad)), h.lr)
         new_state = KFACState(state.step + 1, factors.A, factors.G, inverse.A, inverse.G)
-        return new, new_state, {"loss": value, "grad_norm": _norm(grad.values())}
+        return new, new_state, {"loss": value, "grad_norm": C.total_norm(grad.values())}
 
     return FunctionalOptimizer(init, step, h)
