@@ -11,7 +11,8 @@ W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^
   (cotangents: residuals at sampled labels). Solves use Woodbury on the M = r N columns, with the
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
   A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
-  (`inverse_factor_multiply`); the true Fisher's gradient without l2, the mean of the data's
+  (`inverse_factor_multiply`; `inverse_column_mean` for ef's gradient and its norm from the same
+  Gram matrix); the true Fisher's gradient without l2, the mean of the data's
   per-example gradients, may take U^T g from the Gram product (`multiply_inverse_mean`).
   `precondition` picks.
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
@@ -232,15 +233,17 @@ class FactorCurvature:
         correction = self.factor_multiply(self.scale**2 * coeff)
         return {k: (layers[k] - correction[k]) / lam for k in layers}
 
-    def inverse_factor_multiply(self, c: jax.Array, damping: float) -> dict:
+    def inverse_factor_multiply(self, c: jax.Array, damping: float, gram: jax.Array | None = None) -> dict:
         """(C + damping I)^-1 U c for coefficients c (r x N), as layer matrices: for a vector in the
         factor's span (ef's gradient without l2 is U 1/N). By the push-through identity
         (lam I + s^2 U U^T)^-1 U = U (lam I + s^2 U^T U)^-1 this is one solve with the Woodbury kernel
-        and one product with U: no U^T v, and no (v - U c) / lam, which cancels when lam is small."""
+        and one product with U: no U^T v, and no (v - U c) / lam, which cancels when lam is small.
+        `gram`: U^T U, where the caller has it."""
         lam = damping + self.shift
         if self._solves_densely(lam):
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
-        return self.factor_multiply(self._kernel_solve(self.gram(), c, lam).reshape(c.shape))
+        gram = self.gram() if gram is None else gram
+        return self.factor_multiply(self._kernel_solve(gram, c, lam).reshape(c.shape))
 
     def inverse_column_mean(self, damping: float) -> tuple[dict, jax.Array]:
         """(C + damping I)^-1 g and ||g|| for g = U 1/N, the mean of the columns (ef's gradient
@@ -255,7 +258,7 @@ class FactorCurvature:
             return self.multiply_inverse_layers(g, damping), total_norm(g.values())
         gram = self.gram()
         norm = jnp.sqrt(jnp.maximum(gram.sum(), 0)) / n
-        return self.factor_multiply(self._kernel_solve(gram, c, lam).reshape(c.shape)), norm
+        return self.inverse_factor_multiply(c, damping, gram), norm
 
     def _kernel_solve(self, gram: jax.Array, rhs: jax.Array, lam: float) -> jax.Array:
         """(lam I + s^2 U^T U)^-1 rhs, flat, given U^T U (`gram`): the Woodbury kernel, symmetric
