@@ -390,10 +390,10 @@ def precondition(problem: Problem, curvature: Curvature, grad: dict | None, fact
     `inverse_column_mean` (cheaper, and it cancels less than Woodbury; `grad` may be None there, as
     `gradient_needed` says); for the true Fisher U^T g may come from the Gram product
     (`multiply_inverse_mean`)."""
+    if not gradient_needed(problem, curvature):  # ef without l2
+        return factor.inverse_column_mean(damping)
     if problem.l2:
         return factor.multiply_inverse_layers(grad, damping), total_norm(grad.values())
-    if curvature == Curvature.EMPIRICAL:
-        return factor.inverse_column_mean(damping)
     return factor.multiply_inverse_mean(grad, damping), total_norm(grad.values())
 
 

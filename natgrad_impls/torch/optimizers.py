@@ -117,13 +117,14 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
+    gradient = C.gradient_needed(problem, curvature)
+
     def init(params):
         return NaturalGradientState(0)
 
     def step(params, state, batch):
         generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
-        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator,
-                                                       C.gradient_needed(problem, curvature))
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator, gradient)
         layers, grad_norm = C.precondition(problem, curvature, grad, factor, h.damping)
         new = _descend(params, C.from_layers(problem.model, layers), h.lr)
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": grad_norm}
