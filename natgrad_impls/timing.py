@@ -473,12 +473,14 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     registered by hand (register_dense, register_softmax_cross_entropy_loss), not by graph matching.
     kfac-jax's dense layers compute x @ w + b with w in x out: our weights are handed over transposed.
     Its step is jitted internally; the Python step counter is passed along (`global_step_int`) so
-    that a step does not wait for the device to read it back. Returns (call, sync, period)."""
+    that a step does not wait for the device to read it back. kfac-jax comes shimmed for this jax
+    (`natgrad_impls.kfac_jax_compat`). Returns (call, sync, period)."""
     import jax
     import jax.numpy as jnp
-    import kfac_jax
 
-    _patch_kfac_jax()
+    from natgrad_impls.kfac_jax_compat import import_kfac_jax
+
+    kfac_jax = import_kfac_jax()
     model = problem.model
     if problem.likelihood != Likelihood.CATEGORICAL or problem.l2 or model.has_conv:
         raise ValueError("problem: the kfac_jax peer takes MLPs with the categorical likelihood and no l2")
@@ -534,26 +536,6 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
         return carry["params"]
 
     return call, jax.block_until_ready, kfac_update_period
-
-
-def kfac_jax_eval_jaxpr_eqn(eqn, in_values):
-    """kfac-jax 0.0.8's tag_graph_matcher.eval_jaxpr_eqn unpacks `subfuns, params =
-    primitive.get_bind_params(params)`; since jax 0.10 get_bind_params returns the params alone
-    ("too many values to unpack"). This one takes both conventions."""
-    import jax.extend as jex
-
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, bind_params = ((), bound) if isinstance(bound, dict) else bound
-    with jex.source_info_util.user_context(eqn.source_info.traceback):
-        output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
-    return output if isinstance(output, list) else [output]
-
-
-def _patch_kfac_jax() -> None:
-    """Install `kfac_jax_eval_jaxpr_eqn` in kfac-jax (idempotent)."""
-    from kfac_jax._src import tag_graph_matcher
-
-    tag_graph_matcher.eval_jaxpr_eqn = kfac_jax_eval_jaxpr_eqn
 
 
 def _optax_names(hyperparameters: dict) -> dict:

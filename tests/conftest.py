@@ -89,6 +89,18 @@ def impl(request):
     return JaxImpl()
 
 
+@pytest.fixture
+def kfac_jax():
+    """kfac-jax, shimmed for this jax (natgrad_impls.kfac_jax_compat); skips where it is missing or
+    does not import."""
+    from natgrad_impls.kfac_jax_compat import import_kfac_jax
+
+    try:
+        return import_kfac_jax()
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
 # -- small problems shared by the tests ------------------------------------------------------------
 
 def make_data(problem: models.Problem, n: int, seed: int = 0):

@@ -28,7 +28,6 @@ import torch
 from conftest import make_data
 from natgrad_impls import models
 from natgrad_impls.names import Curvature, Likelihood
-from natgrad_impls.timing import kfac_jax_eval_jaxpr_eqn
 
 SIZES = (6, 8, 5, 3)  # three dense layers: dense0, dense2, dense4 (tanh in between)
 N = 16
@@ -227,16 +226,6 @@ KFAC_JAX_SCALE = {
 }
 
 
-@pytest.fixture
-def kfac_jax(monkeypatch):
-    kfac_jax = pytest.importorskip("kfac_jax")
-    from kfac_jax._src import tag_graph_matcher
-
-    # kfac-jax 0.0.8 on jax 0.10 needs one function replaced (see natgrad_impls.timing).
-    monkeypatch.setattr(tag_graph_matcher, "eval_jaxpr_eqn", kfac_jax_eval_jaxpr_eqn)
-    return kfac_jax
-
-
 @functools.cache
 def kfac_jax_reference(likelihood):
     """kfac-jax's (A, G) per layer (inputs_factor, outputs_factor) and its K-FAC matrix in our
@@ -326,10 +315,9 @@ def test_factors_and_dense_match_kfac_jax(impl, kfac_jax, likelihood):
     assert rel_err(s * dense, reference) < TOL
 
 
-def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl):
+def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl, kfac_jax):
     """Factored Tikhonov damping: our damped inverse factors equal kfac-jax's
     pi_adjusted_kronecker_inverse of the same factors (Martens & Grosse 2015, 6.3)."""
-    pytest.importorskip("kfac_jax")
     import jax
     import jax.numpy as jnp
     from kfac_jax._src.utils.math import pi_adjusted_kronecker_inverse
