@@ -141,9 +141,13 @@ part_asv() {
 part_pipeline() {
     # Not the default profile, whose report-after-run fails a run stopped --until the timing rules
     # (the report's figures are never made): its settings but that one, and --keep-going, so that
-    # one failing job does not stop the others.
-    within_budget snakemake --workflow-profile none --cores all --resources gpu=1 --rerun-incomplete --show-failed-logs --keep-going \
-        --until cost scaling --config 'devices=[cpu,cuda]' 2>&1 | tail -n 40
+    # one failing job does not stop the others. cuda's jobs first, the machine's CPU beside them
+    # after (the second run keeps the first's outputs: `devices` is no parameter of a job).
+    local devices
+    for devices in '[cuda]' '[cpu,cuda]'; do
+        within_budget snakemake --workflow-profile none --cores all --resources gpu=1 --rerun-incomplete --show-failed-logs \
+            --keep-going --until cost scaling --config "devices=$devices" 2>&1 | tail -n 40
+    done
     local written
     written=$(ls -d results/cost results/scaling 2>/dev/null || true)
     if [ -n "$written" ]; then tar czf "$OUT/timing_$GPU.tar.gz" $written; else echo "no timing results yet"; fi
