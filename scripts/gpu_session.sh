@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${OUT:-results/gpu}")
-SITE=/tmp/site
+SITE=${SITE:-/tmp/site}  # where the carried wheels are installed
 
 # What such a machine's image lacked (compare `python3 -m pip list` there): the pipeline's,
 # asv's and the independent references' packages. Versions come from requirements.lock.

@@ -303,17 +303,25 @@ def test_gpu_session_carries_only_pinned_packages():
     assert len(lacks) > 40 and {norm(name) for name in lacks} <= pinned, sorted({norm(n) for n in lacks} - pinned)
 
 
-def test_gpu_session_check_keeps_to_its_budget(tmp_path):
-    """`check` runs its parts most needed first and stops at its budget: with none left it skips
-    every part, says so, records each part, and succeeds (a device lease can end mid-way). The script
-    runs from a copy without .whl/, so nothing is installed; python3 is this environment's."""
+def _gpu_session_copy(tmp_path, stand_ins: dict | None = None) -> dict:
+    """A copy of scripts/gpu_session.sh without .whl/ (nothing is installed), run with this
+    environment's python3 and the given stand-in commands (name -> sh script) first on PATH, and its
+    site folder in tmp_path; the environment to run it in."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "gpu_session.sh", tmp_path / "scripts")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    for name, text in {"python3": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n', **(stand_ins or {})}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+                SITE=str(tmp_path / "site"))
+
+
+def test_gpu_session_check_keeps_to_its_budget(tmp_path):
+    """`check` runs its parts most needed first and stops at its budget: with none left it skips
+    every part, says so, records each part, and succeeds (a device lease can end mid-way)."""
+    env = _gpu_session_copy(tmp_path)
     done = subprocess.run(["bash", "scripts/gpu_session.sh", "check", "1"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -322,3 +330,27 @@ def test_gpu_session_check_keeps_to_its_budget(tmp_path):
         "versions", "costs", "tests", "asv", "pipeline"]
     skipped = re.findall(r"^skipped \(-?\d+ s left\): (\S+ \S+)", done.stdout, flags=re.M)
     assert skipped == ["python3 scripts/step_cost.py"] * 2 + ["python3 -m", "asv run"] + ["snakemake --workflow-profile"] * 2, done.stdout
+
+
+def test_gpu_session_hands_asv_its_path_and_times_cuda_first(tmp_path):
+    """What a rehearsal on a copy of the GPU image's Python, torch and jax found (README): asv
+    drops PYTHONPATH from the processes it benchmarks in, so the script must hand it ASV_PYTHONPATH
+    (the carried wheels and the package); and the default profile's report-after-run fails every
+    `snakemake --until`, so the pipeline part runs without that profile, cuda's jobs first. asv and
+    snakemake are stand-ins here that record how they were called."""
+    calls = tmp_path / "calls.txt"
+    record = f'#!/bin/sh\necho "$(basename "$0") [$ASV_PYTHONPATH] $*" >> "{calls}"\n'
+    env = _gpu_session_copy(tmp_path, {"asv": record, "snakemake": record})
+    env.pop("ASV_PYTHONPATH", None)
+    (tmp_path / "benchmarks").mkdir()
+    for part in ("asv", "pipeline"):
+        done = subprocess.run(["bash", "scripts/gpu_session.sh", part, "300"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    lines = calls.read_text().splitlines()
+    (asv_run,) = [line for line in lines if line.startswith("asv") and " run " in line]
+    asv_path = re.search(r"\[(.*?)\]", asv_run).group(1).split(os.pathsep)
+    assert str(tmp_path) in asv_path and env["SITE"] in asv_path, asv_run
+    pipeline = [line for line in lines if line.startswith("snakemake")]
+    assert [re.search(r"devices=(\S+)", line).group(1) for line in pipeline] == ["[cuda]", "[cpu,cuda]"], pipeline
+    assert all("--workflow-profile none" in line and "--until cost scaling" in line for line in pipeline), pipeline
