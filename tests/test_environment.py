@@ -50,3 +50,20 @@ def test_jax_keeps_scipy_openblas_to_one_thread_and_numpy_untouched():
     numpy_libs = [path for path in threads if Path(path).parent.name == "numpy.libs"]
     assert scipy_libs and all(threads[path] == 1 for path in scipy_libs)
     assert numpy_libs and all(threads[path] == 2 for path in numpy_libs)
+
+
+def test_float32_means_float32_in_both_frameworks():
+    """Importing the package keeps float32 out of TF32 on GPUs in both frameworks: jax's matrix
+    products and convolutions at "highest" precision, torch's cuDNN convolutions off TF32 (its
+    matrix products are full float32 by default), in a fresh interpreter, as every entry point
+    starts. tests/test_gpu.py checks what that buys on a GPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, jax, natgrad_impls.torch, natgrad_impls.jax\n"
+        "print(torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,"
+        " jax.config.jax_default_matmul_precision)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "highest"]

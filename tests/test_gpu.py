@@ -1,5 +1,6 @@
 """On a visible CUDA device: every optimizer runs there, in torch and jax, and its float64
-trajectory equals the CPU one (GPU reductions change the round-off, not the run)."""
+trajectory equals the CPU one (GPU reductions change the round-off, not the run); float32 runs
+stay float32 there (no TF32)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def test_cuda_matches_cpu_in_float64(framework, optimizer, name):
     expected, got = trajectory(cpu, optimizer, problem), trajectory(cuda, optimizer, problem)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-9)
     np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-9 * np.abs(expected[1]).max())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac"])
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cuda_float32_stays_near_cpu_float32_on_a_cnn(framework, optimizer):
+    """Convolutions and matrix products in float32, not TF32 (natgrad_impls.torch and .jax set it on
+    import): 20 float32 steps on the small CNN end where the CPU's do, to round-off. TF32 (about
+    1e-3 relative a product) put jax's 1e-4 to 1e-2 away on an H100; full float32 within 1e-6."""
+    problem = PROBLEMS["cnn-categorical"]
+    cpu, cuda = (TorchImpl("cpu"), TorchImpl("cuda")) if framework == "torch" else (JaxCuda("cpu"), JaxCuda("cuda"))
+    (_, expected), (_, got) = (trajectory(impl, optimizer, problem, 20, "float32") for impl in (cpu, cuda))
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("optimizer", ["ngd", "kfac"])
