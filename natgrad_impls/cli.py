@@ -163,13 +163,18 @@ def cmd_grid(args) -> int:
                                              args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps))
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
-                                                args.repeats, None, hps, progress=False if args.no_progress else None))
-    for best in result.best:
-        print(best.describe())
+                                                args.repeats, None, hps, progress=False if args.no_progress else None,
+                                                on_done=_print_best))
     results.write(result.frame, out)
     print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0
+
+
+def _print_best(optimizer, best, seconds) -> None:
+    """One optimizer's best as soon as it is known, flushed: a pipeline job's log is a file."""
+    line = best.describe() if best else f"{optimizer.value:5s} no run stayed finite"
+    print(f"{line}  [{seconds:.3g} s]", flush=True)
 
 
 def _checked(call):

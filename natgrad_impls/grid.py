@@ -726,11 +726,14 @@ def _fields(optimizer):
 
 def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS,
              dampings=PAPER_DAMPINGS, steps=None, seed=0, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None,
-             progress=None) -> GridResult:
+             progress=None, on_done=None) -> GridResult:
     """The lr (x damping) grid of each optimizer on a full-batch convex task, batched (module docstring).
 
     lrs, dampings: (start, stop, num) log10 bounds or 'START:STOP:NUM'; hyperparameters: the
-    optimizers' other hyperparameters (e.g. fisher, kfac_update_period), given to those that have them.
+    optimizers' other hyperparameters (e.g. fisher, kfac_update_period), given to those that have them;
+    on_done(optimizer, best, seconds): called as each optimizer's grid and repeats are done, with its
+    Best (None where no run stayed finite) and the seconds since the start (the CLI's progress in a
+    job log, where no bar is drawn).
     """
     task, optimizers, framework, device, dtype, lr_bounds, damping_bounds, steps = validate(
         task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters)
@@ -761,6 +764,8 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
                                    np.full(len(noise), damping[b]), steps, theta0=noise, progress=False, **common)
             best = _best(optimizer, lr[b], damping[b], runs, b, rep)
             bests.append(best)
+        if on_done is not None:
+            on_done(optimizer, best, time.perf_counter() - start)
         frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, 0,
                              None if best is None else (b, best.chaotic)))
         if best is not None and rep is not None:

@@ -5,6 +5,7 @@ exit, one line naming the field and the allowed values, and no file written."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_grid_end_to_end(tmp_path):
     lines = done.stdout.splitlines()
     for optimizer in ("sgd", "ngd", "ef"):
         line = next(line for line in lines if line.startswith(optimizer))
-        assert "best lr=" in line and "chaotic" in line.lower()
+        assert "best lr=" in line and "chaotic" in line.lower() and re.search(r"\[[\d.e+-]+ s\]$", line), line
     assert "35 runs x 10 steps" in done.stdout  # 5 sgd + 15 ngd + 15 ef
     frame = results.read(out)
     assert set(frame["optimizer"]) == {"sgd", "ngd", "ef"}

@@ -143,6 +143,26 @@ def test_chaotic_best_runs_are_flagged(tmp_path):
                                       pd.Series({"ef": True, "ngd": False})).all()
 
 
+def test_each_optimizer_is_reported_as_soon_as_it_is_done(monkeypatch):
+    """on_done (the CLI's progress lines in a job log) comes once per optimizer, in order, with its
+    best run and the time so far, before the next optimizer's grid starts."""
+    calls = []
+    started = []
+    trajectories = grid.trajectories
+
+    def spy(problem, x, y, optimizer, *args, **kwargs):
+        started.append((optimizer.value, len(calls)))
+        return trajectories(problem, x, y, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(grid, "trajectories", spy)
+    result = grid.run_grid("wine", ["sgd", "ngd"], lrs=(-3, -2, 2), dampings=(-2, -2, 1), steps=5, repeats=1,
+                           progress=False, on_done=lambda o, b, s: calls.append((o.value, b, s)))
+    assert [(o, b) for o, b, _ in calls] == [(b.optimizer, b) for b in result.best] and len(calls) == 2
+    assert 0 < calls[0][2] <= calls[1][2] <= result.seconds
+    # sgd's grid and repeats ran before it was reported, ngd's after
+    assert started == [("sgd", 0), ("sgd", 0), ("ngd", 1), ("ngd", 1)]
+
+
 def test_frame_layout_and_best_runs():
     result = grid.run_grid("wine", ["sgd", "ngd"], lrs=(-6, 0, 7), dampings=(-4, 0, 3), steps=10, repeats=2,
                            progress=False)
