@@ -1,7 +1,8 @@
 """Wall-clock cost of one optimizer step and of one mini-batch gradient (DESIGN 4: "Time").
 
-Both are timed the same way: built and warmed up (jit compilation, allocator) first, then each call
-synchronised (torch.cuda.synchronize, jax block_until_ready) and the median of `repeats` taken.
+Both are timed the same way: built and warmed up (jit compilation, allocator, then WARMUP_S of
+calls) first, then each call synchronised (torch.cuda.synchronize, jax block_until_ready) and the
+median of `repeats` samples taken, the step's and the gradient's in turn (`alternating_medians`).
 Cost in gradient-equivalents = time(step) / time(gradient) on the same task, framework, device.
 The asv suite (benchmarks/), the cost script (scripts/step_cost.py) and the pipeline's timing rules
 all time through here, on the problem `mlp_problem` builds and with the settings in `SETTINGS`.
@@ -13,9 +14,10 @@ K-FAC optimizer with fixed learning rate, damping and no momentum.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -143,15 +145,53 @@ def _framework_io(framework: Framework, device: Device, dtype: DType):
     return (lambda p: {k: np.asarray(v, np.float64) for k, v in p.items()}), (lambda x, y: (x, y)), (lambda out: None)
 
 
+# Measured on digits-mlp in jax on a 2-core CPU: a step timed right after its compile ran 2-4x
+# slower over its first milliseconds than later (sgd 0.66-0.94 ms against 0.21-0.32 after 0.2 s).
+WARMUP_S = 0.2  # seconds of calls, at least, before any sample
+MIN_SAMPLE_S = 2e-3  # a sample spans whole blocks lasting this long at least: a timer read and a
+                     # scheduler tick must not weigh on a sub-millisecond call
+
+
+class Timed(NamedTuple):
+    """A zero-argument call, the sync that waits for its output, and the calls a sample's blocks
+    hold (K-FAC's inversion period: each block charges its steps their share of the inversion)."""
+
+    call: Callable[[], object]
+    sync: Callable[[object], None]
+    block: int = 1
+
+
+def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, warmup_s: float = WARMUP_S,
+                        min_sample_s: float = MIN_SAMPLE_S) -> list[float]:
+    """Per timed call, the median over `repeats` samples of the mean time of one call, each call
+    synchronised as the runner's steps are (no more of the syncs than the gradient a step is
+    divided by). The calls are warmed up (`warmup` blocks, then blocks until `warmup_s` has passed)
+    and then sampled in turn, so that a burst of load on a shared machine falls on all of them and
+    their ratios (gradient-equivalents, ours over a peer's) are steadier than their times."""
+    sizes = [_warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
+    samples = [[] for _ in timed]
+    for _ in range(repeats):
+        for t, calls, times in zip(timed, sizes, samples):
+            times.append(_block_seconds(t.call, t.sync, calls) / calls)
+    return [statistics.median(times) for times in samples]
+
+
 def median_seconds(call: Callable[[], object], sync: Callable[[object], None], repeats: int, block: int = 1,
-                   warmup: int = 2) -> float:
-    """Median over `repeats` samples of the mean time of `block` consecutive calls, each one
-    synchronised as the runner's steps are (a block of one K-FAC update period charges each step its
-    share of the periodic inversion, and no more of the syncs than the gradient it is divided by)."""
-    for _ in range(warmup * block):
-        sync(call())
-    times = [_block_seconds(call, sync, block) / block for _ in range(repeats)]
-    return statistics.median(times)
+                   warmup: int = 2, warmup_s: float = WARMUP_S, min_sample_s: float = MIN_SAMPLE_S) -> float:
+    """`alternating_medians` of one call: the median over `repeats` samples of one call's mean time."""
+    return alternating_medians([Timed(call, sync, block)], repeats, warmup, warmup_s, min_sample_s)[0]
+
+
+def _warm_up(t: Timed, warmup: int, warmup_s: float, min_sample_s: float) -> int:
+    """Run `warmup` blocks of `t`, then more until `warmup_s` has passed; return the calls a sample
+    takes: as many whole blocks as last `min_sample_s`, by the last block's time."""
+    start, took, done = time.perf_counter(), None, 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
+        took, done = _block_seconds(t.call, t.sync, t.block), done + 1
+    if took is None and min_sample_s > 0:  # no warm-up asked for: one block to size the samples
+        took = _block_seconds(t.call, t.sync, t.block)
+    blocks = math.ceil(min_sample_s / max(took, 1e-9)) if min_sample_s > 0 else 1
+    return t.block * max(1, blocks)
 
 
 def _block_seconds(call: Callable[[], object], sync: Callable[[object], None], block: int) -> float:
@@ -236,11 +276,10 @@ def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", 
 
 def gradient_equivalents(framework, optimizer, problem, params, batch, device="cpu", dtype="float32", repeats=20,
                          **hyperparameters) -> dict:
-    """Median step time, median gradient time and their ratio, measured in the same process."""
+    """Median step time, median gradient time and their ratio, sampled in turn in one process."""
     step, sync, period = step_call(framework, optimizer, problem, params, batch, device, dtype, **hyperparameters)
     grad, _ = gradient_call(framework, problem, params, batch, device, dtype)
-    step_s = median_seconds(step, sync, repeats, block=period)
-    grad_s = median_seconds(grad, sync, repeats)
+    step_s, grad_s = alternating_medians([Timed(step, sync, period), Timed(grad, sync)], repeats)
     return {"step_s": step_s, "gradient_s": grad_s, "gradient_equivalents": step_s / grad_s}
 
 
@@ -332,7 +371,7 @@ def affordable_repeats(call, sync, repeats: int, block: int = 1, budget_s: float
     """`repeats`, or fewer (at least 3) when one block of calls is so slow that `repeats` of them would
     take more than `budget_s`: a slow setting (ngd-exact on a busy CPU takes up to a second a step)
     must not hold up a whole cost table. One call (that compiles) and one timed block decide; they
-    warm the step up as `median_seconds`' warm-up would."""
+    count as the first of the step's warm-up."""
     sync(call())
     took = _block_seconds(call, sync, block)
     return int(max(3, min(repeats, budget_s // max(took, 1e-9))))
@@ -343,8 +382,8 @@ def cost_table(task: str, framework, device="cpu", dtype="float32", settings: It
     """One optimizer step of every setting (labels of `SETTINGS`) and one mini-batch gradient on a
     task's own model and batch (`task_problem`), one row per setting: task, optimizer, setting,
     framework, device, dtype, batch_size, num_params, step_s, gradient_s, gradient_equivalents.
-    The gradient is timed right after each step so that both see the same machine load (the
-    machine may be shared); K-FAC's samples span one inversion period. The report's step-cost
+    The gradient is sampled in turn with each step so that both see the same machine load (the
+    machine may be shared); K-FAC's samples span whole inversion periods. The report's step-cost
     figure reads this table; `mlp_problem` tables (`scaling_table`) measure the same on a fixed MLP."""
     import pandas as pd
 
@@ -360,9 +399,8 @@ def cost_table(task: str, framework, device="cpu", dtype="float32", settings: It
     for label in labels:
         optimizer, hp = setting(label)
         step, sync, period = step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
-        samples = affordable_repeats(step, sync, repeats, period)  # its calls are the warm-up
-        step_s = median_seconds(step, sync, samples, block=period, warmup=0)
-        grad_s = median_seconds(grad, grad_sync, repeats)
+        samples = affordable_repeats(step, sync, repeats, period)
+        step_s, grad_s = alternating_medians([Timed(step, sync, period), Timed(grad, grad_sync)], samples, warmup=0)
         rows.append(dict(task=spec.name, optimizer=optimizer, setting=label, framework=framework.value,
                          device=device.value, dtype=dtype.value, batch_size=len(batch[0]),
                          num_params=problem.model.num_params(), step_s=step_s, gradient_s=grad_s,

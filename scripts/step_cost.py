@@ -13,7 +13,8 @@ batch 128, float32 by default), with the settings of `timing.SETTINGS`:
     (`inverse_share` = inverse_s / period / step_s);
   - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
     over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
-Every time is the median of `--repeats` samples; a K-FAC sample spans one inversion period.
+Every time is the median of `--repeats` samples, a row's calls sampled in turn (timing.alternating_medians);
+a K-FAC sample spans whole inversion periods.
 `--rounds R` builds every step once (jax compiles once), times them all R times in turn and
 reports the median of the rounds (the machine may be shared: rounds spread a burst of load over
 several samples); `--out` is rewritten after every round, so a run stopped early keeps its rounds.
@@ -80,18 +81,18 @@ def _measurements(frameworks, settings, device, dtype, problem, params, batch, p
     return measurements
 
 
-def _time_round(m: _Measurement, repeats: int) -> dict:
-    """One round of one measurement: step, gradient, inversion and peer times, and their ratios."""
-    call, sync, period = m.step
-    step_s = timing.median_seconds(call, sync, repeats, block=period)
-    # the unit of cost is timed next to each step, so that both see the same machine load
-    grad_s = timing.median_seconds(*m.grad, repeats)
+def _time_round(m: _Measurement, repeats: int, warmup_s: float) -> dict:
+    """One round of one measurement: step, gradient, inversion and peer times, sampled in turn (so
+    that all of them see the same machine load), and their ratios."""
+    peers = list(m.peers.items())
+    timed = [timing.Timed(*m.step), timing.Timed(*m.grad), *([timing.Timed(*m.inverse)] if m.inverse else []),
+             *(timing.Timed(*peer) for _, peer in peers)]
+    step_s, grad_s, *others = timing.alternating_medians(timed, repeats, warmup_s=warmup_s)
     times = dict(step_s=step_s, gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
     if m.inverse:  # one refresh of K-FAC's inverses, and its amortised share of the step
-        inverse_s = timing.median_seconds(*m.inverse, repeats)
-        times.update(inverse_s=inverse_s, inverse_share=inverse_s / period / step_s)
-    for column, (peer_call, peer_sync, peer_period) in m.peers.items():
-        peer_s = timing.median_seconds(peer_call, peer_sync, repeats, block=peer_period)
+        inverse_s = others.pop(0)
+        times.update(inverse_s=inverse_s, inverse_share=inverse_s / m.step[2] / step_s)
+    for (column, _), peer_s in zip(peers, others):
         times.update({column: step_s / peer_s, column.replace("over_", "") + "_s": peer_s})
     return times
 
@@ -111,7 +112,8 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     history = [[] for _ in measurements]  # per measurement, the times of each round
     for done in range(1, rounds + 1):
         for times, m in zip(history, measurements):
-            times.append(_time_round(m, repeats))
+            # later rounds find the calls warm
+            times.append(_time_round(m, repeats, timing.WARMUP_S if done == 1 else 0.0))
         table = pd.DataFrame([{**m.row, **shape, **pd.DataFrame(times).median().to_dict(), **m.counts}
                               for times, m in zip(history, measurements)]).assign(rounds=done)
         if on_round:

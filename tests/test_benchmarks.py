@@ -116,12 +116,39 @@ def test_timing_synchronises_every_call_of_a_block():
     calls, syncs = [], []
     call = lambda: calls.append(len(calls)) or len(calls)
     sync = lambda out: syncs.append(out)
-    timing.median_seconds(call, sync, repeats=3, block=4, warmup=1)
+    timing.median_seconds(call, sync, repeats=3, block=4, warmup=1, warmup_s=0, min_sample_s=0)
     assert syncs == list(range(1, 3 * 4 + 4 + 1))  # warm-up and samples: every call's own output
     calls.clear()
     syncs.clear()
     assert timing.affordable_repeats(call, sync, repeats=5, block=4) == 5
     assert syncs == list(range(1, 1 + 4 + 1))
+
+
+def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
+    """On a clock that each call moves on by its own cost: every call is warmed up for warmup_s (a
+    jax step right after its compile runs slow for milliseconds), its samples are whole blocks that
+    last min_sample_s, and the calls' samples come in turn, so that a burst of load hits them all."""
+    clock, log = [0.0], []
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def costing(name, seconds):
+        def call():
+            clock[0] += seconds
+            log.append(name)
+            return len(log)
+        return call
+
+    ms = 2.0**-10  # about a millisecond, and exact in binary: the clock's sums carry no round-off
+    synced = []
+    step = timing.Timed(costing("step", ms), synced.append, block=2)  # a K-FAC-like period of 2
+    grad = timing.Timed(costing("grad", ms / 2), synced.append)
+    medians = timing.alternating_medians([step, grad], repeats=3, warmup=2, warmup_s=10 * ms, min_sample_s=4 * ms)
+    assert medians == [ms, ms / 2]
+    assert synced == list(range(1, len(log) + 1))  # every call's own output, each right after it
+    # warm-up: 10 ms of each (5 blocks of the step, 20 calls of the gradient); then samples of 4 ms
+    # in whole blocks (2 of the step's, 8 of the gradient's calls), in turn
+    expected = ["step"] * 10 + ["grad"] * 20 + (["step"] * 4 + ["grad"] * 8) * 3
+    assert log == expected
 
 
 def test_torch_ops_counts_what_a_step_adds():

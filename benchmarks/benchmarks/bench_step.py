@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from natgrad_impls import timing
 
-from .common import DEVICES, DTYPE, FRAMEWORKS, QUICK, REPEATS, SETTINGS, SIZES, SkipNotImplemented, require_device, warm_up
+from .common import DEVICES, DTYPE, FRAMEWORKS, REPEATS, SETTINGS, SIZES, SkipNotImplemented, require_device, warm_up
 
 PERIOD = timing.SETTINGS["kfac"][1]["kfac_update_period"]
 
@@ -80,10 +80,10 @@ class PeerStep:
 
 
 class OverPeer:
-    """Our step time over the peer's, both measured in one process, alternating, as medians of
-    one-period blocks (timing.median_seconds): the targets are <= 1.2 for sgd and adam over
-    torch.optim and optax, and <= 1 for kfac over kfac-jax. A ratio is steadier across machines and
-    load than either time."""
+    """Our step time over the peer's, both measured in one process, their samples (whole one-period
+    blocks) taken in turn (timing.alternating_medians): the targets are <= 1.2 for sgd and adam
+    over torch.optim and optax, and <= 1 for kfac over kfac-jax. A ratio is steadier across
+    machines and load than either time."""
 
     params = [list(timing.PEERS), DEVICES, list(SIZES)]
     param_names = ["peer", "device", "size"]
@@ -104,11 +104,8 @@ class OverPeer:
         self.ours = timing.step_call(framework, name, problem, params, batch, device, DTYPE, **hyperparameters)
 
     def track_over_peer(self, *params):
-        ours, peer = [], []
-        for _ in range(3 if not QUICK else 1):  # alternate, so that a burst of load hits both
-            ours.append(timing.median_seconds(*self.ours[:2], REPEATS, block=self.ours[2]))
-            peer.append(timing.median_seconds(*self.peer[:2], REPEATS, block=self.peer[2]))
-        return sorted(ours)[len(ours) // 2] / sorted(peer)[len(peer) // 2]
+        ours, peer = timing.alternating_medians([timing.Timed(*self.ours), timing.Timed(*self.peer)], REPEATS)
+        return ours / peer
 
 
 class Cost:
