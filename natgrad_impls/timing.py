@@ -176,12 +176,6 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
     return [statistics.median(times) for times in samples]
 
 
-def median_seconds(call: Callable[[], object], sync: Callable[[object], None], repeats: int, block: int = 1,
-                   warmup: int = 2, warmup_s: float = WARMUP_S, min_sample_s: float = MIN_SAMPLE_S) -> float:
-    """`alternating_medians` of one call: the median over `repeats` samples of one call's mean time."""
-    return alternating_medians([Timed(call, sync, block)], repeats, warmup, warmup_s, min_sample_s)[0]
-
-
 def _warm_up(t: Timed, warmup: int, warmup_s: float, min_sample_s: float) -> int:
     """Run `warmup` blocks of `t`, then more until `warmup_s` has passed; return the calls a sample
     takes: as many whole blocks as last `min_sample_s`, by the last block's time."""

@@ -116,7 +116,7 @@ def test_timing_synchronises_every_call_of_a_block():
     calls, syncs = [], []
     call = lambda: calls.append(len(calls)) or len(calls)
     sync = lambda out: syncs.append(out)
-    timing.median_seconds(call, sync, repeats=3, block=4, warmup=1, warmup_s=0, min_sample_s=0)
+    timing.alternating_medians([timing.Timed(call, sync, block=4)], repeats=3, warmup=1, warmup_s=0, min_sample_s=0)
     assert syncs == list(range(1, 3 * 4 + 4 + 1))  # warm-up and samples: every call's own output
     calls.clear()
     syncs.clear()
