@@ -4,6 +4,7 @@ dense formulas, hyperparameter validation; each in torch and jax."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -178,6 +179,44 @@ def test_kfac_first_step_and_update_period(impl):
     np.testing.assert_array_equal(inv(s1), inv(s3))  # steps 1 and 2 reuse step 0's inverse
     assert np.abs(inv(s4) - inv(s3)).max() > 0  # step 3 refreshes it
     assert np.abs(fac(s3) - fac(s1)).max() > 0  # the moving averages move every step
+
+
+def test_jax_kfac_step_is_two_programs_picked_on_the_host(monkeypatch):
+    """jax's K-FAC step branches on its host counter, not in the program: a `lax.cond` on a GPU
+    copies its predicate to the host and waits for the stream, every step. Its two programs (with
+    and without the inverse refresh) compile in the first two steps, the runner's warm-up, and
+    nothing compiles after them, also from a state whose counter is an int32 array on the device."""
+    import natgrad_impls.jax as nj
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device-side branch in the K-FAC step")
+
+    for name in ("cond", "switch", "while_loop"):
+        monkeypatch.setattr(jax.lax, name, refuse)
+    compiles = []
+
+    def listen(event, seconds, **metadata):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    x, y = make_data(PROBLEM, 16, seed=0)
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    params = {k: jnp.asarray(v) for k, v in models.init_params(PROBLEM.model, 1).items()}
+    opt = nj.kfac(PROBLEM, lr=0.5, damping=1e-2, kfac_update_period=3)
+    state = jax.device_put(opt.init(params)._replace(step=jnp.int32(0)))
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        per_step = []
+        for _ in range(7):
+            before = len(compiles)
+            params, state, info = opt.step(params, state, batch)
+            jax.block_until_ready(params)
+            per_step.append(len(compiles) - before)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert per_step == [1, 1, 0, 0, 0, 0, 0]
+    assert state.step == 7 and isinstance(state.step, int)
+    assert np.isfinite(float(info["loss"]))
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,20 @@
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the
 loss at the parameters the step started from and the gradient norm. `step` is one jitted function
 with the problem and the hyperparameters closed over (static); states are NamedTuples of arrays,
-the step counter included, so branching on it (K-FAC's inverse refresh) happens inside jit.
+the step counter included. K-FAC's counter alone is a host int, as in torch: its step is two
+compiled programs, with and without the inverse refresh, picked on the host. (A `lax.cond` on a
+device counter costs a host sync every step on a GPU: XLA's ConditionalThunk copies the predicate
+to the host and blocks until the stream is done, so no later step can be queued behind it.)
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls.interface import FunctionalOptimizer
@@ -43,7 +46,7 @@ class NaturalGradientState(NamedTuple):
 
 
 class KFACState(NamedTuple):
-    step: jax.Array
+    step: int  # on the host: it picks the program (module docstring); traced as an argument inside
     A: dict  # moving averages of the factors, {layer: in' x in'} and {layer: out x out}
     G: dict
     A_inv: dict  # damped inverses, refreshed every kfac_update_period steps
@@ -179,10 +182,10 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         square = lambda size, like: jnp.zeros((size, size), like.dtype)
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(_counter(), A, G, A, G)
+        return KFACState(0, A, G, A, G)
 
-    @jax.jit
-    def step(params, state, batch):
+    @functools.partial(jax.jit, static_argnames="refresh")
+    def compiled_step(params, state, batch, refresh: bool):
         key = _key(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
@@ -192,15 +195,19 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         factors = C.KroneckerCurvature(problem.model, mix(state.A, batch_factors.A), mix(state.G, batch_factors.G),
                                        batch_factors.shift)
 
-        def refresh():
+        if refresh:
             inverse = factors.inverse(h.damping)
-            return inverse.A, inverse.G
-
-        A_inv, G_inv = lax.cond(state.step % h.kfac_update_period == 0, refresh, lambda: (state.A_inv, state.G_inv))
-        inverse = C.KroneckerCurvature(problem.model, A_inv, G_inv)
+        else:
+            inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        state = KFACState(state.step + 1, factors.A, factors.G, A_inv, G_inv)
-        return new, state, {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        return new, (factors.A, factors.G, inverse.A, inverse.G), info
+
+    def step(params, state, batch):
+        count = int(state.step)  # a Python int again if a caller moved the state to a device
+        refresh = count % h.kfac_update_period == 0
+        new, arrays, info = compiled_step(params, state._replace(step=count), batch, refresh=refresh)
+        return new, KFACState(count + 1, *arrays), info
 
     return FunctionalOptimizer(init, step, h)
