@@ -333,6 +333,18 @@ def test_best_hyperparameters_of_tuned_runs_and_target_rule(tmp_path):
         assert written[column].dropna().str.fullmatch(r"\d+").all(), written[column].tolist()
 
 
+def test_tuning_on_several_seeds_picks_the_lowest_median_not_the_luckiest_seed():
+    """The tune rule's choice (networks.tuning_seeds): lr 1 wins on seed 0 alone, lr 0.1 on the
+    median of three seeds."""
+    steady = runs(optimizers=("sgd",), seeds=(0, 1, 2), lr=0.1)
+    lucky = runs(optimizers=("sgd",), seeds=(0, 1, 2), lr=1.0)
+    lucky["train_loss"] *= lucky.seed.map({0: 0.5, 1: 2.0, 2: 2.0})
+    table = tables.best_hyperparameters(pd.concat([steady, lucky]))
+    assert (table.lr == 0.1).all() and (table.seeds == 3).all()
+    one_seed = tables.best_hyperparameters(pd.concat([steady, lucky]).query("seed == 0"))
+    assert (one_seed.lr == 1.0).all()
+
+
 def test_best_hyperparameters_of_a_grid_frame():
     frame = runs(optimizers=("ef", "ngd"), seeds=(0,), combos=[("numpy", "cpu")]).drop(
         columns=["train_loss", "test_loss", "test_accuracy", "cos_ef_ngd"])

@@ -76,25 +76,29 @@ def test_dry_run_builds_the_dag(repo_copy, overlay):
     assert not result_files(repo_copy)
 
 
-BAD_CONFIGS = {
-    "unknown task": ("convex:\n  tasks: [wine, iris]\n", r"'iris' is not one of", "convex"),
-    "negative lr": ("networks:\n  lrs: {sgd: [0.1, -0.01]}\n", r"-0.01 is less than or equal to the minimum of 0",
-                    "lrs"),
-    "misspelled key": ("netwroks:\n  tasks: [digits-mlp]\n", r"'netwroks' was unexpected", "netwroks"),
-    "unknown optimizer": ("optimizers: [sgd, lbfgs]\n", r"'lbfgs' is not one of", "optimizers"),
+SCHEMA = "Error validating config file"
+BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it must name
+    "unknown task": ("convex:\n  tasks: [wine, iris]\n", [SCHEMA, r"'iris' is not one of"], "convex"),
+    "negative lr": ("networks:\n  lrs: {sgd: [0.1, -0.01]}\n",
+                    [SCHEMA, r"-0.01 is less than or equal to the minimum of 0"], "lrs"),
+    "misspelled key": ("netwroks:\n  tasks: [digits-mlp]\n", [SCHEMA, r"'netwroks' was unexpected"], "netwroks"),
+    "unknown optimizer": ("optimizers: [sgd, lbfgs]\n", [SCHEMA, r"'lbfgs' is not one of"], "optimizers"),
+    # two fields, beyond a schema: common.smk's check
+    "a tuning seed rerun": ("networks:\n  tuning_seeds: [0, 2]\n",
+                            [r"networks.seeds repeats networks.tuning_seeds \[2\]"], "tuning_seeds"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_CONFIGS)
 def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
-    text, message, field = BAD_CONFIGS[name]
+    text, messages, field = BAD_CONFIGS[name]
     overlay = tmp_path / "bad.yaml"
     overlay.write_text(text)
     done = snakemake(repo_copy, "--cores", "1", "--configfile", str(overlay))  # a real run, not a dry one
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "Error validating config file" in output
-    assert re.search(message, output), output[-2000:]
+    for message in messages:
+        assert re.search(message, output), output[-2000:]
     assert field in output
     assert not result_files(repo_copy), "a job ran before the config was checked"
 

@@ -77,6 +77,19 @@ def tuning_runs(optimizer):
     return [{**fixed, "lr": lr, "damping": damping} for lr in lrs for damping in n["dampings"]]
 
 
+def check_rerun_seeds_are_fresh():
+    """A setting picked on a seed and scored on it again is scored in its own favour: the reruns
+    (networks.seeds) must not repeat a tuning seed. (A JSON schema cannot relate two fields.)"""
+    n = config["networks"]
+    shared = sorted(set(n["tuning_seeds"]) & set(n["seeds"]))
+    if shared:
+        raise ValueError(f"config networks.seeds repeats networks.tuning_seeds {shared}: rerun the best setting on "
+                         "seeds it was not tuned on")
+
+
+check_rerun_seeds_are_fresh()
+
+
 def network_optimizers():
     return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
 

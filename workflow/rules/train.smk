@@ -1,5 +1,5 @@
-# Networks, the DeepOBS protocol: the whole tuning grid on one seed and its best setting by final
-# full-train loss (`tune`), then that setting rerun on `seeds` (`train`). One job runs all the
+# Networks, the DeepOBS protocol: the whole tuning grid on `tuning_seeds` and its best setting by
+# median final full-train loss over them (`tune`), then that setting rerun on `seeds` (`train`). One job runs all the
 # settings (all the seeds) of one task, optimizer, framework and device in one process: a job's
 # fixed cost (interpreter, torch or jax, the data, compilation: about 5 s) is several times that
 # of a 400-step run.
@@ -17,7 +17,7 @@ rule tune:
         f"{LOGS}/tune/{{task}}/{{optimizer}}/{{framework}}-{{device}}.log",
     params:
         runs=lambda w: tuning_runs(w.optimizer),
-        seeds=[config["networks"]["tuning_seed"]],
+        seeds=config["networks"]["tuning_seeds"],
         protocol=config["networks"],
         cos_ef_ngd=False,
     threads: 1

@@ -1,7 +1,7 @@
 """Rules tune and train: the runs of one task, optimizer, framework and device, in one process,
-written together as one long-format table. tune: every setting of params.runs on the tuning seed,
-and the best one (lowest final full-train loss, diverged runs last; figures.tables) as the JSON
-that train and `natgrad run --hyperparameters` read. train: that setting on every seed."""
+written together as one long-format table. tune: every setting of params.runs on the tuning
+seeds, and the best one (lowest median final full-train loss, diverged runs last; figures.tables)
+as the JSON that train and `natgrad run --hyperparameters` read. train: that setting on every seed."""
 
 import contextlib
 import json
