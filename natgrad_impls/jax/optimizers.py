@@ -7,10 +7,10 @@
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the
 loss at the parameters the step started from and the gradient norm. `step` is one jitted function
 with the problem and the hyperparameters closed over (static); states are NamedTuples of arrays,
-the step counter included. K-FAC's counter alone is a host int, as in torch: its step is two
-compiled programs, with and without the inverse refresh, picked on the host. (A `lax.cond` on a
-device counter costs a host sync every step on a GPU: XLA's ConditionalThunk copies the predicate
-to the host and blocks until the stream is done, so no later step can be queued behind it.)
+the step counter included. K-FAC's step is two compiled programs, with and without the inverse
+refresh, picked on the host from a host copy of its counter: a `lax.cond` on the device counter
+costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to the host and
+blocks until the stream is done, so no later step can be queued behind it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
@@ -46,11 +46,12 @@ class NaturalGradientState(NamedTuple):
 
 
 class KFACState(NamedTuple):
-    step: int  # on the host: it picks the program (module docstring); traced as an argument inside
+    step: int  # on the host (as in torch): it picks the program (module docstring)
     A: dict  # moving averages of the factors, {layer: in' x in'} and {layer: out x out}
     G: dict
     A_inv: dict  # damped inverses, refreshed every kfac_update_period steps
     G_inv: dict
+    device_step: jax.Array  # the same count, for the program: a host int would be copied in every call
 
 
 def _counter() -> jax.Array:
@@ -182,14 +183,14 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         square = lambda size, like: jnp.zeros((size, size), like.dtype)
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(0, A, G, A, G)
+        return KFACState(0, A, G, A, G, _counter())
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
-        key = _key(h.seed, state.step) if curvature == Curvature.MC else None
+        key = _key(h.seed, state.device_step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
-        first = state.step == 0
+        first = state.device_step == 0
         ema = lambda old, new: h.kfac_ema * old + (1 - h.kfac_ema) * new
         mix = lambda old, new: {k: jnp.where(first, new[k], ema(old[k], new[k])) for k in old}
         factors = C.KroneckerCurvature(problem.model, mix(state.A, batch_factors.A), mix(state.G, batch_factors.G),
@@ -202,12 +203,12 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
         new = {k: p - h.lr * direction[k] for k, p in params.items()}
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
-        return new, (factors.A, factors.G, inverse.A, inverse.G), info
+        return new, KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1), info
 
     def step(params, state, batch):
-        count = int(state.step)  # a Python int again if a caller moved the state to a device
+        count = int(state.step)  # (a Python int again where a caller moved the state to a device)
         refresh = count % h.kfac_update_period == 0
-        new, arrays, info = compiled_step(params, state._replace(step=count), batch, refresh=refresh)
-        return new, KFACState(count + 1, *arrays), info
+        new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
+        return new, state._replace(step=count + 1), info
 
     return FunctionalOptimizer(init, step, h)
