@@ -209,9 +209,6 @@ class _NumpyIO:
         x, y = data[0][order], data[1][order]
         return [(x[i:i + size], y[i:i + size]) for i in range(0, len(order), size)]
 
-    def state(self, state):
-        return state
-
     def sync(self, tree):
         pass
 
@@ -271,9 +268,6 @@ class _TorchIO:
         index = self.torch.as_tensor(order, device=self.device)
         x, y = data[0].index_select(0, index), data[1].index_select(0, index)
         return list(zip(x.split(size), y.split(size)))  # views
-
-    def state(self, state):
-        return state
 
     def sync(self, tree):
         if self.cuda:
@@ -360,11 +354,6 @@ class _JaxIO:
         """Compile the evaluations during setup, not in the loop's first one."""
         for x, y in splits:
             self.evaluate(params, x, y, classes)
-
-    def state(self, state):
-        """Committed to the device like the parameters, so that the jitted step sees the same
-        argument types before and after its first call (no second compilation)."""
-        return self.jax.device_put(state, self.device)
 
     def sync(self, tree):
         self.jax.block_until_ready(tree)
@@ -533,7 +522,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
 
     params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
     opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
-    state = io.state(opt.init(params))
+    state = opt.init(params)
     errors = _linalg_errors()
     if spec.framework != Framework.NUMPY:  # warm-up: compilation and first-call costs, discarded
         try:

@@ -256,7 +256,7 @@ def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", 
 
         from natgrad_impls.jax import curvature as C, optimizers
 
-        key = optimizers._key(0, optimizers._counter())
+        key = optimizers._key(0, optimizers._counter(p))
         factors = C.kronecker(C.gradient_and_curvature(problem, p, data, Curvature.MC, 1, key)[2])
 
         def invert(A, G):  # both inverses are returned, or XLA would drop the unused one

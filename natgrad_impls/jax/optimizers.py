@@ -54,8 +54,11 @@ class KFACState(NamedTuple):
     device_step: jax.Array  # the same count, for the program: a host int would be copied in every call
 
 
-def _counter() -> jax.Array:
-    return jnp.zeros((), jnp.int32)
+def _counter(params: dict) -> jax.Array:
+    """Step 0, placed like the parameters (committed to their device where they are, as every
+    later state is), so that the jitted step sees the same argument types from its first call on:
+    one compilation, not a second one at step 1."""
+    return jnp.zeros_like(next(iter(params.values())), shape=(), dtype=jnp.int32)
 
 
 def _loss_and_grad(problem: Problem, params: dict, batch):
@@ -76,7 +79,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
     h = hp.SGD(lr, momentum)
 
     def init(params):
-        return SGDState(_counter(), {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None)
+        return SGDState(_counter(params), {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None)
 
     @jax.jit
     def step(params, state, batch):
@@ -102,7 +105,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
     def init(params):
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
-        return AdamState(_counter(), zeros(), zeros())
+        return AdamState(_counter(params), zeros(), zeros())
 
     @jax.jit
     def step(params, state, batch):
@@ -124,7 +127,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
     def init(params):
-        return NaturalGradientState(_counter())
+        return NaturalGradientState(_counter(params))
 
     @jax.jit
     def step(params, state, batch):
@@ -180,10 +183,10 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         # Zeros of the factors' shapes, so that the state is a fixed pytree from the start; step 0
         # overwrites them with the first batch's factors and refreshes the inverses.
         layers = C.to_layers(problem.model, params)
-        square = lambda size, like: jnp.zeros((size, size), like.dtype)
+        square = lambda size, like: jnp.zeros_like(like, shape=(size, size))  # placed like the parameters
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(0, A, G, A, G, _counter())
+        return KFACState(0, A, G, A, G, _counter(params))
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
