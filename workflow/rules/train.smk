@@ -1,8 +1,8 @@
 # Networks, the DeepOBS protocol: the whole tuning grid on `tuning_seeds` and its best setting by
-# median final full-train loss over them (`tune`), then that setting rerun on `seeds` (`train`). One job runs all the
-# settings (all the seeds) of one task, optimizer, framework and device in one process: a job's
-# fixed cost (interpreter, torch or jax, the data, compilation: about 5 s) is several times that
-# of a 400-step run.
+# median final full-train loss over them (`tune`), then that setting rerun on `seeds` (`train`).
+# One job runs all the settings (all the seeds) of one task, optimizer, framework and device in
+# one process: a job's fixed cost (interpreter, torch or jax, the data, compilation: about 5 s) is
+# several times that of a 400-step run.
 
 
 rule tune:
