@@ -240,10 +240,10 @@ class _JaxBackend(_Backend):
         import jax.numpy as jnp
 
         import natgrad_impls.jax  # noqa: F401  (enables float64)
-        from natgrad_impls.jax import curvature, optimizers
+        from natgrad_impls.jax import curvature, model, optimizers
 
         self.jax, self.xp = jax, jnp
-        self._key = optimizers._key
+        self._key, self._flat_draw = optimizers._key, model.flat_draw
         self._inverse = jax.jit(jax.vmap(curvature._damped_inverse, in_axes=(None, 0)))
         self._solve = jax.jit(self._damped_solve)
         self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
@@ -286,9 +286,10 @@ class _JaxBackend(_Backend):
         return self.xp.linalg.solve(A, b[..., None])[..., 0]
 
     def draws(self, kind, seed, step, samples, n):
+        """jax.random.uniform/normal of shape (samples, N, 1) from the jax optimizers' key for (seed, step)."""
         key = self._key(seed, self.xp.asarray(step, self.xp.int32))
         draw = self.jax.random.uniform if kind == "uniform" else self.jax.random.normal
-        return draw(key, (samples, n, 1), self.dtype)[..., 0]
+        return self._flat_draw(draw, key, (samples, n, 1), self.dtype)[..., 0]
 
 
 _BACKENDS = {Framework.NUMPY: _NumpyBackend, Framework.TORCH: _TorchBackend, Framework.JAX: _JaxBackend}

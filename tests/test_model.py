@@ -89,3 +89,28 @@ def test_problem_rejects_clipping_outside_bernoulli():
         models.Problem(models.linear(2), "gaussian", logit_clip=1.0)
     with pytest.raises(ValueError, match="likelihood: 'poisson' is not one of gaussian, bernoulli, categorical"):
         models.Problem(models.linear(2), "poisson")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli", "categorical"])
+def test_jax_label_sampler_draws_what_jax_random_draws_at_the_full_shape(likelihood, dtype):
+    """sample_labels draws flat and reshapes (a faster compile); the labels must be exactly those of
+    jax.random at the samples x N x k shape, so that MC runs keep their numbers."""
+    import jax
+    import jax.numpy as jnp
+
+    import natgrad_impls.jax  # noqa: F401  (float64)
+    from natgrad_impls.jax import model as JM
+
+    problem = models.Problem(models.linear(4, 3), likelihood)
+    mean = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).normal(size=(7, 3)), dtype), axis=-1)
+    key = jax.random.fold_in(jax.random.key(5), 2)
+    shape = (4, 7, 3)
+    expected = {
+        "gaussian": lambda: mean + jax.random.normal(key, shape, mean.dtype),
+        "bernoulli": lambda: (jax.random.uniform(key, shape, mean.dtype) < mean).astype(mean.dtype),
+        "categorical": lambda: jax.random.categorical(key, jnp.log(mean), axis=-1, shape=shape[:-1]),
+    }[likelihood]()
+    labels = JM.sample_labels(problem, mean, 4, key)
+    assert labels.shape == expected.shape and labels.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(labels), np.asarray(expected))
