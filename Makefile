@@ -27,4 +27,4 @@ reproduce: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores all
 
 clean:
-	rm -rf $(VENV) .snakemake .pytest_cache
+	rm -rf $(VENV) .snakemake .pytest_cache .cache

@@ -23,6 +23,9 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
 
 
+share_jax_compilations()  # in the environment that every job inherits
+
+
 onstart:
     remove_stale_temporaries()
 

@@ -26,6 +26,23 @@ def remove_stale_temporaries():
         os.remove(path)
 
 
+def share_jax_compilations(directory=".cache/jax"):
+    """One persistent jax compilation cache for every job (a setting of the environment wins). A jax
+    run compiles its step, batching and evaluation programs, most of its time in a tuning or
+    training job on the CPU (mnist1d-mlp kfac: 5 s of compiling for 0.5 s of 400 steps); a program
+    another job or run already compiled, such as the best setting's in train after tune or the
+    same step on the next seed, is read back instead. A size limit turns on jax's file lock, so
+    that parallel jobs never read an entry while it is being written."""
+    defaults = {
+        "JAX_COMPILATION_CACHE_DIR": os.path.abspath(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 * 2**30),
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
 @functools.cache
 def devices():
     """cpu, plus cuda where torch sees a GPU (config `devices: auto`), or the configured list."""
