@@ -10,7 +10,7 @@ import os
 # by running them: LLVM at optimisation level 0 compiles a K-FAC step in half the time. Results move
 # by rounding only (a 20-step float64 digits-mlp run of every optimizer: relative 2e-15 or less);
 # the pipeline, the benchmarks and users keep the default level. Set before jax starts a backend;
-# the tests' subprocesses inherit it (one-thread pipeline jobs set XLA_FLAGS of their own).
+# the tests' subprocesses, pipeline jobs included, inherit it.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import numpy as np  # noqa: E402
