@@ -181,13 +181,16 @@ def test_kfac_first_step_and_update_period(impl):
     assert np.abs(fac(s3) - fac(s1)).max() > 0  # the moving averages move every step
 
 
-@pytest.mark.parametrize("optimizer, hp, programs", [
+JAX_STEP_CASES = [
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 1),
     ("adam", {"lr": 0.01}, 1),
     ("ef", {"lr": 0.1, "damping": 1e-2}, 1),
     ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc"}, 1),
     ("kfac", {"lr": 0.5, "damping": 1e-2, "kfac_update_period": 3}, 2),
-])
+]
+
+
+@pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
 def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monkeypatch, optimizer, hp, programs):
     """From parameters committed to a device (as the runner and the timing code put them), a jax
     step compiles in its first call and never again: `init` places its state like the parameters,
@@ -226,6 +229,40 @@ def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monke
     assert per_step == [1] * programs + [0] * (7 - programs)
     assert int(state.step) == 7 and (optimizer != "kfac" or isinstance(state.step, int))
     assert np.isfinite(float(info["loss"]))
+
+
+@pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
+def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimizer, hp, programs):
+    """lr and damping are data of a jax step, not constants compiled into it: a step compiled for
+    one setting, given the state of another, compiles nothing and computes what that setting's own
+    step computes, bit for bit. One program then serves a whole tuning grid, which the pipeline's
+    persistent compilation cache turns into one compile per tune job."""
+    import natgrad_impls.jax as nj
+
+    compiles = []
+    listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    x, y = make_data(PROBLEM, 16, seed=0)
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    params = {k: jnp.asarray(v) for k, v in models.init_params(PROBLEM.model, 1).items()}
+    other = {**hp, "lr": hp["lr"] / 3, **({"damping": hp["damping"] * 10} if "damping" in hp else {})}
+    compiled, theirs = getattr(nj, optimizer)(PROBLEM, **hp), getattr(nj, optimizer)(PROBLEM, **other)
+    warm = compiled.init(params)
+    for _ in range(programs):
+        _, warm, _ = compiled.step(params, warm, batch)
+    state = theirs.init(params)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        borrowed = compiled.step(params, state, batch)
+        jax.block_until_ready(borrowed)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    own = theirs.step(params, state, batch)
+    for ours, reference in zip(jax.tree.leaves(borrowed[0]), jax.tree.leaves(own[0])):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+    moved = compiled.step(params, compiled.init(params), batch)[0]  # and the setting does matter
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+               for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(own[0])))
 
 
 @pytest.mark.parametrize(

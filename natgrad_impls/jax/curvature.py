@@ -133,9 +133,13 @@ class FactorCurvature:
         d = next(iter(self.deltas.values()))
         return d.shape[0] * d.shape[1]
 
-    def _solves_densely(self, lam: float) -> bool:
-        """Woodbury needs lam > 0, and pays only while the columns are fewer than the parameters."""
-        return lam == 0 or self.model.num_params() <= self.num_columns
+    def _solves_densely(self, lam) -> bool:
+        """Woodbury needs lam > 0, and pays only while the columns are fewer than the parameters.
+        A traced lam is positive: the optimizers pass zero damping as a Python 0.0 (`damped`)."""
+        return (not isinstance(lam, jax.Array) and lam == 0) or self.model.num_params() <= self.num_columns
+
+    def _lam(self, damping):
+        return damped(damping, self.shift, next(iter(self.deltas.values())).dtype)
 
     def gram(self, rows: dict | None = None) -> jax.Array:
         """W^T U, W's columns built from the deltas `rows` (e x N x out) like U's from `deltas`; by
@@ -196,7 +200,7 @@ class FactorCurvature:
     def multiply_inverse_layers(self, layers: dict, damping: float) -> dict:
         """(C + damping I)^-1 v for v as layer matrices: Woodbury on the M columns, or a dense solve
         when D <= M. The choice is made on Python floats and shapes, so it is static under jit."""
-        lam = damping + self.shift
+        lam = self._lam(damping)
         if self._solves_densely(lam):
             return to_layers(self.model, self._dense_solve(from_layers(self.model, layers), lam))
         return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
@@ -208,7 +212,7 @@ class FactorCurvature:
         (1 + r) N x M, instead of a product of every layer's inputs with g: cheaper where
         r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
         choice unless `by_gram` says otherwise."""
-        lam = damping + self.shift
+        lam = self._lam(damping)
         if by_gram is None:
             by_gram = self._mean_by_gram_is_cheaper()
         if not by_gram or self._solves_densely(lam):
@@ -239,7 +243,7 @@ class FactorCurvature:
         (lam I + s^2 U U^T)^-1 U = U (lam I + s^2 U^T U)^-1 this is one solve with the Woodbury kernel
         and one product with U: no U^T v, and no (v - U c) / lam, which cancels when lam is small.
         `gram`: U^T U, where the caller has it."""
-        lam = damping + self.shift
+        lam = self._lam(damping)
         if self._solves_densely(lam):
             return self.multiply_inverse_layers(self.factor_multiply(c), damping)
         gram = self.gram() if gram is None else gram
@@ -251,7 +255,7 @@ class FactorCurvature:
         ||g||^2 = 1^T U^T U 1 / N^2, so g itself, out x in' products per layer (on the cost MLP
         almost half a gradient's arithmetic), is never formed (XLA drops an unused gradient)."""
         a = next(iter(self.inputs.values()))
-        n, lam = a.shape[0], damping + self.shift
+        n, lam = a.shape[0], self._lam(damping)
         c = jnp.full((1, n), 1 / n, a.dtype)
         if self._solves_densely(lam):  # (D <= M: g is cheaper than the M x M Gram matrix)
             g = self.factor_multiply(c)
@@ -300,7 +304,7 @@ class KroneckerCurvature:
         of A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A) / (tr G/dim G)),
         so that each factor is damped in proportion to its own scale (DESIGN 4 has the two swapped).
         Returned as a KroneckerCurvature whose multiply applies them."""
-        root = math.sqrt(damping + self.shift)
+        root = damped(damping, self.shift, next(iter(self.A.values())).dtype, root=True)
         A_inv, G_inv = {}, {}
         for k in self.A:
             pi = jnp.sqrt(jnp.diagonal(self.A[k]).mean() / jnp.diagonal(self.G[k]).mean())
@@ -313,6 +317,17 @@ class KroneckerCurvature:
 
     def to_dense(self) -> jax.Array:
         return _dense_by_columns(self.model, self.multiply, next(iter(self.A.values())))
+
+
+def damped(damping, shift: float, dtype, root: bool = False):
+    """lam = damping + shift, the damping a solve adds, or sqrt(lam) (`root`). A traced damping (a
+    float64 scalar of the optimizers' state) is summed (and rooted) in float64 and then rounded to
+    `dtype` once, as a Python float is where it meets an array: the same numbers as with the value
+    compiled in, and no float64 promotion of a float32 computation."""
+    lam = damping + shift
+    if isinstance(lam, jax.Array):
+        return (jnp.sqrt(lam) if root else lam).astype(dtype)
+    return math.sqrt(lam) if root else lam
 
 
 def _damped_inverse(matrix: jax.Array, shift) -> jax.Array:

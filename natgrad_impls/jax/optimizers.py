@@ -6,8 +6,11 @@
 
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the
 loss at the parameters the step started from and the gradient norm. `step` is one jitted function
-with the problem and the hyperparameters closed over (static); states are NamedTuples of arrays,
-the step counter included. K-FAC's step is two compiled programs, with and without the inverse
+with the problem and the hyperparameters closed over (static), except those a tuning grid varies,
+lr and damping: they are float64 scalars in the state (as optax.inject_hyperparams keeps them), so
+that one compiled program serves every value and the pipeline's persistent compilation cache
+compiles a tuning job's step once, not once per setting. States are NamedTuples of arrays, the step
+counter included. K-FAC's step is two compiled programs, with and without the inverse
 refresh, picked on the host from a host copy of its counter: a `lax.cond` on the device counter
 costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to the host and
 blocks until the stream is done, so no later step can be queued behind it).
@@ -33,16 +36,19 @@ from natgrad_impls.names import Curvature, Fisher
 class SGDState(NamedTuple):
     step: jax.Array
     momentum: dict | None
+    hyperparameters: dict  # {"lr": float64 scalar} (module docstring)
 
 
 class AdamState(NamedTuple):
     step: jax.Array
     m: dict
     v: dict
+    hyperparameters: dict
 
 
 class NaturalGradientState(NamedTuple):
     step: jax.Array
+    hyperparameters: dict  # {"lr", "damping"}
 
 
 class KFACState(NamedTuple):
@@ -52,6 +58,7 @@ class KFACState(NamedTuple):
     A_inv: dict  # damped inverses, refreshed every kfac_update_period steps
     G_inv: dict
     device_step: jax.Array  # the same count, for the program: a host int would be copied in every call
+    hyperparameters: dict
 
 
 def _counter(params: dict) -> jax.Array:
@@ -59,6 +66,24 @@ def _counter(params: dict) -> jax.Array:
     later state is), so that the jitted step sees the same argument types from its first call on:
     one compilation, not a second one at step 1."""
     return jnp.zeros_like(next(iter(params.values())), shape=(), dtype=jnp.int32)
+
+
+def _traced(h, params: dict, *names: str) -> dict:
+    """The hyperparameters `names` of `h` as float64 scalars placed like the parameters, for the
+    state (module docstring). Where one meets the parameters it is rounded to their dtype, as a
+    Python float is, so the numbers are those of a step with the values compiled in."""
+    like = next(iter(params.values()))
+    return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=jnp.float64) for name in names}
+
+
+def _damping(h, state):
+    """The traced damping, or a Python 0.0: zero damping selects the dense solve at trace time
+    (curvature.FactorCurvature), so it stays a constant of its own program."""
+    return state.hyperparameters["damping"] if h.damping else 0.0
+
+
+def _descend(params: dict, lr: jax.Array, direction: dict) -> dict:
+    return {k: p - lr.astype(p.dtype) * direction[k] for k, p in params.items()}
 
 
 def _loss_and_grad(problem: Problem, params: dict, batch):
@@ -79,7 +104,8 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
     h = hp.SGD(lr, momentum)
 
     def init(params):
-        return SGDState(_counter(params), {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None)
+        momentum = {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None
+        return SGDState(_counter(params), momentum, _traced(h, params, "lr"))
 
     @jax.jit
     def step(params, state, batch):
@@ -88,8 +114,9 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         if h.momentum:
             buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
             direction = buffers
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        new = _descend(params, state.hyperparameters["lr"], direction)
+        info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        return new, SGDState(state.step + 1, buffers, state.hyperparameters), info
 
     return FunctionalOptimizer(init, step, h)
 
@@ -105,7 +132,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
     def init(params):
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
-        return AdamState(_counter(params), zeros(), zeros())
+        return AdamState(_counter(params), zeros(), zeros(), _traced(h, params, "lr"))
 
     @jax.jit
     def step(params, state, batch):
@@ -116,27 +143,28 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         # The corrections in float64 (as torch's Python floats), then rounded to the params' dtype.
         tf = t.astype(jnp.float64)
         c1, c2 = 1 - h.b1**tf, 1 - h.b2**tf
+        lr = state.hyperparameters["lr"]
         new = {
-            k: p - h.lr * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
+            k: p - lr.astype(p.dtype) * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
             for k, p in params.items()
         }
-        return new, AdamState(t, m, v), {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
+        return new, AdamState(t, m, v, state.hyperparameters), info
 
     return FunctionalOptimizer(init, step, h)
 
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
     def init(params):
-        return NaturalGradientState(_counter(params))
+        return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping"))
 
     @jax.jit
     def step(params, state, batch):
         key = _key(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
-        layers, grad_norm = C.precondition(problem, curvature, grad, factor, h.damping)
-        direction = C.from_layers(problem.model, layers)
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
-        return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": grad_norm}
+        layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, state))
+        new = _descend(params, state.hyperparameters["lr"], C.from_layers(problem.model, layers))
+        return new, state._replace(step=state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
     return FunctionalOptimizer(init, step, h)
 
@@ -186,7 +214,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         square = lambda size, like: jnp.zeros_like(like, shape=(size, size))  # placed like the parameters
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(0, A, G, A, G, _counter(params))
+        return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping"))
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
@@ -200,13 +228,14 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
                                        batch_factors.shift)
 
         if refresh:
-            inverse = factors.inverse(h.damping)
+            inverse = factors.inverse(state.hyperparameters["damping"])
         else:
             inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
-        new = {k: p - h.lr * direction[k] for k, p in params.items()}
+        new = _descend(params, state.hyperparameters["lr"], direction)
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
-        return new, KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1), info
+        state = KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1, state.hyperparameters)
+        return new, state, info
 
     def step(params, state, batch):
         count = int(state.step)  # (a Python int again where a caller moved the state to a device)
