@@ -183,7 +183,7 @@ class _TorchBackend(_Backend):
         from natgrad_impls.torch import optimizers
 
         self.xp = torch
-        self._generator = optimizers._generator
+        self._mc_sampler = optimizers.mc_sampler
         self.device = torch.device(device.value)
         self.dtype = getattr(torch, dtype.value)
         self.cuda = device == Device.CUDA
@@ -226,7 +226,7 @@ class _TorchBackend(_Backend):
 
     def draws(self, kind, seed, step, samples, n):
         """torch.rand/randn of shape (samples, N, 1) from torch's kfac/ngd generator for (seed, step)."""
-        generator = self._generator(seed, step, self.device)
+        generator = self._mc_sampler(seed, step, self.device)
         draw = self.xp.rand if kind == "uniform" else self.xp.randn
         return draw((samples, n, 1), generator=generator, dtype=self.dtype, device=self.device)[..., 0]
 
@@ -243,7 +243,7 @@ class _JaxBackend(_Backend):
         from natgrad_impls.jax import curvature, model, optimizers
 
         self.jax, self.xp = jax, jnp
-        self._key, self._flat_draw = optimizers._key, model.flat_draw
+        self._mc_sampler, self._flat_draw = optimizers.mc_sampler, model.flat_draw
         self._inverse = jax.jit(jax.vmap(curvature._damped_inverse, in_axes=(None, 0)))
         self._solve = jax.jit(self._damped_solve)
         self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
@@ -287,7 +287,7 @@ class _JaxBackend(_Backend):
 
     def draws(self, kind, seed, step, samples, n):
         """jax.random.uniform/normal of shape (samples, N, 1) from the jax optimizers' key for (seed, step)."""
-        key = self._key(seed, self.xp.asarray(step, self.xp.int32))
+        key = self._mc_sampler(seed, self.xp.asarray(step, self.xp.int32))
         draw = self.jax.random.uniform if kind == "uniform" else self.jax.random.normal
         return self._flat_draw(draw, key, (samples, n, 1), self.dtype)[..., 0]
 

@@ -248,7 +248,7 @@ def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", 
     if framework == Framework.TORCH:
         from natgrad_impls.torch import curvature as C, optimizers
 
-        generator = optimizers._generator(0, 0, device.value)
+        generator = optimizers.mc_sampler(0, 0, device.value)
         factors = C.kronecker(C.gradient_and_curvature(problem, p, data, Curvature.MC, 1, generator)[2])
         return (lambda: factors.inverse(damping)), sync
     if framework == Framework.JAX:
@@ -256,7 +256,7 @@ def kfac_inverse_call(framework, problem: Problem, params, batch, device="cpu", 
 
         from natgrad_impls.jax import curvature as C, optimizers
 
-        key = optimizers._key(0, optimizers._counter(p))
+        key = optimizers.mc_sampler(0, 0)
         factors = C.kronecker(C.gradient_and_curvature(problem, p, data, Curvature.MC, 1, key)[2])
 
         def invert(A, G):  # both inverses are returned, or XLA would drop the unused one

@@ -90,7 +90,7 @@ def _loss_and_grad(problem: Problem, params: dict, batch):
     return jax.value_and_grad(lambda p: M.loss(problem, p, batch))(params)
 
 
-def _key(seed: int, step: jax.Array) -> jax.Array:
+def mc_sampler(seed: int, step: jax.Array) -> jax.Array:
     """The MC label sampler of one step: reproducible from (seed, step) alone."""
     return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -160,7 +160,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
 
     @jax.jit
     def step(params, state, batch):
-        key = _key(h.seed, state.step) if curvature == Curvature.MC else None
+        key = mc_sampler(h.seed, state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, state))
         new = _descend(params, state.hyperparameters["lr"], C.from_layers(problem.model, layers))
@@ -218,7 +218,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
-        key = _key(h.seed, state.device_step) if curvature == Curvature.MC else None
+        key = mc_sampler(h.seed, state.device_step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
         first = state.device_step == 0

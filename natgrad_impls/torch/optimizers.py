@@ -53,7 +53,7 @@ def _descend(params: dict, direction: dict, lr: float) -> dict:
     return dict(zip(names, torch._foreach_add([params[k] for k in names], [direction[k] for k in names], alpha=-lr)))
 
 
-def _generator(seed: int, step: int, device) -> torch.Generator:
+def mc_sampler(seed: int, step: int, device) -> torch.Generator:
     """The MC label sampler of one step: reproducible from (seed, step) alone."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
@@ -123,7 +123,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
         return NaturalGradientState(0)
 
     def step(params, state, batch):
-        generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
+        generator = mc_sampler(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator, gradient)
         layers, grad_norm = C.precondition(problem, curvature, grad, factor, h.damping)
         new = _descend(params, C.from_layers(problem.model, layers), h.lr)
@@ -174,7 +174,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         return KFACState(0, None, None, None, None)
 
     def step(params, state, batch):
-        generator = _generator(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
+        generator = mc_sampler(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
         first = state.step == 0
         factors = C.kronecker(factor, 1.0 if first else 1 - h.kfac_ema)
