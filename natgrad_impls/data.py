@@ -4,7 +4,8 @@ Every file is pinned by URL and sha256 and lives in the cache folder `$NATGRAD_D
 `~/.cache/natgrad`) under `Resource.filename`. `fetch` returns the cached file when its checksum
 matches, and otherwise downloads it to a temporary file in the same folder, checks it, and renames
 it into place, so that a killed or corrupted download never leaves a file that looks complete.
-Offline, `fetch` raises `DataUnavailable` saying where to put the file by hand.
+Offline, `fetch` raises `DataUnavailable` saying where to put the file by hand. `generated` keeps
+offline data sets that are slow to generate in the same folder.
 
 `NATGRAD_DATA_MIRROR=<base URL>` replaces the pinned URLs by `<base URL>/<filename>` (a local mirror,
 or a `file://` folder; the tests use it so that they can never reach the network).
@@ -26,6 +27,7 @@ import urllib.request
 import warnings
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,42 @@ def sha256sum(path: Path) -> str:
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def generated(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Arrays that are slow to generate (offline data sets), made once and kept in the cache folder
+    as `generated/<name>.npz` with the sha256 of their contents. `name` must say everything the
+    arrays depend on (e.g. the generating package's version). A file that is missing, unreadable or
+    fails its checksum is made again; it is written like a download (a temporary file renamed into
+    place), so parallel jobs and killed ones never leave a partial file. An unwritable cache folder
+    only costs the time to make the arrays again next time."""
+    path = cache_dir() / "generated" / f"{name}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files if key != "sha256"}
+            if str(stored["sha256"]) == _arrays_sha256(arrays):
+                return arrays
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # missing or damaged: make it again
+    arrays = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, sha256=np.str_(_arrays_sha256(arrays)), **arrays)
+        os.replace(temp, path)
+    except OSError as error:
+        warnings.warn(f"{name}: could not keep the generated arrays in {path} ({error})")
+    return arrays
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.tobytes())
     return digest.hexdigest()
 
 

@@ -7,6 +7,7 @@ import re
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from natgrad_impls import data
@@ -130,3 +131,53 @@ def test_pinned_resources_are_well_formed():
         assert resource.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", resource.sha256)
     unpinned = {k for k, r in data.RESOURCES.items() if r.sha256 is None}
     assert unpinned <= {"a1a", "a1a.t"}  # no published checksum found: pin on the first online run
+
+
+# -- generated data sets kept in the cache ----------------------------------------------------------
+
+def maker(calls: list, scale=1.0):
+    def make():
+        calls.append(1)
+        return {"x": np.arange(12, dtype=np.float64).reshape(3, 4) * scale, "y": np.array([2, 0, 1], np.int64)}
+
+    return make
+
+
+def test_generated_arrays_are_made_once_then_read_back(cache):
+    calls = []
+    first = data.generated("toy-1", maker(calls))
+    second = data.generated("toy-1", maker(calls))
+    assert calls == [1], "the second call made the arrays again"
+    for key in first:
+        np.testing.assert_array_equal(second[key], first[key])
+        assert second[key].dtype == first[key].dtype
+    assert [p.name for p in (cache / "generated").iterdir()] == ["toy-1.npz"], "a partial file was left"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other arrays", "no checksum"])
+def test_a_damaged_generated_file_is_made_again(cache, damage):
+    calls = []
+    data.generated("toy-1", maker(calls))
+    path = cache / "generated" / "toy-1.npz"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        with np.load(path) as stored:
+            kept = {k: stored[k] for k in stored.files}
+        kept["x"] = kept["x"] + 1  # the stored checksum no longer matches
+        if damage == "no checksum":
+            del kept["sha256"]
+        np.savez(path, **kept)
+    again = data.generated("toy-1", maker(calls))
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(again["x"], np.arange(12.0).reshape(3, 4))
+    assert data.generated("toy-1", maker(calls)) and calls == [1, 1], "the remade file was not kept"
+
+
+def test_an_unwritable_cache_only_costs_the_time_to_make_again(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path / "a-file" / "cache"))
+    calls = []
+    with pytest.warns(UserWarning, match="could not keep"):
+        arrays = data.generated("toy-1", maker(calls))
+    assert calls == [1] and arrays["y"].tolist() == [2, 0, 1]

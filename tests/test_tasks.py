@@ -152,12 +152,38 @@ def test_networks():
     assert TASKS["mnist-autoencoder"].problem.model.param_shapes()["dense13.weight"] == (784, 1000)
 
 
-def test_mnist1d_leaves_global_random_state_alone():
-    np.random.seed(123)
-    expected = np.random.rand()
-    np.random.seed(123)
-    TASKS["mnist1d-mlp"].load()
-    assert np.random.rand() == expected
+def test_mnist1d_generator_leaves_global_random_state_alone():
+    """make_dataset seeds NumPy's and Python's global generators; generating the data (which the
+    task does once per mnist1d version, then reads it from the data cache) must not."""
+    import random
+
+    from natgrad_impls import tasks
+
+    np.random.seed(123), random.seed(123)
+    expected = np.random.rand(), random.random()
+    np.random.seed(123), random.seed(123)
+    tasks._make_mnist1d()
+    assert (np.random.rand(), random.random()) == expected
+
+
+def test_mnist1d_is_read_back_from_the_data_cache_as_generated(tmp_path, monkeypatch):
+    from natgrad_impls import tasks
+
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
+    tasks._mnist1d_arrays.cache_clear()
+    try:
+        made = tasks._mnist1d_arrays()
+        (stored,) = (tmp_path / "generated").glob("mnist1d-*.npz")
+        tasks._mnist1d_arrays.cache_clear()
+        monkeypatch.setattr(tasks, "_make_mnist1d", lambda: pytest.fail("generated again, not read back"))
+        read = tasks._mnist1d_arrays()
+    finally:
+        tasks._mnist1d_arrays.cache_clear()
+    assert [a.shape for a in read] == [(4000, 40), (4000,), (1000, 40), (1000,)]
+    for a, b in zip(made, read):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert stored.stat().st_size > 0
 
 
 # -- download tasks ---------------------------------------------------------------------------------
