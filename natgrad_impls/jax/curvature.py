@@ -322,8 +322,9 @@ class KroneckerCurvature:
 def damped(damping, shift: float, dtype, root: bool = False):
     """lam = damping + shift, the damping a solve adds, or sqrt(lam) (`root`). A traced damping (a
     float64 scalar of the optimizers' state) is summed (and rooted) in float64 and then rounded to
-    `dtype` once, as a Python float is where it meets an array: the same numbers as with the value
-    compiled in, and no float64 promotion of a float32 computation."""
+    `dtype` once, as a Python float is where it meets an array, so no float32 computation is
+    promoted to float64. (With lam a constant, XLA turned x / lam into x times a rounded 1/lam; a
+    traced lam is divided by, as torch does: Woodbury's results move by round-off.)"""
     lam = damping + shift
     if isinstance(lam, jax.Array):
         return (jnp.sqrt(lam) if root else lam).astype(dtype)

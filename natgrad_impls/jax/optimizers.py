@@ -71,7 +71,8 @@ def _counter(params: dict) -> jax.Array:
 def _traced(h, params: dict, *names: str) -> dict:
     """The hyperparameters `names` of `h` as float64 scalars placed like the parameters, for the
     state (module docstring). Where one meets the parameters it is rounded to their dtype, as a
-    Python float is, so the numbers are those of a step with the values compiled in."""
+    Python float is, so a step multiplies by the same numbers as with the values compiled in
+    (`curvature.damped` says where a division moves by round-off)."""
     like = next(iter(params.values()))
     return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=jnp.float64) for name in names}
 
