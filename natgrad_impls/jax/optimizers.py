@@ -144,6 +144,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         # The corrections in float64 (as torch's Python floats), then rounded to the params' dtype.
         tf = t.astype(jnp.float64)
         c1, c2 = 1 - h.b1**tf, 1 - h.b2**tf
+        # (lr m^) / (...) in this order, not _descend's lr (m^ / (...)): float32 runs keep their numbers.
         lr = state.hyperparameters["lr"]
         new = {
             k: p - lr.astype(p.dtype) * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
