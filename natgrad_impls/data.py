@@ -13,6 +13,7 @@ or a `file://` folder; the tests use it so that they can never reach the network
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -88,10 +89,8 @@ def generated(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str,
     arrays = make()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(handle, "wb") as out:
+        with _replacing(path) as out:
             np.savez(out, sha256=np.str_(_arrays_sha256(arrays)), **arrays)
-        os.replace(temp, path)
     except OSError as error:
         warnings.warn(f"{name}: could not keep the generated arrays in {path} ({error})")
     return arrays
@@ -158,14 +157,11 @@ def fetch(resource: Resource) -> Path:
 
 def _download(resource: Resource, url: str, path: Path) -> Path:
     """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    temp = Path(temp)
-    try:
+    with _replacing(path) as out, urllib.request.urlopen(url, timeout=60) as response:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
+        for block in iter(lambda: response.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
         actual = digest.hexdigest()
         if resource.sha256 is None:
             warnings.warn(f"{resource.name}: downloaded unpinned {resource.filename}, sha256 {actual} (pin it)")
@@ -174,10 +170,20 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
                 f"{resource.name}: {resource.filename} from {url} has sha256 {actual}, expected {resource.sha256}; "
                 "nothing was kept"
             )
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A binary file beside `path` that replaces it when the block ends without an error and is
+    removed otherwise, so a failed or killed write never leaves a file that looks complete."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            yield out
         os.replace(temp, path)
-        return path
     finally:
-        temp.unlink(missing_ok=True)
+        Path(temp).unlink(missing_ok=True)
 
 
 # -- pinned files ----------------------------------------------------------------------------------

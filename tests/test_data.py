@@ -181,3 +181,13 @@ def test_an_unwritable_cache_only_costs_the_time_to_make_again(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="could not keep"):
         arrays = data.generated("toy-1", maker(calls))
     assert calls == [1] and arrays["y"].tolist() == [2, 0, 1]
+
+
+def test_a_failed_write_of_generated_arrays_leaves_no_partial_file(cache, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.warns(UserWarning, match="could not keep"):
+        assert data.generated("toy-1", maker([]))["y"].tolist() == [2, 0, 1]
+    assert list((cache / "generated").iterdir()) == []
