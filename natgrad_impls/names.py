@@ -27,10 +27,18 @@ class Framework(enum.StrEnum):
     TORCH = "torch"
     JAX = "jax"
 
+    @property
+    def legend(self) -> str:
+        return {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}[self.value]
+
 
 class Device(enum.StrEnum):
     CPU = "cpu"
     CUDA = "cuda"
+
+    @property
+    def legend(self) -> str:
+        return {"cpu": "CPU", "cuda": "GPU"}[self.value]
 
 
 class DType(enum.StrEnum):

@@ -5,6 +5,9 @@ timing tables get one tiny real call each (columns and positivity; no timing ass
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -355,6 +358,18 @@ def test_best_hyperparameters_of_a_grid_frame():
     assert list(table.optimizer) == ["ef", "ngd"] and (table.lr == 0.1).all()
     assert (table.objective == "loss").all() and not table.chaotic.any()
     assert table.final_loss.tolist() == pytest.approx(frame[frame.step == 100].groupby("optimizer").loss.first().tolist())
+
+
+def test_the_tables_module_imports_no_plotting_library():
+    """The pipeline's tune jobs pick their best setting through `tables`; seaborn and pyplot would
+    add 2 s to each of them, and labels come from natgrad_impls.names, as the figures' do."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from natgrad_impls.figures import tables; "
+                             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('seaborn', 'scipy') "
+                             "or m in ('matplotlib.pyplot', 'matplotlib.figure')))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
+    assert style.LABELS == {"sgd": "SGD", "adam": "Adam", "ef": "EF", "ngd": "NGD", "kfac": "K-FAC"}
+    assert style.FRAMEWORK_LABELS == {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}
 
 
 def test_environment_lists_versions_and_machine():

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on CI machines or cluster nodes
 
-from matplotlib.figure import Figure  # noqa: E402
-
 from natgrad_impls import results  # noqa: E402
-from natgrad_impls.figures import style  # noqa: E402,F401
+
+if TYPE_CHECKING:  # not at run time: the pipeline's tune jobs import `tables`, which draws nothing,
+    from matplotlib.figure import Figure  # and pyplot and seaborn would cost each of them 2 s
+
 
 
 @dataclasses.dataclass
@@ -42,6 +44,8 @@ def placeholder(message: str, notes: list[str]) -> Drawn:
     """A small figure that says what is missing, instead of raising inside a pipeline; the message
     joins the caption notes."""
     from matplotlib import pyplot as plt
+
+    from natgrad_impls.figures import style
 
     with style.paper():
         fig, ax = plt.subplots(figsize=(style.COLUMN_WIDTH, 1.2), layout="constrained")

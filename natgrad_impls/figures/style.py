@@ -12,21 +12,20 @@ import contextlib
 import matplotlib as mpl
 import seaborn as sns
 
-from natgrad_impls.names import Framework, Optimizer
+from natgrad_impls.names import Device, Framework, Optimizer
 
 OPTIMIZERS = tuple(o.value for o in Optimizer)  # sgd, adam, ef, ngd, kfac: the order of legends
-LABELS = {"sgd": "SGD", "adam": "Adam", "ef": "EF", "ngd": "NGD", "kfac": "K-FAC"}
+LABELS = {o.value: o.legend for o in Optimizer}  # SGD, Adam, EF, NGD, K-FAC (DESIGN 3)
 _PALETTE = sns.color_palette("colorblind")
 COLORS = {"sgd": _PALETTE[7], "adam": _PALETTE[2], "ef": _PALETTE[3], "ngd": _PALETTE[0], "kfac": _PALETTE[4]}
 LINESTYLES = {"sgd": (0, (5, 2)), "adam": (0, (1, 1.5)), "ef": (0, (6, 2, 1, 2)), "ngd": "-", "kfac": (0, (10, 3))}
-FRAMEWORK_LABELS = {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}
+FRAMEWORK_LABELS = {f.value: f.legend for f in Framework}
 FRAMEWORK_MARKERS = {"numpy": "s", "torch": "o", "jax": "^"}
-DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
+DEVICE_LABELS = {d.value: d.legend for d in Device}
 FRAMEWORK_ORDER = ("numpy", "torch", "jax")
 DEVICE_ORDER = ("cpu", "cuda")
 
-assert set(LABELS) == set(OPTIMIZERS) == set(COLORS) == set(LINESTYLES)
-assert set(FRAMEWORK_LABELS) == {f.value for f in Framework}
+assert set(LABELS) == set(COLORS) == set(LINESTYLES)
 
 COLUMN_WIDTH = 3.25  # inches: one column of a two-column paper
 FULL_WIDTH = 6.75

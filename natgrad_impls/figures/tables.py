@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from natgrad_impls.figures import style
+from natgrad_impls.names import Device, Framework, Optimizer
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 HYPERPARAMETERS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
@@ -64,7 +64,7 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
                           "steps_to_target", "time_to_target_s", "objective", "diverged"]
     order += [c for c in ("final_test_accuracy", "chaotic") if c in best.columns]
     best = best[order]
-    best["_order"] = best["optimizer"].map({o: i for i, o in enumerate(style.OPTIMIZERS)})
+    best["_order"] = best["optimizer"].map({o.value: i for i, o in enumerate(Optimizer)})
     best = best.sort_values(["task", "_order", "framework", "device"]).drop(columns="_order").reset_index(drop=True)
     best = best.dropna(axis=1, how="all")
     return best.astype({c: "Int64" for c in COUNTS if c in best.columns})
@@ -145,9 +145,9 @@ def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
     """An HTML table for the report: optimizer names as legends (SGD, K-FAC), frameworks and
     devices as in the figures, numbers to `digits` significant digits, empty cells blank."""
     shown = frame.copy()
-    names = {"optimizer": style.LABELS, "framework": style.FRAMEWORK_LABELS, "device": style.DEVICE_LABELS}
-    for column, labels in names.items():
+    for column, names in {"optimizer": Optimizer, "framework": Framework, "device": Device}.items():
         if column in shown.columns:
+            labels = {n.value: n.legend for n in names}
             shown[column] = shown[column].map(lambda v, labels=labels: labels.get(v, v))
     formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
                   for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
