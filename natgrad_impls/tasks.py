@@ -106,16 +106,30 @@ def _kunstner_task(name, features, likelihood, source, n, loader, offline) -> Ta
 
 
 def _wine(seed):
-    from sklearn.datasets import load_wine
-
-    X, y = load_wine(return_X_y=True)
-    return _kunstner(X, y)  # the class label as a real number, as in the paper
+    d = _packaged("scikit-learn-wine", "scikit-learn", lambda: _scikit_learn_set("load_wine"))
+    return _kunstner(d["X"], d["y"])  # the class label as a real number, as in the paper
 
 
 def _breastcancer(seed):
-    from sklearn.datasets import load_breast_cancer
+    d = _packaged("scikit-learn-breastcancer", "scikit-learn", lambda: _scikit_learn_set("load_breast_cancer"))
+    return _kunstner(d["X"], d["y"])
 
-    return _kunstner(*load_breast_cancer(return_X_y=True))
+
+def _scikit_learn_set(loader: str) -> dict[str, np.ndarray]:
+    import sklearn.datasets
+
+    X, y = getattr(sklearn.datasets, loader)(return_X_y=True)
+    return {"X": X, "y": y}
+
+
+def _packaged(name: str, package: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of an offline data set that `make` builds from an installed `package`, made once
+    per version of the package (which fixes them) and then read back from the data cache
+    (data.generated, `generated/<name>-<version>.npz`). Importing scikit-learn alone takes 1.8 s and
+    generating MNIST-1D 6 s, which every pipeline job on these tasks paid; a read takes 0.03 s."""
+    from importlib.metadata import version
+
+    return data.generated(f"{name}-{version(package)}", make)
 
 
 def _a1a(seed):
@@ -209,24 +223,26 @@ def misspec_sets(seed: int = 0) -> dict[str, tuple[Task, Dataset]]:
 # -- small networks, offline -----------------------------------------------------------------------
 
 def _digits(seed):
+    d = _packaged("scikit-learn-digits", "scikit-learn", _make_digits)
+    return Dataset(_split(d["x"], d["y"]), _split(d["x_test"], d["y_test"]))
+
+
+def _make_digits() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
     # A fixed stratified 80/20 split, whatever the seed.
     X_tr, X_te, y_tr, y_te = train_test_split(X / 16.0, y.astype(np.int64), test_size=0.2, random_state=0, stratify=y)
-    return Dataset(_split(X_tr, y_tr), _split(X_te, y_te))
+    return {"x": X_tr, "y": y_tr, "x_test": X_te, "y_test": y_te}
 
 
 @functools.lru_cache(maxsize=1)
 def _mnist1d_arrays():
-    """The standard MNIST-1D, generated once per installed mnist1d version (which fixes the
-    generator and its default arguments) and then read back from the data cache (0.03 s): generating
-    takes about 6 s (scipy interpolation of 5000 signals, and importing mnist1d, which imports
-    pyplot), which every pipeline job on the task paid."""
-    from importlib.metadata import version
-
-    d = data.generated(f"mnist1d-{version('mnist1d')}", _make_mnist1d)
+    """The standard MNIST-1D (mnist1d's default arguments fix the generator), kept by _packaged;
+    generating it means scipy interpolation of 5000 signals and importing mnist1d, which imports
+    pyplot."""
+    d = _packaged("mnist1d", "mnist1d", _make_mnist1d)
     return d["x"], d["y"], d["x_test"], d["y_test"]
 
 

@@ -9,6 +9,8 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import urllib.request
 import zipfile
@@ -166,24 +168,44 @@ def test_mnist1d_generator_leaves_global_random_state_alone():
     assert (np.random.rand(), random.random()) == expected
 
 
-def test_mnist1d_is_read_back_from_the_data_cache_as_generated(tmp_path, monkeypatch):
+# offline data sets kept in the data cache (tasks._packaged): task -> the function that makes them
+PACKAGED = {"wine": "_scikit_learn_set", "breastcancer": "_scikit_learn_set", "digits-mlp": "_make_digits",
+            "mnist1d-mlp": "_make_mnist1d"}
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_sets_are_read_back_from_the_data_cache_as_made(name, tmp_path, monkeypatch):
     from natgrad_impls import tasks
 
     monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
     tasks._mnist1d_arrays.cache_clear()
     try:
-        made = tasks._mnist1d_arrays()
-        (stored,) = (tmp_path / "generated").glob("mnist1d-*.npz")
+        made = TASKS[name].load()
+        (stored,) = (tmp_path / "generated").glob("*.npz")
         tasks._mnist1d_arrays.cache_clear()
-        monkeypatch.setattr(tasks, "_make_mnist1d", lambda: pytest.fail("generated again, not read back"))
-        read = tasks._mnist1d_arrays()
+        monkeypatch.setattr(tasks, PACKAGED[name], lambda *args: pytest.fail("made again, not read back"))
+        read = TASKS[name].load()
     finally:
         tasks._mnist1d_arrays.cache_clear()
-    assert [a.shape for a in read] == [(4000, 40), (4000,), (1000, 40), (1000,)]
-    for a, b in zip(made, read):
+    assert stored.stat().st_size > 0
+    for a, b in zip(made.train + (made.test or ()), read.train + (read.test or ())):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
-    assert stored.stat().st_size > 0
+
+
+def test_digits_split_is_stratified_and_fixed():
+    (X, y), (X_test, y_test) = TASKS["digits-mlp"].load(seed=5)
+    assert X.shape == (1437, 64) and X_test.shape == (360, 64) and 0 <= X.min() and X.max() <= 1
+    np.testing.assert_allclose(np.bincount(y) / len(y), np.bincount(y_test) / len(y_test), atol=0.01)
+
+
+def test_a_warm_data_cache_spares_jobs_the_scikit_learn_import(tmp_path, monkeypatch):
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
+    code = ("import sys; from natgrad_impls.tasks import get_task; "
+            "[get_task(n).load() for n in ('wine', 'breastcancer', 'digits-mlp')]; print('sklearn' in sys.modules)")
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout  # noqa: E731
+    assert run().strip() == "True"  # made: imported
+    assert run().strip() == "False"  # read back
 
 
 # -- download tasks ---------------------------------------------------------------------------------
