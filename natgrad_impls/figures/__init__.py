@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # not at run time: the pipeline's tune jobs import `tables`, 
     from matplotlib.figure import Figure  # and pyplot and seaborn would cost each of them 2 s
 
 
-
 @dataclasses.dataclass
 class Drawn:
     figure: Figure
