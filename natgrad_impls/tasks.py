@@ -237,15 +237,6 @@ def _make_digits() -> dict[str, np.ndarray]:
     return {"x": X_tr, "y": y_tr, "x_test": X_te, "y_test": y_te}
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist1d_arrays():
-    """The standard MNIST-1D (mnist1d's default arguments fix the generator), kept by _packaged;
-    generating it means scipy interpolation of 5000 signals and importing mnist1d, which imports
-    pyplot."""
-    d = _packaged("mnist1d", "mnist1d", _make_mnist1d)
-    return d["x"], d["y"], d["x_test"], d["y_test"]
-
-
 def _make_mnist1d() -> dict[str, np.ndarray]:
     # make_dataset generates the data set locally (get_dataset would try to download a pickle
     # first). It seeds NumPy's and Python's global generators, so restore them afterwards.
@@ -261,8 +252,10 @@ def _make_mnist1d() -> dict[str, np.ndarray]:
 
 
 def _mnist1d(seed):
-    X, y, X_te, y_te = (a.copy() for a in _mnist1d_arrays())  # copies: the cache must stay intact
-    return Dataset(_split(X, y.astype(np.int64)), _split(X_te, y_te.astype(np.int64)))
+    # The standard MNIST-1D (mnist1d's default arguments fix the generator); making it means scipy
+    # interpolation of 5000 signals and importing mnist1d, which imports pyplot.
+    d = _packaged("mnist1d", "mnist1d", _make_mnist1d)
+    return Dataset(_split(d["x"], d["y"].astype(np.int64)), _split(d["x_test"], d["y_test"].astype(np.int64)))
 
 
 # -- larger networks, download ---------------------------------------------------------------------

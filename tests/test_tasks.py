@@ -178,15 +178,10 @@ def test_packaged_sets_are_read_back_from_the_data_cache_as_made(name, tmp_path,
     from natgrad_impls import tasks
 
     monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
-    tasks._mnist1d_arrays.cache_clear()
-    try:
-        made = TASKS[name].load()
-        (stored,) = (tmp_path / "generated").glob("*.npz")
-        tasks._mnist1d_arrays.cache_clear()
-        monkeypatch.setattr(tasks, PACKAGED[name], lambda *args: pytest.fail("made again, not read back"))
-        read = TASKS[name].load()
-    finally:
-        tasks._mnist1d_arrays.cache_clear()
+    made = TASKS[name].load()
+    (stored,) = (tmp_path / "generated").glob("*.npz")
+    monkeypatch.setattr(tasks, PACKAGED[name], lambda *args: pytest.fail("made again, not read back"))
+    read = TASKS[name].load()
     assert stored.stat().st_size > 0
     for a, b in zip(made.train + (made.test or ()), read.train + (read.test or ())):
         np.testing.assert_array_equal(a, b)
