@@ -72,12 +72,13 @@ def sha256sum(path: Path) -> str:
 
 
 def generated(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays that are slow to generate (offline data sets), made once and kept in the cache folder
-    as `generated/<name>.npz` with the sha256 of their contents. `name` must say everything the
-    arrays depend on (e.g. the generating package's version). A file that is missing, unreadable or
-    fails its checksum is made again; it is written like a download (a temporary file renamed into
-    place), so parallel jobs and killed ones never leave a partial file. An unwritable cache folder
-    only costs the time to make the arrays again next time."""
+    """Arrays that are slow to make (offline data sets: generated, or behind a slow import), made
+    once and kept in the cache folder as `generated/<name>.npz` with the sha256 of their contents.
+    `name` must say everything the arrays depend on (e.g. the generating package's version), and
+    change with the keys `make` returns: a stored file is returned as it is. A file that is missing,
+    unreadable or fails its checksum is made again; it is written like a download (a temporary file
+    renamed into place), so parallel jobs and killed ones never leave a partial file. An unwritable
+    cache folder only costs the time to make the arrays again next time."""
     path = cache_dir() / "generated" / f"{name}.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
