@@ -168,9 +168,11 @@ def test_mnist1d_generator_leaves_global_random_state_alone():
     assert (np.random.rand(), random.random()) == expected
 
 
-# offline data sets kept in the data cache (tasks._packaged): task -> the function that makes them
-PACKAGED = {"wine": "_scikit_learn_set", "breastcancer": "_scikit_learn_set", "digits-mlp": "_make_digits",
-            "mnist1d-mlp": "_make_mnist1d"}
+# offline data sets kept in the data cache (tasks._packaged): task -> the function that makes them,
+# and the shapes of X (train, test)
+PACKAGED = {"wine": ("_scikit_learn_set", [(178, 14)]), "breastcancer": ("_scikit_learn_set", [(569, 31)]),
+            "digits-mlp": ("_make_digits", [(1437, 64), (360, 64)]),
+            "mnist1d-mlp": ("_make_mnist1d", [(4000, 40), (1000, 40)])}
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -180,9 +182,11 @@ def test_packaged_sets_are_read_back_from_the_data_cache_as_made(name, tmp_path,
     monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
     made = TASKS[name].load()
     (stored,) = (tmp_path / "generated").glob("*.npz")
-    monkeypatch.setattr(tasks, PACKAGED[name], lambda *args: pytest.fail("made again, not read back"))
+    maker, shapes = PACKAGED[name]
+    monkeypatch.setattr(tasks, maker, lambda *args: pytest.fail("made again, not read back"))
     read = TASKS[name].load()
     assert stored.stat().st_size > 0
+    assert [split.X.shape for split in (read.train, read.test) if split is not None] == shapes
     for a, b in zip(made.train + (made.test or ()), read.train + (read.test or ())):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
@@ -190,8 +194,9 @@ def test_packaged_sets_are_read_back_from_the_data_cache_as_made(name, tmp_path,
 
 def test_digits_split_is_stratified_and_fixed():
     (X, y), (X_test, y_test) = TASKS["digits-mlp"].load(seed=5)
-    assert X.shape == (1437, 64) and X_test.shape == (360, 64) and 0 <= X.min() and X.max() <= 1
+    assert 0 <= X.min() and X.max() <= 1
     np.testing.assert_allclose(np.bincount(y) / len(y), np.bincount(y_test) / len(y_test), atol=0.01)
+    np.testing.assert_array_equal(y_test, TASKS["digits-mlp"].load(seed=0).test.y)
 
 
 def test_a_warm_data_cache_spares_jobs_the_scikit_learn_import(tmp_path, monkeypatch):
