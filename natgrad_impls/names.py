@@ -74,6 +74,11 @@ class Activation(enum.StrEnum):
 E = TypeVar("E", bound=enum.Enum)
 
 
+def legends(enum_type: type[Optimizer | Framework | Device]) -> dict[str, str]:
+    """{value: legend} of a choice that figures and tables show (SGD, PyTorch, GPU, ...)."""
+    return {member.value: member.legend for member in enum_type}
+
+
 def parse(enum_type: type[E], value: str | E, field: str) -> E:
     """`value` as a member of `enum_type`, or a ValueError naming `field` and the allowed values."""
     if isinstance(value, enum_type):

@@ -12,16 +12,16 @@ import contextlib
 import matplotlib as mpl
 import seaborn as sns
 
-from natgrad_impls.names import Device, Framework, Optimizer
+from natgrad_impls.names import Device, Framework, Optimizer, legends
 
 OPTIMIZERS = tuple(o.value for o in Optimizer)  # sgd, adam, ef, ngd, kfac: the order of legends
-LABELS = {o.value: o.legend for o in Optimizer}  # SGD, Adam, EF, NGD, K-FAC (DESIGN 3)
+LABELS = legends(Optimizer)  # SGD, Adam, EF, NGD, K-FAC (DESIGN 3)
 _PALETTE = sns.color_palette("colorblind")
 COLORS = {"sgd": _PALETTE[7], "adam": _PALETTE[2], "ef": _PALETTE[3], "ngd": _PALETTE[0], "kfac": _PALETTE[4]}
 LINESTYLES = {"sgd": (0, (5, 2)), "adam": (0, (1, 1.5)), "ef": (0, (6, 2, 1, 2)), "ngd": "-", "kfac": (0, (10, 3))}
-FRAMEWORK_LABELS = {f.value: f.legend for f in Framework}
+FRAMEWORK_LABELS = legends(Framework)
 FRAMEWORK_MARKERS = {"numpy": "s", "torch": "o", "jax": "^"}
-DEVICE_LABELS = {d.value: d.legend for d in Device}
+DEVICE_LABELS = legends(Device)
 FRAMEWORK_ORDER = ("numpy", "torch", "jax")
 DEVICE_ORDER = ("cpu", "cuda")
 

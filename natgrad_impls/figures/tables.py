@@ -27,7 +27,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from natgrad_impls.names import Device, Framework, Optimizer
+from natgrad_impls.names import Device, Framework, Optimizer, legends
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 HYPERPARAMETERS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
@@ -147,7 +147,7 @@ def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
     shown = frame.copy()
     for column, names in {"optimizer": Optimizer, "framework": Framework, "device": Device}.items():
         if column in shown.columns:
-            labels = {n.value: n.legend for n in names}
+            labels = legends(names)
             shown[column] = shown[column].map(lambda v, labels=labels: labels.get(v, v))
     formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
                   for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
