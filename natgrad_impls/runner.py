@@ -459,16 +459,16 @@ def _linalg_errors() -> tuple[type[BaseException], ...]:
 
 
 def thread_environment(threads: int) -> dict[str, str]:
-    """Environment variables that keep torch and BLAS to `threads` cores. Set them before torch is
-    imported in a process that shares the machine with other jobs: a multi-threaded step that loses
-    a core to another process slows down several-fold.
+    """Environment variables that keep torch, BLAS and XLA:CPU to `threads` cores. Set them before
+    torch or jax is imported in a process that shares the machine with other jobs: a multi-threaded
+    step that loses a core to another process slows down several-fold.
 
-    XLA:CPU has no such variable: it sizes its thread pool from the process's CPU affinity, which
-    only `taskset` (or `asv run --cpu-affinity`) narrows. The XLA_FLAGS often quoted for this
+    XLA:CPU sizes its thread pools from NPROC where it is set (PJRT's DefaultThreadPoolSize, meant
+    for CI reservations), else from the CPU affinity. The XLA_FLAGS often quoted for this
     (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`) left a 2000 x 2000 matmul
-    on both cores of a 2-core machine under jax 0.10.2 (2.4-2.9 s against 5.8 s under taskset)."""
+    on both cores of a 2-core machine under jax 0.10.2; NPROC=1 keeps it on one, as taskset does."""
     n = str(int(threads))
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "NPROC": n}
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None = None):

@@ -5,6 +5,9 @@ with missing hyperparameters empty."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -177,3 +180,25 @@ def test_cuda_runs_equal_cpu_runs(framework):
                        steps=30, eval_every=10, progress=False)
     assert not frame["diverged"].any() and frame["test_accuracy"].notna().sum() == 4
     assert frame["loss"].iloc[-1] < frame["loss"].iloc[0]
+
+
+_BUSY_LOOP = """
+import time, jax, jax.numpy as jnp
+x = jnp.ones((1500, 1500)); step = jax.jit(lambda a: a @ a)
+step(x).block_until_ready()  # compiled outside the measurement
+cpu, wall = time.process_time(), time.perf_counter()
+while time.perf_counter() - wall < 1.0:
+    step(x).block_until_ready()
+print((time.process_time() - cpu) / (time.perf_counter() - wall))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to oversubscribe")
+def test_the_thread_environment_keeps_jax_on_one_core():
+    # A one-thread pipeline job's jax must not spread its matmuls over the cores that the other
+    # jobs run on. One busy thread cannot use more than its wall time in CPU time; XLA's default
+    # pool, one thread per core, uses nearly twice that on an idle 2-core machine.
+    env = {**os.environ, **runner.thread_environment(1)}
+    out = subprocess.run([sys.executable, "-c", _BUSY_LOOP], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) < 1.3

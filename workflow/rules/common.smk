@@ -67,8 +67,8 @@ def gpu_resources(wildcards):
 
 
 def single_threaded(threads):
-    """`export ...;` that keeps a shell job's torch and BLAS to `threads` cores (parallel jobs on a
-    small machine must not oversubscribe it; runner.thread_environment says why XLA is not)."""
+    """`export ...;` that keeps a shell job's torch, BLAS and XLA to `threads` cores (parallel jobs
+    on a small machine must not oversubscribe it)."""
     from natgrad_impls.runner import thread_environment
 
     return "export " + " ".join(f"{k}='{v}'" for k, v in thread_environment(threads).items()) + ";"
