@@ -463,12 +463,13 @@ def thread_environment(threads: int) -> dict[str, str]:
     torch or jax is imported in a process that shares the machine with other jobs: a multi-threaded
     step that loses a core to another process slows down several-fold.
 
-    XLA:CPU sizes its thread pools from NPROC where it is set (PJRT's DefaultThreadPoolSize, meant
-    for CI reservations), else from the CPU affinity. The XLA_FLAGS often quoted for this
+    XLA sizes its thread pools from PJRT_NPROC (or NPROC) where it is set, else from the CPU
+    affinity (PJRT's DefaultThreadPoolSize). The XLA_FLAGS often quoted for this
     (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`) left a 2000 x 2000 matmul
-    on both cores of a 2-core machine under jax 0.10.2; NPROC=1 keeps it on one, as taskset does."""
+    on both cores of a 2-core machine under jax 0.10.2; PJRT_NPROC=1 keeps it on one, as taskset
+    does. PJRT_NPROC, not NPROC: other tools read NPROC as a build parallelism."""
     n = str(int(threads))
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "NPROC": n}
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "PJRT_NPROC": n}
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None = None):
