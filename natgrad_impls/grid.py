@@ -51,7 +51,7 @@ import pandas as pd
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.runner import (
     DIVERGENCE_FACTOR, accepted, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns, progress_bar,
-    resolve_task, check_setting,
+    resolve_task, check_setting, usable_cores,
 )
 
 PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
@@ -112,8 +112,7 @@ class _NumpyBackend(_Backend):
     reuse = True
 
     def __init__(self, device, dtype):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        cores = int(os.environ.get("OMP_NUM_THREADS", cores))  # a pipeline job's share of the machine
+        cores = int(os.environ.get("OMP_NUM_THREADS", usable_cores()))  # a pipeline job's share of the machine
         self.workers = max(1, min(8, cores))  # chunks in parallel threads, BLAS single-threaded in each
 
     def asarray(self, a):

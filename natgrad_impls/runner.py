@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -456,6 +457,11 @@ def _linalg_errors() -> tuple[type[BaseException], ...]:
     if "torch" in sys.modules:
         errors.append(sys.modules["torch"].linalg.LinAlgError)
     return tuple(errors)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def thread_environment(threads: int) -> dict[str, str]:

@@ -193,10 +193,7 @@ print((time.process_time() - cpu) / (time.perf_counter() - wall))
 """
 
 
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@pytest.mark.skipif(_CORES < 2, reason="one core: nothing to oversubscribe")
+@pytest.mark.skipif(runner.usable_cores() < 2, reason="one core: nothing to oversubscribe")
 def test_the_thread_environment_keeps_jax_on_one_core():
     # A one-thread pipeline job's jax must not spread its matmuls over the cores that the other
     # jobs run on. One busy thread cannot use more than its wall time in CPU time; XLA's default
