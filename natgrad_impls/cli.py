@@ -3,9 +3,9 @@
     natgrad tasks
     natgrad run  --task T --optimizer O --framework F [--device cpu|cuda] [--dtype ..] [--lr ..]
                  [--damping ..] [--hyperparameters FILE.json] [--steps ..] [--batch-size ..] [--seed ..]
-                 --out FILE
+                 [--logit-clip paper|none] --out FILE
     natgrad grid --task T --optimizers sgd,ngd,ef,... [--framework F] [--lrs=START:STOP:NUM]
-                 [--dampings=START:STOP:NUM] [--steps ..] --out FILE
+                 [--dampings=START:STOP:NUM] [--steps ..] [--logit-clip paper|none] --out FILE
 
 FILE ends in .csv or .parquet and is written atomically. Bad input (an unknown name, a negative lr,
 numpy on a network task, cuda without a GPU, ...) exits with status 2 and one line on stderr naming
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="one training run, recorded step by step")
     run.add_argument("--task", required=True)
     run.add_argument("--variant", help="misspec only: which of its data sets")
+    _logit_clip(run)
     run.add_argument("--optimizer", required=True, help="sgd, adam, ef, ngd or kfac")
     run.add_argument("--framework", required=True, help="numpy (convex tasks only), torch or jax")
     _common(run)
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     grid = commands.add_parser("grid", help="a Kunstner lr x damping grid on a full-batch convex task, vectorised")
     grid.add_argument("--task", required=True)
     grid.add_argument("--variant", help="misspec only: which of its data sets")
+    _logit_clip(grid)
     grid.add_argument("--optimizers", default="sgd,ngd,ef", help="comma-separated (default: sgd,ngd,ef)")
     grid.add_argument("--framework", default="numpy", help="numpy (default), torch or jax")
     _common(grid)
@@ -84,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
                       "for chaos (default 5; 0 skips the check)")
     grid.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
     return parser
+
+
+def _logit_clip(parser):
+    parser.add_argument("--logit-clip", help="Bernoulli tasks: paper (logits clipped as Kunstner et al.'s code does, "
+                        "the default of the Kunstner tasks) or none (the exact likelihood)")
 
 
 def _common(parser):
@@ -140,7 +147,7 @@ def cmd_run(args) -> int:
             raise BadInput(f"{name}: {value!r} must be an integer >= {0 if name == 'steps' else 1}")
     out = _checked(lambda: results.check_path(args.out))
     spec = _checked(lambda: runner.resolve(args.task, args.optimizer, args.framework, args.device, args.dtype, hps,
-                                           args.seed, args.variant))
+                                           args.seed, args.variant, args.logit_clip))
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
         raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
     frame = _unavailable(lambda: runner.run(
@@ -160,7 +167,8 @@ def cmd_grid(args) -> int:
     hps = _hyperparameters(args, names=())
     out = _checked(lambda: results.check_path(args.out))
     checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
-                                             args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps))
+                                             args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps,
+                                             args.logit_clip))
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
                                                 args.repeats, None, hps, progress=False if args.no_progress else None,

@@ -51,7 +51,7 @@ import pandas as pd
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.runner import (
     DIVERGENCE_FACTOR, accepted, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns, progress_bar,
-    resolve_task, check_setting, usable_cores,
+    resolve_task, check_setting, task_columns, usable_cores,
 )
 
 PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
@@ -689,7 +689,7 @@ def check_grid_task(task) -> None:
 
 
 def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS, dampings=PAPER_DAMPINGS,
-             steps=None, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None):
+             steps=None, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None, logit_clip=None):
     """Parse and check a grid before any work (ValueError naming the field and the allowed values)."""
     if isinstance(optimizers, str):
         optimizers = [o for o in optimizers.split(",") if o]
@@ -699,7 +699,7 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     framework = parse(Framework, framework, "framework")
     device = parse(Device, device, "device")
     dtype = parse(DType, dtype, "dtype")
-    task = resolve_task(task, variant)
+    task = resolve_task(task, variant, logit_clip)
     check_grid_task(task)
     check_setting(task, framework, device, dtype)
     lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
@@ -726,17 +726,18 @@ def _fields(optimizer):
 
 def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS,
              dampings=PAPER_DAMPINGS, steps=None, seed=0, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None,
-             progress=None, on_done=None) -> GridResult:
+             progress=None, on_done=None, logit_clip=None) -> GridResult:
     """The lr (x damping) grid of each optimizer on a full-batch convex task, batched (module docstring).
 
     lrs, dampings: (start, stop, num) log10 bounds or 'START:STOP:NUM'; hyperparameters: the
     optimizers' other hyperparameters (e.g. fisher, kfac_update_period), given to those that have them;
+    logit_clip: paper or none for a Bernoulli task (default: the task's own, paper on the Kunstner tasks);
     on_done(optimizer, best, seconds): called as each optimizer's grid and repeats are done, with its
     Best (None where no run stayed finite) and the seconds since the start (the CLI's progress in a
     job log, where no bar is drawn).
     """
     task, optimizers, framework, device, dtype, lr_bounds, damping_bounds, steps = validate(
-        task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters)
+        task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters, logit_clip)
     start = time.perf_counter()
     data = task.load(seed)
     x, y = data.train
@@ -816,10 +817,10 @@ def _frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs
         chaos[is_best] = flag
     columns["best"] = is_best
     columns["chaotic"] = chaos
-    if task.variant is not None:
-        columns["variant"] = task.variant
+    named = task_columns(task)
+    columns.update(named)
     frame = pd.DataFrame(columns)
-    for name in ("task", "optimizer", "framework", "device", "dtype") + (("variant",) if task.variant else ()):
+    for name in ("task", "optimizer", "framework", "device", "dtype", *named):
         frame[name] = frame[name].astype("category")
     for name in ("lr", "damping"):
         frame[name] = frame[name].astype(np.float64)

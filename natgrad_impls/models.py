@@ -16,7 +16,7 @@ from typing import Union
 
 import numpy as np
 
-from natgrad_impls.names import Activation, Likelihood, parse
+from natgrad_impls.names import Activation, Likelihood, LogitClip, parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +142,16 @@ class Problem:
 
 # The paper code clips the Bernoulli mean to [1e-8, 1 - 1e-8]; on the logit that is +-this.
 KUNSTNER_LOGIT_CLIP = math.log((1 - 1e-8) / 1e-8)
+
+
+def logit_clip_name(problem: Problem) -> str | None:
+    """A result's `logit_clip` column: paper, none (names.LogitClip) or a clip of the caller's own
+    as a number; None where the likelihood is not Bernoulli (the column is left out)."""
+    if problem.likelihood != Likelihood.BERNOULLI:
+        return None
+    if problem.logit_clip is None:
+        return LogitClip.NONE.value
+    return LogitClip.PAPER.value if problem.logit_clip == KUNSTNER_LOGIT_CLIP else f"{problem.logit_clip:g}"
 
 
 def linear(in_features: int, out_features: int = 1, bias: bool = False) -> Model:

@@ -65,6 +65,18 @@ class Likelihood(enum.StrEnum):
     CATEGORICAL = "categorical"  # softmax over logits, integer labels
 
 
+class LogitClip(enum.StrEnum):
+    """A Bernoulli likelihood's logits: clipped as Kunstner et al.'s code clips the mean (DESIGN 4),
+    or not at all (the exact likelihood). Tasks choose a default; `--logit-clip` overrides it."""
+
+    PAPER = "paper"  # +-log((1 - 1e-8) / 1e-8), straight-through: models.KUNSTNER_LOGIT_CLIP
+    NONE = "none"
+
+    @property
+    def legend(self) -> str:
+        return {"paper": "Logits clipped (paper code)", "none": "Exact likelihood"}[self.value]
+
+
 class Activation(enum.StrEnum):
     RELU = "relu"
     TANH = "tanh"

@@ -23,6 +23,8 @@ parameters theta_k after k updates:
   last row is the step that diverged (loss NaN when its step failed); nothing is raised. (jax
   brings losses to the host every 16 steps; a divergence seen late truncates the run at its step.)
 - lr, damping and the optimizer's other hyperparameters; batch_size (empty for full batch).
+- variant (misspec only) and logit_clip (Bernoulli tasks only: `paper`, the logits clipped as
+  Kunstner et al.'s code does, or `none`, the exact likelihood).
 
 Mini-batches: a per-epoch permutation drawn from the seed, cut into batches of batch_size (the
 incomplete last one dropped, so that shapes never change), gathered on the device once per epoch.
@@ -108,10 +110,13 @@ class Spec:
         return optimizer_kwargs(self.optimizer, self.hyperparameters)
 
 
-def resolve_task(task: str | Task, variant: str | None = None) -> Task:
+def resolve_task(task: str | Task, variant: str | None = None, logit_clip: str | None = None) -> Task:
+    """The task (a name or a Task), with the given misspec variant and logit clip (None: its own)."""
     if isinstance(task, Task):
-        return task.with_variant(variant) if variant is not None else task
-    return get_task(task, variant)
+        task = task.with_variant(variant) if variant is not None else task
+    else:
+        task = get_task(task, variant)
+    return task.with_logit_clip(logit_clip) if logit_clip is not None else task
 
 
 def check_setting(task: Task, framework: Framework, device: Device, dtype: DType) -> None:
@@ -165,16 +170,24 @@ def make_hyperparameters(optimizer: Optimizer | str, values: dict, seed: int = 0
 
 
 def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperparameters=None, seed=0,
-            variant=None) -> Spec:
+            variant=None, logit_clip=None) -> Spec:
     """Parse and check everything about a run before any work is done (ValueError naming the field)."""
     optimizer = parse(Optimizer, optimizer, "optimizer")
     framework = parse(Framework, framework, "framework")
     device = parse(Device, device, "device")
     dtype = parse(DType, dtype, "dtype")
-    task = resolve_task(task, variant)
+    task = resolve_task(task, variant, logit_clip)
     h = make_hyperparameters(optimizer, hyperparameters or {}, seed)
     check_setting(task, framework, device, dtype)
     return Spec(task, optimizer, framework, device, dtype, h)
+
+
+def task_columns(task: Task) -> dict:
+    """What a result records of the task beyond its name: the misspec variant and the Bernoulli
+    likelihood's logit clip (`models.logit_clip_name`), each only where the task has one."""
+    clip = models.logit_clip_name(task.problem)
+    return {**({"variant": task.variant} if task.variant is not None else {}),
+            **({"logit_clip": clip} if clip is not None else {})}
 
 
 def hyperparameter_columns(optimizer: Optimizer, h) -> dict:
@@ -490,12 +503,12 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
 # -- the run ---------------------------------------------------------------------------------------
 
 def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparameters=None, steps=None,
-        batch_size=None, seed=0, *, variant=None, eval_every=None, cos_ef_ngd=False, cos_damping=None,
+        batch_size=None, seed=0, *, variant=None, logit_clip=None, eval_every=None, cos_ef_ngd=False, cos_damping=None,
         init=None, progress=None) -> pd.DataFrame:
     """Train once and return the long-format table of DESIGN 7 (see the module docstring).
 
-    task: a name or a Task; hyperparameters: a dict of the optimizer's hyperparameters (lr,
-    damping, ...); steps and batch_size default to the task's (batch_size None = full batch);
+    task: a name or a Task, with `variant` (misspec) and `logit_clip` (paper or none; default: the
+    task's own); hyperparameters: a dict of the optimizer's hyperparameters (lr, damping, ...); steps and batch_size default to the task's (batch_size None = full batch);
     eval_every: steps between full-train/test evaluations on networks (default 200: with the
     final one, six on a 1000-step run, a few percent of its time);
     cos_ef_ngd: also record the EF/NGD cosine, with `cos_damping` (default: the run's damping);
@@ -503,7 +516,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     progress: None = a bar when stderr is a terminal.
     """
     setup_start = time.perf_counter()
-    spec = resolve(task, optimizer, framework, device, dtype, hyperparameters, seed, variant)
+    spec = resolve(task, optimizer, framework, device, dtype, hyperparameters, seed, variant, logit_clip)
     task, problem = spec.task, spec.task.problem
     steps = task.steps if steps is None else int(steps)
     if steps < 0:
@@ -606,8 +619,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
                 columns[name] = values[:n]
     if cos_ef_ngd:
         columns["cos_ef_ngd"] = cosines[:n]
-    if task.variant is not None:
-        columns["variant"] = task.variant
+    columns.update(task_columns(task))
     frame = pd.DataFrame(columns)
     frame = frame[ordered_columns(frame.columns)]
     frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=elapsed, eval_s=eval_s)
@@ -631,7 +643,7 @@ def _fetch(io, pending, loss, grad_norm, initial, default):
 
 LEADING = ("task", "optimizer", "framework", "device", "dtype", "seed", "lr", "damping", "step", "loss", "time_s",
            "diverged", "grad_norm", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "cos_ef_ngd",
-           "variant")
+           "variant", "logit_clip")
 
 
 def ordered_columns(columns) -> list[str]:

@@ -27,7 +27,7 @@ from natgrad_impls import data, models
 from natgrad_impls.models import (
     KUNSTNER_LOGIT_CLIP, Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem,
 )
-from natgrad_impls.names import Activation, Likelihood
+from natgrad_impls.names import Activation, Likelihood, LogitClip, parse
 
 
 class Split(NamedTuple):
@@ -76,9 +76,17 @@ class Task:
             return outputs
         return 2 if self.problem.likelihood == Likelihood.BERNOULLI and outputs == 1 else None
 
-    def exact(self) -> Task:
-        """The same task with the exact Bernoulli likelihood, without the paper code's clipping."""
-        return dataclasses.replace(self, problem=dataclasses.replace(self.problem, logit_clip=None))
+    def with_logit_clip(self, clip: LogitClip | str) -> Task:
+        """The same task with its Bernoulli logits clipped as the paper code does (`paper`) or not
+        (`none`: the exact likelihood). `none` leaves a task without a Bernoulli likelihood as it is."""
+        clip = parse(LogitClip, clip, "logit_clip")
+        if self.problem.likelihood != Likelihood.BERNOULLI:
+            if clip == LogitClip.PAPER:
+                raise ValueError(f"logit_clip: 'paper' clips a bernoulli likelihood; task {self.name!r} is "
+                                 f"{self.problem.likelihood.value} (one of none)")
+            return self
+        value = KUNSTNER_LOGIT_CLIP if clip == LogitClip.PAPER else None
+        return dataclasses.replace(self, problem=dataclasses.replace(self.problem, logit_clip=value))
 
     def with_variant(self, variant: str) -> Task:
         if variant not in self.variants:
@@ -99,7 +107,7 @@ def _kunstner(X, y) -> Dataset:
 
 
 def _kunstner_task(name, features, likelihood, source, n, loader, offline) -> Task:
-    # The paper code clips the Bernoulli mean everywhere (DESIGN 4); Task.exact() switches it off.
+    # The paper code clips the Bernoulli mean everywhere (DESIGN 4); with_logit_clip('none') switches it off.
     clip = KUNSTNER_LOGIT_CLIP if likelihood == "bernoulli" else None
     problem = Problem(models.linear(features + 1, 1, bias=False), likelihood, logit_clip=clip)
     return Task(name, problem, offline, source, n, None, 100, loader)

@@ -111,7 +111,42 @@ BAD = {
     "grid: cuda without a gpu": (["grid", "--task", "wine", "--framework", "jax", "--device", "cuda"],
                                  "device: 'cuda' is not available here for jax (one of cpu)"),
     "missing option": (["run", "--task", "wine", "--framework", "numpy"], "the following arguments are required: --optimizer"),
+    "unknown logit clip": (["run", "--task", "breastcancer", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                            "--logit-clip", "clipped"], "logit_clip: 'clipped' is not one of paper, none"),
+    "clip off bernoulli": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                            "--logit-clip", "paper"], "logit_clip: 'paper' clips a bernoulli likelihood; task 'wine' is "
+                                                       "gaussian (one of none)"),
+    "grid: clip off bernoulli": (["grid", "--task", "wine", "--logit-clip", "paper"],
+                                 "logit_clip: 'paper' clips a bernoulli likelihood"),
 }
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_gd_on_breastcancer_diverges_at_step_1_only_without_the_logit_clip(tmp_path, framework):
+    """DESIGN 4: with the paper code's clip, full-batch GD at lr 0.1 oscillates (every example's
+    clipped loss is at most 18.42, below 100 x log 2); with the exact likelihood it diverges at step 1."""
+    frames = {}
+    for clip in ("paper", "none"):
+        out = tmp_path / f"{clip}.csv"
+        assert cli.main(["run", "--task", "breastcancer", "--optimizer", "sgd", "--framework", framework, "--lr", "0.1",
+                         "--steps", "10", "--logit-clip", clip, "--no-progress", "--out", str(out)]) == 0
+        frames[clip] = results.read(out)
+        assert (frames[clip]["logit_clip"] == clip).all()
+    paper, exact = frames["paper"], frames["none"]
+    assert not paper["diverged"].any() and len(paper) == 11
+    assert paper["loss"].iloc[1:].between(1, 18.5).all() and paper["loss"].iloc[1:].diff().abs().iloc[1:].min() > 1
+    assert exact["diverged"].all() and exact["step"].tolist() == [0, 1] and exact["loss"].iloc[1] > 100 * np.log(2)
+    np.testing.assert_allclose(paper["loss"].iloc[0], exact["loss"].iloc[0], rtol=1e-15)  # the same start
+
+
+def test_the_logit_clip_defaults_to_the_task_and_is_recorded_only_on_bernoulli_tasks(tmp_path):
+    out = tmp_path / "grid.csv"
+    assert cli.main(["grid", "--task", "breastcancer", "--optimizers", "sgd", "--lrs=-6:-5:2", "--steps", "2",
+                     "--repeats", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (results.read(out)["logit_clip"] == "paper").all()
+    assert cli.main(["grid", "--task", "wine", "--optimizers", "sgd", "--lrs=-6:-5:2", "--steps", "2", "--repeats", "0",
+                     "--logit-clip", "none", "--no-progress", "--out", str(out)]) == 0
+    assert "logit_clip" not in results.read(out).columns  # gaussian: nothing to clip, no column
 
 
 @pytest.mark.parametrize("case", list(BAD))

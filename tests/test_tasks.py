@@ -103,9 +103,14 @@ def test_kunstner_tasks_use_raw_features_with_ones_last():
 def test_logit_clipping_is_the_default_and_a_switch():
     for name in ["breastcancer", "a1a", "misspec"]:
         assert TASKS[name].problem.logit_clip == models.KUNSTNER_LOGIT_CLIP
-        exact = TASKS[name].exact()
+        exact = TASKS[name].with_logit_clip("none")
         assert exact.problem.logit_clip is None and exact.name == name
+        assert exact.with_logit_clip("paper") == TASKS[name]
     assert TASKS["wine"].problem.logit_clip is None and TASKS["mnist-autoencoder"].problem.logit_clip is None
+    assert TASKS["mnist-autoencoder"].with_logit_clip("paper").problem.logit_clip == models.KUNSTNER_LOGIT_CLIP
+    assert TASKS["wine"].with_logit_clip("none") == TASKS["wine"]
+    with pytest.raises(ValueError, match="logit_clip: 'paper' clips a bernoulli likelihood; task 'wine'"):
+        TASKS["wine"].with_logit_clip("paper")
 
 
 def test_vecfield():
