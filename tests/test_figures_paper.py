@@ -302,3 +302,80 @@ def test_tuned_ngd_beats_tuned_ef():
     minimum = toys.loss_at(task.problem, (X, y), toys.minimiser(task.problem, (X, y)))
     assert abs(losses["wine"]["ngd"] - minimum) < 1e-12 * minimum
     assert losses["wine"]["ef"] - minimum > 1e-8 * minimum
+
+
+# -- appendix: the paper code's logit clip against the exact likelihood ------------------------------
+
+@pytest.fixture(scope="module")
+def clip_grids():
+    """breastcancer's small grid with the paper code's clip and with the exact likelihood; lrs from
+    1e-3, where GD already diverges without the clip (from 3.2e-4 on the paper grid)."""
+    return {clip: grid.run_grid("breastcancer", ALL, logit_clip=clip, **SMALL_GRID) for clip in ("paper", "none")}
+
+
+def test_the_logit_clip_comparison_agrees_with_each_grids_best_and_runs(clip_grids):
+    from natgrad_impls.figures import tables
+
+    frame = pd.concat([r.frame for r in clip_grids.values()], ignore_index=True)
+    table = tables.logit_clip_comparison(frame).set_index("optimizer")
+    assert list(table.index) == ALL
+    for clip, result in clip_grids.items():
+        for best in result.best:
+            row = table.loc[best.optimizer]
+            assert row[f"final_loss_{clip}"] == best.loss and row[f"lr_{clip}"] == best.lr
+            assert row[f"chaotic_{clip}"] == best.chaotic
+    # with the clip every example's loss is at most 18.42 < 100 x log 2: no run can diverge
+    assert (table["diverged_runs_paper"] == 0).all()
+    last = {clip: r.frame[r.frame["repeat"] == 0].sort_values("step").groupby(["optimizer", "lr", "damping"], dropna=False)
+            .last() for clip, r in clip_grids.items()}
+    for optimizer in ALL:
+        paper, exact = last["paper"].loc[optimizer], last["none"].loc[optimizer]
+        assert table.loc[optimizer, "diverged_runs_none"] == exact["diverged"].sum()
+        differs = (paper["loss"] != exact["loss"]) | (paper["step"] != exact["step"])
+        assert table.loc[optimizer, "changed_runs"] == differs.sum()
+    sgd = table.loc["sgd"]  # every lr of the small grid is past GD's edge without the clip
+    assert sgd["diverged_only_none"] == 5 and sgd["smallest_lr_diverged_only_none"] == pytest.approx(1e-3)
+    assert 1 <= sgd["its_divergence_step"] <= 5
+    ngd = table.loc["ngd"]
+    assert ngd["best_loss_change"] == pytest.approx((ngd["final_loss_none"] - ngd["final_loss_paper"]) / ngd["final_loss_paper"])
+
+
+def test_a_chaotic_change_is_told_from_a_real_one():
+    """beyond_chaos compares the ranges of the two best runs over their repeats."""
+    from natgrad_impls.figures import tables
+
+    def frame(clip, finals):  # one ef run and its repeats: one row each, at step 1
+        return pd.DataFrame({"task": "breastcancer", "optimizer": "ef", "lr": 0.1, "damping": 1e-10, "step": 1,
+                             "loss": finals, "diverged": False, "repeat": range(len(finals)), "best": True,
+                             "chaotic": True, "logit_clip": clip})
+
+    overlapping = pd.concat([frame("paper", [1.0, 0.9, 1.1]), frame("none", [0.95, 1.05, 0.85])])
+    apart = pd.concat([frame("paper", [1.0, 0.99, 1.01]), frame("none", [0.5, 0.49, 0.51])])
+    assert not tables.logit_clip_comparison(overlapping)["beyond_chaos"].item()
+    row = tables.logit_clip_comparison(apart).iloc[0]
+    assert row["beyond_chaos"] and row["best_loss_change"] == pytest.approx(-0.5) and row["changed_runs"] == 1
+
+
+def test_logit_clip_figure_sweeps_lr_for_both_likelihoods(clip_grids):
+    frame = pd.concat([r.frame for r in clip_grids.values()], ignore_index=True)
+    drawn = paper.logit_clip(frame)
+    axes = drawn.figure.axes
+    assert [ax.get_title() for ax in axes] == ["SGD", "Adam", "EF", "NGD", "K-FAC"]
+    for ax, optimizer in zip(axes, ALL):
+        assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+        (clipped,) = _with_gid(ax, "sweep-paper")
+        assert _same_color(clipped.get_color(), style.COLORS[optimizer]) and len(clipped.get_xdata()) == 5
+        assert len(_with_gid(ax, "best-paper")) == 1
+    # GD: every exact run diverges, so its sweep is empty and its panel is grey from the first lr
+    (exact,) = _with_gid(axes[0], "sweep-none")
+    assert len(exact.get_xdata()) == 0
+    assert [p.get_gid() for p in axes[0].patches] == ["all-diverge"]
+    (note,) = [n for n in drawn.notes if n.startswith("breastcancer, exact likelihood against clipped logits")]
+    assert "SGD 5 (from lr 0.001, at step" in note and "Best final loss without the clip:" in note
+    legend = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
+    assert legend == ["Logits clipped (paper code)", "Exact likelihood", "Exact: every run diverges"]
+
+
+def test_logit_clip_figure_says_when_a_likelihood_is_missing(clip_grids):
+    drawn = paper.logit_clip(clip_grids["paper"].frame)
+    assert drawn.notes == ["no Bernoulli task has grids with both logit_clip paper and none."]

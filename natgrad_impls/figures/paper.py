@@ -4,6 +4,7 @@
     drawn = paper.misspecification(toys.misspec_table(), "logistic")    # figure 2 ("linear": appendix)
     drawn = paper.optimisation(grid_frame, cos_frame, tasks=["breastcancer", "wine"])   # figure 3
     drawn = paper.starting_point(toys.starting_point_table())           # appendix
+    drawn = paper.logit_clip(grid_frames_of_both_clips)                 # appendix: clipped vs exact
 
 Every function takes DataFrames (the `kind`-tagged tables of `natgrad_impls.toys`, or the long
 frames of `natgrad grid` / `natgrad run --cos-ef-ngd`) and returns a `Drawn`. What the table lacks
@@ -20,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import LogLocator
 
 from natgrad_impls.figures import Drawn, style
 
@@ -410,6 +413,116 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
             notes.append(f"cos(EF, NGD) on {task}: measured along {_hyperparameters(rows)}, not along the best "
                          f"EF run of the grid ({_hyperparameters(run)}).")
     return notes
+
+
+# -- appendix: the paper code's logit clip against the exact likelihood ------------------------------
+
+def logit_clip(grid: pd.DataFrame) -> Drawn:
+    """Where the paper code's logit clip matters: per Bernoulli task (rows) and optimizer (columns),
+    the final loss after the grid's steps against lr (the lowest over dampings, diverged runs left
+    out), with the logits clipped as the paper's code does (solid) and with the exact likelihood
+    (dashed); dots mark each grid's best run. The caption notes count the runs the clip changes and
+    give each best final loss's change (`tables.logit_clip_comparison`).
+
+    grid: `natgrad grid` frames of both (column logit_clip = paper | none), every run's rows (at
+    least each run's last one) with best and repeat as the grid writes them.
+    """
+    from natgrad_impls.figures import tables
+    from natgrad_impls.names import LogitClip
+
+    clips = [c.value for c in LogitClip]
+    both = grid[grid["logit_clip"].astype(str).isin(clips)] if "logit_clip" in grid else grid.iloc[:0]
+    tasks = [t for t in _task_order(both["task"].unique())
+             if set(both.loc[both["task"] == t, "logit_clip"].astype(str)) == set(clips)]
+    if not tasks:
+        return _no_data_figure(["no Bernoulli task has grids with both logit_clip paper and none."])
+    both = both[both["task"].isin(tasks)]
+    comparison = tables.logit_clip_comparison(both)  # (it reads the chaos repeats too)
+    both = both[both["repeat"] == 0]
+    optimizers, notes = style.present(both["optimizer"].unique())
+    with style.paper():
+        fig, axes = plt.subplots(len(tasks), len(optimizers), figsize=(style.FULL_WIDTH, 1.55 * len(tasks) + 0.45),
+                                 squeeze=False, sharex=True, sharey="row", layout="constrained")
+        starts = []
+        for row, task in zip(axes, tasks):
+            for ax, optimizer in zip(row, optimizers):
+                runs = both[(both["task"] == task) & (both["optimizer"] == optimizer)]
+                starts += [_clip_sweep(ax, runs[runs["logit_clip"].astype(str) == c.value], optimizer, c) for c in LogitClip]
+                ax.set_title(f"{style.LABELS[optimizer]}" if len(tasks) == 1 else f"{task}: {style.LABELS[optimizer]}")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.xaxis.set_major_locator(LogLocator(numticks=4))
+            row[0].set_ylabel(f"{task}\nfinal loss" if len(tasks) > 1 else "Final loss")
+        axes[0, 0].set_xlim(left=min(starts))
+        for ax in axes[-1]:
+            ax.set_xlabel("lr")
+        handles = [Line2D([], [], color="0.3", linestyle=_CLIP_LINES[c], label=c.legend) for c in LogitClip]
+        handles.append(Patch(label="Exact: every run diverges", **_ALL_DIVERGE))
+        fig.legend(handles=handles, loc="outside upper center", ncol=len(handles))
+    notes += [_logit_clip_note(task, comparison[comparison["task"] == task]) for task in tasks]
+    return Drawn(fig, notes)
+
+
+_CLIP_LINES = {"paper": "-", "none": (0, (3, 1.5))}
+_ALL_DIVERGE = {"color": "0.5", "alpha": 0.12, "linewidth": 0}
+
+
+def _clip_sweep(ax, runs: pd.DataFrame, optimizer: str, clip) -> float:
+    """Final loss against lr, the lowest over dampings among runs that did not diverge, and a dot at
+    the best run (filled: clipped, open: exact); grey from the lr on which every exact run diverges.
+    Returns the smallest lr worth showing: a thousandth of the best lr or of the first lr whose run
+    the clip could have changed (where the sweep leaves its flat start)."""
+    from natgrad_impls.figures import tables
+
+    final = tables.final_losses(runs)
+    kept = final[~final["diverged"]]
+    sweep = kept.groupby(level="lr")["loss"].min()
+    color, paper = style.COLORS[optimizer], clip.value == "paper"
+    ax.plot(sweep.index, sweep.to_numpy(), color=color, linestyle=_CLIP_LINES[clip.value],
+            linewidth=1.4 if paper else 1.0, gid=f"sweep-{clip.value}")
+    lrs = final.index.get_level_values("lr")
+    all_diverge = final["diverged"].groupby(level="lr").all()
+    if not paper and all_diverge.any():
+        ax.axvspan(all_diverge[all_diverge].index.min(), lrs.max(), gid="all-diverge", **_ALL_DIVERGE)
+    interesting = []
+    best = runs[_flag(runs["best"])]
+    if len(best) and not best["diverged"].any():  # (a diverged best: every run diverged, grey already)
+        lr = best["lr"].iloc[0]
+        loss = final.loc[(lr, best["damping"].fillna(-1.0).iloc[0]), "loss"]
+        ax.plot([lr], [loss], "o", color=color, markersize=3.0 if paper else 5.5, zorder=4 if paper else 3,
+                markerfacecolor=color if paper else "white", gid=f"best-{clip.value}")
+        interesting.append(lr)
+    moved = sweep[~np.isclose(sweep, sweep.iloc[0], rtol=1e-3)] if len(sweep) else sweep
+    if len(moved):
+        interesting.append(moved.index.min())
+    return max(lrs.min(), min(interesting) / 1e3) if interesting else lrs.min()
+
+
+def _logit_clip_note(task: str, rows: pd.DataFrame) -> str:
+    """Where the exact likelihood's grid on `task` differs from the clipped one's, in one paragraph."""
+    runs, changed = int(rows["runs"].sum()), int(rows["changed_runs"].sum())
+    text = f"{task}, exact likelihood against clipped logits: the clip changes {changed} of {runs} runs"
+    if changed:
+        text += f" (none with lr below {rows['smallest_lr_changed'].min():.3g})"
+    diverging = rows[rows["diverged_only_none"] > 0]
+    if len(diverging):
+        parts = [f"{style.LABELS[r.optimizer]} {r.diverged_only_none} (from lr {r.smallest_lr_diverged_only_none:.3g}, "
+                 f"at step {r.its_divergence_step})" for r in diverging.itertuples()]
+        text += "; runs that diverge only without it: " + ", ".join(parts)
+    return text + ". Best final loss without the clip: " + ", ".join(_change(r) for r in rows.itertuples()) + "."
+
+
+def _change(row) -> str:
+    name = style.LABELS[row.optimizer]
+    diverged = [legend for clip, legend in (("paper", "with"), ("none", "without")) if getattr(row, f"diverged_{clip}") is True]
+    if diverged:
+        return f"{name} none (every run diverges {' and '.join(diverged)} it)"
+    if not np.isfinite(row.best_loss_change):
+        return f"{name} n/a"
+    if row.best_loss_change == 0:
+        return f"{name} the same"
+    text = f"{name} {100 * row.best_loss_change:+.2g} %"
+    return text if row.beyond_chaos else text + " (within its chaotic repeats)"
 
 
 # -- appendix: starting points ----------------------------------------------------------------------

@@ -141,6 +141,132 @@ def _finite_median(values) -> float:
     return value if math.isfinite(value) else math.nan
 
 
+# -- the paper code's logit clip against the exact likelihood ----------------------------------------
+
+LOGIT_CLIP_COLUMNS = ["task", "optimizer", "lr", "damping", "step", "loss", "diverged", "repeat", "best", "chaotic",
+                      "logit_clip"]  # what the comparison reads of a grid file (a third of its bytes)
+
+
+def read_logit_clip_grids(paths) -> pd.DataFrame:
+    """The comparison's columns of `natgrad grid` parquet files. A file written before grids had a
+    logit_clip column was run with its task's own clip, which it is given here, so that a pipeline
+    run on an older results/ folder need not redo its grids."""
+    import pyarrow.parquet as pq
+
+    from natgrad_impls.models import logit_clip_name
+    from natgrad_impls.tasks import get_task
+
+    frames = []
+    for path in paths:
+        present = set(pq.read_schema(path).names)
+        frame = pd.read_parquet(path, columns=[c for c in LOGIT_CLIP_COLUMNS if c in present])
+        if "logit_clip" not in present:
+            frame["logit_clip"] = frame["task"].astype(str).map(lambda t: logit_clip_name(get_task(t).problem))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOGIT_CLIP_COLUMNS)
+CLIP_TOLERANCE = 1e-12  # a run is "changed" by the clip when its last loss moves by more (relative)
+
+
+def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per task x optimizer, the same Kunstner grid run with the paper code's logit clip and with the
+    exact likelihood (`natgrad grid --logit-clip paper|none`): where the two differ (DESIGN 4).
+
+    grid: both grids' frames concatenated (column logit_clip = paper | none; best and repeat as
+    `natgrad grid` writes them). Columns, each with _paper and _none: the best run's lr, damping,
+    final_loss and its range over the chaos repeats (final_loss_min, final_loss_max; empty without
+    repeats), chaotic, diverged (every run did, so the best is a diverged one) and diverged_runs (of
+    `runs`); then best_loss_change ((none - paper) / paper; empty where a best run diverged),
+    beyond_chaos (the two best runs' ranges over their repeats do not overlap, so the change is not
+    ef's chaos), changed_runs (runs whose last loss, last step or divergence the clip changes; the
+    others never reached a clipped logit and agree to round-off) with smallest_lr_changed, and
+    diverged_only_none (runs that diverge without the clip but not with it) with the smallest such lr
+    and its_divergence_step (that run's, without the clip)."""
+    frame = _runs_named(grid)
+    frame = frame[frame["logit_clip"].isin(["paper", "none"])]
+    rows = []
+    for (task, optimizer), rows_of in frame.groupby(["task", "optimizer"], sort=False):
+        last = {clip: final_losses(rows_of[(rows_of["logit_clip"] == clip) & (rows_of["repeat"] == 0)])
+                for clip in ("paper", "none")}
+        if not (len(last["paper"]) and len(last["none"])):
+            continue
+        row = {"task": task, "optimizer": optimizer, "runs": len(last["paper"])}
+        for clip in ("paper", "none"):
+            row.update({f"{k}_{clip}": v for k, v in _best_of(rows_of[rows_of["logit_clip"] == clip]).items()})
+            row[f"diverged_runs_{clip}"] = int(last[clip]["diverged"].sum())
+        row.update(_changes(last["paper"], last["none"], row))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["_order"] = table["optimizer"].map({o.value: i for i, o in enumerate(Optimizer)})
+    return table.sort_values(["task", "_order"]).drop(columns="_order").reset_index(drop=True)
+
+
+def _runs_named(grid: pd.DataFrame) -> pd.DataFrame:
+    frame = grid.copy()
+    for name in ("task", "optimizer", "logit_clip"):
+        frame[name] = frame[name].astype(str)
+    return frame
+
+
+def final_losses(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid run of one optimizer (rows of repeat 0): its last recorded step, loss and
+    diverged flag, indexed by (lr, damping); damping -1 for sgd and adam (NaN would not group)."""
+    runs = runs.assign(damping=runs["damping"].fillna(-1.0))
+    return runs.sort_values("step").groupby(["lr", "damping"], sort=True).agg(
+        step=("step", "last"), loss=("loss", "last"), diverged=("diverged", "any"))
+
+
+def _best_of(rows: pd.DataFrame) -> dict:
+    best = rows[rows["best"].astype(bool)]
+    run = best[best["repeat"] == 0].sort_values("step")
+    if not len(run):
+        return {"lr": math.nan, "damping": math.nan, "final_loss": math.nan, "chaotic": pd.NA, "diverged": pd.NA}
+    finals = best.sort_values("step").groupby("repeat")["loss"].last()
+    repeats = finals.drop(index=0, errors="ignore")
+    return {"lr": float(run["lr"].iloc[0]), "damping": float(run["damping"].iloc[0]),
+            "final_loss": float(finals.loc[0]),
+            "final_loss_min": float(finals.min()) if len(repeats) else math.nan,
+            "final_loss_max": float(finals.max()) if len(repeats) else math.nan,
+            "chaotic": bool(_flag_any(run["chaotic"])), "diverged": bool(run["diverged"].any())}
+
+
+def _flag_any(column: pd.Series) -> bool:
+    return bool(column.astype("boolean").fillna(False).any())
+
+
+def _changes(paper: pd.DataFrame, none: pd.DataFrame, row: dict) -> dict:
+    """How the exact likelihood's grid differs from the clipped one's, run by run and at the best."""
+    both = paper.merge(none, left_index=True, right_index=True, suffixes=("_paper", "_none"))
+    same = (np.isclose(both["loss_none"], both["loss_paper"], rtol=CLIP_TOLERANCE, atol=0.0, equal_nan=True)
+            & (both["step_none"] == both["step_paper"]) & (both["diverged_none"] == both["diverged_paper"]))
+    changed = both[~same]
+    only_none = both[~both["diverged_paper"] & both["diverged_none"]].sort_index(level="lr")
+    paper_loss, none_loss = row["final_loss_paper"], row["final_loss_none"]
+    comparable = paper_loss and not (row["diverged_paper"] is True or row["diverged_none"] is True)
+    return {
+        "best_loss_change": (none_loss - paper_loss) / abs(paper_loss) if comparable else math.nan,
+        "beyond_chaos": _apart(_spread(row, "paper"), _spread(row, "none")),
+        "changed_runs": len(changed),
+        "smallest_lr_changed": float(changed.index.get_level_values("lr").min()) if len(changed) else math.nan,
+        "diverged_only_none": len(only_none),
+        "smallest_lr_diverged_only_none": float(only_none.index.get_level_values("lr")[0]) if len(only_none) else math.nan,
+        "its_divergence_step": int(only_none["step_none"].iloc[0]) if len(only_none) else pd.NA,
+    }
+
+
+def _spread(row: dict, clip: str) -> tuple[float, float]:
+    """The best run's final loss over its chaos repeats (the loss itself without repeats)."""
+    low, high = row.get(f"final_loss_min_{clip}", math.nan), row.get(f"final_loss_max_{clip}", math.nan)
+    loss = row[f"final_loss_{clip}"]
+    return (loss, loss) if math.isnan(low) else (low, high)
+
+
+def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two ranges of final losses that do not overlap: a change that the chaos of ef cannot explain."""
+    return bool(a[1] < b[0] or b[1] < a[0])
+
+
 def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
     """An HTML table for the report: optimizer names as legends (SGD, K-FAC), frameworks and
     devices as in the figures, numbers to `digits` significant digits, empty cells blank."""
