@@ -71,7 +71,8 @@ def test_dry_run_builds_the_dag(repo_copy, overlay):
     done = snakemake(repo_copy, *args, check=True)
     jobs = int(re.search(r"^total\s+(\d+)", done.stdout, re.MULTILINE).group(1))
     assert jobs > 20
-    for rule in ("grid", "tune", "train", "cost", "figure_fig3_optimisation", "table_environment"):
+    for rule in ("grid", "grid_logit_clip_none", "tune", "train", "cost", "figure_fig3_optimisation",
+                 "figure_appendix_logit_clip", "table_logit_clip", "table_environment"):
         assert re.search(rf"^{rule}\s+\d+", done.stdout, re.MULTILINE), f"{overlay}: no {rule} job"
     assert not result_files(repo_copy)
 
@@ -83,6 +84,8 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
                     [SCHEMA, r"-0.01 is less than or equal to the minimum of 0"], "lrs"),
     "misspelled key": ("netwroks:\n  tasks: [digits-mlp]\n", [SCHEMA, r"'netwroks' was unexpected"], "netwroks"),
     "unknown optimizer": ("optimizers: [sgd, lbfgs]\n", [SCHEMA, r"'lbfgs' is not one of"], "optimizers"),
+    "a logit clip switch that is no boolean": ("convex:\n  compare_logit_clip: 'yes'\n",
+                                              [SCHEMA, r"'yes' is not of type 'boolean'"], "compare_logit_clip"),
     # two fields, beyond a schema: common.smk's check
     "a tuning seed rerun": ("networks:\n  tuning_seeds: [0, 2]\n",
                             [r"networks.seeds repeats networks.tuning_seeds \[2\]"], "tuning_seeds"),
@@ -155,6 +158,7 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
         assert f"{name}.png" in html, f"the report does not name {name}"
         assert (root / "results" / "figures" / f"{name}.pdf").stat().st_size > 0
         assert (root / "results" / "figures" / f"{name}.rst").read_text().strip()
-    for table in ("environment", "best-convex", "best-networks"):
+    assert "appendix-logit-clip" in figures
+    for table in ("environment", "best-convex", "best-networks", "logit-clip"):
         assert f"{table}.csv" in html
     assert list((root / "results" / "logs").rglob("*.log")), "no job logs"

@@ -3,7 +3,7 @@ import functools
 import glob
 import os
 
-from natgrad_impls.names import Device, Framework, Optimizer
+from natgrad_impls.names import Device, Framework, Likelihood, Optimizer
 from natgrad_impls.tasks import TASKS
 
 RESULTS = "results"
@@ -137,6 +137,16 @@ def scaling_files():
     return [f"{RESULTS}/scaling/{framework}-{device}.csv" for framework in s["frameworks"] for device in devices()]
 
 
+def logit_clip_files():
+    """The numpy grids of the convex Bernoulli tasks with the paper code's clipped logits (the default
+    grid) and with the exact likelihood, where convex.compare_logit_clip asks for the comparison."""
+    c = config["convex"]
+    if not c["compare_logit_clip"]:
+        return []
+    tasks = [t for t in c["tasks"] if TASKS[t].problem.likelihood == Likelihood.BERNOULLI]
+    return [f"{RESULTS}/grid/{task}/numpy-cpu{suffix}.parquet" for task in tasks for suffix in ("", "-logit_clip-none")]
+
+
 def reference_files(pattern):
     """Committed tables of earlier runs (config `reference`), shown beside this run's."""
     return sorted(glob.glob(os.path.join(config["reference"], pattern)))
@@ -187,6 +197,8 @@ def figures():
             out["appendix-optimisation-all-tasks"] = ("2. Appendix", numpy_grids(c["tasks"]) + cos_files(c["tasks"]))
     if "starting_point" in toys:
         out["appendix-starting-point"] = ("2. Appendix", [f"{RESULTS}/toys/starting_point.parquet"])
+    if logit_clip_files():
+        out["appendix-logit-clip"] = ("2. Appendix", logit_clip_files())
     if n["tasks"] and network_optimizers():
         for name in ("networks-loss", "networks-accuracy"):
             out[name] = ("3. Networks", network_runs())
@@ -204,10 +216,13 @@ def figures():
 
 
 def tables():
-    """{table: inputs}: best hyperparameters of the grids and of the tuned networks, environment."""
+    """{table: inputs}: best hyperparameters of the grids and of the tuned networks, the logit-clip
+    comparison, environment."""
     out = {"environment": []}
     if grid_files():
         out["best-convex"] = grid_files()
     if config["networks"]["tasks"] and network_optimizers():
         out["best-networks"] = network_runs()
+    if logit_clip_files():
+        out["logit-clip"] = logit_clip_files()
     return out

@@ -1,5 +1,5 @@
 # Figure 3: the Kunstner grid of every optimizer on each full-batch convex task (`natgrad grid`),
-# and the EF/NGD cosine along the best EF run of the numpy grid.
+# and the EF/NGD cosine along the best EF run of the numpy grid; the appendix's logit-clip grids.
 
 
 rule grid:
@@ -23,6 +23,19 @@ rule grid:
         "{params.env} natgrad grid --task {wildcards.task} --optimizers {params.optimizers} "
         "--framework {wildcards.framework} --device {wildcards.device} {params.options} "
         "--no-progress --out {output} > {log} 2>&1"
+
+
+# The same grid with the exact Bernoulli likelihood instead of the paper code's clipped logits
+# (convex.compare_logit_clip): the appendix figure and table of where the two differ.
+use rule grid as grid_logit_clip_none with:
+    output:
+        f"{RESULTS}/grid/{{task}}/{{framework}}-{{device}}-logit_clip-none.parquet",
+    log:
+        f"{LOGS}/grid/{{task}}/{{framework}}-{{device}}-logit_clip-none.log",
+    params:
+        optimizers=",".join(config["optimizers"]),
+        options=lambda wildcards: grid_options(wildcards) + " --logit-clip none",
+        env=single_threaded(1),
 
 
 rule cos_along_best_ef:

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib import pyplot as plt
 
 from natgrad_impls import results
-from natgrad_impls.figures import cost, networks, paper, save
+from natgrad_impls.figures import cost, networks, paper, save, tables
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 
@@ -45,6 +45,7 @@ DRAW = {
     "fig3-optimisation": lambda paths: paper.optimisation(*grids_and_cos(paths)),
     "appendix-optimisation-all-tasks": lambda paths: paper.optimisation(*grids_and_cos(paths)),
     "appendix-starting-point": lambda paths: paper.starting_point(read(paths)),
+    "appendix-logit-clip": lambda paths: paper.logit_clip(tables.read_logit_clip_grids(paths)),
     "networks-loss": lambda paths: networks.training(read(paths)),
     "networks-accuracy": lambda paths: networks.accuracy(read(paths)),
     "networks-cosine": lambda paths: networks.cosine(read(paths)),

@@ -1,5 +1,5 @@
-"""Write one table of the report: best hyperparameters (grids or tuned network runs), or the
-environment the numbers were measured in."""
+"""Write one table of the report: best hyperparameters (grids or tuned network runs), the logit-clip
+comparison of the Bernoulli grids, or the environment the numbers were measured in."""
 
 import contextlib
 
@@ -17,10 +17,15 @@ def read(paths) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p, **kwargs) for p in paths], ignore_index=True)
 
 
+MAKE = {
+    "environment": lambda paths: tables.environment(),
+    "best-convex": lambda paths: tables.best_hyperparameters(read(paths)),
+    "best-networks": lambda paths: tables.best_hyperparameters(read(paths)),
+    "logit-clip": lambda paths: tables.logit_clip_comparison(tables.read_logit_clip_grids(paths)),
+}
+
+
 with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-    if snakemake.params.table == "environment":
-        table = tables.environment()
-    else:
-        table = tables.best_hyperparameters(read(snakemake.input))
+    table = MAKE[snakemake.params.table](list(snakemake.input))
     results.write(table, snakemake.output.csv)
     print(table.to_string())
