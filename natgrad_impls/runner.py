@@ -508,7 +508,8 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     """Train once and return the long-format table of DESIGN 7 (see the module docstring).
 
     task: a name or a Task, with `variant` (misspec) and `logit_clip` (paper or none; default: the
-    task's own); hyperparameters: a dict of the optimizer's hyperparameters (lr, damping, ...); steps and batch_size default to the task's (batch_size None = full batch);
+    task's own); hyperparameters: a dict of the optimizer's hyperparameters (lr, damping, ...);
+    steps and batch_size default to the task's (batch_size None = full batch);
     eval_every: steps between full-train/test evaluations on networks (default 200: with the
     final one, six on a 1000-step run, a few percent of its time);
     cos_ef_ngd: also record the EF/NGD cosine, with `cos_damping` (default: the run's damping);

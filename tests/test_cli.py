@@ -111,11 +111,11 @@ BAD = {
     "grid: cuda without a gpu": (["grid", "--task", "wine", "--framework", "jax", "--device", "cuda"],
                                  "device: 'cuda' is not available here for jax (one of cpu)"),
     "missing option": (["run", "--task", "wine", "--framework", "numpy"], "the following arguments are required: --optimizer"),
-    "unknown logit clip": (["run", "--task", "breastcancer", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
-                            "--logit-clip", "clipped"], "logit_clip: 'clipped' is not one of paper, none"),
+    "unknown logit clip": (["run", "--task", "breastcancer", "--optimizer", "sgd", "--framework", "numpy",
+                            "--lr", "0.1", "--logit-clip", "clipped"], "logit_clip: 'clipped' is not one of paper, none"),
     "clip off bernoulli": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
-                            "--logit-clip", "paper"], "logit_clip: 'paper' clips a bernoulli likelihood; task 'wine' is "
-                                                       "gaussian (one of none)"),
+                            "--logit-clip", "paper"],
+                           "logit_clip: 'paper' clips a bernoulli likelihood; task 'wine' is gaussian (one of none)"),
     "grid: clip off bernoulli": (["grid", "--task", "wine", "--logit-clip", "paper"],
                                  "logit_clip: 'paper' clips a bernoulli likelihood"),
 }

@@ -447,7 +447,8 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
         for row, task in zip(axes, tasks):
             for ax, optimizer in zip(row, optimizers):
                 runs = both[(both["task"] == task) & (both["optimizer"] == optimizer)]
-                starts += [_clip_sweep(ax, runs[runs["logit_clip"].astype(str) == c.value], optimizer, c) for c in LogitClip]
+                for clip in LogitClip:
+                    starts.append(_clip_sweep(ax, runs[runs["logit_clip"].astype(str) == clip.value], optimizer, clip))
                 ax.set_title(f"{style.LABELS[optimizer]}" if len(tasks) == 1 else f"{task}: {style.LABELS[optimizer]}")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
@@ -470,8 +471,8 @@ _ALL_DIVERGE = {"color": "0.5", "alpha": 0.12, "linewidth": 0}
 def _clip_sweep(ax, runs: pd.DataFrame, optimizer: str, clip) -> float:
     """Final loss against lr, the lowest over dampings among runs that did not diverge, and a dot at
     the best run (filled: clipped, open: exact); grey from the lr on which every exact run diverges.
-    Returns the smallest lr worth showing: a thousandth of the best lr or of the first lr whose run
-    the clip could have changed (where the sweep leaves its flat start)."""
+    Returns the smallest lr worth showing: a thousandth of the best lr or of the lr where the sweep
+    leaves the flat start of runs too slow to move the loss, whichever is smaller."""
     from natgrad_impls.figures import tables
 
     final = tables.final_losses(runs)
@@ -514,7 +515,8 @@ def _logit_clip_note(task: str, rows: pd.DataFrame) -> str:
 
 def _change(row) -> str:
     name = style.LABELS[row.optimizer]
-    diverged = [legend for clip, legend in (("paper", "with"), ("none", "without")) if getattr(row, f"diverged_{clip}") is True]
+    diverged = [word for clip, word in (("paper", "with"), ("none", "without"))
+                if getattr(row, f"diverged_{clip}") is True]
     if diverged:
         return f"{name} none (every run diverges {' and '.join(diverged)} it)"
     if not np.isfinite(row.best_loss_change):

@@ -164,6 +164,8 @@ def read_logit_clip_grids(paths) -> pd.DataFrame:
             frame["logit_clip"] = frame["task"].astype(str).map(lambda t: logit_clip_name(get_task(t).problem))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOGIT_CLIP_COLUMNS)
+
+
 CLIP_TOLERANCE = 1e-12  # a run is "changed" by the clip when its last loss moves by more (relative)
 
 
@@ -242,6 +244,7 @@ def _changes(paper: pd.DataFrame, none: pd.DataFrame, row: dict) -> dict:
             & (both["step_none"] == both["step_paper"]) & (both["diverged_none"] == both["diverged_paper"]))
     changed = both[~same]
     only_none = both[~both["diverged_paper"] & both["diverged_none"]].sort_index(level="lr")
+    first = only_none.iloc[:1]  # the smallest lr that diverges only without the clip
     paper_loss, none_loss = row["final_loss_paper"], row["final_loss_none"]
     comparable = paper_loss and not (row["diverged_paper"] is True or row["diverged_none"] is True)
     return {
@@ -250,8 +253,8 @@ def _changes(paper: pd.DataFrame, none: pd.DataFrame, row: dict) -> dict:
         "changed_runs": len(changed),
         "smallest_lr_changed": float(changed.index.get_level_values("lr").min()) if len(changed) else math.nan,
         "diverged_only_none": len(only_none),
-        "smallest_lr_diverged_only_none": float(only_none.index.get_level_values("lr")[0]) if len(only_none) else math.nan,
-        "its_divergence_step": int(only_none["step_none"].iloc[0]) if len(only_none) else pd.NA,
+        "smallest_lr_diverged_only_none": float(first.index.get_level_values("lr")[0]) if len(first) else math.nan,
+        "its_divergence_step": int(first["step_none"].iloc[0]) if len(first) else pd.NA,
     }
 
 
