@@ -24,7 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator
 
-from natgrad_impls.figures import Drawn, style
+from natgrad_impls.figures import Drawn, style, tables
+from natgrad_impls.names import LogitClip
 
 GREY = "0.55"
 LIGHT_GREY = "0.75"
@@ -427,9 +428,6 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
     grid: `natgrad grid` frames of both (column logit_clip = paper | none), every run's rows (at
     least each run's last one) with best and repeat as the grid writes them.
     """
-    from natgrad_impls.figures import tables
-    from natgrad_impls.names import LogitClip
-
     clips = [c.value for c in LogitClip]
     both = grid[grid["logit_clip"].astype(str).isin(clips)] if "logit_clip" in grid else grid.iloc[:0]
     tasks = [t for t in _task_order(both["task"].unique())
@@ -473,8 +471,6 @@ def _clip_sweep(ax, runs: pd.DataFrame, optimizer: str, clip) -> float:
     the best run (filled: clipped, open: exact); grey from the lr on which every exact run diverges.
     Returns the smallest lr worth showing: a thousandth of the best lr or of the lr where the sweep
     leaves the flat start of runs too slow to move the loss, whichever is smaller."""
-    from natgrad_impls.figures import tables
-
     final = tables.final_losses(runs)
     kept = final[~final["diverged"]]
     sweep = kept.groupby(level="lr")["loss"].min()
