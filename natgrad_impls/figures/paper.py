@@ -428,25 +428,24 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
     grid: `natgrad grid` frames of both (column logit_clip = paper | none), every run's rows (at
     least each run's last one) with best and repeat as the grid writes them.
     """
-    clips = [c.value for c in LogitClip]
-    both = grid[grid["logit_clip"].astype(str).isin(clips)] if "logit_clip" in grid else grid.iloc[:0]
-    tasks = [t for t in _task_order(both["task"].unique())
-             if set(both.loc[both["task"] == t, "logit_clip"].astype(str)) == set(clips)]
-    if not tasks:
+    both = grid[grid["logit_clip"].astype(str).isin(tables.CLIPS)] if "logit_clip" in grid else grid.iloc[:0]
+    comparison = tables.logit_clip_comparison(both)  # the tasks with both grids, one row per optimizer
+    if comparison.empty:
         return _no_data_figure(["no Bernoulli task has grids with both logit_clip paper and none."])
-    both = both[both["task"].isin(tasks)]
-    comparison = tables.logit_clip_comparison(both)  # (it reads the chaos repeats too)
-    both = both[both["repeat"] == 0]
-    optimizers, notes = style.present(both["optimizer"].unique())
+    runs = tables.runs_by_clip(tables.final_losses(both))
+    tasks = _task_order(comparison["task"].unique())
+    optimizers, notes = style.present(comparison["optimizer"].unique())
     with style.paper():
         fig, axes = plt.subplots(len(tasks), len(optimizers), figsize=(style.FULL_WIDTH, 1.55 * len(tasks) + 0.45),
                                  squeeze=False, sharex=True, sharey="row", layout="constrained")
         starts = []
         for row, task in zip(axes, tasks):
             for ax, optimizer in zip(row, optimizers):
-                runs = both[(both["task"] == task) & (both["optimizer"] == optimizer)]
+                compared = comparison[(comparison["task"] == task) & (comparison["optimizer"] == optimizer)]
                 for clip in LogitClip:
-                    starts.append(_clip_sweep(ax, runs[runs["logit_clip"].astype(str) == clip.value], optimizer, clip))
+                    final = runs.get((task, optimizer, clip.value))
+                    if final is not None and len(compared):
+                        starts.append(_clip_sweep(ax, final, compared.iloc[0], optimizer, clip))
                 ax.set_title(f"{style.LABELS[optimizer]}" if len(tasks) == 1 else f"{task}: {style.LABELS[optimizer]}")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
@@ -466,14 +465,13 @@ _CLIP_LINES = {"paper": "-", "none": (0, (3, 1.5))}
 _ALL_DIVERGE = {"color": "0.5", "alpha": 0.12, "linewidth": 0}
 
 
-def _clip_sweep(ax, runs: pd.DataFrame, optimizer: str, clip) -> float:
-    """Final loss against lr, the lowest over dampings among runs that did not diverge, and a dot at
-    the best run (filled: clipped, open: exact); grey from the lr on which every exact run diverges.
-    Returns the smallest lr worth showing: a thousandth of the best lr or of the lr where the sweep
-    leaves the flat start of runs too slow to move the loss, whichever is smaller."""
-    final = tables.final_losses(runs)
-    kept = final[~final["diverged"]]
-    sweep = kept.groupby(level="lr")["loss"].min()
+def _clip_sweep(ax, final: pd.DataFrame, compared: pd.Series, optimizer: str, clip) -> float:
+    """Final loss against lr, the lowest over dampings among runs that did not diverge (`final`: one
+    clip's `tables.final_losses`, indexed by lr and damping), and a dot at the best run (`compared`:
+    its row of the comparison; filled: clipped, open: exact); grey from the lr on which every exact
+    run diverges. Returns the smallest lr worth showing: a thousandth of the best lr or of the lr
+    where the sweep leaves the flat start of runs too slow to move the loss, whichever is smaller."""
+    sweep = final[~final["diverged"]].groupby(level="lr")["loss"].min()
     color, paper = style.COLORS[optimizer], clip.value == "paper"
     ax.plot(sweep.index, sweep.to_numpy(), color=color, linestyle=_CLIP_LINES[clip.value],
             linewidth=1.4 if paper else 1.0, gid=f"sweep-{clip.value}")
@@ -482,10 +480,9 @@ def _clip_sweep(ax, runs: pd.DataFrame, optimizer: str, clip) -> float:
     if not paper and all_diverge.any():
         ax.axvspan(all_diverge[all_diverge].index.min(), lrs.max(), gid="all-diverge", **_ALL_DIVERGE)
     interesting = []
-    best = runs[_flag(runs["best"])]
-    if len(best) and not best["diverged"].any():  # (a diverged best: every run diverged, grey already)
-        lr = best["lr"].iloc[0]
-        loss = final.loc[(lr, best["damping"].fillna(-1.0).iloc[0]), "loss"]
+    lr, damping = compared[f"lr_{clip.value}"], compared[f"damping_{clip.value}"]
+    if not pd.isna(lr) and not _true(compared[f"diverged_{clip.value}"]):  # (diverged: all are, grey already)
+        loss = final.loc[(lr, -1.0 if pd.isna(damping) else damping), "loss"]
         ax.plot([lr], [loss], "o", color=color, markersize=3.0 if paper else 5.5, zorder=4 if paper else 3,
                 markerfacecolor=color if paper else "white", gid=f"best-{clip.value}")
         interesting.append(lr)
@@ -509,10 +506,15 @@ def _logit_clip_note(task: str, rows: pd.DataFrame) -> str:
     return text + ". Best final loss without the clip: " + ", ".join(_change(r) for r in rows.itertuples()) + "."
 
 
+def _true(flag) -> bool:
+    """A table's flag that may be missing (NA: no best run) as a plain bool."""
+    return not pd.isna(flag) and bool(flag)
+
+
 def _change(row) -> str:
     name = style.LABELS[row.optimizer]
     diverged = [word for clip, word in (("paper", "with"), ("none", "without"))
-                if getattr(row, f"diverged_{clip}") is True]
+                if _true(getattr(row, f"diverged_{clip}"))]
     if diverged:
         return f"{name} none (every run diverges {' and '.join(diverged)} it)"
     if not np.isfinite(row.best_loss_change):

@@ -167,6 +167,8 @@ def read_logit_clip_grids(paths) -> pd.DataFrame:
 
 
 CLIP_TOLERANCE = 1e-12  # a run is "changed" by the clip when its last loss moves by more (relative)
+CLIPS = ("paper", "none")  # names.LogitClip's values, in the table's column order
+RUN = ["task", "optimizer", "logit_clip", "lr", "damping"]  # one grid run (of repeat 0)
 
 
 def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
@@ -183,19 +185,21 @@ def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
     others never reached a clipped logit and agree to round-off) with smallest_lr_changed, and
     diverged_only_none (runs that diverge without the clip but not with it) with the smallest such lr
     and its_divergence_step (that run's, without the clip)."""
-    frame = _runs_named(grid)
-    frame = frame[frame["logit_clip"].isin(["paper", "none"])]
+    clipped = grid[grid["logit_clip"].astype(str).isin(CLIPS)]
+    last = runs_by_clip(final_losses(clipped))
+    best = clipped[clipped["best"].astype(bool)]  # the best runs and their chaos repeats
+    best = dict(list(best.groupby([best[c].astype(str) for c in RUN[:3]])))
     rows = []
-    for (task, optimizer), rows_of in frame.groupby(["task", "optimizer"], sort=False):
-        last = {clip: final_losses(rows_of[(rows_of["logit_clip"] == clip) & (rows_of["repeat"] == 0)])
-                for clip in ("paper", "none")}
-        if not (len(last["paper"]) and len(last["none"])):
+    for task, optimizer in dict.fromkeys((t, o) for t, o, _ in last):
+        if not all((task, optimizer, clip) in last for clip in CLIPS):
             continue
-        row = {"task": task, "optimizer": optimizer, "runs": len(last["paper"])}
-        for clip in ("paper", "none"):
-            row.update({f"{k}_{clip}": v for k, v in _best_of(rows_of[rows_of["logit_clip"] == clip]).items()})
-            row[f"diverged_runs_{clip}"] = int(last[clip]["diverged"].sum())
-        row.update(_changes(last["paper"], last["none"], row))
+        runs = {clip: last[task, optimizer, clip] for clip in CLIPS}
+        row = {"task": task, "optimizer": optimizer, "runs": len(runs["paper"])}
+        for clip in CLIPS:
+            mine = best.get((task, optimizer, clip), clipped.iloc[:0])
+            row.update({f"{k}_{clip}": v for k, v in _best_of(mine).items()})
+            row[f"diverged_runs_{clip}"] = int(runs[clip]["diverged"].sum())
+        row.update(_changes(runs["paper"], runs["none"], row))
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
@@ -204,23 +208,24 @@ def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["task", "_order"]).drop(columns="_order").reset_index(drop=True)
 
 
-def _runs_named(grid: pd.DataFrame) -> pd.DataFrame:
-    frame = grid.copy()
-    for name in ("task", "optimizer", "logit_clip"):
-        frame[name] = frame[name].astype(str)
-    return frame
-
-
-def final_losses(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per grid run of one optimizer (rows of repeat 0): its last recorded step, loss and
-    diverged flag, indexed by (lr, damping); damping -1 for sgd and adam (NaN would not group)."""
-    runs = runs.assign(damping=runs["damping"].fillna(-1.0))
-    return runs.sort_values("step").groupby(["lr", "damping"], sort=True).agg(
+def final_losses(grid: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid run (rows of repeat 0): its last recorded step, loss and diverged flag,
+    indexed by task, optimizer, logit_clip, lr and damping (damping -1 for sgd and adam: NaN would
+    not group), from one grouping of every row."""
+    runs = grid.loc[grid["repeat"] == 0, RUN + ["step", "loss", "diverged"]]
+    runs = runs.assign(**{c: runs[c].astype(str) for c in RUN[:3]}, damping=runs["damping"].fillna(-1.0))
+    return runs.sort_values("step", kind="stable").groupby(RUN, sort=True).agg(
         step=("step", "last"), loss=("loss", "last"), diverged=("diverged", "any"))
 
 
-def _best_of(rows: pd.DataFrame) -> dict:
-    best = rows[rows["best"].astype(bool)]
+def runs_by_clip(finals: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """`final_losses` split by (task, optimizer, logit_clip), each indexed by lr and damping."""
+    return {key: rows.droplevel(RUN[:3]) for key, rows in finals.groupby(level=RUN[:3], sort=False)}
+
+
+def _best_of(best: pd.DataFrame) -> dict:
+    """The best run's setting, final loss, its range over the chaos repeats, and flags, from the
+    grid's rows marked best (the run, repeat 0, and its repeats)."""
     run = best[best["repeat"] == 0].sort_values("step")
     if not len(run):
         return {"lr": math.nan, "damping": math.nan, "final_loss": math.nan, "chaotic": pd.NA, "diverged": pd.NA}
