@@ -151,6 +151,47 @@ def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
     assert log == expected
 
 
+def test_rows_timed_on_a_busy_machine_are_measured_again(capsys):
+    """A row whose gradient took over twice the fastest gradient of the same model (a busy machine:
+    torch's threads then wait 100x longer) is measured again until it is not, at most `tries` times,
+    and a row still slow is named in the log; rows of another model are compared among themselves."""
+    import pandas as pd
+
+    table = pd.DataFrame(dict(setting=["sgd", "adam", "ef", "sgd", "adam"], width=[8, 8, 8, 64, 64], batch_size=4,
+                              step_s=[40.0, 2.0, 90.0, 9.0, 10.0], gradient_s=[36.0, 1.0, 30.0, 8.0, 9.0]))
+    table["gradient_equivalents"] = table.step_s / table.gradient_s
+    quiet = {"sgd": [dict(step_s=1.1, gradient_s=1.0, gradient_equivalents=1.1)],
+             "ef": [dict(step_s=60.0, gradient_s=20.0, gradient_equivalents=3.0)] * 2}
+    measured = []
+
+    def measure(row):
+        measured.append(row.setting)
+        return quiet[row.setting].pop(0)
+
+    out = timing.remeasure_contended(table, measure, ["width", "batch_size"], ratio=2.0, tries=2)
+    assert measured == ["sgd", "ef", "ef"]  # the wide model's 9 s against 8 s is no contention
+    assert out.step_s.tolist() == [1.1, 2.0, 60.0, 9.0, 10.0]
+    assert out.gradient_equivalents.tolist()[:3] == [1.1, 2.0, 3.0]
+    log = capsys.readouterr().err
+    assert "sgd width 8 batch 4: gradient 36 s, 36x the fastest" in log
+    assert "ef width 8 batch 4: gradient still 20x the fastest after 2 new measurements" in log
+
+
+def test_cost_table_measures_a_busy_row_again(monkeypatch):
+    """cost_table passes its rows through remeasure_contended: a gradient sampled 50x slow at first
+    (as on a loaded machine) is sampled again, and the row keeps the quiet numbers."""
+    calls = []
+
+    def medians(timed, repeats, **kwargs):
+        calls.append(len(calls))
+        return [3e-3, 50e-3] if len(calls) == 1 else [2e-3, 1e-3]
+
+    monkeypatch.setattr(timing, "alternating_medians", medians)
+    table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "ef"), repeats=3)
+    assert len(calls) == 3  # sgd, ef, then sgd again
+    assert table.gradient_s.tolist() == [1e-3, 1e-3] and table.gradient_equivalents.tolist() == [2.0, 2.0]
+
+
 def test_torch_ops_counts_what_a_step_adds():
     """`timing.torch_ops` (the GPU launch proxy of TorchOps): momentum adds exactly its two foreach
     ops (scale the buffer, add the gradient) to an sgd step; counts are exact, so a repeat agrees."""
