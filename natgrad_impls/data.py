@@ -4,7 +4,10 @@ Every file is pinned by URL and sha256 and lives in the cache folder `$NATGRAD_D
 `~/.cache/natgrad`) under `Resource.filename`. `fetch` returns the cached file when its checksum
 matches, and otherwise downloads it to a temporary file in the same folder, checks it, and renames
 it into place, so that a killed or corrupted download never leaves a file that looks complete.
-Offline, `fetch` raises `DataUnavailable` saying where to put the file by hand. `generated` keeps
+A URL that serves a file with the wrong sha256 is skipped like one that is down (the file is
+discarded). When no URL gives the file, `fetch` raises `DataUnavailable` (`ChecksumMismatch` if a URL
+served a wrong file) saying where to put the file by hand. An unpinned file (`sha256=None`, only
+LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed to pin. `generated` keeps
 offline data sets that are slow to generate in the same folder.
 
 `NATGRAD_DATA_MIRROR=<base URL>` replaces the pinned URLs by `<base URL>/<filename>` (a local mirror,
@@ -21,6 +24,7 @@ import os
 import pickle
 import posixpath
 import re
+import sys
 import tarfile
 import tempfile
 import urllib.parse
@@ -38,8 +42,9 @@ class DataUnavailable(RuntimeError):
     """A download task's file is neither in the cache nor downloadable (offline, moved, unpinned)."""
 
 
-class ChecksumMismatch(RuntimeError):
-    """A downloaded file does not have its pinned sha256 (nothing was kept)."""
+class ChecksumMismatch(DataUnavailable):
+    """A downloaded file does not have its pinned sha256 (nothing was kept). A DataUnavailable, so
+    that the command line reports it as one line, like any other file it cannot get."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,22 +139,28 @@ def fetch(resource: Resource) -> Path:
     if path.is_file():
         actual = sha256sum(path)
         if resource.sha256 is None:
-            warnings.warn(f"{resource.name}: using unpinned {path}, sha256 {actual} (pin it in natgrad_impls/data.py)")
+            _print_unpinned(resource, f"using unpinned {path}", actual)
             return path
         if actual == resource.sha256:
             return path
         stale = actual  # a wrong file in the cache is replaced, never used
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
+    failures, mismatched = [], False
     for url in _urls(resource):
         try:
             return _download(resource, url, path)
-        except ChecksumMismatch:
-            raise
-        except Exception as error:  # offline, 404, refused, ...: try the next URL
+        except ChecksumMismatch as error:  # a changed file or a bad mirror: discarded, try the next URL
+            mismatched = True
             failures.append(f"{url} ({error})")
+        except Exception as error:  # offline, 404, refused, ...: try the next URL
+            failures.append(f"{url} ({' '.join(str(error).split())})")
     found = f"; the file there has sha256 {stale}" if stale else ""
+    if mismatched:
+        raise ChecksumMismatch(
+            f"{resource.name}: no URL gave {resource.filename} with sha256 {resource.sha256}: "
+            f"{', '.join(failures)}{found}; nothing was kept. {_by_hand(resource, path)}"
+        )
     raise DataUnavailable(
         f"{resource.name}: could not download {resource.filename} from {', '.join(failures)}{found}. "
         f"Offline? {_by_hand(resource, path)}"
@@ -164,14 +175,18 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
             digest.update(block)
             out.write(block)
         actual = digest.hexdigest()
-        if resource.sha256 is None:
-            warnings.warn(f"{resource.name}: downloaded unpinned {resource.filename}, sha256 {actual} (pin it)")
-        elif actual != resource.sha256:
-            raise ChecksumMismatch(
-                f"{resource.name}: {resource.filename} from {url} has sha256 {actual}, expected {resource.sha256}; "
-                "nothing was kept"
-            )
+        if resource.sha256 is not None and actual != resource.sha256:
+            raise ChecksumMismatch(f"got sha256 {actual}")  # raised inside: the temporary file is removed
+    if resource.sha256 is None:
+        _print_unpinned(resource, "unpinned download", actual)
     return path
+
+
+def _print_unpinned(resource: Resource, what: str, actual: str) -> None:
+    """Printed, not warned: a warning shows once per process and a filter can hide it, and this
+    line is how the first online user learns the checksum to pin."""
+    print(f"{resource.name}: {what}, sha256 {actual}; pin it in natgrad_impls/data.py RESOURCES",
+          file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -54,11 +54,39 @@ def test_download_checks_and_caches(cache, tmp_path):
 def test_mismatch_is_refused_and_nothing_kept(cache, tmp_path):
     url, sha = served(tmp_path, b"tampered")
     wrong = "0" * 64
-    with pytest.raises(ChecksumMismatch) as error:
+    with pytest.raises(DataUnavailable) as error:  # so the CLI prints it as one line, no traceback
         fetch(Resource("thing", url, wrong, "thing.bin"))
+    assert isinstance(error.value, ChecksumMismatch)
     message = str(error.value)
-    assert "thing.bin" in message and wrong in message and sha in message
+    assert "thing.bin" in message and wrong in message and sha in message and url in message
+    assert str(cache / "thing.bin") in message  # where to put it by hand
+    assert "\n" not in message
     assert files_in(cache) == []
+
+
+def test_a_mismatching_url_is_discarded_and_the_next_tried(cache, tmp_path):
+    bad, _ = served(tmp_path, b"tampered", name="bad.bin")
+    good, sha = served(tmp_path, b"right", name="good.bin")
+    resource = Resource("thing", bad, sha, "thing.bin", mirrors=(good,))
+    assert fetch(resource).read_bytes() == b"right"
+    assert files_in(cache) == [cache / "thing.bin"]
+
+
+def test_a_mismatch_in_the_cli_is_one_line_and_exit_status_1(cache, tmp_path, monkeypatch, capsys):
+    from natgrad_impls import cli
+
+    served(tmp_path, b"garbage\n", name="uci/yacht_hydrodynamics.data")
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "server").as_uri())
+    out = tmp_path / "o.csv"
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["run", "--task", "yacht", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                  "--steps", "1", "--out", str(out)])
+    assert exit.value.code == cli.EXIT_UNAVAILABLE == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert hashlib.sha256(b"garbage\n").hexdigest() in err and data.RESOURCES["yacht"].sha256 in err
+    assert "yacht_hydrodynamics.data" in err and "Traceback" not in err
+    assert not out.exists() and files_in(cache) == []
 
 
 def test_cached_file_is_used_without_download(cache, tmp_path, monkeypatch):
@@ -99,8 +127,19 @@ def test_unpinned_files_need_an_explicit_opt_in(cache, tmp_path, monkeypatch):
     with pytest.raises(DataUnavailable, match="NATGRAD_ALLOW_UNPINNED"):
         fetch(resource)
     monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
-    with pytest.warns(UserWarning, match=sha):  # the checksum to pin is printed
-        assert fetch(resource).read_bytes() == b"unpinned"
+    assert fetch(resource).read_bytes() == b"unpinned"
+
+
+def test_an_unpinned_download_prints_its_checksum_on_one_line(cache, tmp_path, monkeypatch, capfd):
+    url, sha = served(tmp_path, b"unpinned")
+    resource = Resource("thing", url, None, "thing.bin")
+    monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
+    fetch(resource)
+    # printed, not warned: a warning filter or a second call in the same process would hide it
+    assert capfd.readouterr().err == f"thing: unpinned download, sha256 {sha}; pin it in natgrad_impls/data.py RESOURCES\n"
+    fetch(resource)  # the cached copy is used, and its checksum printed again
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and f"sha256 {sha}" in err and str(cache / "thing.bin") in err
 
 
 def test_mirror_replaces_the_pinned_url(cache, tmp_path, monkeypatch):
