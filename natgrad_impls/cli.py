@@ -168,7 +168,7 @@ def cmd_grid(args) -> int:
     out = _checked(lambda: results.check_path(args.out))
     checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
                                              args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps,
-                                             args.logit_clip))
+                                             args.logit_clip, args.seed))
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
                                                 args.repeats, None, hps, progress=False if args.no_progress else None,

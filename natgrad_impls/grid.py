@@ -50,8 +50,8 @@ import pandas as pd
 
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.runner import (
-    DIVERGENCE_FACTOR, accepted, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns, progress_bar,
-    resolve_task, check_setting, task_columns, usable_cores,
+    DIVERGENCE_FACTOR, accepted, check_seed, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns,
+    progress_bar, resolve_task, check_setting, task_columns, usable_cores,
 )
 
 PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
@@ -689,7 +689,7 @@ def check_grid_task(task) -> None:
 
 
 def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS, dampings=PAPER_DAMPINGS,
-             steps=None, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None, logit_clip=None):
+             steps=None, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None, logit_clip=None, seed=0):
     """Parse and check a grid before any work (ValueError naming the field and the allowed values)."""
     if isinstance(optimizers, str):
         optimizers = [o for o in optimizers.split(",") if o]
@@ -709,6 +709,7 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
     if int(repeats) < 0:
         raise ValueError(f"repeats: {repeats!r} must be an integer >= 0")
+    check_seed(seed)
     extra = dict(hyperparameters or {})
     for name in extra:
         if not any(name in _fields(o) for o in optimizers):
@@ -737,7 +738,8 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
     job log, where no bar is drawn).
     """
     task, optimizers, framework, device, dtype, lr_bounds, damping_bounds, steps = validate(
-        task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters, logit_clip)
+        task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters, logit_clip,
+        seed)
     start = time.perf_counter()
     data = task.load(seed)
     x, y = data.train

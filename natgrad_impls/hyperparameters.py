@@ -17,8 +17,12 @@ def _check(condition: bool, name: str, value, requirement: str) -> None:
         raise ValueError(f"{name}: {value!r} must be {requirement}")
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _finite(value) -> bool:  # a bool is an int to Python, but `"lr": true` is a mistake, not lr 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,8 @@ class NaturalGradient:
         _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(_finite(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
-        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(_count(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(_count(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +83,12 @@ class KFAC:
     def __post_init__(self):
         _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(_finite(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
-        _check(isinstance(self.kfac_update_period, int) and self.kfac_update_period >= 1,
+        _check(_count(self.kfac_update_period) and self.kfac_update_period >= 1,
                "kfac_update_period", self.kfac_update_period, "an integer >= 1")
         _check(_finite(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
-        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(_count(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(_count(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
 HYPERPARAMETERS = {

@@ -177,9 +177,16 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
     device = parse(Device, device, "device")
     dtype = parse(DType, dtype, "dtype")
     task = resolve_task(task, variant, logit_clip)
+    check_seed(seed)
     h = make_hyperparameters(optimizer, hyperparameters or {}, seed)
     check_setting(task, framework, device, dtype)
     return Spec(task, optimizer, framework, device, dtype, h)
+
+
+def check_seed(seed) -> None:
+    """ValueError naming the field unless `seed` is an integer >= 0 (what NumPy's generators take)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: {seed!r} must be an integer >= 0")
 
 
 def task_columns(task: Task) -> dict:

@@ -118,6 +118,10 @@ BAD = {
                            "logit_clip: 'paper' clips a bernoulli likelihood; task 'wine' is gaussian (one of none)"),
     "grid: clip off bernoulli": (["grid", "--task", "wine", "--logit-clip", "paper"],
                                  "logit_clip: 'paper' clips a bernoulli likelihood"),
+    "negative seed": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                       "--seed", "-1"], "seed: -1 must be an integer >= 0"),
+    "grid: negative seed": (["grid", "--task", "wine", "--optimizers", "sgd", "--seed", "-1"],
+                            "seed: -1 must be an integer >= 0"),
 }
 
 
@@ -203,6 +207,8 @@ def test_run_reads_hyperparameters_from_json_and_options_win(tmp_path, capsys):
     ('{"lr": 0.5, "dampin": 0.01}', "hyperparameters: 'dampin' in"),
     ("lr: 0.5", "hyperparameters: cannot read"),
     ("[0.5]", "must hold a JSON object"),
+    ('{"lr": true, "damping": 1}', "lr: True must be a finite number >= 0"),  # not lr 1: a bool is a mistake
+    ('{"lr": 1, "damping": 1, "fisher": "mc", "samples": true}', "samples: True must be an integer >= 1"),
 ])
 def test_bad_hyperparameters_file_is_one_line_and_writes_nothing(tmp_path, capsys, text, message):
     settings = tmp_path / "settings" / "best.json"
