@@ -8,6 +8,8 @@ c-th column of a square root of the output-space Fisher Lambda_n of the example'
 differ from ours only in how the loss is scaled, so every comparison multiplies by a factor derived
 (not fitted) from the reference's documented loss convention; the derivations sit next to the
 factor tables below.
+A convolution (KFC, Grosse & Martens 2016; curvlinops' KFAC-expand) is checked against curvlinops
+only: there A sums and G averages over the T output positions, curvlinops the other way round.
 
 Our conventions (natgrad_impls.<framework>.model.nll): the per-example NLL is summed over outputs;
 gaussian l_n = |f_n - y_n|^2 / 2 (Lambda = I), bernoulli: binary cross-entropy with logits
@@ -28,11 +30,13 @@ import torch
 from conftest import make_data
 from natgrad_impls import models
 from natgrad_impls.names import Curvature, Likelihood
+from natgrad_impls.torch import model as torch_model, to_torch
 
 SIZES = (6, 8, 5, 3)  # three dense layers: dense0, dense2, dense4 (tanh in between)
 N = 16
 K = SIZES[-1]  # output dimension (classes / regression targets / independent Bernoullis)
 LIKELIHOODS = (Likelihood.CATEGORICAL, Likelihood.GAUSSIAN, Likelihood.BERNOULLI)
+CNN_INPUT = (2, 6, 6)  # conv0 (3x3, 'same'): T = 36 output positions; relu, 2x2 max-pool, dense 27-4-K
 TOL = 1e-12  # relative (max-abs error / max-abs entry), float64; round-off measured at ~5e-16
 MC_SAMPLES = 4000
 
@@ -43,15 +47,17 @@ def rel_err(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def setup(likelihood: Likelihood, seed: int = 0):
-    """Problem, NumPy params (biases made nonzero so that they matter in the forward pass), data."""
-    problem = models.Problem(models.mlp(SIZES, "tanh"), likelihood)
+def setup(likelihood: Likelihood, seed: int = 0, cnn: bool = False):
+    """Problem (the MLP, or with cnn=True a small CNN), NumPy params (biases made nonzero so that
+    they matter in the forward pass), data."""
+    model = models.cnn(CNN_INPUT, (3,), (4, K)) if cnn else models.mlp(SIZES, "tanh")
+    problem = models.Problem(model, likelihood)
     params = models.init_params(problem.model, seed)
     rng = np.random.default_rng(seed + 1)
     for name in params:
         if name.endswith(".bias"):
             params[name] = 0.5 * rng.standard_normal(params[name].shape)
-    x = 2.0 * rng.standard_normal((N, SIZES[0]))  # large enough to leave tanh's linear range
+    x = 2.0 * rng.standard_normal((N, *model.input_shape))  # large enough to leave tanh's linear range
     if likelihood == Likelihood.CATEGORICAL:
         y = rng.integers(0, K, size=N)
     elif likelihood == Likelihood.BERNOULLI:
@@ -65,10 +71,15 @@ def layer_names(problem) -> list[str]:
     return [name for name, _ in problem.model.parametric()]
 
 
-def ours(impl, likelihood, curvature=Curvature.EXACT, samples=1):
+def module_name(name: str) -> str:
+    """Our layer name -> its nn.Sequential index ("dense4" -> "4", "conv0" -> "0")."""
+    return name.removeprefix("dense").removeprefix("conv")
+
+
+def ours(impl, likelihood, curvature=Curvature.EXACT, samples=1, cnn=False):
     """Our K-FAC as NumPy: A and G per layer, and (exact curvature) the dense matrix in
     Model.param_names order."""
-    problem, params, x, y = setup(likelihood)
+    problem, params, x, y = setup(likelihood, cnn=cnn)
     rng = impl.rng(1234) if curvature == Curvature.MC else None
 
     def kfac(params, batch, rng):
@@ -107,37 +118,47 @@ CURVLINOPS_SCALE = {
 
 
 def torch_sequential(problem, params) -> torch.nn.Sequential:
-    """nn.Sequential with our weights; module index = our layer index ("dense<i>" <-> "<i>")."""
+    """nn.Sequential with our weights; module index = our layer index ("dense<i>"/"conv<i>" <-> "<i>")."""
     modules = []
     for index, layer in enumerate(problem.model.layers):
+        name = models.layer_name(index, layer)
         if isinstance(layer, models.Dense):
-            linear = torch.nn.Linear(layer.in_features, layer.out_features, dtype=torch.float64)
-            with torch.no_grad():
-                linear.weight.copy_(torch.as_tensor(params[f"dense{index}.weight"]))
-                linear.bias.copy_(torch.as_tensor(params[f"dense{index}.bias"]))
-            modules.append(linear)
+            module = torch.nn.Linear(layer.in_features, layer.out_features, dtype=torch.float64)
+        elif isinstance(layer, models.Conv2d):
+            module = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                     layer.padding, dtype=torch.float64)
+        elif isinstance(layer, models.MaxPool2d):
+            module = torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, models.Flatten):
+            module = torch.nn.Flatten()
         else:
-            assert isinstance(layer, models.Act) and layer.kind == "tanh"
-            modules.append(torch.nn.Tanh())
+            module = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[layer.kind]()
+        if name:
+            with torch.no_grad():
+                module.weight.copy_(torch.as_tensor(params[f"{name}.weight"]))
+                module.bias.copy_(torch.as_tensor(params[f"{name}.bias"]))
+        modules.append(module)
     return torch.nn.Sequential(*modules)
 
 
 @functools.cache
-def curvlinops_reference(likelihood):
+def curvlinops_reference(likelihood, cnn=False):
     """curvlinops' (A, G) per layer (our layer names) and its dense K-FAC matrix."""
     import curvlinops
 
-    problem, params, x, y = setup(likelihood)
+    problem, params, x, y = setup(likelihood, cnn=cnn)
     net = torch_sequential(problem, params)
     # net.parameters() is (weight, bias) per layer in forward order, and curvlinops flattens a
-    # weight (out, in) row-major: our canonical order, so its dense matrix needs no permutation.
-    assert [n for n, _ in net.named_parameters()] == [n.replace("dense", "") for n in problem.model.param_names()]
+    # weight (out, in[, kh, kw]) row-major: our canonical order, so its dense matrix needs no permutation.
+    assert [n for n, _ in net.named_parameters()] == [module_name(n) for n in problem.model.param_names()]
     loss_func = {
         Likelihood.CATEGORICAL: torch.nn.CrossEntropyLoss(reduction="mean"),
         Likelihood.GAUSSIAN: torch.nn.MSELoss(reduction="mean"),
         Likelihood.BERNOULLI: torch.nn.BCEWithLogitsLoss(reduction="mean"),
     }[likelihood]
     xt = torch.as_tensor(x)
+    ours_f = torch_model.output(problem.model, to_torch(params), xt)
+    torch.testing.assert_close(net(xt), ours_f, rtol=1e-13, atol=0)  # the network is ours
     yt = torch.as_tensor(y, dtype=torch.long if likelihood == Likelihood.CATEGORICAL else torch.float64)
     kfac = curvlinops.KFACLinearOperator(
         net,
@@ -145,6 +166,7 @@ def curvlinops_reference(likelihood):
         list(net.parameters()),
         [(xt, yt)],
         fisher_type=curvlinops.FisherType.TYPE2,
+        kfac_approx=curvlinops.KFACType.EXPAND,  # KFC for the conv (the default; no-op for Linear)
         separate_weight_and_bias=False,  # one (in + 1) x (in + 1) A per layer, like ours
         check_deterministic=False,
     )
@@ -152,8 +174,8 @@ def curvlinops_reference(likelihood):
     state = kfac.state_dict()
     factors = {
         name: (
-            state["input_covariances"][name.removeprefix("dense")].numpy(),
-            state["gradient_covariances"][name.removeprefix("dense")].numpy(),
+            state["input_covariances"][module_name(name)].numpy(),
+            state["gradient_covariances"][module_name(name)].numpy(),
         )
         for name in layer_names(problem)
     }
@@ -201,6 +223,18 @@ def test_mc_factors_converge_to_curvlinops_type2(impl, curvlinops, likelihood):
         A_ref, G_ref = factors[name]
         assert rel_err(A[name], A_ref) < TOL, name
         assert rel_err(s * G[name], G_ref) < 0.03, name
+
+
+def test_kfc_conv_kfac_matches_curvlinops_expand(impl, curvlinops):
+    """KFC with T = 36 positions: per layer G (x) A and the whole matrix equal curvlinops' KFAC-expand
+    (A summed over T, G averaged over T: only the product is fixed, curvlinops puts 1/T in A)."""
+    problem, A, G, dense = ours(impl, Likelihood.CATEGORICAL, cnn=True)
+    factors, reference = curvlinops_reference(Likelihood.CATEGORICAL, cnn=True)
+    assert np.prod(problem.model.output_shapes()["conv0"][1:]) == 36  # T > 1 output positions
+    for name in layer_names(problem):
+        A_ref, G_ref = factors[name]
+        assert rel_err(np.kron(G[name], A[name]), np.kron(G_ref, A_ref)) < TOL, name
+    assert rel_err(dense, reference) < TOL  # (CURVLINOPS_SCALE[CATEGORICAL] = 1)
 
 
 # -- kfac-jax -----------------------------------------------------------------------------------------
