@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dense_reference as ref
-from conftest import PROBLEMS, make_data
+from conftest import PROBLEMS, JaxImpl, TorchImpl, make_data
 from natgrad_impls import hyperparameters, make_optimizer, models
 from natgrad_impls.names import Curvature
 
@@ -179,6 +179,32 @@ def test_kfac_first_step_and_update_period(impl):
     np.testing.assert_array_equal(inv(s1), inv(s3))  # steps 1 and 2 reuse step 0's inverse
     assert np.abs(inv(s4) - inv(s3)).max() > 0  # step 3 refreshes it
     assert np.abs(fac(s3) - fac(s1)).max() > 0  # the moving averages move every step
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
+def test_kfac_factors_are_the_moving_average_of_the_batch_factors(framework):
+    """kfac_ema weighs the old factors (DESIGN 3: the decay): after each of 3 steps on new batches A, G
+    = ema X + (1 - ema) X_batch (X_0 = batch 0's), logistic's batch factors in closed form."""
+    problem, ema, n = PROBLEMS["logistic"], 0.8, 16  # ema != 0.5, so that swapping ema and 1 - ema shows
+    if framework == "numpy":  # (state.A, state.G: the one layer's, G a float)
+        to_params, to_batch, to_numpy, layer = dict, lambda x, y: (x, y), dict, lambda X: np.asarray(X)
+    else:
+        impl = TorchImpl() if framework == "torch" else JaxImpl()
+        to_params, to_batch, to_numpy = impl.params, impl.batch, impl.numpy
+        layer = lambda X: impl.numpy(X["dense0"])
+    opt = make_optimizer(framework, "kfac", problem, lr=1.0, damping=1e-2, kfac_ema=ema, fisher="exact")
+    params = to_params(models.init_params(problem.model, 1))
+    state = opt.init(params)
+    for step in range(3):
+        x, y = make_data(problem, n, seed=step)
+        now = to_numpy(params)
+        z = np.hstack([x, np.ones((n, 1))])  # bias-augmented inputs, the 1 last
+        s = 1 / (1 + np.exp(-z @ np.append(now["dense0.weight"][0], now["dense0.bias"])))
+        A_batch, G_batch = z.T @ z / n, np.mean(s * (1 - s))
+        A, G = (A_batch, G_batch) if step == 0 else (ema * A + (1 - ema) * A_batch, ema * G + (1 - ema) * G_batch)
+        params, state, _ = opt.step(params, state, to_batch(x, y))
+        np.testing.assert_allclose(layer(state.A), A, rtol=1e-12, atol=0, err_msg=f"A, step {step}")
+        np.testing.assert_allclose(layer(state.G).reshape(()), G, rtol=1e-12, atol=0, err_msg=f"G, step {step}")
 
 
 JAX_STEP_CASES = [
