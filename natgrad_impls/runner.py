@@ -48,7 +48,7 @@ import pandas as pd
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls import make_optimizer, models
-from natgrad_impls.names import DType, Device, Framework, Optimizer, parse
+from natgrad_impls.names import DType, Device, Fisher, Framework, Optimizer, parse
 from natgrad_impls.tasks import Task, get_task
 
 DIVERGENCE_FACTOR = 100.0
@@ -198,9 +198,12 @@ def task_columns(task: Task) -> dict:
 
 
 def hyperparameter_columns(optimizer: Optimizer, h) -> dict:
-    """lr and damping always (NaN where the optimizer has none), then the optimizer's others."""
+    """lr and damping always (NaN where the optimizer has none), then the optimizer's others; not
+    `samples` where the Fisher is exact: no labels are drawn, so it is missing, and missing is empty."""
     values = optimizer_kwargs(optimizer, h)
     columns = {"lr": float(values.get("lr", math.nan)), "damping": float(values.get("damping", math.nan))}
+    if values.get("fisher") == Fisher.EXACT:
+        values.pop("samples", None)
     for name in HYPERPARAMETER_ORDER[2:]:
         if name in values:
             value = values[name]

@@ -148,6 +148,19 @@ def test_missing_hyperparameters_are_empty_in_the_file(tmp_path):
     pd.testing.assert_frame_equal(results.read(results.write(frame, tmp_path / "run.parquet")), frame)
 
 
+def test_samples_is_recorded_only_where_labels_are_drawn():
+    """The exact Fisher draws no labels: its runs have no `samples`, so a grid or a table that holds
+    both kinds shows it empty for them, not a 1 that reads as one sample."""
+    hps = {"lr": 0.1, "damping": 1.0}
+    exact = runner.run("wine", "ngd", "numpy", hyperparameters={**hps, "fisher": "exact", "samples": 3}, steps=1,
+                       progress=False)
+    mc = runner.run("wine", "ngd", "numpy", hyperparameters={**hps, "fisher": "mc", "samples": 3}, steps=1, progress=False)
+    assert "samples" not in exact.columns and (exact["fisher"] == "exact").all()
+    assert (mc["samples"] == 3).all() and (mc["fisher"] == "mc").all()
+    both = pd.concat([exact, mc])
+    assert both["samples"].isna().tolist() == [True] * 2 + [False] * 2
+
+
 def test_timing_covers_the_steps_only():
     frame = runner.run("digits-mlp", "sgd", "torch", hyperparameters={"lr": 0.05}, steps=20, eval_every=5,
                        progress=False)
