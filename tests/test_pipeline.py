@@ -89,6 +89,10 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     # two fields, beyond a schema: common.smk's check
     "a tuning seed rerun": ("networks:\n  tuning_seeds: [0, 2]\n",
                             [r"networks.seeds repeats networks.tuning_seeds \[2\]"], "tuning_seeds"),
+    "a grid hyperparameter that differs between optimizers": (
+        "convex:\n  hyperparameters: {ngd: {fisher: mc, samples: 4}, kfac: {fisher: mc}}\n",
+        [r"samples is 4 for ngd, its default for kfac; one natgrad grid gives every optimizer that has samples the "
+         r"same value: set it alike for ngd, kfac"], "convex.hyperparameters"),
 }
 
 

@@ -107,6 +107,25 @@ def check_rerun_seeds_are_fresh():
 check_rerun_seeds_are_fresh()
 
 
+def check_grid_hyperparameters_agree():
+    """One `natgrad grid` gives a hyperparameter one value, to every optimizer of the grid that has
+    it (fisher and samples: ngd and kfac), so convex.hyperparameters must give those optimizers the
+    same value, or ngd's would silently become kfac's (or the reverse)."""
+    from natgrad_impls.runner import accepted
+
+    given = config["convex"].get("hyperparameters", {})
+    for name in sorted({name for values in given.values() for name in values}):
+        takers = [o for o in config["optimizers"] if name in accepted(o)]
+        values = {o: given.get(o, {}).get(name, "its default") for o in takers}
+        if len({repr(v) for v in values.values()}) > 1:
+            said = ", ".join(f"{v!r} for {o}" if v != "its default" else f"{v} for {o}" for o, v in values.items())
+            raise ValueError(f"config convex.hyperparameters: {name} is {said}; one natgrad grid gives every "
+                             f"optimizer that has {name} the same value: set it alike for {', '.join(takers)}")
+
+
+check_grid_hyperparameters_agree()
+
+
 def network_optimizers():
     return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
 
