@@ -104,3 +104,34 @@ def names(optimizer: Optimizer | str) -> tuple[str, ...]:
     """The hyperparameter names an optimizer accepts."""
     optimizer = parse(Optimizer, optimizer, "optimizer")
     return tuple(f.name for f in dataclasses.fields(HYPERPARAMETERS[optimizer]))
+
+
+# The arguments of every optimizer, described once for the three frameworks (DESIGN 5 asks each
+# optimizer's docstring for them; `documented` appends them, with the signature's defaults).
+ARGUMENTS = {
+    "problem": "the model and its likelihood (natgrad_impls.models.Problem)",
+    "lr": "step size, >= 0",
+    "momentum": "heavy-ball coefficient in [0, 1); 0 is plain gradient descent",
+    "b1": "decay of the gradient's moving average, in [0, 1)",
+    "b2": "decay of the squared gradient's moving average, in [0, 1)",
+    "eps": "added to the square root of the second moment (outside it), >= 0",
+    "damping": "added to the curvature's diagonal, >= 0 (> 0 for kfac, whose factors are split by pi)",
+    "fisher": "exact (the output Fisher in closed form) or mc (labels drawn from the model)",
+    "samples": "labels drawn per example when fisher is mc, >= 1",
+    "seed": "seeds the mc label sampler (with the step), >= 0",
+    "kfac_update_period": "steps between refreshes of the damped inverses, >= 1",
+    "kfac_ema": "decay of the factors' moving average, in [0, 1)",
+}
+
+
+def documented(optimizer):
+    """`optimizer` with an Arguments section, from ARGUMENTS and its signature, after its docstring."""
+    import inspect
+
+    lines = []
+    for name, parameter in inspect.signature(optimizer).parameters.items():
+        default = parameter.default
+        default = "" if default is inspect.Parameter.empty else f"; default {getattr(default, 'value', default)}"
+        lines.append(f"        {name}: {ARGUMENTS[name]}{default}")
+    optimizer.__doc__ = f"{(optimizer.__doc__ or '').rstrip()}\n\n    Arguments:\n" + "\n".join(lines) + "\n"
+    return optimizer

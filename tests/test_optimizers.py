@@ -3,6 +3,9 @@ dense formulas, hyperparameter validation; each in torch and jax."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,3 +356,15 @@ def test_ef_step_is_accurate_in_float32_at_small_damping(impl):
         directions.append(np.concatenate([(old[k].astype(float) - new[k]).ravel() for k in old]))
     error = np.linalg.norm(directions[0] - directions[1]) / np.linalg.norm(directions[1])
     assert error < 1e-4
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_every_optimizer_documents_each_of_its_arguments(framework):
+    """DESIGN 5: an optimizer's docstring gives its update and its arguments, every one, in order."""
+    module = importlib.import_module(f"natgrad_impls.{framework}")
+    for name in ("sgd", "adam", "ef", "ngd", "kfac"):
+        optimizer = getattr(module, name)
+        summary, arguments = inspect.getdoc(optimizer).split("\n\nArguments:\n")
+        assert "<-" in summary, name  # the update, in math
+        listed = [line.split(":")[0].strip() for line in arguments.splitlines()]
+        assert listed == list(inspect.signature(optimizer).parameters), name

@@ -96,6 +96,7 @@ def mc_sampler(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
+@hp.documented
 def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimizer:
     """Stochastic gradient descent, optionally with heavy-ball momentum.
 
@@ -122,6 +123,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
     return FunctionalOptimizer(init, step, h)
 
 
+@hp.documented
 def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """Adam: a diagonal second-moment preconditioner with bias correction.
 
@@ -171,6 +173,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     return FunctionalOptimizer(init, step, h)
 
 
+@hp.documented
 def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
     """NGD preconditioned by the damped empirical Fisher.
 
@@ -181,6 +184,7 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
     return _natural_gradient(problem, hp.NaturalGradient(lr, damping), Curvature.EMPIRICAL)
 
 
+@hp.documented
 def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fisher.EXACT, samples: int = 1,
         seed: int = 0) -> FunctionalOptimizer:
     """NGD preconditioned by the damped true Fisher.
@@ -195,6 +199,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
     return _natural_gradient(problem, h, Curvature(h.fisher.value))
 
 
+@hp.documented
 def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 10, kfac_ema: float = 0.95,
          fisher: Fisher | str = Fisher.MC, samples: int = 1, seed: int = 0) -> FunctionalOptimizer:
     """K-FAC (Martens & Grosse 2015; KFC for convolutions): block-diagonal Kronecker Fisher.

@@ -192,6 +192,7 @@ def _info(value: float, grad: np.ndarray) -> dict:
     return {"loss": value, "grad_norm": float(np.linalg.norm(grad))}
 
 
+@hp.documented
 def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimizer:
     """Stochastic gradient descent, optionally with heavy-ball momentum.
 
@@ -213,6 +214,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
     return FunctionalOptimizer(init, step, h)
 
 
+@hp.documented
 def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """Adam, as torch.optim.Adam and optax.adam.
 
@@ -238,6 +240,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
     return FunctionalOptimizer(init, step, h)
 
 
+@hp.documented
 def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
     """NGD preconditioned by the damped empirical Fisher.
 
@@ -257,6 +260,7 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
 
 
+@hp.documented
 def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fisher.EXACT, samples: int = 1,
         seed: int = 0) -> FunctionalOptimizer:
     """NGD preconditioned by the damped true Fisher.
@@ -280,6 +284,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
 
 
+@hp.documented
 def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 10, kfac_ema: float = 0.95,
          fisher: Fisher | str = Fisher.MC, samples: int = 1, seed: int = 0) -> FunctionalOptimizer:
     """K-FAC (Martens & Grosse 2015) for one Dense layer with one output.
