@@ -220,15 +220,20 @@ def test_step_cost_dots_per_setting_framework_and_device():
     assert any("Adam: not in the table" in n for n in partial.notes)
 
 
-def test_step_cost_marks_the_kfac_floor_where_the_table_has_it():
+def test_step_cost_marks_the_kfac_floors_where_the_table_has_them():
+    """Two bars on the K-FAC row: the multiply-adds of the gradient and the preconditioning (black)
+    and of the whole step (grey), each in the legend; none where the table has no floor columns."""
     rows = cost_rows(tasks=("mlp",))
-    rows["floor_with_factors"] = np.where(rows["setting"] == "kfac", 4.5, np.nan)
+    rows["floor_gradient_equivalents"] = np.where(rows["setting"] == "kfac", 4.5, np.nan)
+    rows["floor_with_factors"] = np.where(rows["setting"] == "kfac", 7.0, np.nan)
     drawn = cost.step_cost(rows)
     ax = drawn.figure.axes[0]
-    bars = [line for line in ax.get_lines() if line.get_marker() == "|"]
-    assert len(bars) == 1 and bars[0].get_xdata()[0] == 4.5
-    assert bars[0].get_ydata()[0] == list(timing.SETTINGS).index("kfac")  # on the K-FAC row
-    assert "floor (multiply-adds)" in [t.get_text() for t in drawn.figure.legends[0].get_texts()]
+    bars = {line.get_xdata()[0]: line for line in ax.get_lines() if line.get_marker() == "|"}
+    assert sorted(bars) == [4.5, 7.0]
+    assert mcolors.to_rgb(bars[4.5].get_color()) == (0, 0, 0) and mcolors.to_rgb(bars[7.0].get_color()) != (0, 0, 0)
+    assert {bar.get_ydata()[0] for bar in bars.values()} == {list(timing.SETTINGS).index("kfac")}  # on the K-FAC row
+    legend = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
+    assert legend[-2:] == ["multiply-adds: gradient + preconditioning", "+ factors and inversions"]
     plain = cost.step_cost(cost_rows(tasks=("mlp",)))
     assert not [line for line in plain.figure.axes[0].get_lines() if line.get_marker() == "|"]
 

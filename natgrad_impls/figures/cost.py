@@ -94,7 +94,7 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     """One step of each setting in gradient-equivalents (step time / mini-batch gradient time), a
     dot per framework and device, one panel per task, log x with the cost of one gradient marked.
     Marker: framework (`style.FRAMEWORK_MARKERS`); filled on CPU, hollow on GPU. Where the table
-    has a `floor_with_factors` column (K-FAC rows of scripts/step_cost.py), a black bar marks it."""
+    has the `FLOORS` columns (K-FAC rows of scripts/step_cost.py), bars mark them."""
     table, notes = _cost_rows(table)
     if table.empty:
         return placeholder("No cost rows in the table: nothing to draw.", notes)
@@ -107,10 +107,10 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     with style.paper():
         fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), sharey=True, squeeze=False,
                                  layout="constrained")
-        floors = False
+        floors = set()
         for ax, task in zip(axes[0], tasks):
             _dots(ax, values[values["task"] == task], settings, combos, "gradient_equivalents")
-            floors |= _floor_ticks(ax, table[table["task"] == task], settings)
+            floors.update(_floor_ticks(ax, table[table["task"] == task], settings))
             ax.axvline(1.0, color="0.4", linewidth=0.7, linestyle=":", zorder=0)
             ax.set_xscale("log")
             ax.set_xlabel("step cost [gradient-equivalents]")
@@ -125,16 +125,19 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     return Drawn(fig, notes)
 
 
-def _floor_ticks(ax, rows, settings) -> bool:
-    """A black bar at each setting's arithmetic floor (the `floor_with_factors` column of
-    scripts/step_cost.py, `timing.kfac_floor`), where the table has one; whether any was drawn."""
-    if "floor_with_factors" not in rows.columns:
-        return False
-    floors = rows.dropna(subset=["floor_with_factors"]).groupby("setting")["floor_with_factors"].first()
-    for setting, value in floors.items():
-        if setting in settings:
-            ax.plot(value, settings.index(setting), **FLOOR_MARKER)
-    return bool(len(floors))
+def _floor_ticks(ax, rows, settings) -> list[str]:
+    """A bar at each of a setting's arithmetic floors (`FLOORS`: columns of scripts/step_cost.py,
+    `timing.kfac_floor`) where the table has them; the floor columns drawn."""
+    drawn = []
+    for column, marker in FLOORS.items():
+        if column not in rows.columns:
+            continue
+        floors = rows.dropna(subset=[column]).groupby("setting")[column].first()
+        for setting, value in floors.items():
+            if setting in settings:
+                ax.plot(value, settings.index(setting), **marker)
+                drawn.append(column)
+    return drawn
 
 
 def _dots(ax, values, settings, combos, column) -> None:
@@ -160,15 +163,22 @@ def _marker(framework, device, color) -> dict:
             "markeredgecolor": color, "markeredgewidth": 1.0}
 
 
-FLOOR_MARKER = {"marker": "|", "markersize": 11, "markeredgewidth": 1.5, "color": "black", "linestyle": "none"}
+# K-FAC's multiply-adds over the gradient's: the gradient and the preconditioning G^-1 grad A^-1
+# (what no step computing the update from given inverses avoids), and with the factors and the
+# amortised inversions added (a whole step). Both count arithmetic at the gradient's rate.
+FLOORS = {
+    "floor_gradient_equivalents": {"marker": "|", "markersize": 11, "markeredgewidth": 1.5, "color": "black",
+                                   "linestyle": "none", "label": "multiply-adds: gradient + preconditioning"},
+    "floor_with_factors": {"marker": "|", "markersize": 11, "markeredgewidth": 1.5, "color": "0.6",
+                           "linestyle": "none", "label": "+ factors and inversions"},
+}
 
 
-def _combo_legend(fig, combos, floor: bool = False) -> None:
+def _combo_legend(fig, combos, floors=()) -> None:
     handles = [Line2D([], [], linestyle="none", markersize=4.5, label=style.combo_label(c), **_marker(*c, "0.25"))
                for c in combos]
-    if floor:
-        handles.append(Line2D([], [], label="floor (multiply-adds)", **FLOOR_MARKER))
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles))
+    handles += [Line2D([], [], **marker) for column, marker in FLOORS.items() if column in floors]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4))
 
 
 # -- scaling --------------------------------------------------------------------------------------------
