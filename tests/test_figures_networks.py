@@ -320,6 +320,31 @@ def test_scaling_table_real_call():
 
 # -- tables ---------------------------------------------------------------------------------------------
 
+def test_a_setting_that_diverged_on_a_seed_ranks_after_those_that_did_not():
+    """Median 0.1 over seeds with one blown up loses to 0.2 on every seed: a setting at the edge of
+    stability must not be chosen because two seeds of three survived it."""
+    risky = runs(optimizers=("sgd",), seeds=(0, 1, 2), lr=1.0).assign(train_loss=lambda f: f.train_loss * 0.5)
+    risky.loc[risky.seed == 2, "diverged"] = True
+    safe = runs(optimizers=("sgd",), seeds=(0, 1, 2), lr=0.1)
+    table = tables.best_hyperparameters(pd.concat([risky, safe]))
+    assert (table.lr == 0.1).all() and not table.diverged.any()
+    alone = tables.best_hyperparameters(risky)  # nothing safer: the best of what there is, marked diverged
+    assert (alone.lr == 1.0).all() and alone.diverged.all()
+
+
+def test_grid_edges_name_a_best_setting_on_the_edge_of_its_grid():
+    tuning = pd.concat([runs(optimizers=("sgd", "ngd"), lr=lr).assign(train_loss=lambda f, lr=lr: f.train_loss / lr)
+                        for lr in (0.01, 0.1, 1.0)])  # the largest lr is best
+    middle = tuning.lr == 0.1
+    tuning.loc[middle & (tuning.optimizer == "ngd"), "train_loss"] /= 100  # ngd: the middle one
+    tuning = pd.concat([tuning, tuning[tuning.optimizer == "ngd"].assign(damping=1e-1, train_loss=lambda f: f.train_loss * 2)])
+    edges = tables.grid_edges(tuning).set_index(["optimizer", "framework"])["edge"]
+    assert set(edges.xs("sgd")) == {"lr largest"}
+    assert set(edges.xs("ngd")) == {"damping smallest"}  # lr inside; damping 1e-3 of {1e-3, 1e-1}
+    one = tables.grid_edges(runs(optimizers=("sgd",)))  # one value tried: no edge to speak of
+    assert (one["edge"] == "").all()
+
+
 def test_best_hyperparameters_of_tuned_runs_and_target_rule(tmp_path):
     frame = pd.concat([runs(optimizers=("sgd", "ngd"), lr=0.1),
                        runs(optimizers=("sgd",), lr=1.0).assign(train_loss=lambda f: f.train_loss * 3)])

@@ -53,7 +53,10 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     measured = frame[frame[objective].notna()]
     per_run = _per_run(measured, group, hp, objective)
     settings = _per_setting(per_run, group, hp)
-    best = settings.sort_values("final_loss", na_position="last").groupby(group, observed=True, sort=False).head(1)
+    # a setting that diverged on any seed ranks after every setting that did not (its median can hide
+    # a seed in three blowing up: a setting on the edge of stability, chosen by luck)
+    ranked = settings.sort_values(["diverged", "final_loss"], na_position="last", kind="stable")
+    best = ranked.groupby(group, observed=True, sort=False).head(1)
     finite = best[np.isfinite(best["final_loss"])]
     targets = finite.groupby("task", observed=True)["final_loss"].max().rename("target_loss")
     best = best.merge(targets, on="task", how="left")
@@ -68,6 +71,28 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     best = best.sort_values(["task", "_order", "framework", "device"]).drop(columns="_order").reset_index(drop=True)
     best = best.dropna(axis=1, how="all")
     return best.astype({c: "Int64" for c in COUNTS if c in best.columns})
+
+
+EDGE_HYPERPARAMETERS = ("lr", "damping")
+
+
+def grid_edges(tuning: pd.DataFrame) -> pd.DataFrame:
+    """Per group of `best_hyperparameters`, where its best setting lies on the edge of the tuning
+    grid: `edge` names each of lr and damping at the smallest or largest value tried ("lr largest";
+    empty inside). A best on the edge says the grid may stop short of a better setting."""
+    frame = _runs(tuning)
+    group = [c for c in GROUP if c in frame.columns]
+    best = best_hyperparameters(tuning)
+    rows = []
+    for _, chosen in best.iterrows():
+        tried = frame.loc[(frame[group] == chosen[group]).all(axis=1)]
+        edges = []
+        for name in EDGE_HYPERPARAMETERS:
+            values = np.unique(tried[name].dropna()) if name in tried.columns and name in chosen.index else []
+            if len(values) > 1 and chosen[name] in (values[0], values[-1]):
+                edges.append(f"{name} {'smallest' if chosen[name] == values[0] else 'largest'}")
+        rows.append((*chosen[group], ", ".join(edges)))
+    return pd.DataFrame(rows, columns=group + ["edge"])
 
 
 def _runs(runs: pd.DataFrame) -> pd.DataFrame:

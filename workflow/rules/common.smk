@@ -130,9 +130,11 @@ def network_optimizers():
     return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
 
 
-def network_runs():
+def network_runs(stage="train"):
+    """The runs of every network task, optimizer, framework and device: the reruns of the best
+    settings (stage train) or the tuning grids (stage tune)."""
     n = config["networks"]
-    return [f"{RESULTS}/train/{task}/{optimizer}/{framework}-{device}.parquet"
+    return [f"{RESULTS}/{stage}/{task}/{optimizer}/{framework}-{device}.parquet"
             for task in n["tasks"] for optimizer in network_optimizers() for framework in n["frameworks"]
             for device in devices_for(framework)]
 
@@ -241,7 +243,7 @@ def tables():
     if grid_files():
         out["best-convex"] = grid_files()
     if config["networks"]["tasks"] and network_optimizers():
-        out["best-networks"] = network_runs()
+        out["best-networks"] = network_runs() + network_runs("tune")
     if logit_clip_files():
         out["logit-clip"] = logit_clip_files()
     return out

@@ -41,6 +41,7 @@ for _table, _inputs in tables().items():
             f"{LOGS}/tables/{_table}.log",
         params:
             table=_table,
+            tuning=network_runs("tune") if _table == "best-networks" else [],
         threads: 1
         script:
             "../scripts/table.py"

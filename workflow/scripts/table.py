@@ -17,10 +17,17 @@ def read(paths) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p, **kwargs) for p in paths], ignore_index=True)
 
 
+def best_networks(paths) -> pd.DataFrame:
+    """The reruns' table, with where each chosen setting lies in its tuning grid (params.tuning)."""
+    tuning = snakemake.params.tuning
+    best = tables.best_hyperparameters(read([p for p in paths if p not in tuning]))
+    return best.merge(tables.grid_edges(read(tuning)), on=tables.GROUP, how="left")
+
+
 MAKE = {
     "environment": lambda paths: tables.environment(),
     "best-convex": lambda paths: tables.best_hyperparameters(read(paths)),
-    "best-networks": lambda paths: tables.best_hyperparameters(read(paths)),
+    "best-networks": best_networks,
     "logit-clip": lambda paths: tables.logit_clip_comparison(tables.read_logit_clip_grids(paths)),
 }
 

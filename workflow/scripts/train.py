@@ -41,6 +41,9 @@ def best_setting(runs: pd.DataFrame) -> dict:
     diverged = "" if math.isfinite(best["final_loss"]) else " (every setting diverged)"
     print(f"best of {len(snakemake.params.runs)} settings: {chosen}, final {best['objective']} "
           f"{best['final_loss']:.6g}{diverged}")
+    edge = tables.grid_edges(runs)["edge"].iloc[0]
+    if edge:
+        print(f"the best setting is on the edge of the tuning grid ({edge}): a wider grid may find a better one")
     return chosen
 
 
