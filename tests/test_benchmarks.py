@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,32 @@ def test_asv_devices_come_from_the_environment():
                           env=dict(os.environ, NATGRAD_ASV_DEVICES="gpu"))
     assert done.stdout.splitlines() == ["NATGRAD_ASV_DEVICES: 'gpu' is not a comma list of cpu, cuda", "['cuda']"], \
         done.stderr
+
+
+def test_asv_setups_between_timed_calls_continue_one_run(monkeypatch):
+    """asv_runner runs `setup` before each of a sample's `number` timed calls (its
+    _SetupInterleavedTimer): Step builds and warms up once per parameter set, so a sample is
+    `number` consecutive steps of one run, with one K-FAC inversion (two layers x A, G: four
+    Choleskys) per period, as the README says, instead of a fresh run's first step each call."""
+    from asv_runner.benchmarks.time import _SetupInterleavedTimer
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_step
+    from natgrad_impls.torch import curvature
+
+    builds, choleskys = [], []
+    step_call, cholesky = timing.step_call, curvature._cholesky
+    monkeypatch.setattr(timing, "step_call", lambda *a, **k: builds.append(a[1]) or step_call(*a, **k))
+    monkeypatch.setattr(curvature, "_cholesky", lambda m: choleskys.append(1) or cholesky(m))
+    bench, args = bench_step.Step(), ("kfac", "torch", "cpu", next(iter(bench_step.SIZES)))
+    sample = _SetupInterleavedTimer(lambda: bench.time_step(*args), lambda: bench.setup(*args), time.perf_counter)
+    bench.setup(*args)  # asv's first setup: the build and its two warm-up periods
+    choleskys.clear()
+    for _ in range(3):
+        sample.timeit(bench_step.PERIOD)
+    assert builds == ["kfac"] and len(choleskys) == 3 * 4
+    bench.setup("sgd", *args[1:])  # the next parameter set is built anew
+    assert builds == ["kfac", "sgd"]
 
 
 def test_asv_conf_keeps_results_inside_benchmarks():

@@ -2,10 +2,11 @@
 
 Every benchmark times through natgrad_impls.timing (the cost script and the pipeline do too) on the
 MLP of `timing.mlp_problem` with the settings of `timing.SETTINGS`, in float32. `setup` builds the
-optimizer, compiles (jax.jit, kfac-jax's internal jit) and runs two full periods; each timed call is
-one step followed by a device synchronisation. A K-FAC step's cost depends on where it falls in the
-inversion period, so every time sample spans `number` = one period (10) consecutive steps: the
-reported time per step includes its share of the inversion. cuda parameters are skipped
+optimizer, compiles (jax.jit, kfac-jax's internal jit) and runs two full periods, once per
+parameter set (`built`: asv runs `setup` again before each timed call); each timed call is one step
+followed by a device synchronisation. A K-FAC step's cost depends on where it falls in the
+inversion period, so every time sample spans `number` = one period (10) consecutive steps of the
+same run: the reported time per step includes its share of the inversion. cuda parameters are skipped
 (SkipNotImplemented) where the framework sees no GPU.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 from natgrad_impls import timing
 
-from .common import DEVICES, DTYPE, FRAMEWORKS, REPEATS, SETTINGS, SIZES, SkipNotImplemented, require_device, warm_up
+from .common import (
+    DEVICES, DTYPE, FRAMEWORKS, REPEATS, SETTINGS, SIZES, SkipNotImplemented, built, require_device, warm_up,
+)
 
 PERIOD = timing.SETTINGS["kfac"][1]["kfac_update_period"]
 
@@ -33,12 +36,18 @@ class Step:
 
     def setup(self, optimizer, framework, device, size):
         require_device(framework, device)
+        self.call, self.sync = built(("ours", optimizer, framework, device, size),
+                                     lambda: self.build(optimizer, framework, device, size))
+
+    @staticmethod
+    def build(optimizer, framework, device, size):
         width, batch_size = SIZES[size]
         problem, params, batch = timing.mlp_problem(width, batch_size)
         name, hyperparameters = timing.setting(optimizer)
-        self.call, self.sync, period = timing.step_call(framework, name, problem, params, batch, device, DTYPE,
-                                                        **hyperparameters)
-        warm_up(self.call, self.sync, period)
+        call, sync, period = timing.step_call(framework, name, problem, params, batch, device, DTYPE,
+                                              **hyperparameters)
+        warm_up(call, sync, period)
+        return call, sync
 
     def time_step(self, *params):
         self.sync(self.call())
@@ -62,15 +71,19 @@ class PeerStep:
 
     def setup(self, peer, device, size):
         require_device(timing.peer_framework(peer).value, device)
+        self.call, self.sync = built(("peer", peer, device, size), lambda: self.build(peer, device, size))
+
+    @staticmethod
+    def build(peer, device, size):
         width, batch_size = SIZES[size]
         problem, params, batch = timing.mlp_problem(width, batch_size)
         _, hyperparameters = timing.setting(timing.PEER_OF[peer])
         try:
-            self.call, self.sync, period = timing.peer_step_call(peer, problem, params, batch, device, DTYPE,
-                                                                 **hyperparameters)
+            call, sync, period = timing.peer_step_call(peer, problem, params, batch, device, DTYPE, **hyperparameters)
         except ImportError as error:  # kfac-jax is a test extra
             raise SkipNotImplemented(f"{peer}: {error}") from None
-        warm_up(self.call, self.sync, period)
+        warm_up(call, sync, period)
+        return call, sync
 
     def time_step(self, *params):
         self.sync(self.call())

@@ -62,3 +62,17 @@ def warm_up(call, sync, period: int) -> None:
     for _ in range(2 * period):
         out = call()
     sync(out)
+
+
+_BUILT: dict = {}
+
+
+def built(key, build):
+    """`build()` for `key`, made once and then returned again: asv (asv_runner >= 0.3) runs `setup`
+    before every timed call of a sample when `number` > 1, and each call must be the next step of
+    one run (K-FAC's inversion once per period, jax's program compiled once), not the first step of
+    a new one. One entry: asv times one parameter set at a time."""
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = build()
+    return _BUILT[key]
