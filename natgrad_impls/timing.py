@@ -198,9 +198,9 @@ def _block_seconds(call: Callable[[], object], sync: Callable[[object], None], b
 
 
 def step_call(framework, optimizer, problem: Problem, params, batch, device="cpu", dtype="float32", **hyperparameters):
-    """A zero-argument callable that performs one optimizer step (carrying its state along), the
-    matching sync, and the number of steps over which the step's cost repeats (K-FAC's period).
-    Steps keep updating the same run, as in training."""
+    """A zero-argument callable that performs one optimizer step (carrying its state along) and
+    returns (params, state), the matching sync, and the number of steps over which the step's cost
+    repeats (K-FAC's period). Steps keep updating the same run, as in training."""
     framework, device, dtype = _parsed(framework, device, dtype)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     opt = make_optimizer(framework, optimizer, problem, **hyperparameters)
@@ -208,9 +208,9 @@ def step_call(framework, optimizer, problem: Problem, params, batch, device="cpu
     carry["state"] = opt.init(carry["params"])
     data = to_batch(*batch)
 
-    def call():
+    def call():  # the state too: jax's sync must wait for the factors' update as well as the params'
         carry["params"], carry["state"], info = opt.step(carry["params"], carry["state"], data)
-        return carry["params"]
+        return carry["params"], carry["state"]
 
     return call, sync, getattr(opt.hyperparameters, "kfac_update_period", 1)
 
@@ -517,7 +517,7 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
             opt.zero_grad(set_to_none=True)
             nt.loss(problem, leaves, data).backward()
             opt.step()
-            return leaves
+            return leaves, None  # torch.cuda.synchronize waits for the optimizer's state too
 
         return call, sync, 1
     import jax
@@ -539,9 +539,12 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
 
     def call():
         carry["params"], carry["state"] = update(carry["params"], carry["state"], data)
-        return carry["params"]
+        return carry["params"], carry["state"]
 
     return call, sync, 1
+
+
+PEER_KEYS = 1000
 
 
 def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="float32", lr=1e-4, damping=1e-3,
@@ -607,14 +610,17 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     data = (put(batch[0]), put(batch[1], jnp.int32))
     key = jax.random.key(seed)
     carry = {"params": p, "state": optimizer.init(p, key, data), "step": 0}
+    # the steps' keys made beforehand (reused after PEER_KEYS steps: the draws do not change the
+    # work), so that a timed step is kfac-jax's alone, as our kfac folds its key in inside its jit
+    keys = list(jax.random.split(jax.random.fold_in(key, 1), PEER_KEYS))
 
     def call():
         step = carry["step"]
         carry["params"], carry["state"], _ = optimizer.step(
-            carry["params"], carry["state"], jax.random.fold_in(key, step), batch=data, global_step_int=step
+            carry["params"], carry["state"], keys[step % PEER_KEYS], batch=data, global_step_int=step
         )
         carry["step"] = step + 1
-        return carry["params"]
+        return carry["params"], carry["state"]
 
     return call, jax.block_until_ready, kfac_update_period
 

@@ -248,7 +248,7 @@ def test_kfac_jax_peer_takes_our_kfac_step(framework, kfac_jax):
     ours, _, _ = timing.step_call(framework, "kfac", problem, params, batch, "cpu", "float64", **hyperparameters)
     assert period == 10
     for _ in range(3):
-        a, b = ours(), theirs()
+        (a, _), (b, _) = ours(), theirs()
         for index, name in enumerate(["dense0", "dense2"]):
             weight = np.asarray(a[f"{name}.weight"])
             update = np.abs(weight - params[f"{name}.weight"]).max()
@@ -352,7 +352,7 @@ def test_sgd_adam_peers_take_our_step(peer, momentum):
     ours, _, _ = timing.step_call(framework, label, problem, params, batch, "cpu", "float64", **hyperparameters)
     theirs, _, _ = timing.peer_step_call(peer, problem, params, batch, "cpu", "float64", **hyperparameters)
     for _ in range(3):
-        a, b = ours(), theirs()
+        (a, _), (b, _) = ours(), theirs()
     for name in params:
         np.testing.assert_allclose(np.asarray(a[name].detach() if framework == "torch" else a[name]),
                                    np.asarray(b[name].detach() if framework == "torch" else b[name]),
