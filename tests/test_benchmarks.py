@@ -115,6 +115,23 @@ def test_asv_setups_between_timed_calls_continue_one_run(monkeypatch):
     assert builds == ["kfac", "sgd"]
 
 
+def test_a_training_loss_that_moves_is_flagged_long_before_a_time_that_does():
+    """asv's own threshold rule on our asv.conf.json: 10 % for times and memory, 0.01 % for the
+    deterministic float64 loss of bench_training (a wrong step moves it; round-off does not)."""
+    import json
+    from types import SimpleNamespace
+
+    from asv.plugins.regressions import _GraphDataFilter
+
+    text = (BENCHMARKS / "asv.conf.json").read_text()
+    conf = SimpleNamespace(regressions_thresholds=json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.M))
+                           ["regressions_thresholds"])
+    threshold = lambda name: _GraphDataFilter._get_threshold(SimpleNamespace(conf=conf), SimpleNamespace(params={}),
+                                                             None, name)
+    assert threshold("bench_training.Training.track_loss") == 1e-4
+    assert threshold("bench_step.Step.time_step") == threshold("bench_scaling.Scaling.track_gradient_equivalents") == 0.1
+
+
 def test_asv_conf_keeps_results_inside_benchmarks():
     import json
 
