@@ -7,7 +7,9 @@
 #   bash scripts/gpu_session.sh wheels            # HERE, with network: .whl/ = py3.12 wheels of every
 #                                                 #   pinned package (requirements.lock) the GPU machine lacks
 #   bash scripts/gpu_session.sh check [SECONDS]   # THERE: all the parts below, most needed first, within
-#                                                 #   SECONDS (default 420) in all
+#                                                 #   SECONDS (default 420) in all. .whl/ is git-ignored: the
+#                                                 #   device tool's run must name it (carry: [".whl"]), or
+#                                                 #   kfac-jax, asv and snakemake are missing there
 #   bash scripts/gpu_session.sh PART [SECONDS]    # THERE: one part alone
 #
 # Parts, in the order `check` runs them:
@@ -80,6 +82,12 @@ setup() {  # on the GPU machine: the carried wheels, and a `natgrad` command (th
     # h100, h200, ...: the first word of the name with a digit in it ("nogpu" where torch sees none)
     GPU=$(python3 -c "import torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''
 print(next((w.lower() for w in name.split() if any(c.isdigit() for c in w)), 'nogpu'))")
+    local missing  # said loudly: without them the peer comparison, asv and the pipeline are skipped
+    missing=$(python3 -c "import importlib.util as u
+print(' '.join(m for m in ('kfac_jax', 'asv', 'snakemake') if u.find_spec(m) is None))")
+    if [ -n "$missing" ]; then
+        echo "MISSING on this machine: $missing (was .whl/ carried? run's carry: [\".whl\"])" | tee -a "$OUT/check_$GPU.txt"
+    fi
 }
 
 START=$SECONDS
@@ -112,11 +120,14 @@ part_versions() {
     } | tee "$OUT/gpu_tests_$GPU.txt"
 }
 
-part_costs() {
+part_costs() {  # each size stops where a quarter more of the budget is spent, so the other parts get theirs
+    local leave=$(( BUDGET * 3 / 4 )) size
     for size in "1000 512" "128 128"; do
         set -- $size
-        within_budget python3 scripts/step_cost.py --device cuda --width "$1" --batch-size "$2" --rounds 3 \
-            --out "$OUT/step_cost_cuda_${GPU}_w$1_b$2.csv"
+        within_budget --leave "$leave" python3 scripts/step_cost.py --device cuda --width "$1" --batch-size "$2" \
+            --rounds 3 --out "$OUT/step_cost_cuda_${GPU}_w$1_b$2.csv" 2>&1 \
+            | tee -a "$OUT/step_cost_cuda_${GPU}.log" | tail -n 20
+        leave=$(( leave - BUDGET / 4 ))
     done
 }
 
@@ -134,7 +145,7 @@ part_asv() {
         # ASV_PYTHONPATH, not PYTHONPATH: without it they find neither the package nor the wheels.
         # It leaves the pipeline, the last part, its share of the budget.
         ASV_PYTHONPATH=$PYTHONPATH NATGRAD_ASV_DEVICES=cuda COLUMNS=200 within_budget --leave "$PIPELINE_SHARE" \
-            asv run --python=same --bench 'Cost|OverPeer|Step' --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
+            asv run --python=same --bench 'Cost|OverPeer|Step|Training' --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
     )
 }
 
