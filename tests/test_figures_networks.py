@@ -174,6 +174,21 @@ def test_accuracy_against_time_with_markers():
     assert ax.get_ylim() == pytest.approx((0.0, 1.0)) or ax.get_ylim()[0] <= 0.67
 
 
+def test_accuracy_axis_starts_per_task():
+    """Each task's axis starts below its own worst final accuracy: a task where every optimizer ends
+    near 1 is not squeezed into its top percent by another task's weak optimizer."""
+    easy = runs(tasks=("digits-mlp",), optimizers=("adam", "ngd"))
+    easy["test_accuracy"] = 0.98 + 0.01 * easy["test_accuracy"]  # final accuracies 0.98..0.99
+    hard = runs(tasks=("mnist1d-mlp",))  # sgd ends at 0.67: an axis from 0
+    drawn = networks.accuracy(pd.concat([easy, hard]))
+    ncols = len(COMBOS)
+    lows = [round(ax.get_ylim()[0], 2) for ax in drawn.figure.axes]
+    final = 0.98 + 0.01 * (1 - 0.9 * np.exp(-RATES["adam"] * 100))  # adam's, the lower of the two
+    assert lows[:ncols] == [round(final - 2 * (1 - final), 2)] * ncols and lows[:ncols][0] > 0.9
+    assert all(low <= 0.67 for low in lows[ncols:])
+    assert f"digits-mlp: accuracy axis from {lows[0]:.2f}; the first evaluations lie below." in drawn.notes
+
+
 def test_networks_figures_accept_a_real_run():
     from natgrad_impls import runner
 

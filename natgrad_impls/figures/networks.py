@@ -92,12 +92,14 @@ def accuracy(frame: pd.DataFrame) -> Drawn:
         return placeholder("No test_accuracy values in the table: nothing to draw.", notes)
     drawn = _grid(frame, "test_accuracy", [("time_s", "time [s]")], ylabel="test accuracy", log=False, notes=notes,
                   markers=True)
-    low = _accuracy_floor(frame)
-    if low > 0:
-        for ax in drawn.figure.axes:
-            if ax.has_data():
-                ax.set_ylim(low, 1.0)
-        drawn.notes.append(f"Accuracy axis from {low:.2f}: the first evaluations lie below.")
+    ncols = len(style.combos(frame))  # _grid's panels: a row per task, a column per framework/device
+    for t, task in enumerate(dict.fromkeys(frame["task"])):
+        low = _accuracy_floor(frame[frame["task"] == task])  # per task: one task's worst must not flatten another's
+        if low > 0:
+            for ax in drawn.figure.axes[t * ncols:(t + 1) * ncols]:
+                if ax.has_data():
+                    ax.set_ylim(low, 1.0)
+            drawn.notes.append(f"{task}: accuracy axis from {low:.2f}; the first evaluations lie below.")
     return drawn
 
 
