@@ -87,8 +87,8 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "a logit clip switch that is no boolean": ("convex:\n  compare_logit_clip: 'yes'\n",
                                               [SCHEMA, r"'yes' is not of type 'boolean'"], "compare_logit_clip"),
     # two fields, beyond a schema: common.smk's check
-    "a tuning seed rerun": ("networks:\n  tuning_seeds: [0, 2]\n",
-                            [r"networks.seeds repeats networks.tuning_seeds \[2\]"], "tuning_seeds"),
+    "a tuning seed rerun": ("networks:\n  tuning_seeds: [0, 3]\n",
+                            [r"networks.seeds repeats networks.tuning_seeds \[3\]"], "tuning_seeds"),
     "a grid hyperparameter that differs between optimizers": (
         "convex:\n  hyperparameters: {ngd: {fisher: mc, samples: 4}, kfac: {fisher: mc}}\n",
         [r"samples is 4 for ngd, its default for kfac; one natgrad grid gives every optimizer that has samples the "
