@@ -165,4 +165,11 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
     assert "appendix-logit-clip" in figures
     for table in ("environment", "best-convex", "best-networks", "logit-clip"):
         assert f"{table}.csv" in html
+    # the sections, numbered in reading order (the report sorts them by name), tables beside their
+    # figures; each item numbered in its section
+    sections = set(re.findall(r'"(\d\. [^"]+)": \{', html))
+    assert {"1. Kunstner et al. (2019)", "2. Networks", "3. Cost", "5. Appendix", "6. Environment"} <= sections
+    assert "6. Tables" not in sections
+    for item in ("1. fig1-vecfield", "4. best-convex", "1. networks-loss", "4. best-networks", "1. environment"):
+        assert f'"item": "{item}"' in html, item
     assert list((root / "results" / "logs").rglob("*.log")), "no job logs"

@@ -1,4 +1,5 @@
 # Shared by the rules: the names (DESIGN 3, 6), the devices, the tuning grid and the targets.
+import collections
 import functools
 import glob
 import os
@@ -202,48 +203,66 @@ def cos_files(tasks):
     return [f"{RESULTS}/grid/{task}/cos.parquet" for task in tasks]
 
 
+# The report's sections, in reading order (the report sorts them by name): the paper's figures,
+# the networks, cost, the committed reference runs, then the appendix and the environment.
+SECTION = {"kunstner": "1. Kunstner et al. (2019)", "networks": "2. Networks", "cost": "3. Cost",
+           "reference": "4. Reference runs", "appendix": "5. Appendix", "environment": "6. Environment"}
+
+
 def figures():
-    """{figure: (report category, inputs)} for this configuration."""
+    """{figure: (report section, inputs)} for this configuration, in reading order."""
     c, n, t = config["convex"], config["networks"], config["timing"]
     toys, out = config["toys"], {}
     if "vecfield" in toys:
-        out["fig1-vecfield"] = ("1. Kunstner et al. (2019)", [f"{RESULTS}/toys/vecfield.parquet"])
+        out["fig1-vecfield"] = (SECTION["kunstner"], [f"{RESULTS}/toys/vecfield.parquet"])
     if "misspec" in toys:
-        out["fig2-misspecification"] = ("1. Kunstner et al. (2019)", [f"{RESULTS}/toys/misspec.parquet"])
-        out["appendix-misspecification-linear"] = ("2. Appendix", [f"{RESULTS}/toys/misspec.parquet"])
+        out["fig2-misspecification"] = (SECTION["kunstner"], [f"{RESULTS}/toys/misspec.parquet"])
+        out["appendix-misspecification-linear"] = (SECTION["appendix"], [f"{RESULTS}/toys/misspec.parquet"])
     if "numpy" in c["frameworks"] and c["tasks"]:
         main = [task for task in c["tasks"] if task in MAIN_CONVEX_TASKS] or c["tasks"][:2]
-        out["fig3-optimisation"] = ("1. Kunstner et al. (2019)", numpy_grids(main) + cos_files(main))
+        out["fig3-optimisation"] = (SECTION["kunstner"], numpy_grids(main) + cos_files(main))
         if set(c["tasks"]) - set(main):
-            out["appendix-optimisation-all-tasks"] = ("2. Appendix", numpy_grids(c["tasks"]) + cos_files(c["tasks"]))
+            out["appendix-optimisation-all-tasks"] = (SECTION["appendix"],
+                                                      numpy_grids(c["tasks"]) + cos_files(c["tasks"]))
     if "starting_point" in toys:
-        out["appendix-starting-point"] = ("2. Appendix", [f"{RESULTS}/toys/starting_point.parquet"])
+        out["appendix-starting-point"] = (SECTION["appendix"], [f"{RESULTS}/toys/starting_point.parquet"])
     if logit_clip_files():
-        out["appendix-logit-clip"] = ("2. Appendix", logit_clip_files())
+        out["appendix-logit-clip"] = (SECTION["appendix"], logit_clip_files())
     if n["tasks"] and network_optimizers():
         for name in ("networks-loss", "networks-accuracy"):
-            out[name] = ("3. Networks", network_runs())
+            out[name] = (SECTION["networks"], network_runs())
         if set(n.get("cos_ef_ngd", [])) & set(network_optimizers()):
-            out["networks-cosine"] = ("3. Networks", network_runs())
+            out["networks-cosine"] = (SECTION["networks"], network_runs())
     if cost_files() and t["settings"]:
-        out["cost-steps"] = ("4. Cost", cost_files())
-        out["cost-devices"] = ("4. Cost", cost_files())
+        out["cost-steps"] = (SECTION["cost"], cost_files())
+        out["cost-devices"] = (SECTION["cost"], cost_files())
     if scaling_files():
-        out["cost-scaling"] = ("4. Cost", scaling_files())
+        out["cost-scaling"] = (SECTION["cost"], scaling_files())
     if reference_files("*.csv"):
-        out["reference-cost"] = ("5. Reference runs", reference_files("*.csv"))
-        out["reference-devices"] = ("5. Reference runs", reference_files("*.csv"))
+        out["reference-cost"] = (SECTION["reference"], reference_files("*.csv"))
+        out["reference-devices"] = (SECTION["reference"], reference_files("*.csv"))
     return out
 
 
 def tables():
-    """{table: inputs}: best hyperparameters of the grids and of the tuned networks, the logit-clip
-    comparison, environment."""
-    out = {"environment": []}
+    """{table: (report section, inputs)}, each beside the figures it goes with: best hyperparameters
+    of the grids and of the tuned networks, the logit-clip comparison, the environment."""
+    out = {}
     if grid_files():
-        out["best-convex"] = grid_files()
+        out["best-convex"] = (SECTION["kunstner"], grid_files())
     if config["networks"]["tasks"] and network_optimizers():
-        out["best-networks"] = network_runs() + network_runs("tune")
+        out["best-networks"] = (SECTION["networks"], network_runs() + network_runs("tune"))
     if logit_clip_files():
-        out["logit-clip"] = logit_clip_files()
+        out["logit-clip"] = (SECTION["appendix"], logit_clip_files())
+    out["environment"] = (SECTION["environment"], [])
     return out
+
+
+def report_labels():
+    """{figure or table: its report label}: its number within its section in reading order (figures
+    first, then tables), by which the report sorts a section, and its name."""
+    labels, counts = {}, collections.Counter()
+    for name, (section, _) in [*figures().items(), *tables().items()]:
+        counts[section] += 1
+        labels[name] = {"item": f"{counts[section]}. {name}"}
+    return labels

@@ -2,6 +2,8 @@
 # rule writes the PNG, the PDF and its caption: workflow/report/<figure>.rst followed by the notes
 # of this run (an optimizer absent from the table, a chaotic best run, ...).
 
+_labels = report_labels()
+
 for _figure, (_category, _inputs) in figures().items():
 
     rule:
@@ -11,7 +13,7 @@ for _figure, (_category, _inputs) in figures().items():
             _inputs,
         output:
             png=report(f"{RESULTS}/figures/{_figure}.png", caption=f"../../{RESULTS}/figures/{_figure}.rst",
-                       category=_category),
+                       category=_category, labels=_labels[_figure]),
             pdf=f"{RESULTS}/figures/{_figure}.pdf",
             caption=f"{RESULTS}/figures/{_figure}.rst",
         conda:
@@ -26,7 +28,7 @@ for _figure, (_category, _inputs) in figures().items():
             "../scripts/figure.py"
 
 
-for _table, _inputs in tables().items():
+for _table, (_category, _inputs) in tables().items():
 
     rule:
         name:
@@ -34,7 +36,8 @@ for _table, _inputs in tables().items():
         input:
             _inputs,
         output:
-            csv=report(f"{RESULTS}/tables/{_table}.csv", caption=f"../report/{_table}.rst", category="6. Tables"),
+            csv=report(f"{RESULTS}/tables/{_table}.csv", caption=f"../report/{_table}.rst", category=_category,
+                       labels=_labels[_table]),
         conda:
             ENVIRONMENT
         log:
