@@ -76,13 +76,14 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
 EDGE_HYPERPARAMETERS = ("lr", "damping")
 
 
-def grid_edges(tuning: pd.DataFrame) -> pd.DataFrame:
+def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per group of `best_hyperparameters`, where its best setting lies on the edge of the tuning
     grid: `edge` names each of lr and damping at the smallest or largest value tried ("lr largest";
-    empty inside). A best on the edge says the grid may stop short of a better setting."""
+    empty inside). A best on the edge says the grid may stop short of a better setting. `best`:
+    `best_hyperparameters(tuning)` where the caller has it already."""
     frame = _runs(tuning)
     group = [c for c in GROUP if c in frame.columns]
-    best = best_hyperparameters(tuning)
+    best = best_hyperparameters(tuning) if best is None else best
     rows = []
     for _, chosen in best.iterrows():
         tried = frame.loc[(frame[group] == chosen[group]).all(axis=1)]

@@ -35,13 +35,14 @@ def train(settings, seeds, protocol, cos_ef_ngd) -> pd.DataFrame:
 def best_setting(runs: pd.DataFrame) -> dict:
     from natgrad_impls.figures import tables
 
-    best = tables.best_hyperparameters(runs).iloc[0]
+    table = tables.best_hyperparameters(runs)
+    best = table.iloc[0]
     chosen = {name: best[name] for name in HYPERPARAMETER_ORDER if name in best and not pd.isna(best[name])}
     chosen = {k: (v.item() if hasattr(v, "item") else v) for k, v in chosen.items()}
     diverged = "" if math.isfinite(best["final_loss"]) else " (every setting diverged)"
     print(f"best of {len(snakemake.params.runs)} settings: {chosen}, final {best['objective']} "
           f"{best['final_loss']:.6g}{diverged}")
-    edge = tables.grid_edges(runs)["edge"].iloc[0]
+    edge = tables.grid_edges(runs, table)["edge"].iloc[0]
     if edge:
         print(f"the best setting is on the edge of the tuning grid ({edge}): a wider grid may find a better one")
     return chosen
