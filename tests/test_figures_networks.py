@@ -80,7 +80,7 @@ def _data_axes(drawn: Drawn):
 
 def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path):
     frame = runs()
-    drawn = networks.training(frame, smooth=1)
+    drawn = networks.training(frame)  # the full-train loss, at its evaluations
     axes = np.array(drawn.figure.axes).reshape(2, 2)  # rows: step, time; columns: PyTorch CPU, JAX CPU
     for ax in axes.ravel():
         assert ax.get_yscale() == "log"
@@ -88,13 +88,15 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
         assert [line.get_label() for line in lines] == ["SGD", "Adam", "NGD"]
         for line, optimizer in zip(lines, ["sgd", "adam", "ngd"]):
             _check_style(line, optimizer)
+            assert line.get_marker() == "o" and len(line.get_xdata()) == 5  # steps 0, 25, .., 100
         assert len(ax.collections) == 3  # one min..max band per optimizer (two seeds)
     assert [ax.get_xlabel() for ax in axes[:, 0]] == ["step", "time [s]"]
     assert axes[0, 0].get_title() == "digits-mlp · PyTorch CPU" and axes[0, 1].get_title() == "digits-mlp · JAX CPU"
     # the band spans the seeds: seed 1's loss is 10 % above seed 0's
     sgd = frame[(frame.optimizer == "sgd") & (frame.framework == "torch")]
     band = axes[0, 0].collections[0].get_paths()[0].vertices[:, 1]
-    assert band.min() == pytest.approx(sgd.loss.min()) and band.max() == pytest.approx(sgd.loss.max())
+    assert band.min() == pytest.approx(sgd.train_loss.min()) and band.max() == pytest.approx(sgd.train_loss.max())
+    assert axes[0, 0].get_ylabel() == "train loss"
     # the median line at each step is the median over seeds, drawn against the median clock
     line = axes[1, 0].get_lines()[0]
     assert line.get_xdata()[-1] == pytest.approx(sgd[sgd.step == 100].time_s.median())
@@ -108,16 +110,18 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
 
 
 def test_training_smooths_minibatch_loss_and_says_so():
-    drawn = networks.training(runs(steps=200))
+    drawn = networks.training(runs(steps=200), y="loss")
     assert any("running mean over 4 measurements" in n for n in drawn.notes)
-    drawn = networks.training(runs(), y="train_loss")
-    assert all(len(line.get_xdata()) == 5 for line in _data_axes(drawn)[0].get_lines())  # steps 0, 25, .., 100
+    lines = _data_axes(drawn)[0].get_lines()
+    assert all(len(line.get_xdata()) == 201 and line.get_marker() == "None" for line in lines)
+    assert drawn.figure.axes[0].get_ylabel() == "mini-batch loss"
+    assert not any("running mean" in n for n in networks.training(runs(steps=200)).notes)
 
 
 def test_training_leaves_out_a_missing_device_with_a_note():
     frame = pd.concat([runs(tasks=("digits-mlp",), combos=[("torch", "cpu"), ("torch", "cuda")]),
                        runs(tasks=("mnist1d-mlp",), combos=[("torch", "cpu")], optimizers=("kfac",))])
-    drawn = networks.training(frame, smooth=1)
+    drawn = networks.training(frame, y="loss", smooth=1)
     axes = np.array(drawn.figure.axes).reshape(4, 2)
     assert "no runs" in [t.get_text() for t in axes[2, 1].texts]
     assert not axes[2, 1].get_lines() and len(axes[2, 0].get_lines()) == 1
@@ -128,7 +132,7 @@ def test_training_leaves_out_a_missing_device_with_a_note():
 def test_training_draws_the_best_of_several_settings_with_a_note():
     frame = pd.concat([runs(optimizers=("sgd",), lr=0.1),
                        runs(optimizers=("sgd",), lr=1.0).assign(loss=lambda f: f.loss * 3)])
-    drawn = networks.training(frame, smooth=1)
+    drawn = networks.training(frame, y="loss", smooth=1)
     line = drawn.figure.axes[0].get_lines()[0]
     assert line.get_ydata()[-1] == pytest.approx(frame[(frame.lr == 0.1) & (frame.step == 100)].loss.median())
     assert any("2 hyperparameter settings" in n for n in drawn.notes)
@@ -137,7 +141,7 @@ def test_training_draws_the_best_of_several_settings_with_a_note():
 def test_training_says_where_columns_were_tuned_to_different_settings():
     frame = runs(optimizers=("sgd", "ngd"))
     frame.loc[(frame.optimizer == "ngd") & (frame.framework == "jax"), "lr"] = 0.3
-    notes = networks.training(frame, smooth=1).notes
+    notes = networks.training(frame, y="loss", smooth=1).notes
     assert ("digits-mlp, NGD: tuned to different settings per column (JAX CPU: lr 0.3; PyTorch CPU: lr 0.1); "
             "the curves differ by that too.") in notes
     assert not any(n.startswith("digits-mlp, SGD: tuned") for n in notes)
@@ -146,7 +150,7 @@ def test_training_says_where_columns_were_tuned_to_different_settings():
 def test_training_notes_diverged_seeds():
     frame = runs(optimizers=("sgd",))
     frame.loc[frame.seed == 1, "diverged"] = True
-    drawn = networks.training(frame[~((frame.seed == 1) & (frame.step > 50))], smooth=1)
+    drawn = networks.training(frame[~((frame.seed == 1) & (frame.step > 50))], y="loss", smooth=1)
     assert "digits-mlp, SGD, PyTorch CPU: 1 of 2 seeds diverged (drawn up to their divergence)." in drawn.notes
 
 

@@ -32,22 +32,22 @@ BAND_ALPHA = 0.18
 
 # -- public figures -----------------------------------------------------------------------------------
 
-def training(frame: pd.DataFrame, y: str = "loss", smooth: int | None = None) -> Drawn:
+def training(frame: pd.DataFrame, y: str = "train_loss", smooth: int | None = None) -> Drawn:
     """Loss against step and against wall-clock seconds (time_s) per task, log-scale loss.
 
-    y: "loss" (the step's mini-batch loss, the default: every step has one) or "train_loss" /
-    "test_loss" (full evaluations, on the rows where they were measured). smooth: running mean over
-    this many steps of each run's mini-batch loss before taking the median over seeds (default:
-    1/50 of the run, at least 1), because single mini-batch losses are noisy enough to hide the
-    comparison; the caption says which window was used."""
+    y: "train_loss" (the default: the full-train loss that tuning ranks settings by, on the rows
+    where it was evaluated, with markers there), "test_loss", or "loss" (the step's mini-batch
+    loss: every step has one, but it follows the epoch's order of batches). smooth: for "loss"
+    only, a running mean over this many steps of each run before taking the median over seeds
+    (default: 1/50 of the run, at least 1), because single mini-batch losses are noisy enough to
+    hide the comparison; the caption says which window was used."""
     frame, notes = _prepare(frame, y)
     if frame.empty:
         return placeholder(f"No {y} values in the table: nothing to draw.", notes)
     if y == "loss":
         frame = _smooth(frame, y, smooth, notes)
     kinds = [("step", "step"), ("time_s", "time [s]")]
-    drawn = _grid(frame, y, kinds, ylabel=_YLABELS.get(y, y), log=True, notes=notes)
-    return drawn
+    return _grid(frame, y, kinds, ylabel=_YLABELS.get(y, y), log=True, notes=notes, markers=y != "loss")
 
 
 def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
