@@ -278,6 +278,30 @@ def gradient_equivalents(framework, optimizer, problem, params, batch, device="c
     return {"step_s": step_s, "gradient_s": grad_s, "gradient_equivalents": step_s / grad_s}
 
 
+def peak_device_bytes(framework, device, run: Callable[[], object]) -> int:
+    """The most bytes `framework`'s allocator held on `device` while `run()` ran, from the
+    allocator's own counters: torch.cuda.max_memory_allocated after a reset of its peak, and jax's
+    `peak_bytes_in_use`, which cannot be reset and so counts from the process's start (call it in
+    a fresh process, as asv's one process per benchmark is). cuda only: on the CPU neither framework
+    counts its allocations, and a process's resident memory (asv's peakmem_) is the measure there."""
+    framework, device = parse(Framework, framework, "framework"), parse(Device, device, "device")
+    if device != Device.CUDA or framework not in (Framework.TORCH, Framework.JAX):
+        raise ValueError(f"device: peak_device_bytes reads torch's or jax's cuda allocator, not {framework.value} "
+                         f"on {device.value}")
+    if framework == Framework.TORCH:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    import jax
+
+    jax.block_until_ready(run())
+    return int(jax.devices("gpu")[0].memory_stats()["peak_bytes_in_use"])
+
+
 def torch_ops(optimizer, problem: Problem, params, batch, dtype="float32", **hyperparameters) -> dict:
     """Operators a torch step dispatches that write new data (`dispatched_ops`), averaged over one
     K-FAC period after warm-up, those of the mini-batch gradient, and their ratio. On a GPU a small

@@ -145,7 +145,7 @@ part_asv() {
         # ASV_PYTHONPATH, not PYTHONPATH: without it they find neither the package nor the wheels.
         # It leaves the pipeline, the last part, its share of the budget.
         ASV_PYTHONPATH=$PYTHONPATH NATGRAD_ASV_DEVICES=cuda COLUMNS=200 within_budget --leave "$PIPELINE_SHARE" \
-            asv run --python=same --bench 'Cost|OverPeer|Step|Training' --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
+            asv run --python=same --bench 'Cost|OverPeer|Step|DeviceMemory|Training' --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
     )
 }
 

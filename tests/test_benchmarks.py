@@ -30,7 +30,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # error in its module, a renamed method) fails the test rather than going unnoticed.
 EXPECTED = {
     "bench_step.Step.time_step", "bench_step.Step.peakmem_step", "bench_step.PeerStep.time_step",
-    "bench_step.PeerStep.peakmem_step", "bench_step.OverPeer.track_over_peer",
+    "bench_step.PeerStep.peakmem_step", "bench_step.DeviceMemory.track_peak_device_memory",
+    "bench_step.OverPeer.track_over_peer",
     "bench_step.Cost.track_gradient_equivalents", "bench_training.Training.track_loss",
     "bench_scaling.Scaling.track_gradient_equivalents", "bench_step.TorchOps.track_ops_over_gradient",
 }
@@ -234,6 +235,12 @@ def test_cost_table_measures_a_busy_row_again(monkeypatch):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "ef"), repeats=3)
     assert len(calls) == 3  # sgd, ef, then sgd again
     assert table.gradient_s.tolist() == [1e-3, 1e-3] and table.gradient_equivalents.tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("framework, device", [("torch", "cpu"), ("jax", "cpu"), ("numpy", "cuda")])
+def test_peak_device_bytes_names_what_it_cannot_read(framework, device):
+    with pytest.raises(ValueError, match=f"^device: .*not {framework} on {device}"):
+        timing.peak_device_bytes(framework, device, lambda: None)
 
 
 def test_torch_ops_counts_what_a_step_adds():

@@ -93,3 +93,24 @@ def test_cuda_float32_mc_runs_and_learns(optimizer):
         params, state, info = opt.step(params, state, batch)
         losses.append(float(info["loss"]))
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_peak_device_bytes_counts_what_a_run_allocates(framework):
+    """DeviceMemory's measure: a run that holds 64 MiB on the GPU peaks at 64 MiB or more; in torch,
+    whose peak can be reset, a later run that holds 1 MiB peaks below the first."""
+    from natgrad_impls import timing
+
+    mib = 2**20
+    if framework == "torch":
+        import torch
+
+        hold = lambda size: torch.ones(size // 4, device="cuda").sum()  # float32
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        hold = lambda size: jax.device_put(jnp.ones(size // 4, jnp.float32), jax.devices("gpu")[0]).sum()
+    assert timing.peak_device_bytes(framework, "cuda", lambda: hold(64 * mib)) >= 64 * mib
+    if framework == "torch":
+        assert timing.peak_device_bytes(framework, "cuda", lambda: hold(mib)) < 64 * mib

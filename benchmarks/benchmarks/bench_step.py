@@ -56,6 +56,28 @@ class Step:
         self.sync(self.call())
 
 
+class DeviceMemory:
+    """Peak GPU memory of building our optimizer and taking two periods of steps (parameters, batch,
+    optimizer state and the step's temporaries), from the framework's allocator
+    (timing.peak_device_bytes): unlike `Step.peakmem_step`, which is the host process's resident
+    memory, it compares settings with one another. cuda only; skipped without a GPU."""
+
+    params = [SETTINGS, FRAMEWORKS, list(SIZES)]
+    param_names = ["optimizer", "framework", "size"]
+    unit = "MiB"
+    processes = 1
+    timeout = 600
+
+    def setup(self, optimizer, framework, size):
+        if "cuda" not in DEVICES:
+            raise SkipNotImplemented("NATGRAD_ASV_DEVICES leaves out cuda")
+        require_device(framework, "cuda")
+
+    def track_peak_device_memory(self, optimizer, framework, size):
+        build = lambda: Step.build(optimizer, framework, "cuda", size)
+        return timing.peak_device_bytes(framework, "cuda", build) / 2**20
+
+
 class PeerStep:
     """The libraries users would otherwise pick, timed exactly as `Step`: torch.optim.SGD/Adam
     (foreach), optax.sgd/adam (one jitted update), kfac-jax's K-FAC Optimizer (fixed lr and
