@@ -109,7 +109,7 @@ def _hyperparameters(args, names=("lr", "damping")) -> dict:
 def cmd_tasks(args) -> int:
     from natgrad_impls.tasks import TASKS
 
-    rows = [("task", "N", "D", "classes", "params", "offline", "source")]
+    rows = [("task", "N", "inputs", "classes", "params", "offline", "source")]
     for name, task in TASKS.items():
         model = task.problem.model
         rows.append((name, str(task.n_train), str(math.prod(model.input_shape)), str(task.classes or "-"),
@@ -117,6 +117,8 @@ def cmd_tasks(args) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
+    print("\nN: training examples. inputs: numbers per example the model sees, the linear tasks' column of "
+          "ones included (wine: 13 features and 1).")
     return 0
 
 

@@ -27,9 +27,11 @@ def _natgrad(*args, cwd=None):
 def test_tasks_lists_every_task_and_says_which_are_offline():
     done = _natgrad("tasks")
     assert done.returncode == 0, done.stderr
-    header, *lines = done.stdout.splitlines()
-    assert header.split()[:6] == ["task", "N", "D", "classes", "params", "offline"]
+    table, footnote = done.stdout.split("\n\n")
+    header, *lines = table.splitlines()
+    assert header.split()[:6] == ["task", "N", "inputs", "classes", "params", "offline"]
     listed = {line.split()[0]: line.split() for line in lines}
+    assert listed["wine"][2] == "14" and "column of ones" in footnote  # 13 features and the bias's 1
     assert list(listed) == list(TASKS)
     for name, fields in listed.items():
         assert fields[1] == str(TASKS[name].n_train)
