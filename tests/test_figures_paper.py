@@ -269,6 +269,8 @@ def test_starting_point_draws_every_start(small_grid):
     drawn = paper.starting_point(table)
     quadratic, wine = drawn.figure.axes
     assert quadratic.get_yscale() == "log" and wine.get_yscale() == "log" and wine.get_title() == "wine"
+    assert quadratic.get_title() == r"$(\theta^2 + 1/4)\,/\,2$"  # what is drawn: table's minimum is 1/8
+    assert table.loc[(table["kind"] == "minimum") & (table["problem"] == "quadratic"), "loss"].item() == pytest.approx(1 / 8)
     for ax, optimizers in ((quadratic, ["ngd", "ef"]), (wine, ["sgd", "ngd", "ef"])):
         lines = _with_gid(ax, "run")
         assert len(lines) == 4 * len(optimizers)

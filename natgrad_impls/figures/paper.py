@@ -527,6 +527,11 @@ def _change(row) -> str:
 
 # -- appendix: starting points ----------------------------------------------------------------------
 
+# What toys.quadratic_problem minimises: the paper's (x - 1/2)^2 + (x + 1/2)^2 over 4, as the mean
+# Gaussian negative log-likelihood of its two examples.
+QUADRATIC_TITLE = r"$(\theta^2 + 1/4)\,/\,2$"
+
+
 def starting_point(table: pd.DataFrame) -> Drawn:
     """The appendix's starting-point figure: per problem (the 1-D quadratic, then the task) the
     excess loss L - L* (log scale) against the step of every optimizer from each starting point;
@@ -547,7 +552,7 @@ def starting_point(table: pd.DataFrame) -> Drawn:
                                  layout="constrained")
         for ax, problem in zip(axes[0], problems):
             _starting_panel(ax, runs[runs["problem"] == problem], optimizers)
-            ax.set_title("$(x - 1/2)^2 + (x + 1/2)^2$" if problem == "quadratic" else problem)
+            ax.set_title(QUADRATIC_TITLE if problem == "quadratic" else problem)
             ax.set_xlabel("Iteration")
         axes[0, 0].set_ylabel("Loss $-$ min")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
