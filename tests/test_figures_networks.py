@@ -104,6 +104,7 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
     assert axes[1, 0].get_xlim() == axes[1, 1].get_xlim()
     legend = drawn.figure.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["SGD", "Adam", "NGD"]
+    assert all(handle.get_marker() == "o" for handle in legend.legend_handles)  # as the lines are drawn
     assert any("EF: not in the table" in n for n in drawn.notes) and any("K-FAC" in n for n in drawn.notes)
     written = save(drawn, tmp_path / "training.png")
     assert all(p.exists() for p in written)

@@ -28,6 +28,9 @@ SETTING_COLUMNS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "sa
 PANEL_WIDTH = 1.65  # inches per column: four columns at full width
 PANEL_HEIGHT = 1.35
 BAND_ALPHA = 0.18
+# Where a full evaluation was measured: small and edgeless, so that 20 or so per line leave the
+# line style readable.
+EVALUATION_MARKER = {"marker": "o", "markersize": 2.0, "markeredgewidth": 0}
 
 
 # -- public figures -----------------------------------------------------------------------------------
@@ -242,7 +245,7 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         ax.set_ylabel(ylabel)
                 _same_limits(axes[r], "x")
             _same_limits(axes[t * len(kinds):(t + 1) * len(kinds)].ravel(), "y")
-        _legend(fig, [o for o in style.OPTIMIZERS if o in shown])
+        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers)
     return Drawn(fig, notes)
 
 
@@ -256,7 +259,7 @@ def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
             continue
         kwargs = style.line_kwargs(optimizer)
         if markers:
-            kwargs.update(marker="o", markersize=2.5)
+            kwargs.update(EVALUATION_MARKER)
         ax.plot(line["x"], line["median"], **kwargs)
         if cell.loc[cell["optimizer"] == optimizer, "seed"].nunique() > 1:
             ax.fill_between(line["x"], line["min"], line["max"], color=kwargs["color"], alpha=BAND_ALPHA,
@@ -277,10 +280,10 @@ def _same_limits(axes, which: str) -> None:
         getattr(ax, set_)(low, high)
 
 
-def _legend(fig, optimizers) -> None:
+def _legend(fig, optimizers, markers=False) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
+    handles = [Line2D([], [], **style.line_kwargs(o), **(EVALUATION_MARKER if markers else {})) for o in optimizers]
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=3)
 
