@@ -15,6 +15,7 @@ K-FAC optimizer with fixed learning rate, damping and no momentum.
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import sys
 import time
@@ -105,6 +106,40 @@ def device_available(framework, device) -> bool:
         except RuntimeError:
             return False
     return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """What ran a measurement on `device`: the CPU's model, or the model of the GPU torch (else jax)
+    sees first, so that a saved table names its machine."""
+    if parse(Device, device, "device") == Device.CPU:
+        return cpu_model()
+    if device_available("torch", device):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import jax
+
+    return jax.devices("gpu")[0].device_kind
 
 
 def _parsed(framework, device, dtype) -> tuple[Framework, Device, DType]:

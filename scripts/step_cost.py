@@ -29,7 +29,6 @@ several samples); `--out` is rewritten after every round, so a run stopped early
 from __future__ import annotations
 
 import argparse
-import platform
 from typing import NamedTuple
 
 import pandas as pd
@@ -151,7 +150,7 @@ def main(argv=None):
 
     def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
         if args.out:
-            results.write(table.assign(machine=platform.processor() or platform.machine()), args.out)
+            results.write(table.assign(machine=timing.device_name(args.device)), args.out)
 
     if args.sweep:
         widths = [int(w) for w in args.widths.split(",")]

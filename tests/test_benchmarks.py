@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from natgrad_impls import make_optimizer, timing
+from natgrad_impls import make_optimizer, results, timing
 from conftest import JaxImpl, TorchImpl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,6 +343,22 @@ def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
     first = rounds[0]
     assert (first.gradient_equivalents == first.step_s / first.gradient_s).all()
     assert np.isnan(table.set_index("optimizer").loc["sgd", "inverse_s"])
+
+
+def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
+    """A saved table's `machine` is the CPU's model (/proc/cpuinfo), not just "x86_64"."""
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    out = tmp_path / "cost.csv"
+    step_cost.main(["--framework", "torch", "--settings", "sgd", "--sizes", "6,5,3", "--batch-size", "4",
+                    "--repeats", "2", "--no-peers", "--out", str(out)])
+    machine = set(results.read(out)["machine"])
+    assert machine == {timing.device_name("cpu")}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        model = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert machine == {model.split(":", 1)[1].strip()}
 
 
 @pytest.mark.parametrize("impl", [TorchImpl(), JaxImpl()], ids=["torch", "jax"])

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import pandas as pd
 
+from natgrad_impls import timing
 from natgrad_impls.names import Device, Framework, Optimizer, legends
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
@@ -324,7 +325,7 @@ def environment() -> pd.DataFrame:
     importable), platform, CPU model, cores, and the GPU torch or jax sees, if any."""
     rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
     rows += [(name, version) for name in PACKAGES if (version := _version(name)) is not None]
-    rows += [("cpu", cpu_model()), ("cpu cores (logical)", str(os.cpu_count()))]
+    rows += [("cpu", timing.cpu_model()), ("cpu cores (logical)", str(os.cpu_count()))]
     if hasattr(os, "sched_getaffinity"):
         rows.append(("cpu cores (usable)", str(len(os.sched_getaffinity(0)))))
     rows += [(f"gpu ({framework})", name) for framework, name in _gpus()]
@@ -339,26 +340,6 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        import subprocess
-
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            pass
-    return platform.processor() or platform.machine()
 
 
 def _gpus() -> list[tuple[str, str]]:
