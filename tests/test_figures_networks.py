@@ -407,7 +407,14 @@ def test_best_hyperparameters_of_a_grid_frame():
     table = tables.best_hyperparameters(grid)
     assert list(table.optimizer) == ["ef", "ngd"] and (table.lr == 0.1).all()
     assert (table.objective == "loss").all() and not table.chaotic.any()
-    assert table.final_loss.tolist() == pytest.approx(frame[frame.step == 100].groupby("optimizer").loss.first().tolist())
+    final = frame[frame.step == 100].groupby("optimizer").loss.first()
+    assert table.final_loss.tolist() == pytest.approx(final.tolist())
+    # one seed: the range is the chaos repeats' (repeat 1 ends at twice repeat 0's loss)
+    assert table.final_loss_min.tolist() == pytest.approx(final.tolist())
+    assert table.final_loss_max.tolist() == pytest.approx((2 * final).tolist())
+    # a repeat that diverges widens the range to inf
+    diverging = grid.assign(diverged=(grid.repeat == 1) & (grid.optimizer == "ef") | grid.diverged)
+    assert tables.best_hyperparameters(diverging).final_loss_max.tolist() == [np.inf, pytest.approx(2 * final["ngd"])]
 
 
 def test_the_tables_module_imports_no_plotting_library():

@@ -44,7 +44,9 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
 
     `runs`: runner frames (tuned runs, any number of seeds and settings: the best setting is the one
     with the lowest median final loss) or grid frames (`natgrad grid`: its rows with best == True
-    and repeat == 0 are the best run; chaotic is carried over)."""
+    and repeat == 0 are the best run; chaotic is carried over, and final_loss_min and _max span the
+    best run and its chaos repeats, the same run from theta0 + 1e-14 noise, since a grid has one
+    seed)."""
     frame = _runs(runs)
     if frame.empty:
         return pd.DataFrame(columns=GROUP + ["final_loss", "target_loss", "time_to_target_s"])
@@ -63,6 +65,8 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     best = best.merge(targets, on="task", how="left")
     reach = _reach(measured, best, group, hp, objective)
     best = best.merge(reach, on=group, how="left")
+    if "repeat" in runs.columns:
+        best = _repeat_range(runs, best, group, objective)
     best["objective"] = objective
     order = group + hp + ["seeds", "steps", "final_loss", "final_loss_min", "final_loss_max", "target_loss",
                           "steps_to_target", "time_to_target_s", "objective", "diverged"]
@@ -97,12 +101,12 @@ def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.Dat
     return pd.DataFrame(rows, columns=group + ["edge"])
 
 
-def _runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Plain-string names; a grid frame cut to its best runs (repeat 0)."""
+def _runs(runs: pd.DataFrame, every_repeat: bool = False) -> pd.DataFrame:
+    """Plain-string names; a grid frame cut to its best runs (repeat 0, or with their chaos repeats)."""
     frame = runs.copy()
     if "best" in frame.columns:
         frame = frame[frame["best"].astype(bool)]
-        if "repeat" in frame.columns:
+        if "repeat" in frame.columns and not every_repeat:
             frame = frame[frame["repeat"] == 0]
     for name in GROUP:
         if name in frame.columns:
@@ -111,6 +115,15 @@ def _runs(runs: pd.DataFrame) -> pd.DataFrame:
         if column not in frame.columns:
             frame[column] = default
     return frame
+
+
+def _repeat_range(grid: pd.DataFrame, best: pd.DataFrame, group, objective) -> pd.DataFrame:
+    """final_loss_min and _max over a grid's best run and its chaos repeats (diverged: inf)."""
+    runs = _runs(grid, every_repeat=True).sort_values("step").groupby(group + ["repeat"], observed=True, sort=False)
+    final = runs[objective].last().where(~runs["diverged"].any(), np.inf)
+    final = final.replace([np.nan, -np.inf], np.inf).groupby(level=group, observed=True).agg(["min", "max"])
+    spans = final.rename(columns={"min": "final_loss_min", "max": "final_loss_max"}).reset_index()
+    return best.drop(columns=["final_loss_min", "final_loss_max"]).merge(spans, on=group, how="left")
 
 
 def _key(frame, hp) -> pd.Series:
