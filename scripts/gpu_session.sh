@@ -2,7 +2,8 @@
 # The GPU checks, for a session that has a GPU machine for a short while: a bare Linux box with
 # CUDA, Python 3.12, PyTorch, JAX and the scientific stack installed, but no network. Everything
 # the checks measure goes to $OUT (default results/gpu), named by the GPU (h100, h200, ...), ready
-# to be committed under results/reference/.
+# to be committed under results/reference/ (then update results/README.md's "What the tables
+# predate" and the staleness sentence of workflow/report/reference-*.rst).
 #
 #   bash scripts/gpu_session.sh wheels            # HERE, with network: .whl/ = py3.12 wheels of every
 #                                                 #   pinned package (requirements.lock) the GPU machine lacks
