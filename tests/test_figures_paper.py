@@ -365,6 +365,7 @@ def test_logit_clip_figure_sweeps_lr_for_both_likelihoods(clip_grids):
     drawn = paper.logit_clip(frame)
     axes = drawn.figure.axes
     assert [ax.get_title() for ax in axes] == ["SGD", "Adam", "EF", "NGD", "K-FAC"]
+    assert axes[0].get_ylabel() == f"{frame['task'].iloc[0]}\nfinal loss"  # one task, named all the same
     for ax, optimizer in zip(axes, ALL):
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
         (clipped,) = _with_gid(ax, "sweep-paper")

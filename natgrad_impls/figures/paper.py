@@ -450,7 +450,7 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.xaxis.set_major_locator(LogLocator(numticks=4))
-            row[0].set_ylabel(f"{task}\nfinal loss" if len(tasks) > 1 else "Final loss")
+            row[0].set_ylabel(f"{task}\nfinal loss")  # the task is named on every row, one or several
         axes[0, 0].set_xlim(left=min(starts))
         for ax in axes[-1]:
             ax.set_xlabel("lr")
