@@ -22,6 +22,7 @@ from natgrad_impls import results
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 1
+EXIT_NOT_WRITTEN = 1
 
 # Optimizer hyperparameters beyond lr and damping, as (option, name, type).
 EXTRA_HYPERPARAMETERS = (
@@ -147,7 +148,7 @@ def cmd_run(args) -> int:
     for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("eval_every", args.eval_every)):
         if value is not None and value < (0 if name == "steps" else 1):
             raise BadInput(f"{name}: {value!r} must be an integer >= {0 if name == 'steps' else 1}")
-    out = _checked(lambda: results.check_path(args.out))
+    out = _checked(lambda: results.check_writable(args.out))
     spec = _checked(lambda: runner.resolve(args.task, args.optimizer, args.framework, args.device, args.dtype, hps,
                                            args.seed, args.variant, args.logit_clip))
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
@@ -155,7 +156,7 @@ def cmd_run(args) -> int:
     frame = _unavailable(lambda: runner.run(
         spec.task, spec.optimizer, spec.framework, spec.device, spec.dtype, hps, args.steps, args.batch_size, args.seed,
         eval_every=args.eval_every, cos_ef_ngd=args.cos_ef_ngd, progress=False if args.no_progress else None))
-    results.write(frame, out)
+    _write(frame, out)
     last = frame.iloc[-1]
     state = "diverged" if last["diverged"] else "final"
     print(f"{spec.task.name} {spec.optimizer.value} {spec.framework.value}: {state} loss {last['loss']:.6g} at step "
@@ -167,7 +168,7 @@ def cmd_grid(args) -> int:
     from natgrad_impls import grid
 
     hps = _hyperparameters(args, names=())
-    out = _checked(lambda: results.check_path(args.out))
+    out = _checked(lambda: results.check_writable(args.out))
     checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
                                              args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps,
                                              args.logit_clip, args.seed))
@@ -175,7 +176,7 @@ def cmd_grid(args) -> int:
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
                                                 args.repeats, None, hps, progress=False if args.no_progress else None,
                                                 on_done=_print_best))
-    results.write(result.frame, out)
+    _write(result.frame, out)
     print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0
@@ -185,6 +186,15 @@ def _print_best(optimizer, best, seconds) -> None:
     """One optimizer's best as soon as it is known, flushed: a pipeline job's log is a file."""
     line = best.describe() if best else f"{optimizer.value:5s} no run stayed finite"
     print(f"{line}  [{seconds:.3g} s]", flush=True)
+
+
+def _write(frame, out) -> None:
+    """The result, or one line saying why it could not be written (checked before the run, but a
+    disk can fill or a folder vanish while it runs)."""
+    try:
+        results.write(frame, out)
+    except OSError as error:
+        raise SystemExit(_fail(f"out: cannot write {str(out)!r} ({error.strerror or error})", EXIT_NOT_WRITTEN)) from None
 
 
 def _checked(call):

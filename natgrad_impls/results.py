@@ -3,6 +3,7 @@ atomically (a temporary file beside the target, then a rename), so that a killed
 file that looks complete and a pipeline resumes by recomputing only what is missing.
 
     results.check_path("runs/wine.parquet")        # ValueError naming `out` unless .csv/.parquet
+    results.check_writable("runs/wine.parquet")    # and unless its folder takes a file
     results.write(frame, "runs/wine.parquet")
     frame = results.read("runs/wine.parquet")
 
@@ -28,6 +29,21 @@ def check_path(path, field: str = "out") -> Path:
         raise ValueError(f"{field}: {str(path)!r} must end in one of {', '.join(FORMATS)}")
     if path.exists() and path.is_dir():
         raise ValueError(f"{field}: {str(path)!r} is a folder, not a file ending in one of {', '.join(FORMATS)}")
+    return path
+
+
+def check_writable(path, field: str = "out") -> Path:
+    """`check_path`, and the folder created and a file written there and removed, so that a long run
+    learns before it starts, not after, that its result could not be saved (a ValueError naming
+    `field` and why)."""
+    path = check_path(path, field)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{field}: cannot write {str(path)!r} ({error.strerror or error})") from None
     return path
 
 

@@ -185,6 +185,36 @@ def test_bad_output_name_is_refused_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """A file where the output's folder should be: one line naming `out` before anything runs."""
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "x.csv"
+    work = lambda *args, **kwargs: pytest.fail("the run started")  # noqa: E731
+    monkeypatch.setattr("natgrad_impls.runner.run", work)
+    monkeypatch.setattr("natgrad_impls.grid.run_grid", work)
+    args = ["--task", "wine", "--framework", "numpy", "--out", str(out)]
+    args += ["--optimizer", "sgd", "--lr", "0.1"] if command == "run" else ["--optimizers", "sgd", "--steps", "2"]
+    assert cli.main([command, *args]) == cli.EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"natgrad: out: cannot write {str(out)!r} (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_result_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """The disk fills during the run: one line naming `out`, exit 1, no traceback."""
+    def full(frame, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "write", full)
+    out = tmp_path / "x.csv"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1", "--steps", "2",
+                  "--out", str(out)])
+    assert stopped.value.code == cli.EXIT_NOT_WRITTEN
+    assert capsys.readouterr().err.splitlines() == [f"natgrad: out: cannot write {str(out)!r} (No space left on device)"]
+
+
 def test_bad_input_through_the_console_script(tmp_path):
     done = _natgrad("run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-1",
                     "--out", str(tmp_path / "x.csv"))
