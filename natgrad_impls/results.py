@@ -13,8 +13,10 @@ measured) are empty fields, never zeros.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -78,3 +80,17 @@ def atomic(path: Path, write) -> Path:
 def read(path) -> pd.DataFrame:
     path = check_path(path, "path")
     return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+
+
+@contextlib.contextmanager
+def job_log(path):
+    """A pipeline job's body with its stdout and stderr in the log file `path`, and the traceback
+    of an error too (written before the file closes, then raised again): else the log Snakemake
+    points to is empty and the traceback lands on its console, or a cluster's job output."""
+    with open(path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            yield log
+        except BaseException:
+            traceback.print_exc(file=log)
+            raise
+

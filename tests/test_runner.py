@@ -148,6 +148,18 @@ def test_missing_hyperparameters_are_empty_in_the_file(tmp_path):
     pd.testing.assert_frame_equal(results.read(results.write(frame, tmp_path / "run.parquet")), frame)
 
 
+def test_a_failing_pipeline_job_writes_its_traceback_to_its_log(tmp_path):
+    """results.job_log: what a job prints and the error that ends it are both in its log, which
+    is where Snakemake points a reader (`--show-failed-logs`, the job's log path)."""
+    log = tmp_path / "job.log"
+    with pytest.raises(ZeroDivisionError):
+        with results.job_log(log):
+            print("tuning 3 settings")
+            1 / 0
+    text = log.read_text()
+    assert text.startswith("tuning 3 settings\n") and "Traceback" in text and "ZeroDivisionError" in text
+
+
 def test_samples_is_recorded_only_where_labels_are_drawn():
     """The exact Fisher draws no labels: its runs have no `samples`, so a grid or a table that holds
     both kinds shows it empty for them, not a 1 that reads as one sample."""

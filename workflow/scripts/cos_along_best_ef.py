@@ -1,15 +1,13 @@
 """Rerun the best EF run of a numpy grid with the EF/NGD cosine recorded at every step (DESIGN 4:
 cos(EF, NGD) along the best `ef` run, with that run's damping)."""
 
-import contextlib
-
 import pandas as pd
 
 from natgrad_impls import results, runner
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     grid = pd.read_parquet(snakemake.input[0], columns=["task", "optimizer", "lr", "damping", "best", "repeat"],
                            filters=[("optimizer", "==", "ef"), ("best", "==", True), ("repeat", "==", 0)])
     if grid.empty:

@@ -1,13 +1,11 @@
 """Time one rule's cost table: a network task's (rule cost) or the scaling sweep (rule scaling)."""
 
-import contextlib
-
 from natgrad_impls import results, timing
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 
 w, t = snakemake.wildcards, snakemake.params.timing
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     if snakemake.rule == "cost":
         table = timing.cost_table(w.task, w.framework, w.device, t["dtype"], t["settings"], t["repeats"])
     else:

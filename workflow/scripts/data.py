@@ -1,7 +1,5 @@
 """Fetch and verify one download task's files (natgrad_impls.data) and write what was loaded."""
 
-import contextlib
-
 import pandas as pd
 
 from natgrad_impls import results
@@ -9,7 +7,7 @@ from natgrad_impls.tasks import get_task
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     task = get_task(snakemake.wildcards.task)
     dataset = task.load(0)
     rows = [{"task": task.name, "split": split, "examples": len(part.X), "features": int(part.X[0].size),

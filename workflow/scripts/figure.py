@@ -1,7 +1,6 @@
 """Draw one figure of the report from result tables and write PNG, PDF and caption (the static
 caption of workflow/report/ followed by this run's notes)."""
 
-import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -62,7 +61,7 @@ def caption(static: str, notes: str) -> str:
     return text + (f"\n\n**This run:** {notes}\n" if notes.strip() else "\n")
 
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     name = snakemake.params.figure
     drawn = DRAW[name](list(snakemake.input))
     save(drawn, snakemake.output.png, notes=False)  # the notes go into the caption

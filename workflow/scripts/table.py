@@ -1,8 +1,6 @@
 """Write one table of the report: best hyperparameters (grids or tuned network runs), the logit-clip
 comparison of the Bernoulli grids, or the environment the numbers were measured in."""
 
-import contextlib
-
 import pandas as pd
 
 from natgrad_impls import results
@@ -32,7 +30,7 @@ MAKE = {
 }
 
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     table = MAKE[snakemake.params.table](list(snakemake.input))
     results.write(table, snakemake.output.csv)
     print(table.to_string())

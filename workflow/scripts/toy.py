@@ -1,14 +1,12 @@
 """Compute one toy table (natgrad_impls.toys) and write it atomically."""
 
-import contextlib
-
 import pandas as pd
 
 from natgrad_impls import results, toys
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     toy = snakemake.wildcards.toy
     if toy == "starting_point":
         grid = (pd.read_parquet(snakemake.input[0], filters=[("best", "==", True)]) if snakemake.input

@@ -3,7 +3,6 @@ written together as one long-format table. tune: every setting of params.runs on
 seeds, and the best one (lowest median final full-train loss, diverged runs last; figures.tables)
 as the JSON that train and `natgrad run --hyperparameters` read. train: that setting on every seed."""
 
-import contextlib
 import json
 import math
 import os
@@ -48,7 +47,7 @@ def best_setting(runs: pd.DataFrame) -> dict:
     return chosen
 
 
-with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+with results.job_log(snakemake.log[0]):
     params = snakemake.params
     if snakemake.rule == "tune":
         runs = train(params.runs, params.seeds, params.protocol, params.cos_ef_ngd)
