@@ -93,6 +93,13 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
         "convex:\n  hyperparameters: {ngd: {fisher: mc, samples: 4}, kfac: {fisher: mc}}\n",
         [r"samples is 4 for ngd, its default for kfac; one natgrad grid gives every optimizer that has samples the "
          r"same value: set it alike for ngd, kfac"], "convex.hyperparameters"),
+    # in one natgrad grid, ngd's momentum would have become sgd's
+    "a hyperparameter the optimizer does not have": (
+        "convex:\n  hyperparameters: {ngd: {momentum: 0.9}}\n",
+        [r"config convex.hyperparameters.ngd: momentum: not a hyperparameter of ngd"], "momentum"),
+    "a value the optimizer refuses": ("networks:\n  hyperparameters: {sgd: {momentum: 1}}\n",
+                                      [SCHEMA, r"1 is greater than or equal to the maximum of 1"], "momentum"),
+    "log10 bounds that are no numbers": ("convex:\n  lrs: '1.2.3:10:5'\n", [SCHEMA, r"does not match"], "lrs"),
 }
 
 

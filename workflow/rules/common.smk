@@ -124,6 +124,23 @@ def check_grid_hyperparameters_agree():
                              f"optimizer that has {name} the same value: set it alike for {', '.join(takers)}")
 
 
+def check_fixed_hyperparameters():
+    """Each optimizer's fixed hyperparameters (convex. and networks.hyperparameters) as its runs will
+    check them, before any job: a name it does not have (sgd: {b1: ..}) or a value it refuses
+    (momentum 1) would otherwise fail a job later, or, in one `natgrad grid` for every optimizer,
+    reach another optimizer that has the name."""
+    from natgrad_impls.runner import accepted, make_hyperparameters
+
+    for section in ("convex", "networks"):
+        for optimizer, values in config[section].get("hyperparameters", {}).items():
+            placeholders = {name: 1.0 for name in ("lr", "damping") if name in accepted(optimizer)}
+            try:
+                make_hyperparameters(optimizer, {**placeholders, **values})
+            except ValueError as error:
+                raise ValueError(f"config {section}.hyperparameters.{optimizer}: {error}") from None
+
+
+check_fixed_hyperparameters()
 check_grid_hyperparameters_agree()
 
 
@@ -200,7 +217,8 @@ def numpy_grids(tasks):
 
 
 def cos_files(tasks):
-    return [f"{RESULTS}/grid/{task}/cos.parquet" for task in tasks]
+    """The EF/NGD cosine along each task's best EF run, where the grid has EF runs."""
+    return [f"{RESULTS}/grid/{task}/cos.parquet" for task in tasks] if "ef" in config["optimizers"] else []
 
 
 # The report's sections, in reading order (the report sorts them by name): the paper's figures,
