@@ -3,7 +3,9 @@
 Every file is pinned by URL and sha256 and lives in the cache folder `$NATGRAD_DATA` (default
 `~/.cache/natgrad`) under `Resource.filename`. `fetch` returns the cached file when its checksum
 matches, and otherwise downloads it to a temporary file in the same folder, checks it, and renames
-it into place, so that a killed or corrupted download never leaves a file that looks complete.
+it into place, so that a killed or corrupted download never leaves a file that looks complete
+(the temporary files of killed downloads are removed once they are stale, see STALE_PART_AGE_S).
+A cache folder that cannot be made or written is a `DataUnavailable` that says so.
 A URL that serves a file with the wrong sha256 is skipped like one that is down (the file is
 discarded). When no URL gives the file, `fetch` raises `DataUnavailable` (`ChecksumMismatch` if a URL
 served a wrong file) saying where to put the file by hand. An unpinned file (`sha256=None`, only
@@ -27,6 +29,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -145,7 +148,11 @@ def fetch(resource: Resource) -> Path:
             return path
         stale = actual  # a wrong file in the cache is replaced, never used
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unusable(resource, path.parent, error) from error
+    _remove_stale_parts(path.parent)
     failures, mismatched = [], False
     for url in _urls(resource):
         try:
@@ -153,6 +160,8 @@ def fetch(resource: Resource) -> Path:
         except ChecksumMismatch as error:  # a changed file or a bad mirror: discarded, try the next URL
             mismatched = True
             failures.append(f"{url} ({error})")
+        except DataUnavailable:  # the cache folder, not the URL: no other URL would help
+            raise
         except Exception as error:  # offline, 404, refused, ...: try the next URL
             failures.append(f"{url} ({' '.join(str(error).split())})")
     found = f"; the file there has sha256 {stale}" if stale else ""
@@ -169,7 +178,12 @@ def fetch(resource: Resource) -> Path:
 
 def _download(resource: Resource, url: str, path: Path) -> Path:
     """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically."""
-    with _replacing(path) as out, urllib.request.urlopen(url, timeout=60) as response:
+    with contextlib.ExitStack() as stack:
+        try:  # before the URL is opened, so that this failure is not taken for the URL's
+            out = stack.enter_context(_replacing(path))
+        except OSError as error:
+            raise _unusable(resource, path.parent, error) from error
+        response = stack.enter_context(urllib.request.urlopen(url, timeout=60))
         digest = hashlib.sha256()
         for block in iter(lambda: response.read(1 << 20), b""):
             digest.update(block)
@@ -180,6 +194,30 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     if resource.sha256 is None:
         _print_unpinned(resource, "unpinned download", actual)
     return path
+
+
+def _unusable(resource: Resource, folder: Path, error: OSError) -> DataUnavailable:
+    """A cache folder that cannot be made or written (a regular file, read-only, /proc): not a
+    download failure, so no "Offline?" and no advice to save the file by hand in that same folder."""
+    return DataUnavailable(
+        f"{resource.name}: the cache folder {cache_dir()} is not usable: cannot write in {folder} "
+        f"({error.strerror or error}); set NATGRAD_DATA to a writable folder"
+    )
+
+
+# A killed download leaves its temporary file behind (CIFAR-10: 170 MB each time). One this old is
+# stale: a younger one may be another process downloading right now (it writes, so its mtime moves).
+STALE_PART_AGE_S = 24 * 3600
+
+
+def _remove_stale_parts(folder: Path) -> None:
+    """Remove the temporary files (`_replacing`) that killed downloads left in `folder`."""
+    for part in folder.glob(".*.part"):
+        try:
+            if part.is_file() and time.time() - part.stat().st_mtime > STALE_PART_AGE_S:
+                part.unlink()
+        except OSError:
+            pass  # removed by another process meanwhile, or not ours to remove: only costs disk space
 
 
 def _print_unpinned(resource: Resource, what: str, actual: str) -> None:

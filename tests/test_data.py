@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -230,3 +232,69 @@ def test_a_failed_write_of_generated_arrays_leaves_no_partial_file(cache, monkey
     with pytest.warns(UserWarning, match="could not keep"):
         assert data.generated("toy-1", maker([]))["y"].tolist() == [2, 0, 1]
     assert list((cache / "generated").iterdir()) == []
+
+
+# -- an unusable cache folder, and the temporary files of killed downloads ------------------------
+
+def assert_unusable_cache_message(message: str, folder: Path) -> None:
+    assert str(folder) in message and "not usable" in message
+    assert "set NATGRAD_DATA to a writable folder" in message and "\n" not in message
+    assert "Offline?" not in message and "by hand" not in message  # not a network failure
+
+
+def test_a_regular_file_as_cache_folder_is_one_line_in_the_cli(cache, tmp_path, monkeypatch, capsys):
+    from natgrad_impls import cli
+
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("not a folder")
+    monkeypatch.setenv("NATGRAD_DATA", str(not_a_folder))
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "server").as_uri())
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["run", "--task", "yacht", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                  "--steps", "1", "--out", str(tmp_path / "o.csv")])
+    assert exit.value.code == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert_unusable_cache_message(err.strip(), not_a_folder)
+
+
+@pytest.mark.parametrize("failing", ["mkdir", "mkstemp"])
+def test_an_unusable_cache_folder_is_not_reported_as_offline(cache, tmp_path, monkeypatch, failing):
+    url, sha = served(tmp_path, b"some bytes\n")
+
+    def refuse(*args, **kwargs):
+        if failing == "mkdir":  # as under /proc
+            raise FileNotFoundError(2, "No such file or directory")
+        raise PermissionError(13, "Permission denied")  # a read-only folder (tests may run as root)
+
+    if failing == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    else:
+        monkeypatch.setattr(data.tempfile, "mkstemp", refuse)
+    with pytest.raises(DataUnavailable) as error:
+        fetch(Resource("thing", url, sha, "sub/thing.bin", mirrors=(url,)))
+    assert not isinstance(error.value, ChecksumMismatch)
+    assert_unusable_cache_message(str(error.value), cache)
+    assert ("Permission denied" if failing == "mkstemp" else "No such file") in str(error.value)
+
+
+def test_a_download_removes_stale_temporary_files_only(cache, tmp_path):
+    url, sha = served(tmp_path, b"some bytes\n")
+    folder = cache / "sub"
+    folder.mkdir(parents=True)
+    now = time.time()
+    ages = {
+        ".thing.bin.killed.part": data.STALE_PART_AGE_S + 60,  # a killed download: removed
+        ".other.bin.killed.part": 2 * data.STALE_PART_AGE_S,  # any download's: removed
+        ".thing.bin.running.part": data.STALE_PART_AGE_S - 60,  # maybe downloading now: kept
+        "notes.part": 2 * data.STALE_PART_AGE_S,  # not a temporary file of ours: kept
+    }
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"partial")
+        os.utime(folder / name, (now - age, now - age))
+    (cache / ".top.bin.killed.part").write_bytes(b"partial")  # another folder: not this download's
+    os.utime(cache / ".top.bin.killed.part", (now - 2 * data.STALE_PART_AGE_S,) * 2)
+    path = fetch(Resource("thing", url, sha, "sub/thing.bin"))
+    assert files_in(cache) == sorted(
+        [path, folder / ".thing.bin.running.part", folder / "notes.part", cache / ".top.bin.killed.part"]
+    )
