@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--framework", default="numpy", help="numpy (default), torch or jax")
     _common(grid)
     grid.add_argument("--lrs", default="-20:10:241", help="log10 START:STOP:NUM (default -20:10:241); write --lrs=-20:10:241")
-    grid.add_argument("--dampings", default="-10:10:41", help="log10 START:STOP:NUM (default -10:10:41)")
+    grid.add_argument("--dampings", default="-10:10:41",
+                      help="log10 START:STOP:NUM (default -10:10:41); write --dampings=-10:10:41")
     for option, name, kind in EXTRA_HYPERPARAMETERS:
         grid.add_argument(option, dest=name, type=kind)
     grid.add_argument("--steps", type=int, help="default: the task's (100)")

@@ -68,6 +68,17 @@ def logspace(bounds) -> np.ndarray:
     return np.logspace(float(start), float(stop), int(num))
 
 
+def check_values(bounds, field: str) -> np.ndarray:
+    """The logspace of `bounds`, or a ValueError naming the field where an end leaves float64:
+    10**400 is inf and 10**-400 is 0, neither the value asked for (and `natgrad run` refuses both)."""
+    with np.errstate(over="ignore", under="ignore"):  # the check below says it in one line
+        values = logspace(bounds)
+    for exponent, value in ((bounds[0], values[0]), (bounds[1], values[-1])):  # monotone: the ends are the extremes
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{field}: {float(value)!r} (10**{float(exponent):g}) must be a finite number > 0")
+    return values
+
+
 def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
     """'START:STOP:NUM' (log10 bounds) as a tuple, or a ValueError naming the field."""
     parts = str(text).split(":")
@@ -696,6 +707,9 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     if not optimizers:
         raise ValueError(f"optimizers: none given (a comma-separated list of {', '.join(o.value for o in Optimizer)})")
     optimizers = [parse(Optimizer, o, "optimizers") for o in optimizers]
+    twice = [o.value for i, o in enumerate(optimizers) if o in optimizers[:i]]
+    if twice:  # the grid would run twice and mark two best runs
+        raise ValueError(f"optimizers: {twice[0]!r} is given twice (each optimizer once)")
     framework = parse(Framework, framework, "framework")
     device = parse(Device, device, "device")
     dtype = parse(DType, dtype, "dtype")
@@ -704,6 +718,7 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     check_setting(task, framework, device, dtype)
     lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
     dampings = parse_bounds(dampings, "dampings") if isinstance(dampings, str) else tuple(dampings)
+    lr_ends, damping_ends = (check_values(b, f)[[0, -1]].tolist() for b, f in ((lrs, "lrs"), (dampings, "dampings")))
     steps = task.steps if steps is None else int(steps)
     if steps < 0:
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
@@ -715,9 +730,11 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
         if not any(name in _fields(o) for o in optimizers):
             raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
                              f"(theirs: {', '.join(sorted({f for o in optimizers for f in _fields(o)} - {'lr', 'damping'}))})")
-    for optimizer in optimizers:  # lr and damping come from the grid; check the rest now
-        sample = {"lr": 1.0, **({"damping": 1.0} if optimizer in WITH_DAMPING else {})}
-        make_hyperparameters(optimizer, {**{k: v for k, v in extra.items() if k in _fields(optimizer)}, **sample})
+    for optimizer in optimizers:  # with the grid's own extremes, as `natgrad run` would check each run
+        own = {k: v for k, v in extra.items() if k in _fields(optimizer)}
+        for lr in lr_ends:
+            for damping in damping_ends if optimizer in WITH_DAMPING else [None]:  # None: no damping
+                make_hyperparameters(optimizer, {**own, "lr": lr, "damping": damping})
     return task, optimizers, framework, device, dtype, lrs, dampings, steps
 
 

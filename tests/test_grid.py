@@ -225,3 +225,51 @@ def test_cuda_grid_equals_the_cpu_grid(framework):
     on_cpu = grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], "numpy", **kwargs).frame
     assert len(on_gpu) == len(on_cpu)
     np.testing.assert_allclose(on_gpu["loss"], on_cpu["loss"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("optimizers, bounds, message", [
+    ("kfac", {"dampings": "-400:0:2"}, r"^dampings: 0\.0 \(10\*\*-400\) must be a finite number > 0$"),  # ran as 0
+    ("ngd", {"dampings": (0, 400, 2)}, r"^dampings: inf \(10\*\*400\) must be a finite number > 0$"),
+    ("sgd", {"lrs": "-1:400:2"}, r"^lrs: inf \(10\*\*400\) must be a finite number > 0$"),  # ran as inf, warning
+    ("ef", {"lrs": "-400:0:3"}, r"^lrs: 0\.0 \(10\*\*-400\) must be a finite number > 0$"),
+])
+def test_grid_values_must_be_finite_and_positive(optimizers, bounds, message):
+    with np.errstate(all="raise"):  # the check itself warns of no overflow
+        with pytest.raises(ValueError, match=message):
+            grid.validate("wine", optimizers, **bounds)
+
+
+def test_grid_is_checked_with_its_own_values(monkeypatch):
+    """The optimizer's own checks see the grid's extreme lr and damping, not a stand-in 1."""
+    seen = []
+    monkeypatch.setattr(grid, "make_hyperparameters", lambda optimizer, values, seed=0: seen.append(values))
+    grid.validate("wine", "sgd,kfac", lrs="-2:1:4", dampings="-3:0:2")
+    assert seen == [{"lr": 0.01, "damping": None}, {"lr": 10.0, "damping": None},
+                    {"lr": 0.01, "damping": 0.001}, {"lr": 0.01, "damping": 1.0},
+                    {"lr": 10.0, "damping": 0.001}, {"lr": 10.0, "damping": 1.0}]
+
+
+def test_bad_grid_values_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(grid, "run_grid", lambda *args, **kwargs: pytest.fail("the grid ran"))
+    out = tmp_path / "g.parquet"
+    status = cli.main(["grid", "--task", "wine", "--optimizers", "kfac", "--lrs=-1:0:2", "--dampings=-400:0:2",
+                       "--steps", "2", "--out", str(out)])
+    assert status == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == ["natgrad: dampings: 0.0 (10**-400) must be a finite number > 0"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("optimizers", ["ngd,ngd", "sgd,ef,sgd"])
+def test_each_optimizer_once(optimizers):
+    twice = optimizers.split(",")[0]
+    with pytest.raises(ValueError, match=rf"^optimizers: '{twice}' is given twice \(each optimizer once\)$"):
+        grid.validate("wine", optimizers)
+
+
+@pytest.mark.parametrize("option", ["--lrs", "--dampings"])
+def test_help_says_to_write_negative_bounds_with_equals(option, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["grid", "--help"])
+    assert f"{option}=-" in " ".join(capsys.readouterr().out.split())
+    assert getattr(cli._parser().parse_args(["grid", "--task", "wine", "--out", "x.csv", f"{option}=-1:0:2"]),
+                   option[2:]) == "-1:0:2"  # `option -1:0:2` would read -1:0:2 as an option
