@@ -152,6 +152,7 @@ def cmd_run(args) -> int:
     out = _checked(lambda: results.check_writable(args.out))
     spec = _checked(lambda: runner.resolve(args.task, args.optimizer, args.framework, args.device, args.dtype, hps,
                                            args.seed, args.variant, args.logit_clip))
+    _checked(lambda: runner.check_batch_size(spec.task, args.batch_size))
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
         raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
     frame = _unavailable(lambda: runner.run(

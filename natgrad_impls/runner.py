@@ -179,8 +179,24 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
     task = resolve_task(task, variant, logit_clip)
     check_seed(seed)
     h = make_hyperparameters(optimizer, hyperparameters or {}, seed)
+    if getattr(h, "damping", None) == 0 and not is_convex(task):
+        # undamped, a network's curvature (rank <= batch x classes, far below its parameters) is
+        # singular: the solve could only fail, after forming a D x D matrix (mnist-mlp: 1.3M squared)
+        raise ValueError(f"damping: 0 leaves {task.name}'s curvature singular; use a damping > 0")
     check_setting(task, framework, device, dtype)
     return Spec(task, optimizer, framework, device, dtype, h)
+
+
+def check_batch_size(task: Task, batch_size) -> None:
+    """ValueError naming the field unless `batch_size` is None (the task's default) or an integer
+    from 1 to the training set's size (a larger one would silently become full batch)."""
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    if batch_size > task.n_train:
+        raise ValueError(f"batch_size: {batch_size} is more than {task.name}'s {task.n_train} training examples "
+                         "(leave it out for the task's default)")
 
 
 def check_seed(seed) -> None:
@@ -532,10 +548,9 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     steps = task.steps if steps is None else int(steps)
     if steps < 0:
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
+    check_batch_size(task, batch_size)
     if batch_size is None:
         batch_size = task.batch_size
-    elif int(batch_size) < 1:
-        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
     eval_every = DEFAULT_EVAL_EVERY if eval_every is None else int(eval_every)
     if eval_every < 1:
         raise ValueError(f"eval_every: {eval_every!r} must be an integer >= 1")

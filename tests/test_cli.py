@@ -124,6 +124,13 @@ BAD = {
                        "--seed", "-1"], "seed: -1 must be an integer >= 0"),
     "grid: negative seed": (["grid", "--task", "wine", "--optimizers", "sgd", "--seed", "-1"],
                             "seed: -1 must be an integer >= 0"),
+    # would silently have run full batch, and recorded no batch size
+    "batch larger than the data": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "torch",
+                                    "--lr", "0.1", "--batch-size", "5000"],
+                                   "batch_size: 5000 is more than digits-mlp's 1437 training examples"),
+    # would have formed and solved a singular 9610 x 9610 matrix (29 s, 1.9 GB) to diverge at step 0
+    "undamped network": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch", "--lr", "0.1",
+                          "--damping", "0"], "damping: 0 leaves digits-mlp's curvature singular; use a damping > 0"),
 }
 
 
