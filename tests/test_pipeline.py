@@ -154,11 +154,18 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
         if path.suffix == ".parquet":
             assert len(pd.read_parquet(path)) > 0, path
 
+    # what a SIGKILLed job left two hours ago goes; what another run is writing now stays
+    abandoned, busy = root / "results" / "tune" / ".x.parquet.a1.part", root / "results" / "toys" / ".y.parquet.b2.part"
+    for part in (abandoned, busy):
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text("partial")
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+
     second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for path, mtime in survivors.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
-    assert not [p for p in (root / "results").rglob("*.part")]
+    assert [p for p in (root / "results").rglob("*.part")] == [busy]
 
     report = root / "results" / "report.html"
     assert report.exists()

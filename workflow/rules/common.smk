@@ -19,12 +19,22 @@ wildcard_constraints:
     device="|".join(d.value for d in Device),
 
 
+STALE_PART_AGE_S = 3600  # a result file is written in seconds: a temporary this old was abandoned
+
+
 def remove_stale_temporaries():
     """Result files are written as hidden `.NAME.*.part` files and renamed into place; a job killed
     hard (SIGKILL, a lost node) leaves its temporary behind. Never read as a result, it is removed
-    when the workflow starts again (the lock guarantees no other run is writing)."""
+    when the workflow starts again, once it is an hour old: Snakemake locks only the outputs a run
+    makes, so another run on other targets may be writing a younger one right now."""
+    import time
+
     for path in glob.glob(f"{RESULTS}/**/.*.part", recursive=True):
-        os.remove(path)
+        try:
+            if time.time() - os.path.getmtime(path) > STALE_PART_AGE_S:
+                os.remove(path)
+        except OSError:
+            pass  # renamed into place or removed by that other run meanwhile
 
 
 def share_jax_compilations(directory=".cache/jax"):
