@@ -70,6 +70,8 @@ def atomic(path: Path, write) -> Path:
     os.close(handle)
     try:
         write(temp)
+        with open(temp, "rb") as handle:  # on disk before the rename: after a crash, whole or absent
+            os.fsync(handle.fileno())
         os.chmod(temp, 0o644)  # mkstemp makes owner-only files; results are for sharing
         os.replace(temp, path)
     finally:

@@ -458,10 +458,19 @@ def cost_table(task: str, framework, device="cpu", dtype="float32", settings: It
         step_s, grad_s = alternating_medians([Timed(step, sync, period), Timed(grad, grad_sync)], samples, warmup=0)
         return dict(step_s=step_s, gradient_s=grad_s, gradient_equivalents=step_s / grad_s)
 
-    rows = [dict(task=spec.name, optimizer=setting(label)[0], setting=label, framework=framework.value,
-                 device=device.value, dtype=dtype.value, batch_size=len(batch[0]),
-                 num_params=problem.model.num_params(), **measure(label)) for label in labels]
+    rows = []
+    for i, label in enumerate(labels):
+        rows.append(dict(task=spec.name, optimizer=setting(label)[0], setting=label, framework=framework.value,
+                         device=device.value, dtype=dtype.value, batch_size=len(batch[0]),
+                         num_params=problem.model.num_params(), **measure(label)))
+        _progress(f"{spec.name} {framework.value} {device.value} {label}", rows[-1], i + 1, len(labels))
     return remeasure_contended(pd.DataFrame(rows), lambda row: measure(row.setting), ["task"])
+
+
+def _progress(name: str, row: dict, done: int, total: int) -> None:
+    """One line per measured setting, flushed: a timing job's log is a file, and a long one (the
+    scaling sweep with jax: minutes) should show where it is."""
+    print(f"timing: {name}: {row['gradient_equivalents']:.3g} gradient-equivalents ({done} of {total})", flush=True)
 
 
 # A row whose gradient took over CONTENDED_RATIO x the fastest gradient of the same model and batch
@@ -521,8 +530,13 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
     widths, batch_sizes, labels = list(widths), list(batch_sizes), list(settings)
     for label in labels:
         setting(label)
-    frames = [scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed)
-              .drop(columns="variant").assign(setting=label) for label in labels]
+    frames = []
+    for i, label in enumerate(labels):
+        frames.append(scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed)
+                      .drop(columns="variant").assign(setting=label))
+        largest = frames[-1].iloc[-1].to_dict()  # the sweep's last point (the largest, as configured)
+        _progress(f"{framework} {device} {label} at width {largest['width']}, batch {largest['batch_size']}", largest,
+                  i + 1, len(labels))
     columns = ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size", "num_params", "step_s",
                "gradient_s", "gradient_equivalents"]
 

@@ -318,8 +318,11 @@ def test_devices_pairs_and_a_note_without_gpu():
     assert not _data_axes(nothing) and len(nothing.notes) == 3
 
 
-def test_cost_table_real_call():
+def test_cost_table_real_call(capsys):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=2)
+    progress = [line for line in capsys.readouterr().out.splitlines() if "of 2)" in line]  # a line per setting
+    assert [line.split(":")[1].strip() for line in progress] == ["digits-mlp torch cpu sgd", "digits-mlp torch cpu kfac"]
+    assert progress[1].endswith(f"{table.gradient_equivalents.iloc[1]:.3g} gradient-equivalents (2 of 2)")
     assert list(table.columns) == ["task", "optimizer", "setting", "framework", "device", "dtype", "batch_size",
                                    "num_params", "step_s", "gradient_s", "gradient_equivalents"]
     assert list(table.setting) == ["sgd", "kfac"] and set(table.task) == {"digits-mlp"}
@@ -329,8 +332,9 @@ def test_cost_table_real_call():
         timing.cost_table("digits-mlp", "torch", settings=("newton",))
 
 
-def test_scaling_table_real_call():
+def test_scaling_table_real_call(capsys):
     table = timing.scaling_table("jax", "cpu", widths=(8, 16), batch_sizes=(4,), settings=("sgd", "ngd-mc"), repeats=2)
+    assert "timing: jax cpu ngd-mc at width 16, batch 4: " in capsys.readouterr().out
     assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size",
                                    "num_params", "step_s", "gradient_s", "gradient_equivalents"]
     assert list(table.setting) == ["sgd", "sgd", "ngd-mc", "ngd-mc"] and list(table.optimizer)[-1] == "ngd"
