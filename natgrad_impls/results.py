@@ -84,15 +84,32 @@ def read(path) -> pd.DataFrame:
     return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
 
 
+class Stopped(SystemExit):
+    """A job stopped by SIGTERM: exits with 128 + the signal's number, as the shell reports it."""
+
+
 @contextlib.contextmanager
 def job_log(path):
     """A pipeline job's body with its stdout and stderr in the log file `path`, and the traceback
     of an error too (written before the file closes, then raised again): else the log Snakemake
-    points to is empty and the traceback lands on its console, or a cluster's job output."""
+    points to is empty and the traceback lands on its console, or a cluster's job output. SIGTERM
+    (Snakemake stopping its jobs, a cluster's time limit) unwinds like an error, so that a result
+    being written removes its temporary file and the log says why the job ended."""
+    import signal
+
+    def stop(signum, frame):
+        raise Stopped(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     with open(path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             yield log
+        except Stopped as stopped:
+            print(f"stopped by SIGTERM (exit status {stopped.code})", file=log)
+            raise
         except BaseException:
             traceback.print_exc(file=log)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from natgrad_impls import hyperparameters as hp
-from natgrad_impls import make_optimizer, models
+from natgrad_impls import make_optimizer, models, results
 from natgrad_impls.names import DType, Device, Fisher, Framework, Optimizer, parse
 from natgrad_impls.tasks import Task, get_task
 
@@ -676,3 +676,43 @@ def ordered_columns(columns) -> list[str]:
     """DESIGN 7's columns first, in a fixed order, then the rest as they come."""
     present = list(columns)
     return [c for c in LEADING if c in present] + [c for c in present if c not in LEADING]
+
+
+# -- many runs in one process, resumable ---------------------------------------------------------------
+
+def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=None, log=print,
+             **protocol) -> pd.DataFrame:
+    """Every setting (a dict of hyperparameters) on every seed, one long table: the pipeline's tune
+    and train jobs. `protocol`: run()'s keyword arguments shared by all (dtype, steps, eval_every,
+    cos_ef_ngd, ...). `checkpoints`: a folder that keeps each finished run, so that a job killed
+    part way (a cluster's time limit, Ctrl-C) starts again where it stopped rather than from the
+    first run; a run is kept under a name made from everything that determines it, and the caller
+    removes the folder once the table is written. `log`: one line per run."""
+    frames = []
+    for hyperparameters in settings:
+        for seed in seeds:
+            kept = None if checkpoints is None else _checkpoint(checkpoints, task, optimizer, framework, device,
+                                                               hyperparameters, seed, protocol)
+            if kept is not None and kept.exists():
+                frame, how = results.read(kept), "kept from the interrupted job"
+            else:
+                frame, how = run(task, optimizer, framework, device, hyperparameters=hyperparameters, seed=seed,
+                                 progress=False, **protocol), ""
+                if kept is not None:
+                    results.write(frame, kept)
+            last = frame.iloc[-1]
+            log(f"{hyperparameters} seed {seed}: {'diverged' if last['diverged'] else 'final'} loss {last['loss']:.6g} "
+                f"at step {int(last['step'])}, {last['time_s']:.3g} s of steps{', ' + how if how else ''}")
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _checkpoint(folder, *determining):
+    """Where a run is kept: a file named by a hash of what determines it (task, optimizer, framework,
+    device, hyperparameters, seed, protocol), so that a changed config never reuses a run."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    key = json.dumps(determining, sort_keys=True, default=str)
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.parquet"

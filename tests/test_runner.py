@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -158,6 +159,58 @@ def test_a_failing_pipeline_job_writes_its_traceback_to_its_log(tmp_path):
             1 / 0
     text = log.read_text()
     assert text.startswith("tuning 3 settings\n") and "Traceback" in text and "ZeroDivisionError" in text
+
+
+def test_a_pipeline_job_stopped_by_sigterm_unwinds_and_says_so(tmp_path):
+    """SIGTERM inside results.job_log unwinds (a result being written removes its temporary file)
+    with exit status 143 and a line in the log; the handler before it is back afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run.csv"
+
+    def killed_while_writing(temp):
+        Path(temp).write_text("half a table")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        with results.job_log(tmp_path / "job.log"):
+            results.atomic(out, killed_while_writing)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [tmp_path / "job.log"]  # no result, no temporary file
+    assert "stopped by SIGTERM (exit status 143)" in (tmp_path / "job.log").read_text()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_many_runs_killed_part_way_resume_at_the_next_run(tmp_path, monkeypatch):
+    """runner.run_many (the tune and train jobs): a job stopped after two of four runs starts again
+    at the third, and its table equals that of a job never stopped (time aside); a changed protocol
+    reuses nothing."""
+    settings, seeds = [{"lr": 0.1}, {"lr": 0.01}], [0, 1]
+    protocol = dict(dtype="float32", steps=3, eval_every=2)
+    many = lambda folder, **changed: runner.run_many(  # noqa: E731
+        "digits-mlp", "sgd", "torch", "cpu", settings, seeds, folder, log=lambda line: None, **{**protocol, **changed})
+    whole = many(None)
+    calls, real = [], runner.run
+
+    def stopped_at_the_third(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or a cluster's time limit
+        calls.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        many(tmp_path / "kept")
+    calls.clear()
+    monkeypatch.setattr(runner, "run", lambda *args, **kwargs: calls.append(kwargs["seed"]) or real(*args, **kwargs))
+    resumed = many(tmp_path / "kept")
+    assert calls == [0, 1]  # the second setting's two seeds; the first's were kept
+    same = [c for c in whole.columns if c != "time_s"]
+    pd.testing.assert_frame_equal(resumed[same], whole[same])
+    calls.clear()
+    many(tmp_path / "kept", steps=4)
+    assert len(calls) == 4
 
 
 def test_samples_is_recorded_only_where_labels_are_drawn():

@@ -1,11 +1,14 @@
 """Rules tune and train: the runs of one task, optimizer, framework and device, in one process,
-written together as one long-format table. tune: every setting of params.runs on the tuning
-seeds, and the best one (lowest median final full-train loss, diverged runs last; figures.tables)
-as the JSON that train and `natgrad run --hyperparameters` read. train: that setting on every seed."""
+written together as one long-format table; a killed job resumes at its next run (runner.run_many).
+tune: every setting of params.runs on the tuning seeds, and the best one (lowest median final
+full-train loss, diverged runs last; figures.tables) as the JSON that train and `natgrad run
+--hyperparameters` read. train: that setting on every seed."""
 
 import json
 import math
 import os
+import shutil
+from pathlib import Path
 
 from natgrad_impls.runner import HYPERPARAMETER_ORDER, thread_environment
 
@@ -18,17 +21,12 @@ from natgrad_impls import results, runner  # noqa: E402
 
 
 def train(settings, seeds, protocol, cos_ef_ngd) -> pd.DataFrame:
-    w, frames = snakemake.wildcards, []
-    for hyperparameters in settings:
-        for seed in seeds:
-            frame = runner.run(w.task, w.optimizer, w.framework, w.device, protocol["dtype"], hyperparameters,
-                               protocol["steps"], seed=seed, eval_every=protocol["eval_every"], cos_ef_ngd=cos_ef_ngd,
-                               progress=False)
-            last = frame.iloc[-1]
-            print(f"{hyperparameters} seed {seed}: {'diverged' if last['diverged'] else 'final'} loss "
-                  f"{last['loss']:.6g} at step {int(last['step'])}, {last['time_s']:.3g} s of steps", flush=True)
-            frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    """Every setting on every seed; each finished run is kept in CHECKPOINTS until the job's table
+    is written, so that a killed job (a time limit on a cluster) resumes at its next run."""
+    w = snakemake.wildcards
+    return runner.run_many(w.task, w.optimizer, w.framework, w.device, settings, seeds, CHECKPOINTS,
+                           log=lambda line: print(line, flush=True), dtype=protocol["dtype"], steps=protocol["steps"],
+                           eval_every=protocol["eval_every"], cos_ef_ngd=cos_ef_ngd)
 
 
 def best_setting(runs: pd.DataFrame) -> dict:
@@ -47,6 +45,9 @@ def best_setting(runs: pd.DataFrame) -> dict:
     return chosen
 
 
+# Beside the job's table, hidden: results/tune/digits-mlp/kfac/.jax-cpu.runs/
+CHECKPOINTS = Path(snakemake.output.runs).with_name(f".{Path(snakemake.output.runs).stem}.runs")
+
 with results.job_log(snakemake.log[0]):
     params = snakemake.params
     if snakemake.rule == "tune":
@@ -56,3 +57,4 @@ with results.job_log(snakemake.log[0]):
         with open(snakemake.input.best) as handle:
             runs = train([json.load(handle)], params.seeds, params.protocol, params.cos_ef_ngd)
     results.write(runs, snakemake.output.runs)
+    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
