@@ -149,12 +149,13 @@ def cmd_run(args) -> int:
     for name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("eval_every", args.eval_every)):
         if value is not None and value < (0 if name == "steps" else 1):
             raise BadInput(f"{name}: {value!r} must be an integer >= {0 if name == 'steps' else 1}")
-    out = _checked(lambda: results.check_writable(args.out))
+    _checked(lambda: results.check_path(args.out))
     spec = _checked(lambda: runner.resolve(args.task, args.optimizer, args.framework, args.device, args.dtype, hps,
                                            args.seed, args.variant, args.logit_clip))
     _checked(lambda: runner.check_batch_size(spec.task, args.batch_size))
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
         raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
+    out = _checked(lambda: results.check_writable(args.out))  # last: it makes the folder
     frame = _unavailable(lambda: runner.run(
         spec.task, spec.optimizer, spec.framework, spec.device, spec.dtype, hps, args.steps, args.batch_size, args.seed,
         eval_every=args.eval_every, cos_ef_ngd=args.cos_ef_ngd, progress=False if args.no_progress else None))
@@ -170,10 +171,11 @@ def cmd_grid(args) -> int:
     from natgrad_impls import grid
 
     hps = _hyperparameters(args, names=())
-    out = _checked(lambda: results.check_writable(args.out))
+    _checked(lambda: results.check_path(args.out))
     checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
                                              args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps,
                                              args.logit_clip, args.seed))
+    out = _checked(lambda: results.check_writable(args.out))  # last: it makes the folder
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
                                                 args.repeats, None, hps, progress=False if args.no_progress else None,

@@ -70,7 +70,8 @@ def logspace(bounds) -> np.ndarray:
 
 def check_values(bounds, field: str) -> np.ndarray:
     """The logspace of `bounds`, or a ValueError naming the field where an end leaves float64:
-    10**400 is inf and 10**-400 is 0, neither the value asked for (and `natgrad run` refuses both)."""
+    10**400 is inf and 10**-400 is 0, neither the value asked for (`natgrad run` refuses an lr of inf;
+    a damping of 0 it takes, but a grid of log10 values cannot mean it)."""
     with np.errstate(over="ignore", under="ignore"):  # the check below says it in one line
         values = logspace(bounds)
     for exponent, value in ((bounds[0], values[0]), (bounds[1], values[-1])):  # monotone: the ends are the extremes

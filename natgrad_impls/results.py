@@ -96,12 +96,14 @@ def job_log(path):
     (Snakemake stopping its jobs, a cluster's time limit) unwinds like an error, so that a result
     being written removes its temporary file and the log says why the job ended."""
     import signal
+    import threading
 
     def stop(signum, frame):
         raise Stopped(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
     with open(path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        main = threading.current_thread() is threading.main_thread()  # only it may set a handler
+        previous = signal.signal(signal.SIGTERM, stop) if main else None
         try:
             yield log
         except Stopped as stopped:
@@ -111,5 +113,6 @@ def job_log(path):
             traceback.print_exc(file=log)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 

@@ -37,6 +37,7 @@ and of the evaluations, so that the runner's own overhead (loop_s - step_s) can 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -47,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from natgrad_impls import hyperparameters as hp
-from natgrad_impls import make_optimizer, models, results
+from natgrad_impls import make_optimizer, models, results, timing
 from natgrad_impls.names import DType, Device, Fisher, Framework, Optimizer, parse
 from natgrad_impls.tasks import Task, get_task
 
@@ -686,13 +687,15 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     and train jobs. `protocol`: run()'s keyword arguments shared by all (dtype, steps, eval_every,
     cos_ef_ngd, ...). `checkpoints`: a folder that keeps each finished run, so that a job killed
     part way (a cluster's time limit, Ctrl-C) starts again where it stopped rather than from the
-    first run; a run is kept under a name made from everything that determines it, and the caller
-    removes the folder once the table is written. `log`: one line per run."""
+    first run; a run is kept under a name made from everything that determines it (this code and
+    the machine included: a fix, or another node, never reuses a run), and the caller removes the
+    folder once the table is written. `log`: one line per run."""
     frames = []
+    machine = None if checkpoints is None else timing.device_name(device, framework)  # kept runs keep their time_s
     for hyperparameters in settings:
         for seed in seeds:
             kept = None if checkpoints is None else _checkpoint(checkpoints, task, optimizer, framework, device,
-                                                               hyperparameters, seed, protocol)
+                                                               hyperparameters, seed, protocol, machine, code_version())
             if kept is not None and kept.exists():
                 frame, how = results.read(kept), "kept from the interrupted job"
             else:
@@ -707,9 +710,21 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     return pd.concat(frames, ignore_index=True)
 
 
+@functools.cache
+def code_version() -> str:
+    """A hash of the package's source files: what a kept run was computed by."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _checkpoint(folder, *determining):
     """Where a run is kept: a file named by a hash of what determines it (task, optimizer, framework,
-    device, hyperparameters, seed, protocol), so that a changed config never reuses a run."""
+    device, hyperparameters, seed, protocol, machine, code), so that a change never reuses a run."""
     import hashlib
     import json
     from pathlib import Path

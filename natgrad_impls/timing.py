@@ -128,18 +128,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device) -> str:
-    """What ran a measurement on `device`: the CPU's model, or the model of the GPU torch (else jax)
-    sees first, so that a saved table names its machine."""
-    if parse(Device, device, "device") == Device.CPU:
+def device_name(device, framework="torch") -> str:
+    """What ran a measurement on `device`: the CPU's model, or the model of the GPU `framework`
+    (torch or jax; numpy: torch's) sees first, so that a saved table names its machine."""
+    device, framework = parse(Device, device, "device"), parse(Framework, framework, "framework")
+    if device == Device.CPU:
         return cpu_model()
-    if device_available("torch", device):
-        import torch
+    if framework == Framework.JAX:
+        import jax
 
-        return torch.cuda.get_device_name(0)
-    import jax
+        return jax.devices("gpu")[0].device_kind
+    import torch
 
-    return jax.devices("gpu")[0].device_kind
+    return torch.cuda.get_device_name(0)
 
 
 def _parsed(framework, device, dtype) -> tuple[Framework, Device, DType]:
@@ -320,9 +321,10 @@ def peak_device_bytes(framework, device, run: Callable[[], object]) -> int:
     a fresh process, as asv's one process per benchmark is). cuda only: on the CPU neither framework
     counts its allocations, and a process's resident memory (asv's peakmem_) is the measure there."""
     framework, device = parse(Framework, framework, "framework"), parse(Device, device, "device")
-    if device != Device.CUDA or framework not in (Framework.TORCH, Framework.JAX):
-        raise ValueError(f"device: peak_device_bytes reads torch's or jax's cuda allocator, not {framework.value} "
-                         f"on {device.value}")
+    if framework not in (Framework.TORCH, Framework.JAX):
+        raise ValueError(f"framework: peak_device_bytes reads torch's or jax's allocator, not {framework.value}'s")
+    if device != Device.CUDA:
+        raise ValueError(f"device: peak_device_bytes reads a cuda allocator, not {device.value}'s")
     if framework == Framework.TORCH:
         import torch
 
@@ -334,7 +336,10 @@ def peak_device_bytes(framework, device, run: Callable[[], object]) -> int:
     import jax
 
     jax.block_until_ready(run())
-    return int(jax.devices("gpu")[0].memory_stats()["peak_bytes_in_use"])
+    stats = jax.devices("gpu")[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:  # XLA_PYTHON_CLIENT_ALLOCATOR=platform keeps none
+        raise RuntimeError("jax's GPU allocator keeps no peak_bytes_in_use (is XLA_PYTHON_CLIENT_ALLOCATOR set?)")
+    return int(stats["peak_bytes_in_use"])
 
 
 def torch_ops(optimizer, problem: Problem, params, batch, dtype="float32", **hyperparameters) -> dict:

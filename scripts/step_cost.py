@@ -148,9 +148,11 @@ def main(argv=None):
         if not timing.device_available(framework, args.device):
             raise SystemExit(f"device: {args.device!r} is not visible to {framework}")
 
+    machine = timing.device_name(args.device, frameworks[0])  # once, before anything is measured
+
     def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
         if args.out:
-            results.write(table.assign(machine=timing.device_name(args.device)), args.out)
+            results.write(table.assign(machine=machine), args.out)
 
     if args.sweep:
         widths = [int(w) for w in args.widths.split(",")]

@@ -237,9 +237,10 @@ def test_cost_table_measures_a_busy_row_again(monkeypatch):
     assert table.gradient_s.tolist() == [1e-3, 1e-3] and table.gradient_equivalents.tolist() == [2.0, 2.0]
 
 
-@pytest.mark.parametrize("framework, device", [("torch", "cpu"), ("jax", "cpu"), ("numpy", "cuda")])
-def test_peak_device_bytes_names_what_it_cannot_read(framework, device):
-    with pytest.raises(ValueError, match=f"^device: .*not {framework} on {device}"):
+@pytest.mark.parametrize("framework, device, field", [("torch", "cpu", "device"), ("jax", "cpu", "device"),
+                                                     ("numpy", "cuda", "framework")])
+def test_peak_device_bytes_names_what_it_cannot_read(framework, device, field):
+    with pytest.raises(ValueError, match=f"^{field}: .*not {framework if field == 'framework' else device}'s"):
         timing.peak_device_bytes(framework, device, lambda: None)
 
 

@@ -208,6 +208,13 @@ def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_refused_command_makes_no_output_folder(tmp_path):
+    out = tmp_path / "new" / "x.csv"
+    assert cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-1",
+                     "--out", str(out)]) == cli.EXIT_BAD_INPUT
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_result_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     """The disk fills during the run: one line naming `out`, exit 1, no traceback."""
     def full(frame, path):

@@ -5,6 +5,7 @@ timing tables get one tiny real call each (columns and positivity; no timing ass
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -322,7 +323,7 @@ def test_cost_table_real_call(capsys):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=2)
     progress = [line for line in capsys.readouterr().out.splitlines() if "of 2)" in line]  # a line per setting
     assert [line.split(":")[1].strip() for line in progress] == ["digits-mlp torch cpu sgd", "digits-mlp torch cpu kfac"]
-    assert progress[1].endswith(f"{table.gradient_equivalents.iloc[1]:.3g} gradient-equivalents (2 of 2)")
+    assert re.search(r": [0-9.e+-]+ gradient-equivalents \(2 of 2\)$", progress[1])  # as first measured
     assert list(table.columns) == ["task", "optimizer", "setting", "framework", "device", "dtype", "batch_size",
                                    "num_params", "step_s", "gradient_s", "gradient_equivalents"]
     assert list(table.setting) == ["sgd", "kfac"] and set(table.task) == {"digits-mlp"}

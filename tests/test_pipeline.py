@@ -101,6 +101,9 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "a value the optimizer refuses": ("networks:\n  hyperparameters: {sgd: {momentum: 1}}\n",
                                       [SCHEMA, r"1 is greater than or equal to the maximum of 1"], "momentum"),
     "log10 bounds that are no numbers": ("convex:\n  lrs: '1.2.3:10:5'\n", [SCHEMA, r"does not match"], "lrs"),
+    "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
+                                    [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],
+                                    "dampings"),
 }
 
 

@@ -29,7 +29,7 @@ def remove_stale_temporaries():
     makes, so another run on other targets may be writing a younger one right now."""
     import time
 
-    for path in glob.glob(f"{RESULTS}/**/.*.part", recursive=True):
+    for path in glob.glob(f"{RESULTS}/**/.*.part", recursive=True, include_hidden=True):  # in .*.runs/ too
         try:
             if time.time() - os.path.getmtime(path) > STALE_PART_AGE_S:
                 os.remove(path)
@@ -150,7 +150,20 @@ def check_fixed_hyperparameters():
                 raise ValueError(f"config {section}.hyperparameters.{optimizer}: {error}") from None
 
 
+def check_grid_bounds():
+    """convex.lrs and .dampings as `natgrad grid` will read them (both ends finite and > 0 in
+    float64: "-400:0:3" matches the schema's pattern but starts at 0), before any job."""
+    from natgrad_impls.grid import check_values, parse_bounds
+
+    for field in ("lrs", "dampings"):
+        try:
+            check_values(parse_bounds(config["convex"][field], field), field)
+        except ValueError as error:
+            raise ValueError(f"config convex.{error}") from None
+
+
 check_fixed_hyperparameters()
+check_grid_bounds()
 check_grid_hyperparameters_agree()
 
 
