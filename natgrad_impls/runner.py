@@ -180,9 +180,9 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
     task = resolve_task(task, variant, logit_clip)
     check_seed(seed)
     h = make_hyperparameters(optimizer, hyperparameters or {}, seed)
-    if getattr(h, "damping", None) == 0 and not is_convex(task):
-        # undamped, a network's curvature (rank <= batch x classes, far below its parameters) is
-        # singular: the solve could only fail, after forming a D x D matrix (mnist-mlp: 1.3M squared)
+    if getattr(h, "damping", None) == 0 and not task.problem.l2 and not is_convex(task):
+        # undamped and without l2, a network's curvature (rank <= batch x classes, far below its
+        # parameters) is singular: the solve could only fail, after forming a D x D matrix
         raise ValueError(f"damping: 0 leaves {task.name}'s curvature singular; use a damping > 0")
     check_setting(task, framework, device, dtype)
     return Spec(task, optimizer, framework, device, dtype, h)
