@@ -166,20 +166,29 @@ def test_a_pipeline_job_stopped_by_sigterm_unwinds_and_says_so(tmp_path):
     with exit status 143 and a line in the log; the handler before it is back afterwards."""
     import signal
 
-    before = signal.getsignal(signal.SIGTERM)
+    class Unhandled(Exception):
+        pass
+
+    def outside(signum, frame):  # so that a job_log without its handler fails this test, not the session
+        raise Unhandled
+
     out = tmp_path / "run.csv"
 
     def killed_while_writing(temp):
         Path(temp).write_text("half a table")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(SystemExit) as stopped:
-        with results.job_log(tmp_path / "job.log"):
-            results.atomic(out, killed_while_writing)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with results.job_log(tmp_path / "job.log"):
+                results.atomic(out, killed_while_writing)
+        assert signal.getsignal(signal.SIGTERM) is outside  # the handler before it is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == [tmp_path / "job.log"]  # no result, no temporary file
     assert "stopped by SIGTERM (exit status 143)" in (tmp_path / "job.log").read_text()
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_many_runs_killed_part_way_resume_at_the_next_run(tmp_path, monkeypatch):
