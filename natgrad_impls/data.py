@@ -29,7 +29,6 @@ import re
 import sys
 import tarfile
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -39,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from natgrad_impls import results
 
 
 class DataUnavailable(RuntimeError):
@@ -152,7 +153,7 @@ def fetch(resource: Resource) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _unusable(resource, path.parent, error) from error
-    _remove_stale_parts(path.parent)
+    results.remove_stale_temporaries(path.parent, STALE_PART_AGE_S)  # those of killed downloads (`_replacing`)
     failures, mismatched = [], False
     for url in _urls(resource):
         try:
@@ -208,16 +209,6 @@ def _unusable(resource: Resource, folder: Path, error: OSError) -> DataUnavailab
 # A killed download leaves its temporary file behind (CIFAR-10: 170 MB each time). One this old is
 # stale: a younger one may be another process downloading right now (it writes, so its mtime moves).
 STALE_PART_AGE_S = 24 * 3600
-
-
-def _remove_stale_parts(folder: Path) -> None:
-    """Remove the temporary files (`_replacing`) that killed downloads left in `folder`."""
-    for part in folder.glob(".*.part"):
-        try:
-            if part.is_file() and time.time() - part.stat().st_mtime > STALE_PART_AGE_S:
-                part.unlink()
-        except OSError:
-            pass  # removed by another process meanwhile, or not ours to remove: only costs disk space
 
 
 def _print_unpinned(resource: Resource, what: str, actual: str) -> None:

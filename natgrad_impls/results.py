@@ -79,6 +79,21 @@ def atomic(path: Path, write) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = False) -> None:
+    """Remove the hidden `.NAME.*.part` temporaries (of `atomic`, or of a download) in `folder`, and
+    in its subfolders, hidden ones too, when `recursive`, that are older than `older_than_s`: a
+    process killed hard (SIGKILL, a lost node) leaves its temporary behind, but a younger one may be
+    another process's, still writing."""
+    import time
+
+    for part in Path(folder).glob("**/.*.part" if recursive else ".*.part"):
+        try:
+            if part.is_file() and time.time() - part.stat().st_mtime > older_than_s:
+                part.unlink()
+        except OSError:
+            pass  # renamed into place or removed by that other process meanwhile
+
+
 def read(path) -> pd.DataFrame:
     path = check_path(path, "path")
     return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)

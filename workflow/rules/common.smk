@@ -27,14 +27,9 @@ def remove_stale_temporaries():
     hard (SIGKILL, a lost node) leaves its temporary behind. Never read as a result, it is removed
     when the workflow starts again, once it is an hour old: Snakemake locks only the outputs a run
     makes, so another run on other targets may be writing a younger one right now."""
-    import time
+    from natgrad_impls.results import remove_stale_temporaries
 
-    for path in glob.glob(f"{RESULTS}/**/.*.part", recursive=True, include_hidden=True):  # in .*.runs/ too
-        try:
-            if time.time() - os.path.getmtime(path) > STALE_PART_AGE_S:
-                os.remove(path)
-        except OSError:
-            pass  # renamed into place or removed by that other run meanwhile
+    remove_stale_temporaries(RESULTS, STALE_PART_AGE_S, recursive=True)  # in the jobs' .*.runs/ too
 
 
 def share_jax_compilations(directory=".cache/jax"):
