@@ -281,16 +281,17 @@ def figures():
 
 
 def tables():
-    """{table: (report section, inputs)}, each beside the figures it goes with: best hyperparameters
-    of the grids and of the tuned networks, the logit-clip comparison, the environment."""
+    """{table: (report section, {name: input files})}, each beside the figures it goes with: best
+    hyperparameters of the grids and of the tuned networks (with their tuning grids, for where the
+    chosen setting lies in them), the logit-clip comparison, the environment."""
     out = {}
     if grid_files():
-        out["best-convex"] = (SECTION["kunstner"], grid_files())
+        out["best-convex"] = (SECTION["kunstner"], {"runs": grid_files()})
     if config["networks"]["tasks"] and network_optimizers():
-        out["best-networks"] = (SECTION["networks"], network_runs() + network_runs("tune"))
+        out["best-networks"] = (SECTION["networks"], {"runs": network_runs(), "tuning": network_runs("tune")})
     if logit_clip_files():
-        out["logit-clip"] = (SECTION["appendix"], logit_clip_files())
-    out["environment"] = (SECTION["environment"], [])
+        out["logit-clip"] = (SECTION["appendix"], {"runs": logit_clip_files()})
+    out["environment"] = (SECTION["environment"], {})
     return out
 
 

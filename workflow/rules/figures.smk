@@ -34,7 +34,7 @@ for _table, (_category, _inputs) in tables().items():
         name:
             f"table_{_table.replace('-', '_')}"
         input:
-            _inputs,
+            **_inputs,
         output:
             csv=report(f"{RESULTS}/tables/{_table}.csv", caption=f"../report/{_table}.rst", category=_category,
                        labels=_labels[_table]),
@@ -44,7 +44,6 @@ for _table, (_category, _inputs) in tables().items():
             f"{LOGS}/tables/{_table}.log",
         params:
             table=_table,
-            tuning=network_runs("tune") if _table == "best-networks" else [],
         threads: 1
         script:
             "../scripts/table.py"

@@ -15,22 +15,21 @@ def read(paths) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p, **kwargs) for p in paths], ignore_index=True)
 
 
-def best_networks(paths) -> pd.DataFrame:
-    """The reruns' table, with where each chosen setting lies in its tuning grid (params.tuning)."""
-    tuning = snakemake.params.tuning
-    best = tables.best_hyperparameters(read([p for p in paths if p not in tuning]))
-    return best.merge(tables.grid_edges(read(tuning)), on=tables.GROUP, how="left")
+def best_networks(inputs) -> pd.DataFrame:
+    """The reruns' table, with where each chosen setting lies in its tuning grid."""
+    best = tables.best_hyperparameters(read(inputs.runs))
+    return best.merge(tables.grid_edges(read(inputs.tuning)), on=tables.GROUP, how="left")
 
 
 MAKE = {
-    "environment": lambda paths: tables.environment(),
-    "best-convex": lambda paths: tables.best_hyperparameters(read(paths)),
+    "environment": lambda inputs: tables.environment(),
+    "best-convex": lambda inputs: tables.best_hyperparameters(read(inputs.runs)),
     "best-networks": best_networks,
-    "logit-clip": lambda paths: tables.logit_clip_comparison(tables.read_logit_clip_grids(paths)),
+    "logit-clip": lambda inputs: tables.logit_clip_comparison(tables.read_logit_clip_grids(inputs.runs)),
 }
 
 
 with results.job_log(snakemake.log[0]):
-    table = MAKE[snakemake.params.table](list(snakemake.input))
+    table = MAKE[snakemake.params.table](snakemake.input)
     results.write(table, snakemake.output.csv)
     print(table.to_string())
