@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from natgrad_impls.names import Fisher, Optimizer, parse
 
@@ -21,8 +22,10 @@ def _finite(value) -> bool:  # a bool is an int to Python, but `"lr": true` is a
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_integer(value) -> bool:
+    """A Python or NumPy integer (numbers.Integral), not a bool: an int to Python, but `true` in a
+    JSON file is a slip. Also what the runner checks seeds and batch sizes with."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,8 @@ class NaturalGradient:
         _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(_finite(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
-        _check(_count(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
-        _check(_count(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +86,12 @@ class KFAC:
     def __post_init__(self):
         _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(_finite(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
-        _check(_count(self.kfac_update_period) and self.kfac_update_period >= 1,
+        _check(is_integer(self.kfac_update_period) and self.kfac_update_period >= 1,
                "kfac_update_period", self.kfac_update_period, "an integer >= 1")
         _check(_finite(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
-        _check(_count(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
-        _check(_count(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
 HYPERPARAMETERS = {

@@ -193,7 +193,7 @@ def check_batch_size(task: Task, batch_size) -> None:
     from 1 to the training set's size (a larger one would silently become full batch)."""
     if batch_size is None:
         return
-    if not _integer(batch_size) or batch_size < 1:
+    if not hp.is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
     if batch_size > task.n_train:
         raise ValueError(f"batch_size: {batch_size} is more than {task.name}'s {task.n_train} training examples "
@@ -202,13 +202,8 @@ def check_batch_size(task: Task, batch_size) -> None:
 
 def check_seed(seed) -> None:
     """ValueError naming the field unless `seed` is an integer >= 0 (what NumPy's generators take)."""
-    if not _integer(seed) or seed < 0:
+    if not hp.is_integer(seed) or seed < 0:
         raise ValueError(f"seed: {seed!r} must be an integer >= 0")
-
-
-def _integer(value) -> bool:
-    """A Python or NumPy integer, not a bool (an int to Python, but `true` in a JSON file is a slip)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def task_columns(task: Task) -> dict:
