@@ -20,8 +20,8 @@ are lr grids, ef, ngd and kfac lr x damping grids.
 The computation is written once against an array namespace (`numpy`, `torch`, `jax.numpy`; see
 `_Backend`), so a float64 grid in any framework reproduces the framework's own `natgrad run` to
 round-off on runs that are not chaotic. Runs go through in chunks (cache-sized on numpy, spread over
-the CPU cores in threads); a run that diverges (loss > 100 x its first loss, NaN/inf, or a failed
-solve) is recorded up to that step and masked out of the rest of the computation. On numpy and
+the CPU cores in threads); a run that diverges (loss > 100 x its first loss or NaN/inf, as after a
+failed solve) is recorded up to that step and masked out of the rest of the computation. On numpy and
 torch a run whose Fisher weights are bitwise those of its previous step reuses that step's matrix
 (the product would give the same matrix): exactly the same numbers, less work. The chaos repeats
 and the whole grid are float64 by default; `dtype` float32 runs the same computation in float32.
@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
+from natgrad_impls.numpy import reference
 from natgrad_impls.runner import (
     DIVERGENCE_FACTOR, accepted, check_seed, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns,
     progress_bar, resolve_task, check_setting, task_columns, usable_cores,
@@ -149,35 +150,23 @@ class _NumpyBackend(_Backend):
         return np.eye(d)
 
     def damped_solve(self, matrices, shifts, b):
-        """((matrices + shifts I)^-1 b, failed rows or None): np.linalg.solve per run, as the numpy
-        reference does. `matrices` has one matrix per run, or one shared by all."""
+        """(matrices + shifts I)^-1 b per run, NaN for a singular one, as the numpy reference's
+        `solve`. `matrices` has one matrix per run, or one shared by all."""
         A = np.array(matrices, copy=True) if matrices.shape[0] == len(shifts) else np.repeat(matrices, len(shifts), 0)
         d = A.shape[-1]
         A.reshape(len(A), d * d)[:, :: d + 1] += shifts[:, None]  # the diagonal, in place in the copy
         try:
-            return np.linalg.solve(A, b[..., None])[..., 0], None
-        except np.linalg.LinAlgError:
-            x, failed = np.full_like(b, np.nan), np.zeros(len(b), bool)
-            for i in range(len(b)):
-                try:
-                    x[i] = np.linalg.solve(A[i], b[i])
-                except np.linalg.LinAlgError:
-                    failed[i] = True
-            return x, failed
+            return np.linalg.solve(A, b[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # one singular matrix fails the whole call: run by run
+            return np.stack([reference.solve(a, v) for a, v in zip(A, b)])
 
     def damped_inverse(self, A, shifts):
-        """inv(A + s I) per run, as numpy's kfac does."""
+        """inv(A + s I) per run, NaN for a singular one, as numpy's kfac does."""
         M = A + shifts[:, None, None] * np.eye(A.shape[-1])
         try:
-            return np.linalg.inv(M), None
+            return np.linalg.inv(M)
         except np.linalg.LinAlgError:
-            out, failed = np.full_like(M, np.nan), np.zeros(len(M), bool)
-            for i in range(len(M)):
-                try:
-                    out[i] = np.linalg.inv(M[i])
-                except np.linalg.LinAlgError:
-                    failed[i] = True
-            return out, failed
+            return np.stack([reference.inverse(m) for m in M])
 
     def draws(self, kind, seed, step, samples, n):
         rng = np.random.default_rng((seed, step))  # natgrad_impls.numpy's sampler
@@ -226,14 +215,16 @@ class _TorchBackend(_Backend):
         return self.xp.eye(d, dtype=self.dtype, device=self.device)
 
     def damped_solve(self, matrices, shifts, b):
+        """(matrices + shifts I)^-1 b per run, NaN for a singular one (the status stays on the
+        device: reading it back would wait for the device every step)."""
         x, info = self.xp.linalg.solve_ex(matrices + shifts[:, None, None] * self.eye(matrices.shape[-1]), b[..., None])
-        return x[..., 0], self.numpy(info) != 0
+        return x[..., 0].masked_fill_((info != 0)[:, None], self.xp.nan)
 
     def damped_inverse(self, A, shifts):
-        """cholesky_inverse(cholesky(A + s I)) per run, as torch's kfac does."""
+        """cholesky_inverse(cholesky(A + s I)) per run, NaN for a failed one, as torch's kfac does."""
         torch = self.xp
         L, info = torch.linalg.cholesky_ex(A + shifts[:, None, None] * self.eye(A.shape[-1]))
-        return torch.cholesky_inverse(L), self.numpy(info) != 0
+        return torch.cholesky_inverse(L).masked_fill_((info != 0)[:, None, None], torch.nan)
 
     def draws(self, kind, seed, step, samples, n):
         """torch.rand/randn of shape (samples, N, 1) from torch's kfac/ngd generator for (seed, step)."""
@@ -285,10 +276,10 @@ class _JaxBackend(_Backend):
         return self.xp.eye(d, dtype=self.dtype)
 
     def damped_solve(self, matrices, shifts, b):
-        return self._solve(matrices, shifts, b), None  # failures are NaNs, as in jax's own steps
+        return self._solve(matrices, shifts, b)  # failures are NaNs, as in jax's own steps
 
     def damped_inverse(self, A, shifts):
-        return self._inverse(A, shifts), None
+        return self._inverse(A, shifts)
 
     def _damped_solve(self, matrices, shifts, b):
         """(matrices + shifts I)^-1 b per run, in one compiled call (eager, the shift alone took a
@@ -397,8 +388,8 @@ class _Method:
         return {}
 
     def update(self, k, theta, state, grad, r, c):
-        """(new theta, new state, failed rows as a numpy bool array or None) from the forward
-        pass's gradient, residual r and predictive mean c at theta."""
+        """(new theta, new state) from the forward pass's gradient, residual r and predictive mean c
+        at theta (a failed solve gives a NaN theta, whose loss diverges at the next step)."""
         raise NotImplementedError
 
     def select(self, state, keep):
@@ -416,8 +407,8 @@ class _SGD(_Method):
     def update(self, k, theta, state, grad, r, c):
         if self.h.momentum:
             buffer = self.h.momentum * state["buffer"] + grad
-            return theta - self.lr * buffer, {"buffer": buffer}, None
-        return theta - self.lr * grad, state, None
+            return theta - self.lr * buffer, {"buffer": buffer}
+        return theta - self.lr * grad, state
 
 
 class _Adam(_Method):
@@ -432,7 +423,7 @@ class _Adam(_Method):
         v = h.b2 * state["v"] + (1 - h.b2) * grad * grad
         t = k + 1
         c1, c2 = 1 - h.b1**t, 1 - h.b2**t  # in float64, as torch's Python floats and the jax code
-        return theta - self.lr * (m / c1) / (xp.sqrt(v / c2) + h.eps), {"m": m, "v": v}, None
+        return theta - self.lr * (m / c1) / (xp.sqrt(v / c2) + h.eps), {"m": m, "v": v}
 
 
 class _NaturalGradient(_Method):
@@ -481,8 +472,8 @@ class _NaturalGradient(_Method):
         else:
             matrix = model.form(w)
         keep_w = w if (be.reuse and w is not None and w.shape[0] > 1) else None
-        direction, failed = be.damped_solve(matrix, self.shift, grad)
-        return theta - self.lr * direction, {"weights": keep_w, "matrix": matrix if keep_w is not None else None}, failed
+        direction = be.damped_solve(matrix, self.shift, grad)
+        return theta - self.lr * direction, {"weights": keep_w, "matrix": matrix if keep_w is not None else None}
 
 
 class _KFAC(_Method):
@@ -519,14 +510,13 @@ class _KFAC(_Method):
         else:
             A = h.kfac_ema * state["A"] + (1 - h.kfac_ema) * model.gram
             G = h.kfac_ema * state["G"] + (1 - h.kfac_ema) * G_batch
-        failed = None
         A_inv, G_inv = state["A_inv"], state["G_inv"]
         if k % h.kfac_update_period == 0:
             pi = xp.sqrt((A.diagonal().mean()) / G)
-            A_inv, failed = be.damped_inverse(A, self.root * pi)  # the frameworks' factored Tikhonov
+            A_inv = be.damped_inverse(A, self.root * pi)  # the frameworks' factored Tikhonov
             G_inv = 1 / (G + self.root / pi)
         direction = G_inv[:, None] * (A_inv @ grad[..., None])[..., 0]
-        return theta - self.lr * direction, {"A": A, "G": G, "A_inv": A_inv, "G_inv": G_inv}, failed
+        return theta - self.lr * direction, {"A": A, "G": G, "A_inv": A_inv, "G_inv": G_inv}
 
 
 def _method(optimizer, model, be, h, lr, damping, seed):
@@ -590,15 +580,10 @@ def _chunk(model, be, optimizer, h, lr, damping, theta0, steps, seed) -> Traject
         if k == steps or not active.any():
             break
         start = time.perf_counter()
-        theta, state, failed = method.update(k, theta, state, grad, r, c)
+        theta, state = method.update(k, theta, state, grad, r, c)
         be.sync(theta)
         took += time.perf_counter() - start
         elapsed[rows[active]] += took / active.sum()
-        if failed is not None and (failed & active).any():  # a singular solve: diverged at this step
-            failed &= active
-            out.loss[rows[failed], k] = np.nan
-            out.last[rows[failed]], out.diverged[rows[failed]] = k, True
-            active &= ~failed
         if not active.all() and active.sum() < be.compact_below * len(active):
             state = method.select(state, active)
             theta, rows, initial = theta[active], rows[active], initial[active]

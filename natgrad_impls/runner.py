@@ -18,9 +18,10 @@ parameters theta_k after k updates:
   (the networks); empty on the other rows. Accuracy where the task has classes.
 - cos_ef_ngd (optional): cosine between (EF + damping I)^-1 g and (F + damping I)^-1 g at theta_k
   on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping.
-- diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf, or
-  its step failed (a singular solve); the same value on every row of the run. A diverged run's
-  last row is the step that diverged (loss NaN when its step failed); nothing is raised. (jax
+- diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
+  after a step whose solve failed: a singular matrix gives NaN parameters in every framework);
+  the same value on every row of the run. A diverged run's last row is the step that diverged;
+  nothing is raised. (jax
   brings losses to the host every 16 steps; a divergence seen late truncates the run at its step.)
 - lr, damping and the optimizer's other hyperparameters; batch_size (empty for full batch).
 - variant (misspec only) and logit_clip (Bernoulli tasks only: `paper`, the logits clipped as
@@ -272,11 +273,12 @@ class _NumpyIO:
 
     def cosine(self, params, batch, damping):
         import natgrad_impls.numpy as nn
+        from natgrad_impls.numpy import reference
 
         g = nn.gradient(self.problem, params, batch)
         eye = np.eye(len(g))
-        d_ef = np.linalg.solve(nn.empirical_fisher(self.problem, params, batch) + damping * eye, g)
-        d_ngd = np.linalg.solve(nn.fisher(self.problem, params, batch) + damping * eye, g)
+        d_ef = reference.solve(nn.empirical_fisher(self.problem, params, batch) + damping * eye, g)
+        d_ngd = reference.solve(nn.fisher(self.problem, params, batch) + damping * eye, g)
         return float(d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd)))
 
 
@@ -492,13 +494,6 @@ class _Batches:
         return self.epoch.pop()
 
 
-def _linalg_errors() -> tuple[type[BaseException], ...]:
-    errors = [np.linalg.LinAlgError]
-    if "torch" in sys.modules:
-        errors.append(sys.modules["torch"].linalg.LinAlgError)
-    return tuple(errors)
-
-
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -572,15 +567,11 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
     opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
     state = opt.init(params)
-    errors = _linalg_errors()
     if spec.framework != Framework.NUMPY:  # warm-up: compilation and first-call costs, discarded
-        try:
-            warm = (params, state)
-            for _ in range(2):  # two steps: K-FAC's second runs its other program (no inverse refresh)
-                warm = opt.step(*warm, batches.first())[:2]
-            io.sync(warm[0])
-        except errors:
-            pass  # the first recorded step fails the same way and is recorded as diverged
+        warm = (params, state)
+        for _ in range(2):  # two steps: K-FAC's second runs its other program (no inverse refresh)
+            warm = opt.step(*warm, batches.first())[:2]
+        io.sync(warm[0])
     if evaluate:
         io.prepare_evaluation(params, [(train_x, train_y)] + ([test] if test is not None else []), classes)
 
@@ -606,13 +597,8 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
                 cosines[k] = io.cosine(params, batch, cos_damping)
             eval_s += time.perf_counter() - eval_start
         start = time.perf_counter()
-        try:
-            new_params, new_state, info = opt.step(params, state, batch)
-            io.sync(new_params)
-        except errors:  # a singular solve: the run diverged at this step (unless it did before)
-            time_s[k], last = elapsed, k
-            diverged, last, initial = True, *_fetch(io, pending, loss, grad_norm, initial, last)
-            break
+        new_params, new_state, info = opt.step(params, state, batch)
+        io.sync(new_params)
         took = time.perf_counter() - start
         time_s[k] = elapsed
         pending.append((k, info))

@@ -134,3 +134,13 @@ PROBLEMS = {
     "mlp-bernoulli": models.Problem(models.mlp((4, 5, 3), "relu"), "bernoulli"),
     "cnn-categorical": models.Problem(models.cnn((2, 6, 6), (3,), (4, 3)), "categorical"),
 }
+
+
+def singular_task():
+    """A linear regression whose two inputs are the same column: Z^T Z is exactly singular."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    x = np.repeat(np.linspace(-1, 1, 20)[:, None], 2, axis=1)
+    data = Dataset(Split(x, (x[:, :1] * 3 + 1)), None)
+    problem = models.Problem(models.linear(2, 1), "gaussian")
+    return Task("singular", problem, True, "test", 20, None, 10, lambda seed: data)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import singular_task
 from natgrad_impls import cli, grid, results, runner
 from natgrad_impls.tasks import get_task
 
@@ -134,6 +135,21 @@ def test_monte_carlo_fisher_draws_are_the_frameworks_own(tmp_path, framework):
             np.testing.assert_allclose(mine, theirs, rtol=1e-10)
         else:
             assert not np.allclose(mine[1:], theirs[1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("framework, optimizer", [("torch", "ngd"), ("jax", "ngd"), ("torch", "kfac")])
+def test_a_failed_solve_diverges_at_the_step_natgrad_run_says(framework, optimizer):
+    """A singular matrix (two equal inputs; a damping of 1e-300 is lost to round-off) gives a NaN
+    step in the grid as in `natgrad run`: step 0's loss, then NaN. Not numpy's grid, whose batched
+    matrix is formed with other round-off, nor jax's K-FAC, whose Cholesky factor of the singular
+    A: both come out barely regular, and the runs converge."""
+    task, setting = singular_task(), {"lr": 1.0, "damping": 1e-300}
+    frame = grid.run_grid(task, [optimizer], framework, lrs=(0, 0, 1), dampings=(-300, -300, 1), steps=5, repeats=0,
+                          progress=False).frame
+    run = runner.run(task, optimizer, framework, hyperparameters=setting, steps=5, progress=False)
+    assert frame["diverged"].all() and run["diverged"].all()
+    np.testing.assert_array_equal(frame["loss"], run["loss"])  # equal NaNs too
+    assert len(frame) == 2 and math.isnan(frame["loss"].iloc[1])
 
 
 def test_chaotic_best_runs_are_flagged(tmp_path):

@@ -178,6 +178,24 @@ def fisher(problem: Problem, params: dict, batch, fisher: Fisher | str = Fisher.
 
 # -- optimizers ------------------------------------------------------------------------------------
 
+def solve(matrix: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """matrix^-1 b, NaN where matrix is singular: as in jax and in torch's Cholesky solves, which
+    never raise, a failed solve makes the next parameters NaN and the run diverges at the next step
+    (its loss NaN), in every framework alike."""
+    try:
+        return np.linalg.solve(matrix, b)
+    except np.linalg.LinAlgError:
+        return np.full(np.broadcast_shapes(matrix.shape[:-1], b.shape), np.nan)
+
+
+def inverse(matrix: np.ndarray) -> np.ndarray:
+    """matrix^-1, NaN where singular (as `solve`)."""
+    try:
+        return np.linalg.inv(matrix)
+    except np.linalg.LinAlgError:
+        return np.full(matrix.shape, np.nan)
+
+
 def _loss_and_grad(problem: Problem, params: dict, batch):
     """theta, Z, logits f, residuals r, loss and gradient of one batch, from one forward pass."""
     z, y = _design(problem, batch)
@@ -254,7 +272,7 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
         theta, z, f, r, value, grad = _loss_and_grad(problem, params, batch)
         per_example = r[:, None] * z
         matrix = per_example.T @ per_example / z.shape[0] + h.damping * np.eye(z.shape[1])
-        new = theta - h.lr * np.linalg.solve(matrix, grad)
+        new = theta - h.lr * solve(matrix, grad)
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
@@ -278,7 +296,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
         rng = np.random.default_rng((h.seed, state.step)) if h.fisher == Fisher.MC else None
         lam = _fisher_weights(problem, f, h.fisher, h.samples, rng)
         matrix = (z * lam[:, None]).T @ z / z.shape[0] + (problem.l2 + h.damping) * np.eye(z.shape[1])
-        new = theta - h.lr * np.linalg.solve(matrix, grad)
+        new = theta - h.lr * solve(matrix, grad)
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
@@ -316,7 +334,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         if state.step % h.kfac_update_period == 0:
             root = math.sqrt(h.damping + problem.l2)
             pi = math.sqrt(np.trace(A) / A.shape[0] / G)
-            A_inv = np.linalg.inv(A + root * pi * np.eye(A.shape[0]))
+            A_inv = inverse(A + root * pi * np.eye(A.shape[0]))
             G_inv = 1.0 / (G + root / pi)
         new = theta - h.lr * G_inv * (A_inv @ grad)
         return _params(problem, new), KFACState(state.step + 1, A, G, A_inv, G_inv), _info(value, grad)

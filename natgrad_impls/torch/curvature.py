@@ -264,11 +264,12 @@ class FactorCurvature:
         return torch.cholesky_solve(rhs.reshape(-1, 1), _cholesky(gram))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
-        """A singular matrix raises here (torch.linalg.solve): only small problems take this path."""
+        """The D x D solve of small problems, NaN where the matrix is singular (as `_cholesky`)."""
         u = self.columns()
         matrix = self.scale**2 * (u.T @ u)
         matrix.diagonal().add_(lam)
-        return unflatten(self.model, torch.linalg.solve(matrix, flatten(self.model, v)))
+        x, info = torch.linalg.solve_ex(matrix, flatten(self.model, v))
+        return unflatten(self.model, x.masked_fill_(info != 0, torch.nan))
 
     def to_dense(self) -> torch.Tensor:
         u = self.columns()
