@@ -256,6 +256,13 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     # a cosine frame without this task: the panel says so instead of failing
     drawn = paper.optimisation(small_grid, cos_frame[cos_frame["task"] == "wine"], tasks=["breastcancer"])
     assert any("cos(EF, NGD) on breastcancer: not in the cosine frame" in note for note in drawn.notes)
+    # a cosine measured along another setting is told apart, also at the paper grid's smallest
+    # dampings, which differ by less than np.isclose's default atol (1e-8)
+    best_ef = (small_grid["optimizer"] == "ef") & small_grid["best"]
+    at_1e_10 = small_grid.assign(damping=small_grid["damping"].mask(best_ef, 1e-10))
+    for damping, told in ((1e-9, True), (1e-3, True), (1e-10, False)):
+        drawn = paper.optimisation(at_1e_10, cos_frame.assign(damping=damping), tasks=["breastcancer"])
+        assert any("not along the best EF run" in note for note in drawn.notes) == told, damping
     # nothing at all to draw
     drawn = paper.optimisation(small_grid, cos_frame, tasks=["a1a"])
     assert drawn.notes == ["a1a: not in the grid frame, left out."]

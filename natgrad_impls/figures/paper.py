@@ -408,8 +408,8 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
     notes = []
     run = best_ef[best_ef["repeat"] == 0]
     if len(run) and {"lr", "damping"} <= set(rows.columns):
-        same = np.isclose(rows["lr"].iloc[0], run["lr"].iloc[0]) and np.isclose(rows["damping"].iloc[0],
-                                                                                 run["damping"].iloc[0])
+        # relative only: the grid's dampings reach 1e-10, below np.isclose's default atol of 1e-8
+        same = all(math.isclose(rows[name].iloc[0], run[name].iloc[0], rel_tol=1e-9) for name in ("lr", "damping"))
         if not same:
             notes.append(f"cos(EF, NGD) on {task}: measured along {_hyperparameters(rows)}, not along the best "
                          f"EF run of the grid ({_hyperparameters(run)}).")
