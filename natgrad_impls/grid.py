@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from natgrad_impls import models
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.numpy import reference
 from natgrad_impls.runner import (
@@ -169,7 +170,7 @@ class _NumpyBackend(_Backend):
             return np.stack([reference.inverse(m) for m in M])
 
     def draws(self, kind, seed, step, samples, n):
-        rng = np.random.default_rng((seed, step))  # natgrad_impls.numpy's sampler
+        rng = models.random_stream(seed, "labels", step)  # natgrad_impls.numpy's sampler
         return rng.random((samples, n)) if kind == "uniform" else rng.standard_normal((samples, n))
 
 
@@ -748,7 +749,8 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
     x, y = data.train
     frames, bests = [], []
     lr_values, damping_values = logspace(lr_bounds), logspace(damping_bounds)
-    noise = CHAOS_NOISE * np.random.default_rng((seed, 2)).standard_normal((int(repeats), task.problem.model.num_params()))
+    noise = CHAOS_NOISE * models.random_stream(seed, "chaos").standard_normal((int(repeats),
+                                                                               task.problem.model.num_params()))
     extra = dict(hyperparameters or {})
     for optimizer in optimizers:
         if optimizer in WITH_DAMPING:

@@ -208,6 +208,19 @@ def autoencoder(sizes: tuple[int, ...] = (784, 1000, 500, 250, 30), activation=A
     return Model(tuple(layers), (sizes[0],))
 
 
+RANDOM_STREAMS = ("labels", "batches", "chaos", "timing_rows")  # what a seed draws in numpy, beside init_params
+
+
+def random_stream(seed: int, purpose: str, *counters: int) -> np.random.Generator:
+    """numpy's generator for one purpose of a seed (RANDOM_STREAMS: the MC Fisher's labels of a
+    step, a run's mini-batch order, the grid's chaos noise, the rows of a timing batch), independent
+    of every other purpose's and of `init_params`' default_rng(seed). Not default_rng((seed, k)):
+    numpy pads a seed tuple with zeros, so (seed, 0) would be default_rng(seed) itself, and (seed, 2)
+    the labels of step 2 as well as the chaos noise; a spawn key keeps the streams apart."""
+    key = (RANDOM_STREAMS.index(purpose) + 1, *counters)
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
 def init_params(model: Model, seed: int, scheme: str = "glorot", dtype=np.float64) -> dict[str, np.ndarray]:
     """Parameters drawn in NumPy from `seed`: Glorot-uniform weights and zero biases ("glorot"), or
     all zeros ("zeros", the Kunstner protocol's theta0 = 0)."""

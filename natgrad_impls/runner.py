@@ -475,7 +475,7 @@ class _Batches:
         self.n = int(x.shape[0])
         self.full = batch_size is None or batch_size >= self.n
         self.size = self.n if self.full else int(batch_size)
-        self.rng = np.random.default_rng((seed, 1))
+        self.rng = models.random_stream(seed, "batches")
         self.data = io.pair(x, y)  # on the device, once
         self.epoch: list = []
 

@@ -418,7 +418,7 @@ def task_problem(task: str, seed: int = 0):
     train = task.load(seed).train
     n = len(train.X)
     size = n if task.batch_size is None else min(task.batch_size, n)
-    rows = np.sort(np.random.default_rng((seed, 2)).choice(n, size, replace=False))
+    rows = np.sort(models.random_stream(seed, "timing_rows").choice(n, size, replace=False))
     return task, task.problem, models.init_params(task.problem.model, seed), (train.X[rows], train.y[rows])
 
 

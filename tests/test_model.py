@@ -75,6 +75,20 @@ def test_init_params_is_seeded_and_glorot():
         models.init_params(model, 0, scheme="he")
 
 
+def test_each_numpy_random_stream_of_a_seed_is_its_own():
+    """The MC labels of each step, the batch order, the chaos noise, the timing rows and the
+    initialisation draw from separate streams. With seed tuples they did not: numpy pads a tuple
+    with zeros, so default_rng((0, 2)), step 2's labels, was also the chaos noise's stream, and
+    (0, 0), step 0's labels, the initialisation's."""
+    firsts = [tuple(np.random.default_rng(0).random(3))]  # init_params'
+    for purpose in models.RANDOM_STREAMS:
+        for counters in ((), (0,), (1,), (2,)):
+            firsts.append(tuple(models.random_stream(0, purpose, *counters).random(3)))
+    assert len(set(firsts)) == len(firsts)
+    np.testing.assert_array_equal(models.random_stream(5, "labels", 3).random(3),
+                                  models.random_stream(5, "labels", 3).random(3))  # and reproducible
+
+
 def test_flatten_roundtrip_and_sizes():
     model = models.cnn((1, 8, 8), (2, 3), (5, 4))
     params = models.init_params(model, 0)

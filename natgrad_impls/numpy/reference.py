@@ -14,7 +14,7 @@ lambda_n = c_n (1 - c_n), c_n = sigmoid(clip(f_n)) (bernoulli, l_n = softplus(cl
 clip = +-problem.logit_clip with a straight-through gradient, the paper code's mean clipping).
 The l2 term (a prior) enters the loss, the gradient and the true Fisher, never the EF.
 
-MC Fisher labels are drawn with `np.random.default_rng((seed, step))`: reproducible, but not the
+MC Fisher labels are drawn from `models.random_stream(seed, "labels", step)`: reproducible, but not the
 same draws as torch's or jax's samplers, so mc runs agree across frameworks only in distribution.
 """
 
@@ -28,7 +28,7 @@ from scipy.special import expit
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls.interface import FunctionalOptimizer
-from natgrad_impls.models import Dense, Problem, flatten, unflatten
+from natgrad_impls.models import Dense, Problem, flatten, random_stream, unflatten
 from natgrad_impls.names import Fisher, Likelihood, parse
 
 
@@ -166,12 +166,12 @@ def empirical_fisher(problem: Problem, params: dict, batch) -> np.ndarray:
 def fisher(problem: Problem, params: dict, batch, fisher: Fisher | str = Fisher.EXACT, samples: int = 1,
            seed: int = 0, step: int = 0) -> np.ndarray:
     """F = (1/N) Z^T diag(lambda) Z + l2 I, D' x D' (the prior's precision l2 included, as in the
-    loss); fisher="mc" draws `samples` labels per example from default_rng((seed, step))."""
+    loss); fisher="mc" draws `samples` labels per example from random_stream(seed, "labels", step)."""
     check_problem(problem)
     fisher = parse(Fisher, fisher, "fisher")
     z, _ = _design(problem, batch)
     theta = _theta(problem, params)
-    rng = np.random.default_rng((seed, step)) if fisher == Fisher.MC else None
+    rng = random_stream(seed, "labels", step) if fisher == Fisher.MC else None
     lam = _fisher_weights(problem, _logits(problem, z, theta), fisher, samples, rng)
     return (z * lam[:, None]).T @ z / z.shape[0] + problem.l2 * np.eye(z.shape[1])
 
@@ -285,7 +285,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
 
     theta <- theta - lr (F + (l2 + damping) I)^-1 g,  F = (1/N) Z^T diag(lambda) Z, with lambda_n
     = 1 (gaussian), c_n (1 - c_n) (bernoulli) for fisher="exact", or for fisher="mc" the mean of
-    r^2 over `samples` labels per example drawn with default_rng((seed, step)) (not the torch/jax
+    r^2 over `samples` labels per example drawn from random_stream(seed, "labels", step) (not the torch/jax
     draws). A dense D' x D' solve.
     """
     check_problem(problem)
@@ -293,7 +293,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
 
     def step(params, state, batch):
         theta, z, f, r, value, grad = _loss_and_grad(problem, params, batch)
-        rng = np.random.default_rng((h.seed, state.step)) if h.fisher == Fisher.MC else None
+        rng = random_stream(h.seed, "labels", state.step) if h.fisher == Fisher.MC else None
         lam = _fisher_weights(problem, f, h.fisher, h.samples, rng)
         matrix = (z * lam[:, None]).T @ z / z.shape[0] + (problem.l2 + h.damping) * np.eye(z.shape[1])
         new = theta - h.lr * solve(matrix, grad)
@@ -322,7 +322,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
 
     def step(params, state, batch):
         theta, z, f, r, value, grad = _loss_and_grad(problem, params, batch)
-        rng = np.random.default_rng((h.seed, state.step)) if h.fisher == Fisher.MC else None
+        rng = random_stream(h.seed, "labels", state.step) if h.fisher == Fisher.MC else None
         A_batch = z.T @ z / z.shape[0]
         G_batch = float(_fisher_weights(problem, f, h.fisher, h.samples, rng).mean())
         if state.A is None:
