@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# GPU=cuda12 (`make setup GPU=cuda12`, or with test/reproduce) adds jax's CUDA plugin, pinned to jax's
+# version; PyPI's torch==2.13.0 for Linux is a CUDA build already.
+GPU    ?=
+STAMP  := $(VENV)/.installed$(GPU:%=-%)
 
 .PHONY: test reproduce setup clean
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip==24.3.1
 	$(BIN)/pip install --quiet torch==2.13.0 -c requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
+	$(if $(GPU),$(BIN)/pip install --quiet "jax[$(GPU)]==0.10.2" -c requirements.lock)
 	touch $@
 
 # Two pytest-xdist workers cut the suite's wall time by a third on 2 cores (one process keeps 1.2 cores

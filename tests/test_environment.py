@@ -67,3 +67,13 @@ def test_float32_means_float32_in_both_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "highest"]
+
+
+def test_makefile_installs_the_pinned_torch_and_jax():
+    """The Makefile names torch (first, so that nothing pulls another build) and, for GPU=cuda12,
+    jax with its CUDA extra: at the versions pyproject pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = _pins(project["dependencies"])
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.findall(r"pip install --quiet torch==(\S+)", makefile) == [pinned["torch"]]
+    assert re.findall(r'"jax\[\$\(GPU\)\]==([^"]+)"', makefile) == [pinned["jax"]]

@@ -50,17 +50,37 @@ def share_jax_compilations(directory=".cache/jax"):
 
 
 @functools.cache
-def devices():
-    """cpu, plus cuda where torch sees a GPU (config `devices: auto`), or the configured list."""
+def devices_for(framework):
+    """numpy: cpu. torch and jax: the configured list, or with `devices: auto` cpu, plus cuda where
+    that framework sees a GPU (jax needs its CUDA plugin, `make setup GPU=cuda12`)."""
+    if framework == "numpy":
+        return ("cpu",)
     if config["devices"] != "auto":
         return tuple(config["devices"])
+    return ("cpu", "cuda") if sees_gpu(framework) else ("cpu",)
+
+
+@functools.cache
+def sees_gpu(framework):
+    import subprocess
+    import sys
+
     import torch
 
-    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
-
-def devices_for(framework):
-    return ("cpu",) if framework == "numpy" else devices()
+    if not torch.cuda.is_available():
+        return False  # no GPU at all: nothing to ask jax
+    if framework == "torch":
+        return True
+    # jax is asked in a child process: in this one it would start its GPU client, which takes most
+    # of the GPU's memory for as long as the workflow runs, away from the jobs
+    ask = "import jax; print(jax.default_backend())"
+    done = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
+                          env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    if done.stdout.strip() != "gpu":
+        print("devices: auto: torch sees a GPU but jax does not (its CUDA plugin is missing: `make setup "
+              "GPU=cuda12`); jax runs on cpu only", file=sys.stderr)
+        return False
+    return True
 
 
 def data_inputs(wildcards):
@@ -184,14 +204,15 @@ def grid_files():
 def cost_files():
     t = config["timing"]
     return [f"{RESULTS}/cost/{task}/{framework}-{device}.csv"
-            for task in t["tasks"] for framework in t["frameworks"] for device in devices()]
+            for task in t["tasks"] for framework in t["frameworks"] for device in devices_for(framework)]
 
 
 def scaling_files():
     s = config["timing"]["scaling"]
     if not s["settings"]:
         return []
-    return [f"{RESULTS}/scaling/{framework}-{device}.csv" for framework in s["frameworks"] for device in devices()]
+    return [f"{RESULTS}/scaling/{framework}-{device}.csv" for framework in s["frameworks"]
+            for device in devices_for(framework)]
 
 
 def logit_clip_files():
