@@ -66,6 +66,23 @@ def test_lint_is_clean(repo_copy):
     assert "Congratulations, your workflow is in a good condition" in done.stdout + done.stderr
 
 
+def test_slurm_profile_sends_cuda_jobs_to_the_gpu_partition_with_no_limit_on_them(tmp_path):
+    """As the workflow profile it replaces profiles/default, whose gpu=1 would allow one GPU job at
+    a time on the whole cluster; cuda jobs ask for a GPU on the GPU partition, the others for none."""
+    profile = (REPO / "profiles/slurm/config.yaml").read_text()
+    assert not re.search(r"^\s*-?\s*gpu\s*[=:]", profile, re.MULTILINE), "a limit on gpu for the whole cluster"
+    # without report-after-run: Snakemake 9 would build the report after the dry run, from no results
+    dry = tmp_path / "slurm-dry"
+    dry.mkdir()
+    (dry / "config.yaml").write_text(re.sub(r"(?m)^report(-after-run)?:.*$", "", profile))
+    copy = copy_repository(tmp_path / "natgrad-bench")
+    done = snakemake(copy, "-n", "--workflow-profile", str(dry), "--configfile", "config/gpu.yaml", check=True)
+    output = done.stdout + done.stderr
+    assert "profiles/default" not in output
+    asks = re.findall(r"slurm_partition=(\w+),.*?\bgpu=(\d+)", output)
+    assert len(asks) > 20 and set(asks) == {("gpu", "1"), ("cpu", "0")}
+
+
 @pytest.mark.parametrize("overlay", [None, "config/smoke.yaml", "config/paper.yaml", "config/gpu.yaml"])
 def test_dry_run_builds_the_dag(repo_copy, overlay):
     args = ["-n", "--workflow-profile", "none"] + (["--configfile", overlay] if overlay else [])
