@@ -34,6 +34,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from natgrad_impls import results, timing
+from natgrad_impls.names import Device, DType, Framework, parse
 
 PEER_COLUMN = {"torch.optim.SGD": "over_torch", "torch.optim.Adam": "over_torch", "optax.sgd": "over_optax",
                "optax.adam": "over_optax", "kfac_jax.Optimizer": "over_kfac_jax"}
@@ -121,6 +122,34 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     return table
 
 
+def _checked(args):
+    """(frameworks, settings, sizes, widths, batch sizes) from the arguments; ValueError naming the
+    argument for a value the measurement would refuse later, after minutes of other work."""
+    frameworks, settings = args.framework.split(","), args.settings.split(",")
+    device, dtype = parse(Device, args.device, "device"), parse(DType, args.dtype, "dtype")
+    for framework in frameworks:
+        if parse(Framework, framework, "framework") == Framework.NUMPY:
+            raise ValueError("framework: numpy is not timed here (one of torch, jax)")
+        if not timing.device_available(framework, device):
+            raise ValueError(f"device: {device.value!r} is not visible to {framework}")
+    for label in settings:
+        timing.setting(label)
+    if args.out:
+        results.check_path(args.out)
+    sizes, widths, batch_sizes = (_positive_integers(getattr(args, name), name) if getattr(args, name) else None
+                                  for name in ("sizes", "widths", "batch_sizes"))
+    for name in ("width", "batch_size", "repeats", "rounds"):
+        _positive_integers(str(getattr(args, name)), name)
+    return frameworks, settings, sizes, widths, batch_sizes
+
+
+def _positive_integers(text: str, name: str) -> list[int]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(v.isdigit() and int(v) >= 1 for v in values):
+        raise ValueError(f"{name.replace('_', '-')}: {text!r} must be integers >= 1, comma-separated")
+    return [int(v) for v in values]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", default="torch,jax")
@@ -139,14 +168,10 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="32,128,512")
     parser.add_argument("--out", help="CSV file for the table")
     args = parser.parse_args(argv)
-    frameworks, settings = args.framework.split(","), args.settings.split(",")
-    for label in settings:  # bad input fails before anything is measured
-        timing.setting(label)
-    if args.out:
-        results.check_path(args.out)
-    for framework in frameworks:
-        if not timing.device_available(framework, args.device):
-            raise SystemExit(f"device: {args.device!r} is not visible to {framework}")
+    try:  # bad input is one line, before anything is measured
+        frameworks, settings, sizes, widths, batch_sizes = _checked(args)
+    except ValueError as error:
+        parser.error(str(error))
 
     machine = timing.device_name(args.device, frameworks[0])  # once, before anything is measured
 
@@ -155,8 +180,6 @@ def main(argv=None):
             results.write(table.assign(machine=machine), args.out)
 
     if args.sweep:
-        widths = [int(w) for w in args.widths.split(",")]
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         table = pd.concat(
             [timing.scaling_sweep(f, label, widths, batch_sizes, args.device, args.dtype, args.repeats)
              for f in frameworks for label in settings],
@@ -168,7 +191,6 @@ def main(argv=None):
             print(f"round {table['rounds'].iloc[0]} of {args.rounds} measured", flush=True)
             keep(table)
 
-        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else None
         table = cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width, args.batch_size,
                            not args.no_peers, sizes, args.rounds, round_done)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):

@@ -362,6 +362,25 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
         assert machine == {model.split(":", 1)[1].strip()}
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--framework", "tf"], "framework: 'tf' is not one of"),
+    (["--framework", "numpy"], "framework: numpy is not timed here"),
+    (["--dtype", "float16"], "dtype: 'float16' is not one of"),
+    (["--settings", "ngd"], "setting: 'ngd' is not one of"),
+    (["--sweep", "--widths", "64,x"], "widths: '64,x' must be integers >= 1"),
+    (["--repeats", "0"], "repeats: '0' must be integers >= 1"),
+])
+def test_step_cost_refuses_bad_arguments_in_one_line_before_measuring(argv, message, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    monkeypatch.setattr(timing, "device_name", lambda *a: pytest.fail("measuring began"))
+    with pytest.raises(SystemExit) as stop:
+        step_cost.main(argv)
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and message in error and "Traceback" not in error
+
+
 @pytest.mark.parametrize("impl", [TorchImpl(), JaxImpl()], ids=["torch", "jax"])
 def test_kfac_inverse_call_inverts_what_a_kfac_step_inverts(impl):
     """The inversion step_cost.py times apart (`timing.kfac_inverse_call`) is the work a `kfac` step
