@@ -665,8 +665,9 @@ class Best:
             return what
         if self.chaotic:
             low, high = np.nanmin(np.append(self.repeats, self.loss)), np.nanmax(np.append(self.repeats, self.loss))
-            return (f"{what}  CHAOTIC: {len(self.repeats)} repeats from theta0 + 1e-14 noise end between {low:.6g} and "
-                    f"{high:.6g} (spread {self.spread:.2g} relative)")
+            digits = 6 if not self.spread > 0 else max(6, min(17, 2 - math.floor(math.log10(self.spread))))
+            return (f"{what}  CHAOTIC: {len(self.repeats)} repeats from theta0 + 1e-14 noise end between "
+                    f"{low:.{digits}g} and {high:.{digits}g} (spread {self.spread:.2g} relative)")
         return f"{what}  not chaotic ({len(self.repeats)} repeats from theta0 + 1e-14 noise: spread {self.spread:.2g} relative)"
 
 

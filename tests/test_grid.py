@@ -6,6 +6,7 @@ chaos as DESIGN 4 defines it."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,14 @@ def test_a_failed_solve_diverges_at_the_step_natgrad_run_says(framework, optimiz
     assert frame["diverged"].all() and run["diverged"].all()
     np.testing.assert_array_equal(frame["loss"], run["loss"])  # equal NaNs too
     assert len(frame) == 2 and math.isnan(frame["loss"].iloc[1])
+
+
+def test_a_chaotic_best_run_prints_bounds_that_differ():
+    """A spread of 3.5e-7 relative: six significant digits would print the two bounds alike."""
+    best = grid.Best("sgd", 1e-3, math.nan, 7.709684, 20, False, np.array([7.709684 + 2.7e-6, 7.709684 - 0.1e-6]),
+                     True, 3.6e-7)
+    low, high = re.search(r"end between (\S+) and (\S+) ", best.describe()).groups()
+    assert low != high and float(low) == pytest.approx(7.709684 - 0.1e-6, rel=1e-9)
 
 
 def test_chaotic_best_runs_are_flagged(tmp_path):
