@@ -35,10 +35,12 @@ def check_path(path, field: str = "out") -> Path:
 
 
 def check_writable(path, field: str = "out") -> Path:
-    """`check_path`, and the folder created and a file written there and removed, so that a long run
-    learns before it starts, not after, that its result could not be saved (a ValueError naming
-    `field` and why)."""
+    """`check_path`, and a file written in its folder and removed, so that a long run learns before
+    it starts, not after, that its result could not be saved (a ValueError naming `field` and why).
+    Folders it had to make for the test are removed again (`write` makes them): a run that fails
+    later, offline say, leaves nothing behind."""
     path = check_path(path, field)
+    made = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -46,6 +48,12 @@ def check_writable(path, field: str = "out") -> Path:
         os.unlink(probe)
     except OSError as error:
         raise ValueError(f"{field}: cannot write {str(path)!r} ({error.strerror or error})") from None
+    finally:
+        for folder in made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # never made, or another process put something there meanwhile
     return path
 
 

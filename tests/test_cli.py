@@ -215,6 +215,23 @@ def test_a_refused_command_makes_no_output_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_that_fails_after_the_checks_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
+    """The output's folder is tried for writing before the run, then removed again: data that
+    cannot be downloaded (offline) leaves nothing behind."""
+    from natgrad_impls.data import DataUnavailable
+
+    def offline(*args, **kwargs):
+        raise DataUnavailable("yacht: could not download (offline)")
+
+    monkeypatch.setattr("natgrad_impls.runner.run", offline)
+    out = tmp_path / "new" / "sub" / "x.csv"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                  "--out", str(out)])
+    assert stopped.value.code == cli.EXIT_UNAVAILABLE and "could not download" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_result_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     """The disk fills during the run: one line naming `out`, exit 1, no traceback."""
     def full(frame, path):
