@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="natgrad", description="Natural-gradient benchmarks: tasks, single runs and Kunstner grids.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    commands.add_parser("tasks", help="list the tasks: name, N, D, classes, parameters, offline or download, source")
+    commands.add_parser("tasks", help="list the tasks: task, N, inputs, classes, params, offline or download, source")
 
     run = commands.add_parser("run", help="one training run, recorded step by step")
     run.add_argument("--task", required=True)
