@@ -25,6 +25,11 @@ def _setup(problem, params, x, y):
     return p, x, y
 
 
+def loss(problem, params, x, y) -> float:
+    p, x, y = _setup(problem, params, x, y)
+    return float(M.loss(problem, p, (x, y)))
+
+
 def loss_gradient(problem, params, x, y) -> np.ndarray:
     p, x, y = _setup(problem, params, x, y)
     grad = torch.func.grad(lambda q: M.loss(problem, q, (x, y)))(p)
@@ -65,7 +70,8 @@ def empirical_fisher(problem, params, x, y) -> np.ndarray:
 def fisher(problem, params, x, y) -> np.ndarray:
     """(1/N) sum_n J_n^T H_n J_n + l2 I with J_n = d f_n / d theta (jacrev) and H_n the autograd
     Hessian of the NLL with respect to the output (equal to the output Fisher for these
-    likelihoods); no logit clipping is assumed."""
+    likelihoods; with a logit clip, whose gradient is straight-through, c (1 - c) at the clipped
+    logit: the Fisher of the clipped mean c)."""
     p, x, y = _setup(problem, params, x, y)
     model = problem.model
 

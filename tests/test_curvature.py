@@ -1,5 +1,6 @@
 """Every curvature against a dense float64 reference built independently with autograd
-(tests/dense_reference.py), in torch and in jax (DESIGN 4; curvlinops-style)."""
+(tests/dense_reference.py), in torch and in jax (DESIGN 4; curvlinops-style), and the numpy
+reference's closed forms against the same."""
 
 from __future__ import annotations
 
@@ -278,3 +279,34 @@ def test_logit_clip_is_straight_through(impl):
     close(float(value), nll.mean())
     close(flat(impl, problem, impl.curvature.from_layers(problem.model, grad)), ((c - y[:, 0]) @ x) / 2)
     close(impl.numpy(factor.to_dense()), (x.T * (c * (1 - c))) @ x / 2)
+
+
+# -- the float64 numpy reference (one output) against the same autograd references --------------------
+
+NUMPY_PROBLEMS = {
+    "linear-gaussian-l2": models.Problem(models.linear(4, 1, bias=True), "gaussian", l2=0.05),
+    "logistic-l2": models.Problem(models.linear(5, 1, bias=True), "bernoulli", l2=0.1),
+    # a clip of 0.3 on logits of size ~1 (params scaled by 4): most examples are clipped
+    "logistic-clipped": models.Problem(models.linear(5, 1, bias=False), "bernoulli", logit_clip=0.3),
+}
+
+
+@pytest.mark.parametrize("name", NUMPY_PROBLEMS)
+def test_numpy_reference_matches_autograd(name):
+    """Its loss, gradient, per-example gradients, empirical and true Fisher, written from the closed
+    forms, against autograd's: l2 in the loss, gradient and Fisher but not the EF; the clip's
+    straight-through gradient and its c(1 - c) at the clipped logit."""
+    import natgrad_impls.numpy as nn
+
+    problem = NUMPY_PROBLEMS[name]
+    x, y = make_data(problem, 11, seed=2)
+    params = {k: 4 * v for k, v in models.init_params(problem.model, 3).items()}
+    batch = (x, y)
+    if problem.logit_clip is not None:
+        logits = x @ params["dense0.weight"].T
+        assert np.mean(np.abs(logits) > problem.logit_clip) > 0.5, "the clip must be active"
+    close(nn.loss(problem, params, batch), ref.loss(problem, params, x, y))
+    close(nn.gradient(problem, params, batch), ref.loss_gradient(problem, params, x, y))
+    close(nn.per_example_gradients(problem, params, batch), ref.per_example_gradients(problem, params, x, y))
+    close(nn.empirical_fisher(problem, params, batch), ref.empirical_fisher(problem, params, x, y))
+    close(nn.fisher(problem, params, batch), ref.fisher(problem, params, x, y))
