@@ -31,6 +31,24 @@ def logistic_regression(n=200, d=5, seed=0):
     return models.Problem(models.linear(d, 1, bias=True), "bernoulli"), x, y
 
 
+def linear_regression_l2(n=200, d=5, seed=0):
+    """A Gaussian linear regression with an l2 prior: l2 in the loss, gradient and Fisher, not the EF."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = (x @ rng.normal(size=d) + 0.5 * rng.normal(size=n))[:, None]
+    return models.Problem(models.linear(d, 1, bias=True), "gaussian", l2=0.05), x, y
+
+
+def clipped_logistic_regression(n=200, d=5, seed=0):
+    """The logistic regression with its logits clipped at 0.5, which the steps soon reach: the
+    straight-through gradient and the clipped mean's Fisher in every framework."""
+    problem, x, y = logistic_regression(n, d, seed)
+    return models.Problem(problem.model, "bernoulli", logit_clip=0.5), x, y
+
+
+CONVEX = {"logistic": logistic_regression, "gaussian-l2": linear_regression_l2, "clipped": clipped_logistic_regression}
+
+
 def small_network(n=64, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6))
@@ -68,12 +86,15 @@ def assert_agree(a, b, rtol):
     np.testing.assert_allclose(params_a, params_b, rtol=0, atol=rtol * np.abs(params_b).max())
 
 
+@pytest.mark.parametrize("task", list(CONVEX))
 @pytest.mark.parametrize("optimizer", list(SETTINGS))
-def test_numpy_torch_jax_agree_on_logistic_regression(optimizer):
-    problem, x, y = logistic_regression()
+def test_numpy_torch_jax_agree_on_convex_tasks(optimizer, task):
+    problem, x, y = CONVEX[task]()
     runs = {impl.name: trajectory(impl, optimizer, problem, x, y, 100) for impl in (NumpyImpl(), TorchImpl(), JaxImpl())}
     # The run must actually move, or agreement would prove nothing.
     assert runs["numpy"][0][-1] < 0.9 * runs["numpy"][0][0]
+    if problem.logit_clip is not None:  # and the clip must be active at the end
+        assert np.mean(np.abs(np.hstack([x, np.ones((len(x), 1))]) @ runs["numpy"][1]) > problem.logit_clip) > 0.2
     assert_agree(runs["torch"], runs["numpy"], 1e-10)
     assert_agree(runs["jax"], runs["numpy"], 1e-10)
 
