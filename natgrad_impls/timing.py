@@ -214,13 +214,14 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
 
 
 def _warm_up(t: Timed, warmup: int, warmup_s: float, min_sample_s: float) -> int:
-    """Run `warmup` blocks of `t`, then more until `warmup_s` has passed; return the calls a sample
-    takes: as many whole blocks as last `min_sample_s`, by the last block's time."""
-    start, took, done = time.perf_counter(), None, 0
+    """Run one block of `t`, which may compile, then `warmup` blocks, and more until `warmup_s` has
+    passed since that first block (a compile longer than `warmup_s` would otherwise end the warm-up
+    with it, and size the samples by it); return the calls a sample takes: as many whole blocks as
+    last `min_sample_s`, by the last block's time."""
+    took = _block_seconds(t.call, t.sync, t.block)
+    start, done = time.perf_counter(), 0
     while done < warmup or time.perf_counter() - start < warmup_s:
         took, done = _block_seconds(t.call, t.sync, t.block), done + 1
-    if took is None and min_sample_s > 0:  # no warm-up asked for: one block to size the samples
-        took = _block_seconds(t.call, t.sync, t.block)
     blocks = math.ceil(min_sample_s / max(took, 1e-9)) if min_sample_s > 0 else 1
     return t.block * max(1, blocks)
 
@@ -429,9 +430,10 @@ COST_BUDGET_S = 1.5  # seconds of samples per setting at most (3 samples at leas
 def affordable_repeats(call, sync, repeats: int, block: int = 1, budget_s: float = COST_BUDGET_S) -> int:
     """`repeats`, or fewer (at least 3) when one block of calls is so slow that `repeats` of them would
     take more than `budget_s`: a slow setting (ngd-exact on a busy CPU takes up to a second a step)
-    must not hold up a whole cost table. One call (that compiles) and one timed block decide; they
-    count as the first of the step's warm-up."""
-    sync(call())
+    must not hold up a whole cost table. One block first compiles whatever a block runs (jax's
+    K-FAC: its step with and its step without the inverse refresh), then one timed block decides;
+    both count as the start of the step's warm-up."""
+    _block_seconds(call, sync, block)
     took = _block_seconds(call, sync, block)
     return int(max(3, min(repeats, budget_s // max(took, 1e-9))))
 

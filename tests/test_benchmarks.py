@@ -162,11 +162,11 @@ def test_timing_synchronises_every_call_of_a_block():
     call = lambda: calls.append(len(calls)) or len(calls)
     sync = lambda out: syncs.append(out)
     timing.alternating_medians([timing.Timed(call, sync, block=4)], repeats=3, warmup=1, warmup_s=0, min_sample_s=0)
-    assert syncs == list(range(1, 3 * 4 + 4 + 1))  # warm-up and samples: every call's own output
+    assert syncs == list(range(1, 3 * 4 + 2 * 4 + 1))  # warm-up (a first block, then 1) and samples: each its own
     calls.clear()
     syncs.clear()
     assert timing.affordable_repeats(call, sync, repeats=5, block=4) == 5
-    assert syncs == list(range(1, 1 + 4 + 1))
+    assert syncs == list(range(1, 2 * 4 + 1))  # a block that may compile, then a timed one
 
 
 def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
@@ -190,10 +190,29 @@ def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
     medians = timing.alternating_medians([step, grad], repeats=3, warmup=2, warmup_s=10 * ms, min_sample_s=4 * ms)
     assert medians == [ms, ms / 2]
     assert synced == list(range(1, len(log) + 1))  # every call's own output, each right after it
-    # warm-up: 10 ms of each (5 blocks of the step, 20 calls of the gradient); then samples of 4 ms
-    # in whole blocks (2 of the step's, 8 of the gradient's calls), in turn
-    expected = ["step"] * 10 + ["grad"] * 20 + (["step"] * 4 + ["grad"] * 8) * 3
+    # warm-up: a first block, then 10 ms of each (5 blocks of the step, 20 calls of the gradient);
+    # then samples of 4 ms in whole blocks (2 of the step's, 8 of the gradient's calls), in turn
+    expected = ["step"] * 12 + ["grad"] * 21 + (["step"] * 4 + ["grad"] * 8) * 3
     assert log == expected
+
+
+def test_a_compile_neither_ends_the_warm_up_nor_sizes_the_samples(monkeypatch):
+    """A jax call's first run compiles (here 250 ms, longer than the warm-up's 200): the warm-up
+    still runs warm calls for 200 ms after it, and the samples are sized by a warm call (two calls
+    of a millisecond for 2 ms), as in cost_table, which asks for no warm-up blocks beyond the time."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    ms = 2.0**-10  # about a millisecond, exact in binary: the clock's sums carry no round-off
+
+    def call():
+        clock[0] += 2.0**-2 if not calls else ms
+        calls.append(clock[0])
+        return len(calls)
+
+    (median,) = timing.alternating_medians([timing.Timed(call, lambda out: None)], repeats=3, warmup=0,
+                                           warmup_s=200 * ms, min_sample_s=2 * ms)
+    assert median == ms
+    assert len(calls) == 1 + 200 + 3 * 2  # the compile, 200 ms of warm calls, 3 samples of 2 calls
 
 
 def test_rows_timed_on_a_busy_machine_are_measured_again(capsys):
