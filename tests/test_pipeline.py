@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from natgrad_impls import timing
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake and natgrad of this environment
 SKIP = {".git", ".venv", ".snakemake", ".pytest_cache", "__pycache__", "html", "env"}
@@ -208,3 +210,5 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
     for item in ("1. fig1-vecfield", "4. best-convex", "1. networks-loss", "4. best-networks", "1. environment"):
         assert f'"item": "{item}"' in html, item
     assert list((root / "results" / "logs").rglob("*.log")), "no job logs"
+    costs = list((root / "results").glob("cost/*/*.csv")) + list((root / "results").glob("scaling/*.csv"))
+    assert costs and all(set(pd.read_csv(p)["machine"]) == {timing.cpu_model()} for p in costs)  # which node timed it
