@@ -205,7 +205,7 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
     divided by). The calls are warmed up (`warmup` blocks, then blocks until `warmup_s` has passed)
     and then sampled in turn, so that a burst of load on a shared machine falls on all of them and
     their ratios (gradient-equivalents, ours over a peer's) are steadier than their times."""
-    sizes = [_warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
+    sizes = [warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
     samples = [[] for _ in timed]
     for _ in range(repeats):
         for t, calls, times in zip(timed, sizes, samples):
@@ -213,7 +213,7 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
     return [statistics.median(times) for times in samples]
 
 
-def _warm_up(t: Timed, warmup: int, warmup_s: float, min_sample_s: float) -> int:
+def warm_up(t: Timed, warmup: int = 2, warmup_s: float = WARMUP_S, min_sample_s: float = MIN_SAMPLE_S) -> int:
     """Run one block of `t`, which may compile, then `warmup` blocks, and more until `warmup_s` has
     passed since that first block (a compile longer than `warmup_s` would otherwise end the warm-up
     with it, and size the samples by it); return the calls a sample takes: as many whole blocks as

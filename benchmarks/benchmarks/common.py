@@ -58,10 +58,10 @@ def require_device(framework: str, device: str) -> None:
 
 
 def warm_up(call, sync, period: int) -> None:
-    """Compile and run two full periods (K-FAC: two inversions) before anything is timed."""
-    for _ in range(2 * period):
-        out = call()
-    sync(out)
+    """Compile, then warm up as every other timing of the project does (`timing.warm_up`: two whole
+    periods at least, K-FAC's two inversions, and `timing.WARMUP_S` of calls after the compile), so
+    that asv's samples start on a period's first step of a warm step."""
+    timing.warm_up(timing.Timed(call, sync, period))
 
 
 _BUILT: dict = {}
