@@ -5,7 +5,8 @@
                  [--damping ..] [--hyperparameters FILE.json] [--steps ..] [--batch-size ..] [--seed ..]
                  [--logit-clip paper|none] --out FILE
     natgrad grid --task T --optimizers sgd,ngd,ef,... [--framework F] [--lrs=START:STOP:NUM]
-                 [--dampings=START:STOP:NUM] [--steps ..] [--logit-clip paper|none] --out FILE
+                 [--dampings=START:STOP:NUM] [--steps ..] [--logit-clip paper|none] [--checkpoints FOLDER]
+                 --out FILE
 
 FILE ends in .csv or .parquet and is written atomically. Bad input (an unknown name, a negative lr,
 numpy on a network task, cuda without a GPU, ...) exits with status 2 and one line on stderr naming
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 
 from natgrad_impls import results
@@ -87,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--repeats", type=int, default=5, help="runs from theta0 + 1e-14 noise that check each best run "
                       "for chaos (default 5; 0 skips the check)")
     grid.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
+    grid.add_argument("--checkpoints", metavar="FOLDER", help="keep each optimizer's finished grid in FOLDER, so that "
+                      "the same command stopped part way resumes at its next optimizer; removed once --out is written")
     return parser
 
 
@@ -179,8 +183,10 @@ def cmd_grid(args) -> int:
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,
                                                 args.repeats, None, hps, progress=False if args.no_progress else None,
-                                                on_done=_print_best))
+                                                on_done=_print_best, checkpoints=args.checkpoints))
     _write(result.frame, out)
+    if args.checkpoints:
+        shutil.rmtree(args.checkpoints, ignore_errors=True)
     print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0

@@ -48,13 +48,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from natgrad_impls import models
+from natgrad_impls import models, results
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.numpy import reference
 from natgrad_impls.runner import (
-    DIVERGENCE_FACTOR, accepted, check_seed, hyperparameter_columns, is_convex, make_hyperparameters, ordered_columns,
-    progress_bar, resolve_task, check_setting, task_columns, usable_cores,
+    DIVERGENCE_FACTOR, accepted, check_seed, checkpoint_path, code_version, hyperparameter_columns, is_convex,
+    make_hyperparameters, ordered_columns, progress_bar, resolve_task, check_setting, task_columns, usable_cores,
 )
+from natgrad_impls.timing import device_name
 
 PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
 PAPER_DAMPINGS = (-10.0, 10.0, 41)
@@ -732,7 +733,7 @@ def _fields(optimizer):
 
 def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS,
              dampings=PAPER_DAMPINGS, steps=None, seed=0, repeats=DEFAULT_REPEATS, variant=None, hyperparameters=None,
-             progress=None, on_done=None, logit_clip=None) -> GridResult:
+             progress=None, on_done=None, logit_clip=None, checkpoints=None) -> GridResult:
     """The lr (x damping) grid of each optimizer on a full-batch convex task, batched (module docstring).
 
     lrs, dampings: (start, stop, num) log10 bounds or 'START:STOP:NUM'; hyperparameters: the
@@ -740,50 +741,87 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
     logit_clip: paper or none for a Bernoulli task (default: the task's own, paper on the Kunstner tasks);
     on_done(optimizer, best, seconds): called as each optimizer's grid and repeats are done, with its
     Best (None where no run stayed finite) and the seconds since the start (the CLI's progress in a
-    job log, where no bar is drawn).
+    job log, where no bar is drawn); checkpoints: a folder that keeps each optimizer's finished grid,
+    so that a grid stopped part way (a paper grid on a1a takes minutes per optimizer) starts again at
+    its next optimizer (as `runner.run_many`; the caller removes the folder).
     """
     task, optimizers, framework, device, dtype, lr_bounds, damping_bounds, steps = validate(
         task, optimizers, framework, device, dtype, lrs, dampings, steps, repeats, variant, hyperparameters, logit_clip,
         seed)
     start = time.perf_counter()
     data = task.load(seed)
-    x, y = data.train
     frames, bests = [], []
     lr_values, damping_values = logspace(lr_bounds), logspace(damping_bounds)
     noise = CHAOS_NOISE * models.random_stream(seed, "chaos").standard_normal((int(repeats),
                                                                                task.problem.model.num_params()))
     extra = dict(hyperparameters or {})
+    machine = None if checkpoints is None else device_name(device, framework)
     for optimizer in optimizers:
-        if optimizer in WITH_DAMPING:
-            lr, damping = (a.ravel() for a in np.meshgrid(lr_values, damping_values, indexing="ij"))
-        else:
-            lr, damping = lr_values, np.full(len(lr_values), np.nan)
         own = {k: v for k, v in extra.items() if k in _fields(optimizer)}
-        h = make_hyperparameters(optimizer, {**own, "lr": 1.0, **({"damping": 1.0} if optimizer in WITH_DAMPING else {})}, seed)
-        common = dict(framework=framework, device=device, dtype=dtype, seed=seed)
-        runs = trajectories(task.problem, x, y, optimizer, h, lr, damping, steps, progress=progress,
-                            desc=f"{task.name} {optimizer.value}", **common)
-        finals = runs.final
-        best = None
-        if np.isfinite(finals).any():
-            b = int(np.nanargmin(np.where(np.isfinite(finals), finals, np.nan)))
-            rep = None
-            if len(noise):
-                rep = trajectories(task.problem, x, y, optimizer, h, np.full(len(noise), lr[b]),
-                                   np.full(len(noise), damping[b]), steps, theta0=noise, progress=False, **common)
-            best = _best(optimizer, lr[b], damping[b], runs, b, rep)
-            bests.append(best)
+        kept = None if checkpoints is None else checkpoint_path(
+            checkpoints, task.name, task_columns(task), optimizer, framework, device, dtype, lr_bounds, damping_bounds,
+            steps, seed, len(noise), own, machine, code_version())
+        if kept is not None and kept.exists():
+            frame, best = _read_kept(kept)
+        else:
+            frame, best = _optimizer_grid(task, data.train, optimizer, own, framework, device, dtype, seed, lr_values,
+                                          damping_values, steps, noise, progress)
+            if kept is not None:
+                _keep(kept, frame, best)
+        frames.append(frame)
+        bests += [best] if best is not None else []
         if on_done is not None:
             on_done(optimizer, best, time.perf_counter() - start)
-        frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, 0,
-                             None if best is None else (b, best.chaotic)))
-        if best is not None and rep is not None:
-            frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, np.full(len(noise), lr[b]),
-                                 np.full(len(noise), damping[b]), rep, 1, "all", best.chaotic))
     seconds = time.perf_counter() - start
     frame = pd.concat(frames, ignore_index=True)
     runs = sum(len(lr_values) * (len(damping_values) if o in WITH_DAMPING else 1) for o in optimizers)
     return GridResult(frame[ordered_columns(frame.columns)], bests, seconds, runs)
+
+
+def _optimizer_grid(task, train, optimizer, own, framework, device, dtype, seed, lr_values, damping_values, steps,
+                    noise, progress) -> tuple[pd.DataFrame, Best | None]:
+    """One optimizer's grid and the chaos repeats of its best run: their rows, and the Best."""
+    x, y = train
+    if optimizer in WITH_DAMPING:
+        lr, damping = (a.ravel() for a in np.meshgrid(lr_values, damping_values, indexing="ij"))
+    else:
+        lr, damping = lr_values, np.full(len(lr_values), np.nan)
+    h = make_hyperparameters(optimizer, {**own, "lr": 1.0, **({"damping": 1.0} if optimizer in WITH_DAMPING else {})}, seed)
+    common = dict(framework=framework, device=device, dtype=dtype, seed=seed)
+    runs = trajectories(task.problem, x, y, optimizer, h, lr, damping, steps, progress=progress,
+                        desc=f"{task.name} {optimizer.value}", **common)
+    finals = runs.final
+    if not np.isfinite(finals).any():
+        return _frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, 0, None), None
+    b = int(np.nanargmin(np.where(np.isfinite(finals), finals, np.nan)))
+    rep = None
+    if len(noise):
+        rep = trajectories(task.problem, x, y, optimizer, h, np.full(len(noise), lr[b]),
+                           np.full(len(noise), damping[b]), steps, theta0=noise, progress=False, **common)
+    best = _best(optimizer, lr[b], damping[b], runs, b, rep)
+    frames = [_frame(task, optimizer, framework, device, dtype, seed, h, lr, damping, runs, 0, (b, best.chaotic))]
+    if rep is not None:
+        frames.append(_frame(task, optimizer, framework, device, dtype, seed, h, np.full(len(noise), lr[b]),
+                             np.full(len(noise), damping[b]), rep, 1, "all", best.chaotic))
+    return pd.concat(frames, ignore_index=True), best
+
+
+def _keep(path, frame: pd.DataFrame, best: Best | None) -> None:
+    """An optimizer's finished grid: its Best beside (JSON, first), then its rows, whose file says
+    that both are whole."""
+    import json
+
+    fields = None if best is None else {**dataclasses.asdict(best), "repeats": best.repeats.tolist()}
+    results.write_text(json.dumps(fields), path.with_suffix(".json"))
+    results.write(frame, path)
+
+
+def _read_kept(path) -> tuple[pd.DataFrame, Best | None]:
+    import json
+
+    fields = json.loads(path.with_suffix(".json").read_text())
+    best = None if fields is None else Best(**{**fields, "repeats": np.array(fields["repeats"], dtype=float)})
+    return results.read(path), best
 
 
 def _best(optimizer, lr, damping, runs, b, rep) -> Best:

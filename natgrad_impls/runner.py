@@ -680,7 +680,7 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     machine = None if checkpoints is None else timing.device_name(device, framework)  # kept runs keep their time_s
     for hyperparameters in settings:
         for seed in seeds:
-            kept = None if checkpoints is None else _checkpoint(checkpoints, task, optimizer, framework, device,
+            kept = None if checkpoints is None else checkpoint_path(checkpoints, task, optimizer, framework, device,
                                                                hyperparameters, seed, protocol, machine, code_version())
             if kept is not None and kept.exists():
                 frame, how = results.read(kept), "kept from the interrupted job"
@@ -708,9 +708,10 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def _checkpoint(folder, *determining):
-    """Where a run is kept: a file named by a hash of what determines it (task, optimizer, framework,
-    device, hyperparameters, seed, protocol, machine, code), so that a change never reuses a run."""
+def checkpoint_path(folder, *determining):
+    """Where a finished piece of a job is kept (a run of `run_many`, an optimizer's grid): a file
+    named by a hash of what determines it (task, optimizer, framework, device, hyperparameters,
+    seed, protocol, machine, code), so that a change never reuses one."""
     import hashlib
     import json
     from pathlib import Path

@@ -161,6 +161,41 @@ def test_a_chaotic_best_run_prints_bounds_that_differ():
     assert low != high and float(low) == pytest.approx(7.709684 - 0.1e-6, rel=1e-9)
 
 
+def test_a_grid_stopped_part_way_resumes_at_its_next_optimizer(tmp_path, monkeypatch):
+    """With checkpoints, each optimizer's finished grid is kept: a grid stopped after its first
+    optimizer computes only the others when run again, and gives the same rows and bests as one
+    uninterrupted grid; another setting (more steps) reuses nothing."""
+    kwargs = dict(lrs=(-2, 0, 3), dampings=(-2, 0, 2), steps=10, repeats=2, progress=False)
+    whole = grid.run_grid("breastcancer", ["sgd", "ef"], **kwargs)
+    computed, real = [], grid._optimizer_grid
+
+    def counting(task, train, optimizer, *args):
+        computed.append(optimizer.value)
+        return real(task, train, optimizer, *args)
+
+    def stop(optimizer, best, seconds):
+        raise KeyboardInterrupt  # stopped once the first optimizer is done
+
+    monkeypatch.setattr(grid, "_optimizer_grid", counting)
+    folder = tmp_path / ".grid.runs"
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid("breastcancer", ["sgd", "ef"], checkpoints=folder, on_done=stop, **kwargs)
+    resumed = grid.run_grid("breastcancer", ["sgd", "ef"], checkpoints=folder, **kwargs)
+    assert computed == ["sgd", "ef"]  # sgd once, before the stop; ef after it
+    measured = [c for c in whole.frame.columns if c != "time_s"]
+    pd.testing.assert_frame_equal(resumed.frame[measured], whole.frame[measured])
+    assert [b.describe() for b in resumed.best] == [b.describe() for b in whole.best]
+    grid.run_grid("breastcancer", ["sgd"], checkpoints=folder, **{**kwargs, "steps": 11})
+    assert computed == ["sgd", "ef", "sgd"]
+
+
+def test_the_cli_removes_its_checkpoints_once_the_grid_is_written(tmp_path):
+    out, folder = tmp_path / "grid.parquet", tmp_path / ".grid.runs"
+    assert cli.main(["grid", "--task", "wine", "--optimizers", "sgd", "--lrs=-3:-2:2", "--steps", "3", "--repeats", "0",
+                     "--no-progress", "--checkpoints", str(folder), "--out", str(out)]) == 0
+    assert out.exists() and not folder.exists()
+
+
 def test_chaotic_best_runs_are_flagged(tmp_path):
     """DESIGN 4: ef at breastcancer's lr 0.1, damping 1e-10 moves by tens of percent under a 1e-14
     perturbation of theta0; ngd there does not."""

@@ -92,6 +92,15 @@ def gpu_resources(wildcards):
     return 1 if wildcards.device == "cuda" else 0
 
 
+def checkpoints_beside(wildcards, output):
+    """A job's hidden folder of finished pieces (runner.run_many's runs, grid.run_grid's optimizers),
+    kept until its table (its first output) is written, beside that table: results/grid/wine/.numpy-cpu.runs/."""
+    from pathlib import Path
+
+    table = Path(output[0])
+    return str(table.with_name(f".{table.stem}.runs"))
+
+
 def single_threaded(threads):
     """`export ...;` that keeps a shell job's torch, BLAS and XLA to `threads` cores (parallel jobs
     on a small machine must not oversubscribe it)."""

@@ -15,6 +15,7 @@ rule grid:
         optimizers=",".join(config["optimizers"]),
         options=grid_options,
         env=single_threaded(1),
+        checkpoints=checkpoints_beside,
     threads: 1
     priority: 10  # the longest jobs: start them first
     resources:
@@ -22,7 +23,7 @@ rule grid:
     shell:
         "{params.env} natgrad grid --task {wildcards.task} --optimizers {params.optimizers} "
         "--framework {wildcards.framework} --device {wildcards.device} {params.options} "
-        "--no-progress --out {output} > {log} 2>&1"
+        "--no-progress --checkpoints {params.checkpoints} --out {output} > {log} 2>&1"
 
 
 # The same grid with the exact Bernoulli likelihood instead of the paper code's clipped logits
@@ -36,6 +37,7 @@ use rule grid as grid_logit_clip_none with:
         optimizers=",".join(config["optimizers"]),
         options=lambda wildcards: grid_options(wildcards) + " --logit-clip none",
         env=single_threaded(1),
+        checkpoints=checkpoints_beside,
 
 
 rule cos_along_best_ef:

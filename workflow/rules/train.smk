@@ -20,6 +20,7 @@ rule tune:
         seeds=config["networks"]["tuning_seeds"],
         protocol=config["networks"],
         cos_ef_ngd=False,
+        checkpoints=checkpoints_beside,
     threads: 1
     resources:
         gpu=gpu_resources,
@@ -41,6 +42,7 @@ rule train:
         seeds=config["networks"]["seeds"],
         protocol=config["networks"],
         cos_ef_ngd=lambda w: w.optimizer in config["networks"].get("cos_ef_ngd", []),
+        checkpoints=checkpoints_beside,
     threads: 1
     resources:
         gpu=gpu_resources,

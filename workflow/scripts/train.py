@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 from natgrad_impls.runner import HYPERPARAMETER_ORDER, thread_environment
 
@@ -21,10 +20,10 @@ from natgrad_impls import results, runner  # noqa: E402
 
 
 def train(settings, seeds, protocol, cos_ef_ngd) -> pd.DataFrame:
-    """Every setting on every seed; each finished run is kept in CHECKPOINTS until the job's table
-    is written, so that a killed job (a time limit on a cluster) resumes at its next run."""
+    """Every setting on every seed; each finished run is kept in params.checkpoints until the job's
+    table is written, so that a killed job (a time limit on a cluster) resumes at its next run."""
     w = snakemake.wildcards
-    return runner.run_many(w.task, w.optimizer, w.framework, w.device, settings, seeds, CHECKPOINTS,
+    return runner.run_many(w.task, w.optimizer, w.framework, w.device, settings, seeds, snakemake.params.checkpoints,
                            log=lambda line: print(line, flush=True), dtype=protocol["dtype"], steps=protocol["steps"],
                            eval_every=protocol["eval_every"], cos_ef_ngd=cos_ef_ngd)
 
@@ -45,9 +44,6 @@ def best_setting(runs: pd.DataFrame) -> dict:
     return chosen
 
 
-# Beside the job's table, hidden: results/tune/digits-mlp/kfac/.jax-cpu.runs/
-CHECKPOINTS = Path(snakemake.output.runs).with_name(f".{Path(snakemake.output.runs).stem}.runs")
-
 with results.job_log(snakemake.log[0]):
     params = snakemake.params
     if snakemake.rule == "tune":
@@ -57,4 +53,4 @@ with results.job_log(snakemake.log[0]):
         with open(snakemake.input.best) as handle:
             runs = train([json.load(handle)], params.seeds, params.protocol, params.cos_ef_ngd)
     results.write(runs, snakemake.output.runs)
-    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(snakemake.params.checkpoints, ignore_errors=True)
