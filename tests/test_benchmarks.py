@@ -90,6 +90,19 @@ def test_asv_devices_come_from_the_environment():
         done.stderr
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_every_tracked_training_run_learns(monkeypatch, framework):
+    """Training.track_loss can only tell a wrong step from a right one where the run learns: every
+    setting lowers the loss of both runs (float64 tanh, float32 relu) within their steps."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_training
+
+    for run in bench_training.RUNS:
+        start = bench_training.train("sgd", framework, "cpu", run, steps=0)
+        for label in timing.SETTINGS:
+            assert bench_training.train(label, framework, "cpu", run, steps=50) < 0.85 * start, (run, label)
+
+
 def test_asv_setups_between_timed_calls_continue_one_run(monkeypatch):
     """asv_runner runs `setup` before each of a sample's `number` timed calls (its
     _SetupInterleavedTimer): Step builds and warms up once per parameter set, so a sample is
