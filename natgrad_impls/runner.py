@@ -21,8 +21,8 @@ parameters theta_k after k updates:
 - diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
   after a step whose solve failed: a singular matrix gives NaN parameters in every framework);
   the same value on every row of the run. A diverged run's last row is the step that diverged;
-  nothing is raised. (jax
-  brings losses to the host every 16 steps; a divergence seen late truncates the run at its step.)
+  nothing is raised. (jax brings losses to the host every 16 steps; a divergence seen late
+  truncates the run at its step.)
 - lr, damping and the optimizer's other hyperparameters; batch_size (empty for full batch).
 - variant (misspec only) and logit_clip (Bernoulli tasks only: `paper`, the logits clipped as
   Kunstner et al.'s code does, or `none`, the exact likelihood).
@@ -605,7 +605,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
         if len(pending) >= io.fetch_every or k == steps:
             # Losses come to the host in groups (jax: every 16 steps, each fetch costs a few us);
             # a divergence found late truncates the run at its step, as if it had stopped there.
-            found, initial = _fetch(io, pending, loss, grad_norm, initial, None)
+            found, initial = _fetch(io, pending, loss, grad_norm, initial)
             if found is not None:
                 diverged, last = True, found
                 break
@@ -639,10 +639,10 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     return frame
 
 
-def _fetch(io, pending, loss, grad_norm, initial, default):
+def _fetch(io, pending, loss, grad_norm, initial):
     """Record the pending steps' loss and gradient norm; the first step that diverged (loss above
-    100 x the first one, or NaN/inf) or `default`, and the first loss."""
-    found = default
+    100 x the first one, or NaN/inf) or None, and the first loss."""
+    found = None
     for j, info in pending:
         loss[j], grad_norm[j] = io.scalars(info)
         if j == 0:

@@ -202,9 +202,10 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
                         min_sample_s: float = MIN_SAMPLE_S) -> list[float]:
     """Per timed call, the median over `repeats` samples of the mean time of one call, each call
     synchronised as the runner's steps are (no more of the syncs than the gradient a step is
-    divided by). The calls are warmed up (`warmup` blocks, then blocks until `warmup_s` has passed)
-    and then sampled in turn, so that a burst of load on a shared machine falls on all of them and
-    their ratios (gradient-equivalents, ours over a peer's) are steadier than their times."""
+    divided by). The calls are warmed up (`warm_up`: a block that may compile, then `warmup` blocks,
+    and more until `warmup_s` has passed) and then sampled in turn, so that a burst of load on a
+    shared machine falls on all of them and their ratios (gradient-equivalents, ours over a peer's)
+    are steadier than their times."""
     sizes = [warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
     samples = [[] for _ in timed]
     for _ in range(repeats):

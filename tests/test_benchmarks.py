@@ -354,12 +354,18 @@ def test_kfac_jax_imports_with_every_name_it_takes_from_jax_core(kfac_jax):
         assert all(hasattr(jax.core, name) for name in _MOVED)
 
 
-def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
-    """scripts/step_cost.py: the steps are built (compiled) once, not once per round; each finished
-    round reaches `on_round`; a K-FAC row also has its inversion's time and amortised share."""
+def _step_cost_script():
+    """scripts/step_cost.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
     step_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_cost)
+    return step_cost
+
+
+def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
+    """scripts/step_cost.py: the steps are built (compiled) once, not once per round; each finished
+    round reaches `on_round`; a K-FAC row also has its inversion's time and amortised share."""
+    step_cost = _step_cost_script()
     built = []
     step_call = timing.step_call
     monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: built.append(args[1]) or step_call(*args, **kwargs))
@@ -380,9 +386,7 @@ def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
 
 def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
     """A saved table's `machine` is the CPU's model (/proc/cpuinfo), not just "x86_64"."""
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
-    step_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_cost)
+    step_cost = _step_cost_script()
     out = tmp_path / "cost.csv"
     step_cost.main(["--framework", "torch", "--settings", "sgd", "--sizes", "6,5,3", "--batch-size", "4",
                     "--repeats", "2", "--no-peers", "--out", str(out)])
@@ -403,9 +407,7 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
     (["--repeats", "0"], "repeats: '0' must be integers >= 1"),
 ])
 def test_step_cost_refuses_bad_arguments_in_one_line_before_measuring(argv, message, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
-    step_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_cost)
+    step_cost = _step_cost_script()
     monkeypatch.setattr(timing, "device_name", lambda *a: pytest.fail("measuring began"))
     with pytest.raises(SystemExit) as stop:
         step_cost.main(argv)
