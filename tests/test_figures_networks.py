@@ -133,11 +133,41 @@ def test_training_leaves_out_a_missing_device_with_a_note():
 
 def test_training_draws_the_best_of_several_settings_with_a_note():
     frame = pd.concat([runs(optimizers=("sgd",), lr=0.1),
-                       runs(optimizers=("sgd",), lr=1.0).assign(loss=lambda f: f.loss * 3)])
+                       runs(optimizers=("sgd",), lr=1.0).assign(loss=lambda f: f.loss * 3,
+                                                                train_loss=lambda f: f.train_loss * 3)])
     drawn = networks.training(frame, y="loss", smooth=1)
     line = drawn.figure.axes[0].get_lines()[0]
     assert line.get_ydata()[-1] == pytest.approx(frame[(frame.lr == 0.1) & (frame.step == 100)].loss.median())
     assert any("2 hyperparameter settings" in n for n in drawn.notes)
+
+
+def test_every_figure_draws_the_setting_the_best_hyperparameters_table_lists():
+    """Three settings of sgd, three seeds each, that three wrong rules would choose instead: A has the
+    lowest mini-batch loss at the end (but not the lowest train loss), B the lowest mean final train
+    loss (one lucky seed; its median is worse than C's), D the lowest median but a seed diverged.
+    The table's rule (median final train loss, diverged last) picks C, and so must every figure."""
+    final_train = {0.1: [3.0, 3.0, 3.0], 0.2: [0.1, 2.5, 2.5], 0.3: [2.0, 2.0, 2.0], 0.4: [1.0, 1.0, -0.5]}
+    parts = []
+    for lr, finals in final_train.items():
+        for seed, final in enumerate(finals):
+            part = runs(optimizers=("sgd", "ef"), seeds=(seed,), lr=lr)
+            part["train_loss"] *= abs(final) / part.train_loss.min()
+            part["loss"] *= 1e-3 if lr == 0.1 else 1.0
+            part["diverged"] = (final < 0) & (part.step == part.step.max())  # -: this seed diverged at the end
+            parts.append(part)
+    frame = pd.concat(parts, ignore_index=True)
+    listed = tables.best_hyperparameters(frame)
+    assert set(listed["lr"]) == {0.3}
+    chosen = frame[frame.lr == 0.3]
+    for draw, value in ((networks.training, "train_loss"), (networks.accuracy, "test_accuracy"),
+                        (networks.cosine, "cos_ef_ngd")):
+        drawn = draw(frame)
+        line = drawn.figure.axes[0].get_lines()[0]
+        rows = chosen[(chosen.optimizer == "sgd" if value != "cos_ef_ngd" else chosen.optimizer == "ef")
+                      & (chosen.framework == "torch") & chosen[value].notna()]
+        assert line.get_ydata()[-1] == pytest.approx(rows[rows.step == rows.step.max()][value].median())
+        assert "digits-mlp, SGD, PyTorch CPU: 4 hyperparameter settings, the best-hyperparameters table's " \
+               "(lowest median final loss) drawn." in drawn.notes
 
 
 def test_training_says_where_columns_were_tuned_to_different_settings():

@@ -11,7 +11,8 @@ time row compares frameworks and devices on the same clock. In a panel: the medi
 line, the min..max over seeds as a band, one colour and line style per optimizer (`style`).
 
 A (task, optimizer, framework, device) with runs of more than one hyperparameter setting is drawn
-with its best (lowest median final loss) and a caption note says so.
+with the one the best-hyperparameters table lists (`tables.in_best_setting`: lowest median final
+full-train loss, a setting that diverged on any seed last), and a caption note says so.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 
-from natgrad_impls.figures import Drawn, placeholder, style
+from natgrad_impls.figures import Drawn, placeholder, style, tables
 
 KEYS = ["task", "optimizer", "framework", "device"]
-SETTING_COLUMNS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
-                   "kfac_ema", "batch_size")
 PANEL_WIDTH = 1.65  # inches per column: four columns at full width
 PANEL_HEIGHT = 1.35
 BAND_ALPHA = 0.18
@@ -127,10 +126,8 @@ def _prepare(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
         raise ValueError(f"frame: missing columns {', '.join(missing)} (runner.run's long format)")
     if value not in frame.columns:
         return frame.iloc[:0], []
-    for name in KEYS:
-        frame[name] = frame[name].astype(str)
+    frame, notes = _one_setting(frame.astype({name: str for name in KEYS}))  # chosen on every row, as the table does
     frame = frame[np.isfinite(frame[value].astype(float))].copy()
-    frame, notes = _one_setting(frame, value)
     return frame, notes + _setting_differences(frame) + _diverged_notes(frame)
 
 
@@ -157,7 +154,7 @@ def _setting_differences(frame) -> list[str]:
     """'<task>, <optimizer>: tuned to different settings per column (PyTorch CPU: lr 0.3; JAX CPU:
     lr 0.1).' where the columns of a row draw different settings (each is tuned on its own), naming
     only the hyperparameters that differ, so that a reader does not take it for a framework gap."""
-    columns = [c for c in SETTING_COLUMNS if c in frame.columns]
+    columns = [c for c in tables.HYPERPARAMETERS if c in frame.columns]
     notes = []
     for (task, optimizer), rows in frame.groupby(["task", "optimizer"], observed=True):
         chosen = rows.groupby(["framework", "device"], observed=True)[columns].first()
@@ -175,27 +172,17 @@ def _plain(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _one_setting(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
-    """Keep, per (task, optimizer, framework, device), the hyperparameter setting with the lowest
-    median final loss (final `value` where the table has no loss column), with a note per choice."""
-    columns = [c for c in SETTING_COLUMNS if c in frame.columns]
+def _one_setting(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep, per (task, optimizer, framework, device), the runs of the setting the best-hyperparameters
+    table lists (`tables.in_best_setting`), with a note where there were several to choose from."""
+    columns = [c for c in tables.HYPERPARAMETERS if c in frame.columns]
     if not columns or frame.empty:
         return frame, []
-    setting = pd.util.hash_pandas_object(frame[columns], index=False)  # one id per setting, NaN-safe
-    frame = frame.assign(_setting=setting)
-    by = "loss" if "loss" in frame.columns else value
-    final = frame.sort_values("step").groupby(KEYS + ["_setting", "seed"], observed=True)[by].last()
-    score = final.groupby(level=KEYS + ["_setting"], observed=True).median().reset_index()
-    notes, keep = [], []
-    for key, group in score.groupby(KEYS, observed=True):
-        best = group.sort_values(by, na_position="last").iloc[0]["_setting"]
-        keep.append((*key, best))
-        if len(group) > 1:
-            task, optimizer, framework, device = key
-            notes.append(f"{task}, {style.LABELS.get(optimizer, optimizer)}, {style.combo_label((framework, device))}: "
-                         f"{len(group)} hyperparameter settings, the best (lowest median final loss) drawn.")
-    kept = pd.DataFrame(keep, columns=KEYS + ["_setting"])
-    return frame.merge(kept, on=KEYS + ["_setting"]).drop(columns="_setting"), notes
+    counts = tables.setting_key(frame, columns).groupby([frame[k] for k in KEYS], observed=True).nunique()
+    notes = [f"{task}, {style.LABELS.get(optimizer, optimizer)}, {style.combo_label((framework, device))}: {n} "
+             f"hyperparameter settings, the best-hyperparameters table's (lowest median final loss) drawn."
+             for (task, optimizer, framework, device), n in counts.items() if n > 1]
+    return frame[tables.in_best_setting(frame)], notes
 
 
 def summarise(frame: pd.DataFrame, value: str, x: str) -> pd.DataFrame:

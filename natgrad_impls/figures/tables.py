@@ -50,16 +50,9 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     frame = _runs(runs)
     if frame.empty:
         return pd.DataFrame(columns=GROUP + ["final_loss", "target_loss", "time_to_target_s"])
-    objective = "train_loss" if "train_loss" in frame.columns and frame["train_loss"].notna().any() else "loss"
-    hp = [c for c in HYPERPARAMETERS if c in frame.columns]
-    group = [c for c in GROUP if c in frame.columns]
+    objective, group, hp = _columns(frame)
     measured = frame[frame[objective].notna()]
-    per_run = _per_run(measured, group, hp, objective)
-    settings = _per_setting(per_run, group, hp)
-    # a setting that diverged on any seed ranks after every setting that did not (its median can hide
-    # a seed in three blowing up: a setting on the edge of stability, chosen by luck)
-    ranked = settings.sort_values(["diverged", "final_loss"], na_position="last", kind="stable")
-    best = ranked.groupby(group, observed=True, sort=False).head(1)
+    best = _best_settings(measured, group, hp, objective)
     finite = best[np.isfinite(best["final_loss"])]
     targets = finite.groupby("task", observed=True)["final_loss"].max().rename("target_loss")
     best = best.merge(targets, on="task", how="left")
@@ -76,6 +69,32 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     best = best.sort_values(["task", "_order", "framework", "device"]).drop(columns="_order").reset_index(drop=True)
     best = best.dropna(axis=1, how="all")
     return best.astype({c: "Int64" for c in COUNTS if c in best.columns})
+
+
+def in_best_setting(runs: pd.DataFrame) -> pd.Series:
+    """True on the rows of `runs` (runner frames) that ran their group's best setting, the one
+    `best_hyperparameters` lists, so that a figure draws the setting its table names."""
+    frame = _runs(runs)
+    objective, group, hp = _columns(frame)
+    best = _best_settings(frame[frame[objective].notna()], group, hp, objective)
+    chosen = pd.MultiIndex.from_frame(best[group + ["_setting"]])
+    ran = pd.MultiIndex.from_frame(frame[group].assign(_setting=setting_key(frame, hp)))
+    return pd.Series(ran.isin(chosen), index=frame.index)
+
+
+def _columns(frame) -> tuple[str, list[str], list[str]]:
+    """The objective that ranks settings, the group columns and the hyperparameter columns present."""
+    objective = "train_loss" if "train_loss" in frame.columns and frame["train_loss"].notna().any() else "loss"
+    return objective, [c for c in GROUP if c in frame.columns], [c for c in HYPERPARAMETERS if c in frame.columns]
+
+
+def _best_settings(measured, group, hp, objective) -> pd.DataFrame:
+    """Per group, its best setting's row of `_per_setting` (with its `_setting` key)."""
+    settings = _per_setting(_per_run(measured, group, hp, objective), group, hp)
+    # a setting that diverged on any seed ranks after every setting that did not (its median can hide
+    # a seed in three blowing up: a setting on the edge of stability, chosen by luck)
+    ranked = settings.sort_values(["diverged", "final_loss"], na_position="last", kind="stable")
+    return ranked.groupby(group, observed=True, sort=False).head(1)
 
 
 EDGE_HYPERPARAMETERS = ("lr", "damping")
@@ -126,14 +145,14 @@ def _repeat_range(grid: pd.DataFrame, best: pd.DataFrame, group, objective) -> p
     return best.drop(columns=["final_loss_min", "final_loss_max"]).merge(spans, on=group, how="left")
 
 
-def _key(frame, hp) -> pd.Series:
-    """One string per hyperparameter setting (NaN-safe, unlike grouping on float columns)."""
+def setting_key(frame, hp) -> pd.Series:
+    """One id (a hash) per hyperparameter setting: NaN-safe, unlike grouping on float columns."""
     return pd.util.hash_pandas_object(frame[hp], index=False) if hp else pd.Series(0, index=frame.index)
 
 
 def _per_run(frame, group, hp, objective) -> pd.DataFrame:
     """One row per run: its setting, final objective (inf when diverged), steps, test accuracy."""
-    frame = frame.assign(_setting=_key(frame, hp)).sort_values("step")
+    frame = frame.assign(_setting=setting_key(frame, hp)).sort_values("step")
     runs = frame.groupby(group + ["_setting", "seed"], observed=True, sort=False)
     out = runs.agg(final=(objective, "last"), steps=("step", "max"), diverged=("diverged", "any"),
                    **{h: (h, "first") for h in hp})
@@ -160,7 +179,7 @@ def _per_setting(per_run, group, hp) -> pd.DataFrame:
 
 def _reach(measured, best, group, hp, objective) -> pd.DataFrame:
     """Median over the best setting's seeds of the first step (and time_s) at or below the target."""
-    frame = measured.assign(_setting=_key(measured, hp)).merge(best[group + ["_setting", "target_loss"]],
+    frame = measured.assign(_setting=setting_key(measured, hp)).merge(best[group + ["_setting", "target_loss"]],
                                                                on=group + ["_setting"])
     rows = []
     for key, group_rows in frame.groupby(group, observed=True, sort=False):
