@@ -114,12 +114,13 @@ def _kunstner_task(name, features, likelihood, source, n, loader, offline) -> Ta
 
 
 def _wine(seed):
-    d = _packaged("scikit-learn-wine", "scikit-learn", lambda: _scikit_learn_set("load_wine"))
+    d = _packaged("scikit-learn-wine", "scikit-learn", functools.partial(_scikit_learn_set, "load_wine"))
     return _kunstner(d["X"], d["y"])  # the class label as a real number, as in the paper
 
 
 def _breastcancer(seed):
-    d = _packaged("scikit-learn-breastcancer", "scikit-learn", lambda: _scikit_learn_set("load_breast_cancer"))
+    d = _packaged("scikit-learn-breastcancer", "scikit-learn",
+                  functools.partial(_scikit_learn_set, "load_breast_cancer"))
     return _kunstner(d["X"], d["y"])
 
 
@@ -132,12 +133,23 @@ def _scikit_learn_set(loader: str) -> dict[str, np.ndarray]:
 
 def _packaged(name: str, package: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays of an offline data set that `make` builds from an installed `package`, made once
-    per version of the package (which fixes them) and then read back from the data cache
-    (data.generated, `generated/<name>-<version>.npz`). Importing scikit-learn alone takes 1.8 s and
+    per version of the package and per recipe (`_recipe`: a change to `make` must not be hidden by a
+    file made before it), then read back from the data cache (data.generated,
+    `generated/<name>-<version>-<recipe>.npz`). Importing scikit-learn alone takes 1.8 s and
     generating MNIST-1D 6 s, which every pipeline job on these tasks paid; a read takes 0.03 s."""
     from importlib.metadata import version
 
-    return data.generated(f"{name}-{version(package)}", make)
+    return data.generated(f"{name}-{version(package)}-{_recipe(make)}", make)
+
+
+def _recipe(make) -> str:
+    """8 hex digits of the sha256 of `make`'s source code (with a partial's arguments): what, beside
+    the package, fixes the arrays. An edit to the comments in `make` only costs one remake."""
+    import hashlib
+    import inspect
+
+    func, args = (make.func, make.args) if isinstance(make, functools.partial) else (make, ())
+    return hashlib.sha256((inspect.getsource(func) + repr(args)).encode()).hexdigest()[:8]
 
 
 def _a1a(seed):

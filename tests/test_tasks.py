@@ -188,13 +188,44 @@ def test_packaged_sets_are_read_back_from_the_data_cache_as_made(name, tmp_path,
     made = TASKS[name].load()
     (stored,) = (tmp_path / "generated").glob("*.npz")
     maker, shapes = PACKAGED[name]
-    monkeypatch.setattr(tasks, maker, lambda *args: pytest.fail("made again, not read back"))
+    real = data.generated  # a changed maker names another file: make the stored one the only way
+    monkeypatch.setattr(data, "generated", lambda key, make: real(key, lambda: pytest.fail("made again, not read")))
     read = TASKS[name].load()
     assert stored.stat().st_size > 0
     assert [split.X.shape for split in (read.train, read.test) if split is not None] == shapes
     for a, b in zip(made.train + (made.test or ()), read.train + (read.test or ())):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
+
+
+def test_a_changed_recipe_is_made_again_not_read_from_an_older_file(tmp_path, monkeypatch):
+    """The cache key has a digest of the making code, so an edit to it shows (in users' caches and
+    in the tests) instead of an older file being read back under the same package version."""
+    from natgrad_impls import tasks
+
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
+    before = TASKS["digits-mlp"].load()
+    made = tasks._make_digits
+
+    def _make_digits():  # the same name, another recipe
+        return {key: value * 2 if key.startswith("x") else value for key, value in made().items()}
+
+    monkeypatch.setattr(tasks, "_make_digits", _make_digits)
+    np.testing.assert_array_equal(TASKS["digits-mlp"].load().train.X, 2 * before.train.X)
+    assert len(list((tmp_path / "generated").glob("*.npz"))) == 2
+
+
+def test_digits_are_scikit_learns_scaled_to_the_unit_interval(tmp_path, monkeypatch):
+    """Every digit once, in train or test, as scikit-learn's 8x8 images over 16, with its label."""
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path))
+    (X, y), (X_test, y_test) = TASKS["digits-mlp"].load()
+    ours = np.column_stack([np.concatenate([X, X_test]), np.concatenate([y, y_test])])
+    images, labels = load_digits(return_X_y=True)
+    theirs = np.column_stack([images / 16.0, labels])
+    np.testing.assert_array_equal(np.unique(ours, axis=0), np.unique(theirs, axis=0))
+    assert len(ours) == len(theirs)
 
 
 def test_digits_split_is_stratified_and_fixed():
@@ -295,18 +326,28 @@ def write_cifar(n: int, rng) -> bytes:
     return buffer.getvalue()
 
 
-def stand_in_files(rng) -> dict[str, bytes]:
-    """Small files in each download format, keyed by resource."""
-    table = lambda n, d: rng.uniform(1, 9, (n, d)).round(3)
-    energy = [[f"X{i}" for i in range(1, 9)] + ["Y1", "Y2"], *table(5, 10).tolist(), [None] * 10, [None] * 11 + [1.0]]
+# the regression tables' stand-ins: (rows, columns), and which columns are the features and the target
+TABLES = {"energy": ((5, 10), slice(0, 8), 8), "powerplant": ((6, 5), slice(0, 4), 4),
+          "yacht": ((4, 7), slice(0, 6), 6)}
+
+
+def stand_in_tables(rng) -> dict[str, np.ndarray]:
+    return {name: rng.uniform(1, 9, shape).round(3) for name, (shape, _, _) in TABLES.items()}
+
+
+def stand_in_files(rng, tables) -> dict[str, bytes]:
+    """Small files in each download format, keyed by resource; `tables`: the regression sets'."""
+    energy = [[f"X{i}" for i in range(1, 9)] + ["Y1", "Y2"], *tables["energy"].tolist(), [None] * 10,
+              [None] * 11 + [1.0]]
     plant = io.BytesIO()
     with zipfile.ZipFile(plant, "w") as archive:
-        archive.writestr("CCPP/Folds5x2_pp.xlsx", write_xlsx([["AT", "V", "AP", "RH", "PE"], *table(6, 5).tolist()]))
+        sheet = [["AT", "V", "AP", "RH", "PE"], *tables["powerplant"].tolist()]
+        archive.writestr("CCPP/Folds5x2_pp.xlsx", write_xlsx(sheet))
     files = {
         "a1a": b"-1 3:1 11:1 14:1 \n+1 5:1 7:1 119:1 \n-1 1:1 \n",
         "energy": write_xlsx(energy),
         "powerplant": plant.getvalue(),
-        "yacht": "\n".join("  ".join(f"{v:g}" for v in row) for row in table(4, 7)).encode() + b"\n\n",
+        "yacht": "\n".join("  ".join(f"{v:g}" for v in row) for row in tables["yacht"]).encode() + b"\n\n",
         "cifar10": write_cifar(2, rng),
     }
     for prefix in ["mnist", "fashion-mnist"]:
@@ -323,7 +364,9 @@ EXPECTED_N = {"a1a": 3, "energy": 5, "powerplant": 6, "yacht": 4, "cifar10-cnn":
 def test_download_tasks_parse_their_files(offline, monkeypatch):
     """Stand-in files with the real formats, placed in the cache under pinned checksums."""
     monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED")
-    for key, content in stand_in_files(np.random.default_rng(0)).items():
+    rng = np.random.default_rng(0)
+    tables = stand_in_tables(rng)
+    for key, content in stand_in_files(rng, tables).items():
         resource = dataclasses.replace(data.RESOURCES[key], sha256=hashlib.sha256(content).hexdigest())
         monkeypatch.setitem(data.RESOURCES, key, resource)
         path = data.cache_path(resource)
@@ -339,6 +382,10 @@ def test_download_tasks_parse_their_files(offline, monkeypatch):
             assert dataset.test is None
         else:
             assert dataset.test is not None and 0 <= X.min() and X.max() <= 1  # pixels in [0, 1]
+    for name, (_, features, target) in TABLES.items():  # energy: Y1, the heating load, not Y2
+        (X, y), _ = TASKS[name].load()
+        np.testing.assert_array_equal(X[:, :-1], tables[name][:, features], err_msg=name)
+        np.testing.assert_array_equal(y[:, 0], tables[name][:, target], err_msg=name)
     (X, y), _ = TASKS["a1a"].load()
     np.testing.assert_array_equal(y[:, 0], [0, 1, 0])
     assert X[1, 118] == 1 and X[2, 0] == 1  # 1-based LIBSVM indices
