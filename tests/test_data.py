@@ -111,6 +111,16 @@ def test_wrong_cached_file_is_replaced(cache, tmp_path):
     assert fetch(resource).read_bytes() == b"right"
 
 
+def test_a_wrong_cached_file_is_never_used_offline(cache, tmp_path):
+    """Offline, a cached file with another sha256 is an error that names its checksum, not data."""
+    url = (tmp_path / "nowhere" / "thing.bin").as_uri()
+    resource = Resource("thing", url, hashlib.sha256(b"right").hexdigest(), "thing.bin")
+    (cache / "thing.bin").parent.mkdir(parents=True)
+    (cache / "thing.bin").write_bytes(b"wrong")
+    with pytest.raises(DataUnavailable, match=f"the file there has sha256 {hashlib.sha256(b'wrong').hexdigest()}"):
+        fetch(resource)
+
+
 def test_offline_error_names_file_url_and_cache_path(cache, tmp_path):
     url = (tmp_path / "nowhere" / "a1a").as_uri()
     resource = Resource("a1a", url, "f" * 64, "libsvm/a1a")
