@@ -157,6 +157,26 @@ def test_ngd_mc_is_seeded(impl):
     assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-6
 
 
+@pytest.mark.parametrize("optimizer, hp", [("ngd", {}), ("kfac", {"kfac_update_period": 1, "kfac_ema": 0.0})])
+def test_mc_labels_are_drawn_afresh_at_every_step(impl, optimizer, hp):
+    """The same parameters and batch, stepped from the step-0 state and from the step-1 state: with
+    exact curvature (and K-FAC forgetting its past factors) the updates are equal, so with sampled
+    labels only the labels can make them differ, and they must (a sampler that ignores the step
+    would reuse one draw for the whole run)."""
+    x, y = make_data(PROBLEM, 16, seed=0)
+    batch, params = impl.batch(x, y), impl.params(models.init_params(PROBLEM.model, 1))
+    updates = {}
+    for fisher in ("exact", "mc"):
+        opt = getattr(impl.module, optimizer)(PROBLEM, lr=0.5, damping=1e-2, fisher=fisher, seed=7, **hp)
+        state0 = opt.init(params)
+        first, state1, _ = opt.step(params, state0, batch)
+        second, _, _ = opt.step(params, state1, batch)
+        first, second = impl.numpy(first), impl.numpy(second)
+        updates[fisher] = max(np.abs(first[k] - second[k]).max() for k in first)
+    assert updates["exact"] < 1e-12
+    assert updates["mc"] > 1e-6
+
+
 def test_kfac_first_step_and_update_period(impl):
     """Step 0 preconditions with the first batch's factors; the inverse is refreshed only every
     kfac_update_period steps while the factors move every step."""
