@@ -40,19 +40,19 @@ def _clip_options(logit_clip):
 
 
 def _grid(tmp_path, task, framework, optimizers=ALL, lrs=LRS, dampings=DAMPINGS, steps=STEPS, repeats=0,
-          logit_clip=None):
+          logit_clip=None, options=()):
     out = tmp_path / f"grid-{task}-{framework}.parquet"
     status = cli.main(["grid", "--task", task, "--optimizers", optimizers, "--framework", framework, f"--lrs={lrs}",
                        f"--dampings={dampings}", "--steps", str(steps), "--repeats", str(repeats), "--out", str(out),
-                       *_clip_options(logit_clip)])
+                       *_clip_options(logit_clip), *options])
     assert status == 0
     return results.read(out)
 
 
-def _run(tmp_path, task, framework, optimizer, lr, damping, steps=STEPS, logit_clip=None):
+def _run(tmp_path, task, framework, optimizer, lr, damping, steps=STEPS, logit_clip=None, options=()):
     out = tmp_path / f"run-{task}-{framework}-{optimizer}-{lr:g}-{damping:g}.parquet"
     argv = ["run", "--task", task, "--optimizer", optimizer, "--framework", framework, "--lr", repr(float(lr)),
-            "--steps", str(steps), "--out", str(out), *_clip_options(logit_clip)]
+            "--steps", str(steps), "--out", str(out), *_clip_options(logit_clip), *options]
     if not math.isnan(damping):
         argv += ["--damping", repr(float(damping))]
     assert cli.main(argv) == 0
@@ -117,23 +117,45 @@ def test_grid_equals_a_loop_of_runs(tmp_path, task, logit_clip, framework):
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
-def test_monte_carlo_fisher_draws_are_the_frameworks_own(tmp_path, framework):
+def test_grid_with_momentum_equals_a_loop_of_runs(tmp_path, framework):
+    """sgd with momentum 0.9: the grid's heavy ball (no dampening, as torch.optim.SGD, to which the
+    runner's sgd is tied) gives `natgrad run`'s numbers, on runs that converge and runs that
+    diverge. The comparison above runs sgd without momentum only."""
+    momentum = ["--momentum", "0.9"]
+    frame = _grid(tmp_path, "wine", framework, optimizers="sgd", lrs="-7:-4:4", options=momentum)
+    assert (frame["momentum"] == 0.9).all()
+    diverged = 0
+    for lr, mine in frame.groupby("lr"):
+        loop = _run(tmp_path, "wine", framework, "sgd", lr, math.nan, options=momentum)
+        assert (loop["momentum"] == 0.9).all()
+        assert len(mine) == len(loop) and mine["diverged"].tolist() == loop["diverged"].tolist(), lr
+        diverged += bool(loop["diverged"].iloc[0])
+        np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-10, err_msg=f"sgd momentum 0.9, lr {lr}")
+    assert 0 < diverged < 4  # both kinds of run are compared
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_monte_carlo_fisher_draws_are_the_frameworks_own(tmp_path, framework, samples):
     """ngd with fisher=mc: the grid draws each step's labels as the framework's ngd does (from the
-    seed and the step alone), so a grid run equals `natgrad run` (and another seed does not)."""
+    seed and the step alone, `samples` of them per input), so a grid run equals `natgrad run` (and
+    another seed does not). Several samples too: one sample would pass for any `samples`."""
     out = tmp_path / "grid.parquet"
     argv = ["grid", "--task", "breastcancer", "--optimizers", "ngd", "--framework", framework, "--fisher", "mc",
-            "--lrs=-1:0:2", "--dampings=-2:-2:1", "--steps", "10", "--repeats", "0", "--out", str(out)]
+            "--samples", str(samples), "--lrs=-1:0:2", "--dampings=-2:-2:1", "--steps", "10", "--repeats", "0",
+            "--out", str(out)]
     assert cli.main(argv) == 0
     frame = results.read(out)
+    assert (frame["samples"] == samples).all()
     for seed in (0, 1):
         run = tmp_path / f"run{seed}.parquet"
         assert cli.main(["run", "--task", "breastcancer", "--optimizer", "ngd", "--framework", framework, "--fisher",
-                         "mc", "--lr", "1.0", "--damping", "0.01", "--steps", "10", "--seed", str(seed),
-                         "--out", str(run)]) == 0
+                         "mc", "--samples", str(samples), "--lr", "1.0", "--damping", "0.01", "--steps", "10",
+                         "--seed", str(seed), "--out", str(run)]) == 0
         mine = frame[frame["lr"] == 1.0]["loss"].to_numpy()
         theirs = results.read(run)["loss"].to_numpy()
         if seed == 0:
-            np.testing.assert_allclose(mine, theirs, rtol=1e-10)
+            np.testing.assert_allclose(mine, theirs, rtol=1e-10, err_msg=f"{samples} samples")
         else:
             assert not np.allclose(mine[1:], theirs[1:], rtol=1e-6)
 
@@ -251,6 +273,22 @@ def test_frame_layout_and_best_runs():
         assert set(marked["lr"]) == {best.lr} and marked["chaotic"].notna().all()
     for column in ("time_s",):
         assert (own.groupby(["optimizer", "lr", "damping"], dropna=False)[column].diff().dropna() >= 0).all()
+
+
+def test_the_best_run_has_the_lowest_last_loss_not_the_lowest_on_the_way():
+    """DESIGN 4: the best run is the one with the lowest last recorded loss. sgd on breastcancer at
+    lr 1e-4 dips to 0.45 and then oscillates up to 6.9 within 10 steps (without diverging), while
+    lr 1e-6 descends slowly to 0.68: the best is lr 1e-6. Monotone runs would not tell the two
+    rules apart."""
+    result = grid.run_grid("breastcancer", ["sgd"], lrs=(-6, -4, 3), steps=10, repeats=0, progress=False)
+    runs = result.frame.groupby("lr")
+    last = runs.tail(1).set_index("lr")
+    assert not last["diverged"].any() and (last["step"] == 10).all()
+    lowest_last, lowest_anywhere = last["loss"].idxmin(), runs["loss"].min().idxmin()
+    assert lowest_anywhere != lowest_last  # the case that tells the rules apart
+    [best] = result.best
+    assert (best.lr, best.loss) == (lowest_last, last.loc[lowest_last, "loss"]), (best.lr, lowest_last)
+    assert set(result.frame[result.frame["best"]]["lr"]) == {lowest_last}
 
 
 def test_paper_grid_is_the_default():
