@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import dense_reference as ref
 from conftest import singular_task
-from natgrad_impls import results, runner
+from natgrad_impls import make_optimizer, models, results, runner
 from natgrad_impls.tasks import TASKS
 
 OFFLINE = [name for name, task in TASKS.items() if task.offline]
@@ -284,3 +285,86 @@ def test_the_thread_environment_keeps_jax_on_one_core():
     out = subprocess.run([sys.executable, "-c", _BUSY_LOOP], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) < 1.3
+
+
+def _batch_rows(n, size, seed, count):
+    """The first `count` mini-batches' rows by the documented rule: per epoch, a permutation drawn
+    from models.random_stream(seed, "batches"), its incomplete tail dropped, cut into `size` rows."""
+    rng, rows = models.random_stream(seed, "batches"), []
+    while len(rows) < count:
+        order = rng.permutation(n)[: n // size * size]
+        rows += [order[i:i + size] for i in range(0, len(order), size)]
+    return rows[:count]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_mini_batches_follow_the_seeds_documented_order(framework, monkeypatch):
+    """Seeds move the batch order as well as the initialisation: from one fixed initial point, with
+    lr 0 (the parameters never move), step k's loss is that point's loss on the k-th batch of
+    random_stream(seed, "batches"), across an epoch boundary (digits: 11 batches of 128), and two
+    seeds see different batches."""
+    real = models.init_params
+    monkeypatch.setattr(models, "init_params", lambda model, seed, *args, **kwargs: real(model, 0, *args, **kwargs))
+    task = TASKS["digits-mlp"]
+    x, y = task.load(0).train
+    start = real(task.problem.model, 0, "glorot")
+    steps, losses = 12, {}
+    for seed in (3, 4):
+        frame = runner.run("digits-mlp", "sgd", framework, hyperparameters={"lr": 0.0}, steps=steps, seed=seed,
+                           eval_every=steps, progress=False)
+        rows = _batch_rows(len(x), task.batch_size, seed, steps + 1)
+        expected = [ref.loss(task.problem, start, x[r], y[r]) for r in rows]
+        np.testing.assert_allclose(frame["loss"], expected, rtol=1e-12, err_msg=f"seed {seed}")
+        losses[seed] = frame["loss"].to_numpy()
+    assert not np.allclose(losses[3], losses[4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("task,variant", [("vecfield", None), ("misspec", "linear-misspecified-b")])
+def test_cos_ef_ngd_shifts_the_fisher_by_l2_and_not_the_ef(task, variant, framework):
+    """With a prior (l2 > 0) the cosine is between (EF + damping I)^-1 g and (F + l2 I + damping I)^-1 g
+    (DESIGN 6: the prior is in the loss, gradient and Fisher, not in the EF), against a dense
+    autograd reference. damping < l2, so that a shifted EF would move the cosine well past round-off."""
+    t = runner.resolve_task(task, variant)
+    assert t.problem.l2 > 0
+    seed, damping = 2, 1e-3
+    x, y = t.load(seed).train
+    theta = models.init_params(t.problem.model, seed, "glorot")  # not 0: g includes the l2 term
+    frame = runner.run(t, "ef", framework, hyperparameters={"lr": 0.1, "damping": damping}, steps=0, seed=seed,
+                       init="glorot", cos_ef_ngd=True, progress=False)
+    g = ref.loss_gradient(t.problem, theta, x, y)
+    eye = np.eye(len(g))
+    d_ef = np.linalg.solve(ref.empirical_fisher(t.problem, theta, x, y) + damping * eye, g)
+    d_ngd = np.linalg.solve(ref.fisher(t.problem, theta, x, y) + damping * eye, g)  # ref.fisher includes l2 I
+    expected = d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd))
+    assert frame["cos_ef_ngd"].iloc[0] == pytest.approx(expected, rel=1e-8, abs=0)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_float32_run_computes_in_float32(framework, monkeypatch):
+    """dtype float32 is what the steps compute in (the parameters each step sees, its loss), not a
+    label: its first loss is the float64 run's to float32 round-off, not closer, not further."""
+    seen = []
+
+    def spied(*args, **kwargs):
+        opt = make_optimizer(*args, **kwargs)
+
+        class Spy:
+            init = staticmethod(opt.init)
+
+            @staticmethod
+            def step(params, state, batch):
+                out = opt.step(params, state, batch)
+                arrays = [*params.values(), out[2]["loss"], *out[0].values()]
+                seen.append({str(v.dtype).removeprefix("torch.") for v in arrays})
+                return out
+
+        return Spy()
+
+    monkeypatch.setattr(runner, "make_optimizer", spied)
+    kwargs = dict(hyperparameters={"lr": 0.05}, steps=2, seed=1, eval_every=2, progress=False)
+    single = runner.run("digits-mlp", "sgd", framework, dtype="float32", **kwargs)
+    assert seen and all(dtypes == {"float32"} for dtypes in seen), seen
+    double = runner.run("digits-mlp", "sgd", framework, dtype="float64", **kwargs)
+    gap = abs(single["loss"].iloc[0] / double["loss"].iloc[0] - 1)
+    assert 1e-10 < gap < 1e-4, gap
