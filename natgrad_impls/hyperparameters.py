@@ -128,13 +128,28 @@ ARGUMENTS = {
 
 
 def documented(optimizer):
-    """`optimizer` with an Arguments section, from ARGUMENTS and its signature, after its docstring."""
+    """`optimizer` with an Arguments section, from ARGUMENTS and its signature, after its docstring.
+    Also where each framework's signature is held to the dataclass's defaults (TypeError at import
+    where one drifts): the runner, grid and CLI take their defaults from the dataclasses, a direct
+    call from the signature, and the two must not tell different stories."""
     import inspect
 
+    validated = HYPERPARAMETERS[Optimizer(optimizer.__name__)]
+    fields = {f.name: _default(f) for f in dataclasses.fields(validated)}
     lines = []
     for name, parameter in inspect.signature(optimizer).parameters.items():
         default = parameter.default
+        if name in fields and default != fields[name]:
+            raise TypeError(f"{optimizer.__module__}.{optimizer.__name__}: {name} defaults to {default!r}, "
+                            f"hyperparameters.{validated.__name__} to {fields[name]!r}")
         default = "" if default is inspect.Parameter.empty else f"; default {getattr(default, 'value', default)}"
         lines.append(f"        {name}: {ARGUMENTS[name]}{default}")
     optimizer.__doc__ = f"{(optimizer.__doc__ or '').rstrip()}\n\n    Arguments:\n" + "\n".join(lines) + "\n"
     return optimizer
+
+
+def _default(field: dataclasses.Field):
+    """A dataclass field's default, as inspect spells "none" (Parameter.empty)."""
+    import inspect
+
+    return inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default

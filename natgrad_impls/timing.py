@@ -25,7 +25,7 @@ import numpy as np
 
 from natgrad_impls import make_optimizer, models
 from natgrad_impls.models import Problem
-from natgrad_impls.names import Curvature, Device, DType, Framework, Likelihood, parse
+from natgrad_impls.names import Curvature, Device, DType, Fisher, Framework, Likelihood, parse
 
 
 # -- what is timed ------------------------------------------------------------------------------------
@@ -628,12 +628,11 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
 PEER_KEYS = 1000
 
 
-def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="float32", lr=1e-4, damping=1e-3,
-                       kfac_update_period: int = 10, kfac_ema: float = 0.95, fisher="mc", samples: int = 1,
-                       seed: int = 0):
-    """kfac-jax's `Optimizer.step` on our MLP, configured as our `kfac`: fixed learning rate and
-    damping (no adaptation, no momentum, no l2), factors as moving averages with decay `kfac_ema`
-    updated every step, inverses refreshed every `kfac_update_period` steps, MC labels
+def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="float32", **hyperparameters):
+    """kfac-jax's `Optimizer.step` on our MLP, configured as our `kfac` with `hyperparameters`
+    (hyperparameters.KFAC's, with its defaults; lr 1e-4 and damping 1e-3 unless given): fixed
+    learning rate and damping (no adaptation, no momentum, no l2), factors as moving averages with
+    decay `kfac_ema` updated every step, inverses refreshed every `kfac_update_period` steps, MC labels
     ("fisher_gradients", `samples` per example) or the exact Fisher ("fisher_exact"). Layers are
     registered by hand (register_dense, register_softmax_cross_entropy_loss), not by graph matching.
     kfac-jax's dense layers compute x @ w + b with w in x out: our weights are handed over transposed.
@@ -643,6 +642,7 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     import jax
     import jax.numpy as jnp
 
+    from natgrad_impls.hyperparameters import KFAC
     from natgrad_impls.kfac_jax_compat import import_kfac_jax
 
     kfac_jax = import_kfac_jax()
@@ -650,7 +650,8 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     if problem.likelihood != Likelihood.CATEGORICAL or problem.l2 or model.has_conv:
         raise ValueError("problem: the kfac_jax peer takes MLPs with the categorical likelihood and no l2")
     device, dtype = parse(Device, device, "device"), parse(DType, dtype, "dtype")
-    fisher = {"mc": "fisher_gradients", "exact": "fisher_exact"}[str(fisher)]
+    h = KFAC(**{"lr": 1e-4, "damping": 1e-3, **hyperparameters})
+    fisher = {Fisher.MC: "fisher_gradients", Fisher.EXACT: "fisher_exact"}[h.fisher]
     jax_device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
     put = lambda a, t=getattr(jnp, dtype.value): jax.device_put(jnp.asarray(a, dtype=t), jax_device)
     layers = [name for name, _ in model.parametric()]
@@ -673,23 +674,23 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
         value_and_grad_func=jax.value_and_grad(loss),
         l2_reg=0.0,
         use_adaptive_learning_rate=False,
-        learning_rate_schedule=lambda step: lr,
+        learning_rate_schedule=lambda step: h.lr,
         use_adaptive_momentum=False,
         momentum_schedule=lambda step: 0.0,
         use_adaptive_damping=False,
-        damping_schedule=lambda step: damping,
+        damping_schedule=lambda step: h.damping,
         estimation_mode=fisher,
-        num_estimator_samples=samples,
-        curvature_ema=kfac_ema,
+        num_estimator_samples=h.samples,
+        curvature_ema=h.kfac_ema,
         curvature_update_period=1,
-        inverse_update_period=kfac_update_period,
+        inverse_update_period=h.kfac_update_period,
         num_burnin_steps=0,
         use_automatic_registration=False,
         multi_device=False,
     )
     p = [(put(params[f"{n}.weight"].T), put(params[f"{n}.bias"])) for n in layers]
     data = (put(batch[0]), put(batch[1], jnp.int32))
-    key = jax.random.key(seed)
+    key = jax.random.key(h.seed)
     carry = {"params": p, "state": optimizer.init(p, key, data), "step": 0}
     # the steps' keys made beforehand (reused after PEER_KEYS steps: the draws do not change the
     # work), so that a timed step is kfac-jax's alone, as our kfac folds its key in inside its jit
@@ -703,7 +704,7 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
         carry["step"] = step + 1
         return carry["params"], carry["state"]
 
-    return call, jax.block_until_ready, kfac_update_period
+    return call, jax.block_until_ready, h.kfac_update_period
 
 
 def _optax_names(hyperparameters: dict) -> dict:

@@ -3,6 +3,7 @@ dense formulas, hyperparameter validation; each in torch and jax."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 
@@ -342,6 +343,29 @@ def test_hyperparameter_names_are_shared():
     assert hyperparameters.names("kfac") == ("lr", "damping", "kfac_update_period", "kfac_ema", "fisher", "samples", "seed")
     with pytest.raises(ValueError, match="optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"):
         hyperparameters.names("lbfgs")
+
+
+def test_a_signature_default_that_drifts_from_the_dataclass_fails_at_import():
+    """The runner, grid and CLI take defaults from the dataclasses, a direct call from the signature:
+    `documented` holds each framework's signature to the dataclass, so that the two cannot differ."""
+
+    def kfac(problem, lr, damping, kfac_update_period=10, kfac_ema=0.9, fisher="mc", samples=1, seed=0):
+        pass
+
+    with pytest.raises(TypeError, match=r"kfac: kfac_ema defaults to 0.9, hyperparameters.KFAC to 0.95"):
+        hyperparameters.documented(kfac)
+
+
+def test_adam_defaults_are_torch_optims_and_optaxs():
+    """DESIGN 4: Adam as torch.optim.Adam and optax.adam, defaults included (the dataclass's, which
+    every framework's signature is held to at import)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(hyperparameters.Adam)}
+    torch_adam = inspect.signature(torch.optim.Adam).parameters
+    optax_adam = inspect.signature(optax.adam).parameters
+    assert defaults["lr"] == torch_adam["lr"].default
+    assert (defaults["b1"], defaults["b2"]) == torch_adam["betas"].default == (optax_adam["b1"].default,
+                                                                            optax_adam["b2"].default)
+    assert defaults["eps"] == torch_adam["eps"].default == optax_adam["eps"].default
 
 
 @pytest.mark.parametrize(
