@@ -128,6 +128,13 @@ BAD = {
     "batch larger than the data": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "torch",
                                     "--lr", "0.1", "--batch-size", "5000"],
                                    "batch_size: 5000 is more than digits-mlp's 1437 training examples"),
+    # runner.run checks these too, but only after the output folder is made
+    "no evaluations": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "torch", "--lr", "0.1",
+                        "--eval-every", "0"], "eval_every: 0 must be an integer >= 1"),
+    "negative steps": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                        "--steps", "-1"], "steps: -1 must be an integer >= 0"),
+    "empty batches": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "torch", "--lr", "0.1",
+                       "--batch-size", "0"], "batch_size: 0 must be an integer >= 1"),
     # would have formed and solved a singular 9610 x 9610 matrix (29 s, 1.9 GB) to diverge at step 0
     "undamped network": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch", "--lr", "0.1",
                           "--damping", "0"], "damping: 0 leaves digits-mlp's curvature singular; use a damping > 0"),
