@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,40 @@ def test_a_pipeline_job_stopped_by_sigterm_unwinds_and_says_so(tmp_path):
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == [tmp_path / "job.log"]  # no result, no temporary file
     assert "stopped by SIGTERM (exit status 143)" in (tmp_path / "job.log").read_text()
+
+
+@pytest.mark.parametrize("extension, writer", [(".csv", "to_csv"), (".parquet", "to_parquet")])
+def test_a_table_write_that_fails_leaves_neither_the_table_nor_a_temporary(tmp_path, monkeypatch, extension, writer):
+    """results.write goes through results.atomic in both formats: a writer that dies half-way (a
+    full disk) leaves the folder as it was, so a resumed pipeline never takes half a table for one."""
+
+    def half_then_full_disk(frame, temp, **kwargs):
+        Path(temp).write_text("half a table")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, writer, half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        results.write(pd.DataFrame({"step": [0, 1]}), tmp_path / f"run{extension}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_are_swept_from_subfolders_only_when_asked(tmp_path):
+    """Old `.NAME.*.part` files (of killed writers) go, young ones (maybe still being written) and
+    other files stay; subfolders, hidden ones too, only with recursive=True."""
+    old, young = 2 * 3600, 60
+    files = {".a.csv.x.part": old, "sub/.b.csv.y.part": old, ".runs/.c.parquet.z.part": old,
+             ".d.csv.w.part": young, "e.part": old}
+    now = time.time()
+    for name, age in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+        os.utime(path, (now - age, now - age))
+    left = lambda: sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
+    results.remove_stale_temporaries(tmp_path, 3600)
+    assert left() == [".d.csv.w.part", ".runs/.c.parquet.z.part", "e.part", "sub/.b.csv.y.part"]
+    results.remove_stale_temporaries(tmp_path, 3600, recursive=True)
+    assert left() == [".d.csv.w.part", "e.part"]
 
 
 def test_many_runs_killed_part_way_resume_at_the_next_run(tmp_path, monkeypatch):
