@@ -114,6 +114,32 @@ def test_ngd_points_at_the_minimum_and_the_ef_does_not(vecfield_table):
         np.testing.assert_allclose(d, target, atol=1e-6 * np.linalg.norm(target))  # the 1e-8 damping
 
 
+def test_vecfield_draws_the_tables_numbers(vecfield_table):
+    """The figure is drawn from the table: each trajectory is its start's (theta_0, theta_1) =
+    (b, slope) path, not transposed, and the data panel's fit is y = b + slope x with (b, slope)
+    the minimum, which is the ridge solution (prior variance 0.1: l2 = 1/(0.1 N)) solved here."""
+    drawn = paper.vecfield(vecfield_table)
+    data_ax, *panels = drawn.figure.axes
+    task = get_task("vecfield")
+    X, y = task.load(0).train
+    star = np.linalg.solve(X.T @ X / len(X) + task.problem.l2 * np.eye(2), X.T @ y[:, 0] / len(X))
+    minimum = vecfield_table[vecfield_table["kind"] == "minimum"]
+    np.testing.assert_allclose(minimum[["theta_0", "theta_1"]].to_numpy()[0], star, rtol=1e-9)
+    (fit,) = _with_gid(data_ax, "fit")
+    xs = np.asarray(fit.get_xdata())
+    assert xs[0] == 0 and xs[-1] > 0
+    np.testing.assert_allclose(fit.get_ydata(), star[0] + star[1] * xs, rtol=1e-9)
+    for ax, optimizer in zip(panels, ["sgd", "ngd", "ef"]):
+        rows = vecfield_table[(vecfield_table["kind"] == "trajectory") & (vecfield_table["optimizer"] == optimizer)]
+        for start, line, marker in zip(range(4), _with_gid(ax, "trajectory"), _with_gid(ax, "start")):
+            path = rows[rows["start"] == start].sort_values("step")[["theta_0", "theta_1"]].to_numpy(dtype=float)
+            np.testing.assert_array_equal(line.get_xydata(), path)
+            np.testing.assert_array_equal(marker.get_xydata(), path[:1])
+            np.testing.assert_array_equal(path[0], toys.VECFIELD_STARTS[start])
+        (star_marker,) = _with_gid(ax, "minimum")
+        np.testing.assert_allclose(star_marker.get_xydata()[0], star, rtol=1e-9)
+
+
 # -- figure 2 --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -157,6 +183,17 @@ def test_fisher_ellipse_is_the_loss_contour(misspec_table):
         points = paper.ellipse(star, _curvatures(misspec_table, variant)["fisher"], radius, points=8)
         rise = [toys.loss_at(task.problem, (X, y), p) - toys.loss_at(task.problem, (X, y), star) for p in points]
         np.testing.assert_allclose(rise, radius**2 / 2, rtol=rtol)
+
+
+def test_ellipse_radius_is_three_over_root_n(misspec_table):
+    """The paper draws each curvature's level set at 3/sqrt(N), N the set's number of examples (the
+    quadratic model rises by 9/(2N) there): N from the task itself, not from the table."""
+    curvature = misspec_table[misspec_table["kind"] == "curvature"]
+    assert len(curvature) == 2 * 6
+    for variant, rows in curvature.groupby("variant"):
+        n = len(get_task("misspec", variant).load(0).train.X)
+        assert (rows["n"] == n).all(), variant
+        np.testing.assert_allclose(rows["radius"].to_numpy(dtype=float), 3 / np.sqrt(n), rtol=1e-12)
 
 
 def test_misspecification_leaves_out_a_missing_variant(misspec_table):
@@ -268,6 +305,28 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     assert drawn.notes == ["a1a: not in the grid frame, left out."]
 
 
+def test_optimisation_draws_repeat_0_and_a_band_over_every_repeat():
+    """The best line is repeat 0 (the run the grid chose), and the band spans min..max over it and
+    its repeats: here repeat 0 is the band's lower edge and the last repeat lies inside the band."""
+    steps = np.arange(6)
+    base = 1.0 / (1.0 + steps)
+    factors = {0: 1.0, 1: 1.5, 2: 1.2}
+    frame = pd.concat([pd.DataFrame({"task": "wine", "optimizer": "ef", "lr": 0.1, "damping": 1e-4, "step": steps,
+                                     "loss": f * base, "repeat": r, "best": True, "chaotic": True, "diverged": False})
+                       for r, f in factors.items()], ignore_index=True)
+    drawn = paper.optimisation(frame, None, tasks=["wine"])
+    (ax,) = drawn.figure.axes
+    (line,) = _with_gid(ax, "best")
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), base, rtol=1e-12)
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection) and c.get_gid() == "band"]
+    vertices = band.get_paths()[0].vertices
+    for step, low, high in zip(steps, base, 1.5 * base):
+        ys = vertices[vertices[:, 0] == step][:, 1]
+        assert ys.min() == pytest.approx(low, rel=1e-12) and ys.max() == pytest.approx(high, rel=1e-12), step
+    assert any("the band spans it and its 2 repeats" in note for note in drawn.notes)
+
+
 # -- appendix: starting points ----------------------------------------------------------------------
 
 def test_starting_point_draws_every_start(small_grid):
@@ -291,6 +350,34 @@ def test_starting_point_draws_every_start(small_grid):
     run = table[(table["problem"] == "quadratic") & (table["start"] == 4.0)].set_index(["optimizer", "step"])["excess"]
     np.testing.assert_allclose(run["ngd"].to_numpy(), 8.0 * 0.25 ** np.arange(11), rtol=1e-4)
     assert run["ef"].iloc[-1] > 2.0
+
+
+def test_starting_points_lie_on_the_segment_and_darker_is_closer():
+    """theta0 = alpha theta* (alpha 0: the Kunstner start theta = 0), so |theta0 - theta*| =
+    (1 - alpha) |theta*|, with theta* the least-squares solution solved here (wine has no prior);
+    the alpha = 0 run starts at L(0) = mean(y^2)/2. The figure shades by that distance: darker
+    (higher alpha) lines start closer to the minimum, as the docstring and caption say."""
+    hyper = pd.DataFrame({"task": ["wine"], "optimizer": "ngd", "lr": 0.5, "damping": 1e-4, "best": True, "repeat": 0})
+    table = toys.starting_point_table(grid=hyper, optimizers=("ngd",), steps=3)
+    X, y = get_task("wine").load(0).train
+    star = np.linalg.lstsq(X, y[:, 0], rcond=None)[0]
+    wine = table[(table["kind"] == "run") & (table["problem"] == "wine")]
+    first = wine[wine["step"] == 0].set_index("start")
+    assert list(first.index) == list(toys.STARTING_ALPHAS)
+    np.testing.assert_allclose(first["distance"], (1 - first.index.to_numpy()) * np.linalg.norm(star), rtol=1e-8)
+    assert first.loc[0.0, "loss"] == pytest.approx(np.mean(y[:, 0] ** 2) / 2, rel=1e-12)
+    drawn = paper.starting_point(table)
+    assert any("darker lines start closer" in note for note in drawn.notes)
+    for ax, problem in zip(drawn.figure.axes, ["quadratic", "wine"]):
+        runs = table[(table["kind"] == "run") & (table["problem"] == problem)]
+        for optimizer, rows in runs.groupby("optimizer", observed=True):
+            mine = [line for line in _with_gid(ax, "run") if line.get_label() == style.LABELS[optimizer]]
+            assert len(mine) == 4
+            first = rows[rows["step"] == 0].set_index("excess")["distance"]  # each start's excess at step 0
+            distance_of = [first.loc[line.get_ydata()[0]] for line in mine]  # each line's start
+            by_alpha = [d for _, d in sorted(zip([line.get_alpha() for line in mine], distance_of))]
+            assert by_alpha == sorted(distance_of, reverse=True), (problem, optimizer)  # darkest: closest
+            assert max(line.get_alpha() for line in mine) == pytest.approx(1.0)
 
 
 # -- figure 3's claim ------------------------------------------------------------------------------
@@ -386,6 +473,24 @@ def test_logit_clip_figure_sweeps_lr_for_both_likelihoods(clip_grids):
     assert "SGD 5 (from lr 0.001, at step" in note and "Best final loss without the clip:" in note
     legend = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
     assert legend == ["Logits clipped (paper code)", "Exact likelihood", "Exact: every run diverges"]
+
+
+def test_logit_clip_note_names_the_smallest_changed_lr():
+    """The note's "none with lr below" is the smallest lr the clip changes at all, which can lie
+    below the smallest lr that diverges only without it: here lr 0.01 changes (a different loss)
+    and lr 0.1 diverges without the clip."""
+    def frame(clip, losses, diverged):  # ef runs at lr 0.01 and 0.1, steps 0..2
+        return pd.concat([pd.DataFrame({"task": "breastcancer", "optimizer": "ef", "lr": lr, "damping": 1e-4,
+                                        "step": [0, 1, 2], "loss": [0.69, 0.6, loss], "diverged": [False, False, d],
+                                        "repeat": 0, "best": best, "chaotic": False, "logit_clip": clip})
+                          for lr, loss, d, best in zip((0.01, 0.1), losses, diverged,
+                                                       (clip == "none", clip == "paper"))])
+
+    both = pd.concat([frame("paper", (0.5, 0.4), (False, False)), frame("none", (0.45, np.inf), (False, True))],
+                     ignore_index=True)
+    (note,) = [n for n in paper.logit_clip(both).notes if n.startswith("breastcancer, exact likelihood")]
+    assert "the clip changes 2 of 2 runs (none with lr below 0.01)" in note
+    assert "EF 1 (from lr 0.1, at step 2)" in note
 
 
 def test_logit_clip_figure_says_when_a_likelihood_is_missing(clip_grids):
