@@ -305,6 +305,12 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     assert drawn.notes == ["a1a: not in the grid frame, left out."]
 
 
+def test_a_cosine_frame_without_tasks_is_refused(small_grid, cos_frame):
+    """Without a task column the cosine of one task would be drawn under every task."""
+    with pytest.raises(ValueError, match="cos: missing column task"):
+        paper.optimisation(small_grid, cos_frame.drop(columns="task"))
+
+
 def test_optimisation_draws_repeat_0_and_a_band_over_every_repeat():
     """The best line is repeat 0 (the run the grid chose), and the band spans min..max over it and
     its repeats: here repeat 0 is the band's lower edge and the last repeat lies inside the band."""

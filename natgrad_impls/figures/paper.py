@@ -344,6 +344,9 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
     notes += missing
     if cos is None:
         notes.append("cos(EF, NGD): no cosine frame given, left out.")
+    elif not {"task", "step"} <= set(cos.columns):  # without a task, one task's cosine would be drawn under every task
+        raise ValueError(f"cos: missing column {'task' if 'task' not in cos.columns else 'step'} "
+                         "(a `natgrad run --cos-ef-ngd` frame)")
     with style.paper():
         fig, blocks, per_row = _layout(len(drawn_tasks), cos is not None)
         for i, (task, (loss_ax, cos_ax)) in enumerate(zip(drawn_tasks, blocks)):
@@ -397,7 +400,7 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
     ax.set_ylim(-1.1, 1.1)
     ax.set_yticks([-1, 0, 1])
     ax.axhline(0, color=LIGHT_GREY, linewidth=0.6, zorder=0)
-    rows = cos[cos["task"] == task] if cos is not None and "task" in cos else cos
+    rows = None if cos is None else cos[cos["task"] == task]
     if "optimizer" in getattr(rows, "columns", []):
         rows = rows[rows["optimizer"] == "ef"]
     if rows is None or "cos_ef_ngd" not in rows or not rows["cos_ef_ngd"].notna().any():
