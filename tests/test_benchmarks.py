@@ -209,6 +209,27 @@ def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
     assert log == expected
 
 
+def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(monkeypatch):
+    """A sample hit by a burst of load must not pull the time up (the mean would) and one lucky
+    quiet sample must not set it (the least would): on a clock where the step's samples cost 16, 1,
+    8, 4 and 2 ms in turn, its time is the middle one, 4 ms; the gradient's steady samples are kept."""
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    ms = 2.0**-10  # about a millisecond, exact in binary: the clock's sums carry no round-off
+    costs = iter([ms] + [c * ms for c in (16, 1, 8, 4, 2)])  # the warm-up call, then one per sample
+
+    def step():
+        clock[0] += next(costs)
+
+    def grad():
+        clock[0] += ms / 2
+
+    medians = timing.alternating_medians([timing.Timed(step, lambda out: None), timing.Timed(grad, lambda out: None)],
+                                         repeats=5, warmup=0, warmup_s=0, min_sample_s=0)
+    assert next(costs, None) is None  # every cost was spent: one warm-up call and five samples of one call
+    assert medians == [4 * ms, ms / 2]
+
+
 def test_a_compile_neither_ends_the_warm_up_nor_sizes_the_samples(monkeypatch):
     """A jax call's first run compiles (here 250 ms, longer than the warm-up's 200): the warm-up
     still runs warm calls for 200 ms after it, and the samples are sized by a warm call (two calls
@@ -267,6 +288,33 @@ def test_cost_table_measures_a_busy_row_again(monkeypatch):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "ef"), repeats=3)
     assert len(calls) == 3  # sgd, ef, then sgd again
     assert table.gradient_s.tolist() == [1e-3, 1e-3] and table.gradient_equivalents.tolist() == [2.0, 2.0]
+
+
+def test_cost_table_times_the_gradient_where_it_times_the_steps(monkeypatch):
+    """Gradient-equivalents divide a step by a gradient on the same framework and device (DESIGN 4):
+    a GPU step over a CPU gradient would be no cost at all. Checked without a GPU: the builders are
+    spies that record where they were asked to build (their defaults included) and build nothing."""
+    import inspect
+
+    built = []
+
+    def spy(real, fake):
+        def build(*args, **kwargs):
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            where = bound.arguments
+            built.append((real.__name__, str(where["framework"]), str(where["device"]), str(where["dtype"])))
+            return fake
+        return build
+
+    monkeypatch.setattr(timing, "device_available", lambda framework, device: True)
+    monkeypatch.setattr(timing, "gradient_call", spy(timing.gradient_call, (lambda: None, lambda out: None)))
+    monkeypatch.setattr(timing, "step_call", spy(timing.step_call, (lambda: None, lambda out: None, 1)))
+    monkeypatch.setattr(timing, "alternating_medians", lambda timed, repeats, **kwargs: [2e-3, 1e-3])
+    table = timing.cost_table("digits-mlp", "jax", "cuda", "float64", settings=("sgd", "kfac"), repeats=3)
+    assert set(built) == {("gradient_call", "jax", "cuda", "float64"), ("step_call", "jax", "cuda", "float64")}
+    assert [name for name, *_ in built].count("step_call") == 2
+    assert set(table.device) == {"cuda"} and set(table.framework) == {"jax"}
 
 
 @pytest.mark.parametrize("framework, device, field", [("torch", "cpu", "device"), ("jax", "cpu", "device"),
@@ -382,6 +430,39 @@ def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
     first = rounds[0]
     assert (first.gradient_equivalents == first.step_s / first.gradient_s).all()
     assert np.isnan(table.set_index("optimizer").loc["sgd", "inverse_s"])
+
+
+def test_step_cost_divides_each_row_by_its_own_frameworks_gradient(monkeypatch):
+    """scripts/step_cost.py: a torch row is in torch gradients and a jax row in jax gradients (the
+    two differ several-fold on one machine), and K-FAC's inversion share is one refresh spread over
+    its period (the setting's kfac_update_period) against a step. Real calls are built; the times
+    come from a stand-in for alternating_medians that knows each gradient call's framework."""
+    step_cost = _step_cost_script()
+    gradient_call = timing.gradient_call
+
+    def tagged_gradient_call(framework, *args, **kwargs):
+        call, sync = gradient_call(framework, *args, **kwargs)
+        tagged = lambda: call()  # noqa: E731
+        tagged.framework = str(framework)
+        return tagged, sync
+
+    ms = 2.0**-10
+    gradient_s, step_s, inverse_s = {"torch": ms, "jax": 4 * ms}, 16 * ms, 32 * ms
+    def medians(timed, repeats, **kwargs):  # step, gradient and, for kfac, the inversion
+        return [step_s, gradient_s[timed[1].call.framework], inverse_s][:len(timed)]
+
+    monkeypatch.setattr(timing, "gradient_call", tagged_gradient_call)
+    monkeypatch.setattr(timing, "alternating_medians", medians)
+    table = step_cost.cost_table(["torch", "jax"], ["sgd", "kfac"], repeats=2, peers=False, sizes=(6, 5, 3),
+                                 batch_size=4)
+    rows = table.set_index(["framework", "optimizer"])
+    for framework in ("torch", "jax"):
+        for optimizer in ("sgd", "kfac"):
+            row = rows.loc[(framework, optimizer)]
+            assert row.gradient_s == gradient_s[framework], (framework, optimizer)
+            assert row.gradient_equivalents == step_s / gradient_s[framework], (framework, optimizer)
+        period = timing.setting("kfac")[1]["kfac_update_period"]
+        assert rows.loc[(framework, "kfac")].inverse_share == inverse_s / period / step_s  # 0.2, not 2
 
 
 def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):

@@ -349,6 +349,31 @@ def test_devices_pairs_and_a_note_without_gpu():
     assert not _data_axes(nothing) and len(nothing.notes) == 3
 
 
+def test_devices_markers_show_framework_by_shape_and_device_by_fill():
+    """In both comparisons a point's marker is its framework's (`style.FRAMEWORK_MARKERS`) and its
+    fill its device's: filled on CPU, hollow on GPU, as in the step-cost figure. Each point is known
+    by its time: the setting's row times its framework and device's gradient time (`cost_rows`)."""
+    combos = COMBOS + [("torch", "cuda"), ("jax", "cuda")]
+    drawn = cost.devices(cost_rows(combos=combos, tasks=("digits-mlp",)))
+    for ax in drawn.figure.axes:
+        seen = set()
+        for dot in (line for line in ax.get_lines() if line.get_linestyle() == "None"):
+            x, y = dot.get_xdata()[0], dot.get_ydata()[0]
+            (combo,) = [c for c in combos if SECONDS[c] * (1 + round(y)) == pytest.approx(x)]
+            seen.add(combo)
+            framework, device = combo
+            assert dot.get_marker() == style.FRAMEWORK_MARKERS[framework], (ax.get_title(), combo)
+            hollow = mcolors.to_rgb(dot.get_markerfacecolor()) == (1.0, 1.0, 1.0)
+            assert hollow == (device == "cuda"), (ax.get_title(), combo)
+            if device == "cpu":
+                assert mcolors.to_rgb(dot.get_markerfacecolor()) == pytest.approx(mcolors.to_rgb(dot.get_color()))
+        assert seen == set(combos), ax.get_title()
+    right = drawn.figure.axes[1]
+    assert right.get_title() == "digits-mlp: PyTorch against JAX"
+    markers = {dot.get_marker() for dot in right.get_lines() if dot.get_linestyle() == "None"}
+    assert markers == {style.FRAMEWORK_MARKERS["torch"], style.FRAMEWORK_MARKERS["jax"]}
+
+
 def test_cost_table_real_call(capsys):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=2)
     progress = [line for line in capsys.readouterr().out.splitlines() if "of 2)" in line]  # a line per setting
