@@ -40,8 +40,10 @@ PEER_COLUMN = {"torch.optim.SGD": "over_torch", "torch.optim.Adam": "over_torch"
                "optax.adam": "over_optax", "kfac_jax.Optimizer": "over_kfac_jax"}
 
 
-def _peers(label: str, framework: str) -> list[str]:
-    return [peer for peer, ours in timing.PEER_OF.items() if ours == label and timing.peer_framework(peer) == framework]
+def _peers(optimizer: str, framework: str) -> list[str]:
+    """The peers in `framework` that take our `optimizer`'s step (with the row's hyperparameters:
+    sgd-momentum is compared with torch.optim.SGD and optax.sgd with momentum)."""
+    return [peer for peer, ours in timing.PEER_OF.items() if ours == optimizer and timing.peer_framework(peer) == framework]
 
 
 class _Measurement(NamedTuple):
@@ -72,7 +74,7 @@ def _measurements(frameworks, settings, device, dtype, problem, params, batch, p
                 counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
                 inverse = timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
             peer_calls = {}
-            for peer in _peers(label, framework) if peers else ():
+            for peer in _peers(optimizer, framework) if peers else ():
                 try:
                     peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
                 except Exception as error:  # (kfac-jax is a test extra) one peer must not cost the table

@@ -465,6 +465,25 @@ def test_step_cost_divides_each_row_by_its_own_frameworks_gradient(monkeypatch):
         assert rows.loc[(framework, "kfac")].inverse_share == inverse_s / period / step_s  # 0.2, not 2
 
 
+def test_step_cost_compares_sgd_with_momentum_with_the_peers_momentum(monkeypatch):
+    """The sgd-momentum row has its peers too (torch.optim.SGD and optax.sgd, given momentum 0.9):
+    peers are found by the row's optimizer, not by its label."""
+    step_cost = _step_cost_script()
+    built, peer_step_call = [], timing.peer_step_call
+
+    def spy(peer, *args, **hyperparameters):
+        built.append((peer, hyperparameters.get("momentum")))
+        return peer_step_call(peer, *args, **hyperparameters)
+
+    monkeypatch.setattr(timing, "peer_step_call", spy)
+    monkeypatch.setattr(timing, "alternating_medians", lambda timed, repeats, **kwargs: [4e-3, 1e-3, 2e-3][:len(timed)])
+    table = step_cost.cost_table(["torch", "jax"], ["sgd-momentum"], repeats=2, peers=True, sizes=(6, 5, 3),
+                                 batch_size=4)
+    assert sorted(built) == [("optax.sgd", 0.9), ("torch.optim.SGD", 0.9)]
+    rows = table.set_index("framework")
+    assert rows.loc["torch", "over_torch"] == rows.loc["jax", "over_optax"] == 2.0
+
+
 def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
     """A saved table's `machine` is the CPU's model (/proc/cpuinfo), not just "x86_64"."""
     step_cost = _step_cost_script()
