@@ -29,10 +29,11 @@ import pandas as pd
 
 from natgrad_impls import timing
 from natgrad_impls.names import Device, Framework, Optimizer, legends
+from natgrad_impls.runner import HYPERPARAMETER_ORDER
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
-HYPERPARAMETERS = ("lr", "damping", "momentum", "b1", "b2", "eps", "fisher", "samples", "kfac_update_period",
-                   "kfac_ema", "batch_size")
+# what tells one setting from another: the optimizer's hyperparameters and the mini-batch size
+HYPERPARAMETERS = (*HYPERPARAMETER_ORDER, "batch_size")
 # counts, written as integers (a column with gaps would otherwise be float: "10.0" for a period)
 COUNTS = ("samples", "kfac_update_period", "batch_size", "seeds", "steps", "steps_to_target")
 
