@@ -302,10 +302,18 @@ RESOURCES: dict[str, Resource] = {
 
 def read_libsvm(path: Path, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense float64 features (N, n_features) and labels (N,) of a LIBSVM text file. n_features is
-    given because the file only implies the largest index it happens to contain."""
+    given because the file only implies the largest index it happens to contain.
+
+    Indices are 1-based, as LIBSVM documents: feature i is column i - 1. Said explicitly, because
+    scikit-learn's default (zero_based="auto") guesses 0-based from a single `0:` in the file and
+    would then shift every column by one; here a `0:` index (or one above n_features) is a
+    ValueError that names the file."""
     from sklearn.datasets import load_svmlight_file
 
-    X, y = load_svmlight_file(str(path), n_features=n_features, dtype=np.float64)
+    try:
+        X, y = load_svmlight_file(str(path), n_features=n_features, dtype=np.float64, zero_based=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a LIBSVM file with features 1 to {n_features}: {error}") from error
     return X.toarray(), y.astype(np.float64)
 
 

@@ -1,10 +1,13 @@
-"""natgrad_impls.data.fetch on small files served from tmp_path by file:// URLs (no network)."""
+"""natgrad_impls.data.fetch on small files served from tmp_path by file:// URLs (no network), and
+the parsers of the LIBSVM and IDX formats on hand-made files."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
+import struct
 import time
 import urllib.request
 from pathlib import Path
@@ -308,3 +311,49 @@ def test_a_download_removes_stale_temporary_files_only(cache, tmp_path):
     assert files_in(cache) == sorted(
         [path, folder / ".thing.bin.running.part", folder / "notes.part", cache / ".top.bin.killed.part"]
     )
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+def test_read_libsvm_indices_are_one_based(tmp_path):
+    """LIBSVM feature i is column i - 1: index 1 lands in the first column, n_features in the last."""
+    path = tmp_path / "set"
+    path.write_text("+1 1:0.5 3:-2 7:4\n-1 7:1\n+1 2:3\n")
+    X, y = data.read_libsvm(path, n_features=7)
+    np.testing.assert_array_equal(X, [[0.5, 0, -2, 0, 0, 0, 4], [0, 0, 0, 0, 0, 0, 1], [0, 3, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(y, [1, -1, 1])
+    assert X.dtype == y.dtype == np.float64
+
+
+@pytest.mark.parametrize("line", ["+1 0:1 3:2", "+1 1:1 8:2"])
+def test_read_libsvm_refuses_indices_outside_1_to_n_features(tmp_path, line):
+    """A `0:` would make scikit-learn's default guess 0-based indices and silently shift every column;
+    LIBSVM files are 1-based, so it is an error that names the file, like an index above n_features."""
+    path = tmp_path / "set"
+    path.write_text(f"-1 2:1\n{line}\n")
+    with pytest.raises(ValueError, match=re.escape(str(path))) as error:
+        data.read_libsvm(path, n_features=7)
+    assert "features 1 to 7" in str(error.value)
+
+
+def idx_bytes(array: np.ndarray, type_code: int) -> bytes:
+    """An IDX file: 2 zero bytes, the type code, the number of dimensions, the dimensions as
+    big-endian int32, then the data, big-endian, in C order."""
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_read_idx_keeps_the_shape_order_and_type(tmp_path):
+    """A non-square array shows a transposed or Fortran-order read (the last index is the fastest),
+    int32 the big-endian 4-byte type; gzipped or not."""
+    arrays = {
+        "bytes": (np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 0x08),
+        "ints.gz": (np.array([[-5, 70000], [1, 2], [3, -(2**31)]], np.int32), 0x0C),
+    }
+    for name, (array, code) in arrays.items():
+        content = idx_bytes(array, code)
+        (tmp_path / name).write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+        read = data.read_idx(tmp_path / name)
+        assert read.shape == array.shape, name
+        assert (read.dtype.kind, read.dtype.itemsize) == (array.dtype.kind, array.dtype.itemsize), name
+        np.testing.assert_array_equal(read, array, err_msg=name)

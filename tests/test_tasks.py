@@ -278,13 +278,23 @@ def test_a1a_is_refused_while_unpinned(offline, monkeypatch):
         TASKS["a1a"].load()
 
 
+def column_letters(j: int) -> str:
+    """The letters of the 0-based column j: A to Z, then AA, AB, ..."""
+    letters = ""
+    while j >= 0:
+        j, rest = divmod(j, 26)
+        letters, j = chr(ord("A") + rest) + letters, j - 1
+    return letters
+
+
 def write_xlsx(rows) -> bytes:
-    """A minimal one-sheet .xlsx: header strings shared, numbers inline, gaps allowed (None)."""
+    """A minimal one-sheet .xlsx: header strings shared, numbers inline, gaps allowed (None: the cell
+    is left out of the XML, as spreadsheet programs do, so only its neighbours' `r=` tell its column)."""
     strings, xml_rows = [], []
     for i, row in enumerate(rows, start=1):
         cells = []
         for j, value in enumerate(row):
-            ref = f"{chr(ord('A') + j)}{i}"
+            ref = f"{column_letters(j)}{i}"
             if isinstance(value, str):
                 strings.append(value)
                 cells.append(f'<c r="{ref}" t="s"><v>{len(strings) - 1}</v></c>')
@@ -314,12 +324,21 @@ def write_idx(array: np.ndarray) -> bytes:
     return gzip.compress(header + array.astype(np.uint8).tobytes())
 
 
-def write_cifar(n: int, rng) -> bytes:
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def random_cifar(n: int, rng) -> dict[str, tuple[np.ndarray, list[int]]]:
+    return {name: (rng.integers(0, 256, (n, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, n)])
+            for name in CIFAR_BATCHES}
+
+
+def write_cifar(batches: dict[str, tuple[np.ndarray, list[int]]]) -> bytes:
+    """The python tarball: per batch a pickle of (n, 3072) uint8 rows (each the 1024 red values, then
+    the 1024 green, then the 1024 blue, each plane row by row) and a list of labels."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
-            content = pickle.dumps(batch)
+        for name, (images, labels) in batches.items():
+            content = pickle.dumps({b"data": images, b"labels": labels})
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(content)
             archive.addfile(info, io.BytesIO(content))
@@ -348,7 +367,7 @@ def stand_in_files(rng, tables) -> dict[str, bytes]:
         "energy": write_xlsx(energy),
         "powerplant": plant.getvalue(),
         "yacht": "\n".join("  ".join(f"{v:g}" for v in row) for row in tables["yacht"]).encode() + b"\n\n",
-        "cifar10": write_cifar(2, rng),
+        "cifar10": write_cifar(random_cifar(2, rng)),
     }
     for prefix in ["mnist", "fashion-mnist"]:
         for part, n in [("train", 5), ("test", 3)]:
@@ -361,17 +380,23 @@ EXPECTED_N = {"a1a": 3, "energy": 5, "powerplant": 6, "yacht": 4, "cifar10-cnn":
               "mnist-mlp": 5, "fashionmnist-cnn": 5, "mnist-autoencoder": 5}
 
 
-def test_download_tasks_parse_their_files(offline, monkeypatch):
-    """Stand-in files with the real formats, placed in the cache under pinned checksums."""
-    monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED")
-    rng = np.random.default_rng(0)
-    tables = stand_in_tables(rng)
-    for key, content in stand_in_files(rng, tables).items():
+def place(monkeypatch, files: dict[str, bytes]) -> None:
+    """Stand-in files in the cache, keyed by resource, pinned by their own checksums (so that a
+    download task reads them as it would the real ones, with NATGRAD_ALLOW_UNPINNED unset)."""
+    monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED", raising=False)
+    for key, content in files.items():
         resource = dataclasses.replace(data.RESOURCES[key], sha256=hashlib.sha256(content).hexdigest())
         monkeypatch.setitem(data.RESOURCES, key, resource)
         path = data.cache_path(resource)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
+
+
+def test_download_tasks_parse_their_files(offline, monkeypatch):
+    """Stand-in files with the real formats, placed in the cache under pinned checksums."""
+    rng = np.random.default_rng(0)
+    tables = stand_in_tables(rng)
+    place(monkeypatch, stand_in_files(rng, tables))
     for name in DOWNLOAD:
         task = TASKS[name]
         dataset = task.load()
@@ -392,3 +417,53 @@ def test_download_tasks_parse_their_files(offline, monkeypatch):
     (X, y), test = TASKS["mnist-autoencoder"].load()
     np.testing.assert_array_equal(X, y)
     assert test.X.shape == (3, 784)
+
+
+def test_idx_images_and_labels_are_read_as_written(offline, monkeypatch):
+    """MNIST and Fashion-MNIST: each image row by row (IDX data is in C order) over 255, the labels as written."""
+    rng = np.random.default_rng(1)
+    written = {}
+    for prefix in ["mnist", "fashion-mnist"]:
+        for part, n in [("train", 3), ("test", 2)]:
+            written[f"{prefix}/{part}-images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            written[f"{prefix}/{part}-labels"] = rng.integers(0, 10, n, dtype=np.uint8)
+    place(monkeypatch, {key: write_idx(array) for key, array in written.items()})
+    for name, prefix, shape in [("mnist-mlp", "mnist", (784,)), ("fashionmnist-cnn", "fashion-mnist", (1, 28, 28))]:
+        dataset = TASKS[name].load()
+        for part, (X, y) in [("train", dataset.train), ("test", dataset.test)]:
+            images, labels = written[f"{prefix}/{part}-images"], written[f"{prefix}/{part}-labels"]
+            np.testing.assert_array_equal(X, images.reshape(len(images), *shape) / 255, err_msg=f"{name} {part}")
+            np.testing.assert_array_equal(y, labels, err_msg=f"{name} {part}")
+
+
+def test_cifar10_images_are_channel_planes_and_batches_in_order(offline, monkeypatch):
+    """A CIFAR-10 row is the red plane, then the green, then the blue (not pixel by pixel), and the
+    training set is data_batch_1 to data_batch_5 in that order."""
+    rows, columns = np.mgrid[0:32, 0:32]
+    # red: the row, green: the column, blue: full
+    known = np.stack([rows * 8, columns * 8, np.full((32, 32), 255)]).astype(np.uint8)
+    labels = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [7, 3]]
+    images = random_cifar(2, np.random.default_rng(2))
+    batches = {name: (images[name][0], labels[i]) for i, name in enumerate(CIFAR_BATCHES)}
+    batches["data_batch_1"][0][0] = np.concatenate([known[0].ravel(), known[1].ravel(), known[2].ravel()])
+    place(monkeypatch, {"cifar10": write_cifar(batches)})
+    (X, y), (X_test, y_test) = TASKS["cifar10-cnn"].load()
+    np.testing.assert_array_equal(X[0, 0], rows * 8 / 255)
+    np.testing.assert_array_equal(X[0, 1], columns * 8 / 255)
+    np.testing.assert_array_equal(X[0, 2], 1.0)
+    np.testing.assert_array_equal(y, np.arange(10))
+    np.testing.assert_array_equal(y_test, [7, 3])
+    train = np.concatenate([batches[name][0] for name in CIFAR_BATCHES[:5]])
+    np.testing.assert_array_equal(X, train.reshape(10, 3, 32, 32) / 255)
+    np.testing.assert_array_equal(X_test, batches["test_batch"][0].reshape(2, 3, 32, 32) / 255)
+
+
+def test_read_xlsx_places_cells_by_their_references():
+    """Spreadsheet programs leave empty cells out of the XML, so a cell's column is its `r=`
+    reference (C1, AB4), not its position among the cells of its row."""
+    rows = [["a", None, "c"], [None, 2.0, 3.0], [1.0, None, None, 4.0], [None] * 27 + [5.0]]
+    content = write_xlsx(rows)
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        sheet = archive.read("xl/worksheets/sheet1.xml").decode()
+    assert '<c r="B1"' not in sheet and '<c r="AB4"' in sheet  # the gaps really are left out
+    assert data.read_xlsx(io.BytesIO(content)) == rows
