@@ -103,6 +103,98 @@ def test_every_tracked_training_run_learns(monkeypatch, framework):
             assert bench_training.train(label, framework, "cpu", run, steps=50) < 0.85 * start, (run, label)
 
 
+@pytest.mark.parametrize("steps", [0, 3])
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_the_tracked_training_loss_is_the_whole_training_sets(monkeypatch, framework, steps):
+    """Training.track_loss is the mean NLL over the whole training set at the run's last parameters
+    (the initial ones after no step), not the loss of the last mini-batch: computed here apart, by
+    tests/dense_reference.py, to 1e-12 in float64. A few steps stand in for STEPS."""
+    import functools
+    from types import SimpleNamespace
+
+    import dense_reference as ref
+    from natgrad_impls import models
+    from natgrad_impls.tasks import get_task
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_training
+
+    run = "digits-mlp-float64"
+    name, dtype = bench_training.RUNS[run]
+    assert dtype == "float64"
+    task = get_task(name)
+    last = [models.init_params(task.problem.model, bench_training.SEED)]
+    make = bench_training.make_optimizer
+
+    def recording(*args, **kwargs):
+        opt = make(*args, **kwargs)
+
+        def step(params, state, batch):
+            out = opt.step(params, state, batch)
+            last[0] = {k: np.asarray(v.detach().cpu() if framework == "torch" else v) for k, v in out[0].items()}
+            return out
+
+        return SimpleNamespace(init=opt.init, step=step)
+
+    monkeypatch.setattr(bench_training, "make_optimizer", recording)
+    monkeypatch.setattr(bench_training, "train", functools.partial(bench_training.train, steps=steps))
+    tracked = bench_training.Training().track_loss("sgd", framework, "cpu", run)
+    (X, y), _ = task.load(bench_training.SEED)
+    assert tracked == pytest.approx(ref.loss(task.problem, last[0], X, y), rel=1e-12, abs=0)
+
+
+def _stub(name, returns, calls):
+    """A stand-in for a timing function: records its arguments and returns a fixed value."""
+    return lambda *args, **kwargs: calls.append((name, args, kwargs)) or returns
+
+
+def test_scaling_and_cost_track_the_gradient_equivalents_of_a_step(monkeypatch):
+    """Scaling and Cost report a step in gradient-equivalents (their docstrings, unit "gradients"),
+    not its time nor the gradient's: with a stand-in timing of step 3 s, gradient 1.5 s and ratio 2,
+    both return 2.0."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_scaling, bench_step
+
+    calls = []
+    cost = {"step_s": 3.0, "gradient_s": 1.5, "gradient_equivalents": 2.0}
+    monkeypatch.setattr(timing, "gradient_equivalents", _stub("gradient_equivalents", cost, calls))
+    monkeypatch.setattr(timing, "device_available", lambda *args: True)
+    assert bench_scaling.Scaling().track_gradient_equivalents("kfac", "torch", "cpu", 8, 4) == 2.0
+    assert bench_step.Cost().track_gradient_equivalents("kfac", "jax", "cpu", next(iter(bench_step.SIZES))) == 2.0
+    assert [(call[0], call[1][:2]) for call in calls] == [("gradient_equivalents", ("torch", "kfac")),
+                                                          ("gradient_equivalents", ("jax", "kfac"))]
+
+
+def test_over_peer_tracks_our_step_time_over_the_peers(monkeypatch):
+    """OverPeer is our step's median time over the peer's (unit "ours / peer"): with stand-in medians
+    of 3 s for ours and 1.5 s for the peer's, 2.0; not either time, nor the peer's over ours."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_step
+
+    calls = []
+    monkeypatch.setattr(timing, "alternating_medians", _stub("alternating_medians", [3.0, 1.5], calls))
+    bench = bench_step.OverPeer()  # its setup builds both steps; stand-ins here
+    bench.ours, bench.peer = ("our call", "our sync", 10), ("peer call", "peer sync", 10)
+    assert bench.track_over_peer(next(iter(timing.PEERS)), "cpu", next(iter(bench_step.SIZES))) == 2.0
+    [(_, (timed, _), _)] = calls
+    assert [t.call for t in timed] == ["our call", "peer call"]
+
+
+def test_torch_ops_and_device_memory_track_what_they_say(monkeypatch):
+    """TorchOps: a step's operators over the gradient's (30 over 15: 2.0); DeviceMemory: the peak
+    in MiB (3 MiB of bytes: 3.0), from stand-in counts."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_step
+
+    calls = []
+    ops = {"step_ops": 30.0, "gradient_ops": 15.0, "ops_over_gradient": 2.0}
+    monkeypatch.setattr(timing, "torch_ops", _stub("torch_ops", ops, calls))
+    monkeypatch.setattr(timing, "peak_device_bytes", _stub("peak_device_bytes", 3 * 2**20, calls))
+    size = next(iter(bench_step.SIZES))
+    assert bench_step.TorchOps().track_ops_over_gradient("ef", size) == 2.0
+    assert bench_step.DeviceMemory().track_peak_device_memory("ef", "torch", size) == 3.0
+
+
 def test_asv_setups_between_timed_calls_continue_one_run(monkeypatch):
     """asv_runner runs `setup` before each of a sample's `number` timed calls (its
     _SetupInterleavedTimer): Step builds and warms up once per parameter set, so a sample is

@@ -371,3 +371,35 @@ def test_help_says_to_write_negative_bounds_with_equals(option, capsys):
     assert f"{option}=-" in " ".join(capsys.readouterr().out.split())
     assert getattr(cli._parser().parse_args(["grid", "--task", "wine", "--out", "x.csv", f"{option}=-1:0:2"]),
                    option[2:]) == "-1:0:2"  # `option -1:0:2` would read -1:0:2 as an option
+
+
+def test_a_kept_optimizer_grid_is_reused_only_under_the_same_setting(tmp_path, monkeypatch):
+    """One checkpoint folder, one field changed at a time: every field that determines an
+    optimizer's grid (the lr and damping bounds, steps, seed, repeats, its own hyperparameters,
+    the task's variant and logit clip, the framework, the dtype) is in the name it is kept under,
+    so a resumed grid with a changed setting computes it again rather than reuse a stale one; the
+    same setting again reuses it."""
+    computed, real = [], grid._optimizer_grid
+
+    def counting(task, train, optimizer, *args):
+        computed.append(optimizer.value)
+        return real(task, train, optimizer, *args)
+
+    monkeypatch.setattr(grid, "_optimizer_grid", counting)
+    folder = tmp_path / ".grid.runs"
+    base = dict(task="breastcancer", optimizers=["ngd"], lrs=(-2, 0, 2), dampings=(-2, 0, 2), steps=3, repeats=1,
+                progress=False, checkpoints=folder)
+    first = grid.run_grid(**base)
+    assert computed == ["ngd"]
+    again = grid.run_grid(**base)
+    assert computed == ["ngd"]  # the same setting: kept
+    pd.testing.assert_frame_equal(again.frame, first.frame)
+    changes = [dict(lrs=(-2, 0, 3)), dict(dampings=(-1, 0, 2)), dict(steps=4), dict(seed=1), dict(repeats=2),
+               dict(hyperparameters={"fisher": "mc"}), dict(logit_clip="none"), dict(framework="torch"),
+               dict(framework="torch", dtype="float32"), dict(task="misspec", variant="logistic-correct"),
+               dict(task="misspec", variant="logistic-misspecified-a")]
+    for i, change in enumerate(changes):
+        grid.run_grid(**{**base, **change})
+        assert len(computed) == 2 + i, f"{change}: a stale grid was reused"
+    grid.run_grid(**base)
+    assert len(computed) == 1 + len(changes)  # the first setting is still kept

@@ -253,6 +253,30 @@ def test_many_runs_killed_part_way_resume_at_the_next_run(tmp_path, monkeypatch)
     assert len(calls) == 4
 
 
+def test_a_kept_run_is_reused_only_under_the_same_optimizer_framework_and_dtype(tmp_path, monkeypatch):
+    """One checkpoint folder, one field changed at a time: the same settings under sgd and then
+    adam (a tune job per optimizer), in another framework, or in another dtype are runs of their
+    own, not the kept sgd/numpy/float64 run; the same call again reuses it."""
+    calls, real = [], runner.run
+    monkeypatch.setattr(runner, "run", lambda *args, **kwargs: calls.append(args[1:3]) or real(*args, **kwargs))
+    folder = tmp_path / "kept"
+    base = dict(task="wine", optimizer="sgd", framework="numpy", device="cpu", settings=[{"lr": 1e-3}], seeds=[0],
+                checkpoints=folder, log=lambda line: None, steps=3)
+    first = runner.run_many(**base)
+    again = runner.run_many(**base)
+    assert calls == [("sgd", "numpy")]  # the second call read the kept run
+    pd.testing.assert_frame_equal(again, first)
+    for change in (dict(optimizer="adam"), dict(framework="torch"), dict(framework="torch", dtype="float32")):
+        calls.clear()
+        frame = runner.run_many(**{**base, **change})
+        assert calls == [(change.get("optimizer", "sgd"), change.get("framework", "numpy"))], change
+        assert (frame["optimizer"] == change.get("optimizer", "sgd")).all()
+        assert (frame["dtype"] == change.get("dtype", "float64")).all()
+    calls.clear()
+    runner.run_many(**base)
+    assert calls == []
+
+
 def test_samples_is_recorded_only_where_labels_are_drawn():
     """The exact Fisher draws no labels: its runs have no `samples`, so a grid or a table that holds
     both kinds shows it empty for them, not a 1 that reads as one sample."""
