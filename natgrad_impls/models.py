@@ -40,6 +40,9 @@ class Conv2d:
 class Act:
     kind: Activation
 
+    def __post_init__(self):  # Act("relu") as mlp(..., "relu") takes it, or a ValueError naming the kinds
+        object.__setattr__(self, "kind", parse(Activation, self.kind, "activation"))
+
 
 @dataclasses.dataclass(frozen=True)
 class MaxPool2d:

@@ -133,6 +133,19 @@ PROBLEMS = {
     "mlp-gaussian-l2": models.Problem(models.mlp((3, 5, 2), "sigmoid"), "gaussian", l2=0.03),
     "mlp-bernoulli": models.Problem(models.mlp((4, 5, 3), "relu"), "bernoulli"),
     "cnn-categorical": models.Problem(models.cnn((2, 6, 6), (3,), (4, 3)), "categorical"),
+    # models.cnn has neither a strided conv nor a padded pool (cifar10-cnn has both): 9x9 -> conv
+    # stride 2, padding 1 -> 5x5 -> pool 3, stride 2, padding 1 (edge windows overhang) -> 3x3 -> 2x2.
+    "cnn-strided": models.Problem(
+        models.Model(
+            (
+                models.Conv2d(2, 3, 3, stride=2, padding=1), models.Act("relu"),
+                models.MaxPool2d(3, 2, padding=1), models.Conv2d(3, 2, 2), models.Flatten(),
+                models.Dense(2 * 2 * 2, 3),
+            ),
+            (2, 9, 9),
+        ),
+        "categorical",
+    ),
 }
 
 
