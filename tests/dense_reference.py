@@ -1,7 +1,8 @@
 """Dense float64 references built with torch.func autograd alone: per-example gradients (vmap of
 grad), output Jacobians (jacrev) and the Hessian of the NLL with respect to the output. They share
 nothing with the layer-wise curvature code under test but the forward pass and the NLL, which
-tests/test_model.py checks against torch.nn separately."""
+tests/test_model.py checks against torch.nn separately (`torch_nn`, the same network in torch.nn
+modules)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,27 @@ def layer_blocks(model: models.Model) -> dict[str, slice]:
         blocks[name] = slice(offset, offset + size)
         offset += size
     return blocks
+
+
+def torch_nn(model: models.Model, params: dict) -> torch.nn.Sequential:
+    """The same network as torch.nn modules in float64, weights copied in; module i is layer i
+    ("dense4" is module 4): the independent forward pass the tests compare ours with."""
+    modules = []
+    for index, layer in enumerate(model.layers):
+        if isinstance(layer, models.Dense):
+            modules.append(torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
+        elif isinstance(layer, models.Conv2d):
+            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                           layer.stride, layer.padding, bias=layer.bias))
+        elif isinstance(layer, models.Act):
+            modules.append({"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[layer.kind]())
+        elif isinstance(layer, models.MaxPool2d):
+            modules.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding))
+        else:
+            modules.append(torch.nn.Flatten())
+        name = models.layer_name(index, layer)
+        if name:
+            modules[-1].weight.data = torch.tensor(params[f"{name}.weight"])
+            if layer.bias:
+                modules[-1].bias.data = torch.tensor(params[f"{name}.bias"])
+    return torch.nn.Sequential(*modules).double()

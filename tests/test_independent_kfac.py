@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_data
+import dense_reference as ref
+from conftest import PROBLEMS, make_data
 from natgrad_impls import models
 from natgrad_impls.names import Curvature, Likelihood
 from natgrad_impls.torch import model as torch_model, to_torch
@@ -37,6 +38,10 @@ N = 16
 K = SIZES[-1]  # output dimension (classes / regression targets / independent Bernoullis)
 LIKELIHOODS = (Likelihood.CATEGORICAL, Likelihood.GAUSSIAN, Likelihood.BERNOULLI)
 CNN_INPUT = (2, 6, 6)  # conv0 (3x3, 'same'): T = 36 output positions; relu, 2x2 max-pool, dense 27-4-K
+CNNS = {  # name -> (model, T of conv0)
+    "same": (models.cnn(CNN_INPUT, (3,), (4, K)), 36),
+    "strided": (PROBLEMS["cnn-strided"].model, 25),  # stride 2, padding 1, a padded pool, a second conv
+}
 TOL = 1e-12  # relative (max-abs error / max-abs entry), float64; round-off measured at ~5e-16
 MC_SAMPLES = 4000
 
@@ -47,10 +52,10 @@ def rel_err(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def setup(likelihood: Likelihood, seed: int = 0, cnn: bool = False):
-    """Problem (the MLP, or with cnn=True a small CNN), NumPy params (biases made nonzero so that
+def setup(likelihood: Likelihood, seed: int = 0, cnn: str | None = None):
+    """Problem (the MLP, or the CNN named `cnn` in CNNS), NumPy params (biases made nonzero so that
     they matter in the forward pass), data."""
-    model = models.cnn(CNN_INPUT, (3,), (4, K)) if cnn else models.mlp(SIZES, "tanh")
+    model = CNNS[cnn][0] if cnn else models.mlp(SIZES, "tanh")
     problem = models.Problem(model, likelihood)
     params = models.init_params(problem.model, seed)
     rng = np.random.default_rng(seed + 1)
@@ -76,7 +81,7 @@ def module_name(name: str) -> str:
     return name.removeprefix("dense").removeprefix("conv")
 
 
-def ours(impl, likelihood, curvature=Curvature.EXACT, samples=1, cnn=False):
+def ours(impl, likelihood, curvature=Curvature.EXACT, samples=1, cnn=None):
     """Our K-FAC as NumPy: A and G per layer, and (exact curvature) the dense matrix in
     Model.param_names order."""
     problem, params, x, y = setup(likelihood, cnn=cnn)
@@ -117,37 +122,13 @@ CURVLINOPS_SCALE = {
 }
 
 
-def torch_sequential(problem, params) -> torch.nn.Sequential:
-    """nn.Sequential with our weights; module index = our layer index ("dense<i>"/"conv<i>" <-> "<i>")."""
-    modules = []
-    for index, layer in enumerate(problem.model.layers):
-        name = models.layer_name(index, layer)
-        if isinstance(layer, models.Dense):
-            module = torch.nn.Linear(layer.in_features, layer.out_features, dtype=torch.float64)
-        elif isinstance(layer, models.Conv2d):
-            module = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                     layer.padding, dtype=torch.float64)
-        elif isinstance(layer, models.MaxPool2d):
-            module = torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif isinstance(layer, models.Flatten):
-            module = torch.nn.Flatten()
-        else:
-            module = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[layer.kind]()
-        if name:
-            with torch.no_grad():
-                module.weight.copy_(torch.as_tensor(params[f"{name}.weight"]))
-                module.bias.copy_(torch.as_tensor(params[f"{name}.bias"]))
-        modules.append(module)
-    return torch.nn.Sequential(*modules)
-
-
 @functools.cache
-def curvlinops_reference(likelihood, cnn=False):
+def curvlinops_reference(likelihood, cnn=None):
     """curvlinops' (A, G) per layer (our layer names) and its dense K-FAC matrix."""
     import curvlinops
 
     problem, params, x, y = setup(likelihood, cnn=cnn)
-    net = torch_sequential(problem, params)
+    net = ref.torch_nn(problem.model, params)
     # net.parameters() is (weight, bias) per layer in forward order, and curvlinops flattens a
     # weight (out, in[, kh, kw]) row-major: our canonical order, so its dense matrix needs no permutation.
     assert [n for n, _ in net.named_parameters()] == [module_name(n) for n in problem.model.param_names()]
@@ -225,12 +206,14 @@ def test_mc_factors_converge_to_curvlinops_type2(impl, curvlinops, likelihood):
         assert rel_err(s * G[name], G_ref) < 0.03, name
 
 
-def test_kfc_conv_kfac_matches_curvlinops_expand(impl, curvlinops):
-    """KFC with T = 36 positions: per layer G (x) A and the whole matrix equal curvlinops' KFAC-expand
-    (A summed over T, G averaged over T: only the product is fixed, curvlinops puts 1/T in A)."""
-    problem, A, G, dense = ours(impl, Likelihood.CATEGORICAL, cnn=True)
-    factors, reference = curvlinops_reference(Likelihood.CATEGORICAL, cnn=True)
-    assert np.prod(problem.model.output_shapes()["conv0"][1:]) == 36  # T > 1 output positions
+@pytest.mark.parametrize("cnn", list(CNNS))
+def test_kfc_conv_kfac_matches_curvlinops_expand(impl, curvlinops, cnn):
+    """KFC with T > 1 positions ('same' padding; stride 2 with padding, beside a padded pool): per
+    layer G (x) A and the whole matrix equal curvlinops' KFAC-expand (A summed over T, G averaged
+    over T: only the product is fixed, curvlinops puts 1/T in A)."""
+    problem, A, G, dense = ours(impl, Likelihood.CATEGORICAL, cnn=cnn)
+    factors, reference = curvlinops_reference(Likelihood.CATEGORICAL, cnn=cnn)
+    assert np.prod(problem.model.output_shapes()["conv0"][1:]) == CNNS[cnn][1]
     for name in layer_names(problem):
         A_ref, G_ref = factors[name]
         assert rel_err(np.kron(G[name], A[name]), np.kron(G_ref, A_ref)) < TOL, name

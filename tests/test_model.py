@@ -10,33 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dense_reference as ref
 from conftest import PROBLEMS, make_data
 from natgrad_impls import models
 from natgrad_impls.names import Activation
 from natgrad_impls.torch import model as M
-
-
-def as_module(model: models.Model, params: dict) -> torch.nn.Sequential:
-    """The same network as torch.nn modules, weights copied in."""
-    modules = []
-    for index, layer in enumerate(model.layers):
-        if isinstance(layer, models.Dense):
-            modules.append(torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
-        elif isinstance(layer, models.Conv2d):
-            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                           layer.stride, layer.padding, bias=layer.bias))
-        elif isinstance(layer, models.Act):
-            modules.append({"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "sigmoid": torch.nn.Sigmoid()}[layer.kind])
-        elif isinstance(layer, models.MaxPool2d):
-            modules.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding))
-        else:
-            modules.append(torch.nn.Flatten())
-        name = models.layer_name(index, layer)
-        if name:
-            modules[-1].weight.data = torch.tensor(params[f"{name}.weight"])
-            if layer.bias:
-                modules[-1].bias.data = torch.tensor(params[f"{name}.bias"])
-    return torch.nn.Sequential(*modules).double()
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
@@ -45,7 +23,7 @@ def test_forward_matches_torch_nn(name):
     params = models.init_params(problem.model, 0)
     x, _ = make_data(problem, 5)
     x = torch.tensor(x)
-    expected = as_module(problem.model, params)(x)
+    expected = ref.torch_nn(problem.model, params)(x)
     torch.testing.assert_close(M.output(problem.model, M.to_torch(params), x), expected, rtol=1e-13, atol=1e-13)
     assert tuple(expected.shape[1:]) == list(problem.model.output_shapes().values())[-1]
 
@@ -68,7 +46,7 @@ def test_every_layer_of_a_strided_padded_cnn_matches_torch_nn(name, framework):
     prefixes = [models.Model(model.layers[: i + 1], model.input_shape) for i in range(len(model.layers))]
     x, _ = make_data(problem, 2)
     h, expected = torch.tensor(x), []
-    for module in as_module(model, params):
+    for module in ref.torch_nn(model, params):
         h = module(h)
         expected.append(h.detach().numpy())
     if framework == "jax":
@@ -109,7 +87,7 @@ def test_recorded_layer_inputs_times_the_weights_are_the_layer_outputs(name, fra
         inputs = {}
         M.forward(model, M.to_torch(params), torch.tensor(x), inputs=inputs)
     h = torch.tensor(x)
-    for index, module in enumerate(as_module(model, params)):
+    for index, module in enumerate(ref.torch_nn(model, params)):
         h, layer = module(h), model.layers[index]
         key = models.layer_name(index, layer)
         if key is None:
