@@ -43,7 +43,8 @@ PEER_COLUMN = {"torch.optim.SGD": "over_torch", "torch.optim.Adam": "over_torch"
 def _peers(optimizer: str, framework: str) -> list[str]:
     """The peers in `framework` that take our `optimizer`'s step (with the row's hyperparameters:
     sgd-momentum is compared with torch.optim.SGD and optax.sgd with momentum)."""
-    return [peer for peer, ours in timing.PEER_OF.items() if ours == optimizer and timing.peer_framework(peer) == framework]
+    return [peer for peer, ours in timing.PEER_OF.items()
+            if ours == optimizer and timing.peer_framework(peer) == framework]
 
 
 class _Measurement(NamedTuple):

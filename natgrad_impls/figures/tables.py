@@ -180,8 +180,8 @@ def _per_setting(per_run, group, hp) -> pd.DataFrame:
 
 def _reach(measured, best, group, hp, objective) -> pd.DataFrame:
     """Median over the best setting's seeds of the first step (and time_s) at or below the target."""
-    frame = measured.assign(_setting=setting_key(measured, hp)).merge(best[group + ["_setting", "target_loss"]],
-                                                               on=group + ["_setting"])
+    frame = measured.assign(_setting=setting_key(measured, hp)).merge(
+        best[group + ["_setting", "target_loss"]], on=group + ["_setting"])
     rows = []
     for key, group_rows in frame.groupby(group, observed=True, sort=False):
         steps, times = [], []
