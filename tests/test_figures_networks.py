@@ -477,6 +477,35 @@ def test_best_hyperparameters_of_a_grid_frame():
     assert tables.best_hyperparameters(diverging).final_loss_max.tolist() == [np.inf, pytest.approx(2 * final["ngd"])]
 
 
+def test_time_to_target_counts_a_row_exactly_at_the_target():
+    """The target is reached at the first row at or below it: sgd, the slowest, ends exactly at the
+    target (its own final loss, 0.25, exact in binary) and gets there only at its last row."""
+    frame = runs(optimizers=("sgd", "ngd"), seeds=(0,))
+    sgd = frame.optimizer == "sgd"
+    frame.loc[sgd, "train_loss"] = np.where(frame.loc[sgd, "train_loss"].notna(),
+                                            0.25 + (100 - frame.loc[sgd, "step"]) / 64, np.nan)
+    table = tables.best_hyperparameters(frame).set_index(["optimizer", "framework"])
+    assert (table.target_loss == 0.25).all() and (table.loc["sgd"].final_loss == 0.25).all()
+    assert (table.loc["sgd"].steps_to_target == 100).all()
+    times = table.loc["sgd"].time_to_target_s.to_dict()
+    assert times == pytest.approx({framework: 100 * SECONDS[framework, device] for framework, device in COMBOS})
+
+
+def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow():
+    """Time to target is the low median over seeds with a seed that never gets there as inf: kfac's
+    best (only) setting diverges on two seeds of three without reaching ngd's target, so it has no
+    time to target, not the one seed's that got there."""
+    frame = runs(optimizers=("ngd", "kfac"), seeds=(0, 1, 2))
+    lost = (frame.optimizer == "kfac") & (frame.seed > 0)
+    frame.loc[lost, "diverged"] = True
+    frame.loc[lost & frame.train_loss.notna(), "train_loss"] = 5.0
+    table = tables.best_hyperparameters(frame).set_index("optimizer")
+    target = table.target_loss.iloc[0]
+    reached = frame[(frame.optimizer == "kfac") & (frame.seed == 0) & (frame.train_loss <= target)]
+    assert len(reached) and table.loc["ngd"].time_to_target_s.notna().all()  # seed 0 got there; ngd has times
+    assert table.loc["kfac"].time_to_target_s.isna().all() and table.loc["kfac"].steps_to_target.isna().all()
+
+
 def test_the_tables_module_imports_no_plotting_library():
     """The pipeline's tune jobs pick their best setting through `tables`; seaborn and pyplot would
     add 2 s to each of them, and labels come from natgrad_impls.names, as the figures' do."""

@@ -140,6 +140,21 @@ def test_vecfield_draws_the_tables_numbers(vecfield_table):
         np.testing.assert_allclose(star_marker.get_xydata()[0], star, rtol=1e-9)
 
 
+def test_the_default_ngd_flow_ends_at_the_minimum():
+    """The default flow (500 Euler steps of 0.1: flow time 50 at lr 1, the paper's) is long enough
+    for every NGD path to end at theta*, which a 10 x shorter one (flow time 5) would not reach.
+    theta* is the ridge solution, solved here; the quiver and contour are cut to their least."""
+    table = toys.vecfield_table(grid_points=2, contour_points=2, lrs={"ngd": toys.VECFIELD_LRS["ngd"]})
+    task = get_task("vecfield")
+    X, y = task.load(0).train
+    star = np.linalg.solve(X.T @ X / len(X) + task.problem.l2 * np.eye(2), X.T @ y[:, 0] / len(X))
+    paths = table[table["kind"] == "trajectory"]
+    assert paths["start"].nunique() == 4 and toys.VECFIELD_LRS["ngd"] == 1.0
+    for start, path in paths.groupby("start"):
+        end = path.sort_values("step")[["theta_0", "theta_1"]].to_numpy(dtype=float)[-1]
+        assert np.linalg.norm(end - star) < 1e-3, (start, end, star)
+
+
 # -- figure 2 --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import singular_task
-from natgrad_impls import cli, grid, results, runner
+from natgrad_impls import cli, grid, models, results, runner
 from natgrad_impls.tasks import get_task
 
 LRS, DAMPINGS, STEPS = "-3:0:4", "-4:0:3", 20
@@ -403,3 +403,44 @@ def test_a_kept_optimizer_grid_is_reused_only_under_the_same_setting(tmp_path, m
         assert len(computed) == 2 + i, f"{change}: a stale grid was reused"
     grid.run_grid(**base)
     assert len(computed) == 1 + len(changes)  # the first setting is still kept
+
+
+def test_the_chaos_repeats_start_from_theta0_plus_1e_14_noise(monkeypatch):
+    """DESIGN 4: the repeats start from theta0 + 1e-14 x noise, the noise drawn from the seed's
+    "chaos" stream (standard normals, repeats x D); theta0 = 0 on a convex task."""
+    starts = []
+    real = grid.trajectories
+
+    def spy(*args, theta0=None, **kwargs):
+        starts.append(theta0)
+        return real(*args, theta0=theta0, **kwargs)
+
+    monkeypatch.setattr(grid, "trajectories", spy)
+    grid.run_grid("wine", ["ngd"], lrs=(-1, -1, 1), dampings=(-2, -2, 1), steps=2, seed=3, repeats=4, progress=False)
+    d = get_task("wine").problem.model.num_params()
+    expected = 1e-14 * models.random_stream(3, "chaos").standard_normal((4, d))
+    assert starts[0] is None and len(starts) == 2  # the grid from 0, then the repeats
+    np.testing.assert_array_equal(starts[1], expected)
+
+
+def _fake_runs(finals) -> grid.Trajectories:
+    """Runs that end at `finals` (each after 3 steps, none diverged)."""
+    finals = np.asarray(finals, dtype=float)
+    loss = np.column_stack([np.full((len(finals), 3), 10.0), finals])
+    count = len(finals)
+    return grid.Trajectories(loss, loss.copy(), np.zeros_like(loss), np.full(count, 3), np.zeros(count, bool))
+
+
+@pytest.mark.parametrize("loss,moves,chaotic", [
+    (1e3, [5e-6, -5e-6], False),  # 5e-9 relative (5e-6 absolute): within 1e-8 relative
+    (1.0, [1e-7, 0.0], True),  # 1e-7 relative: past 1e-8
+    (1.0, [5e-9, -5e-9], False),
+])
+def test_chaos_is_a_relative_change_of_the_final_loss_past_1e_8(loss, moves, chaotic):
+    """DESIGN 4: chaotic when a repeat moves the final loss by more than 1e-8 relative (not
+    absolute, not 1e-6)."""
+    runs, rep = _fake_runs([loss]), _fake_runs(loss + np.asarray(moves))
+    best = grid._best(grid.Optimizer.EF, 0.1, 1e-10, runs, 0, rep)
+    assert best.chaotic is chaotic
+    values = [*moves, 0.0]
+    assert best.loss == loss and best.spread == pytest.approx((max(values) - min(values)) / loss, rel=1e-6)

@@ -427,3 +427,34 @@ def test_a_float32_run_computes_in_float32(framework, monkeypatch):
     double = runner.run("digits-mlp", "sgd", framework, dtype="float64", **kwargs)
     gap = abs(single["loss"].iloc[0] / double["loss"].iloc[0] - 1)
     assert 1e-10 < gap < 1e-4, gap
+
+
+def test_train_loss_is_measured_every_eval_every_steps_and_at_the_last(monkeypatch):
+    """Runs evaluate every eval_every steps and at the last step, whatever eval_every: 7 steps at
+    eval_every 5 measure steps 0, 5 and 7, and row 7 is the full-train loss at the final parameters
+    (those the extra step at k == steps is handed), against the dense reference."""
+    seen = []
+
+    def spied(*args, **kwargs):
+        opt = make_optimizer(*args, **kwargs)
+
+        class Spy:
+            init = staticmethod(opt.init)
+
+            @staticmethod
+            def step(params, state, batch):
+                seen.append({k: v.detach().cpu().numpy().copy() for k, v in params.items()})
+                return opt.step(params, state, batch)
+
+        return Spy()
+
+    monkeypatch.setattr(runner, "make_optimizer", spied)
+    frame = runner.run("digits-mlp", "sgd", "torch", hyperparameters={"lr": 0.05}, steps=7, eval_every=5, seed=1,
+                       progress=False)
+    assert frame["step"].tolist() == list(range(8))
+    assert frame.loc[frame["train_loss"].notna(), "step"].tolist() == [0, 5, 7]
+    task = TASKS["digits-mlp"]
+    x, y = task.load(1).train
+    final = seen[-1]  # the last step call measures the final parameters (and is discarded)
+    assert frame["train_loss"].iloc[7] == pytest.approx(ref.loss(task.problem, final, x, y), rel=1e-10, abs=0)
+    assert frame["train_loss"].iloc[7] != pytest.approx(frame["train_loss"].iloc[5], rel=1e-6)  # the params moved
