@@ -88,7 +88,7 @@ def test_cos_is_measured_along_the_best_ef_run_with_its_lr_and_damping(tmp_path)
 # -- train.py: tune, then train on its best setting -----------------------------------------------
 
 NETWORK = {"task": "digits-mlp", "framework": "torch", "device": "cpu"}
-PROTOCOL = {"dtype": "float32", "steps": 3, "eval_every": 1}
+PROTOCOL = {"dtype": "float32", "steps": 4, "eval_every": 2}  # not runner.run's defaults (float64, 200)
 TUNED = {  # optimizer: its tuning grid as common.smk's tuning_runs writes it (fixed hyperparameters first)
     "sgd": [{"momentum": 0.9, "lr": lr} for lr in (0.1, 0.01)],
     "ngd": [{"fisher": "mc", "lr": 0.1, "damping": d} for d in (1.0, 0.1)],
@@ -96,11 +96,27 @@ TUNED = {  # optimizer: its tuning grid as common.smk's tuning_runs writes it (f
 }
 
 
+def check_protocol(frame, stage):
+    """The runs of a tune or train job follow params.protocol, not runner.run's defaults: its dtype
+    (a float64 network where the config says float32 is slower and another benchmark), its steps,
+    and full-train evaluations every eval_every steps and at the last one."""
+    assert set(frame["dtype"]) == {PROTOCOL["dtype"]}, f"{stage}: dtype {set(frame['dtype'])}, protocol {PROTOCOL}"
+    steps, every = PROTOCOL["steps"], PROTOCOL["eval_every"]
+    assert not frame["diverged"].all(), f"{stage}: every run diverged, nothing to check"
+    for _, run in frame.groupby(["seed", *[n for n in HYPERPARAMETER_ORDER if n in frame]], dropna=False):
+        last = steps if not run["diverged"].any() else int(run["step"].max())  # a diverged run stops early
+        assert run["step"].max() == last, f"{stage}: a run of {run['step'].max()} steps, protocol {PROTOCOL}"
+        expected = sorted({k for k in range(last + 1) if k % every == 0 or k == steps})
+        evaluated = sorted(run.loc[run["train_loss"].notna(), "step"].astype(int))
+        assert evaluated == expected, f"{stage}: evaluated at steps {evaluated}, protocol {PROTOCOL}"
+
+
 @pytest.mark.parametrize("optimizer", TUNED)
 def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, optimizer):
     """tune writes its best setting as JSON and train reruns it (train.smk: input.best): every
     hyperparameter of the tuned runs must reach the reruns, not only lr and damping (sgd's
-    momentum 0.9 lost would rerun plain sgd; kfac's update period, ngd's Monte-Carlo Fisher)."""
+    momentum 0.9 lost would rerun plain sgd; kfac's update period, ngd's Monte-Carlo Fisher).
+    Both jobs' runs follow the protocol (dtype, steps, eval_every)."""
     settings = TUNED[optimizer]
     wildcards = SimpleNamespace(optimizer=optimizer, **NETWORK)
     tune, best = tmp_path / "tune.parquet", tmp_path / "tune.best.json"
@@ -114,6 +130,7 @@ def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, o
     # the JSON is the tuned table's best setting, every hyperparameter column of it
     row = tables.best_hyperparameters(pd.read_parquet(tune)).iloc[0]
     expected = {n: row[n] for n in HYPERPARAMETER_ORDER if n in row and not pd.isna(row[n])}
+    check_protocol(pd.read_parquet(tune), "tune")
     assert chosen.keys() == expected.keys(), f"best setting {chosen}, the tuned table's {expected}"
     for name, value in expected.items():
         assert chosen[name] == (pytest.approx(value) if isinstance(value, float) else value), name
@@ -124,6 +141,7 @@ def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, o
                                                            checkpoints=str(tmp_path / ".train.runs")))
     reruns = pd.read_parquet(train)
     assert sorted(reruns["seed"].unique()) == [1, 2]
+    check_protocol(reruns, "train")
     for name, value in chosen.items():
         assert name in reruns.columns and set(reruns[name]) == {value}, f"the reruns' {name} is not {value!r}"
     assert not (tmp_path / ".train.runs").exists(), "the job's checkpoints outlived its table"
@@ -172,7 +190,7 @@ def test_best_networks_table_has_one_row_per_group_with_its_own_grid_edge(tmp_pa
     assert (rows["seeds"] == 2).all()
 
 
-# -- the rules: which seeds reach the tune and train jobs ------------------------------------------
+# -- the rules: what the configuration gives each job ------------------------------------------------
 
 DAG_PARAMS = r"""
 import contextlib, io, json, sys
@@ -180,11 +198,19 @@ from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, ResourceSettings
 
-root = Path(sys.argv[1])
+
+def plain(value):  # a job's parameter as JSON where it is plain data, else its repr
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+root, configfile = Path(sys.argv[1]), sys.argv[2]
 with contextlib.redirect_stdout(io.StringIO()):
     with SnakemakeApi() as api:
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
-                                config_settings=ConfigSettings(configfiles=[root / "config/smoke.yaml"]),
+                                config_settings=ConfigSettings(configfiles=[root / configfile]),
                                 snakefile=root / "Snakefile", workdir=root)
         workflow.dag(DAGSettings())
         # what a dry run builds, without running a job (the API's printdag fails in Snakemake 9.27)
@@ -192,34 +218,174 @@ with contextlib.redirect_stdout(io.StringIO()):
         dag_workflow._prepare_dag(forceall=False, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         dag_workflow._build_dag()
         jobs = [{"rule": job.rule.name, "output": [str(f) for f in job.output],
-                 "wildcards": dict(job.wildcards_dict), "seeds": list(getattr(job.params, "seeds", []))}
+                 "wildcards": dict(job.wildcards_dict),
+                 "params": {name: plain(value) for name, value in job.params.items()},
+                 "shell": job.shellcmd if job.is_shell else None}
                 for job in dag_workflow.dag.jobs]
 print(json.dumps(jobs))
 """
 
+# smoke: what the tests run; gpu: devices listed (cpu and cuda: no GPU needed to build its DAG), several
+# dampings, and several frameworks and devices per folder
+DAG_CONFIGS = ("smoke.yaml", "gpu.yaml")  # ids not "gpu": conftest skips the `gpu` keyword without one
 
-def test_tune_jobs_get_the_tuning_seeds_and_train_jobs_the_rerun_seeds(tmp_path):
-    """DeepOBS protocol (train.smk): tune on networks.tuning_seeds, rerun the best setting on the
-    fresh networks.seeds. A dry run prints no script parameters, so the DAG of the smoke
-    configuration is built with Snakemake's API (no profile, as `--workflow-profile none`) in a
-    bare copy of the workflow (no results: every job is in it) and each job's params.seeds read."""
-    root = tmp_path / "natgrad-bench"
+
+@pytest.fixture(scope="module")
+def dags(tmp_path_factory):
+    """{configuration: its DAG's jobs (rule, output, wildcards, params, shell command)}. A dry run
+    prints no script parameters, so each DAG is built with Snakemake's API (no profile, as
+    `--workflow-profile none`) in a bare copy of the workflow (no results: every job is in it),
+    once for the module."""
+    root = tmp_path_factory.mktemp("dag") / "natgrad-bench"
     root.mkdir()
     for name in ("Snakefile", "environment.yml"):
         shutil.copy(REPO / name, root / name)
     for name in ("workflow", "config"):
         shutil.copytree(REPO / name, root / name)
-    done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root)], cwd=root, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    jobs = json.loads(done.stdout.strip().splitlines()[-1])
+    out = {}
+    for name in DAG_CONFIGS:
+        done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root), f"config/{name}"], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"config/{name}: " + done.stdout[-3000:] + done.stderr[-3000:]
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def configured(name):
+    """config/config.yaml with the overlay config/`name` merged in, as Snakemake merges a --configfile."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    return config
+
+
+def jobs_of(dag, *rules):
+    found = [job for job in dag if job["rule"] in rules]
+    assert found, f"no {' or '.join(rules)} job in the DAG"
+    return found
+
+
+def test_tune_jobs_get_the_tuning_seeds_and_train_jobs_the_rerun_seeds(dags):
+    """DeepOBS protocol (train.smk): tune on networks.tuning_seeds, rerun the best setting on the
+    fresh networks.seeds (each job's params.seeds in the smoke DAG)."""
+    jobs = dags["smoke.yaml"]
     networks = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())["networks"]
     assert not set(networks["tuning_seeds"]) & set(networks["seeds"])  # else the test could not tell them apart
     tune = [job for job in jobs if job["rule"] == "tune"]
     train = [job for job in jobs if job["rule"] == "train"]
     assert len(tune) == len(train) == 5, [job["rule"] for job in jobs]  # smoke: five optimizers, one task
     for job in tune:
-        assert job["seeds"] == networks["tuning_seeds"], f"{job['output'][0]}: seeds {job['seeds']}"
+        assert job["params"]["seeds"] == networks["tuning_seeds"], f"{job['output'][0]}: {job['params']['seeds']}"
     for job in train:
-        assert job["seeds"] == networks["seeds"], f"{job['output'][0]}: seeds {job['seeds']}"
+        assert job["params"]["seeds"] == networks["seeds"], f"{job['output'][0]}: {job['params']['seeds']}"
     assert {j["wildcards"]["optimizer"] for j in tune} == {j["wildcards"]["optimizer"] for j in train}
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_numpy_jobs_run_on_cpu_only_and_the_others_on_the_configured_devices(dags, name):
+    """numpy has no GPU code (common.smk devices_for): with `devices: [cpu, cuda]` (gpu.yaml) torch
+    and jax get a job per device, numpy only its cpu job, never a numpy-cuda one."""
+    config, dag = configured(name), dags[name]
+    for job in dag:
+        if job["wildcards"].get("framework") == "numpy":
+            assert job["wildcards"].get("device") == "cpu", f"{job['rule']} {job['output']}: numpy on a GPU"
+    if config["devices"] == "auto":
+        return  # cuda where this machine has a GPU: only numpy's cpu-only is certain
+    c, n = config["convex"], config["networks"]
+    expected = {(f, d) for f in c["frameworks"] for d in (("cpu",) if f == "numpy" else config["devices"])}
+    grid = {(j["wildcards"]["framework"], j["wildcards"]["device"]) for j in jobs_of(dag, "grid")}
+    assert grid == expected, f"grid jobs on {sorted(grid)}, expected {sorted(expected)}"
+    expected = {(f, d) for f in n["frameworks"] for d in config["devices"]}
+    tune = {(j["wildcards"]["framework"], j["wildcards"]["device"]) for j in jobs_of(dag, "tune")}
+    assert tune == expected, f"tune jobs on {sorted(tune)}, expected {sorted(expected)}"
+
+
+def option(command, name):
+    """The value of `--name value` or `--name=value` in a shell command (exactly one)."""
+    import shlex
+
+    words = shlex.split(command)
+    values = [words[i + 1] for i, w in enumerate(words[:-1]) if w == name]
+    values += [w.split("=", 1)[1] for w in words if w.startswith(name + "=")]
+    assert len(values) == 1, f"{name} given {len(values)} times in: {command}"
+    return values[0]
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_grid_commands_carry_the_convex_settings(dags, name):
+    """Each `natgrad grid` command (rule grid and its logit-clip twin) gets the config's convex grid,
+    steps and repeats: an option left out falls back to natgrad's default silently (100 steps for
+    smoke's 20), and its wildcards, checkpoints and output."""
+    c = configured(name)["convex"]
+    for job in jobs_of(dags[name], "grid", "grid_logit_clip_none"):
+        command, where = job["shell"], job["output"][0]
+        assert command, f"{where}: no shell command"
+        assert option(command, "--steps") == str(c["steps"]), f"{where}: {command}"
+        assert option(command, "--repeats") == str(c["repeats"]), f"{where}: {command}"
+        assert option(command, "--lrs") == c["lrs"] and option(command, "--dampings") == c["dampings"], command
+        for wildcard in ("task", "framework", "device"):
+            assert option(command, f"--{wildcard}") == job["wildcards"][wildcard], f"{where}: {command}"
+        assert option(command, "--optimizers").split(",") == configured(name)["optimizers"], command
+        assert option(command, "--checkpoints") == job["params"]["checkpoints"], command
+        assert option(command, "--out") == where, command
+    assert any(j["rule"] == "grid_logit_clip_none" for j in dags[name]) == bool(c["compare_logit_clip"])
+
+
+def canonical(settings):
+    return sorted(json.dumps(setting, sort_keys=True) for setting in settings)
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_tune_jobs_run_the_whole_tuning_grid_with_the_fixed_hyperparameters(dags, name):
+    """A tune job's params.runs (common.smk tuning_runs): every lr of its optimizer, times every
+    damping for an optimizer that has one, each with the optimizer's fixed hyperparameters of
+    networks.hyperparameters (sgd's momentum 0.9 lost would tune plain sgd)."""
+    from natgrad_impls.runner import accepted
+
+    n, dag = configured(name)["networks"], dags[name]
+    assert len(n["dampings"]) > 1 or name == "smoke.yaml"  # gpu.yaml: a damping grid to lose
+    tuned = set()
+    for job in jobs_of(dag, "tune"):
+        optimizer = job["wildcards"]["optimizer"]
+        tuned.add(optimizer)
+        fixed = n.get("hyperparameters", {}).get(optimizer, {})
+        dampings = n["dampings"] if "damping" in accepted(optimizer) else [None]
+        expected = [{**fixed, "lr": lr, **({} if d is None else {"damping": d})} for lr in n["lrs"][optimizer]
+                    for d in dampings]
+        runs = job["params"]["runs"]
+        assert canonical(runs) == canonical(expected), f"{job['output'][0]}: runs {runs}, expected {expected}"
+    assert tuned == {o for o in configured(name)["optimizers"] if n["lrs"].get(o)}
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_network_jobs_get_the_configured_protocol(dags, name):
+    """tune and train run their networks in networks.dtype for networks.steps, evaluated every
+    networks.eval_every steps (params.protocol, which train.py passes to every run); the reruns of
+    networks.cos_ef_ngd record the cosine, the tuning runs never."""
+    n = configured(name)["networks"]
+    for job in jobs_of(dags[name], "tune", "train"):
+        protocol, where = job["params"]["protocol"], job["output"][0]
+        assert isinstance(protocol, dict), f"{where}: protocol {protocol!r}"
+        for key in ("dtype", "steps", "eval_every"):
+            assert protocol.get(key) == n[key], f"{where}: protocol {key} {protocol.get(key)!r}, config {n[key]!r}"
+        cos = job["rule"] == "train" and job["wildcards"]["optimizer"] in n.get("cos_ef_ngd", [])
+        assert job["params"]["cos_ef_ngd"] is cos, f"{where}: cos_ef_ngd {job['params']['cos_ef_ngd']}"
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_every_job_keeps_its_checkpoints_in_its_own_folder_beside_its_table(dags, name):
+    """params.checkpoints (common.smk checkpoints_beside): a hidden folder beside the job's table, one
+    per job. Two jobs writing into one folder (results/grid/wine/ holds numpy-cpu and torch-cpu)
+    would read each other's kept runs as their own, and the first to finish removes the other's."""
+    import collections
+
+    jobs = [job for job in dags[name] if "checkpoints" in job["params"]]
+    assert {"grid", "tune", "train"} <= {job["rule"] for job in jobs}
+    folders = collections.Counter(Path(job["output"][0]).parent for job in jobs)
+    assert max(folders.values()) > 1, "no folder holds two tables: nothing to tell apart"
+    for job in jobs:
+        table, kept = Path(job["output"][0]), Path(job["params"]["checkpoints"])
+        assert kept.parent == table.parent and kept.name.startswith("."), f"{table}: checkpoints in {kept}"
+    shared = {folder: n for folder, n in collections.Counter(j["params"]["checkpoints"] for j in jobs).items() if n > 1}
+    assert not shared, f"checkpoint folders shared by several jobs: {shared}"
