@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -399,28 +400,34 @@ def test_cos_ef_ngd_shifts_the_fisher_by_l2_and_not_the_ef(task, variant, framew
     assert frame["cos_ef_ngd"].iloc[0] == pytest.approx(expected, rel=1e-8, abs=0)
 
 
+def spy_on_steps(monkeypatch, record):
+    """runner.run's optimizers, with record(params, out) after each step: the parameters it was
+    handed and what it returned (new parameters, state, info)."""
+
+    def spied(*args, **kwargs):
+        opt = make_optimizer(*args, **kwargs)
+
+        def step(params, state, batch):
+            out = opt.step(params, state, batch)
+            record(params, out)
+            return out
+
+        return SimpleNamespace(init=opt.init, step=step)
+
+    monkeypatch.setattr(runner, "make_optimizer", spied)
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_a_float32_run_computes_in_float32(framework, monkeypatch):
     """dtype float32 is what the steps compute in (the parameters each step sees, its loss), not a
     label: its first loss is the float64 run's to float32 round-off, not closer, not further."""
     seen = []
 
-    def spied(*args, **kwargs):
-        opt = make_optimizer(*args, **kwargs)
+    def dtypes(params, out):  # of the parameters a step is handed, its loss and its new parameters
+        arrays = [*params.values(), out[2]["loss"], *out[0].values()]
+        seen.append({str(v.dtype).removeprefix("torch.") for v in arrays})
 
-        class Spy:
-            init = staticmethod(opt.init)
-
-            @staticmethod
-            def step(params, state, batch):
-                out = opt.step(params, state, batch)
-                arrays = [*params.values(), out[2]["loss"], *out[0].values()]
-                seen.append({str(v.dtype).removeprefix("torch.") for v in arrays})
-                return out
-
-        return Spy()
-
-    monkeypatch.setattr(runner, "make_optimizer", spied)
+    spy_on_steps(monkeypatch, dtypes)
     kwargs = dict(hyperparameters={"lr": 0.05}, steps=2, seed=1, eval_every=2, progress=False)
     single = runner.run("digits-mlp", "sgd", framework, dtype="float32", **kwargs)
     assert seen and all(dtypes == {"float32"} for dtypes in seen), seen
@@ -434,21 +441,7 @@ def test_train_loss_is_measured_every_eval_every_steps_and_at_the_last(monkeypat
     eval_every 5 measure steps 0, 5 and 7, and row 7 is the full-train loss at the final parameters
     (those the extra step at k == steps is handed), against the dense reference."""
     seen = []
-
-    def spied(*args, **kwargs):
-        opt = make_optimizer(*args, **kwargs)
-
-        class Spy:
-            init = staticmethod(opt.init)
-
-            @staticmethod
-            def step(params, state, batch):
-                seen.append({k: v.detach().cpu().numpy().copy() for k, v in params.items()})
-                return opt.step(params, state, batch)
-
-        return Spy()
-
-    monkeypatch.setattr(runner, "make_optimizer", spied)
+    spy_on_steps(monkeypatch, lambda params, out: seen.append({k: v.detach().numpy() for k, v in params.items()}))
     frame = runner.run("digits-mlp", "sgd", "torch", hyperparameters={"lr": 0.05}, steps=7, eval_every=5, seed=1,
                        progress=False)
     assert frame["step"].tolist() == list(range(8))
