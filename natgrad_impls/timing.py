@@ -630,9 +630,9 @@ PEER_KEYS = 1000
 
 def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="float32", **hyperparameters):
     """kfac-jax's `Optimizer.step` on our MLP, configured as our `kfac` with `hyperparameters`
-    (hyperparameters.KFAC's, with its defaults; lr 1e-4 and damping 1e-3 unless given): fixed
-    learning rate and damping (no adaptation, no momentum, no l2), factors as moving averages with
-    decay `kfac_ema` updated every step, inverses refreshed every `kfac_update_period` steps, MC labels
+    (hyperparameters.KFAC's: lr and damping, the others defaulting as ours do): fixed learning rate
+    and damping (no adaptation, no momentum, no l2), factors as moving averages with decay
+    `kfac_ema` updated every step, inverses refreshed every `kfac_update_period` steps, MC labels
     ("fisher_gradients", `samples` per example) or the exact Fisher ("fisher_exact"). Layers are
     registered by hand (register_dense, register_softmax_cross_entropy_loss), not by graph matching.
     kfac-jax's dense layers compute x @ w + b with w in x out: our weights are handed over transposed.
@@ -650,7 +650,7 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     if problem.likelihood != Likelihood.CATEGORICAL or problem.l2 or model.has_conv:
         raise ValueError("problem: the kfac_jax peer takes MLPs with the categorical likelihood and no l2")
     device, dtype = parse(Device, device, "device"), parse(DType, dtype, "dtype")
-    h = KFAC(**{"lr": 1e-4, "damping": 1e-3, **hyperparameters})
+    h = KFAC(**hyperparameters)
     fisher = {Fisher.MC: "fisher_gradients", Fisher.EXACT: "fisher_exact"}[h.fisher]
     jax_device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
     put = lambda a, t=getattr(jnp, dtype.value): jax.device_put(jnp.asarray(a, dtype=t), jax_device)
