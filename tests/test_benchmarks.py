@@ -180,6 +180,35 @@ def test_over_peer_tracks_our_step_time_over_the_peers(monkeypatch):
     assert [t.call for t in timed] == ["our call", "peer call"]
 
 
+@pytest.mark.parametrize("peer", timing.PEERS)
+def test_over_peer_builds_both_steps_alike(monkeypatch, peer):
+    """OverPeer's ratio is fair only if both steps run on one model, batch, device and dtype with the
+    same hyperparameters, ours in the peer's framework: checked on the arguments each builder gets."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_step
+
+    calls = []
+    monkeypatch.setattr(timing, "step_call", _stub("ours", ("our call", None, 1), calls))
+    monkeypatch.setattr(timing, "peer_step_call", _stub("peer", ("peer call", None, 1), calls))
+    monkeypatch.setattr(timing, "device_available", lambda *args: True)
+    size = next(iter(bench_step.SIZES))
+    bench_step.OverPeer().setup(peer, "cpu", size)
+    assert len(calls) == 2
+    built = {who: (args, hyperparameters) for who, args, hyperparameters in calls}
+    (framework, name, *ours), our_hyperparameters = built["ours"]
+    (peer_name, *theirs), peer_hyperparameters = built["peer"]
+    label = timing.PEER_OF[peer]
+    assert (framework, name, peer_name) == (timing.peer_framework(peer).value, timing.SETTINGS[label][0], peer)
+    assert our_hyperparameters == peer_hyperparameters == timing.SETTINGS[label][1]
+    problem, params, batch = timing.mlp_problem(*bench_step.SIZES[size])
+    for args in (ours, theirs):
+        assert args[0] == problem and args[3:] == ["cpu", bench_step.DTYPE]
+        np.testing.assert_array_equal(np.concatenate([np.ravel(p) for p in args[1]]),
+                                      np.concatenate([np.ravel(p) for p in params]))
+        for built_array, array in zip(args[2], batch):
+            np.testing.assert_array_equal(built_array, array)
+
+
 def test_torch_ops_and_device_memory_track_what_they_say(monkeypatch):
     """TorchOps: a step's operators over the gradient's (30 over 15: 2.0); DeviceMemory: the peak
     in MiB (3 MiB of bytes: 3.0), from stand-in counts."""

@@ -21,6 +21,26 @@ from .common import (
 PERIOD = timing.SETTINGS["kfac"][1]["kfac_update_period"]
 
 
+def our_step(label, framework, device, size):
+    """(call, sync, period) of one step of our optimizer `label` (a `timing.SETTINGS` label), not warmed up."""
+    width, batch_size = SIZES[size]
+    problem, params, batch = timing.mlp_problem(width, batch_size)
+    name, hyperparameters = timing.setting(label)
+    return timing.step_call(framework, name, problem, params, batch, device, DTYPE, **hyperparameters)
+
+
+def peer_step(peer, device, size):
+    """(call, sync, period) of one step of `peer` with the hyperparameters of its setting of ours (timing.PEER_OF),
+    not warmed up; SkipNotImplemented where the peer does not import (kfac-jax is a test extra)."""
+    width, batch_size = SIZES[size]
+    problem, params, batch = timing.mlp_problem(width, batch_size)
+    _, hyperparameters = timing.setting(timing.PEER_OF[peer])
+    try:
+        return timing.peer_step_call(peer, problem, params, batch, device, DTYPE, **hyperparameters)
+    except ImportError as error:
+        raise SkipNotImplemented(f"{peer}: {error}") from None
+
+
 class Step:
     """Our optimizers: `time_step` is the wall-clock time of one step (loss, gradient, curvature,
     update) after warm-up; `peakmem_step` the peak resident memory of a process that has built the
@@ -41,11 +61,7 @@ class Step:
 
     @staticmethod
     def build(optimizer, framework, device, size):
-        width, batch_size = SIZES[size]
-        problem, params, batch = timing.mlp_problem(width, batch_size)
-        name, hyperparameters = timing.setting(optimizer)
-        call, sync, period = timing.step_call(framework, name, problem, params, batch, device, DTYPE,
-                                              **hyperparameters)
+        call, sync, period = our_step(optimizer, framework, device, size)
         warm_up(call, sync, period)
         return call, sync
 
@@ -97,13 +113,7 @@ class PeerStep:
 
     @staticmethod
     def build(peer, device, size):
-        width, batch_size = SIZES[size]
-        problem, params, batch = timing.mlp_problem(width, batch_size)
-        _, hyperparameters = timing.setting(timing.PEER_OF[peer])
-        try:
-            call, sync, period = timing.peer_step_call(peer, problem, params, batch, device, DTYPE, **hyperparameters)
-        except ImportError as error:  # kfac-jax is a test extra
-            raise SkipNotImplemented(f"{peer}: {error}") from None
+        call, sync, period = peer_step(peer, device, size)
         warm_up(call, sync, period)
         return call, sync
 
@@ -129,14 +139,8 @@ class OverPeer:
     def setup(self, peer, device, size):
         framework = timing.peer_framework(peer).value
         require_device(framework, device)
-        width, batch_size = SIZES[size]
-        problem, params, batch = timing.mlp_problem(width, batch_size)
-        name, hyperparameters = timing.setting(timing.PEER_OF[peer])
-        try:
-            self.peer = timing.peer_step_call(peer, problem, params, batch, device, DTYPE, **hyperparameters)
-        except ImportError as error:
-            raise SkipNotImplemented(f"{peer}: {error}") from None
-        self.ours = timing.step_call(framework, name, problem, params, batch, device, DTYPE, **hyperparameters)
+        self.peer = peer_step(peer, device, size)
+        self.ours = our_step(timing.PEER_OF[peer], framework, device, size)
 
     def track_over_peer(self, *params):
         ours, peer = timing.alternating_medians([timing.Timed(*self.ours), timing.Timed(*self.peer)], REPEATS)
