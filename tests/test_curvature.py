@@ -45,6 +45,20 @@ def test_loss_and_gradient_match_autograd(impl, name):
 
 
 @pytest.mark.parametrize("name", PROBLEMS)
+def test_loss_value_matches_autograd_reference(impl, name):
+    """The loss value (of the curvature pass and of `<framework>.loss`, which sgd and adam
+    differentiate) against the dense reference's. The test above takes the gradient from closed-form
+    residuals, which never read the NLL, and compares the two values with each other: an NLL averaged
+    over several outputs instead of summed (gaussian, bernoulli) passed it. (In torch the reference's
+    NLL is the one under test; tests/test_model.py checks that one against torch.nn.)"""
+    problem = PROBLEMS[name]
+    (x, y, params), value, _, _ = build(impl, problem, 9, Curvature.EMPIRICAL)
+    expected = ref.loss(problem, params, x, y)
+    close(float(value), expected)
+    close(float(impl.numpy(impl.module.loss(problem, impl.params(params), impl.batch(x, y)))), expected)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
 def test_empirical_fisher_matches_per_example_gradients(impl, name):
     problem = PROBLEMS[name]
     (x, y, params), _, _, factor = build(impl, problem, 9, Curvature.EMPIRICAL)
@@ -56,6 +70,18 @@ def test_exact_fisher_matches_jacobian_reference(impl, name):
     problem = PROBLEMS[name]
     (x, y, params), _, _, factor = build(impl, problem, 9, Curvature.EXACT)
     close(impl.numpy(factor.to_dense()), ref.fisher(problem, params, x, y))
+
+
+def test_exact_fisher_does_not_depend_on_samples(impl):
+    """`samples` counts MC label draws. The exact Fisher draws none, yet ngd(fisher="exact", samples=3)
+    and kfac(fisher="exact", samples=3) are valid settings that pass samples on: their Fisher, and the
+    K-FAC built from it (exact for a linear gaussian model), must still be the dense reference's, not
+    divided by the number of samples."""
+    problem = models.Problem(models.linear(4, 3, bias=True), "gaussian")
+    (x, y, params), _, _, factor = build(impl, problem, 7, Curvature.EXACT, samples=3)
+    fisher = ref.fisher(problem, params, x, y)
+    close(impl.numpy(factor.to_dense()), fisher)
+    close(impl.numpy(impl.curvature.kronecker(factor).to_dense()), fisher)
 
 
 def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl):
@@ -148,6 +174,24 @@ def test_multiply_inverse_mean_matches_dense_solve(impl, name, n, curvature, by_
     solution = factor.multiply_inverse_mean(grad, damping, by_gram)
     solution = impl.curvature.from_layers(problem.model, solution)
     expected = np.linalg.solve(dense, ref.loss_gradient(problem, params, x, y))
+    close(flat(impl, problem, solution), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("by_gram", [True, False])
+@pytest.mark.parametrize("curvature", [Curvature.EXACT, Curvature.MC])
+def test_multiply_inverse_mean_keeps_the_l2_shift(impl, curvature, by_gram):
+    """With l2 the factor's shift is part of C: both ways of taking U^T g solve with F + l2 I + damping I,
+    g the mean of autograd's per-example gradients (the data's part of the gradient, as the method
+    asks; the optimizers route l2 problems to `multiply_inverse_layers`, which must not hide a lost shift)."""
+    problem = PROBLEMS["mlp-gaussian-l2"]
+    (x, y, params), _, grad, factor = build(impl, problem, 3, curvature, samples=2)
+    assert problem.model.num_params() > factor.num_columns and problem.l2 > 0
+    weights = impl.curvature.to_layers(problem.model, impl.params(params))
+    data_grad = {k: grad[k] - problem.l2 * weights[k] for k in grad}
+    damping = 1e-3
+    dense = impl.numpy(factor.to_dense()) + damping * np.eye(problem.model.num_params())
+    solution = impl.curvature.from_layers(problem.model, factor.multiply_inverse_mean(data_grad, damping, by_gram))
+    expected = np.linalg.solve(dense, ref.per_example_gradients(problem, params, x, y).mean(0))
     close(flat(impl, problem, solution), expected, rtol=1e-8)
 
 
