@@ -52,11 +52,20 @@ class Adam:
         _check(_finite(self.eps) and self.eps >= 0, "eps", self.eps, "a finite number >= 0")
 
 
+def structurally_singular(shift: float, columns: int, size: int) -> bool:
+    """Whether U U^T + shift I, U with `columns` columns of length `size` (a curvature's factor: per-example
+    gradients, Fisher roots), is singular whatever the data: shift 0 and rank <= columns < size. An LU
+    solve misses it, its zero pivots perturbed by round-off, and returns finite, arbitrary numbers."""
+    return shift == 0 and columns < size
+
+
 @dataclasses.dataclass(frozen=True)
 class NaturalGradient:
     """`ef` and `ngd`: theta <- theta - lr (C + damping I)^-1 g.
 
     damping may be 0 only where C (plus the problem's l2 term) is invertible: small D, dense solve.
+    Where it is not, the step's solve gives NaN and the run diverges at the next step (in every
+    framework alike: `structurally_singular` names the case that round-off would otherwise hide).
     """
 
     lr: float

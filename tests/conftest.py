@@ -157,3 +157,14 @@ def singular_task():
     data = Dataset(Split(x, (x[:, :1] * 3 + 1)), None)
     problem = models.Problem(models.linear(2, 1), "gaussian")
     return Task("singular", problem, True, "test", 20, None, 10, lambda seed: data)
+
+
+def underdetermined_task():
+    """3 examples of 5 random inputs: every curvature of the 5 weights has rank <= 3, singular without
+    damping, yet LU's pivots, perturbed by round-off, are not exactly 0."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    x = np.random.default_rng(0).normal(size=(3, 5))
+    data = Dataset(Split(x, x @ np.arange(1.0, 6.0)[:, None]), None)
+    problem = models.Problem(models.linear(5, 1), "gaussian")
+    return Task("underdetermined", problem, True, "test", 3, None, 10, lambda seed: data)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import dense_reference as ref
-from conftest import singular_task
+from conftest import singular_task, underdetermined_task
 from natgrad_impls import make_optimizer, models, results, runner
 from natgrad_impls.tasks import TASKS
 
@@ -98,6 +98,18 @@ def test_a_failed_solve_is_a_divergence_at_the_next_step_in_every_framework(fram
     """A singular solve gives NaN parameters (jax's solves cannot raise; numpy's and torch's raised,
     which recorded the failure a step earlier): step 0's loss, then NaN."""
     frame = runner.run(singular_task(), "ngd", framework, hyperparameters={"lr": 1.0, "damping": 0.0}, progress=False)
+    assert frame["diverged"].all()
+    assert len(frame) == 2 and math.isfinite(frame["loss"].iloc[0]) and math.isnan(frame["loss"].iloc[1])
+
+
+@pytest.mark.parametrize("optimizer", ["ef", "ngd"])
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_an_undamped_curvature_of_too_few_columns_is_a_divergence(framework, optimizer):
+    """damping 0 with fewer examples than weights: the curvature is singular whatever the data, but an LU
+    solve returned finite, arbitrary steps (different in each framework). It must fail as a singular
+    solve does: NaN parameters, a divergence at the next step."""
+    frame = runner.run(underdetermined_task(), optimizer, framework, hyperparameters={"lr": 1.0, "damping": 0.0},
+                       progress=False)
     assert frame["diverged"].all()
     assert len(frame) == 2 and math.isfinite(frame["loss"].iloc[0]) and math.isnan(frame["loss"].iloc[1])
 

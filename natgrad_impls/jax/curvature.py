@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from natgrad_impls.jax import model as M
+from natgrad_impls.hyperparameters import structurally_singular
 from natgrad_impls.models import Conv2d, Model, Problem
 from natgrad_impls.names import Curvature
 
@@ -271,10 +272,14 @@ class FactorCurvature:
         return cho_solve(cho_factor(kernel, lower=True), rhs.reshape(-1))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
+        """The D x D solve of small problems, NaN where the matrix is singular for certain (as in torch)."""
+        flat = flatten(self.model, v)
+        if not isinstance(lam, jax.Array) and structurally_singular(lam, self.num_columns, self.model.num_params()):
+            return unflatten(self.model, jnp.full_like(flat, jnp.nan))
         u = self.columns()
         matrix = self.scale**2 * (u.T @ u)
         matrix = matrix + lam * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-        return unflatten(self.model, jnp.linalg.solve(matrix, flatten(self.model, v)))
+        return unflatten(self.model, jnp.linalg.solve(matrix, flat))
 
     def to_dense(self) -> jax.Array:
         u = self.columns()

@@ -178,10 +178,12 @@ def fisher(problem: Problem, params: dict, batch, fisher: Fisher | str = Fisher.
 
 # -- optimizers ------------------------------------------------------------------------------------
 
-def solve(matrix: np.ndarray, b: np.ndarray) -> np.ndarray:
+def solve(matrix: np.ndarray, b: np.ndarray, singular: bool = False) -> np.ndarray:
     """matrix^-1 b, NaN where matrix is singular: as in jax and in torch's Cholesky solves, which
     never raise, a failed solve makes the next parameters NaN and the run diverges at the next step
-    (its loss NaN), in every framework alike."""
+    (its loss NaN), in every framework alike. `singular`: known to be (hp.structurally_singular)."""
+    if singular:
+        return np.full(np.broadcast_shapes(matrix.shape[:-1], b.shape), np.nan)
     try:
         return np.linalg.solve(matrix, b)
     except np.linalg.LinAlgError:
@@ -272,7 +274,7 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
         theta, z, f, r, value, grad = _loss_and_grad(problem, params, batch)
         per_example = r[:, None] * z
         matrix = per_example.T @ per_example / z.shape[0] + h.damping * np.eye(z.shape[1])
-        new = theta - h.lr * solve(matrix, grad)
+        new = theta - h.lr * solve(matrix, grad, hp.structurally_singular(h.damping, *z.shape))
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
@@ -296,7 +298,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
         rng = random_stream(h.seed, "labels", state.step) if h.fisher == Fisher.MC else None
         lam = _fisher_weights(problem, f, h.fisher, h.samples, rng)
         matrix = (z * lam[:, None]).T @ z / z.shape[0] + (problem.l2 + h.damping) * np.eye(z.shape[1])
-        new = theta - h.lr * solve(matrix, grad)
+        new = theta - h.lr * solve(matrix, grad, hp.structurally_singular(problem.l2 + h.damping, *z.shape))
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
     return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from natgrad_impls.hyperparameters import structurally_singular
 from natgrad_impls.models import Conv2d, Model, Problem
 from natgrad_impls.names import Curvature
 from natgrad_impls.torch import model as M
@@ -264,11 +265,16 @@ class FactorCurvature:
         return torch.cholesky_solve(rhs.reshape(-1, 1), _cholesky(gram))
 
     def _dense_solve(self, v: dict, lam: float) -> dict:
-        """The D x D solve of small problems, NaN where the matrix is singular (as `_cholesky`)."""
+        """The D x D solve of small problems, NaN where the matrix is singular (as `_cholesky`): for
+        certain where lam is 0 and there are fewer columns than parameters (`structurally_singular`),
+        which LU's pivots, perturbed by round-off, would miss."""
+        flat = flatten(self.model, v)
+        if structurally_singular(lam, self.num_columns, self.model.num_params()):
+            return unflatten(self.model, torch.full_like(flat, torch.nan))
         u = self.columns()
         matrix = self.scale**2 * (u.T @ u)
         matrix.diagonal().add_(lam)
-        x, info = torch.linalg.solve_ex(matrix, flatten(self.model, v))
+        x, info = torch.linalg.solve_ex(matrix, flat)
         return unflatten(self.model, x.masked_fill_(info != 0, torch.nan))
 
     def to_dense(self) -> torch.Tensor:
