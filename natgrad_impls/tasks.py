@@ -91,7 +91,10 @@ class Task:
     def with_variant(self, variant: str) -> Task:
         if variant not in self.variants:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(self.variants) or '(none)'}")
-        return _misspec(variant)
+        task = _misspec(variant)
+        if self.problem.likelihood == task.problem.likelihood == Likelihood.BERNOULLI:  # keep the clip chosen before
+            task = dataclasses.replace(task, problem=dataclasses.replace(task.problem, logit_clip=self.problem.logit_clip))
+        return task
 
 
 def _split(X, y) -> Split:
@@ -198,11 +201,13 @@ _LOGISTIC = {
         ((-1, -1), 1.5 * np.array([[1, 0.6], [0.6, 1]])),
     ),
 }
-# Linear sets (appendix): x ~ N(0, 1), inputs [x, 1] (bias LAST), y = x + 1 + extra, prior var 0.1.
+# Linear sets (appendix): x ~ N(0, 1), inputs [x, 1] (bias LAST), y = x + 1 (+ a term the model
+# lacks) + noise, added in that order as the paper code does (bit for bit); prior var 0.1.
+# variant: (the missing term, or None; the noise's standard deviation)
 _LINEAR = {
-    "linear-correct": lambda x, rng: rng.randn(len(x), 1),
-    "linear-misspecified-a": lambda x, rng: 2 * rng.randn(len(x), 1),  # noise of the wrong scale
-    "linear-misspecified-b": lambda x, rng: 0.5 * x**2 + rng.randn(len(x), 1),  # missing quadratic term
+    "linear-correct": (None, 1.0),
+    "linear-misspecified-a": (None, 2.0),  # noise of the wrong scale
+    "linear-misspecified-b": (lambda x: 0.5 * x**2, 1.0),  # missing quadratic term
 }
 MISSPEC_VARIANTS = (*_LOGISTIC, *_LINEAR)
 
@@ -219,7 +224,11 @@ def _linear_set(variant, seed):
     rng = np.random.RandomState(seed)
     x = rng.randn(TOY_N, 1)
     X = np.hstack([x, np.ones((TOY_N, 1))])
-    y = X @ np.array([[1.0], [1.0]]) + _LINEAR[variant](x, rng)
+    missing, noise = _LINEAR[variant]
+    y = X @ np.array([[1.0], [1.0]])
+    if missing is not None:
+        y = y + missing(x)
+    y = y + noise * rng.randn(TOY_N, 1)
     return Dataset(_split(X, y), None)
 
 

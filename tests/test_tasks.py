@@ -147,6 +147,65 @@ def test_misspec_variants():
         get_task("wine", "linear-correct")
 
 
+# The paper code's toy sets (Kunstner et al., libs/eftk/eftk/toydata.py), as it draws them after
+# np.random.seed(0): the logistic ones as (mean, A) per class, x = mean + randn(N/2, 2) @ A.
+PAPER_LOGISTIC = {
+    "logistic-correct": (((1, 1), np.eye(2) * 2), ((-1, -1), np.eye(2) * 2)),  # wellspecified_logreg
+    "logistic-misspecified-a": (((1.5, 1.5), np.eye(2) * 3), ((-1.5, -1.5), np.eye(2))),  # missnoise_logreg
+    "logistic-misspecified-b": (((1, 1), np.array([[1, -0.6], [-0.6, 1]]) * 1.5),  # misspecified_logreg
+                                ((-1, -1), np.array([[1, 0.6], [0.6, 1]]) * 1.5)),
+}
+
+
+def paper_toy(name: str, n: int = 1000):
+    """(X, y) of the paper code's generator for `name` after np.random.seed(0) (legacy stream)."""
+    rng = np.random.RandomState(0)
+    if name == "vecfield":  # gradient_field_problem
+        X = np.hstack([np.ones((n, 1)), rng.lognormal(0, 0.75, (n, 1))])
+        return X, X @ np.array([[2], [2]]) + rng.randn(n, 1)
+    if name.startswith("linear"):  # correct_, missspecified_noise_, missspecified_model_linearRegression2
+        X = np.concatenate([rng.randn(n, 1), np.ones((n, 1))], axis=1)
+        y = X @ np.array([[1], [1]])
+        if name == "linear-misspecified-b":
+            return X, y + 0.5 * X[:, 0].reshape((-1, 1)) ** 2 + rng.randn(n, 1)
+        return X, y + (2 if name == "linear-misspecified-a" else 1) * rng.randn(n, 1)
+    X = np.vstack([np.array(mean) + rng.randn(n // 2, 2) @ a for mean, a in PAPER_LOGISTIC[name]])
+    return X, np.vstack([np.zeros((n // 2, 1)), np.ones((n // 2, 1))])
+
+
+@pytest.mark.parametrize("name", ["vecfield", *MISSPEC_VARIANTS])
+def test_toys_are_the_paper_codes_data(name):
+    """DESIGN 6 and the tasks docstring: seed 0 gives the toy data of Kunstner et al.'s code. The
+    registry's shapes and the least-squares fit alone let a wrong lognormal spread, noise scale,
+    class covariance, label order or misspecification term through (or its terms added in another
+    order: 1 ulp)."""
+    task = get_task("vecfield") if name == "vecfield" else get_task("misspec", name)
+    (X, y), _ = task.load(seed=0)
+    theirs_X, theirs_y = paper_toy(name)
+    np.testing.assert_array_equal(X, theirs_X)
+    np.testing.assert_array_equal(y, theirs_y)
+
+
+def test_a_variant_keeps_the_logit_clip_chosen_before():
+    """with_logit_clip then with_variant: the exact likelihood stays exact on another logistic variant,
+    and the paper's clip stays the default."""
+    exact = get_task("misspec", "logistic-correct").with_logit_clip("none")
+    assert exact.with_variant("logistic-misspecified-a").problem.logit_clip is None
+    clipped = get_task("misspec", "logistic-correct").with_variant("logistic-misspecified-b").problem.logit_clip
+    assert clipped == models.KUNSTNER_LOGIT_CLIP
+    assert exact.with_variant("linear-correct").problem.logit_clip is None  # gaussian: nothing to clip
+
+
+def test_fashionmnist_cnn_is_deepobs_2c2d():
+    """DeepOBS fmnist_2c2d: 5x5 'same' convolutions of 32 and 64 channels, each followed by a 2x2
+    max-pool (28 -> 14 -> 7), then dense 1024 and 10. The model is only built offline (its data is a
+    download), so its shapes and size are checked here, from the architecture alone."""
+    model = TASKS["fashionmnist-cnn"].problem.model
+    assert list(model.output_shapes().values()) == [(32, 28, 28), (64, 14, 14), (1024,), (10,)]
+    assert model.num_params() == (5 * 5 * 1 * 32 + 32) + (5 * 5 * 32 * 64 + 64) + (7 * 7 * 64 * 1024 + 1024) + (
+        1024 * 10 + 10)
+
+
 def test_networks():
     assert TASKS["digits-mlp"].problem.model.input_shape == (64,)
     assert TASKS["mnist1d-mlp"].problem.model == models.mlp((40, 100, 100, 10), "relu")
