@@ -703,6 +703,65 @@ def test_kfac_floor_counts_the_products_torch_does():
     assert floor["with_factors"] > floor["floor"]
 
 
+def test_kfac_floor_counts_factors_and_inverses_as_documented():
+    """The counts the flop-counter test above cannot see, by hand for one dense layer 3 -> 2 with its
+    bias (in' = 4, out = 2), N = 5, period 4: the factors' symmetric halves N (in'^2 + out^2) / 2 every
+    step, and per period a Cholesky (n^3 / 6 multiply-adds) and the inverse from it (n^3 / 3) of
+    A (n = 4) and G (n = 2); the gradient 2 N out in' (a first layer: no backward into its input)."""
+    from natgrad_impls import models
+
+    floor = timing.kfac_floor(models.mlp((3, 2)), batch=5, period=4)
+    gradient, precondition = 2 * 5 * 2 * 4, 2 * 2 * 4 + 2 * 4 * 4
+    factors = 5 * (4 * 4 + 2 * 2) / 2
+    inverses = sum(n**3 / 6 + n**3 / 3 for n in (4, 2)) / 4
+    assert floor["gradient"] == gradient and floor["precondition"] == precondition
+    assert floor["factors"] == pytest.approx(factors) and floor["inverses"] == pytest.approx(inverses)
+    assert floor["with_factors"] == pytest.approx((gradient + precondition + factors + inverses) / gradient)
+
+
+def test_torch_ops_averages_one_period_after_a_period_of_warm_up(monkeypatch):
+    """`torch_ops` counts a step's operators over one K-FAC period after a period of warm-up and
+    divides by the period. Stand-ins: a step of one add (eleven on its first call, as K-FAC's first
+    step, with no moving average yet, differs), a period of 4, a gradient of two adds."""
+    import torch
+
+    x, calls = torch.zeros(3), []
+
+    def step():
+        calls.append(1)
+        for _ in range(11 if len(calls) == 1 else 1):
+            x.add(1.0)
+
+    def gradient():
+        x.add(1.0)
+        x.add(2.0)
+
+    monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: (step, None, 4))
+    monkeypatch.setattr(timing, "gradient_call", lambda *args, **kwargs: (gradient, None))
+    ops = timing.torch_ops("kfac", None, None, None, lr=0.1, damping=1e-2)
+    assert ops == {"step_ops": 1.0, "gradient_ops": 2.0, "ops_over_gradient": 0.5}
+    assert len(calls) == 8
+
+
+def test_gradient_equivalents_is_step_time_over_gradient_time(monkeypatch):
+    """DESIGN 4: cost = time(step) / time(gradient), the step sampled in blocks of its K-FAC period
+    (so that a sample holds the inversion and charges each step its share) and the gradient in
+    blocks of one. Stand-ins: medians of 3 ms a step and 1 ms a gradient, a period of 10."""
+    monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: ("step", "sync", 10))
+    monkeypatch.setattr(timing, "gradient_call", lambda *args, **kwargs: ("gradient", "sync"))
+    sampled = []
+
+    def medians(timed, repeats, **kwargs):
+        sampled.append([(t.call, t.block) for t in timed])
+        return [{"step": 3e-3, "gradient": 1e-3}[t.call] for t in timed]
+
+    monkeypatch.setattr(timing, "alternating_medians", medians)
+    cost = timing.gradient_equivalents("torch", "kfac", None, None, None, repeats=5)
+    assert cost["step_s"] == 3e-3 and cost["gradient_s"] == 1e-3
+    assert cost["gradient_equivalents"] == pytest.approx(3.0)
+    assert sampled == [[("step", 10), ("gradient", 1)]]
+
+
 def test_gpu_session_carries_only_pinned_packages():
     """scripts/gpu_session.sh takes every version it carries to a GPU machine from requirements.lock."""
     script = (ROOT / "scripts" / "gpu_session.sh").read_text()

@@ -140,6 +140,41 @@ def test_vecfield_draws_the_tables_numbers(vecfield_table):
         np.testing.assert_allclose(star_marker.get_xydata()[0], star, rtol=1e-9)
 
 
+def test_vecfield_rows_are_the_closed_form_flows(vecfield_table):
+    """The table's numbers, from the closed forms of linear regression with unit noise and the prior
+    l2 = 1/(0.1 N) (DESIGN 6), r = X theta - y: g = X^T r / N + l2 theta, F = X^T X / N + l2 I, EF =
+    X^T diag(r^2) X / N (no prior). The data rows are the task's (x the lognormal input, not the
+    ones); a field row is lr C^-1 g's flow -lr (C + 1e-8 I)^-1 g with the paper's lr (1/3 sgd with
+    C = I, 1 ngd, 3 ef); each trajectory's first Euler step is theta0 + dt times it (dt 0.5 here).
+    The angle tests see directions only, so a flow that lost its lr passed them."""
+    task = get_task("vecfield")
+    X, y = task.load(0).train
+    n, l2 = len(X), task.problem.l2
+
+    def flow(optimizer, theta):
+        r = X @ theta - y[:, 0]
+        g = X.T @ r / n + l2 * theta
+        if optimizer == "sgd":
+            return -g
+        C = X.T @ X / n + l2 * np.eye(2) if optimizer == "ngd" else (X * r[:, None] ** 2).T @ X / n
+        return -np.linalg.solve(C + 1e-8 * np.eye(2), g)
+
+    data = vecfield_table[vecfield_table["kind"] == "data"]
+    np.testing.assert_array_equal(data["x"].to_numpy(dtype=float), X[:, 1])
+    np.testing.assert_array_equal(data["y"].to_numpy(dtype=float), y[:, 0])
+    for optimizer, lr in {"sgd": 1 / 3, "ngd": 1.0, "ef": 3.0}.items():
+        mine = vecfield_table[vecfield_table["optimizer"] == optimizer]
+        field = mine[mine["kind"] == "field"]
+        assert len(field) == 7 * 7
+        for row in field.itertuples():
+            expected = lr * flow(optimizer, np.array([row.theta_0, row.theta_1]))
+            np.testing.assert_allclose([row.d_0, row.d_1], expected, rtol=1e-8, err_msg=optimizer)
+        for start, path in mine[mine["kind"] == "trajectory"].groupby("start"):
+            p = path.sort_values("step")[["theta_0", "theta_1"]].to_numpy(dtype=float)
+            np.testing.assert_allclose(p[1], p[0] + 0.5 * lr * flow(optimizer, p[0]), rtol=1e-8,
+                                       err_msg=f"{optimizer} {start}")
+
+
 def test_the_default_ngd_flow_ends_at_the_minimum():
     """The default flow (500 Euler steps of 0.1: flow time 50 at lr 1, the paper's) is long enough
     for every NGD path to end at theta*, which a 10 x shorter one (flow time 5) would not reach.
@@ -209,6 +244,22 @@ def test_ellipse_radius_is_three_over_root_n(misspec_table):
         n = len(get_task("misspec", variant).load(0).train.X)
         assert (rows["n"] == n).all(), variant
         np.testing.assert_allclose(rows["radius"].to_numpy(dtype=float), 3 / np.sqrt(n), rtol=1e-12)
+
+
+def test_contour_window_holds_both_ellipses(misspec_table):
+    """The contour rows span a square around theta* that holds the Fisher's and the EF's ellipse
+    (with room to spare: 1.5 times their extent): the ellipse Delta^T C Delta = radius^2 reaches
+    radius sqrt((C^-1)_ii) along axis i (Lagrange: max e_i^T Delta on it). C is the table's; its
+    Fisher is held to the loss above, so a window cut from C instead of C^-1 shows here."""
+    for variant, rows in misspec_table.groupby("variant"):
+        star = rows[rows["kind"] == "minimum"][["theta_0", "theta_1"]].to_numpy(dtype=float)[0]
+        contour = rows[rows["kind"] == "contour"]
+        radius = rows[rows["kind"] == "curvature"]["radius"].iloc[0]
+        for name, C in _curvatures(misspec_table, variant).items():
+            reach = radius * np.sqrt(np.diag(np.linalg.inv(C)))
+            for i in range(2):
+                axis = contour[f"theta_{i}"].to_numpy(dtype=float)
+                assert axis.min() < star[i] - reach[i] and star[i] + reach[i] < axis.max(), (variant, name, i)
 
 
 def test_misspecification_leaves_out_a_missing_variant(misspec_table):

@@ -116,6 +116,44 @@ def test_nll_matches_torch_losses():
     torch.testing.assert_close(M.nll(categorical, f, classes), F.cross_entropy(f, classes, reduction="none"))
 
 
+def test_mlp_is_affine_activation_affine_with_logits_out():
+    """mlp((3, 4, 2), "tanh") is f(x) = W2 tanh(W1 x + b1) + b2, written out in NumPy: the activation
+    between layers only, so that the outputs are logits for the likelihood to link. The torch.nn
+    comparison above builds its network from the same layer list, so it cannot see an extra or a
+    missing activation."""
+    model = models.mlp((3, 4, 2), "tanh")
+    params = {k: v + 0.1 for k, v in models.init_params(model, 0).items()}  # non-zero biases too
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    hidden = np.tanh(x @ params["dense0.weight"].T + params["dense0.bias"])
+    expected = hidden @ params["dense2.weight"].T + params["dense2.bias"]
+    actual = M.output(model, M.to_torch(params), torch.tensor(x)).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_autoencoder_has_a_linear_code_layer():
+    """The K-FAC paper's MNIST autoencoder (Hinton & Salakhutdinov 2006): 784-1000-500-250-30 and
+    mirrored, a sigmoid after every dense layer but the 30-unit code layer, which is linear, and the
+    last, whose logits the bernoulli likelihood takes."""
+    model = models.autoencoder()
+    layers = model.layers
+    dense = [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, models.Dense)]
+    assert [(d.in_features, d.out_features) for _, d in dense] == [
+        (784, 1000), (1000, 500), (500, 250), (250, 30), (30, 250), (250, 500), (500, 1000), (1000, 784)]
+    after = [layers[i + 1].kind if i + 1 < len(layers) and isinstance(layers[i + 1], models.Act) else None
+             for i, _ in dense]
+    assert after == ["sigmoid"] * 3 + [None] + ["sigmoid"] * 3 + [None]
+
+
+def test_the_paper_clip_is_the_logit_of_its_mean_bound():
+    """DESIGN 4: the paper code clips the Bernoulli mean to [1e-8, 1 - 1e-8]; the logit clip is that
+    bound's logit, so its sigmoid gives the bound back to round-off (log(1e8) would be 1e-8 off)."""
+    import math
+
+    clip = models.KUNSTNER_LOGIT_CLIP
+    assert 1 / (1 + math.exp(clip)) == pytest.approx(1e-8, rel=1e-12, abs=0)
+    assert 1 / (1 + math.exp(-clip)) == pytest.approx(1 - 1e-8, rel=0, abs=1e-15)
+
+
 def test_init_params_is_seeded_and_glorot():
     model = models.mlp((20, 30, 5))
     a, b, c = models.init_params(model, 0), models.init_params(model, 0), models.init_params(model, 1)

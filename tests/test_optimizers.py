@@ -421,6 +421,12 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimize
         ("kfac", {"lr": 0.1, "damping": 0.0}, "damping"),
         ("kfac", {"lr": 0.1, "damping": 1e-3, "kfac_update_period": 0}, "kfac_update_period"),
         ("kfac", {"lr": 0.1, "damping": 1e-3, "kfac_ema": 1.5}, "kfac_ema"),
+        # the open ends: b2 = 1 never updates v (bias correction 1 - b2^t = 0; torch.optim.Adam refuses
+        # it too), no MC labels, a seed numpy's SeedSequence refuses deep inside a run
+        ("adam", {"b2": 1.0}, "b2"),
+        ("kfac", {"lr": 0.1, "damping": 1e-3, "samples": 0}, "samples"),
+        ("ngd", {"lr": 0.1, "damping": 1e-3, "fisher": "mc", "seed": -1}, "seed"),
+        ("kfac", {"lr": 0.1, "damping": 1e-3, "seed": -1}, "seed"),
     ],
 )
 @pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
@@ -428,6 +434,20 @@ def test_bad_hyperparameters_name_the_argument(framework, optimizer, hp, field):
     problem = PROBLEMS["logistic"]
     with pytest.raises(ValueError, match=rf"^{field}: "):
         make_optimizer(framework, optimizer, problem, **hp)
+
+
+@pytest.mark.parametrize(
+    "optimizer, hp",
+    [("sgd", {"lr": 0.0}), ("adam", {"lr": 0.0, "b1": 0.0, "eps": 0.0}), ("ef", {"lr": 0.0, "damping": 0.0}),
+     ("ngd", {"lr": 0.0, "damping": 0.0}), ("kfac", {"lr": 0.0, "damping": 1e-3, "kfac_ema": 0.0})],
+)
+@pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
+def test_the_closed_ends_of_each_range_are_accepted(framework, optimizer, hp):
+    """DESIGN 7 refuses a negative lr, not lr 0; damping >= 0 (> 0 for kfac alone, ARGUMENTS); b1 and
+    kfac_ema in [0, 1), 0 meaning no moving average; eps >= 0. torch.optim.Adam takes the same ends."""
+    if optimizer == "adam":
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.0, betas=(0.0, 0.999), eps=0.0)
+    make_optimizer(framework, optimizer, PROBLEMS["logistic"], **hp)
 
 
 def test_hyperparameter_names_are_shared():

@@ -159,6 +159,37 @@ def test_missing_hyperparameters_are_empty_in_the_file(tmp_path):
     pd.testing.assert_frame_equal(results.read(results.write(frame, tmp_path / "run.parquet")), frame)
 
 
+def test_a_csv_result_has_the_frames_columns_and_no_index(tmp_path):
+    """DESIGN 7: a result file's columns are the run's; a written index would add an unnamed column
+    of row numbers to every CSV file, for pandas and any other reader (parquet keeps none either)."""
+    frame = pd.DataFrame({"task": ["wine", "wine"], "step": [0, 1], "loss": [1.0, 0.5]})
+    path = results.write(frame, tmp_path / "run.csv")
+    assert path.read_text().splitlines()[0] == "task,step,loss"
+    pd.testing.assert_frame_equal(pd.read_csv(path), frame)
+
+
+def test_a_folder_is_no_result_file(tmp_path):
+    """A folder named like a result file is refused before a run, naming `out` (DESIGN 7: bad input is
+    one line naming the field, and nothing is written), not after the whole run, when the rename of
+    its temporary onto the folder fails."""
+    folder = tmp_path / "run.csv"
+    folder.mkdir()
+    for check in (results.check_path, results.check_writable):
+        with pytest.raises(ValueError, match=r"^out: .*run\.csv' is a folder"):
+            check(folder)
+
+
+def test_results_are_readable_by_others(tmp_path):
+    """Results are for sharing (a report, a cluster's other users): the temporary that `atomic` writes
+    through comes from mkstemp, which makes owner-only (0600) files, so the file must be opened up
+    to 0644 before the rename, in both formats and for text."""
+    frame = pd.DataFrame({"step": [0, 1]})
+    paths = [results.write(frame, tmp_path / "run.csv"), results.write(frame, tmp_path / "run.parquet"),
+             results.write_text("caption", tmp_path / "caption.rst")]
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+
+
 def test_a_failing_pipeline_job_writes_its_traceback_to_its_log(tmp_path):
     """results.job_log: what a job prints and the error that ends it are both in its log, which
     is where Snakemake points a reader (`--show-failed-logs`, the job's log path)."""
