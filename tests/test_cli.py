@@ -4,6 +4,7 @@ exit, one line naming the field and the allowed values, and no file written."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -138,6 +139,9 @@ BAD = {
     # would have formed and solved a singular 9610 x 9610 matrix (29 s, 1.9 GB) to diverge at step 0
     "undamped network": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch", "--lr", "0.1",
                           "--damping", "0"], "damping: 0 leaves digits-mlp's curvature singular; use a damping > 0"),
+    # the cosine is measured with the run's damping: refused before the run, not a traceback from it
+    "cosine without damping": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                                "--cos-ef-ngd"], "cos_ef_ngd: needs the run's damping; sgd has none"),
 }
 
 
@@ -256,7 +260,7 @@ def test_a_result_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypat
 def test_bad_input_through_the_console_script(tmp_path):
     done = _natgrad("run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-1",
                     "--out", str(tmp_path / "x.csv"))
-    assert done.returncode == cli.EXIT_BAD_INPUT
+    assert done.returncode == cli.EXIT_BAD_INPUT == 2  # the documented status, argparse's for usage errors
     assert done.stderr.splitlines() == ["natgrad: lr: -1.0 must be a finite number >= 0"]
     assert list(tmp_path.iterdir()) == []
 
@@ -290,3 +294,103 @@ def test_bad_hyperparameters_file_is_one_line_and_writes_nothing(tmp_path, capsy
     lines = capsys.readouterr().err.splitlines()
     assert status == cli.EXIT_BAD_INPUT and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("optimizer,options", [
+    ("sgd", {"--lr": "0.001", "--momentum": "0.5"}),
+    ("adam", {"--lr": "0.001", "--b1": "0.8", "--b2": "0.99", "--eps": "1e-06"}),
+    ("ngd", {"--lr": "0.1", "--damping": "0.01", "--fisher": "mc", "--samples": "3"}),
+    ("kfac", {"--lr": "0.1", "--damping": "0.01", "--kfac-update-period": "3", "--kfac-ema": "0.9", "--fisher": "mc",
+              "--samples": "2"}),
+])
+def test_every_hyperparameter_option_sets_its_own_column(tmp_path, optimizer, options):
+    """Each option sets the hyperparameter it names (DESIGN 3), every one given a value that no other
+    has and that is not its default, so that an option read into another's field, or parsed as the
+    wrong type, shows."""
+    out = tmp_path / "run.csv"
+    argv = [item for pair in options.items() for item in pair]
+    assert cli.main(["run", "--task", "wine", "--optimizer", optimizer, "--framework", "numpy", *argv, "--steps", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    frame = results.read(out)
+    for option, value in options.items():
+        name = option[2:].replace("-", "_")
+        assert frame[name].tolist() == [value if name == "fisher" else float(value)] * 2, name
+
+
+def test_run_options_reach_the_run(tmp_path):
+    """--dtype, --seed, --batch-size, --eval-every and --cos-ef-ngd are the run's, not runner.run's
+    defaults: the table says float32, seed 3 and batches of 64, is evaluated at steps 0, 2 and 3
+    (not at 0 and the last only, as the default 200 would), and has a cosine on every row."""
+    out = tmp_path / "run.parquet"
+    assert cli.main(["run", "--task", "digits-mlp", "--optimizer", "ef", "--framework", "torch", "--lr", "0.01",
+                     "--damping", "0.1", "--dtype", "float32", "--seed", "3", "--batch-size", "64", "--eval-every", "2",
+                     "--steps", "3", "--cos-ef-ngd", "--no-progress", "--out", str(out)]) == 0
+    frame = results.read(out)
+    assert frame[["dtype", "seed", "batch_size"]].drop_duplicates().values.tolist() == [["float32", 3, 64]]
+    assert frame.loc[frame["train_loss"].notna(), "step"].tolist() == [0, 2, 3]
+    assert frame["cos_ef_ngd"].notna().all()
+
+
+def test_a_run_of_zero_steps_measures_the_start(tmp_path):
+    """--steps 0 is a run of one row, theta0 measured (what a cosine or a loss at the start needs), not
+    bad input: only negative steps are."""
+    out = tmp_path / "run.csv"
+    assert cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                     "--steps", "0", "--no-progress", "--out", str(out)]) == 0
+    assert results.read(out)["step"].tolist() == [0]
+
+
+def test_the_progress_bar_is_drawn_when_stderr_is_a_terminal_unless_no_progress(tmp_path, monkeypatch):
+    """The bar goes to stderr, so stderr being a terminal decides (a job's stdout may be a log file
+    while its stderr is a terminal), and --no-progress turns it off there."""
+
+    class Stream(io.StringIO):
+        def __init__(self, terminal):
+            super().__init__()
+            self.terminal = terminal
+
+        def isatty(self):
+            return self.terminal
+
+    drawn = {}
+    for flag in ([], ["--no-progress"]):
+        monkeypatch.setattr(sys, "stdout", Stream(False))
+        monkeypatch.setattr(sys, "stderr", Stream(True))
+        assert cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "1e-6",
+                         "--steps", "3", *flag, "--out", str(tmp_path / "run.csv")]) == 0
+        drawn[bool(flag)] = sys.stderr.getvalue()
+    assert "wine sgd numpy" in drawn[False] and drawn[True] == ""
+
+
+_RUN_UNTIL_KILLED = """
+import sys, time
+from natgrad_impls import cli, runner
+
+def running(*args, **kwargs):
+    print("running", flush=True)
+    time.sleep(120)
+
+runner.run = running
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_run_with_status_143_and_leaves_nothing(tmp_path):
+    """`kill` (a pipeline stopping its jobs) unwinds `natgrad run`: exit status 128 + 15, as a shell
+    reports a job stopped by SIGTERM, not death by the signal, and nothing left in the output folder."""
+    import signal
+
+    out = tmp_path / "new" / "run.csv"
+    process = subprocess.Popen([sys.executable, "-c", _RUN_UNTIL_KILLED, "run", "--task", "wine", "--optimizer", "sgd",
+                                "--framework", "numpy", "--lr", "0.1", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "running\n", process.stderr.read()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

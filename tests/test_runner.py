@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import dense_reference as ref
 from conftest import singular_task, underdetermined_task
@@ -362,6 +363,7 @@ def test_cuda_runs_equal_cpu_runs(framework):
     on_gpu = runner.run("breastcancer", "ngd", framework, "cuda", **kwargs)
     on_cpu = runner.run("breastcancer", "ngd", framework, "cpu", **kwargs)
     np.testing.assert_allclose(on_gpu["loss"], on_cpu["loss"], rtol=1e-10)
+    assert set(on_gpu["device"]) == {"cuda"} and set(on_cpu["device"]) == {"cpu"}  # the row says where it ran
     frame = runner.run("digits-mlp", "kfac", framework, "cuda", "float32", hyperparameters={"lr": 0.01, "damping": 1e-2},
                        steps=30, eval_every=10, progress=False)
     assert not frame["diverged"].any() and frame["test_accuracy"].notna().sum() == 4
@@ -494,3 +496,186 @@ def test_train_loss_is_measured_every_eval_every_steps_and_at_the_last(monkeypat
     final = seen[-1]  # the last step call measures the final parameters (and is discarded)
     assert frame["train_loss"].iloc[7] == pytest.approx(ref.loss(task.problem, final, x, y), rel=1e-10, abs=0)
     assert frame["train_loss"].iloc[7] != pytest.approx(frame["train_loss"].iloc[5], rel=1e-6)  # the params moved
+
+
+def _numpy(params):
+    """A step's parameters (torch tensors or jax arrays) as float64 NumPy."""
+    return {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64) for k, v in params.items()}
+
+
+class _Clock:
+    """A stand-in for the time module: perf_counter moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_time_s_is_the_synchronised_steps_alone_on_a_stand_in_clock(framework, monkeypatch):
+    """DESIGN 4: time is the wall-clock of the step alone, after warm-up/compilation, synchronised on
+    the device. On a clock that moves only when told (the first step call ever, compilation, costs 100,
+    every other 1; waiting for the device at a sync 0.5; an evaluation or a cosine 1000), time_s must
+    be 1.5 k exactly: cumulative, the warm-up, evaluations and cosines outside, the wait at the sync
+    inside, and step_s its last value (the extra step at k == steps is not a step of the run); eval_s
+    holds the evaluations and the cosines (scripts/run_overhead.py splits the loop's time by it)."""
+    from natgrad_impls.names import Framework
+
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(runner, "time", clock)
+
+    def step_cost(params, out):
+        clock.now += 1.0 if calls else 100.0
+        calls.append(None)
+
+    spy_on_steps(monkeypatch, step_cost)
+
+    class Charged(runner._IO[Framework(framework)]):
+        def sync(self, tree):
+            super().sync(tree)
+            clock.now += 0.5
+
+        def evaluate(self, *args):
+            clock.now += 1000.0
+            return super().evaluate(*args)
+
+        def cosine(self, *args):
+            clock.now += 1000.0
+            return super().cosine(*args)
+
+    monkeypatch.setitem(runner._IO, Framework(framework), Charged)
+    frame = runner.run("digits-mlp", "sgd", framework, hyperparameters={"lr": 0.05}, steps=5, eval_every=2,
+                       cos_ef_ngd=True, cos_damping=0.1, progress=False)
+    assert frame["time_s"].tolist() == [1.5 * k for k in range(6)]
+    assert frame.attrs["step_s"] == 7.5
+    assert frame.attrs["eval_s"] == (8 + 6) * 1000.0  # train and test at steps 0, 2, 4 and 5; a cosine at each
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_evaluations_are_the_whole_splits_at_theta_k_chunk_by_chunk(framework, monkeypatch):
+    """train_* and test_* are the loss and accuracy of the whole training and test splits at theta_k
+    (the parameters step k is handed), against the dense reference's loss and torch.nn's argmax.
+    EVAL_CHUNK 500 cuts the 1437 training examples into three chunks (jax pads and masks the last)
+    and leaves the 360 test examples one, so that both ways through the evaluation are checked."""
+    monkeypatch.setattr(runner, "EVAL_CHUNK", 500)
+    seen = []
+    spy_on_steps(monkeypatch, lambda params, out: seen.append(_numpy(params)))
+    frame = runner.run("digits-mlp", "sgd", framework, hyperparameters={"lr": 0.1}, steps=3, eval_every=2, seed=1,
+                       progress=False)
+    task = TASKS["digits-mlp"]
+    splits = dict(zip(("train", "test"), task.load(1)))
+    for k in (0, 2, 3):
+        theta = seen[2 + k]  # after the two warm-up calls
+        net = ref.torch_nn(task.problem.model, theta)
+        for name, (x, y) in splits.items():
+            with torch.no_grad():
+                accuracy = float(np.mean(net(torch.as_tensor(x)).argmax(1).numpy() == y))
+            expected = ref.loss(task.problem, theta, x, y)
+            assert frame[f"{name}_loss"].iloc[k] == pytest.approx(expected, rel=1e-10), (k, name)
+            assert frame[f"{name}_accuracy"].iloc[k] == accuracy, (k, name)
+
+
+def _logistic_task_with_a_test_split():
+    """Logistic regression with a bias parameter and a test split: accuracy on a single Bernoulli output."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    rng = np.random.default_rng(0)
+    x, x_test = rng.normal(size=(200, 3)), rng.normal(size=(100, 3))
+    y, y_test = (rng.integers(0, 2, size=(n, 1)).astype(np.float64) for n in (200, 100))
+    data = Dataset(Split(x, y), Split(x_test, y_test))
+    problem = models.Problem(models.linear(3, 1, bias=True), "bernoulli")
+    return Task("logistic-split", problem, True, "test", 200, None, 10, lambda seed: data)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_bernoulli_accuracy_is_the_sign_of_the_logit(framework, monkeypatch):
+    """One Bernoulli output predicts class 1 where its logit x w + b is > 0 (the mean above 1/2), not
+    where the logit is above 1/2; numpy's path appends the input's 1 last, where the bias sits in
+    the parameter vector. Against the closed form at the parameters each step is handed."""
+    seen = []
+    spy_on_steps(monkeypatch, lambda params, out: seen.append(_numpy(params)))
+    task = _logistic_task_with_a_test_split()
+    frame = runner.run(task, "sgd", framework, hyperparameters={"lr": 1.0}, steps=2, seed=2, init="glorot",
+                       eval_every=1, progress=False)
+    thetas = seen[-3:]  # steps 0, 1 and 2 (the last call measures the final parameters)
+    assert thetas[-1]["dense0.bias"][0] != 0  # the bias has moved from its Glorot 0, so it counts
+    for name, (x, y) in zip(("train", "test"), task.load(2)):
+        expected = [np.mean((x @ t["dense0.weight"].T + t["dense0.bias"] > 0) == (y == 1)) for t in thetas]
+        np.testing.assert_allclose(frame[f"{name}_accuracy"], expected, rtol=0, atol=1e-15, err_msg=name)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_a_mini_batched_convex_run_is_evaluated_on_its_whole_objective(framework):
+    """vecfield in mini-batches of 100 has no test split, yet it is evaluated (on the full training set)
+    as every mini-batch run is, and train_loss is the objective: the mean NLL plus the prior's
+    l2/2 |theta|^2, against the dense reference. lr 0 from a Glorot start (not 0: the prior counts)."""
+    task, seed = TASKS["vecfield"], 2
+    frame = runner.run(task, "sgd", framework, hyperparameters={"lr": 0.0}, steps=2, batch_size=100, seed=seed,
+                       init="glorot", eval_every=1, progress=False)
+    x, y = task.load(seed).train
+    theta = models.init_params(task.problem.model, seed, "glorot")
+    np.testing.assert_allclose(frame["train_loss"], ref.loss(task.problem, theta, x, y), rtol=1e-12)
+    assert "test_loss" not in frame
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_cos_ef_ngd_is_on_the_steps_batch_with_cos_damping(framework):
+    """Row k's cosine is measured on the k-th mini-batch (the one step k sees), not the whole training
+    set, and with cos_damping where one is given, not the run's damping. lr 0 keeps theta at its
+    Glorot start, so the rows differ by their batches alone; against the dense reference (F with the
+    prior's l2, the EF without) on the documented batch rows."""
+    task, seed, damping = TASKS["vecfield"], 2, 0.1
+    frame = runner.run(task, "ef", framework, hyperparameters={"lr": 0.0, "damping": 1e-6}, steps=3, batch_size=100,
+                       seed=seed, init="glorot", cos_ef_ngd=True, cos_damping=damping, eval_every=3, progress=False)
+    x, y = task.load(seed).train
+    theta = models.init_params(task.problem.model, seed, "glorot")
+    for k, rows in enumerate(_batch_rows(len(x), 100, seed, 4)):
+        g = ref.loss_gradient(task.problem, theta, x[rows], y[rows])
+        eye = np.eye(len(g))
+        d_ef = np.linalg.solve(ref.empirical_fisher(task.problem, theta, x[rows], y[rows]) + damping * eye, g)
+        d_ngd = np.linalg.solve(ref.fisher(task.problem, theta, x[rows], y[rows]) + damping * eye, g)
+        expected = d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd))
+        assert frame["cos_ef_ngd"].iloc[k] == pytest.approx(expected, rel=1e-8, abs=0), k
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_grad_norm_is_that_of_the_steps_batch_gradient_at_theta_k(framework, monkeypatch):
+    """grad_norm at row k is |grad L(theta_k)| on the k-th mini-batch, against the dense reference at
+    the parameters step k is handed. jax brings several steps' scalars to the host at once; each must
+    land on its own row."""
+    seen = []
+    spy_on_steps(monkeypatch, lambda params, out: seen.append(_numpy(params)))
+    task, seed, steps = TASKS["digits-mlp"], 1, 4
+    frame = runner.run(task, "sgd", framework, hyperparameters={"lr": 0.1}, steps=steps, seed=seed, eval_every=steps,
+                       progress=False)
+    x, y = task.load(seed).train
+    for k, rows in enumerate(_batch_rows(len(x), task.batch_size, seed, steps + 1)):
+        g = ref.loss_gradient(task.problem, seen[2 + k], x[rows], y[rows])  # after the two warm-up calls
+        assert frame["grad_norm"].iloc[k] == pytest.approx(np.linalg.norm(g), rel=1e-10), k
+
+
+def test_a_run_records_its_seed_and_batch_size_and_starts_from_that_seeds_parameters():
+    """The seed draws the initial parameters as well as the batch order: row 0's full-train loss is
+    that of init_params(seed) (a run that drew them from seed 0 would still see other batches under
+    another seed, which is all the batch-order test can tell), and the row records the seed and the
+    batch size asked for, not 0 and the task's 128."""
+    task, seed = TASKS["digits-mlp"], 3
+    frame = runner.run(task, "sgd", "torch", hyperparameters={"lr": 0.1}, steps=0, batch_size=64, seed=seed,
+                       progress=False)
+    x, y = task.load(seed).train
+    theta = models.init_params(task.problem.model, seed, "glorot")
+    (rows,) = _batch_rows(len(x), 64, seed, 1)
+    assert frame["train_loss"].iloc[0] == pytest.approx(ref.loss(task.problem, theta, x, y), rel=1e-12)
+    assert frame["loss"].iloc[0] == pytest.approx(ref.loss(task.problem, theta, x[rows], y[rows]), rel=1e-12)
+    assert frame[["seed", "batch_size"]].values.tolist() == [[seed, 64]]
+
+
+def test_a_misspec_run_records_its_variant():
+    """misspec is six data sets under one task name: a run's rows say which (the misspec figure and
+    table group by it), and a task without variants has no such column."""
+    frame = runner.run("misspec", "sgd", "numpy", hyperparameters={"lr": 0.1}, steps=1, variant="linear-misspecified-b",
+                       progress=False)
+    assert frame["variant"].tolist() == ["linear-misspecified-b"] * 2
+    assert "variant" not in runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-6}, steps=1, progress=False)
