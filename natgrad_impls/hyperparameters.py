@@ -18,7 +18,8 @@ def _check(condition: bool, name: str, value, requirement: str) -> None:
         raise ValueError(f"{name}: {value!r} must be {requirement}")
 
 
-def _finite(value) -> bool:  # a bool is an int to Python, but `"lr": true` is a mistake, not lr 1
+def is_finite_number(value) -> bool:
+    """A finite int or float, not a bool: an int to Python, but `"lr": true` is a mistake, not lr 1."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -34,8 +35,8 @@ class SGD:
     momentum: float = 0.0
 
     def __post_init__(self):
-        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
-        _check(_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(is_finite_number(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +47,10 @@ class Adam:
     eps: float = 1e-8
 
     def __post_init__(self):
-        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
-        _check(_finite(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "in [0, 1)")
-        _check(_finite(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "in [0, 1)")
-        _check(_finite(self.eps) and self.eps >= 0, "eps", self.eps, "a finite number >= 0")
+        _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(is_finite_number(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "in [0, 1)")
+        _check(is_finite_number(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "in [0, 1)")
+        _check(is_finite_number(self.eps) and self.eps >= 0, "eps", self.eps, "a finite number >= 0")
 
 
 def structurally_singular(shift: float, columns: int, size: int) -> bool:
@@ -75,8 +76,8 @@ class NaturalGradient:
     seed: int = 0  # seeds the mc label sampler
 
     def __post_init__(self):
-        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
-        _check(_finite(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
+        _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(is_finite_number(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
         _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
         _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
@@ -93,11 +94,11 @@ class KFAC:
     seed: int = 0
 
     def __post_init__(self):
-        _check(_finite(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
-        _check(_finite(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
+        _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
+        _check(is_finite_number(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
         _check(is_integer(self.kfac_update_period) and self.kfac_update_period >= 1,
                "kfac_update_period", self.kfac_update_period, "an integer >= 1")
-        _check(_finite(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
+        _check(is_finite_number(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
         _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
         _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")

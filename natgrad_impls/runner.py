@@ -541,19 +541,21 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     setup_start = time.perf_counter()
     spec = resolve(task, optimizer, framework, device, dtype, hyperparameters, seed, variant, logit_clip)
     task, problem = spec.task, spec.task.problem
-    steps = task.steps if steps is None else int(steps)
-    if steps < 0:
+    steps = task.steps if steps is None else steps
+    if not hp.is_integer(steps) or steps < 0:  # (not int(): 2.7 steps would silently be 2)
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
     check_batch_size(task, batch_size)
     if batch_size is None:
         batch_size = task.batch_size
-    eval_every = DEFAULT_EVAL_EVERY if eval_every is None else int(eval_every)
-    if eval_every < 1:
+    eval_every = DEFAULT_EVAL_EVERY if eval_every is None else eval_every
+    if not hp.is_integer(eval_every) or eval_every < 1:
         raise ValueError(f"eval_every: {eval_every!r} must be an integer >= 1")
     if cos_ef_ngd:
         cos_damping = spec.kwargs().get("damping") if cos_damping is None else cos_damping
         if cos_damping is None:
             raise ValueError(f"cos_damping: {spec.optimizer.value} has no damping; pass cos_damping (a number >= 0)")
+        if not hp.is_finite_number(cos_damping) or cos_damping < 0:
+            raise ValueError(f"cos_damping: {cos_damping!r} must be a finite number >= 0")
 
     convex = is_convex(task)
     data = task.load(seed)
@@ -567,11 +569,12 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
     opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
     state = opt.init(params)
-    if spec.framework != Framework.NUMPY:  # warm-up: compilation and first-call costs, discarded
-        warm = (params, state)
-        for _ in range(2):  # two steps: K-FAC's second runs its other program (no inverse refresh)
-            warm = opt.step(*warm, batches.first())[:2]
-        io.sync(warm[0])
+    # warm-up, discarded: compilation and first-call costs (numpy's first step too takes 3-9 steps' time);
+    # two steps, as K-FAC's second runs its other program (no inverse refresh)
+    warm = (params, state)
+    for _ in range(2):
+        warm = opt.step(*warm, batches.first())[:2]
+    io.sync(warm[0])
     if evaluate:
         io.prepare_evaluation(params, [(train_x, train_y)] + ([test] if test is not None else []), classes)
 

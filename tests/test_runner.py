@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -147,6 +148,20 @@ def test_cos_ef_ngd_is_measured_and_agrees_across_frameworks():
         np.testing.assert_allclose(other, cosines[0], rtol=1e-8)
     with pytest.raises(ValueError, match="cos_damping"):
         runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 0.1}, steps=1, cos_ef_ngd=True, progress=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 2.7, "steps: 2.7 must be an integer >= 0"),  # int() made it 2 steps
+    ("eval_every", 1.5, "eval_every: 1.5 must be an integer >= 1"),  # and every step an evaluation
+    ("cos_damping", -5.0, "cos_damping: -5.0 must be a finite number >= 0"),  # a cosine of -0.76 came out
+    ("cos_damping", math.nan, "cos_damping: nan must be a finite number >= 0"),
+])
+def test_library_callers_get_the_clis_checks(field, value, message):
+    """runner.run takes what the command line refuses before it: a fraction of a step or of an evaluation
+    period, and a negative or NaN cosine damping, are errors naming the field, not silently rounded or used."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        runner.run("wine", "ef", "numpy", hyperparameters={"lr": 0.1, "damping": 1e-3}, cos_ef_ngd=True,
+                   **{"steps": 2, field: value}, progress=False)
 
 
 def test_missing_hyperparameters_are_empty_in_the_file(tmp_path):
@@ -551,6 +566,22 @@ def test_time_s_is_the_synchronised_steps_alone_on_a_stand_in_clock(framework, m
     assert frame["time_s"].tolist() == [1.5 * k for k in range(6)]
     assert frame.attrs["step_s"] == 7.5
     assert frame.attrs["eval_s"] == (8 + 6) * 1000.0  # train and test at steps 0, 2, 4 and 5; a cosine at each
+
+
+def test_numpy_runs_are_timed_after_a_warm_up_too(monkeypatch):
+    """numpy's first step pays first-call costs (3-9 steps' time on breastcancer) as torch's and jax's do,
+    so it is warmed up like them: on a clock where the first step call ever costs 100 and every other 1,
+    time_s counts 1 a step."""
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(runner, "time", clock)
+
+    def step_cost(params, out):
+        clock.now += 1.0 if calls else 100.0
+        calls.append(None)
+
+    spy_on_steps(monkeypatch, step_cost)
+    frame = runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-6}, steps=3, progress=False)
+    assert frame["time_s"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
