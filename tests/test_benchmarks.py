@@ -762,6 +762,204 @@ def test_gradient_equivalents_is_step_time_over_gradient_time(monkeypatch):
     assert sampled == [[("step", 10), ("gradient", 1)]]
 
 
+def test_device_available_asks_the_framework_that_would_run(monkeypatch):
+    """cpu is always there; cuda is there for torch when torch.cuda sees a GPU, for jax when jax lists a
+    gpu device (it raises RuntimeError without a GPU backend), never for numpy; cost_table refuses a
+    device its framework does not see. Stand-ins answer for torch and jax, so the test means the same
+    on a machine with a GPU as without."""
+    import jax
+    import torch
+
+    for seen in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda seen=seen: seen)
+        assert timing.device_available("torch", "cuda") is seen
+    with pytest.raises(ValueError, match="^device: 'cuda' is not visible to torch"):
+        timing.cost_table("digits-mlp", "torch", "cuda")
+
+    def no_gpu(backend=None):
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "devices", no_gpu)
+    assert timing.device_available("jax", "cuda") is False
+    monkeypatch.setattr(jax, "devices", lambda backend=None: ["a gpu"])
+    assert timing.device_available("jax", "cuda") is True
+    assert timing.device_available("numpy", "cuda") is False
+    assert all(timing.device_available(framework, "cpu") for framework in ("numpy", "torch", "jax"))
+
+
+def test_each_timed_call_comes_with_its_frameworks_sync(monkeypatch):
+    """A step and a gradient are timed up to their framework's sync: torch.cuda.synchronize on a GPU,
+    jax's block_until_ready. A call handed back with a no-op sync would time how fast work is queued,
+    not done. torch's cuda sync is checked with a stand-in torch.cuda.synchronize; step_call and
+    gradient_call must hand back the very sync `_framework_io` gives them (a marked stand-in here)."""
+    import jax
+    import torch
+
+    from natgrad_impls.names import Device, DType, Framework
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synced.append(args))
+    _, _, sync = timing._framework_io(Framework.TORCH, Device.CUDA, DType.FLOAT32)
+    sync("a step's output")
+    assert synced == [()]
+    assert timing._framework_io(Framework.JAX, Device.CPU, DType.FLOAT32)[2] is jax.block_until_ready
+
+    framework_io = timing._framework_io
+    marked = {}
+
+    def io(framework, device, dtype):
+        to_params, to_batch, _ = framework_io(framework, device, dtype)
+        marked[framework.value] = lambda out: None
+        return to_params, to_batch, marked[framework.value]
+
+    monkeypatch.setattr(timing, "_framework_io", io)
+    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    for framework in ("torch", "jax"):
+        _, step_sync, _ = timing.step_call(framework, "sgd", problem, params, batch, lr=0.1)
+        assert step_sync is marked[framework], framework
+        _, gradient_sync = timing.gradient_call(framework, problem, params, batch)
+        assert gradient_sync is marked[framework], framework
+
+
+def test_peak_device_bytes_counts_the_runs_own_peak(monkeypatch):
+    """torch: the allocator's peak is reset before `run` and read after it, so that it is the run's
+    and not what an earlier allocation left (stand-in allocator: a 5 MiB peak from before, a run
+    that peaks at 3 MiB: 3); jax: the device's peak_bytes_in_use, not the bytes still held after the
+    run (stand-in device: 7 MiB peak, 1 MiB in use: 7)."""
+    import jax
+    import torch
+
+    MiB = 2**20
+    allocator = {"peak": 5 * MiB}
+
+    def run():
+        allocator["peak"] = max(allocator["peak"], 3 * MiB)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args: allocator.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: allocator["peak"])
+    assert timing.peak_device_bytes("torch", "cuda", run) == 3 * MiB
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_in_use": 1 * MiB, "peak_bytes_in_use": 7 * MiB}
+
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [Device()])
+    assert timing.peak_device_bytes("jax", "cuda", lambda: None) == 7 * MiB
+
+
+def test_scaling_sweep_times_the_labels_optimizer_with_the_overrides_at_every_grid_point(monkeypatch):
+    """scaling_sweep("ngd-mc", hyperparameters={"lr": 0.5}) times ngd with the label's
+    hyperparameters, lr overridden, once per width and batch size, on the MLP of that width and a
+    batch of that size; its rows name optimizer ngd and variant mc (the figure tells ngd-mc from
+    ngd-exact by it). Stand-in gradient_equivalents: records what it was asked to time."""
+    timed = []
+
+    def cost(framework, optimizer, problem, params, batch, device, dtype, repeats, **hyperparameters):
+        timed.append((optimizer, problem.model.num_params(), len(batch[0]), hyperparameters))
+        return {"step_s": 2.0, "gradient_s": 1.0, "gradient_equivalents": 2.0}
+
+    monkeypatch.setattr(timing, "gradient_equivalents", cost)
+    table = timing.scaling_sweep("torch", "ngd-mc", [8, 16], [4, 32], hyperparameters={"lr": 0.5})
+    size = lambda width: 784 * width + width + width * 10 + 10  # noqa: E731
+    expected = {**timing.SETTINGS["ngd-mc"][1], "lr": 0.5}
+    grid = [(8, 4), (8, 32), (16, 4), (16, 32)]
+    assert sorted(timed, key=lambda t: (t[1], t[2])) == [("ngd", size(w), n, expected) for w, n in grid]
+    assert sorted(zip(table.width, table.batch_size, table.num_params)) == [(w, n, size(w)) for w, n in grid]
+    assert set(table.optimizer) == {"ngd"} and set(table.variant) == {"mc"}
+
+
+def test_scaling_table_looks_for_contention_within_one_model_and_batch(monkeypatch):
+    """A gradient over 8 x the examples takes 8 x as long on an idle machine: scaling_table compares
+    a row's gradient only with those of the same width and batch size, so a sweep over batch sizes
+    is not measured again. Stand-in sweep: gradient time width x batch x 1 us, steps 2 gradients."""
+    import pandas as pd
+
+    sweeps = []
+
+    def sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=0):
+        sweeps.append((label, list(widths), list(batch_sizes)))
+        return pd.DataFrame([dict(framework=framework, device=device, dtype=dtype, optimizer=timing.setting(label)[0],
+                                  variant=timing.variant(label), width=w, batch_size=n, num_params=w,
+                                  step_s=2e-6 * w * n, gradient_s=1e-6 * w * n, gradient_equivalents=2.0)
+                             for w in widths for n in batch_sizes])
+
+    monkeypatch.setattr(timing, "scaling_sweep", sweep)
+    table = timing.scaling_table("torch", widths=(8,), batch_sizes=(4, 32), settings=("sgd", "adam"), repeats=2)
+    assert sweeps == [("sgd", [8], [4, 32]), ("adam", [8], [4, 32])]  # nothing measured again
+    assert table.gradient_s.tolist() == pytest.approx([32e-6, 256e-6] * 2)
+
+
+def test_cost_table_samples_kfac_in_whole_periods(monkeypatch):
+    """cost_table samples a K-FAC step in blocks of its period, so that each sample holds one
+    inversion and charges each step its share, and other steps and the gradient in blocks of one."""
+    blocks = []
+
+    def medians(timed, repeats, **kwargs):
+        blocks.append([t.block for t in timed])
+        return [2e-3, 1e-3]
+
+    monkeypatch.setattr(timing, "alternating_medians", medians)
+    monkeypatch.setattr(timing, "affordable_repeats", lambda *args, **kwargs: 3)
+    timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=3)
+    assert blocks == [[1, 1], [timing.SETTINGS["kfac"][1]["kfac_update_period"], 1]]
+
+
+def test_affordable_repeats_counts_samples_of_whole_blocks(monkeypatch):
+    """A sample is a block of calls (K-FAC: a period): with calls of 1/16 s in blocks of 4 a sample
+    takes 1/4 s, so a budget of 1 s affords 4 samples, not the 16 single calls it would hold; at
+    least 3 however slow, at most `repeats`. Stand-in clock that each call moves on by 1/16 s."""
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def call():
+        clock[0] += 2.0**-4
+
+    sync = lambda out: None  # noqa: E731
+    assert timing.affordable_repeats(call, sync, repeats=10, block=4, budget_s=1.0) == 4
+    assert timing.affordable_repeats(call, sync, repeats=10, block=1, budget_s=1.0) == 10
+    assert timing.affordable_repeats(call, sync, repeats=10, block=4, budget_s=0.25) == 3
+
+
+def test_step_cost_rounds_warm_up_once_and_report_the_median_round(monkeypatch):
+    """scripts/step_cost.py: round 1 warms every call up (timing.WARMUP_S), later rounds find them
+    warm; each column is the median over the rounds (rounds of 1, 2 and 9 gradient-equivalents: 2,
+    not the last round's 9 nor the mean 4). The row's width is its widest hidden layer (5 of
+    6-3-5-2) and its variant the label's (mc of ngd-mc). Stand-in alternating_medians."""
+    step_cost = _step_cost_script()
+    ms, warmups, rounds = 2.0**-10, [], iter([1.0, 2.0, 9.0])
+
+    def medians(timed, repeats, warmup_s=timing.WARMUP_S, **kwargs):
+        warmups.append(warmup_s)
+        return [next(rounds) * ms, ms]
+
+    monkeypatch.setattr(timing, "alternating_medians", medians)
+    table = step_cost.cost_table(["torch"], ["ngd-mc"], repeats=2, peers=False, sizes=(6, 3, 5, 2), batch_size=4,
+                                 rounds=3)
+    assert warmups == [timing.WARMUP_S, 0.0, 0.0]
+    row = table.iloc[0]
+    assert (row.step_s, row.gradient_s, row.gradient_equivalents) == (2 * ms, ms, 2.0)
+    assert (row.width, row.sizes, row.optimizer, row.variant) == (5, "6-3-5-2", "ngd", "mc")
+
+
+def test_step_cost_sweep_passes_widths_and_batch_sizes_in_their_places(monkeypatch):
+    """scripts/step_cost.py --sweep hands --widths and --batch-sizes to timing.scaling_sweep as its
+    widths and batch sizes, for every framework and setting (stand-in sweep: records its arguments)."""
+    import pandas as pd
+
+    step_cost = _step_cost_script()
+    calls = []
+
+    def sweep(framework, label, widths, batch_sizes, *args):
+        calls.append((framework, label, widths, batch_sizes))
+        return pd.DataFrame([{"framework": framework, "setting": label}])
+
+    monkeypatch.setattr(timing, "scaling_sweep", sweep)
+    step_cost.main(["--sweep", "--framework", "torch", "--settings", "sgd,kfac", "--widths", "8,16",
+                    "--batch-sizes", "4"])
+    assert calls == [("torch", "sgd", [8, 16], [4]), ("torch", "kfac", [8, 16], [4])]
+
+
 def test_gpu_session_carries_only_pinned_packages():
     """scripts/gpu_session.sh takes every version it carries to a GPU machine from requirements.lock."""
     script = (ROOT / "scripts" / "gpu_session.sh").read_text()

@@ -374,6 +374,92 @@ def test_devices_markers_show_framework_by_shape_and_device_by_fill():
     assert markers == {style.FRAMEWORK_MARKERS["torch"], style.FRAMEWORK_MARKERS["jax"]}
 
 
+def test_panels_of_a_task_share_one_loss_axis():
+    """Panels side by side compare on one scale: with torch's losses 100 x jax's, all four panels of
+    the task (against step and time, PyTorch and JAX) span one y range, which covers both."""
+    frame = runs(optimizers=("sgd",))
+    frame.loc[frame.framework == "torch", "train_loss"] *= 100
+    axes = networks.training(frame).figure.axes
+    limits = {ax.get_ylim() for ax in axes}
+    assert len(axes) == 4 and len(limits) == 1
+    low, high = limits.pop()
+    assert low <= frame.train_loss.min() and high >= frame.train_loss.max()
+
+
+def test_time_panels_put_each_step_at_the_median_clock_over_seeds():
+    """Seeds' clocks differ: with seed 2 twice as slow as seed 0 (and seed 1 5 % slower), a time panel
+    puts each evaluation at the median time over seeds (seed 1's), not at the mean the slow seed pulls."""
+    frame = runs(optimizers=("sgd",), combos=[("torch", "cpu")], seeds=(0, 1, 2))
+    frame["time_s"] = frame.step * 1e-3 * frame.seed.map({0: 1.0, 1: 1.05, 2: 2.0})
+    time_panel = networks.training(frame).figure.axes[1]
+    assert time_panel.get_xlabel() == "time [s]"
+    (line,) = time_panel.get_lines()
+    assert line.get_xdata() == pytest.approx([step * 1.05e-3 for step in (0, 25, 50, 75, 100)])
+
+
+def test_optimizers_keep_the_papers_line_styles():
+    """The paper drew GD dashed, NGD solid and EF dash-dot; Adam is dotted and K-FAC long-dashed
+    (style's docstring), and no two optimizers share a line style or a colour, so that a figure
+    printed in grey still tells them apart."""
+    from matplotlib.lines import _get_dash_pattern
+
+    pattern = {o: _get_dash_pattern(style.LINESTYLES[o])[1] for o in style.OPTIMIZERS}
+    assert pattern["ngd"] is None  # solid
+    assert len(pattern["sgd"]) == 2 and len(pattern["kfac"]) == 2  # one dash and one gap a period
+    assert pattern["kfac"][0] > pattern["sgd"][0]  # long dashes
+    assert len(pattern["adam"]) == 2 and pattern["adam"][0] <= 1  # dots
+    on = pattern["ef"][0::2]
+    assert len(on) == 2 and max(on) > 3 * min(on)  # a dash, then a dot
+    assert len(set(pattern.values())) == 5 and len({tuple(style.COLORS[o]) for o in style.OPTIMIZERS}) == 5
+
+
+def test_cost_figures_draw_the_median_of_a_settings_rounds():
+    """A table of several rounds has several rows per setting: each figure draws their median, not
+    the mean one busy round pulls up (rounds of 2, 3 and 40 gradient-equivalents: 3; step times 3 x
+    each device's gradient time)."""
+    rows = cost_rows(combos=[("torch", "cpu"), ("torch", "cuda")], tasks=("digits-mlp",), settings=("sgd",))
+    rounds = pd.concat([rows.assign(gradient_equivalents=g, step_s=rows.gradient_s * g) for g in (2.0, 3.0, 40.0)])
+    dots = [line.get_xdata()[0] for line in cost.step_cost(rounds).figure.axes[0].get_lines()
+            if line.get_linestyle() == "None"]
+    assert dots == [3.0, 3.0]
+    (cpu_against_gpu,) = cost.devices(rounds).figure.axes
+    points = sorted(line.get_xdata()[0] for line in cpu_against_gpu.get_lines() if line.get_linestyle() == "None")
+    assert points == pytest.approx([3 * SECONDS["torch", "cuda"], 3 * SECONDS["torch", "cpu"]])
+
+
+def test_step_cost_draws_each_tasks_own_costs_in_its_panel():
+    """One panel per task, each with that task's costs: mnist1d-mlp's steps cost 10 x digits-mlp's
+    here (1 and 2 against 10 and 20 gradient-equivalents for sgd and kfac)."""
+    settings = ("sgd", "kfac")
+    rows = pd.concat([cost_rows(tasks=("digits-mlp",), settings=settings),
+                      cost_rows(tasks=("mnist1d-mlp",), settings=settings).assign(
+                          gradient_equivalents=lambda f: 10 * f.gradient_equivalents)])
+    axes = cost.step_cost(rows).figure.axes
+    for ax, (task, scale) in zip(axes, [("digits-mlp", 1), ("mnist1d-mlp", 10)]):
+        assert ax.get_title() == task
+        dots = {(round(line.get_ydata()[0]), line.get_xdata()[0]) for line in ax.get_lines()
+                if line.get_linestyle() == "None"}
+        assert dots == {(0, 1.0 * scale), (1, 2.0 * scale)}, task
+
+
+def test_cost_figures_list_settings_in_legend_order_whatever_the_tables_order():
+    """Settings are listed in the order of timing.SETTINGS (SGD first, K-FAC last), as every legend
+    is, not in the order the rows of a table happen to come in."""
+    order = ["SGD", "SGD (momentum)", "Adam", "EF", "NGD (exact)", "NGD (MC)", "K-FAC"]
+    shuffled = cost_rows(tasks=("digits-mlp",)).sample(frac=1.0, random_state=1)
+    for draw in (cost.step_cost, cost.devices):
+        ax = draw(shuffled).figure.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()] == order, draw.__name__
+
+
+def test_fitted_slope_leaves_out_points_a_log_cannot_take():
+    """A zero time (below the clock's resolution) or size has no logarithm: the power law is fitted to
+    the other points, not turned into NaN or an error."""
+    x = np.array([0.0, 32, 64, 128])
+    assert cost.fitted_slope(x, 3e-7 * x**2) == pytest.approx(2.0)
+    assert cost.fitted_slope([16, 32, 64, 128], [0.0, 2.0, 4.0, 8.0]) == pytest.approx(1.0)
+
+
 def test_cost_table_real_call(capsys):
     table = timing.cost_table("digits-mlp", "torch", settings=("sgd", "kfac"), repeats=2)
     progress = [line for line in capsys.readouterr().out.splitlines() if "of 2)" in line]  # a line per setting
@@ -504,6 +590,68 @@ def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_slow():
     reached = frame[(frame.optimizer == "kfac") & (frame.seed == 0) & (frame.train_loss <= target)]
     assert len(reached) and table.loc["ngd"].time_to_target_s.notna().all()  # seed 0 got there; ngd has times
     assert table.loc["kfac"].time_to_target_s.isna().all() and table.loc["kfac"].steps_to_target.isna().all()
+
+
+def hand_runs(losses, lr=0.1, optimizer="sgd", framework="torch", every=10, step_s=0.5, diverged=()):
+    """Runner-like rows by hand: per seed, the train loss at steps 0, every, 2 every, ... (`losses`, one
+    list per seed), time_s = step x step_s; the seeds in `diverged` diverge at their last row."""
+    rows = []
+    for seed, seed_losses in enumerate(losses):
+        for i, loss in enumerate(seed_losses):
+            rows.append(dict(task="digits-mlp", optimizer=optimizer, framework=framework, device="cpu",
+                             dtype="float32", seed=seed, lr=lr, step=i * every, loss=loss, train_loss=loss,
+                             time_s=i * every * step_s, diverged=seed in diverged and i == len(seed_losses) - 1))
+    return pd.DataFrame(rows)
+
+
+def test_the_final_loss_is_where_a_run_ends_not_its_best_moment():
+    """A setting that dips to 0.1 and climbs back to 3 ends at 3: ranked by its last train loss it
+    loses to one that ends at 1, and the table gives 1 as the final loss."""
+    frame = pd.concat([hand_runs([[4.0, 0.1, 3.0]], lr=1.0), hand_runs([[4.0, 2.0, 1.0]], lr=0.1)])
+    table = tables.best_hyperparameters(frame)
+    assert table.lr.tolist() == [0.1] and table.final_loss.tolist() == [1.0]
+
+
+def test_a_grid_best_run_is_its_repeat_0_and_its_chaos_repeats_only_span_its_range():
+    """A grid's best run is repeat 0; its chaos repeats (theta0 + 1e-14 noise) widen final_loss_min
+    and _max only. A repeat that diverges makes the range reach inf, but neither makes the best run
+    diverged nor moves its final loss (0.25), whatever order the rows come in."""
+    run = pd.DataFrame(dict(task="breastcancer", optimizer="ef", framework="numpy", device="cpu", dtype="float64",
+                            lr=0.1, damping=1e-3, step=[0, 1, 2], loss=[1.0, 0.5, 0.25], diverged=False, best=True,
+                            repeat=0, chaotic=True))
+    repeat = run.assign(repeat=1, loss=[1.0, 0.5, 8.0], diverged=[False, False, True])
+    row = tables.best_hyperparameters(pd.concat([repeat, run], ignore_index=True)).iloc[0]
+    assert row.final_loss == 0.25 and not row.diverged and row.chaotic
+    assert (row.final_loss_min, row.final_loss_max) == (0.25, np.inf)
+    assert row.steps_to_target == 2
+
+
+def test_time_to_target_is_the_listed_settings_own():
+    """Steps and time to target are those of the setting the table lists: lr 0.1 dips below the
+    target (the best setting's final loss, 0.5) at step 10 but ends at 0.9; lr 1, the best, first
+    gets there at step 20, at 10 s (0.5 s a step)."""
+    frame = pd.concat([hand_runs([[4.0, 3.0, 0.5]], lr=1.0), hand_runs([[4.0, 0.4, 0.9]], lr=0.1)])
+    row = tables.best_hyperparameters(frame).iloc[0]
+    assert (row.lr, row.target_loss, row.steps_to_target, row.time_to_target_s) == (1.0, 0.5, 20, 10.0)
+
+
+def test_grid_edges_judge_each_framework_by_its_own_grid():
+    """torch tried lr 0.01 and 0.1 and is best at 0.1, the largest it tried; jax tried 0.1 and 1 and
+    is best at 1. Against the two grids together (0.01, 0.1, 1) torch's best would look inside."""
+    frame = pd.concat([hand_runs([[4.0, 2.0]], lr=0.01), hand_runs([[4.0, 1.0]], lr=0.1),
+                       hand_runs([[4.0, 2.0]], lr=0.1, framework="jax"),
+                       hand_runs([[4.0, 1.0]], lr=1.0, framework="jax")])
+    edges = tables.grid_edges(frame).set_index("framework")["edge"]
+    assert edges.to_dict() == {"torch": "lr largest", "jax": "lr largest"}
+
+
+def test_html_tables_name_things_as_the_figures_do_to_four_significant_digits():
+    """to_html: optimizer, framework and device by their legend names (K-FAC, JAX, GPU), floats to
+    four significant digits (0.000123456 is 0.0001235, not 0.0001), gaps blank."""
+    frame = pd.DataFrame(dict(optimizer=["kfac"], framework=["jax"], device=["cuda"], final_loss=[0.000123456],
+                              time_to_target_s=[np.nan]))
+    cells = re.findall(r"<td>(.*?)</td>", tables.to_html(frame))
+    assert cells == ["K-FAC", "JAX", "GPU", "0.0001235", ""]
 
 
 def test_the_tables_module_imports_no_plotting_library():

@@ -526,6 +526,29 @@ def test_a_chaotic_change_is_told_from_a_real_one():
     assert row["beyond_chaos"] and row["best_loss_change"] == pytest.approx(-0.5) and row["changed_runs"] == 1
 
 
+def test_the_logit_clip_comparison_of_runs_the_clip_leaves_alone():
+    """Where the clip changes nothing, the two best runs are one run: its range is the same under both
+    likelihoods, so nothing is beyond chaos, and the change is 0. A range spans the best run and its
+    repeats: paper 1.0 with repeats 1.1 and 1.2 overlaps none 1.05 with repeats 0.9 and 0.95 (the
+    repeats alone, 1.1..1.2 against 0.9..0.95, would not). A best run that diverged has no change."""
+    from natgrad_impls.figures import tables
+
+    def frame(clip, finals, diverged=False):  # one ef run and its repeats: one row each, at step 1
+        return pd.DataFrame({"task": "breastcancer", "optimizer": "ef", "lr": 0.1, "damping": 1e-10, "step": 1,
+                             "loss": finals, "diverged": diverged, "repeat": range(len(finals)), "best": True,
+                             "chaotic": False, "logit_clip": clip})
+
+    same = tables.logit_clip_comparison(pd.concat([frame("paper", [1.0]), frame("none", [1.0])])).iloc[0]
+    assert not same["beyond_chaos"] and same["best_loss_change"] == 0 and same["changed_runs"] == 0
+    spans = tables.logit_clip_comparison(pd.concat([frame("paper", [1.0, 1.1, 1.2]),
+                                                    frame("none", [1.05, 0.9, 0.95])])).iloc[0]
+    assert (spans["final_loss_min_paper"], spans["final_loss_max_paper"]) == (1.0, 1.2)
+    assert (spans["final_loss_min_none"], spans["final_loss_max_none"]) == (0.9, 1.05)
+    assert not spans["beyond_chaos"]
+    lost = tables.logit_clip_comparison(pd.concat([frame("paper", [1.0]), frame("none", [3.0], diverged=True)])).iloc[0]
+    assert lost["diverged_none"] and np.isnan(lost["best_loss_change"])
+
+
 def test_logit_clip_figure_sweeps_lr_for_both_likelihoods(clip_grids):
     frame = pd.concat([r.frame for r in clip_grids.values()], ignore_index=True)
     drawn = paper.logit_clip(frame)

@@ -444,3 +444,216 @@ def test_chaos_is_a_relative_change_of_the_final_loss_past_1e_8(loss, moves, cha
     assert best.chaotic is chaotic
     values = [*moves, 0.0]
     assert best.loss == loss and best.spread == pytest.approx((max(values) - min(values)) / loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("own", [{"fisher": "exact"}, {"fisher": "mc", "samples": 3}])
+def test_a_grid_with_an_l2_term_equals_a_loop_of_runs(own):
+    """vecfield carries an l2 term (prior variance 0.1), which wine and breastcancer lack: the grid's
+    loss, gradient, NGD shift (l2 + damping) and K-FAC damping (damping + l2) must hold it as `natgrad
+    run` does. lr 10 diverges in sgd, ngd and kfac while the smaller lrs of the same chunk go on; the
+    fisher option reaches ngd and kfac alone (sgd, adam and ef have none), and the gaussian MC Fisher
+    averages its 3 draws."""
+    assert get_task("vecfield").problem.l2 > 0
+    frame = grid.run_grid("vecfield", ALL.split(","), lrs=(-2, 1, 4), dampings=(-4, 0, 3), steps=STEPS, repeats=0,
+                          hyperparameters=own, progress=False).frame
+    diverged = 0
+    for (optimizer, lr, damping), mine in frame.groupby(["optimizer", "lr", "damping"], dropna=False, observed=True):
+        if optimizer == "ef" and lr > 1:
+            continue  # ef at lr 10 oscillates: chaotic (DESIGN 4), agrees only to its spread
+        hps = {"lr": lr, **({} if math.isnan(damping) else {"damping": damping}),
+               **(own if optimizer in ("ngd", "kfac") else {})}
+        loop = runner.run("vecfield", optimizer, "numpy", hyperparameters=hps, steps=STEPS, progress=False)
+        assert mine["diverged"].tolist() == loop["diverged"].tolist(), (optimizer, lr, damping)
+        diverged += bool(loop["diverged"].iloc[0])
+        np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-10, err_msg=f"{optimizer} {lr} {damping}")
+    assert diverged >= 3
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_a_grid_of_several_chunks_keeps_each_run_with_its_lr(framework, monkeypatch):
+    """Runs go through in chunks (a few thousand at most): 5000 lrs make several, the last one partial,
+    some runs diverging, at different steps. Every run is plain gradient descent on wine's
+    least squares with its own lr, worked out here for all lrs at once and cut at its divergence
+    (DESIGN 4); the progress bar counts each run once."""
+    counted = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            counted.append(total)
+
+        def update(self, n):
+            counted.append(-n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grid, "progress_bar", Bar)
+    steps, lrs = 3, grid.logspace((-8, -3, 5000))
+    frame = grid.run_grid("wine", ["sgd"], framework, lrs=(-8, -3, 5000), steps=steps, repeats=0, progress=False).frame
+    assert counted[0] == 5000 and sum(counted[1:]) == -5000
+    x, y = get_task("wine").load().train
+    theta, losses = np.zeros((len(lrs), x.shape[1])), []
+    for _ in range(steps + 1):
+        r = theta @ x.T - y[:, 0]
+        losses.append(0.5 * (r * r).mean(1))
+        theta = theta - lrs[:, None] * (r @ x) / len(x)
+    with np.errstate(invalid="ignore"):
+        losses = np.column_stack(losses)
+        bad = ~(losses <= 100 * losses[:, :1])
+    diverged = bad.any(1)
+    last = np.where(diverged, bad.argmax(1), steps)
+    assert set(last[diverged]) == {1, 2, 3} and not diverged.all()  # divergence at each step, and none
+    mine = frame.sort_values(["lr", "step"])
+    np.testing.assert_array_equal(mine["lr"], np.repeat(lrs, last + 1))
+    np.testing.assert_array_equal(mine["step"], np.concatenate([np.arange(n + 1) for n in last]))
+    np.testing.assert_array_equal(mine["diverged"], np.repeat(diverged, last + 1))
+    np.testing.assert_allclose(mine["loss"], losses[np.arange(steps + 1)[None, :] <= last[:, None]], rtol=1e-10)
+
+
+def test_when_every_run_diverges_the_best_is_the_lowest_last_loss_and_says_so():
+    """DESIGN 4's best run (lowest last recorded loss) where every run diverged, as a loop of `natgrad
+    run` finds it: the best keeps its own last step, not the grid's, and is marked diverged."""
+    lrs = grid.logspace((-5, -3, 5))
+    loop = {lr: runner.run("wine", "sgd", "numpy", hyperparameters={"lr": lr}, steps=10, progress=False) for lr in lrs}
+    assert all(run["diverged"].all() for run in loop.values())
+    lr = min(loop, key=lambda lr: loop[lr]["loss"].iloc[-1])
+    [best] = grid.run_grid("wine", ["sgd"], lrs=(-5, -3, 5), steps=10, repeats=0, progress=False).best
+    assert best.lr == lr and best.loss == pytest.approx(loop[lr]["loss"].iloc[-1], rel=1e-10)
+    assert best.step == loop[lr]["step"].iloc[-1] < 10 and best.diverged
+    assert "(diverged: every run did)" in best.describe()
+
+
+def test_a_repeat_that_ends_in_nan_makes_the_best_run_chaotic():
+    """A repeat whose last loss is NaN (its solve failed from theta0 + 1e-14 noise) changed the final
+    loss by more than 1e-8 (DESIGN 4), though NaN compares as no change."""
+    runs, rep = _fake_runs([1.0]), _fake_runs([1.0, math.nan])
+    assert grid._best(grid.Optimizer.NGD, 0.1, 1e-2, runs, 0, rep).chaotic
+
+
+def test_the_repeat_rows_are_the_best_runs_setting_and_carry_its_chaos_flag():
+    """The repeats of ngd's best run on wine (not chaotic) run at the best's lr and damping from theta0
+    + 1e-14 noise, so each equals a `natgrad run` of that setting to within the chaos tolerance; their
+    rows say so (best, chaotic False), while the grid's other runs were not checked: chaotic empty, not
+    False. The dampings are written high to low, so that the best (the smallest) is not the first."""
+    result = grid.run_grid("wine", ["ngd"], lrs=(-1, 0, 2), dampings=(0, -4, 3), steps=10, repeats=2, progress=False)
+    [best], frame = result.best, result.frame
+    assert not best.chaotic and (best.lr, best.damping) == (1.0, 1e-4)
+    repeats = frame[frame["repeat"] > 0]
+    assert sorted(repeats["repeat"].unique()) == [1, 2] and repeats["best"].all()
+    assert set(repeats["lr"]) == {best.lr} and set(repeats["damping"]) == {best.damping}
+    loop = runner.run("wine", "ngd", "numpy", hyperparameters={"lr": best.lr, "damping": best.damping}, steps=10,
+                      progress=False)
+    for _, rows in repeats.groupby("repeat"):
+        np.testing.assert_allclose(rows["loss"], loop["loss"], rtol=1e-8)
+    assert repeats["chaotic"].notna().all() and not repeats["chaotic"].any()
+    others = frame[(frame["repeat"] == 0) & ~frame["best"]]
+    assert len(others) and others["chaotic"].isna().all()
+
+
+@pytest.mark.parametrize("task, optimizer", [("breastcancer", "ngd"), ("wine", "ngd"), ("breastcancer", "kfac"),
+                                             ("wine", "kfac")])
+def test_a_monte_carlo_grid_draws_from_its_own_seed(task, optimizer):
+    """--seed moves the grid's label draws as it moves `natgrad run`'s (the test above grids seed 0
+    alone); 3 draws per input, in the bernoulli's and the gaussian's MC Fisher, in ngd and in K-FAC
+    (refreshed every 2 steps: at theta0 = 0 every bernoulli draw gives the same K-FAC factor)."""
+    own = {"fisher": "mc", "samples": 3, **({"kfac_update_period": 2} if optimizer == "kfac" else {})}
+    frame = grid.run_grid(task, [optimizer], lrs=(-1, -1, 1), dampings=(-2, -2, 1), steps=10, seed=1, repeats=0,
+                          hyperparameters=own, progress=False).frame
+    hps = {"lr": 0.1, "damping": 0.01, **own}
+    runs = [runner.run(task, optimizer, "numpy", hyperparameters=hps, steps=10, seed=s, progress=False) for s in (0, 1)]
+    assert not np.allclose(runs[0]["loss"].iloc[1:], runs[1]["loss"].iloc[1:], rtol=1e-8)  # the seed matters
+    np.testing.assert_allclose(frame["loss"], runs[1]["loss"], rtol=1e-10)
+    assert (frame["seed"] == 1).all() and (runs[1]["seed"] == 1).all()  # and says so, as the run does
+
+
+def test_a_float32_grid_computes_in_float32():
+    """torch --dtype float32: the grid's numbers are float32 ones (every loss a float32 value), as
+    `natgrad run --dtype float32` gives, not float64 numbers labelled float32."""
+    frame = grid.run_grid("breastcancer", ["ngd"], "torch", dtype="float32", lrs=(-1, -1, 1), dampings=(-2, -2, 1),
+                          steps=10, repeats=0, progress=False).frame
+    run = runner.run("breastcancer", "ngd", "torch", dtype="float32", hyperparameters={"lr": 0.1, "damping": 0.01},
+                     steps=10, progress=False)
+    assert (frame["dtype"] == "float32").all()
+    for losses in (frame["loss"].to_numpy(), run["loss"].to_numpy()):
+        np.testing.assert_array_equal(losses.astype(np.float32).astype(np.float64), losses)
+    np.testing.assert_allclose(frame["loss"], run["loss"], rtol=1e-5)
+
+
+def test_time_s_is_each_runs_share_of_the_wall_clock():
+    """time_s is a run's share of the batched computation (a chunk-step's time divided by the runs in
+    it), 0 at step 0 as in `natgrad run`: summed over the runs it is at most the grid's wall-clock, not
+    the number of runs times it."""
+    result = grid.run_grid("wine", ["sgd"], lrs=(-8, -5, 300), steps=20, repeats=0, progress=False)
+    frame = result.frame
+    assert (frame[frame["step"] == 0]["time_s"] == 0).all()
+    assert 0 < frame.groupby("lr")["time_s"].last().sum() <= result.seconds
+
+
+def test_a_grid_of_no_points_is_refused():
+    with pytest.raises(ValueError, match=r"^lrs: '0:1:0' must be START:STOP:NUM \(log10 bounds, NUM an integer >= 1\)"):
+        grid.validate("wine", "sgd", lrs="0:1:0")
+
+
+def test_an_optimizer_with_no_finite_run_has_no_best():
+    """Every ngd run of the singular task fails its solve (NaN after step 0, as the test above shows):
+    there is no best run to report or repeat, and on_done hears None."""
+    done = []
+    result = grid.run_grid(singular_task(), ["ngd"], "torch", lrs=(0, 0, 1), dampings=(-300, -300, 1), steps=3,
+                           repeats=2, progress=False, on_done=lambda o, b, s: done.append(b))
+    assert result.best == [] and done == [None]
+    assert (result.frame["repeat"] == 0).all() and not result.frame["best"].any()
+
+
+def test_a_grid_of_zero_steps_records_the_start():
+    """steps 0, as `natgrad run --steps 0`: one row per run, the loss at theta0."""
+    frame = grid.run_grid("wine", ["sgd", "ngd"], lrs=(-3, -2, 2), dampings=(-2, -2, 1), steps=0, repeats=0,
+                          progress=False).frame
+    run = runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-3}, steps=0, progress=False)
+    assert len(frame) == 4 and (frame["step"] == 0).all() and len(run) == 1
+    np.testing.assert_allclose(frame["loss"], run["loss"].iloc[0], rtol=1e-12)
+
+
+def test_a_grid_stopped_while_keeping_an_optimizer_computes_it_again(tmp_path, monkeypatch):
+    """An optimizer's kept grid is two files (its Best, its rows): a stop between the two writes must
+    not leave a kept grid that a resumed run reads half of; it computes that optimizer again, and
+    gives the rows and best of an uninterrupted grid."""
+    kwargs = dict(lrs=(-2, 0, 2), dampings=(-2, 0, 2), steps=3, repeats=1, progress=False)
+    folder, writes = tmp_path / ".grid.runs", []
+
+    def second_write_stops(real):
+        def write(*args, **options):
+            writes.append(args)
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+            return real(*args, **options)
+        return write
+
+    monkeypatch.setattr(results, "write", second_write_stops(results.write))
+    monkeypatch.setattr(results, "write_text", second_write_stops(results.write_text))
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid("wine", ["ngd"], checkpoints=folder, **kwargs)
+    monkeypatch.undo()
+    resumed = grid.run_grid("wine", ["ngd"], checkpoints=folder, **kwargs)
+    whole = grid.run_grid("wine", ["ngd"], **kwargs)
+    measured = [c for c in whole.frame.columns if c != "time_s"]
+    pd.testing.assert_frame_equal(resumed.frame[measured], whole.frame[measured])
+    assert [b.describe() for b in resumed.best] == [b.describe() for b in whole.best]
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_ngd_runs_that_diverge_beside_runs_that_go_on_equal_a_loop_of_runs(framework):
+    """ngd on breastcancer with the exact likelihood: lrs 10 and 100 diverge part way while lrs 0.1 and
+    1 go on, in one chunk. numpy and torch keep each run's Fisher matrix and weights to skip forming
+    it again; a diverged run leaves the chunk, and the kept matrices and weights must leave with it
+    (the grid comparison above reaches lr 1 alone, where nothing diverges)."""
+    frame = grid.run_grid("breastcancer", ["ngd"], framework, lrs=(-1, 2, 4), dampings=(-4, 0, 3), steps=STEPS,
+                          repeats=0, logit_clip="none", progress=False).frame
+    diverged = 0
+    for (lr, damping), mine in frame.groupby(["lr", "damping"]):
+        loop = runner.run("breastcancer", "ngd", framework, hyperparameters={"lr": lr, "damping": damping},
+                          steps=STEPS, logit_clip="none", progress=False)
+        assert mine["diverged"].tolist() == loop["diverged"].tolist(), (lr, damping)
+        diverged += bool(loop["diverged"].iloc[0])
+        # 1e-9: a diverging run's last loss sums logits in the thousands (torch's round-off: 1e-10 there)
+        np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-9, err_msg=f"{lr} {damping}")
+    assert 0 < diverged < 12
