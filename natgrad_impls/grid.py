@@ -666,7 +666,9 @@ class Best:
             return what
         if self.chaotic:
             low, high = np.nanmin(np.append(self.repeats, self.loss)), np.nanmax(np.append(self.repeats, self.loss))
-            digits = 6 if not self.spread > 0 else max(6, min(17, 2 - math.floor(math.log10(self.spread))))
+            # enough digits to tell the ends apart (6 where the spread is 0, NaN or inf: a repeat that overflowed)
+            finite = math.isfinite(self.spread) and self.spread > 0
+            digits = max(6, min(17, 2 - math.floor(math.log10(self.spread)))) if finite else 6
             return (f"{what}  CHAOTIC: {len(self.repeats)} repeats from theta0 + 1e-14 noise end between "
                     f"{low:.{digits}g} and {high:.{digits}g} (spread {self.spread:.2g} relative)")
         return f"{what}  not chaotic ({len(self.repeats)} repeats from theta0 + 1e-14 noise: spread {self.spread:.2g} relative)"

@@ -109,7 +109,8 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
     over the rounds (of the per-round ratios for ratios), and `on_round(table)` is given the table
     after every round, so that a run stopped early keeps the rounds it finished."""
     problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
-    shape = dict(width=max(sizes[1:-1], default=width) if sizes else width,  # the widest hidden layer
+    # width: the widest hidden layer (0 for a model without one, not --width, which it does not have)
+    shape = dict(width=max(sizes[1:-1], default=0) if sizes else width,
                  sizes="-".join(str(size) for size in (sizes or (784, width, 10))), batch_size=batch_size,
                  num_params=problem.model.num_params())
     measurements = _measurements(frameworks, settings, device, dtype, problem, params, batch, peers)

@@ -940,6 +940,9 @@ def test_step_cost_rounds_warm_up_once_and_report_the_median_round(monkeypatch):
     row = table.iloc[0]
     assert (row.step_s, row.gradient_s, row.gradient_equivalents) == (2 * ms, ms, 2.0)
     assert (row.width, row.sizes, row.optimizer, row.variant) == (5, "6-3-5-2", "ngd", "mc")
+    monkeypatch.setattr(timing, "alternating_medians", lambda timed, repeats, **kwargs: [ms, ms])
+    no_hidden = step_cost.cost_table(["torch"], ["sgd"], repeats=2, peers=False, sizes=(6, 2), batch_size=4)
+    assert no_hidden.iloc[0].width == 0  # a model without a hidden layer has no width (not --width's 128)
 
 
 def test_step_cost_sweep_passes_widths_and_batch_sizes_in_their_places(monkeypatch):

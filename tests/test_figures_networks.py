@@ -612,6 +612,16 @@ def test_the_final_loss_is_where_a_run_ends_not_its_best_moment():
     assert table.lr.tolist() == [0.1] and table.final_loss.tolist() == [1.0]
 
 
+def test_a_setting_that_diverged_on_a_seed_sets_no_target():
+    """sgd ends at 0.5 on three seeds; kfac's only setting ends at 2.0 but diverged on one seed of three.
+    Its median is finite, yet it is one seed from blowing up: the target is sgd's 0.5, not 2.0."""
+    frame = pd.concat([hand_runs([[4.0, 1.0, 0.5]] * 3), hand_runs([[4.0, 3.0, 2.0]] * 3, optimizer="kfac",
+                                                                   diverged=(2,))])
+    table = tables.best_hyperparameters(frame).set_index("optimizer")
+    assert table.loc["kfac", "diverged"] and table.target_loss.tolist() == [0.5, 0.5]
+    assert table.loc["sgd", "steps_to_target"] == 20 and pd.isna(table.loc["kfac", "steps_to_target"])
+
+
 def test_a_grid_best_run_is_its_repeat_0_and_its_chaos_repeats_only_span_its_range():
     """A grid's best run is repeat 0; its chaos repeats (theta0 + 1e-14 noise) widen final_loss_min
     and _max only. A repeat that diverges makes the range reach inf, but neither makes the best run

@@ -657,3 +657,17 @@ def test_ngd_runs_that_diverge_beside_runs_that_go_on_equal_a_loop_of_runs(frame
         # 1e-9: a diverging run's last loss sums logits in the thousands (torch's round-off: 1e-10 there)
         np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-9, err_msg=f"{lr} {damping}")
     assert 0 < diverged < 12
+
+
+def test_a_repeat_that_overflowed_is_described_as_chaotic():
+    """A chaos repeat whose last loss is +inf (a float32 forward pass that overflowed) makes the best run
+    chaotic with an infinite spread; `natgrad grid` prints it, and must not die on it before --out is
+    written."""
+    def runs(finals):
+        finals = np.asarray(finals, float)
+        loss = np.column_stack([np.full((len(finals), 3), 10.0), finals])
+        return grid.Trajectories(loss, loss.copy(), np.zeros_like(loss), np.full(len(finals), 3), ~np.isfinite(finals))
+
+    best = grid._best(grid.Optimizer.EF, 0.1, 1e-10, runs([0.5]), 0, runs([0.5, np.inf]))
+    assert best.chaotic and best.spread == np.inf
+    assert "CHAOTIC: 2 repeats" in best.describe() and "and inf" in best.describe()
