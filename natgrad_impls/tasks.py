@@ -93,7 +93,8 @@ class Task:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(self.variants) or '(none)'}")
         task = _misspec(variant)
         if self.problem.likelihood == task.problem.likelihood == Likelihood.BERNOULLI:  # keep the clip chosen before
-            task = dataclasses.replace(task, problem=dataclasses.replace(task.problem, logit_clip=self.problem.logit_clip))
+            clipped = dataclasses.replace(task.problem, logit_clip=self.problem.logit_clip)
+            task = dataclasses.replace(task, problem=clipped)
         return task
 
 

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
-from natgrad_impls.jax import model as M
 from natgrad_impls.hyperparameters import structurally_singular
+from natgrad_impls.jax import model as M
 from natgrad_impls.models import Conv2d, Model, Problem
 from natgrad_impls.names import Curvature
 
