@@ -528,6 +528,20 @@ class _Clock:
         return self.now
 
 
+def _clock_charging_steps(monkeypatch) -> _Clock:
+    """The runner's clock, a stand-in on which the first step call ever (compilation, first-call costs)
+    takes 100 and every other step call 1."""
+    clock, calls = _Clock(), []
+    monkeypatch.setattr(runner, "time", clock)
+
+    def step_cost(params, out):
+        clock.now += 1.0 if calls else 100.0
+        calls.append(None)
+
+    spy_on_steps(monkeypatch, step_cost)
+    return clock
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_time_s_is_the_synchronised_steps_alone_on_a_stand_in_clock(framework, monkeypatch):
     """DESIGN 4: time is the wall-clock of the step alone, after warm-up/compilation, synchronised on
@@ -538,14 +552,7 @@ def test_time_s_is_the_synchronised_steps_alone_on_a_stand_in_clock(framework, m
     holds the evaluations and the cosines (scripts/run_overhead.py splits the loop's time by it)."""
     from natgrad_impls.names import Framework
 
-    clock, calls = _Clock(), []
-    monkeypatch.setattr(runner, "time", clock)
-
-    def step_cost(params, out):
-        clock.now += 1.0 if calls else 100.0
-        calls.append(None)
-
-    spy_on_steps(monkeypatch, step_cost)
+    clock = _clock_charging_steps(monkeypatch)
 
     class Charged(runner._IO[Framework(framework)]):
         def sync(self, tree):
@@ -572,14 +579,7 @@ def test_numpy_runs_are_timed_after_a_warm_up_too(monkeypatch):
     """numpy's first step pays first-call costs (3-9 steps' time on breastcancer) as torch's and jax's do,
     so it is warmed up like them: on a clock where the first step call ever costs 100 and every other 1,
     time_s counts 1 a step."""
-    clock, calls = _Clock(), []
-    monkeypatch.setattr(runner, "time", clock)
-
-    def step_cost(params, out):
-        clock.now += 1.0 if calls else 100.0
-        calls.append(None)
-
-    spy_on_steps(monkeypatch, step_cost)
+    clock = _clock_charging_steps(monkeypatch)
     frame = runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-6}, steps=3, progress=False)
     assert frame["time_s"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
