@@ -7,6 +7,7 @@ reject bad ones with the same ValueError naming the argument.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 
@@ -142,8 +143,6 @@ def documented(optimizer):
     Also where each framework's signature is held to the dataclass's defaults (TypeError at import
     where one drifts): the runner, grid and CLI take their defaults from the dataclasses, a direct
     call from the signature, and the two must not tell different stories."""
-    import inspect
-
     validated = HYPERPARAMETERS[Optimizer(optimizer.__name__)]
     fields = {f.name: _default(f) for f in dataclasses.fields(validated)}
     lines = []
@@ -160,6 +159,4 @@ def documented(optimizer):
 
 def _default(field: dataclasses.Field):
     """A dataclass field's default, as inspect spells "none" (Parameter.empty)."""
-    import inspect
-
     return inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default

@@ -452,12 +452,13 @@ def test_cos_ef_ngd_shifts_the_fisher_by_l2_and_not_the_ef(task, variant, framew
     theta = models.init_params(t.problem.model, seed, "glorot")  # not 0: g includes the l2 term
     frame = runner.run(t, "ef", framework, hyperparameters={"lr": 0.1, "damping": damping}, steps=0, seed=seed,
                        init="glorot", cos_ef_ngd=True, progress=False)
-    g = ref.loss_gradient(t.problem, theta, x, y)
-    eye = np.eye(len(g))
-    d_ef = np.linalg.solve(ref.empirical_fisher(t.problem, theta, x, y) + damping * eye, g)
-    d_ngd = np.linalg.solve(ref.fisher(t.problem, theta, x, y) + damping * eye, g)  # ref.fisher includes l2 I
-    expected = d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd))
+    expected = ref.cos_ef_ngd(t.problem, theta, x, y, damping)  # (ref.fisher includes l2 I)
     assert frame["cos_ef_ngd"].iloc[0] == pytest.approx(expected, rel=1e-8, abs=0)
+
+
+def _numpy(params):
+    """A step's parameters (torch tensors or jax arrays) as float64 NumPy."""
+    return {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64) for k, v in params.items()}
 
 
 def spy_on_steps(monkeypatch, record):
@@ -501,7 +502,7 @@ def test_train_loss_is_measured_every_eval_every_steps_and_at_the_last(monkeypat
     eval_every 5 measure steps 0, 5 and 7, and row 7 is the full-train loss at the final parameters
     (those the extra step at k == steps is handed), against the dense reference."""
     seen = []
-    spy_on_steps(monkeypatch, lambda params, out: seen.append({k: v.detach().numpy() for k, v in params.items()}))
+    spy_on_steps(monkeypatch, lambda params, out: seen.append(_numpy(params)))
     frame = runner.run("digits-mlp", "sgd", "torch", hyperparameters={"lr": 0.05}, steps=7, eval_every=5, seed=1,
                        progress=False)
     assert frame["step"].tolist() == list(range(8))
@@ -511,11 +512,6 @@ def test_train_loss_is_measured_every_eval_every_steps_and_at_the_last(monkeypat
     final = seen[-1]  # the last step call measures the final parameters (and is discarded)
     assert frame["train_loss"].iloc[7] == pytest.approx(ref.loss(task.problem, final, x, y), rel=1e-10, abs=0)
     assert frame["train_loss"].iloc[7] != pytest.approx(frame["train_loss"].iloc[5], rel=1e-6)  # the params moved
-
-
-def _numpy(params):
-    """A step's parameters (torch tensors or jax arrays) as float64 NumPy."""
-    return {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64) for k, v in params.items()}
 
 
 class _Clock:
@@ -663,11 +659,7 @@ def test_cos_ef_ngd_is_on_the_steps_batch_with_cos_damping(framework):
     x, y = task.load(seed).train
     theta = models.init_params(task.problem.model, seed, "glorot")
     for k, rows in enumerate(_batch_rows(len(x), 100, seed, 4)):
-        g = ref.loss_gradient(task.problem, theta, x[rows], y[rows])
-        eye = np.eye(len(g))
-        d_ef = np.linalg.solve(ref.empirical_fisher(task.problem, theta, x[rows], y[rows]) + damping * eye, g)
-        d_ngd = np.linalg.solve(ref.fisher(task.problem, theta, x[rows], y[rows]) + damping * eye, g)
-        expected = d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd))
+        expected = ref.cos_ef_ngd(task.problem, theta, x[rows], y[rows], damping)
         assert frame["cos_ef_ngd"].iloc[k] == pytest.approx(expected, rel=1e-8, abs=0), k
 
 
