@@ -3,8 +3,11 @@ the parsers of the LIBSVM and IDX formats on hand-made files."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
+import http.client
+import io
 import os
 import re
 import struct
@@ -48,6 +51,18 @@ def files_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+def opened_urls(monkeypatch) -> list[str]:
+    """The URLs that urlopen is asked for from now on (still only file:// ones, as `cache` allows)."""
+    opened, real = [], urllib.request.urlopen
+
+    def record(url, *args, **kwargs):
+        opened.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", record)
+    return opened
+
+
 def test_download_checks_and_caches(cache, tmp_path):
     url, sha = served(tmp_path, b"some bytes\n")
     path = fetch(Resource("thing", url, sha, "sub/thing.bin"))
@@ -69,11 +84,13 @@ def test_mismatch_is_refused_and_nothing_kept(cache, tmp_path):
     assert files_in(cache) == []
 
 
-def test_a_mismatching_url_is_discarded_and_the_next_tried(cache, tmp_path):
+def test_a_mismatching_url_is_discarded_and_the_next_tried(cache, tmp_path, monkeypatch):
     bad, _ = served(tmp_path, b"tampered", name="bad.bin")
     good, sha = served(tmp_path, b"right", name="good.bin")
     resource = Resource("thing", bad, sha, "thing.bin", mirrors=(good,))
+    opened = opened_urls(monkeypatch)
     assert fetch(resource).read_bytes() == b"right"
+    assert opened == [bad, good]  # the pinned URL first, then its mirrors in order
     assert files_in(cache) == [cache / "thing.bin"]
 
 
@@ -106,6 +123,18 @@ def test_cached_file_is_used_without_download(cache, tmp_path, monkeypatch):
     assert fetch(resource) == first
 
 
+def test_a_file_of_several_blocks_is_kept_and_recognised_whole(cache, tmp_path, monkeypatch):
+    """Downloads and checksums go by blocks of 1 MiB (CIFAR-10 is 170 MB): every block is written, and
+    a cached copy is recognised by the sha256 of all of it, so it is not downloaded again."""
+    content = np.random.default_rng(0).bytes(5 * 2**19 + 3)
+    url, sha = served(tmp_path, content)
+    resource = Resource("big", url, sha, "big.bin")
+    path = fetch(resource)
+    assert path.read_bytes() == content
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("downloaded again"))
+    assert fetch(resource) == path
+
+
 def test_wrong_cached_file_is_replaced(cache, tmp_path):
     url, sha = served(tmp_path, b"right")
     resource = Resource("thing", url, sha, "thing.bin")
@@ -124,6 +153,16 @@ def test_a_wrong_cached_file_is_never_used_offline(cache, tmp_path):
         fetch(resource)
 
 
+def test_a_wrong_cached_file_is_named_when_the_urls_serve_wrong_files_too(cache, tmp_path):
+    url, served_sha = served(tmp_path, b"tampered")
+    resource = Resource("thing", url, hashlib.sha256(b"right").hexdigest(), "thing.bin")
+    cache.mkdir()
+    (cache / "thing.bin").write_bytes(b"wrong")
+    with pytest.raises(ChecksumMismatch) as error:
+        fetch(resource)
+    assert served_sha in str(error.value) and hashlib.sha256(b"wrong").hexdigest() in str(error.value)
+
+
 def test_offline_error_names_file_url_and_cache_path(cache, tmp_path):
     url = (tmp_path / "nowhere" / "a1a").as_uri()
     resource = Resource("a1a", url, "f" * 64, "libsvm/a1a")
@@ -131,16 +170,24 @@ def test_offline_error_names_file_url_and_cache_path(cache, tmp_path):
         fetch(resource)
     message = str(error.value)
     assert "libsvm/a1a" in message and url in message
+    assert os.strerror(errno.ENOENT) in message  # why the URL failed
     assert str(cache / "libsvm" / "a1a") in message  # where to put it by hand
-    assert isinstance(error.value, RuntimeError)
+    assert "f" * 64 in message  # and the checksum it must have
+    assert "libsvm/a1a" in message.split("NATGRAD_DATA")[-1]  # a folder that holds libsvm/a1a, not a1a
+    assert isinstance(error.value, RuntimeError) and not isinstance(error.value, ChecksumMismatch)
     assert files_in(cache) == []
 
 
 def test_unpinned_files_need_an_explicit_opt_in(cache, tmp_path, monkeypatch):
     url, sha = served(tmp_path, b"unpinned")
     resource = Resource("thing", url, None, "thing.bin")
-    with pytest.raises(DataUnavailable, match="NATGRAD_ALLOW_UNPINNED"):
-        fetch(resource)
+    for value in [None, "0", "", "no"]:  # only NATGRAD_ALLOW_UNPINNED=1 opts in
+        if value is not None:
+            monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", value)
+        with pytest.raises(DataUnavailable, match="NATGRAD_ALLOW_UNPINNED") as error:
+            fetch(resource)
+        assert str(cache / "thing.bin") in str(error.value), value  # where the file would be kept
+    assert files_in(cache) == []
     monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
     assert fetch(resource).read_bytes() == b"unpinned"
 
@@ -164,16 +211,67 @@ def test_mirror_replaces_the_pinned_url(cache, tmp_path, monkeypatch):
     assert fetch(resource).read_bytes() == b"mirrored"
 
 
+def test_a_mirror_is_the_only_url_tried(cache, tmp_path, monkeypatch):
+    """`<base URL>/<filename>` with one slash, whatever the base ends with, and only that: neither the
+    pinned URL nor its fallbacks, even when the mirror lacks the file."""
+    url, sha = served(tmp_path, b"mirrored", name="sub/thing.bin")
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "server").as_uri() + "/")
+    pinned, fallbacks = "https://example.invalid/thing.bin", ("https://example.invalid/fallback/thing.bin",)
+    opened = opened_urls(monkeypatch)
+    assert fetch(Resource("thing", pinned, sha, "sub/thing.bin", mirrors=fallbacks)).read_bytes() == b"mirrored"
+    assert opened == [url]
+    opened.clear()
+    with pytest.raises(DataUnavailable) as error:
+        fetch(Resource("other", pinned, sha, "sub/other.bin", mirrors=fallbacks))
+    assert opened == [(tmp_path / "server" / "sub" / "other.bin").as_uri()]
+    assert "example.invalid" not in str(error.value)
+
+
 def test_second_url_is_tried_when_the_first_fails(cache, tmp_path):
     url, sha = served(tmp_path, b"second")
     resource = Resource("thing", (tmp_path / "missing").as_uri(), sha, "thing.bin", mirrors=(url,))
     assert fetch(resource).read_bytes() == b"second"
 
 
+def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_path, monkeypatch):
+    """http.client's IncompleteRead (the server closed before Content-Length) is no OSError, yet a URL
+    failure like any other: the next URL is tried, and with none left it is a DataUnavailable."""
+    good, sha = served(tmp_path, b"whole file")
+    cut, real = "https://example.invalid/thing.bin", urllib.request.urlopen
+
+    class CutShort(io.BytesIO):
+        def read(self, size=-1):
+            raise http.client.IncompleteRead(b"whole", 5)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *args, **kwargs: (
+        CutShort() if url == cut else real(url, *args, **kwargs)))
+    assert fetch(Resource("thing", cut, sha, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
+    with pytest.raises(DataUnavailable, match=re.escape(cut)):
+        fetch(Resource("other", cut, sha, "other.bin"))
+    assert files_in(cache) == [cache / "thing.bin"]
+
+
+def test_a_url_that_never_answers_cannot_hang_the_job(cache, tmp_path, monkeypatch):
+    """Without a timeout, urlopen waits forever on a server that takes the connection and says nothing:
+    the job would hang instead of failing (and being retried)."""
+    url, sha = served(tmp_path, b"some bytes\n")
+    timeouts, real = [], urllib.request.urlopen
+
+    def spy(url, *args, **kwargs):
+        timeouts.append(kwargs.get("timeout", args[1] if len(args) > 1 else None))
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", spy)
+    fetch(Resource("thing", url, sha, "thing.bin"))
+    assert len(timeouts) == 1 and isinstance(timeouts[0], (int, float)) and 0 < timeouts[0] <= 600, timeouts
+
+
 def test_default_cache_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("NATGRAD_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert data.cache_dir() == tmp_path / ".cache" / "natgrad"
+    monkeypatch.setenv("NATGRAD_DATA", "~/data")  # as a profile or a .env file sets it: no shell expands the ~
+    assert data.cache_dir() == tmp_path / "data"
 
 
 def test_pinned_resources_are_well_formed():
@@ -287,7 +385,7 @@ def test_an_unusable_cache_folder_is_not_reported_as_offline(cache, tmp_path, mo
     with pytest.raises(DataUnavailable) as error:
         fetch(Resource("thing", url, sha, "sub/thing.bin", mirrors=(url,)))
     assert not isinstance(error.value, ChecksumMismatch)
-    assert_unusable_cache_message(str(error.value), cache)
+    assert_unusable_cache_message(str(error.value), cache / "sub")  # the folder that cannot be written
     assert ("Permission denied" if failing == "mkstemp" else "No such file") in str(error.value)
 
 
@@ -311,6 +409,33 @@ def test_a_download_removes_stale_temporary_files_only(cache, tmp_path):
     assert files_in(cache) == sorted(
         [path, folder / ".thing.bin.running.part", folder / "notes.part", cache / ".top.bin.killed.part"]
     )
+
+
+def test_the_temporary_file_of_a_killed_download_is_removed_once_stale(cache, tmp_path, monkeypatch):
+    """A download writes to a temporary file beside the file (a rename is atomic only within one file
+    system), hidden and named so that, left behind by a killed download, a later one removes it when stale."""
+    url, sha = served(tmp_path, b"some bytes\n")
+    during, real = [], urllib.request.urlopen
+
+    class Killed(io.BytesIO):  # a first block, then the download dies
+        def read(self, size=-1):
+            if self.tell():
+                during.extend(files_in(cache))
+                raise ConnectionResetError("killed")
+            return super().read(4)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Killed(b"some bytes\n"))
+    resource = Resource("thing", url, sha, "sub/thing.bin")
+    with pytest.raises(DataUnavailable):
+        fetch(resource)
+    (temporary,) = during
+    assert temporary.parent == cache / "sub"
+    temporary.write_bytes(b"some")  # as a killed process leaves it (this one was removed on the error)
+    old = time.time() - data.STALE_PART_AGE_S - 60
+    os.utime(temporary, (old, old))
+    monkeypatch.setattr(urllib.request, "urlopen", real)
+    path = fetch(resource)
+    assert files_in(cache) == [path]
 
 
 # -- parsers ---------------------------------------------------------------------------------------
@@ -344,11 +469,15 @@ def idx_bytes(array: np.ndarray, type_code: int) -> bytes:
 
 
 def test_read_idx_keeps_the_shape_order_and_type(tmp_path):
-    """A non-square array shows a transposed or Fortran-order read (the last index is the fastest),
-    int32 the big-endian 4-byte type; gzipped or not."""
+    """A non-square array shows a transposed or Fortran-order read (the last index is the fastest);
+    every type code of the format, signed or not, big-endian; gzipped or not."""
     arrays = {
         "bytes": (np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 0x08),
+        "signed.gz": (np.array([-128, -1, 0, 127], np.int8), 0x09),
+        "shorts": (np.array([[-300, 2], [1, 32767]], np.int16), 0x0B),
         "ints.gz": (np.array([[-5, 70000], [1, 2], [3, -(2**31)]], np.int32), 0x0C),
+        "floats": (np.array([1.5, -2.25, 3e38], np.float32), 0x0D),
+        "doubles.gz": (np.array([[0.1], [-1e300]]), 0x0E),
     }
     for name, (array, code) in arrays.items():
         content = idx_bytes(array, code)

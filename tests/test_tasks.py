@@ -346,9 +346,10 @@ def column_letters(j: int) -> str:
     return letters
 
 
-def write_xlsx(rows) -> bytes:
+def write_xlsx(rows, target="worksheets/sheet1.xml") -> bytes:
     """A minimal one-sheet .xlsx: header strings shared, numbers inline, gaps allowed (None: the cell
-    is left out of the XML, as spreadsheet programs do, so only its neighbours' `r=` tell its column)."""
+    is left out of the XML, as spreadsheet programs do, so only its neighbours' `r=` tell its column).
+    `target`: the sheet's path as workbook.xml.rels gives it (relative to xl/, or from the root)."""
     strings, xml_rows = [], []
     for i, row in enumerate(rows, start=1):
         cells = []
@@ -369,7 +370,7 @@ def write_xlsx(rows) -> bytes:
         archive.writestr(
             "xl/_rels/workbook.xml.rels",
             '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
-            f'<Relationship Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+            f'<Relationship Id="rId1" Type="{rel}/worksheet" Target="{target}"/></Relationships>',
         )
         cells = "".join(xml_rows)
         archive.writestr("xl/worksheets/sheet1.xml", f"<worksheet {main}><sheetData>{cells}</sheetData></worksheet>")
@@ -526,3 +527,18 @@ def test_read_xlsx_places_cells_by_their_references():
         sheet = archive.read("xl/worksheets/sheet1.xml").decode()
     assert '<c r="B1"' not in sheet and '<c r="AB4"' in sheet  # the gaps really are left out
     assert data.read_xlsx(io.BytesIO(content)) == rows
+
+
+def test_read_xlsx_follows_a_sheet_target_given_from_the_archive_root():
+    """Some writers (openpyxl among them) give the sheet as /xl/worksheets/sheet1.xml, not relative to xl/."""
+    rows = [["AT", "PE"], [1.5, 2.0]]
+    assert data.read_xlsx(io.BytesIO(write_xlsx(rows, target="/xl/worksheets/sheet1.xml"))) == rows
+
+
+def test_numeric_rows_keeps_the_rows_of_numbers_only():
+    """The header, blank rows, short rows and a row with a missing value (which would be a NaN) are
+    dropped; cells after the first `columns` do not count."""
+    rows = [["X1", "X2", "Y"], [1.0, 2.0, 3.0, "note"], [4.0, None, 6.0], [None] * 3, [7.0, 8.0, 9.0], [1.0, 2.0]]
+    table = data.numeric_rows(rows, 3)
+    np.testing.assert_array_equal(table, [[1, 2, 3], [7, 8, 9]])
+    assert table.dtype == np.float64

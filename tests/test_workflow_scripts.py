@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -190,6 +191,31 @@ def test_best_networks_table_has_one_row_per_group_with_its_own_grid_edge(tmp_pa
     assert (rows["seeds"] == 2).all()
 
 
+# -- data.py: fetch a download task's files and say what was loaded --------------------------------
+
+def test_the_data_job_writes_a_row_per_split_with_its_size(tmp_path, monkeypatch):
+    """Stand-in files pinned in an empty cache (no network: the mirror does not exist): yacht has no test
+    split (a Kunstner task), fashionmnist-cnn's inputs are 1x28x28 images, 784 numbers each."""
+    from test_tasks import place, write_idx  # the download formats' stand-ins, pinned in the cache
+
+    monkeypatch.setenv("NATGRAD_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", (tmp_path / "no-mirror").as_uri())
+    rng = np.random.default_rng(0)
+    files = {"yacht": "\n".join(" ".join(f"{v:g}" for v in row) for row in rng.uniform(1, 9, (4, 7))).encode()}
+    for part, n in [("train", 3), ("test", 2)]:
+        files[f"fashion-mnist/{part}-images"] = write_idx(rng.integers(0, 256, (n, 28, 28)))
+        files[f"fashion-mnist/{part}-labels"] = write_idx(rng.integers(0, 10, n))
+    place(monkeypatch, files)
+    # yacht: 6 columns of inputs and the bias (the seventh is the target)
+    expected = {"yacht": [("train", 4, 7)], "fashionmnist-cnn": [("train", 3, 784), ("test", 2, 784)]}
+    for task, rows in expected.items():
+        out = tmp_path / f"{task}.csv"
+        run_script("data.py", tmp_path, rule="data", output=Files(out), wildcards=SimpleNamespace(task=task))
+        table = pd.read_csv(out)
+        assert list(zip(table["split"], table["examples"], table["features"])) == rows, table.to_string()
+        assert (table["task"] == task).all()
+
+
 # -- the rules: what the configuration gives each job ------------------------------------------------
 
 DAG_PARAMS = r"""
@@ -220,7 +246,8 @@ with contextlib.redirect_stdout(io.StringIO()):
         jobs = [{"rule": job.rule.name, "output": [str(f) for f in job.output],
                  "wildcards": dict(job.wildcards_dict),
                  "params": {name: plain(value) for name, value in job.params.items()},
-                 "shell": job.shellcmd if job.is_shell else None}
+                 "shell": job.shellcmd if job.is_shell else None,
+                 "script": job.rule.script and job.rule.basedir.join(job.rule.script).get_path_or_uri(True)}
                 for job in dag_workflow.dag.jobs]
 print(json.dumps(jobs))
 """
@@ -280,6 +307,16 @@ def test_tune_jobs_get_the_tuning_seeds_and_train_jobs_the_rerun_seeds(dags):
     for job in train:
         assert job["params"]["seeds"] == networks["seeds"], f"{job['output'][0]}: {job['params']['seeds']}"
     assert {j["wildcards"]["optimizer"] for j in tune} == {j["wildcards"]["optimizer"] for j in train}
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_the_script_of_every_job_is_there(dags, name):
+    """Snakemake looks for a rule's `script:` only when a job of it runs: a wrong path fails no DAG,
+    and the data rule's jobs (download tasks, gpu.yaml) run in no test of the pipeline."""
+    scripts = {job["rule"]: job["script"] for job in dags[name] if job["script"]}
+    assert scripts and ("data" in scripts or name == "smoke.yaml"), sorted(scripts)
+    for rule, script in scripts.items():
+        assert Path(script).is_file(), f"rule {rule}: no script {script}"
 
 
 @pytest.mark.parametrize("name", DAG_CONFIGS)
