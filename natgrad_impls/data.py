@@ -99,6 +99,7 @@ def generated(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str,
     arrays = make()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        results.remove_stale_temporaries(path.parent, STALE_PART_AGE_S)  # those of killed jobs
         with _replacing(path) as out:
             np.savez(out, sha256=np.str_(_arrays_sha256(arrays)), **arrays)
     except OSError as error:
@@ -137,7 +138,7 @@ def fetch(resource: Resource) -> Path:
     if resource.sha256 is None and not allow_unpinned:
         raise DataUnavailable(
             f"{resource.name}: {resource.filename} has no pinned sha256 yet; set NATGRAD_ALLOW_UNPINNED=1 to use "
-            f"{path} (downloaded from {resource.url} if absent) and pin the checksum that is printed"
+            f"{path} (downloaded from {_urls(resource)[0]} if absent) and pin the checksum that is printed"
         )
     stale = None
     if path.is_file():
@@ -178,20 +179,27 @@ def fetch(resource: Resource) -> Path:
 
 
 def _download(resource: Resource, url: str, path: Path) -> Path:
-    """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically."""
-    with contextlib.ExitStack() as stack:
-        try:  # before the URL is opened, so that this failure is not taken for the URL's
-            out = stack.enter_context(_replacing(path))
+    """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically. An
+    OSError of the cache folder (it cannot take the file: a full disk, a quota) is a DataUnavailable
+    that says so, not the URL's failure, so no other URL is tried."""
+
+    def in_cache(operation, *args):
+        try:
+            return operation(*args)
         except OSError as error:
             raise _unusable(resource, path.parent, error) from error
-        response = stack.enter_context(urllib.request.urlopen(url, timeout=60))
-        digest = hashlib.sha256()
-        for block in iter(lambda: response.read(1 << 20), b""):
-            digest.update(block)
-            out.write(block)
+
+    with contextlib.ExitStack() as cache:
+        out = in_cache(cache.enter_context, _replacing(path))  # before the URL is opened: nothing is fetched
+        with urllib.request.urlopen(url, timeout=60) as response:
+            digest = hashlib.sha256()
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                in_cache(out.write, block)
         actual = digest.hexdigest()
         if resource.sha256 is not None and actual != resource.sha256:
             raise ChecksumMismatch(f"got sha256 {actual}")  # raised inside: the temporary file is removed
+        in_cache(cache.close)  # flush, close and rename, where a full disk shows too
     if resource.sha256 is None:
         _print_unpinned(resource, "unpinned download", actual)
     return path

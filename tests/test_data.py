@@ -11,6 +11,8 @@ import io
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -188,6 +190,11 @@ def test_unpinned_files_need_an_explicit_opt_in(cache, tmp_path, monkeypatch):
             fetch(resource)
         assert str(cache / "thing.bin") in str(error.value), value  # where the file would be kept
     assert files_in(cache) == []
+    monkeypatch.setenv("NATGRAD_DATA_MIRROR", "file:///the/mirror")
+    with pytest.raises(DataUnavailable) as error:
+        fetch(resource)
+    assert "downloaded from file:///the/mirror/thing.bin" in str(error.value)  # not the pinned URL
+    monkeypatch.delenv("NATGRAD_DATA_MIRROR")
     monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
     assert fetch(resource).read_bytes() == b"unpinned"
 
@@ -326,6 +333,18 @@ def test_a_damaged_generated_file_is_made_again(cache, damage):
     assert data.generated("toy-1", maker(calls)) and calls == [1, 1], "the remade file was not kept"
 
 
+def test_generating_removes_the_stale_temporary_files_of_killed_jobs(cache):
+    folder = cache / "generated"
+    folder.mkdir(parents=True)
+    now = time.time()
+    for name, age in {".toy-1.npz.killed.part": 2 * data.STALE_PART_AGE_S,  # a killed job's: removed
+                      ".toy-1.npz.running.part": 60}.items():  # maybe another job writing now: kept
+        (folder / name).write_bytes(b"partial")
+        os.utime(folder / name, (now - age, now - age))
+    data.generated("toy-1", maker([]))
+    assert files_in(folder) == [folder / ".toy-1.npz.running.part", folder / "toy-1.npz"]
+
+
 def test_an_unwritable_cache_only_costs_the_time_to_make_again(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("NATGRAD_DATA", str(tmp_path / "a-file" / "cache"))
@@ -387,6 +406,59 @@ def test_an_unusable_cache_folder_is_not_reported_as_offline(cache, tmp_path, mo
     assert not isinstance(error.value, ChecksumMismatch)
     assert_unusable_cache_message(str(error.value), cache / "sub")  # the folder that cannot be written
     assert ("Permission denied" if failing == "mkstemp" else "No such file") in str(error.value)
+
+
+# A file size limit stands in for a cache folder that fills up during a download (a full disk, a
+# quota), in a subprocess so that the limit stays there; the file is 3 MiB, the limit 1 MiB.
+FILLS_UP = r"""
+import hashlib, os, resource, signal, sys, urllib.request
+from pathlib import Path
+from natgrad_impls import data
+
+served, cache = Path(sys.argv[1]), Path(sys.argv[2])
+opened, real = [], urllib.request.urlopen
+urllib.request.urlopen = lambda url, *args, **kwargs: opened.append(url) or real(url, *args, **kwargs)
+urls = [(served / name).as_uri() for name in ("first.bin", "second.bin")]
+sha = hashlib.sha256((served / "first.bin").read_bytes()).hexdigest()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    data.fetch(data.Resource("big", urls[0], sha, "big.bin", mirrors=(urls[1],)))
+except data.DataUnavailable as error:
+    print(len(opened), type(error).__name__, error)
+"""
+
+
+def test_a_cache_folder_that_fills_up_during_a_download_is_not_reported_as_offline(cache, tmp_path):
+    """Writing, not only creating, the temporary file can fail on the cache folder's account: that is
+    no reason to download the file again from the next URL into the same folder."""
+    content = os.urandom(3 << 20)
+    for name in ("first.bin", "second.bin"):
+        served(tmp_path, content, name=name)
+    done = subprocess.run([sys.executable, "-c", FILLS_UP, str(tmp_path / "server"), str(cache)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    opened, kind, message = done.stdout.strip().split(" ", 2)
+    assert (opened, kind) == ("1", "DataUnavailable")  # the second URL would fill the same folder
+    assert_unusable_cache_message(message, cache)
+    assert os.strerror(errno.EFBIG) in message  # the system's reason
+    assert files_in(cache) == []
+
+
+def test_a_cache_folder_that_cannot_take_the_renamed_file_is_not_reported_as_offline(cache, tmp_path, monkeypatch):
+    url, sha = served(tmp_path, b"some bytes\n")
+    opened = opened_urls(monkeypatch)
+
+    def quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(data.os, "replace", quota)
+    with pytest.raises(DataUnavailable) as error:
+        fetch(Resource("thing", url, sha, "sub/thing.bin", mirrors=(url,)))
+    assert len(opened) == 1 and not isinstance(error.value, ChecksumMismatch)
+    assert_unusable_cache_message(str(error.value), cache / "sub")
+    assert os.strerror(errno.EDQUOT) in str(error.value)
+    assert files_in(cache) == []
 
 
 def test_a_download_removes_stale_temporary_files_only(cache, tmp_path):
