@@ -111,6 +111,17 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
     assert all(p.exists() for p in written)
 
 
+def test_save_writes_each_format_as_named_and_the_notes_beside_it(tmp_path):
+    """save writes one file per format, each in that format (a PDF that is a PNG inside fails to
+    open as one), and, with notes, the caption notes joined by spaces beside them."""
+    figure, _ = plt.subplots()
+    notes = ["EF: not in the table, left out.", "Best runs on wine: NGD lr 1."]
+    written = save(Drawn(figure, notes), tmp_path / "f.png")
+    assert written == [tmp_path / "f.png", tmp_path / "f.pdf", tmp_path / "f.notes.txt"]
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    assert (tmp_path / "f.notes.txt").read_text() == "EF: not in the table, left out. Best runs on wine: NGD lr 1.\n"
+
+
 def test_training_smooths_minibatch_loss_and_says_so():
     drawn = networks.training(runs(steps=200), y="loss")
     assert any("running mean over 4 measurements" in n for n in drawn.notes)

@@ -140,6 +140,53 @@ def test_vecfield_draws_the_tables_numbers(vecfield_table):
         np.testing.assert_allclose(star_marker.get_xydata()[0], star, rtol=1e-9)
 
 
+def _hand_made_vecfield() -> pd.DataFrame:
+    """A figure-1 table made by hand: three examples, the minimum b = 1, slope 2, a loss that
+    depends on theta_0 alone on a 3 x 4 grid (so every contour is a vertical line), per optimizer
+    two field rows of different lengths and one trajectory of three steps, its rows in reverse."""
+    rows = [{"kind": "data", "x": x, "y": y} for x, y in ((1.0, 3.0), (2.0, 5.0), (4.0, 9.0))]
+    rows.append({"kind": "minimum", "theta_0": 1.0, "theta_1": 2.0, "loss": 0.0})
+    rows += [{"kind": "contour", "theta_0": a, "theta_1": b, "loss": a} for a in (0.0, 1.0, 2.0) for b in range(4)]
+    fields = {"sgd": ((3, 4), (0, -0.5)), "ngd": ((-1, 0), (0, 2)), "ef": ((1, 1), (-6, 8))}
+    for optimizer, ds in fields.items():
+        rows += [{"kind": "field", "optimizer": optimizer, "lr": 1.0, "theta_0": float(i), "theta_1": 0.0,
+                  "d_0": d[0], "d_1": d[1]} for i, d in enumerate(ds)]
+        rows += [{"kind": "trajectory", "optimizer": optimizer, "lr": 1.0, "start": 0, "step": step,
+                  "theta_0": 2.0 - step / 2, "theta_1": 3.0 - step} for step in (2, 1, 0)]
+    return pd.DataFrame(rows)
+
+
+def test_vecfield_draws_unit_arrows_of_each_optimizers_field():
+    """Each panel's quiver is its own optimizer's field, at the table's points, with arrows of unit
+    length (figure 1 shows directions only): sgd's d = (3, 4) is drawn as (0.6, 0.8). The data panel
+    is y against x with the fit over 0..max x; the contours of a loss that depends on b alone are
+    vertical lines at the levels equally spaced in sqrt(L - L*) (here L* = 0, max 2: 2 k^2 / 49);
+    a trajectory is drawn in step order whatever the table's order; the axes are b and theta."""
+    drawn = paper.vecfield(_hand_made_vecfield())
+    data_ax, *panels = drawn.figure.axes
+    (data,) = _with_gid(data_ax, "data")
+    np.testing.assert_array_equal(data.get_xydata(), [[1, 3], [2, 5], [4, 9]])
+    (fit,) = _with_gid(data_ax, "fit")
+    assert fit.get_xdata()[0] == 0 and fit.get_xdata()[-1] == 4
+    np.testing.assert_allclose(fit.get_ydata(), 1 + 2 * fit.get_xdata())
+    unit = {"sgd": [[0.6, 0.8], [0, -1]], "ngd": [[-1, 0], [0, 1]], "ef": [[0.5**0.5, 0.5**0.5], [-0.6, 0.8]]}
+    for ax, optimizer in zip(panels, ["sgd", "ngd", "ef"]):
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("$b$", r"$\theta$")
+        (quiver,) = [c for c in ax.collections if isinstance(c, Quiver)]
+        np.testing.assert_array_equal(np.column_stack([quiver.X, quiver.Y]), [[0, 0], [1, 0]])
+        np.testing.assert_allclose(np.column_stack([quiver.U, quiver.V]), unit[optimizer], atol=1e-15)
+        (path,) = _with_gid(ax, "trajectory")
+        np.testing.assert_array_equal(path.get_xydata(), [[2, 3], [1.5, 2], [1, 1]])
+        (contours,) = [c for c in ax.collections if not isinstance(c, Quiver)]
+        np.testing.assert_allclose(contours.levels, 2 * np.arange(1, 7) ** 2 / 49)
+        for level, contour in zip(contours.levels, contours.get_paths()):
+            np.testing.assert_allclose(contour.vertices[:, 0], level)  # b = level, every theta
+    assert not any("no data rows" in note for note in drawn.notes)
+    table = _hand_made_vecfield()
+    no_data = paper.vecfield(table[table["kind"] != "data"])
+    assert "The table has no data rows: the data panel is empty." in no_data.notes
+
+
 def test_vecfield_rows_are_the_closed_form_flows(vecfield_table):
     """The table's numbers, from the closed forms of linear regression with unit noise and the prior
     l2 = 1/(0.1 N) (DESIGN 6), r = X theta - y: g = X^T r / N + l2 theta, F = X^T X / N + l2 I, EF =
@@ -218,6 +265,48 @@ def test_misspecification_draws_data_and_both_ellipses(misspec_table, model):
     labels = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
     assert labels == ["Loss contour", "Fisher", "Empirical Fisher", "Minimum"]
     assert drawn.notes == []
+
+
+@pytest.mark.parametrize("model", ["logistic", "linear"])
+def test_misspecification_draws_each_variants_own_numbers(misspec_table, model):
+    """Each column is drawn from its own variant's rows: the data (logistic: (x_0, x_1) of each
+    class, y = 0 then y = 1; linear: y against x_0, x_1 being the constant 1, and the fit y =
+    theta_0 x_0 + theta_1), and under it the ellipses Delta^T C Delta = radius^2 of its own Fisher
+    and EF around its own minimum, drawn in the legend's style, and the loss contours at L* + (radius
+    s)^2 / 2, s = 1/2, 1, ..., 3 (so that s = 1 is the Fisher's ellipse's level)."""
+    drawn = paper.misspecification(misspec_table, model)
+    axes = np.array(drawn.figure.axes).reshape(2, 3)
+    handles = {h.get_label(): h for h in drawn.figure.legends[0].legend_handles}
+    for top, bottom, suffix in zip(*axes, ["correct", "misspecified-a", "misspecified-b"]):
+        variant = f"{model}-{suffix}"
+        rows = misspec_table[misspec_table["variant"] == variant]
+        data = rows[rows["kind"] == "data"]
+        minimum = rows[rows["kind"] == "minimum"]
+        star = minimum[["theta_0", "theta_1"]].to_numpy(dtype=float)[0]
+        if model == "logistic":
+            for line, label in zip(_with_gid(top, "data"), (0, 1)):
+                mine = data[data["y"] == label][["x_0", "x_1"]].to_numpy(dtype=float)
+                assert line.get_label() == f"$y = {label}$" and len(mine) > 0
+                np.testing.assert_array_equal(line.get_xydata(), mine, err_msg=variant)
+        else:
+            assert (data["x_1"] == 1).all()
+            (line,) = _with_gid(top, "data")
+            np.testing.assert_array_equal(line.get_xydata(), data[["x_0", "y"]].to_numpy(dtype=float), err_msg=variant)
+            (fit,) = _with_gid(top, "fit")
+            np.testing.assert_allclose(fit.get_ydata(), star[0] * fit.get_xdata() + star[1], err_msg=variant)
+        radius = rows[rows["kind"] == "curvature"]["radius"].iloc[0]
+        for name, optimizer, label in (("fisher", "ngd", "Fisher"), ("empirical", "ef", "Empirical Fisher")):
+            (line,) = _with_gid(bottom, f"ellipse-{name}")
+            delta = line.get_xydata() - star
+            C = _curvatures(misspec_table, variant)[name]
+            np.testing.assert_allclose(np.einsum("ni,ij,nj->n", delta, C, delta), radius**2, rtol=1e-9)
+            handle = handles[label]
+            assert _same_color(handle.get_color(), style.COLORS[optimizer]) and _same_dashes(handle, optimizer)
+        (marker,) = _with_gid(bottom, "minimum")
+        np.testing.assert_allclose(marker.get_xydata()[0], star, rtol=1e-12)
+        (contours,) = bottom.collections
+        s = np.array([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+        np.testing.assert_allclose(contours.levels, minimum["loss"].item() + (radius * s) ** 2 / 2, rtol=1e-12)
 
 
 def test_fisher_ellipse_is_the_loss_contour(misspec_table):
@@ -371,6 +460,36 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     assert drawn.notes == ["a1a: not in the grid frame, left out."]
 
 
+def test_optimisation_legend_cosine_and_settings_follow_the_frames():
+    """Hand-made frames: the best runs of sgd (lr 0.5), ef (lr 0.1, damping 1e-4) and ngd (lr 1,
+    damping 1e-6) on wine, an ef run that is not best, and cosines along ef on wine and breastcancer
+    (rows out of step order) and along sgd on wine. The legend's handles look like the lines they
+    name, the cosine panel draws wine's ef cos_ef_ngd in step order, and the note gives each best
+    run's own lr and damping."""
+    steps = np.arange(4)
+    runs = [("sgd", 0.5, np.nan, True, 1.0), ("ef", 0.1, 1e-4, True, 0.5), ("ngd", 1.0, 1e-6, True, 0.25),
+            ("ef", 1.0, 1e-2, False, 0.75)]
+    grid_frame = pd.concat([pd.DataFrame({"task": "wine", "optimizer": o, "lr": lr, "damping": d, "step": steps,
+                                          "loss": scale / (1.0 + steps), "repeat": 0, "best": best, "chaotic": False,
+                                          "diverged": False}) for o, lr, d, best, scale in runs], ignore_index=True)
+    cos = pd.DataFrame({"task": ["wine"] * 4 + ["breastcancer"] * 4 + ["wine"] * 2, "lr": 0.1, "damping": 1e-4,
+                        "optimizer": ["ef"] * 8 + ["sgd"] * 2, "step": [3, 1, 2, 0] * 2 + [0, 1],
+                        "cos_ef_ngd": [0.0, 0.5, -0.25, 1.0, 0.9, 0.8, 0.7, 0.6, 0.3, 0.2]})
+    drawn = paper.optimisation(grid_frame, cos, tasks=["wine"])
+    loss_ax, cos_ax = drawn.figure.axes
+    lines = _with_gid(loss_ax, "best")
+    handles = drawn.figure.legends[0].legend_handles
+    assert [h.get_label() for h in handles] == [line.get_label() for line in lines] == ["SGD", "EF", "NGD"]
+    for handle, line, (optimizer, *_, scale) in zip(handles, lines, runs):
+        assert _same_color(handle.get_color(), style.COLORS[optimizer]) and _same_dashes(handle, optimizer)
+        assert _same_color(line.get_color(), style.COLORS[optimizer])
+        np.testing.assert_allclose(line.get_ydata(), scale / (1.0 + steps))
+    (cos_line,) = _with_gid(cos_ax, "cos")
+    np.testing.assert_array_equal(cos_line.get_xydata(), [[0, 1.0], [1, 0.5], [2, -0.25], [3, 0.0]])
+    assert "Best runs on wine: SGD lr 0.5; EF lr 0.1, damping 0.0001; NGD lr 1, damping 1e-06." in drawn.notes
+    assert not any("not along the best EF run" in note for note in drawn.notes)
+
+
 def test_a_cosine_frame_without_tasks_is_refused(small_grid, cos_frame):
     """Without a task column the cosine of one task would be drawn under every task."""
     with pytest.raises(ValueError, match="cos: missing column task"):
@@ -450,6 +569,26 @@ def test_starting_points_lie_on_the_segment_and_darker_is_closer():
             by_alpha = [d for _, d in sorted(zip([line.get_alpha() for line in mine], distance_of))]
             assert by_alpha == sorted(distance_of, reverse=True), (problem, optimizer)  # darkest: closest
             assert max(line.get_alpha() for line in mine) == pytest.approx(1.0)
+
+
+def test_starting_point_leaves_out_excess_at_round_off_and_names_the_starts():
+    """A hand-made table: on the quadratic, ngd from theta0 = 2 and 4 reaches round-off (excess 0,
+    then -1e-17: not drawn on the log axis); on wine, from alpha = 0 and 0.5. The notes name the
+    starts as theta0 on the quadratic and as alpha on the task."""
+    def run(problem, start, distance, excess):
+        return pd.DataFrame({"kind": "run", "problem": problem, "optimizer": "ngd", "start": start,
+                             "distance": distance, "step": [0, 1, 2], "excess": excess})
+
+    table = pd.concat([run("quadratic", 4.0, 4.0, [8.0, 2.0, 0.0]), run("quadratic", 2.0, 2.0, [2.0, 0.5, -1e-17]),
+                       run("wine", 0.0, 3.0, [1.0, 1e-3, 1e-6]), run("wine", 0.5, 1.5, [0.2, 1e-4, 1e-7])])
+    drawn = paper.starting_point(table)
+    quadratic, wine = drawn.figure.axes
+    np.testing.assert_array_equal([line.get_ydata() for line in _with_gid(quadratic, "run")],
+                                  [[8.0, 2.0, np.nan], [2.0, 0.5, np.nan]])
+    np.testing.assert_array_equal([line.get_ydata() for line in _with_gid(wine, "run")],
+                                  [[1.0, 1e-3, 1e-6], [0.2, 1e-4, 1e-7]])
+    assert "quadratic: theta0 in 2, 4; darker lines start closer to the minimum." in drawn.notes
+    assert "wine: theta0 = alpha theta*, alpha in 0, 0.5; darker lines start closer to the minimum." in drawn.notes
 
 
 # -- figure 3's claim ------------------------------------------------------------------------------
@@ -568,6 +707,72 @@ def test_logit_clip_figure_sweeps_lr_for_both_likelihoods(clip_grids):
     assert "SGD 5 (from lr 0.001, at step" in note and "Best final loss without the clip:" in note
     legend = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
     assert legend == ["Logits clipped (paper code)", "Exact likelihood", "Exact: every run diverges"]
+
+
+def test_logit_clip_figure_draws_the_grids_numbers():
+    """Hand-made grids of ef (lrs 1e-3..10, dampings 1e-4 and 1e-2) and sgd on breastcancer. With the
+    clip: best ef lr 0.1, damping 1e-2, final loss 0.2; exact: best lr 0.1, damping 1e-4, 0.1, and
+    every run from lr 1 on diverges; every exact sgd run diverges. The sweep is the lowest final
+    loss over dampings of the runs that did not diverge, the dots sit on each grid's best run (filled:
+    clipped, open: exact), grey spans the lrs on which every exact run diverges, the lines are drawn as
+    the legend says (clipped solid), and the note counts 6 of 10 ef runs changed and a -50 % best."""
+    lrs = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    finals = {  # clip: {(lr, damping): final loss}, inf where the run diverges
+        "paper": dict(zip([(lr, d) for lr in lrs for d in (1e-4, 1e-2)],
+                          [0.6, 0.65, 0.4, 0.5, 0.3, 0.2, 0.35, 0.45, 0.9, 0.95])),
+        "none": dict(zip([(lr, d) for lr in lrs for d in (1e-4, 1e-2)],
+                         [0.6, 0.65, 0.4, 0.5, 0.1, 0.25, np.inf, np.inf, np.inf, np.inf])),
+    }
+    best = {"paper": (0.1, 1e-2), "none": (0.1, 1e-4)}
+
+    def rows(optimizer, clip, lr, damping, loss, is_best):
+        return pd.DataFrame({"task": "breastcancer", "optimizer": optimizer, "logit_clip": clip, "lr": lr,
+                             "damping": damping, "step": [0, 1], "loss": [0.69, loss], "repeat": 0, "best": is_best,
+                             "chaotic": False, "diverged": not np.isfinite(loss)})
+
+    frames = [rows("ef", clip, lr, d, loss, (lr, d) == best[clip])
+              for clip in finals for (lr, d), loss in finals[clip].items()]
+    frames += [rows("sgd", clip, lr, np.nan, 0.5 if clip == "paper" else np.inf, lr == 1e-2)
+               for clip in finals for lr in lrs]
+    drawn = paper.logit_clip(pd.concat(frames, ignore_index=True))
+    sgd_ax, ef_ax = drawn.figure.axes
+    assert [sgd_ax.get_title(), ef_ax.get_title()] == ["SGD", "EF"]
+    (clipped,) = _with_gid(ef_ax, "sweep-paper")
+    np.testing.assert_array_equal(clipped.get_xydata(), [[1e-3, 0.6], [1e-2, 0.4], [1e-1, 0.2], [1, 0.35], [10, 0.9]])
+    (exact,) = _with_gid(ef_ax, "sweep-none")
+    np.testing.assert_array_equal(exact.get_xydata(), [[1e-3, 0.6], [1e-2, 0.4], [1e-1, 0.1]])
+    legend = {h.get_label(): h for h in drawn.figure.legends[0].legend_handles}
+    assert clipped.get_linestyle() == legend["Logits clipped (paper code)"].get_linestyle() == "-"
+    assert exact.get_linestyle() == legend["Exact likelihood"].get_linestyle() != "-"
+    (dot_paper,) = _with_gid(ef_ax, "best-paper")
+    (dot_none,) = _with_gid(ef_ax, "best-none")
+    np.testing.assert_array_equal(dot_paper.get_xydata(), [[0.1, 0.2]])
+    np.testing.assert_array_equal(dot_none.get_xydata(), [[0.1, 0.1]])
+    assert _same_color(dot_paper.get_markerfacecolor(), style.COLORS["ef"])  # filled: clipped
+    assert _same_color(dot_none.get_markerfacecolor(), "white")  # open: exact
+    for ax, first in ((ef_ax, 1.0), (sgd_ax, 1e-3)):
+        (span,) = [p for p in ax.patches if p.get_gid() == "all-diverge"]
+        assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx((first, 10.0))
+    (note,) = [n for n in drawn.notes if n.startswith("breastcancer, exact likelihood")]
+    assert "the clip changes 11 of 15 runs (none with lr below 0.001)" in note
+    assert "EF 4 (from lr 1, at step 1)" in note
+    assert "Best final loss without the clip: SGD none (every run diverges without it), EF -50 %." in note
+
+
+def test_logit_clip_lr_axis_starts_a_thousand_times_below_the_first_lr_that_moves():
+    """The caption's promise: the shared lr axis starts 1000 x below the smallest lr at which a
+    panel's sweep leaves its flat start. Here sgd's final loss moves from lr 1e-5 on, ngd's from
+    lr 0.1 on (both best at lr 1, the same with and without the clip): the axis starts at 1e-8."""
+    def rows(optimizer, clip, damping, first_move):
+        return pd.concat([pd.DataFrame({"task": "breastcancer", "optimizer": optimizer, "logit_clip": clip, "lr": lr,
+                                        "damping": damping, "step": [0, 1], "repeat": 0, "best": lr == 1.0,
+                                        "loss": [0.69, 0.69 if lr < first_move else 0.69 / (1 + lr / first_move)],
+                                        "chaotic": False, "diverged": False}) for lr in 10.0 ** np.arange(-9, 1)])
+
+    frame = pd.concat([rows("sgd", clip, np.nan, 5e-6) for clip in ("paper", "none")]
+                      + [rows("ngd", clip, 1e-4, 0.05) for clip in ("paper", "none")], ignore_index=True)
+    for ax in paper.logit_clip(frame).figure.axes:
+        assert ax.get_xlim()[0] == pytest.approx(1e-8), ax.get_title()
 
 
 def test_logit_clip_note_names_the_smallest_changed_lr():

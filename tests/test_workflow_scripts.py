@@ -81,9 +81,83 @@ def test_cos_is_measured_along_the_best_ef_run_with_its_lr_and_damping(tmp_path)
                output=Files(out), params=SimpleNamespace(steps=3), wildcards=SimpleNamespace(task="wine"))
     frame = pd.read_parquet(out)
     assert set(frame["optimizer"]) == {"ef"} and set(frame["task"]) == {"wine"}
+    assert set(frame["framework"]) == {"numpy"}, "not the numpy grid's own implementation (figure 3's caption)"
     assert set(frame["lr"]) == {0.1}, "not the best ef run's lr"
     assert set(frame["damping"]) == {1e-2}, "not the best ef run's damping"
     assert frame["step"].max() == 3 and frame["cos_ef_ngd"].notna().all()
+
+
+# -- figure.py and toy.py ----------------------------------------------------------------------------
+
+def test_figure_3_is_drawn_from_the_best_runs_with_the_cosine_and_its_caption(tmp_path):
+    """figure.py reads the grids' best runs (not the others) and the cosine files (by name, not as
+    grids), draws figure 3 and writes a PNG, a PDF and the caption: the static text of
+    workflow/report/, then this run's notes (here the best EF run's setting, and no missing cosine)."""
+    folder = tmp_path / "grid" / "wine"
+    folder.mkdir(parents=True)
+    grid = pd.DataFrame(grid_rows("ef", 0.1, 1e-2, True) + grid_rows("ef", 1.0, 1.0, False)).assign(chaotic=False,
+                                                                                                    diverged=False)
+    grid.to_parquet(folder / "numpy-cpu.parquet", index=False)
+    pd.DataFrame({"task": "wine", "optimizer": "ef", "lr": 0.1, "damping": 1e-2, "step": [0, 1],
+                  "cos_ef_ngd": [1.0, 0.5]}).to_parquet(folder / "cos.parquet", index=False)
+    static = REPO / "workflow" / "report" / "fig3-optimisation.rst"
+    out = tmp_path / "figures"
+    run_script("figure.py", tmp_path, rule="figure_fig3_optimisation",
+               input=Files(folder / "numpy-cpu.parquet", folder / "cos.parquet"),
+               output=Files(png=out / "fig3.png", pdf=out / "fig3.pdf", caption=out / "fig3.rst"),
+               params=SimpleNamespace(figure="fig3-optimisation", caption=str(static)))
+    assert (out / "fig3.png").read_bytes()[:4] == b"\x89PNG" and (out / "fig3.pdf").read_bytes()[:4] == b"%PDF"
+    caption = (out / "fig3.rst").read_text()
+    assert caption.startswith(static.read_text().strip() + "\n\n**This run:** ")
+    notes = caption.split("**This run:** ", 1)[1]
+    assert "Best runs on wine: EF lr 0.1, damping 0.01." in notes and "cos(EF, NGD)" not in notes, notes
+
+
+@pytest.mark.parametrize("figure, model", [("fig2-misspecification", "logistic"),
+                                           ("appendix-misspecification-linear", "linear")])
+def test_figure_2_and_its_appendix_draw_their_own_model(tmp_path, figure, model):
+    """One toy table holds both models' sets; figure 2 draws the logistic ones and its appendix the
+    linear ones. With only the correct logistic set in the table, only the appendix misses it."""
+    table = pd.DataFrame({"variant": "logistic-correct", "kind": ["data", "data", "minimum"], "x_0": [1.0, -1.0, None],
+                          "x_1": [0.5, 2.0, None], "y": [0.0, 1.0, None], "theta_0": [None, None, 0.3],
+                          "theta_1": [None, None, -0.2], "loss": [None, None, 0.5], "curvature": None})
+    table.to_parquet(tmp_path / "misspec.parquet", index=False)
+    out = tmp_path / "figures"
+    run_script("figure.py", tmp_path, rule="figure", input=Files(tmp_path / "misspec.parquet"),
+               output=Files(png=out / "f.png", pdf=out / "f.pdf", caption=out / "f.rst"),
+               params=SimpleNamespace(figure=figure, caption=str(REPO / "workflow" / "report" / f"{figure}.rst")))
+    caption = (out / "f.rst").read_text()
+    assert ("Correct: not in the table" in caption) == (model == "linear"), caption
+    assert "Misspecified (A): not in the table" in caption
+
+
+def test_the_starting_point_toy_reruns_each_optimizers_best_grid_setting(tmp_path):
+    """toy.py's starting_point table reruns wine from each start with each optimizer's best setting
+    of the numpy grid it is given (rows best and repeat 0), not with another run of the grid."""
+    best = {"sgd": (0.1, math.nan), "ngd": (0.5, 1e-4), "ef": (0.01, 1e-6)}
+    rows = []
+    for optimizer, (lr, damping) in best.items():
+        rows += grid_rows(optimizer, lr, damping, True, repeats=(0, 1)) + grid_rows(optimizer, 1.0, 1e-2, False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "numpy-cpu.parquet", index=False)
+    out = tmp_path / "starting_point.parquet"
+    run_script("toy.py", tmp_path, rule="toy", input=Files(tmp_path / "numpy-cpu.parquet"), output=Files(out),
+               wildcards=SimpleNamespace(toy="starting_point"))
+    runs = pd.read_parquet(out).query("kind == 'run' and problem == 'wine'")
+    for optimizer, (lr, damping) in best.items():
+        mine = runs[runs["optimizer"] == optimizer]
+        assert set(mine["lr"]) == {lr} and mine["start"].nunique() == 4, optimizer
+        assert mine["damping"].isna().all() if math.isnan(damping) else set(mine["damping"]) == {damping}, optimizer
+
+
+def test_the_misspec_toy_writes_the_misspecification_table(tmp_path):
+    """toy.py writes the table its wildcard names: for `misspec`, figure 2's six sets (logistic and
+    linear; correct and misspecified A and B), each with data, minimum, contour and curvature rows."""
+    out = tmp_path / "misspec.parquet"
+    run_script("toy.py", tmp_path, rule="toy", output=Files(out), wildcards=SimpleNamespace(toy="misspec"))
+    table = pd.read_parquet(out)
+    assert set(table["variant"]) == {f"{model}-{suffix}" for model in ("logistic", "linear")
+                                     for suffix in ("correct", "misspecified-a", "misspecified-b")}
+    assert set(table["kind"]) == {"data", "minimum", "contour", "curvature"}
 
 
 # -- train.py: tune, then train on its best setting -----------------------------------------------
