@@ -358,6 +358,17 @@ def test_misspecification_leaves_out_a_missing_variant(misspec_table):
     assert drawn.notes == ["Misspecified (B): not in the table, left out."]
 
 
+def test_toy_figures_of_tables_without_a_kinds_rows_or_columns_leave_it_out(misspec_table, vecfield_table):
+    """A table written without one kind's rows lacks that kind's columns too: a note, not a KeyError."""
+    misspec = misspec_table[misspec_table["kind"] != "curvature"].drop(columns=["curvature", "radius"])
+    assert "logistic-correct: no fisher curvature in the table, its ellipse left out." in (
+        paper.misspecification(misspec).notes)
+    vecfield = vecfield_table[vecfield_table["kind"] != "trajectory"].drop(columns=["start", "step"])
+    drawn = paper.vecfield(vecfield)
+    assert len(drawn.figure.axes) == len(paper.vecfield(vecfield_table).figure.axes)
+    assert not [a for ax in drawn.figure.axes for a in ax.get_children() if a.get_gid() == "trajectory"]
+
+
 def _relative_difference(matrices) -> tuple[float, float]:
     """(|EF - F|_F / |F|_F, max |log eigenvalue of F^-1 EF|): 0 and 0 when they coincide."""
     fisher, empirical = matrices["fisher"], matrices["empirical"]
@@ -796,3 +807,5 @@ def test_logit_clip_note_names_the_smallest_changed_lr():
 def test_logit_clip_figure_says_when_a_likelihood_is_missing(clip_grids):
     drawn = paper.logit_clip(clip_grids["paper"].frame)
     assert drawn.notes == ["no Bernoulli task has grids with both logit_clip paper and none."]
+    gaussian = clip_grids["paper"].frame.drop(columns="logit_clip")  # as a Gaussian task's grid has none
+    assert paper.logit_clip(gaussian).notes == drawn.notes

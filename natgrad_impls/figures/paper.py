@@ -40,6 +40,8 @@ BAND_ALPHA = 0.25
 def _rows(table: pd.DataFrame, kind: str, **where) -> pd.DataFrame:
     rows = table[table["kind"] == kind] if "kind" in table else table.iloc[:0]
     for name, value in where.items():
+        if rows.empty:  # a table without this kind's rows may lack its columns too
+            break
         rows = rows[rows[name] == value]
     return rows
 
@@ -140,7 +142,7 @@ def _vecfield_panel(ax, table, optimizer, minimum, contour) -> None:
         ax.quiver(field["theta_0"], field["theta_1"], d[:, 0], d[:, 1], angles="xy", color=GREY, width=0.006,
                   headwidth=3.5, headlength=3.5, headaxislength=3, scale=22, gid="field", zorder=2)
     runs = _rows(table, "trajectory", optimizer=optimizer)
-    for start, path in runs.groupby("start", sort=True):
+    for start, path in runs.groupby("start", sort=True) if len(runs) else ():
         path = path.sort_values("step")
         ax.plot(path["theta_0"], path["theta_1"], color=kwargs["color"], linestyle="-", linewidth=2.0, alpha=0.9,
                 solid_capstyle="round", gid="trajectory", label=kwargs["label"] if start == 0 else None, zorder=3)
@@ -267,7 +269,7 @@ def _quadratic_models(ax, rows: pd.DataFrame, variant: str) -> list[str]:
         ax.set_xlim(x0.min(), x0.max())
         ax.set_ylim(x1.min(), x1.max())
     for name, optimizer in (("fisher", "ngd"), ("empirical", "ef")):
-        row = curvature[curvature["curvature"] == name]
+        row = _rows(rows, "curvature", curvature=name)
         if not len(row):
             notes.append(f"{variant}: no {name} curvature in the table, its ellipse left out.")
             continue
@@ -431,10 +433,13 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
     grid: `natgrad grid` frames of both (column logit_clip = paper | none), every run's rows (at
     least each run's last one) with best and repeat as the grid writes them.
     """
-    both = grid[grid["logit_clip"].astype(str).isin(tables.CLIPS)] if "logit_clip" in grid else grid.iloc[:0]
+    nothing = "no Bernoulli task has grids with both logit_clip paper and none."
+    if "logit_clip" not in grid:  # a Gaussian task's grid
+        return _no_data_figure([nothing])
+    both = grid[grid["logit_clip"].astype(str).isin(tables.CLIPS)]
     comparison = tables.logit_clip_comparison(both)  # the tasks with both grids, one row per optimizer
     if comparison.empty:
-        return _no_data_figure(["no Bernoulli task has grids with both logit_clip paper and none."])
+        return _no_data_figure([nothing])
     runs = tables.runs_by_clip(tables.final_losses(both))
     tasks = _task_order(comparison["task"].unique())
     optimizers, notes = style.present(comparison["optimizer"].unique())
