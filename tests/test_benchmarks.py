@@ -90,6 +90,91 @@ def test_asv_devices_come_from_the_environment():
         done.stderr
 
 
+def _common(monkeypatch, quick=None, devices=None):
+    """benchmarks/benchmarks/common.py run afresh as a module of its own, with NATGRAD_ASV_QUICK and
+    NATGRAD_ASV_DEVICES set to `quick` and `devices` (None: unset); the suite's modules keep theirs."""
+    for name, value in (("NATGRAD_ASV_QUICK", quick), ("NATGRAD_ASV_DEVICES", devices)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("asv_common", BENCHMARKS / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common
+
+
+@pytest.mark.parametrize("quick", [None, "0"])
+def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, quick):
+    """Without NATGRAD_ASV_QUICK (or with 0) the suite times the pipeline's settings (config.yaml's
+    timing: dtype, medians of `repeats`, the scaling sweep's settings and batch sizes, its widths and
+    1024) on cpu and cuda, at the README's sizes: `small` timing.mlp_problem's default MLP and batch,
+    `large` width 512 at batch 256. NATGRAD_ASV_QUICK=1 shrinks them; an empty device list is refused."""
+    import inspect
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["timing"]
+    defaults = inspect.signature(timing.mlp_problem).parameters
+    common = _common(monkeypatch, quick)
+    assert common.SIZES == {"small": (defaults["width"].default, defaults["batch"].default), "large": (512, 256)}
+    assert (common.DTYPE, common.REPEATS, common.SETTINGS) == (config["dtype"], config["repeats"], config["settings"])
+    assert common.FRAMEWORKS == config["frameworks"] and common.DEVICES == ["cpu", "cuda"]
+    assert common.SWEEP_SETTINGS == config["scaling"]["settings"]
+    assert common.SWEEP_WIDTHS == config["scaling"]["widths"] + [1024]
+    assert common.SWEEP_BATCH_SIZES == config["scaling"]["batch_sizes"]
+    assert _common(monkeypatch, "1").SIZES == {"tiny": (32, 32)}
+    with pytest.raises(ValueError, match="NATGRAD_ASV_DEVICES: '' is not a comma list"):
+        _common(monkeypatch, devices="")
+
+
+def _benchmark_classes(monkeypatch):
+    """The suite's benchmark classes: those of its modules with asv parameters."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_scaling, bench_step, bench_training
+
+    classes = [c for module in (bench_step, bench_scaling, bench_training) for c in vars(module).values()
+               if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "params")]
+    assert len(classes) == len({name.split(".")[1] for name in EXPECTED})
+    return classes
+
+
+def test_every_benchmark_names_its_parameters_in_their_order(monkeypatch):
+    """asv labels a result by param_names, zipped with params: they must be the arguments that setup
+    and the benchmark take, in that order (a swapped pair shows a width as a batch size), and the
+    scaling sweep's lists must sit under the names width and batch_size."""
+    import inspect
+
+    classes = _benchmark_classes(monkeypatch)
+    from benchmarks import bench_scaling
+
+    for c in classes:
+        assert len(c.params) == len(c.param_names), c.__name__
+        for name, method in vars(c).items():
+            if name == "setup" or name.startswith(("time_", "track_", "peakmem_")):
+                arguments = list(inspect.signature(method).parameters)[1:]
+                assert arguments in (c.param_names, ["params"]), (c.__name__, name)
+    labelled = dict(zip(bench_scaling.Scaling.param_names, bench_scaling.Scaling.params))
+    assert (labelled["width"], labelled["batch_size"]) == (bench_scaling.SWEEP_WIDTHS, bench_scaling.SWEEP_BATCH_SIZES)
+
+
+def test_every_benchmark_skips_a_gpu_its_framework_does_not_see(monkeypatch):
+    """A cuda parameter where the framework sees no GPU is skipped in setup (SkipNotImplemented: asv
+    shows n/a), before anything is built or timed, rather than failing or timing something else."""
+    from asv_runner.benchmarks.mark import SkipNotImplemented
+
+    classes = _benchmark_classes(monkeypatch)
+    monkeypatch.setattr(timing, "device_available", lambda framework, device: str(device) == "cpu")
+    for c in classes:
+        if not hasattr(c, "setup"):
+            continue
+        args = [values[0] for values in c.params]
+        if "device" in c.param_names:
+            args[c.param_names.index("device")] = "cuda"
+        with pytest.raises(SkipNotImplemented):
+            c().setup(*args)
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_every_tracked_training_run_learns(monkeypatch, framework):
     """Training.track_loss can only tell a wrong step from a right one where the run learns: every
@@ -143,6 +228,86 @@ def test_the_tracked_training_loss_is_the_whole_training_sets(monkeypatch, frame
     assert tracked == pytest.approx(ref.loss(task.problem, last[0], X, y), rel=1e-12, abs=0)
 
 
+def _training_steps(monkeypatch, bench_training):
+    """bench_training's optimizers, stand-ins that take no step: they record (the parameters' dtype,
+    the batch's inputs) of each step and hand the parameters back."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def make(framework, optimizer, problem, **hyperparameters):
+        def step(params, state, batch):
+            seen.append((str(next(iter(params.values())).dtype).removeprefix("torch."), np.asarray(batch[0])))
+            return params, state, None
+
+        return SimpleNamespace(init=lambda params: None, step=step)
+
+    monkeypatch.setattr(bench_training, "make_optimizer", make)
+    return seen
+
+
+def test_each_tracked_training_run_trains_its_own_task_in_its_own_dtype(monkeypatch):
+    """Training.track_loss(run=...) trains that run's task (digits-mlp: 64 inputs, mnist1d-mlp: 40)
+    in the dtype its name ends with: the float32 run is the timed benchmarks' path, not float64."""
+    import functools
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_training
+
+    seen = _training_steps(monkeypatch, bench_training)
+    monkeypatch.setattr(bench_training, "train", functools.partial(bench_training.train, steps=1))
+    for run, inputs in (("digits-mlp-float64", 64), ("mnist1d-mlp-float32", 40)):
+        seen.clear()
+        bench_training.Training().track_loss("sgd", "torch", "cpu", run)
+        [(dtype, x)] = seen
+        assert (dtype, x.dtype.name, x.shape[1]) == (run.rsplit("-", 1)[1],) * 2 + (inputs,), run
+
+
+def test_the_tracked_training_run_cycles_one_fixed_order_of_its_batches(monkeypatch):
+    """STEPS mini-batches of 32 in a fixed order, one permutation cycled: the batches of a pass are
+    disjoint and each of 32 examples, the pass over the training set's whole batches starts again
+    with the same first batch, and a second run sees the same batches."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_training
+    from natgrad_impls.tasks import get_task
+
+    (X, _), _ = get_task("digits-mlp").load(bench_training.SEED)
+    passes = len(X) // 32  # whole batches in the training set
+    seen = _training_steps(monkeypatch, bench_training)
+    bench_training.train("sgd", "torch", steps=passes + 1)
+    batches = [x for _, x in seen]
+    assert [len(x) for x in batches] == [32] * (passes + 1)
+    assert len({row.tobytes() for x in batches[:passes] for row in x}) == passes * 32  # no example twice
+    np.testing.assert_array_equal(batches[passes], batches[0])
+    seen.clear()
+    bench_training.train("sgd", "torch", steps=passes + 1)
+    assert all(np.array_equal(x, again) for x, (_, again) in zip(batches, seen))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_tracked_training_run_is_placed_on_its_device(monkeypatch, device):
+    """A Training run's parameters and batches go to its device parameter: jax's device of that kind,
+    torch's by name, not the framework's default (a GPU, where there is one). Without a GPU: a
+    stand-in jax.devices lists a gpu apart from the cpu, and the placements record where they were
+    asked to put each array, and put it on the CPU."""
+    import jax
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_training
+
+    _training_steps(monkeypatch, bench_training)
+    cpu, placed = jax.devices("cpu")[0], {"jax": set(), "torch": set()}
+    device_put, as_tensor = jax.device_put, torch.as_tensor
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [cpu] if backend == "cpu" else ["a gpu"])
+    monkeypatch.setattr(jax, "device_put", lambda x, device=None: placed["jax"].add(device) or device_put(x, cpu))
+    monkeypatch.setattr(torch, "as_tensor", lambda x, dtype=None, device=None: placed["torch"].add(device)
+                        or as_tensor(x, dtype=dtype))
+    for framework in placed:
+        bench_training.train("sgd", framework, device, steps=1)
+    assert placed == {"jax": {cpu if device == "cpu" else "a gpu"}, "torch": {device}}
+
+
 def _stub(name, returns, calls):
     """A stand-in for a timing function: records its arguments and returns a fixed value."""
     return lambda *args, **kwargs: calls.append((name, args, kwargs)) or returns
@@ -163,6 +328,26 @@ def test_scaling_and_cost_track_the_gradient_equivalents_of_a_step(monkeypatch):
     assert bench_step.Cost().track_gradient_equivalents("kfac", "jax", "cpu", next(iter(bench_step.SIZES))) == 2.0
     assert [(call[0], call[1][:2]) for call in calls] == [("gradient_equivalents", ("torch", "kfac")),
                                                           ("gradient_equivalents", ("jax", "kfac"))]
+
+
+def test_scaling_times_its_own_grid_point_on_its_device(monkeypatch):
+    """Scaling's point (width 8, batch size 4 here) is timed on the MLP of that width, a batch of that
+    many examples, on its device, in float32 (README), and reported in gradients, as Cost is.
+    Stand-in gradient_equivalents: records what it is asked to time."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_scaling, bench_step
+
+    timed = []
+
+    def cost(framework, optimizer, problem, params, batch, device, dtype, repeats, **hyperparameters):
+        timed.append((problem.model.num_params(), len(batch[0]), str(device), str(dtype)))
+        return {"step_s": 2.0, "gradient_s": 1.0, "gradient_equivalents": 2.0}
+
+    monkeypatch.setattr(timing, "gradient_equivalents", cost)
+    monkeypatch.setattr(timing, "device_available", lambda *args: True)
+    assert bench_scaling.Scaling().track_gradient_equivalents("kfac", "torch", "cuda", 8, 4) == 2.0
+    assert timed == [(784 * 8 + 8 + 8 * 10 + 10, 4, "cuda", "float32")]
+    assert bench_scaling.Scaling.unit == bench_step.Cost.unit == "gradients"
 
 
 def test_over_peer_tracks_our_step_time_over_the_peers(monkeypatch):
@@ -248,6 +433,24 @@ def test_asv_setups_between_timed_calls_continue_one_run(monkeypatch):
     assert builds == ["kfac"] and len(choleskys) == 3 * 4
     bench.setup("sgd", *args[1:])  # the next parameter set is built anew
     assert builds == ["kfac", "sgd"]
+
+
+def test_step_setup_warms_up_whole_periods_before_asv_samples(monkeypatch):
+    """Step's setup (asv's warmup_time is 0) compiles and warms up as every timing here does: whole
+    K-FAC periods, so that asv's samples start on a period's first step, for timing.WARMUP_S at least
+    after the first one. Stand-ins: a step of period 10 that moves a clock on by about a millisecond."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from benchmarks import bench_step, common
+
+    ms, calls = 2.0**-10, []
+    clock = SimpleNamespace(perf_counter=lambda: len(calls) * ms)
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: (lambda: calls.append(1), lambda out: None, 10))
+    monkeypatch.setattr(common, "_BUILT", {})  # nothing built by an earlier test
+    bench_step.Step().setup("kfac", "torch", "cpu", next(iter(bench_step.SIZES)))
+    assert len(calls) % 10 == 0 and len(calls) >= 10 + timing.WARMUP_S / ms, len(calls)
 
 
 def test_a_training_loss_that_moves_is_flagged_long_before_a_time_that_does():
@@ -523,12 +726,17 @@ def test_kfac_jax_imports_with_every_name_it_takes_from_jax_core(kfac_jax):
         assert all(hasattr(jax.core, name) for name in _MOVED)
 
 
+def _script(name):
+    """scripts/`name`.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _step_cost_script():
-    """scripts/step_cost.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "scripts" / "step_cost.py")
-    step_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_cost)
-    return step_cost
+    """scripts/step_cost.py as a module."""
+    return _script("step_cost")
 
 
 def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
@@ -964,13 +1172,16 @@ def test_step_cost_sweep_passes_widths_and_batch_sizes_in_their_places(monkeypat
 
 
 def test_gpu_session_carries_only_pinned_packages():
-    """scripts/gpu_session.sh takes every version it carries to a GPU machine from requirements.lock."""
+    """scripts/gpu_session.sh takes every version it carries to a GPU machine from requirements.lock,
+    and carries what its parts import beyond the image's stack: kfac-jax (the K-FAC peer), asv and
+    asv_runner (benchmarks/common.py's), snakemake, and mnist1d (the data of mnist1d-mlp)."""
     script = (ROOT / "scripts" / "gpu_session.sh").read_text()
     lacks = re.search(r'LACKS="([^"]+)"', script).group(1).split()
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731  (pip's name comparison)
     lock = (ROOT / "requirements.lock").read_text().splitlines()
     pinned = {norm(line.split("==")[0]) for line in lock if "==" in line}
     assert len(lacks) > 40 and {norm(name) for name in lacks} <= pinned, sorted({norm(n) for n in lacks} - pinned)
+    assert {"kfac-jax", "asv", "asv-runner", "snakemake", "mnist1d"} <= {norm(name) for name in lacks}
 
 
 def _gpu_session_copy(tmp_path, stand_ins: dict | None = None) -> dict:
@@ -1024,3 +1235,144 @@ def test_gpu_session_hands_asv_its_path_and_times_cuda_first(tmp_path):
     pipeline = [line for line in lines if line.startswith("snakemake")]
     assert [re.search(r"devices=(\S+)", line).group(1) for line in pipeline] == ["[cuda]", "[cpu,cuda]"], pipeline
     assert all("--workflow-profile none" in line and "--until cost scaling" in line for line in pipeline), pipeline
+
+
+def test_gpu_session_check_times_cuda_alone_and_leaves_the_pipeline_its_share(tmp_path):
+    """`check` on a stand-in machine (torch and jax that see no GPU, recording stand-ins for
+    step_cost.py, asv, snakemake and timeout): the costs are the header's MLPs on cuda, 784-1000-10
+    at batch 512 first; asv runs with NATGRAD_ASV_DEVICES=cuda every benchmark with cuda parameters
+    but the scaling sweep (half the suite's time), within the budget less the pipeline's quarter."""
+    calls = tmp_path / "calls.txt"
+    record = f'#!/bin/sh\necho "$(basename "$0") [$NATGRAD_ASV_DEVICES] $*" >> "{calls}"\n'
+    limit = f'#!/bin/sh\necho "timeout $2 $3" >> "{calls}"\nshift 2\nexec "$@"\n'
+    env = _gpu_session_copy(tmp_path, {"asv": record, "snakemake": record, "timeout": limit})
+    site = Path(env["SITE"])
+    site.mkdir()
+    (site / "torch.py").write_text("__version__ = 'none'\n"
+                                   "class cuda:\n    is_available = staticmethod(lambda: False)\n")
+    (site / "jax.py").write_text("__version__ = 'none'\ndevices = lambda *args: []\n")
+    (tmp_path / "scripts" / "step_cost.py").write_text(
+        f"import sys\nopen({str(calls)!r}, 'a').write('step_cost ' + ' '.join(sys.argv[1:]) + '\\n')\n")
+    (tmp_path / "benchmarks").mkdir()
+    done = subprocess.run(["bash", "scripts/gpu_session.sh", "check", "400"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = calls.read_text().splitlines()
+    costs = [re.search(r"--device (\S+) --width (\d+) --batch-size (\d+)", line).groups()
+             for line in lines if line.startswith("step_cost")]
+    assert costs == [("cuda", "1000", "512"), ("cuda", "128", "128")]
+    (asv_run,) = [line for line in lines if line.startswith("asv") and " run " in line]
+    assert asv_run.startswith("asv [cuda] "), asv_run
+    selected = re.search(r"--bench (\S+)", asv_run).group(1)
+    cuda = {name for name in EXPECTED if not re.search("Scaling|TorchOps", name)}  # TorchOps counts on the CPU
+    assert {name for name in EXPECTED if re.search(selected, name)} == cuda, selected
+    asv_limit = int(lines[lines.index(asv_run) - 1].split()[1])  # the timeout line just before asv's run
+    assert asv_limit <= 400 - 400 // 4, lines
+
+
+@pytest.mark.parametrize("task, optimizer, lr, damping", [
+    ("breastcancer", "sgd", 10.0, np.nan),  # up to 17 x its first loss (clipped: never 100 x)
+    ("wine", "sgd", 1e-5, np.nan),  # diverges at step 2
+    ("breastcancer", "ngd", 1.0, 1e-4),
+    ("breastcancer", "ef", 1e-2, 1e-4),  # lr <= 0.01: not chaotic (DESIGN 4)
+])
+def test_grid_speeds_loop_does_the_work_of_natgrad_run(task, optimizer, lr, damping):
+    """scripts/grid_speed.py's loop, in the paper code's style, runs what the grid runs: the losses
+    it logs are `natgrad run`'s (numpy, float64, zeros, the paper's clipping) to 1e-10, step for step,
+    and it stops where the runner does, at the first loss above 100 x the first, and only there."""
+    from natgrad_impls import runner
+    from natgrad_impls.tasks import get_task
+
+    grid_speed = _script("grid_speed")
+    x, y = get_task(task).load().train
+    losses = grid_speed.paper_run(grid_speed.PaperProblem(x, y[:, 0], task == "breastcancer"), optimizer, lr, damping)
+    hyperparameters = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "damping": damping}
+    frame = runner.run(task, optimizer, "numpy", hyperparameters=hyperparameters, progress=False)
+    np.testing.assert_allclose(losses, frame["loss"], rtol=1e-10, atol=0)
+
+
+def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(monkeypatch, tmp_path):
+    """scripts/grid_speed.py: the loop's time is its mean time per sampled run times the optimizer's
+    grid points; the speed-up, that over the grid processes' time; the floor, N D^2 flops per computed
+    ef/ngd step at the DGEMM rate. Stand-ins: a task of N = 5, D = 3; 4 sgd and 6 ngd and ef grid
+    points, half of them sampled (3 at least); a grid process of 2 s whose runs end at loss 0.5 after
+    7 steps; a clock on which a loop run takes 1 s (sgd), 2 s (ngd) or 3 s (ef); DGEMM at 1 GFLOP/s."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    grid_speed = _script("grid_speed")
+    clock = SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    points = {"sgd": [(lr, np.nan) for lr in (1.0, 2.0, 3.0, 4.0)],
+              "ngd": [(lr, d) for lr in (1.0, 2.0) for d in (0.1, 0.2, 0.3)]}
+    points["ef"] = points["ngd"]
+    frame = pd.DataFrame([dict(optimizer=o, lr=lr, damping=d, step=7, loss=0.5, repeat=0, best=i == 0, chaotic=False)
+                          for o, grid in points.items() for i, (lr, d) in enumerate(grid)])
+
+    def paper_run(problem, optimizer, lr, damping):
+        clock.now += {"sgd": 1.0, "ngd": 2.0, "ef": 3.0}[optimizer]
+        return [1.0, 0.5]
+
+    task = SimpleNamespace(load=lambda: SimpleNamespace(train=(np.ones((5, 3)), np.ones((5, 1)))),
+                           problem=SimpleNamespace(likelihood="gaussian"))
+    monkeypatch.setattr(grid_speed, "time", clock)
+    monkeypatch.setattr(grid_speed, "tempfile", SimpleNamespace(mkdtemp=lambda prefix: str(tmp_path)))
+    monkeypatch.setattr(grid_speed, "dgemm_rate", lambda threads=None: 1e9 if threads is None else 0.5e9)
+    monkeypatch.setattr(grid_speed, "run_grid_process", lambda task, out: (2.0, 3.0, "sgd best\nngd best\nef best"))
+    monkeypatch.setattr(grid_speed, "results", SimpleNamespace(read=lambda out: frame))
+    monkeypatch.setattr(grid_speed, "get_task", lambda name: task)
+    monkeypatch.setattr(grid_speed, "grid_points", points.get)
+    monkeypatch.setattr(grid_speed, "paper_run", paper_run)
+    assert grid_speed.main(["--tasks", "toy", "--fraction", "0.5", "--out", str(tmp_path / "speed.json")]) == 0
+    report = json.loads((tmp_path / "speed.json").read_text())
+    optimizers = report["tasks"]["toy"]["optimizers"].values()
+    assert [(o["sampled_runs"], o["grid_runs"], o["loop_s_per_run"]) for o in optimizers] == [
+        (3, 4, 1.0), (3, 6, 2.0), (3, 6, 3.0)]
+    assert (report["loop_s"], report["grid_s"], report["ratio"]) == (1 * 4 + 2 * 6 + 3 * 6, 2.0, 17.0)
+    assert report["floor_s"] == pytest.approx(12 * 7 * 5 * 3**2 / 1e9, rel=1e-12)
+
+
+def test_grid_speed_times_the_grid_of_its_loop_and_counts_dgemm_flops(monkeypatch, tmp_path):
+    """The grid process grid_speed.py times runs the loop's optimizers alone (the issue's command), and
+    the DGEMM rate counts a product of n x n matrices as 2 n^3 flops (stand-in clock: 3 products, 2 s)."""
+    from types import SimpleNamespace
+
+    grid_speed = _script("grid_speed")
+    commands = []
+    monkeypatch.setattr(grid_speed, "subprocess", SimpleNamespace(
+        run=lambda command, **kwargs: commands.append(command) or SimpleNamespace(stdout="")))
+    grid_speed.run_grid_process("wine", tmp_path / "wine.parquet")
+    [command] = commands
+    assert command[command.index("grid"):] == ["grid", "--task", "wine", "--optimizers", "sgd,ngd,ef", "--out",
+                                                str(tmp_path / "wine.parquet")]
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(grid_speed, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert grid_speed.dgemm_rate(size=4, repeats=3) == 2 * 4**3 * 3 / 2.0
+
+
+def test_run_overhead_compares_the_least_disturbed_loops_of_the_same_case(monkeypatch, capsys):
+    """overhead = the runner's fastest loop / the bare loop's fastest - 1, both on the case's very task,
+    optimizer, framework, hyperparameters and steps. Stand-ins: bare loops of 4, 2 and 3 s, runner
+    loops of 2.5, 3 and 2.2 s: 2.2 / 2 - 1 = 10.0%."""
+    import pandas as pd
+
+    from natgrad_impls import runner
+
+    run_overhead = _script("run_overhead")
+    bare, loops, cases = iter([4.0, 2.0, 3.0]), iter([2.5, 3.0, 2.2]), []
+
+    def run(task, optimizer, framework, hyperparameters=None, steps=None, progress=None):
+        cases.append((task, optimizer, framework, hyperparameters, steps))
+        frame = pd.DataFrame()
+        frame.attrs.update(loop_s=next(loops), step_s=1.0, eval_s=0.2)
+        return frame
+
+    case = ("wine", "ngd", "numpy", {"lr": 1.0, "damping": 1e-4}, 50)
+    monkeypatch.setattr(run_overhead, "CASES", [case])
+    monkeypatch.setattr(run_overhead, "bare_loop", lambda *args: cases.append(args) or next(bare))
+    monkeypatch.setattr(runner, "run", run)
+    run_overhead.main(["--repeats", "3", "--torch-threads", "0"])
+    assert cases == [case] * 6
+    assert "worst overhead: 10.0%" in capsys.readouterr().out

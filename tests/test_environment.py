@@ -77,3 +77,32 @@ def test_makefile_installs_the_pinned_torch_and_jax():
     makefile = (ROOT / "Makefile").read_text()
     assert re.findall(r"pip install --quiet torch==(\S+)", makefile) == [pinned["torch"]]
     assert re.findall(r'"jax\[\$\(GPU\)\]==([^"]+)"', makefile) == [pinned["jax"]]
+
+
+def test_asv_builds_each_commit_as_make_setup_does():
+    """`asv continuous` builds a commit's environment on pyproject's Python with torch at its pin first
+    (the CPU build), then the project constrained by requirements.lock, with the test extra (kfac-jax:
+    without it PeerStep's and OverPeer's K-FAC rows are skipped, not timed)."""
+    import json
+
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    text = (ROOT / "benchmarks" / "asv.conf.json").read_text()
+    conf = json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.M))
+    assert conf["pythons"] and all(p in SpecifierSet(project["requires-python"]) for p in conf["pythons"])
+    torch_first, package = conf["install_command"]
+    assert re.findall(r"install torch==(\S+)", torch_first) == [_pins(project["dependencies"])["torch"]]
+    assert re.search(r"install -c \{build_dir\}/requirements\.lock \{wheel_file\}\[test\]", package), package
+
+
+def test_ci_runs_every_test_with_the_test_extra():
+    """.ci/run is `make test`, which installs the project with the lock and its test extra (the
+    kfac-jax and curvlinops references: without them their tests skip) and deselects nothing (the
+    slow asv run is what fails CI on a broken benchmark)."""
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "make test"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r'pip install --quiet -c requirements\.lock -e "\.\[test\]"', makefile)
+    recipe = re.search(r"^test:.*\n\t(.*)", makefile, flags=re.M).group(1)
+    assert not {"-m", "-k", "--deselect", "--ignore"} & set(recipe.split("-m pytest", 1)[1].split()), recipe
