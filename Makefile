@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed$(GPU:%=-%)
 
 setup: $(STAMP)
 
-# torch==2.13.0 is pinned first so that no other package pulls a CUDA build of torch.
+# torch==2.13.0 goes in first, so that the rest resolves against it and no requirement swaps in another build.
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==24.3.1

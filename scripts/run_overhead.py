@@ -1,6 +1,6 @@
 """Overhead of `natgrad run` around the optimizer step (issue: tasks, runner and the command line).
 
-    python scripts/run_overhead.py [--repeats 3]
+    python scripts/run_overhead.py [--repeats 7]
 
 For each case, the runner's step loop (recording, divergence checks, batch slicing, periodic
 evaluation, the progress bar's bookkeeping, the final evaluation step) against a bare loop of the
@@ -44,8 +44,11 @@ def bare_loop(task_name, optimizer, framework, hp, steps, seed=0) -> float:
     convex = runner.is_convex(task)
     params = io.params(models.init_params(task.problem.model, seed, "zeros" if convex else "glorot"))
     opt = make_optimizer(spec.framework, spec.optimizer, task.problem, **spec.kwargs())
-    state = io.state(opt.init(params))
-    io.sync(opt.step(params, state, prepared[0])[0])  # warm-up, as the runner does
+    state = opt.init(params)
+    warm = (params, state)
+    for _ in range(2):  # warm-up, as the runner does: two steps, as K-FAC's second runs its other program
+        warm = opt.step(*warm, prepared[0])[:2]
+    io.sync(warm[0])
     start = time.perf_counter()
     for batch in prepared:
         new_params, new_state, info = opt.step(params, state, batch)

@@ -1352,6 +1352,50 @@ def test_grid_speed_times_the_grid_of_its_loop_and_counts_dgemm_flops(monkeypatc
     assert grid_speed.dgemm_rate(size=4, repeats=3) == 2 * 4**3 * 3 / 2.0
 
 
+def test_run_overhead_bare_loop_takes_the_runners_steps_timed_alike(monkeypatch):
+    """scripts/run_overhead.py's bare loop is `natgrad run`'s steps without the runner: one run, each
+    step continuing the last, on batches of the runner's size, after a warm-up, each synchronised.
+    On a clock where the first step call ever costs 100, every other 1 and a sync 0.5, its 5 steps
+    take 7.5, the runner's step_s for the same 5 steps."""
+    from types import SimpleNamespace
+
+    from natgrad_impls import runner
+    from natgrad_impls.names import Framework
+
+    run_overhead = _script("run_overhead")
+    clock, steps = SimpleNamespace(now=0.0), []
+    clock.perf_counter = lambda: clock.now
+
+    class Synced(runner._IO[Framework.TORCH]):
+        def sync(self, tree):
+            super().sync(tree)
+            clock.now += 0.5
+
+    def spied(*args, **kwargs):
+        opt = make_optimizer(*args, **kwargs)
+
+        def step(params, state, batch):
+            clock.now += 1.0 if steps else 100.0
+            out = opt.step(params, state, batch)
+            steps.append((params, tuple(batch[0].shape), out[0]))
+            return out
+
+        return SimpleNamespace(init=opt.init, step=step)
+
+    monkeypatch.setitem(runner._IO, Framework.TORCH, Synced)
+    for module in (run_overhead, runner):
+        monkeypatch.setattr(module, "time", clock)
+        monkeypatch.setattr(module, "make_optimizer", spied)
+    case = ("digits-mlp", "sgd", "torch", {"lr": 0.05}, 5)
+    assert run_overhead.bare_loop(*case) == 7.5
+    assert steps[1][0] is steps[0][2]  # two warm-up steps, chained as the runner's
+    bare = steps[2:]
+    assert all(params is before for (params, _, _), (_, _, before) in zip(bare[1:], bare))
+    steps.clear()
+    assert runner.run(*case[:3], hyperparameters=case[3], steps=case[4], progress=False).attrs["step_s"] == 7.5
+    assert [shape for _, shape, _ in bare] == [shape for _, shape, _ in steps[2:7]]  # after the runner's 2 warm-ups
+
+
 def test_run_overhead_compares_the_least_disturbed_loops_of_the_same_case(monkeypatch, capsys):
     """overhead = the runner's fastest loop / the bare loop's fastest - 1, both on the case's very task,
     optimizer, framework, hyperparameters and steps. Stand-ins: bare loops of 4, 2 and 3 s, runner
