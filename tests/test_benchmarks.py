@@ -726,6 +726,78 @@ def test_kfac_jax_imports_with_every_name_it_takes_from_jax_core(kfac_jax):
         assert all(hasattr(jax.core, name) for name in _MOVED)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax 0.0.8 uses deprecated jax names
+def test_kfac_jax_peer_estimates_and_inverts_the_curvature_as_our_kfac_does(kfac_jax, monkeypatch):
+    """The settings that the first steps' comparison above cannot see (its factors are inverted once):
+    the factors estimated on every step as ours are, averaged with our decay kfac_ema (kfac-jax's
+    curvature_ema weighs the old estimate), `samples` MC labels per example; inverses refreshed every
+    kfac_update_period steps; a fixed lr and damping and no momentum, on every step."""
+    built = {}
+
+    class Recorder:  # kfac_jax.Optimizer as the peer builds it, never stepped
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+
+        def init(self, params, rng, batch):
+            return None
+
+    monkeypatch.setattr(kfac_jax, "Optimizer", Recorder)
+    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    _, _, period = timing.peer_step_call("kfac_jax.Optimizer", problem, params, batch, "cpu", "float64", lr=0.3,
+                                         damping=0.02, kfac_update_period=4, kfac_ema=0.8, fisher="mc", samples=3)
+    assert period == 4
+    settings = ("estimation_mode", "num_estimator_samples", "curvature_ema", "curvature_update_period",
+                "inverse_update_period", "num_burnin_steps", "l2_reg")
+    assert {name: built[name] for name in settings} == {
+        "estimation_mode": "fisher_gradients", "num_estimator_samples": 3, "curvature_ema": 0.8,
+        "curvature_update_period": 1, "inverse_update_period": 4, "num_burnin_steps": 0, "l2_reg": 0.0}
+    assert not (built["use_adaptive_learning_rate"] or built["use_adaptive_damping"] or built["use_adaptive_momentum"])
+    for step in (0, 1, 7):
+        assert (built["learning_rate_schedule"](step), built["damping_schedule"](step),
+                built["momentum_schedule"](step)) == (0.3, 0.02, 0.0)
+
+
+def test_kfac_jax_eval_jaxpr_eqn_takes_both_bind_param_conventions():
+    """kfac_jax_compat.eval_jaxpr_eqn on a stand-in primitive: get_bind_params returning the params
+    alone (jax 0.10 and newer) or (subfuns, params) (older jax): the subfuns lead the bound inputs;
+    one output comes back as a list of one, several as they are."""
+    from types import SimpleNamespace
+
+    from natgrad_impls.kfac_jax_compat import eval_jaxpr_eqn
+
+    class Primitive:
+        def __init__(self, pair, outputs):
+            self.pair, self.outputs, self.bound = pair, outputs, []
+
+        def get_bind_params(self, params):
+            return (["subfun"], {**params, "closed": True}) if self.pair else params
+
+        def bind(self, *args, **params):
+            self.bound.append((args, params))
+            return self.outputs
+
+    for pair, outputs, returned in ((False, 5.0, [5.0]), (True, 5.0, [5.0]), (False, [1.0, 2.0], [1.0, 2.0])):
+        primitive = Primitive(pair, outputs)
+        eqn = SimpleNamespace(primitive=primitive, params={"axis": 0}, source_info=SimpleNamespace(traceback=None))
+        assert eval_jaxpr_eqn(eqn, [3.0, 4.0]) == returned
+        expected = (("subfun", 3.0, 4.0), {"axis": 0, "closed": True}) if pair else ((3.0, 4.0), {"axis": 0})
+        assert primitive.bound == [expected], pair
+
+
+def test_kfac_jax_compat_moves_back_every_jax_core_name_of_kfac_jax_that_jax_extend_has(kfac_jax):
+    """`_MOVED` holds every name that kfac-jax's source takes as jax.core.NAME and that jax.extend.core
+    also has: the names jax moves out of jax.core (deprecated there in 0.10, gone in 0.11), which
+    kfac-jax then fails to import without the shim."""
+    import jax.extend.core
+
+    from natgrad_impls.kfac_jax_compat import _MOVED
+
+    source = "".join(path.read_text() for path in Path(kfac_jax.__file__).parent.rglob("*.py"))
+    moved = {name for name in re.findall(r"\bjax\.core\.(\w+)", source) if hasattr(jax.extend.core, name)}
+    assert moved, "kfac-jax takes nothing from jax.core that jax.extend.core has: nothing to check"
+    assert moved <= set(_MOVED), sorted(moved - set(_MOVED))
+
+
 def _script(name):
     """scripts/`name`.py as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")

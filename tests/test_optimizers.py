@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -454,6 +455,16 @@ def test_hyperparameter_names_are_shared():
     assert hyperparameters.names("kfac") == ("lr", "damping", "kfac_update_period", "kfac_ema", "fisher", "samples", "seed")
     with pytest.raises(ValueError, match="optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"):
         hyperparameters.names("lbfgs")
+
+
+@pytest.mark.parametrize("framework, optimizer, message", [
+    ("tensorflow", "sgd", "framework: 'tensorflow' is not one of numpy, torch, jax"),
+    ("torch", "lbfgs", "optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"),
+], ids=["framework", "optimizer"])
+def test_make_optimizer_names_the_bad_field(framework, optimizer, message):
+    """natgrad_impls.make_optimizer (DESIGN 3, 7): an unknown name is refused by the field it was given as."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make_optimizer(framework, optimizer, PROBLEMS["logistic"], lr=0.1)
 
 
 def test_a_signature_default_that_drifts_from_the_dataclass_fails_at_import():

@@ -6,6 +6,7 @@ Everything runs in a temporary copy, so that the repository's own results/ is ne
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -113,6 +114,10 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
         "convex:\n  hyperparameters: {ngd: {fisher: mc, samples: 4}, kfac: {fisher: mc}}\n",
         [r"samples is 4 for ngd, its default for kfac; one natgrad grid gives every optimizer that has samples the "
          r"same value: set it alike for ngd, kfac"], "convex.hyperparameters"),
+    # kfac, left at its default, would run ngd's 4 samples: the check asks every optimizer of the grid
+    "a grid hyperparameter set for one of its takers only": (
+        "convex:\n  hyperparameters: {ngd: {samples: 4}}\n",
+        [r"samples is 4 for ngd, its default for kfac"], "convex.hyperparameters"),
     # in one natgrad grid, ngd's momentum would have become sgd's
     "a hyperparameter the optimizer does not have": (
         "convex:\n  hyperparameters: {ngd: {momentum: 0.9}}\n",
@@ -138,6 +143,35 @@ def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
         assert re.search(message, output), output[-2000:]
     assert field in output
     assert not result_files(repo_copy), "a job ran before the config was checked"
+
+
+SCHEMA_FIELDS = {  # overlay, the field the schema's error must point at (as jsonschema writes its path)
+    "a device that is none": ("devices: [gpu]\n", "['devices']"),
+    "a misspelled nested key": ("networks:\n  eval_evry: 10\n", "['networks']"),  # nested objects are closed too
+    "numpy on networks": ("networks:\n  frameworks: [numpy]\n", "['networks']['frameworks'][0]"),
+    "no tuning seed": ("networks:\n  tuning_seeds: []\n", "['networks']['tuning_seeds']"),
+    "a negative damping": ("networks:\n  dampings: [0.1, -0.01]\n", "['networks']['dampings'][1]"),
+    "grids of no step": ("convex:\n  steps: 0\n", "['convex']['steps']"),
+    "a median of fewer than 3 samples": ("timing:\n  repeats: 2\n", "['timing']['repeats']"),
+    "one width: no slope": ("timing:\n  scaling: {widths: [64]}\n", "['timing']['scaling']['widths']"),
+}
+
+
+@pytest.mark.parametrize("name", SCHEMA_FIELDS)
+def test_schema_names_the_bad_field(name):
+    """workflow/schemas/config.schema.yaml on config/config.yaml with a bad overlay (as the Snakefile's
+    validate sees it): refused, and the error names the field."""
+    import yaml
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import update_config, validate
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate(copy.deepcopy(config), str(REPO / "workflow/schemas/config.schema.yaml"))  # the default is valid
+    text, field = SCHEMA_FIELDS[name]
+    update_config(config, yaml.safe_load(text))
+    with pytest.raises(WorkflowError) as error:
+        validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+    assert f"On instance{field}:" in str(error.value), str(error.value)[-800:]
 
 
 def wait_for(condition, timeout, process):

@@ -222,6 +222,61 @@ def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, o
     assert not (tmp_path / ".train.runs").exists(), "the job's checkpoints outlived its table"
 
 
+def test_train_records_the_cosine_where_the_rule_asks(tmp_path):
+    """params.cos_ef_ngd (true for the optimizers of networks.cos_ef_ngd) reaches the reruns: the
+    networks-cosine figure draws their cos_ef_ngd column, which runs without it lack."""
+    best = tmp_path / "tune.best.json"
+    best.write_text(json.dumps({"lr": 0.03, "damping": 0.1}))
+    out = {}
+    for cos in (True, False):
+        out[cos] = tmp_path / f"train-{cos}.parquet"
+        run_script("train.py", tmp_path, rule="train", input=Files(best=best), output=Files(runs=out[cos]),
+                   wildcards=SimpleNamespace(optimizer="ef", **NETWORK),
+                   params=SimpleNamespace(seeds=[1], protocol={**PROTOCOL, "steps": 2}, cos_ef_ngd=cos,
+                                          checkpoints=str(tmp_path / f".train-{cos}.runs")))
+    reruns = pd.read_parquet(out[True])
+    assert "cos_ef_ngd" in reruns and reruns["cos_ef_ngd"].between(-1, 1).any(), reruns.columns.tolist()
+    plain = pd.read_parquet(out[False])
+    assert "cos_ef_ngd" not in plain or plain["cos_ef_ngd"].isna().all()
+
+
+# -- cost.py: the cost and scaling rules ------------------------------------------------------------
+
+def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tmp_path, monkeypatch):
+    """cost.py hands timing its rule's own settings: a cost job timing.settings on its task, a
+    scaling job timing.scaling's settings, widths and batch sizes (not the cost job's settings), both
+    timing's dtype and repeats; each table names the machine that timed it (device_name)."""
+    import inspect
+
+    from natgrad_impls import timing
+
+    calls = {}
+
+    def spy(name):
+        real = getattr(timing, name)
+
+        def call(*args, **kwargs):
+            calls[name] = dict(inspect.signature(real).bind(*args, **kwargs).arguments)
+            return pd.DataFrame({"step_s": [1.0]})
+        monkeypatch.setattr(timing, name, call)
+
+    spy("cost_table")
+    spy("scaling_table")
+    monkeypatch.setattr(timing, "device_name", lambda device, framework="torch": f"machine of {framework} {device}")
+    t = {"dtype": "float64", "repeats": 7, "settings": ["sgd", "kfac"],
+         "scaling": {"frameworks": ["jax"], "settings": ["ngd-mc"], "widths": [8, 16], "batch_sizes": [4, 32]}}
+    wildcards = SimpleNamespace(task="digits-mlp", framework="jax", device="cpu")
+    for rule, params in (("cost", SimpleNamespace(timing=t)),
+                         ("scaling", SimpleNamespace(timing=t, scaling=t["scaling"]))):
+        run_script("cost.py", tmp_path, rule=rule, output=Files(tmp_path / f"{rule}.csv"), params=params,
+                   wildcards=wildcards)
+        assert set(pd.read_csv(tmp_path / f"{rule}.csv")["machine"]) == {"machine of jax cpu"}, rule
+    assert calls == {"cost_table": dict(task="digits-mlp", framework="jax", device="cpu", dtype="float64",
+                                        settings=["sgd", "kfac"], repeats=7),
+                     "scaling_table": dict(framework="jax", device="cpu", widths=[8, 16], batch_sizes=[4, 32],
+                                           settings=["ngd-mc"], dtype="float64", repeats=7)}
+
+
 # -- table.py: best-networks with two frameworks -----------------------------------------------------
 
 def network_runs(framework, finals, seeds):
@@ -306,8 +361,12 @@ def plain(value):  # a job's parameter as JSON where it is plain data, else its 
         return repr(value)
 
 
-root, configfile = Path(sys.argv[1]), sys.argv[2]
-with contextlib.redirect_stdout(io.StringIO()):
+def report(job):  # where the report shows a job's output: its category (section) and labels
+    flagged = [f.flags["report"] for f in job.output if "report" in f.flags]
+    return {"category": flagged[0].category, "labels": flagged[0].labels} if flagged else None
+
+
+def build(root, configfile):
     with SnakemakeApi() as api:
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
                                 config_settings=ConfigSettings(configfiles=[root / configfile]),
@@ -317,39 +376,72 @@ with contextlib.redirect_stdout(io.StringIO()):
         dag_workflow = workflow._workflow
         dag_workflow._prepare_dag(forceall=False, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         dag_workflow._build_dag()
-        jobs = [{"rule": job.rule.name, "output": [str(f) for f in job.output],
-                 "wildcards": dict(job.wildcards_dict),
+        return [{"rule": job.rule.name, "output": [str(f) for f in job.output],
+                 "input": [str(f) for f in job.input],
+                 "named_input": {name: [str(f) for f in ([v] if isinstance(v, str) else v)]
+                                 for name, v in job.input.items()},
+                 "report": report(job), "wildcards": dict(job.wildcards_dict),
                  "params": {name: plain(value) for name, value in job.params.items()},
                  "shell": job.shellcmd if job.is_shell else None,
                  "script": job.rule.script and job.rule.basedir.join(job.rule.script).get_path_or_uri(True)}
                 for job in dag_workflow.dag.jobs]
-print(json.dumps(jobs))
+
+
+root, out = Path(sys.argv[1]), {}
+with contextlib.redirect_stdout(io.StringIO()):
+    for configfile in sys.argv[2:]:  # one process: each workflow after the first takes a fraction of a second
+        out[configfile] = build(root, configfile)
+print(json.dumps(out))
 """
 
 # smoke: what the tests run; gpu: devices listed (cpu and cuda: no GPU needed to build its DAG), several
 # dampings, and several frameworks and devices per folder
 DAG_CONFIGS = ("smoke.yaml", "gpu.yaml")  # ids not "gpu": conftest skips the `gpu` keyword without one
+# overlays of the tests' own (written into the copy's config/), each leaving out or splitting up what
+# the shipped ones have together: which figures, tables and jobs a configuration asks for
+OVERLAYS = {
+    # no ef (no cosine anywhere), a Bernoulli and a download task, no wine grid, timing and scaling apart
+    "no-ef.yaml": """
+optimizers: [sgd, ngd, kfac]
+devices: [cpu]
+convex: {tasks: [breastcancer, yacht], frameworks: [numpy], hyperparameters: {kfac: {kfac_update_period: 3}}}
+toys: [starting_point]
+networks: {tasks: [digits-mlp, mnist1d-mlp], frameworks: [jax]}
+timing: {settings: [], scaling: {frameworks: [jax], settings: [sgd]}}
+""",
+    # neither figure 3 task, no Bernoulli task; the cosine of ngd; timing on a task the networks do not tune
+    "regression.yaml": """
+devices: [cpu]
+convex: {tasks: [energy, yacht, powerplant]}
+toys: [vecfield]
+networks: {tasks: [digits-mlp], frameworks: [torch], cos_ef_ngd: [ngd]}
+timing: {tasks: [mnist1d-mlp], frameworks: [jax], scaling: {frameworks: [torch], settings: []}}
+""",
+    # convex grids without numpy: figure 3 draws numpy grids
+    "no-numpy.yaml": "devices: [cpu]\nconvex: {tasks: [wine], frameworks: [torch]}\n",
+}
 
 
 @pytest.fixture(scope="module")
 def dags(tmp_path_factory):
-    """{configuration: its DAG's jobs (rule, output, wildcards, params, shell command)}. A dry run
-    prints no script parameters, so each DAG is built with Snakemake's API (no profile, as
-    `--workflow-profile none`) in a bare copy of the workflow (no results: every job is in it),
-    once for the module."""
+    """{configuration: its DAG's jobs (rule, output, input, report category and labels, wildcards,
+    params, shell command)}. A dry run prints no script parameters, so each DAG is built with
+    Snakemake's API (no profile, as `--workflow-profile none`) in a bare copy of the workflow (no
+    results: every job is in it), once for the module."""
     root = tmp_path_factory.mktemp("dag") / "natgrad-bench"
     root.mkdir()
     for name in ("Snakefile", "environment.yml"):
         shutil.copy(REPO / name, root / name)
     for name in ("workflow", "config"):
         shutil.copytree(REPO / name, root / name)
-    out = {}
-    for name in DAG_CONFIGS:
-        done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root), f"config/{name}"], cwd=root,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"config/{name}: " + done.stdout[-3000:] + done.stderr[-3000:]
-        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    for name, text in OVERLAYS.items():
+        (root / "config" / name).write_text(text)
+    names = [*DAG_CONFIGS, *OVERLAYS]
+    done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root), *[f"config/{n}" for n in names]], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"config/{names}: " + done.stdout[-3000:] + done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    return {name: built[f"config/{name}"] for name in names}
 
 
 def configured(name):
@@ -412,13 +504,18 @@ def test_numpy_jobs_run_on_cpu_only_and_the_others_on_the_configured_devices(dag
     assert tune == expected, f"tune jobs on {sorted(tune)}, expected {sorted(expected)}"
 
 
-def option(command, name):
-    """The value of `--name value` or `--name=value` in a shell command (exactly one)."""
+def options(command, name):
+    """The values of every `--name value` and `--name=value` in a shell command."""
     import shlex
 
     words = shlex.split(command)
     values = [words[i + 1] for i, w in enumerate(words[:-1]) if w == name]
-    values += [w.split("=", 1)[1] for w in words if w.startswith(name + "=")]
+    return values + [w.split("=", 1)[1] for w in words if w.startswith(name + "=")]
+
+
+def option(command, name):
+    """The value of `--name value` or `--name=value` in a shell command (exactly one)."""
+    values = options(command, name)
     assert len(values) == 1, f"{name} given {len(values)} times in: {command}"
     return values[0]
 
@@ -500,3 +597,129 @@ def test_every_job_keeps_its_checkpoints_in_its_own_folder_beside_its_table(dags
         assert kept.parent == table.parent and kept.name.startswith("."), f"{table}: checkpoints in {kept}"
     shared = {folder: n for folder, n in collections.Counter(j["params"]["checkpoints"] for j in jobs).items() if n > 1}
     assert not shared, f"checkpoint folders shared by several jobs: {shared}"
+
+
+# -- the targets: which figures and tables a configuration asks for, from which files -------------
+
+KUNSTNER, NETWORKS, COST = "1. Kunstner et al. (2019)", "2. Networks", "3. Cost"
+APPENDIX, ENVIRONMENT = "5. Appendix", "6. Environment"
+
+
+def runs_of(stage, tasks, optimizers, framework):
+    return [f"results/{stage}/{t}/{o}/{framework}-cpu.parquet" for t in tasks for o in optimizers]
+
+
+def grids_of(tasks, frameworks=("numpy",), suffix=""):
+    return [f"results/grid/{t}/{f}-cpu{suffix}.parquet" for t in tasks for f in frameworks]
+
+
+def cos_of(tasks):
+    return [f"results/grid/{t}/cos.parquet" for t in tasks]
+
+
+NO_EF_TRAIN = runs_of("train", ("digits-mlp", "mnist1d-mlp"), ("sgd", "ngd", "kfac"), "jax")
+REGRESSION_TRAIN = runs_of("train", ("digits-mlp",), ("sgd", "adam", "ef", "ngd", "kfac"), "torch")
+CLIP = grids_of(["breastcancer"]) + grids_of(["breastcancer"], suffix="-logit_clip-none")
+# {overlay: {figure or table: (report section, its label, its inputs: a list, or a table's {name: list})}},
+# worked out from common.smk's docstrings: figure 3 of breastcancer and wine (else the first two tasks),
+# the appendix of every task where that is more; cosines along ef's best run where there is ef; the
+# logit-clip comparison of the Bernoulli tasks; cost figures of timing's tasks and frameworks where
+# there are settings; items numbered per section, figures first, then tables
+TARGETS = {
+    "no-ef.yaml": {
+        "fig3-optimisation": (KUNSTNER, "1.", grids_of(["breastcancer"])),
+        "appendix-optimisation-all-tasks": (APPENDIX, "1.", grids_of(["breastcancer", "yacht"])),
+        "appendix-starting-point": (APPENDIX, "2.", ["results/toys/starting_point.parquet"]),
+        "appendix-logit-clip": (APPENDIX, "3.", CLIP),
+        "networks-loss": (NETWORKS, "1.", NO_EF_TRAIN),
+        "networks-accuracy": (NETWORKS, "2.", NO_EF_TRAIN),
+        "cost-scaling": (COST, "1.", ["results/scaling/jax-cpu.csv"]),
+        "best-convex": (KUNSTNER, "2.", {"runs": grids_of(["breastcancer", "yacht"])}),
+        "best-networks": (NETWORKS, "3.", {"runs": NO_EF_TRAIN, "tuning": [p.replace("/train/", "/tune/")
+                                                                         for p in NO_EF_TRAIN]}),
+        "logit-clip": (APPENDIX, "4.", {"runs": CLIP}),
+        "environment": (ENVIRONMENT, "1.", {}),
+    },
+    "regression.yaml": {
+        "fig1-vecfield": (KUNSTNER, "1.", ["results/toys/vecfield.parquet"]),
+        "fig3-optimisation": (KUNSTNER, "2.", grids_of(["energy", "yacht"]) + cos_of(["energy", "yacht"])),
+        "appendix-optimisation-all-tasks": (APPENDIX, "1.", grids_of(["energy", "yacht", "powerplant"])
+                                            + cos_of(["energy", "yacht", "powerplant"])),
+        "networks-loss": (NETWORKS, "1.", REGRESSION_TRAIN),
+        "networks-accuracy": (NETWORKS, "2.", REGRESSION_TRAIN),
+        "networks-cosine": (NETWORKS, "3.", REGRESSION_TRAIN),
+        "cost-steps": (COST, "1.", ["results/cost/mnist1d-mlp/jax-cpu.csv"]),
+        "cost-devices": (COST, "2.", ["results/cost/mnist1d-mlp/jax-cpu.csv"]),
+        "best-convex": (KUNSTNER, "3.", {"runs": grids_of(["energy", "yacht", "powerplant"],
+                                                          ("numpy", "torch", "jax"))}),
+        "best-networks": (NETWORKS, "4.", {"runs": REGRESSION_TRAIN, "tuning": [p.replace("/train/", "/tune/")
+                                                                              for p in REGRESSION_TRAIN]}),
+        "environment": (ENVIRONMENT, "1.", {}),
+    },
+}
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_the_configuration_asks_for_its_figures_and_tables_from_their_files(dags, name):
+    """common.smk figures() and tables(), through the DAG: exactly the expected figure and table jobs,
+    each with its inputs, its report section and its number in that section."""
+    found = {}
+    for job in dags[name]:
+        if job["rule"].startswith(("figure_", "table_")):
+            item = Path(job["output"][0]).stem
+            inputs = ({k: sorted(v) for k, v in job["named_input"].items()} if job["rule"].startswith("table_")
+                      else sorted(job["input"]))
+            found[item] = (job["report"]["category"], job["report"]["labels"]["item"], inputs)
+    expected = {item: (section, f"{number} {item}", {k: sorted(v) for k, v in inputs.items()}
+                       if isinstance(inputs, dict) else sorted(inputs))
+                for item, (section, number, inputs) in TARGETS[name].items()}
+    assert found.keys() == expected.keys(), f"asked for {sorted(found)}, expected {sorted(expected)}"
+    for item in expected:
+        assert found[item] == expected[item], f"{item}: {found[item]}, expected {expected[item]}"
+
+
+def test_download_tasks_get_a_data_job_and_the_starting_point_reuses_only_a_configured_wine_grid(dags):
+    """data_inputs: a data job (fetch and verify) for each download task, none for offline ones;
+    toy_inputs: the starting-point figure reads the numpy wine grid where the config runs one, and
+    runs its own grid otherwise (a wine grid the config does not ask for is not run for it)."""
+    data = {name: sorted(job["wildcards"]["task"] for job in dags[name] if job["rule"] == "data") for name in dags}
+    assert data["smoke.yaml"] == [] and data["no-ef.yaml"] == ["yacht"]
+    assert data["regression.yaml"] == ["energy", "powerplant", "yacht"]
+    for name, grid in (("smoke.yaml", ["results/grid/wine/numpy-cpu.parquet"]), ("no-ef.yaml", []),
+                       ("no-numpy.yaml", [])):
+        toy = [job for job in dags[name] if job["rule"] == "toy" and job["wildcards"]["toy"] == "starting_point"]
+        assert len(toy) == 1 and toy[0]["input"] == grid, f"{name}: {toy}"
+
+
+def test_figure_3_and_the_numpy_grids_only_where_convex_frameworks_has_numpy(dags):
+    """Figure 3 and its appendix draw numpy grids: a config whose convex.frameworks has no numpy asks
+    for neither and runs no numpy job; its best-convex table reads the grids it asked for."""
+    jobs = dags["no-numpy.yaml"]
+    assert not [job["output"] for job in jobs if job["wildcards"].get("framework") == "numpy"]
+    assert not {"figure_fig3_optimisation", "figure_appendix_optimisation_all_tasks"} & {j["rule"] for j in jobs}
+    best = [job for job in jobs if job["rule"] == "table_best_convex"]
+    assert len(best) == 1 and best[0]["named_input"] == {"runs": ["results/grid/wine/torch-cpu.parquet"]}
+
+
+def test_grid_commands_carry_the_convex_hyperparameters_and_the_logit_clip(dags):
+    """convex.hyperparameters, as natgrad grid options (--kfac-update-period, its own name in the
+    CLI), and not networks.hyperparameters (sgd's momentum 0.9 would turn figure 3's GD into heavy
+    ball); the logit-clip twin grids the exact likelihood, the grid the paper code's default."""
+    jobs = dags["no-ef.yaml"]
+    for job in jobs_of(jobs, "grid", "grid_logit_clip_none"):
+        command = job["shell"]
+        assert option(command, "--kfac-update-period") == "3", command
+        assert not options(command, "--momentum") and not options(command, "--fisher"), command
+    for name in DAG_CONFIGS + ("no-ef.yaml",):
+        for job in jobs_of(dags[name], "grid", "grid_logit_clip_none"):
+            clip = ["none"] if job["rule"] == "grid_logit_clip_none" else []
+            assert options(job["shell"], "--logit-clip") == clip, job["shell"]
+
+
+@pytest.mark.parametrize("name", [*DAG_CONFIGS, *OVERLAYS])
+def test_each_figure_has_its_own_caption(dags, name):
+    for job in dags[name]:
+        if job["rule"].startswith("figure_"):
+            figure = Path(job["output"][0]).stem
+            assert job["params"]["caption"] == f"workflow/report/{figure}.rst", job["params"]
+            assert (REPO / job["params"]["caption"]).read_text().strip(), figure
