@@ -417,8 +417,8 @@ toys: [vecfield]
 networks: {tasks: [digits-mlp], frameworks: [torch], cos_ef_ngd: [ngd]}
 timing: {tasks: [mnist1d-mlp], frameworks: [jax], scaling: {frameworks: [torch], settings: []}}
 """,
-    # convex grids without numpy: figure 3 draws numpy grids
-    "no-numpy.yaml": "devices: [cpu]\nconvex: {tasks: [wine], frameworks: [torch]}\n",
+    # convex grids without numpy: figure 3 and the logit-clip comparison draw numpy grids
+    "no-numpy.yaml": "devices: [cpu]\nconvex: {tasks: [wine, breastcancer], frameworks: [torch]}\n",
 }
 
 
@@ -692,13 +692,16 @@ def test_download_tasks_get_a_data_job_and_the_starting_point_reuses_only_a_conf
 
 
 def test_figure_3_and_the_numpy_grids_only_where_convex_frameworks_has_numpy(dags):
-    """Figure 3 and its appendix draw numpy grids: a config whose convex.frameworks has no numpy asks
-    for neither and runs no numpy job; its best-convex table reads the grids it asked for."""
+    """Figure 3, its appendix and the logit-clip comparison draw numpy grids: a config whose
+    convex.frameworks has no numpy asks for none of them (not even with a Bernoulli task) and runs no
+    numpy job; its best-convex table reads the grids it asked for."""
     jobs = dags["no-numpy.yaml"]
     assert not [job["output"] for job in jobs if job["wildcards"].get("framework") == "numpy"]
-    assert not {"figure_fig3_optimisation", "figure_appendix_optimisation_all_tasks"} & {j["rule"] for j in jobs}
+    assert not {"figure_fig3_optimisation", "figure_appendix_optimisation_all_tasks", "figure_appendix_logit_clip",
+                "table_logit_clip", "grid_logit_clip_none"} & {j["rule"] for j in jobs}
     best = [job for job in jobs if job["rule"] == "table_best_convex"]
-    assert len(best) == 1 and best[0]["named_input"] == {"runs": ["results/grid/wine/torch-cpu.parquet"]}
+    assert len(best) == 1 and sorted(best[0]["named_input"]["runs"]) == [
+        "results/grid/breastcancer/torch-cpu.parquet", "results/grid/wine/torch-cpu.parquet"]
 
 
 def test_grid_commands_carry_the_convex_hyperparameters_and_the_logit_clip(dags):

@@ -226,9 +226,10 @@ def scaling_files():
 
 def logit_clip_files():
     """The numpy grids of the convex Bernoulli tasks with the paper code's clipped logits (the default
-    grid) and with the exact likelihood, where convex.compare_logit_clip asks for the comparison."""
+    grid) and with the exact likelihood, where convex.compare_logit_clip asks for the comparison and
+    convex.frameworks has numpy (a config without it runs no numpy grid)."""
     c = config["convex"]
-    if not c["compare_logit_clip"]:
+    if not c["compare_logit_clip"] or "numpy" not in c["frameworks"]:
         return []
     tasks = [t for t in c["tasks"] if TASKS[t].problem.likelihood == Likelihood.BERNOULLI]
     return [f"{RESULTS}/grid/{task}/numpy-cpu{suffix}.parquet" for task in tasks for suffix in ("", "-logit_clip-none")]
