@@ -19,7 +19,8 @@ import importlib.util
 import warnings
 
 # What kfac-jax 0.0.8 takes from jax.core that jax 0.11 moved to jax.extend.core alone.
-_MOVED = ("Effects", "no_effects", "DebugInfo", "DropVar", "gensym", "new_jaxpr_eqn", "Var", "Literal")
+# (Var and Literal left jax.core before 0.10; kfac-jax takes them from jax.extend.core.)
+_MOVED = ("Effects", "no_effects", "DebugInfo", "DropVar", "gensym", "new_jaxpr_eqn")
 
 
 def import_kfac_jax():

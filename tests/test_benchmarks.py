@@ -698,10 +698,10 @@ def test_kfac_jax_shims_apply_only_where_jax_lacks_the_old_api():
         def __init__(self, constvars, invars=None, consts=None):
             self.inner, self.consts = constvars, consts
 
-    extend_core = SimpleNamespace(Jaxpr=Jaxpr, ClosedJaxpr=Jaxpr, Var="moved Var", Effects="moved Effects")
+    extend_core = SimpleNamespace(Jaxpr=Jaxpr, ClosedJaxpr=Jaxpr, DropVar="moved DropVar", Effects="moved Effects")
     core = SimpleNamespace(Effects="kept Effects")
-    assert restore_moved_names(core, extend_core) == ["Var"]
-    assert (core.Var, core.Effects) == ("moved Var", "kept Effects")
+    assert restore_moved_names(core, extend_core) == ["DropVar"]
+    assert (core.DropVar, core.Effects) == ("moved DropVar", "kept Effects")
     assert not hasattr(core, "gensym") and "gensym" in _MOVED  # absent from both: left absent
 
     assert accept_keyword_closed_jaxpr(extend_core) and not accept_keyword_closed_jaxpr(extend_core)
@@ -724,6 +724,20 @@ def test_kfac_jax_imports_with_every_name_it_takes_from_jax_core(kfac_jax):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         assert all(hasattr(jax.core, name) for name in _MOVED)
+
+
+def test_the_moved_names_shim_does_nothing_on_the_pinned_jax():
+    """The module's promise: on jax 0.10, which still has the moved names in jax.core (deprecated),
+    restore_moved_names sets none (in a fresh process: the kfac_jax fixture may have run it here)."""
+    import jax
+
+    if not jax.__version__.startswith("0.10."):
+        pytest.skip(f"the promise is about jax 0.10, this is {jax.__version__}")
+    ask = ("import jax.core, jax.extend.core\nfrom natgrad_impls.kfac_jax_compat import restore_moved_names\n"
+           "print(restore_moved_names(jax.core, jax.extend.core))")
+    done = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax 0.0.8 uses deprecated jax names
