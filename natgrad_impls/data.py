@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -150,10 +151,7 @@ def fetch(resource: Resource) -> Path:
             return path
         stale = actual  # a wrong file in the cache is replaced, never used
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _unusable(resource, path.parent, error) from error
+    _in_cache(resource, path.parent, path.parent.mkdir, parents=True, exist_ok=True)
     results.remove_stale_temporaries(path.parent, STALE_PART_AGE_S)  # those of killed downloads (`_replacing`)
     failures, mismatched = [], False
     for url in _urls(resource):
@@ -182,13 +180,7 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     """Stream `url` into a temporary file beside `path`, check the sha256, rename it atomically. An
     OSError of the cache folder (it cannot take the file: a full disk, a quota) is a DataUnavailable
     that says so, not the URL's failure, so no other URL is tried."""
-
-    def in_cache(operation, *args):
-        try:
-            return operation(*args)
-        except OSError as error:
-            raise _unusable(resource, path.parent, error) from error
-
+    in_cache = functools.partial(_in_cache, resource, path.parent)
     with contextlib.ExitStack() as cache:
         out = in_cache(cache.enter_context, _replacing(path))  # before the URL is opened: nothing is fetched
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -205,13 +197,17 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     return path
 
 
-def _unusable(resource: Resource, folder: Path, error: OSError) -> DataUnavailable:
-    """A cache folder that cannot be made or written (a regular file, read-only, /proc): not a
-    download failure, so no "Offline?" and no advice to save the file by hand in that same folder."""
-    return DataUnavailable(
-        f"{resource.name}: the cache folder {cache_dir()} is not usable: cannot write in {folder} "
-        f"({error.strerror or error}); set NATGRAD_DATA to a writable folder"
-    )
+def _in_cache(resource: Resource, folder: Path, operation, *args, **kwargs):
+    """`operation(*args, **kwargs)` on the cache folder `folder`. Its OSError (a regular file,
+    read-only, /proc, a full disk) is the folder's, not a download failure: a DataUnavailable with no
+    "Offline?" and no advice to save the file by hand in that same folder."""
+    try:
+        return operation(*args, **kwargs)
+    except OSError as error:
+        raise DataUnavailable(
+            f"{resource.name}: the cache folder {cache_dir()} is not usable: cannot write in {folder} "
+            f"({error.strerror or error}); set NATGRAD_DATA to a writable folder"
+        ) from error
 
 
 # A killed download leaves its temporary file behind (CIFAR-10: 170 MB each time). One this old is

@@ -569,12 +569,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
     opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
     state = opt.init(params)
-    # warm-up, discarded: compilation and first-call costs (numpy's first step too takes 3-9 steps' time);
-    # two steps, as K-FAC's second runs its other program (no inverse refresh)
-    warm = (params, state)
-    for _ in range(2):
-        warm = opt.step(*warm, batches.first())[:2]
-    io.sync(warm[0])
+    warm_up(io, opt, params, state, batches.first())
     if evaluate:
         io.prepare_evaluation(params, [(train_x, train_y)] + ([test] if test is not None else []), classes)
 
@@ -640,6 +635,16 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     frame = frame[ordered_columns(frame.columns)]
     frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=elapsed, eval_s=eval_s)
     return frame
+
+
+def warm_up(io, opt, params, state, batch) -> None:
+    """Steps from (params, state) on `batch` whose results are discarded: compilation and first-call
+    costs (numpy's first step too takes 3-9 steps' time). Two, as K-FAC's second runs its other
+    program (no inverse refresh)."""
+    warm = (params, state)
+    for _ in range(2):
+        warm = opt.step(*warm, batch)[:2]
+    io.sync(warm[0])
 
 
 def _fetch(io, pending, loss, grad_norm, initial):

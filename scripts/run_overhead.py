@@ -45,10 +45,7 @@ def bare_loop(task_name, optimizer, framework, hp, steps, seed=0) -> float:
     params = io.params(models.init_params(task.problem.model, seed, "zeros" if convex else "glorot"))
     opt = make_optimizer(spec.framework, spec.optimizer, task.problem, **spec.kwargs())
     state = opt.init(params)
-    warm = (params, state)
-    for _ in range(2):  # warm-up, as the runner does: two steps, as K-FAC's second runs its other program
-        warm = opt.step(*warm, prepared[0])[:2]
-    io.sync(warm[0])
+    runner.warm_up(io, opt, params, state, prepared[0])
     start = time.perf_counter()
     for batch in prepared:
         new_params, new_state, info = opt.step(params, state, batch)
