@@ -136,7 +136,9 @@ def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
     text, messages, field = BAD_CONFIGS[name]
     overlay = tmp_path / "bad.yaml"
     overlay.write_text(text)
-    done = snakemake(repo_copy, "--cores", "1", "--configfile", str(overlay))  # a real run, not a dry one
+    # A real run, not a dry one; the check takes seconds, so a broken one fails on the timeout instead of
+    # running the whole pipeline.
+    done = snakemake(repo_copy, "--cores", "1", "--configfile", str(overlay), timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode != 0
     for message in messages:
