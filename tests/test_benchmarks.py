@@ -1440,16 +1440,17 @@ def test_grid_speed_times_the_grid_of_its_loop_and_counts_dgemm_flops(monkeypatc
 
 def test_run_overhead_bare_loop_takes_the_runners_steps_timed_alike(monkeypatch):
     """scripts/run_overhead.py's bare loop is `natgrad run`'s steps without the runner: one run, each
-    step continuing the last, on batches of the runner's size, after a warm-up, each synchronised.
-    On a clock where the first step call ever costs 100, every other 1 and a sync 0.5, its 5 steps
-    take 7.5, the runner's step_s for the same 5 steps."""
+    step continuing the last, on the runner's batches, after a warm-up, each synchronised. On a clock
+    where the first step call ever costs 100, every other 1, a sync 0.5 and cutting a batch 0.25, its
+    5 steps take 7.5 plus the cutting, 1.25, in the loop (every training loop cuts its batches), 7.5
+    on batches cut beforehand: the runner's step_s for the same 5 steps, whose clock leaves cutting out."""
     from types import SimpleNamespace
 
     from natgrad_impls import runner
     from natgrad_impls.names import Framework
 
     run_overhead = _script("run_overhead")
-    clock, steps = SimpleNamespace(now=0.0), []
+    clock, steps, batches = SimpleNamespace(now=0.0), [], []
     clock.perf_counter = lambda: clock.now
 
     class Synced(runner._IO[Framework.TORCH]):
@@ -1457,41 +1458,54 @@ def test_run_overhead_bare_loop_takes_the_runners_steps_timed_alike(monkeypatch)
             super().sync(tree)
             clock.now += 0.5
 
+    class Cut(runner._Batches):
+        def next(self):
+            clock.now += 0.25
+            batches.append(super().next())
+            return batches[-1]
+
     def spied(*args, **kwargs):
         opt = make_optimizer(*args, **kwargs)
 
         def step(params, state, batch):
             clock.now += 1.0 if steps else 100.0
             out = opt.step(params, state, batch)
-            steps.append((params, tuple(batch[0].shape), out[0]))
+            steps.append((params, batch, out[0]))
             return out
 
         return SimpleNamespace(init=opt.init, step=step)
 
     monkeypatch.setitem(runner._IO, Framework.TORCH, Synced)
+    monkeypatch.setattr(runner, "_Batches", Cut)
     for module in (run_overhead, runner):
         monkeypatch.setattr(module, "time", clock)
         monkeypatch.setattr(module, "make_optimizer", spied)
     case = ("digits-mlp", "sgd", "torch", {"lr": 0.05}, 5)
-    assert run_overhead.bare_loop(*case) == 7.5
+    assert run_overhead.bare_loop(*case) == 8.75
     assert steps[1][0] is steps[0][2]  # two warm-up steps, chained as the runner's
     bare = steps[2:]
     assert all(params is before for (params, _, _), (_, _, before) in zip(bare[1:], bare))
-    steps.clear()
+    assert [batch for _, batch, _ in bare] == batches  # each cut in the loop, in the runner's order
+    steps.clear(), batches.clear()
+    assert run_overhead.bare_loop(*case, precut=True) == 7.5
+    assert [batch for _, batch, _ in steps[2:]] == batches
+    labels = [batch[1].tolist() for batch in batches]
+    steps.clear(), batches.clear()
     assert runner.run(*case[:3], hyperparameters=case[3], steps=case[4], progress=False).attrs["step_s"] == 7.5
-    assert [shape for _, shape, _ in bare] == [shape for _, shape, _ in steps[2:7]]  # after the runner's 2 warm-ups
+    assert [batch[1].tolist() for _, batch, _ in steps[2:7]] == labels  # after its 2 warm-ups
 
 
 def test_run_overhead_compares_the_least_disturbed_loops_of_the_same_case(monkeypatch, capsys):
     """overhead = the runner's fastest loop / the bare loop's fastest - 1, both on the case's very task,
-    optimizer, framework, hyperparameters and steps. Stand-ins: bare loops of 4, 2 and 3 s, runner
-    loops of 2.5, 3 and 2.2 s: 2.2 / 2 - 1 = 10.0%."""
+    optimizer, framework, hyperparameters and steps; cutting = 1 - the fastest loop on batches cut
+    beforehand / the bare loop's fastest. Stand-ins: bare loops of 4, 2 and 3 s, pre-cut loops of 1.9,
+    1.5 and 1.8 s, runner loops of 2.5, 3 and 2.2 s: 2.2 / 2 - 1 = 10.0%, 1 - 1.5 / 2 = 25.0%."""
     import pandas as pd
 
     from natgrad_impls import runner
 
     run_overhead = _script("run_overhead")
-    bare, loops, cases = iter([4.0, 2.0, 3.0]), iter([2.5, 3.0, 2.2]), []
+    bare, precut_loops, loops, cases = iter([4.0, 2.0, 3.0]), iter([1.9, 1.5, 1.8]), iter([2.5, 3.0, 2.2]), []
 
     def run(task, optimizer, framework, hyperparameters=None, steps=None, progress=None):
         cases.append((task, optimizer, framework, hyperparameters, steps))
@@ -1499,10 +1513,16 @@ def test_run_overhead_compares_the_least_disturbed_loops_of_the_same_case(monkey
         frame.attrs.update(loop_s=next(loops), step_s=1.0, eval_s=0.2)
         return frame
 
+    def bare_loop(*args, precut=False):
+        cases.append(args)
+        return next(precut_loops if precut else bare)
+
     case = ("wine", "ngd", "numpy", {"lr": 1.0, "damping": 1e-4}, 50)
     monkeypatch.setattr(run_overhead, "CASES", [case])
-    monkeypatch.setattr(run_overhead, "bare_loop", lambda *args: cases.append(args) or next(bare))
+    monkeypatch.setattr(run_overhead, "bare_loop", bare_loop)
     monkeypatch.setattr(runner, "run", run)
     run_overhead.main(["--repeats", "3", "--torch-threads", "0"])
-    assert cases == [case] * 6
-    assert "worst overhead: 10.0%" in capsys.readouterr().out
+    assert cases == [case] * 9
+    out = capsys.readouterr().out
+    assert re.search(r"wine ngd numpy\s+50\s+2\.000\s+2\.200\s+10\.0%\s+25\.0%", out), out
+    assert "worst overhead: 10.0%" in out
