@@ -540,101 +540,124 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     """
     setup_start = time.perf_counter()
     spec = resolve(task, optimizer, framework, device, dtype, hyperparameters, seed, variant, logit_clip)
-    task, problem = spec.task, spec.task.problem
-    steps = task.steps if steps is None else steps
-    if not hp.is_integer(steps) or steps < 0:  # (not int(): 2.7 steps would silently be 2)
-        raise ValueError(f"steps: {steps!r} must be an integer >= 0")
-    check_batch_size(task, batch_size)
-    if batch_size is None:
-        batch_size = task.batch_size
-    eval_every = DEFAULT_EVAL_EVERY if eval_every is None else eval_every
-    if not hp.is_integer(eval_every) or eval_every < 1:
-        raise ValueError(f"eval_every: {eval_every!r} must be an integer >= 1")
-    if cos_ef_ngd:
-        cos_damping = spec.kwargs().get("damping") if cos_damping is None else cos_damping
-        if cos_damping is None:
-            raise ValueError(f"cos_damping: {spec.optimizer.value} has no damping; pass cos_damping (a number >= 0)")
-        if not hp.is_finite_number(cos_damping) or cos_damping < 0:
-            raise ValueError(f"cos_damping: {cos_damping!r} must be a finite number >= 0")
+    task = spec.task
+    steps, batch_size, eval_every = _check_lengths(task, steps, batch_size, eval_every)
+    cos_damping = _check_cos_damping(spec, cos_damping) if cos_ef_ngd else None
 
-    convex = is_convex(task)
     data = task.load(seed)
-    io = _IO[spec.framework](problem, spec.device, spec.dtype)
+    io = _IO[spec.framework](task.problem, spec.device, spec.dtype)
     batches = _Batches(io, data.train.X, data.train.y, batch_size, seed)
     test = None if data.test is None else io.pair(data.test.X, data.test.y)
     evaluate = test is not None or not batches.full
-    train_x, train_y = batches.data
-    classes = task.classes
-
-    params = io.params(models.init_params(problem.model, seed, init or ("zeros" if convex else "glorot")))
-    opt = make_optimizer(spec.framework, spec.optimizer, problem, **spec.kwargs())
+    init = init or ("zeros" if is_convex(task) else "glorot")
+    params = io.params(models.init_params(task.problem.model, seed, init))
+    opt = make_optimizer(spec.framework, spec.optimizer, task.problem, **spec.kwargs())
     state = opt.init(params)
     warm_up(io, opt, params, state, batches.first())
     if evaluate:
-        io.prepare_evaluation(params, [(train_x, train_y)] + ([test] if test is not None else []), classes)
-
-    rows = steps + 1
-    loss = np.full(rows, np.nan)
-    grad_norm = np.full(rows, np.nan)
-    time_s = np.zeros(rows)
-    cosines = np.full(rows, np.nan) if cos_ef_ngd else None
-    evaluations = {name: np.full(rows, np.nan) for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
-    diverged, last, elapsed, eval_s, initial, pending = False, steps, 0.0, 0.0, math.nan, []
+        io.prepare_evaluation(params, [batches.data] + ([test] if test is not None else []), task.classes)
+    record = _Record(steps + 1, cos_ef_ngd)
+    diverged, last, initial, pending = False, steps, math.nan, []
     bar = progress_bar(steps, f"{task.name} {spec.optimizer.value} {spec.framework.value}", progress)
     setup_s = time.perf_counter() - setup_start
+
     loop_start = time.perf_counter()
-    for k in range(rows):
+    for k in range(steps + 1):
         batch = batches.next()
-        if (evaluate and (k % eval_every == 0 or k == steps)) or cos_ef_ngd:
+        evaluating = evaluate and (k % eval_every == 0 or k == steps)
+        if evaluating or cos_ef_ngd:
             eval_start = time.perf_counter()
-            if evaluate and (k % eval_every == 0 or k == steps):
-                evaluations["train_loss"][k], evaluations["train_accuracy"][k] = io.evaluate(params, train_x, train_y, classes)
-                if test is not None:
-                    evaluations["test_loss"][k], evaluations["test_accuracy"][k] = io.evaluate(params, *test, classes)
+            if evaluating:
+                record.evaluation(k, io, params, batches.data, test, task.classes)
             if cos_ef_ngd:
-                cosines[k] = io.cosine(params, batch, cos_damping)
-            eval_s += time.perf_counter() - eval_start
+                record.cosines[k] = io.cosine(params, batch, cos_damping)
+            record.eval_s += time.perf_counter() - eval_start
         start = time.perf_counter()
         new_params, new_state, info = opt.step(params, state, batch)
         io.sync(new_params)
         took = time.perf_counter() - start
-        time_s[k] = elapsed
+        record.time_s[k] = record.step_s
         pending.append((k, info))
         if len(pending) >= io.fetch_every or k == steps:
             # Losses come to the host in groups (jax: every 16 steps, each fetch costs a few us);
             # a divergence found late truncates the run at its step, as if it had stopped there.
-            found, initial = _fetch(io, pending, loss, grad_norm, initial)
+            found, initial = _fetch(io, pending, record.loss, record.grad_norm, initial)
             if found is not None:
                 diverged, last = True, found
                 break
         if k == steps:  # the extra step only measured the final parameters
             break
-        elapsed += took
+        record.step_s += took
         params, state = new_params, new_state
         bar.update(1)
     loop_s = time.perf_counter() - loop_start
     bar.close()
 
-    n = last + 1
-    columns = {
+    frame = pd.DataFrame({
         "task": task.name, "optimizer": spec.optimizer.value, "framework": spec.framework.value,
         "device": spec.device.value, "dtype": spec.dtype.value, "seed": seed,
         **hyperparameter_columns(spec.optimizer, spec.hyperparameters),
         "batch_size": float(batches.size) if not batches.full else math.nan,
-        "step": np.arange(n), "loss": loss[:n], "time_s": time_s[:n], "diverged": np.full(n, diverged),
-        "grad_norm": grad_norm[:n],
-    }
-    if evaluate:
-        for name, values in evaluations.items():
-            if not (name.endswith("accuracy") and classes is None) and not (name.startswith("test") and test is None):
-                columns[name] = values[:n]
-    if cos_ef_ngd:
-        columns["cos_ef_ngd"] = cosines[:n]
-    columns.update(task_columns(task))
-    frame = pd.DataFrame(columns)
+        **record.columns(last + 1, diverged, evaluate, test is not None, task.classes is not None),
+        **task_columns(task),
+    })
     frame = frame[ordered_columns(frame.columns)]
-    frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=elapsed, eval_s=eval_s)
+    frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=record.step_s, eval_s=record.eval_s)
     return frame
+
+
+def _check_lengths(task: Task, steps, batch_size, eval_every) -> tuple[int, int | None, int]:
+    """steps, batch_size and eval_every, each checked (ValueError naming the field) or the default."""
+    steps = task.steps if steps is None else steps
+    if not hp.is_integer(steps) or steps < 0:  # (not int(): 2.7 steps would silently be 2)
+        raise ValueError(f"steps: {steps!r} must be an integer >= 0")
+    check_batch_size(task, batch_size)
+    eval_every = DEFAULT_EVAL_EVERY if eval_every is None else eval_every
+    if not hp.is_integer(eval_every) or eval_every < 1:
+        raise ValueError(f"eval_every: {eval_every!r} must be an integer >= 1")
+    return steps, task.batch_size if batch_size is None else batch_size, eval_every
+
+
+def _check_cos_damping(spec: Spec, cos_damping):
+    """The cosine's damping: the given one, else the run's (ValueError naming the field)."""
+    cos_damping = spec.kwargs().get("damping") if cos_damping is None else cos_damping
+    if cos_damping is None:
+        raise ValueError(f"cos_damping: {spec.optimizer.value} has no damping; pass cos_damping (a number >= 0)")
+    if not hp.is_finite_number(cos_damping) or cos_damping < 0:
+        raise ValueError(f"cos_damping: {cos_damping!r} must be a finite number >= 0")
+    return cos_damping
+
+
+class _Record:
+    """What the loop records, one entry per row (NaN where nothing was recorded), and the seconds of
+    the timed steps (step_s) and of the evaluations (eval_s)."""
+
+    EVALUATIONS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+    def __init__(self, rows: int, cos_ef_ngd: bool):
+        self.loss, self.grad_norm, self.time_s = np.full(rows, np.nan), np.full(rows, np.nan), np.zeros(rows)
+        self.cosines = np.full(rows, np.nan) if cos_ef_ngd else None
+        self.evaluations = {name: np.full(rows, np.nan) for name in self.EVALUATIONS}
+        self.step_s = self.eval_s = 0.0
+
+    def evaluation(self, k, io, params, train, test, classes) -> None:
+        e = self.evaluations
+        e["train_loss"][k], e["train_accuracy"][k] = io.evaluate(params, *train, classes)
+        if test is not None:
+            e["test_loss"][k], e["test_accuracy"][k] = io.evaluate(params, *test, classes)
+
+    def columns(self, n: int, diverged: bool, evaluate: bool, has_test: bool, has_classes: bool) -> dict:
+        """The first n rows: the evaluations where the run made them (accuracy where the task has
+        classes, test where it has a test split), the cosine where it was asked for."""
+        columns = {"step": np.arange(n), "loss": self.loss[:n], "time_s": self.time_s[:n],
+                   "diverged": np.full(n, diverged), "grad_norm": self.grad_norm[:n]}
+        if evaluate:
+            for name, values in self.evaluations.items():
+                if (has_classes or not name.endswith("accuracy")) and (has_test or not name.startswith("test")):
+                    columns[name] = values[:n]
+        if self.cosines is not None:
+            columns["cos_ef_ngd"] = self.cosines[:n]
+        return columns
 
 
 def warm_up(io, opt, params, state, batch) -> None:
