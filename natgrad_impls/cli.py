@@ -16,11 +16,16 @@ the field and the allowed values, before any work is done and without writing an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
 
 from natgrad_impls import results
+from natgrad_impls.hyperparameters import ARGUMENTS, HYPERPARAMETERS
+from natgrad_impls.names import Optimizer
+from natgrad_impls.runner import DEFAULT_EVAL_EVERY, accepted
+from natgrad_impls.tasks import MISSPEC_VARIANTS
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 1
@@ -55,36 +60,37 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("tasks", help="list the tasks: task, N, inputs, classes, params, offline or download, source")
 
     run = commands.add_parser("run", help="one training run, recorded step by step")
-    run.add_argument("--task", required=True)
-    run.add_argument("--variant", help="misspec only: which of its data sets")
+    run.add_argument("--task", required=True, help="a task of `natgrad tasks`")
+    run.add_argument("--variant", help=f"misspec only: which of its data sets ({', '.join(MISSPEC_VARIANTS)})")
     _logit_clip(run)
     run.add_argument("--optimizer", required=True, help="sgd, adam, ef, ngd or kfac")
     run.add_argument("--framework", required=True, help="numpy (convex tasks only), torch or jax")
-    _common(run)
-    run.add_argument("--lr", type=float)
-    run.add_argument("--damping", type=float)
+    _common(run, "the initial parameters (glorot), the mini-batch order, the MC labels")
+    run.add_argument("--lr", type=float, help=_hyperparameter_help("lr"))
+    run.add_argument("--damping", type=float, help=_hyperparameter_help("damping"))
     for option, name, kind in EXTRA_HYPERPARAMETERS:
-        run.add_argument(option, dest=name, type=kind)
+        run.add_argument(option, dest=name, type=kind, help=_hyperparameter_help(name))
     run.add_argument("--hyperparameters", metavar="FILE.json",
                      help="hyperparameters from a JSON object (e.g. a pipeline's best setting); options given here win")
     run.add_argument("--steps", type=int, help="default: the task's")
     run.add_argument("--batch-size", type=int, help="default: the task's (full batch on the convex tasks)")
-    run.add_argument("--eval-every", type=int, help="steps between full-train/test evaluations on networks (200)")
+    run.add_argument("--eval-every", type=int,
+                     help=f"steps between full-train/test evaluations on networks (default {DEFAULT_EVAL_EVERY})")
     run.add_argument("--cos-ef-ngd", action="store_true", help="record the EF/NGD cosine at every step (run's damping)")
     run.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
 
     grid = commands.add_parser("grid", help="a Kunstner lr x damping grid on a full-batch convex task, vectorised")
-    grid.add_argument("--task", required=True)
-    grid.add_argument("--variant", help="misspec only: which of its data sets")
+    grid.add_argument("--task", required=True, help="a full-batch convex task of `natgrad tasks`")
+    grid.add_argument("--variant", help=f"misspec only: which of its data sets ({', '.join(MISSPEC_VARIANTS)})")
     _logit_clip(grid)
     grid.add_argument("--optimizers", default="sgd,ngd,ef", help="comma-separated (default: sgd,ngd,ef)")
     grid.add_argument("--framework", default="numpy", help="numpy (default), torch or jax")
-    _common(grid)
+    _common(grid, "the MC labels, the chaos check's noise")
     grid.add_argument("--lrs", default="-20:10:241", help="log10 START:STOP:NUM (default -20:10:241); write --lrs=-20:10:241")
     grid.add_argument("--dampings", default="-10:10:41",
                       help="log10 START:STOP:NUM (default -10:10:41); write --dampings=-10:10:41")
     for option, name, kind in EXTRA_HYPERPARAMETERS:
-        grid.add_argument(option, dest=name, type=kind)
+        grid.add_argument(option, dest=name, type=kind, help=_hyperparameter_help(name))
     grid.add_argument("--steps", type=int, help="default: the task's (100)")
     grid.add_argument("--repeats", type=int, default=5, help="runs from theta0 + 1e-14 noise that check each best run "
                       "for chaos (default 5; 0 skips the check)")
@@ -94,15 +100,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hyperparameter_help(name: str) -> str:
+    """The hyperparameter's description, then which optimizers take it with their defaults, e.g.
+    "step size, >= 0 [sgd, ef, ngd, kfac: required; adam: 0.001]", from the validated dataclasses."""
+    takers: dict[str, list[str]] = {}
+    for optimizer in Optimizer:
+        if name in accepted(optimizer):
+            field = next(f for f in dataclasses.fields(HYPERPARAMETERS[optimizer]) if f.name == name)
+            default = "required" if field.default is dataclasses.MISSING else getattr(field.default, "value", field.default)
+            takers.setdefault(str(default), []).append(optimizer.value)
+    groups = "; ".join(", ".join(names) + f": {default}" for default, names in takers.items())
+    return f"{ARGUMENTS[name]} [{groups}]"
+
+
 def _logit_clip(parser):
     parser.add_argument("--logit-clip", help="Bernoulli tasks: paper (logits clipped as Kunstner et al.'s code does, "
                         "the default of the Kunstner tasks) or none (the exact likelihood)")
 
 
-def _common(parser):
+def _common(parser, seeds: str):
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float64", help="float64 (default) or float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"seeds {seeds} and the toy tasks' generated data (vecfield, misspec) (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
 

@@ -394,3 +394,64 @@ def test_sigterm_stops_a_run_with_status_143_and_leaves_nothing(tmp_path):
         process.communicate()
     assert process.returncode == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def _help_options(argv, monkeypatch, capsys) -> dict[str, str]:
+    """`natgrad ... --help`'s options section: {option: its line(s), whitespace collapsed}."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    return {chunk.split()[0]: chunk for chunk in re.split(r" (?=--[a-z])", " " + text) if chunk.startswith("--")}
+
+
+REQUIRED = {"sgd": {"--lr": "0.1"}, "adam": {}, "ef": {"--lr": "0.1", "--damping": "0.01"},
+            "ngd": {"--lr": "0.1", "--damping": "0.01"}, "kfac": {"--lr": "0.1", "--damping": "0.01"}}
+
+
+@pytest.mark.parametrize("option", ["--lr", "--damping", "--momentum", "--b1", "--b2", "--eps", "--fisher", "--samples",
+                                    "--kfac-update-period", "--kfac-ema"])
+def test_run_help_states_what_a_run_does_without_each_hyperparameter(tmp_path, monkeypatch, capsys, option):
+    """`natgrad run --help` lists, per hyperparameter, the optimizers that take it with its default there
+    or "required": each default is what a run without the option records, each "required" a refusal
+    naming the field, and every optimizer it leaves out refuses the option."""
+    line = _help_options(["run", "--help"], monkeypatch, capsys)[option]
+    takers = re.fullmatch(r".*\[(.*)\]", line).group(1)
+    name, listed = option[2:].replace("-", "_"), set()
+    for group in takers.split("; "):
+        optimizers, default = group.split(": ")
+        for optimizer in optimizers.split(", "):
+            listed.add(optimizer)
+            given = [item for pair in REQUIRED[optimizer].items() if pair[0] != option for item in pair]
+            given += ["--fisher", "mc"] if name == "samples" else []  # an exact Fisher draws none: no column
+            out = tmp_path / f"{optimizer}.csv"
+            status = cli.main(["run", "--task", "wine", "--optimizer", optimizer, "--framework", "numpy", *given,
+                               "--steps", "1", "--no-progress", "--out", str(out)])
+            if default == "required":
+                assert status == cli.EXIT_BAD_INPUT and f"{name}: required by {optimizer}" in capsys.readouterr().err
+            else:
+                assert status == 0, capsys.readouterr().err
+                value = results.read(out)[name].iloc[0]
+                assert (value == default if name == "fisher" else value == float(default)), (optimizer, value, default)
+    for optimizer in set(REQUIRED) - listed:
+        status = cli.main(["run", "--task", "wine", "--optimizer", optimizer, "--framework", "numpy",
+                           *[item for pair in REQUIRED[optimizer].items() for item in pair], option, "1",
+                           "--steps", "1", "--no-progress", "--out", str(tmp_path / "refused.csv")])
+        assert status == cli.EXIT_BAD_INPUT and f"{name}: not a hyperparameter of {optimizer}" in capsys.readouterr().err
+    assert listed
+
+
+def test_help_names_the_variants_the_seed_and_the_evaluation_default(monkeypatch, capsys):
+    """What a newcomer needs from --help without reading the code: misspec's variants, what --seed
+    seeds, and --eval-every's default as the runner has it."""
+    from natgrad_impls import runner
+    from natgrad_impls.tasks import get_task
+
+    run = _help_options(["run", "--help"], monkeypatch, capsys)
+    grid = _help_options(["grid", "--help"], monkeypatch, capsys)
+    for variant in get_task("misspec").variants:
+        assert variant in run["--variant"] and variant in grid["--variant"]
+    assert "mini-batch order" in run["--seed"] and "chaos check" in grid["--seed"] and "misspec" in grid["--seed"]
+    assert f"default {runner.DEFAULT_EVAL_EVERY})" in run["--eval-every"]
+    assert "[ngd: exact; kfac: mc]" in grid["--fisher"]
