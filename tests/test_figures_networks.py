@@ -693,3 +693,51 @@ def test_environment_lists_versions_and_machine():
     keys = set(env.key)
     assert {"python", "numpy", "torch", "jax", "pandas", "cpu", "cpu cores (logical)"} <= keys
     assert env.set_index("key").loc["numpy", "value"] == np.__version__
+
+
+# -- the summary ------------------------------------------------------------------------------------
+
+def best_rows(task, framework, finals, dtype="float32", **columns) -> pd.DataFrame:
+    """best_hyperparameters-shaped rows: {optimizer: final loss} on one task, framework and cpu, and
+    `columns` (a value per row)."""
+    return pd.DataFrame([{"task": task, "optimizer": o, "framework": framework, "device": "cpu", "dtype": dtype,
+                          "final_loss": loss, "diverged": False} for o, loss in finals.items()]).assign(**columns)
+
+
+def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_together():
+    """Ranks are per task, framework, device and dtype (torch's order is not jax's); a setting that
+    diverged ranks last whatever its loss; losses equal to 1e-9 relative share a rank, 1e-6 apart do
+    not; loss_over_best is the final loss over the lowest that did not diverge."""
+    best = pd.concat([
+        best_rows("wine", "torch", {"sgd": 0.36, "ef": 0.03 * (1 + 1e-12), "ngd": 0.03, "kfac": 0.03 * (1 + 1e-6)},
+                  dtype="float64"),
+        best_rows("wine", "jax", {"sgd": 0.01, "ngd": 0.03}, dtype="float64"),
+        best_rows("digits-mlp", "torch", {"adam": 0.001, "kfac": 1e-5}).assign(diverged=[False, True]),
+    ], ignore_index=True)
+    table = tables.summary(best).set_index(["task", "framework", "optimizer"])
+    assert table.loc[("wine", "torch"), "rank"].to_dict() == {"ef": 1, "ngd": 1, "kfac": 3, "sgd": 4}
+    assert list(table.loc[("wine", "torch")].index) == ["ef", "ngd", "kfac", "sgd"]  # ties in the legend's order
+    assert table.loc[("wine", "jax"), "rank"].to_dict() == {"sgd": 1, "ngd": 2}
+    assert table.loc[("digits-mlp", "torch"), "rank"].to_dict() == {"adam": 1, "kfac": 2}
+    assert table.loc[("wine", "torch", "sgd"), "loss_over_best"] == pytest.approx(12.0)
+    assert table.loc[("digits-mlp", "torch", "kfac"), "loss_over_best"] == pytest.approx(0.01)
+    assert "gradient_equivalents" not in table.columns  # no cost measured: no column
+
+
+def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():
+    """The cost of the timing setting the row ran: SGD with momentum is sgd-momentum, NGD its
+    Fisher's; a task, framework or device the cost rules did not time gets none."""
+    best = pd.concat([
+        best_rows("digits-mlp", "torch", {"sgd": 0.1, "ngd": 0.2, "kfac": 0.3}, momentum=[0.9, np.nan, np.nan],
+                  fisher=[np.nan, "mc", "mc"]),
+        best_rows("digits-mlp", "jax", {"sgd": 0.1, "ngd": 0.2}, momentum=[0.0, np.nan], fisher=[np.nan, "exact"]),
+        best_rows("mnist1d-mlp", "torch", {"sgd": 0.1}, momentum=[0.9], fisher=[np.nan]),
+    ], ignore_index=True)
+    per_step = {"sgd": 1.1, "sgd-momentum": 1.5, "ngd-exact": 60.0, "ngd-mc": 6.5, "kfac": 4.8}
+    cost = pd.DataFrame([{"task": "digits-mlp", "framework": f, "device": "cpu", "setting": s,
+                          "gradient_equivalents": g} for f in ("torch", "jax") for s, g in per_step.items()])
+    table = tables.summary(best, cost).set_index(["task", "framework", "optimizer"])["gradient_equivalents"]
+    assert table[("digits-mlp", "torch", "sgd")] == 1.5 and table[("digits-mlp", "jax", "sgd")] == 1.1
+    assert table[("digits-mlp", "torch", "ngd")] == 6.5 and table[("digits-mlp", "jax", "ngd")] == 60.0
+    assert table[("digits-mlp", "torch", "kfac")] == 4.8
+    assert np.isnan(table[("mnist1d-mlp", "torch", "sgd")])

@@ -92,7 +92,7 @@ def test_dry_run_builds_the_dag(repo_copy, overlay):
     done = snakemake(repo_copy, *args, check=True)
     jobs = int(re.search(r"^total\s+(\d+)", done.stdout, re.MULTILINE).group(1))
     assert jobs > 20
-    for rule in ("grid", "grid_logit_clip_none", "tune", "train", "cost", "figure_fig3_optimisation",
+    for rule in ("grid", "grid_logit_clip_none", "tune", "train", "cost", "figure_fig3_optimisation", "table_summary",
                  "figure_appendix_logit_clip", "table_logit_clip", "table_environment"):
         assert re.search(rf"^{rule}\s+\d+", done.stdout, re.MULTILINE), f"{overlay}: no {rule} job"
     assert not result_files(repo_copy)
@@ -236,14 +236,16 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
         assert (root / "results" / "figures" / f"{name}.pdf").stat().st_size > 0
         assert (root / "results" / "figures" / f"{name}.rst").read_text().strip()
     assert "appendix-logit-clip" in figures
-    for table in ("environment", "best-convex", "best-networks", "logit-clip"):
+    for table in ("summary", "environment", "best-convex", "best-networks", "logit-clip"):
         assert f"{table}.csv" in html
     # the sections, numbered in reading order (the report sorts them by name), tables beside their
     # figures; each item numbered in its section
     sections = set(re.findall(r'"(\d\. [^"]+)": \{', html))
-    assert {"1. Kunstner et al. (2019)", "2. Networks", "3. Cost", "5. Appendix", "6. Environment"} <= sections
+    assert {"0. At a glance", "1. Kunstner et al. (2019)", "2. Networks", "3. Cost", "5. Appendix",
+            "6. Environment"} <= sections
     assert "6. Tables" not in sections
-    for item in ("1. fig1-vecfield", "4. best-convex", "1. networks-loss", "4. best-networks", "1. environment"):
+    for item in ("1. summary", "1. fig1-vecfield", "4. best-convex", "1. networks-loss", "4. best-networks",
+                 "1. environment"):
         assert f'"item": "{item}"' in html, item
     assert list((root / "results" / "logs").rglob("*.log")), "no job logs"
     costs = list((root / "results").glob("cost/*/*.csv")) + list((root / "results").glob("scaling/*.csv"))

@@ -320,6 +320,38 @@ def test_best_networks_table_has_one_row_per_group_with_its_own_grid_edge(tmp_pa
     assert (rows["seeds"] == 2).all()
 
 
+def test_the_summary_table_reads_both_best_tables_and_the_cost_tables(tmp_path):
+    """table.py's summary: the convex and network best-hyperparameters tables in one, ranked, each
+    network row with its step's cost where a cost table has its task; without cost tables (no timing
+    settings), no cost column."""
+    convex = pd.DataFrame({"task": "wine", "optimizer": ["sgd", "ngd"], "framework": "numpy", "device": "cpu",
+                           "dtype": "float64", "final_loss": [0.36, 0.03], "diverged": False, "chaotic": False})
+    network = pd.DataFrame({"task": "digits-mlp", "optimizer": ["sgd", "kfac"], "framework": "torch", "device": "cpu",
+                            "dtype": "float32", "momentum": [0.9, math.nan], "final_loss": [0.005, 0.0001],
+                            "diverged": False})
+    cost = pd.DataFrame({"task": "digits-mlp", "optimizer": ["sgd", "sgd", "kfac"],
+                         "setting": ["sgd", "sgd-momentum", "kfac"], "framework": "torch", "device": "cpu",
+                         "gradient_equivalents": [1.2, 1.6, 4.8]})
+    paths = {}
+    for name, frame in (("best-convex", convex), ("best-networks", network), ("cost", cost)):
+        paths[name] = tmp_path / f"{name}.csv"
+        frame.to_csv(paths[name], index=False)
+    for costs in ([paths["cost"]], []):
+        out = tmp_path / "summary.csv"
+        run_script("table.py", tmp_path, rule="table_summary", output=Files(csv=out),
+                   input=Files(best=[paths["best-convex"], paths["best-networks"]], cost=costs),
+                   params=SimpleNamespace(table="summary"))
+        table = pd.read_csv(out).set_index(["task", "optimizer"])
+        assert table["rank"].to_dict() == {("digits-mlp", "kfac"): 1, ("digits-mlp", "sgd"): 2,
+                                           ("wine", "ngd"): 1, ("wine", "sgd"): 2}
+        if costs:
+            assert table.loc[("digits-mlp", "sgd"), "gradient_equivalents"] == 1.6
+            assert table.loc[("digits-mlp", "kfac"), "gradient_equivalents"] == 4.8
+            assert pd.isna(table.loc[("wine", "sgd"), "gradient_equivalents"])
+        else:
+            assert "gradient_equivalents" not in table.columns
+
+
 # -- data.py: fetch a download task's files and say what was loaded --------------------------------
 
 def test_the_data_job_writes_a_row_per_split_with_its_size(tmp_path, monkeypatch):
@@ -601,7 +633,7 @@ def test_every_job_keeps_its_checkpoints_in_its_own_folder_beside_its_table(dags
 
 # -- the targets: which figures and tables a configuration asks for, from which files -------------
 
-KUNSTNER, NETWORKS, COST = "1. Kunstner et al. (2019)", "2. Networks", "3. Cost"
+SUMMARY, KUNSTNER, NETWORKS, COST = "0. At a glance", "1. Kunstner et al. (2019)", "2. Networks", "3. Cost"
 APPENDIX, ENVIRONMENT = "5. Appendix", "6. Environment"
 
 
@@ -620,6 +652,7 @@ def cos_of(tasks):
 NO_EF_TRAIN = runs_of("train", ("digits-mlp", "mnist1d-mlp"), ("sgd", "ngd", "kfac"), "jax")
 REGRESSION_TRAIN = runs_of("train", ("digits-mlp",), ("sgd", "adam", "ef", "ngd", "kfac"), "torch")
 CLIP = grids_of(["breastcancer"]) + grids_of(["breastcancer"], suffix="-logit_clip-none")
+BEST_TABLES = ["results/tables/best-convex.csv", "results/tables/best-networks.csv"]
 # {overlay: {figure or table: (report section, its label, its inputs: a list, or a table's {name: list})}},
 # worked out from common.smk's docstrings: figure 3 of breastcancer and wine (else the first two tasks),
 # the appendix of every task where that is more; cosines along ef's best run where there is ef; the
@@ -639,6 +672,8 @@ TARGETS = {
                                                                          for p in NO_EF_TRAIN]}),
         "logit-clip": (APPENDIX, "4.", {"runs": CLIP}),
         "environment": (ENVIRONMENT, "1.", {}),
+        # no timing settings: no cost column, and no cost job for it
+        "summary": (SUMMARY, "1.", {"best": BEST_TABLES, "cost": []}),
     },
     "regression.yaml": {
         "fig1-vecfield": (KUNSTNER, "1.", ["results/toys/vecfield.parquet"]),
@@ -655,6 +690,7 @@ TARGETS = {
         "best-networks": (NETWORKS, "4.", {"runs": REGRESSION_TRAIN, "tuning": [p.replace("/train/", "/tune/")
                                                                               for p in REGRESSION_TRAIN]}),
         "environment": (ENVIRONMENT, "1.", {}),
+        "summary": (SUMMARY, "1.", {"best": BEST_TABLES, "cost": ["results/cost/mnist1d-mlp/jax-cpu.csv"]}),
     },
 }
 

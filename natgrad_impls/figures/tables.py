@@ -1,5 +1,6 @@
 """The report's tables: each optimizer's best hyperparameters with its final loss and time to a
-target loss, and the environment the numbers were measured in.
+target loss, their summary across tasks (`summary`, ranked, with the cost of a step), and the
+environment the numbers were measured in.
 
 Target rule (`best_hyperparameters`): per task, the target is the *worst of the best final losses*,
 the largest over (optimizer, framework, device) of the median-over-seeds final loss of its best
@@ -334,6 +335,51 @@ def _spread(row: dict, clip: str) -> tuple[float, float]:
 def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Two ranges of final losses that do not overlap: a change that the chaos of ef cannot explain."""
     return bool(a[1] < b[0] or b[1] < a[0])
+
+
+# -- at a glance ----------------------------------------------------------------------------------------
+
+SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "rank", "final_loss", "loss_over_best",
+           "steps_to_target", "time_to_target_s", "final_test_accuracy", "gradient_equivalents", "diverged", "chaotic"]
+
+
+TIE_DIGITS = 9  # final losses equal to 1e-9 relative share a rank: float64 frameworks agree to ~1e-12
+
+
+def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The report's first table: per task x framework x device (x dtype), each optimizer's best setting
+    (`best_hyperparameters` rows, convex and network tables concatenated) ranked by final loss, 1 the
+    lowest (a setting that diverged ranks after every other; ties to 1e-9 share a rank), with
+    `loss_over_best`, its final loss over the lowest there; where `cost` (`timing.cost_table` rows)
+    timed that task, framework and device, one step's cost in gradient-equivalents of the setting the
+    optimizer ran with (`cost_setting`). Steps and time to target, test accuracy, diverged and
+    chaotic as in `best`."""
+    frame = best.copy()
+    place = [c for c in ("task", "framework", "device", "dtype") if c in frame.columns]
+    groups = [frame[c] for c in place]
+    finite = frame["final_loss"].where(~frame["diverged"].astype(bool))  # diverged: behind every other
+    frame["loss_over_best"] = frame["final_loss"] / finite.groupby(groups).transform("min")
+    # ties to round-off share a rank (wine's least-squares minimum, reached by three optimizers)
+    frame["rank"] = (finite / finite.groupby(groups).transform("min")).round(TIE_DIGITS).fillna(np.inf)
+    frame["rank"] = frame["rank"].groupby(groups).rank(method="min").astype("Int64")
+    if cost is not None and not cost.empty:
+        frame["setting"] = frame.apply(cost_setting, axis=1)
+        on = ["task", "framework", "device", "setting"]
+        frame = frame.merge(cost.groupby(on, as_index=False)["gradient_equivalents"].median(), on=on, how="left")
+    frame["_order"] = frame["optimizer"].map({o.value: i for i, o in enumerate(Optimizer)})
+    frame = frame.sort_values(place + ["rank", "_order"], kind="stable").reset_index(drop=True)
+    return frame[[c for c in SUMMARY if c in frame.columns]]
+
+
+def cost_setting(row) -> str:
+    """The label of `timing.SETTINGS` that times the step a best-hyperparameters row ran: sgd with or
+    without momentum, ngd with its Fisher, the optimizer's own label otherwise."""
+    if row["optimizer"] == Optimizer.SGD.value:
+        momentum = row.get("momentum")
+        return "sgd-momentum" if pd.notna(momentum) and momentum > 0 else "sgd"
+    if row["optimizer"] == Optimizer.NGD.value and pd.notna(row.get("fisher")):
+        return f"ngd-{row['fisher']}"
+    return row["optimizer"]  # (ngd without its fisher: no setting, no cost)
 
 
 def to_html(frame: pd.DataFrame, digits: int = 4) -> str:

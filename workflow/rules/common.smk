@@ -270,10 +270,12 @@ def cos_files(tasks):
     return [f"{RESULTS}/grid/{task}/cos.parquet" for task in tasks] if "ef" in config["optimizers"] else []
 
 
-# The report's sections, in reading order (the report sorts them by name): the paper's figures,
-# the networks, cost, the committed reference runs, then the appendix and the environment.
-SECTION = {"kunstner": "1. Kunstner et al. (2019)", "networks": "2. Networks", "cost": "3. Cost",
-           "reference": "4. Reference runs", "appendix": "5. Appendix", "environment": "6. Environment"}
+# The report's sections, in reading order (the report sorts them by name): every task at a glance,
+# the paper's figures, the networks, cost, the committed reference runs, then the appendix and the
+# environment.
+SECTION = {"summary": "0. At a glance", "kunstner": "1. Kunstner et al. (2019)", "networks": "2. Networks",
+           "cost": "3. Cost", "reference": "4. Reference runs", "appendix": "5. Appendix",
+           "environment": "6. Environment"}
 
 
 def figures():
@@ -314,12 +316,17 @@ def figures():
 def tables():
     """{table: (report section, {name: input files})}, each beside the figures it goes with: best
     hyperparameters of the grids and of the tuned networks (with their tuning grids, for where the
-    chosen setting lies in them), the logit-clip comparison, the environment."""
+    chosen setting lies in them), the logit-clip comparison, the environment; first, the summary of
+    the best-hyperparameters tables, with the step costs of the tasks timed."""
     out = {}
     if grid_files():
         out["best-convex"] = (SECTION["kunstner"], {"runs": grid_files()})
     if config["networks"]["tasks"] and network_optimizers():
         out["best-networks"] = (SECTION["networks"], {"runs": network_runs(), "tuning": network_runs("tune")})
+    best = [f"{RESULTS}/tables/{name}.csv" for name in ("best-convex", "best-networks") if name in out]
+    if best:
+        cost = cost_files() if config["timing"]["settings"] else []
+        out = {"summary": (SECTION["summary"], {"best": best, "cost": cost}), **out}
     if logit_clip_files():
         out["logit-clip"] = (SECTION["appendix"], {"runs": logit_clip_files()})
     out["environment"] = (SECTION["environment"], {})

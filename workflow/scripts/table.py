@@ -1,5 +1,5 @@
-"""Write one table of the report: best hyperparameters (grids or tuned network runs), the logit-clip
-comparison of the Bernoulli grids, or the environment the numbers were measured in."""
+"""Write one table of the report: best hyperparameters (grids or tuned network runs), their summary,
+the logit-clip comparison of the Bernoulli grids, or the environment the numbers were measured in."""
 
 import pandas as pd
 
@@ -21,10 +21,18 @@ def best_networks(inputs) -> pd.DataFrame:
     return best.merge(tables.grid_edges(read(inputs.tuning)), on=tables.GROUP, how="left")
 
 
+def summary(inputs) -> pd.DataFrame:
+    """The best-hyperparameters tables in one, ranked, with each step's cost where it was timed."""
+    best = pd.concat([results.read(p) for p in inputs.best], ignore_index=True)
+    cost = pd.concat([results.read(p) for p in inputs.cost], ignore_index=True) if inputs.cost else None
+    return tables.summary(best, cost)
+
+
 MAKE = {
     "environment": lambda inputs: tables.environment(),
     "best-convex": lambda inputs: tables.best_hyperparameters(read(inputs.runs)),
     "best-networks": best_networks,
+    "summary": summary,
     "logit-clip": lambda inputs: tables.logit_clip_comparison(tables.read_logit_clip_grids(inputs.runs)),
 }
 
