@@ -671,7 +671,9 @@ def test_html_tables_name_things_as_the_figures_do_to_four_significant_digits():
     four significant digits (0.000123456 is 0.0001235, not 0.0001), gaps blank."""
     frame = pd.DataFrame(dict(optimizer=["kfac"], framework=["jax"], device=["cuda"], final_loss=[0.000123456],
                               time_to_target_s=[np.nan]))
-    cells = re.findall(r"<td>(.*?)</td>", tables.to_html(frame))
+    page = tables.to_html(frame)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")  # a page the report can show
+    cells = re.findall(r"<td>(.*?)</td>", page)
     assert cells == ["K-FAC", "JAX", "GPU", "0.0001235", ""]
 
 

@@ -237,7 +237,8 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
         assert (root / "results" / "figures" / f"{name}.rst").read_text().strip()
     assert "appendix-logit-clip" in figures
     for table in ("summary", "environment", "best-convex", "best-networks", "logit-clip"):
-        assert f"{table}.csv" in html
+        assert f"{table}.html" in html  # shown in the report; the data beside it
+        assert len(pd.read_csv(root / "results" / "tables" / f"{table}.csv")) > 0
     # the sections, numbered in reading order (the report sorts them by name), tables beside their
     # figures; each item numbered in its section
     sections = set(re.findall(r'"(\d\. [^"]+)": \{', html))

@@ -308,8 +308,8 @@ def test_best_networks_table_has_one_row_per_group_with_its_own_grid_edge(tmp_pa
             frame.to_parquet(path, index=False)
             paths[stage].append(path)
     out = tmp_path / "best-networks.csv"
-    run_script("table.py", tmp_path, rule="table_best_networks", input=Files(**paths), output=Files(csv=out),
-               params=SimpleNamespace(table="best-networks"))
+    run_script("table.py", tmp_path, rule="table_best_networks", input=Files(**paths),
+               output=Files(csv=out, html=out.with_suffix(".html")), params=SimpleNamespace(table="best-networks"))
     table = pd.read_csv(out)
     assert set(tables.GROUP) <= set(table.columns), table.columns.tolist()
     assert len(table) == 2 and not table.duplicated(tables.GROUP).any(), table.to_string()
@@ -338,10 +338,12 @@ def test_the_summary_table_reads_both_best_tables_and_the_cost_tables(tmp_path):
         frame.to_csv(paths[name], index=False)
     for costs in ([paths["cost"]], []):
         out = tmp_path / "summary.csv"
-        run_script("table.py", tmp_path, rule="table_summary", output=Files(csv=out),
+        run_script("table.py", tmp_path, rule="table_summary", output=Files(csv=out, html=out.with_suffix(".html")),
                    input=Files(best=[paths["best-convex"], paths["best-networks"]], cost=costs),
                    params=SimpleNamespace(table="summary"))
         table = pd.read_csv(out).set_index(["task", "optimizer"])
+        page = out.with_suffix(".html").read_text()  # the report's view: the same rows, by their legends
+        assert page.startswith("<!DOCTYPE html>") and page.count("<tr>") == len(table) and "K-FAC" in page
         assert table["rank"].to_dict() == {("digits-mlp", "kfac"): 1, ("digits-mlp", "sgd"): 2,
                                            ("wine", "ngd"): 1, ("wine", "sgd"): 2}
         if costs:

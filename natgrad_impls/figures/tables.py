@@ -383,8 +383,9 @@ def cost_setting(row) -> str:
 
 
 def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
-    """An HTML table for the report: optimizer names as legends (SGD, K-FAC), frameworks and
-    devices as in the figures, numbers to `digits` significant digits, empty cells blank."""
+    """A whole HTML page of the table, as the report shows it (a CSV there is a download only):
+    optimizer names as legends (SGD, K-FAC), frameworks and devices as in the figures, numbers to
+    `digits` significant digits, empty cells blank."""
     shown = frame.copy()
     for column, names in {"optimizer": Optimizer, "framework": Framework, "device": Device}.items():
         if column in shown.columns:
@@ -392,7 +393,16 @@ def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
             shown[column] = shown[column].map(lambda v, labels=labels: labels.get(v, v))
     formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
                   for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
-    return shown.to_html(index=False, formatters=formatters, na_rep="", border=0, classes="natgrad-table")
+    table = shown.to_html(index=False, formatters=formatters, na_rep="", border=0, classes="natgrad-table")
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{_TABLE_STYLE}</style></head>\n" \
+           f"<body>\n{table}\n</body></html>\n"
+
+
+_TABLE_STYLE = ("body { font-family: sans-serif; font-size: 13px; margin: 0.5em; } "
+                "table { border-collapse: collapse; } "
+                "th, td { padding: 2px 8px; text-align: right; white-space: nowrap; } "
+                "th { border-bottom: 1px solid #888; position: sticky; top: 0; background: #fff; } "
+                "tbody tr:nth-child(even) { background: #f2f2f2; }")
 
 
 # -- environment ----------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ for _table, (_category, _inputs) in tables().items():
         input:
             **_inputs,
         output:
-            csv=report(f"{RESULTS}/tables/{_table}.csv", caption=f"../report/{_table}.rst", category=_category,
-                       labels=_labels[_table]),
+            csv=f"{RESULTS}/tables/{_table}.csv",
+            # the report shows the HTML page (it offers a CSV only as a download)
+            html=report(f"{RESULTS}/tables/{_table}.html", caption=f"../report/{_table}.rst", category=_category,
+                        labels=_labels[_table]),
         conda:
             ENVIRONMENT
         log:

@@ -39,5 +39,6 @@ MAKE = {
 
 with results.job_log(snakemake.log[0]):
     table = MAKE[snakemake.params.table](snakemake.input)
-    results.write(table, snakemake.output.csv)
+    results.write(table, snakemake.output.csv)  # the data
+    results.write_text(tables.to_html(table), snakemake.output.html)  # what the report shows
     print(table.to_string())
