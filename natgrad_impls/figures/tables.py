@@ -341,8 +341,6 @@ def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "rank", "final_loss", "loss_over_best",
            "steps_to_target", "time_to_target_s", "final_test_accuracy", "gradient_equivalents", "diverged", "chaotic"]
-
-
 TIE_DIGITS = 9  # final losses equal to 1e-9 relative share a rank: float64 frameworks agree to ~1e-12
 
 
@@ -357,11 +355,12 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     frame = best.copy()
     place = [c for c in ("task", "framework", "device", "dtype") if c in frame.columns]
     groups = [frame[c] for c in place]
-    finite = frame["final_loss"].where(~frame["diverged"].astype(bool))  # diverged: behind every other
-    frame["loss_over_best"] = frame["final_loss"] / finite.groupby(groups).transform("min")
+    finite = frame["final_loss"].where(~frame["diverged"].astype(bool))  # a diverged one: NaN, ranked last
+    lowest = finite.groupby(groups).transform("min")
+    frame["loss_over_best"] = frame["final_loss"] / lowest
     # ties to round-off share a rank (wine's least-squares minimum, reached by three optimizers)
-    frame["rank"] = (finite / finite.groupby(groups).transform("min")).round(TIE_DIGITS).fillna(np.inf)
-    frame["rank"] = frame["rank"].groupby(groups).rank(method="min").astype("Int64")
+    key = (finite / lowest).round(TIE_DIGITS).fillna(np.inf)
+    frame["rank"] = key.groupby(groups).rank(method="min").astype("Int64")
     if cost is not None and not cost.empty:
         frame["setting"] = frame.apply(cost_setting, axis=1)
         on = ["task", "framework", "device", "setting"]
