@@ -670,11 +670,13 @@ def test_html_tables_name_things_as_the_figures_do_to_four_significant_digits():
     """to_html: optimizer, framework and device by their legend names (K-FAC, JAX, GPU), floats to
     four significant digits (0.000123456 is 0.0001235, not 0.0001), gaps blank."""
     frame = pd.DataFrame(dict(optimizer=["kfac"], framework=["jax"], device=["cuda"], final_loss=[0.000123456],
-                              time_to_target_s=[np.nan]))
+                              time_to_target_s=[np.nan], diverged=[False]))
     page = tables.to_html(frame)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")  # a page the report can show
+    left = set(re.findall(r"td:nth-child\((\d+)\)[^{]*\{ text-align: left", page))
+    assert left == {"1", "2", "3", "6"}  # the names and the flag; the numbers stay right-aligned
     cells = re.findall(r"<td>(.*?)</td>", page)
-    assert cells == ["K-FAC", "JAX", "GPU", "0.0001235", ""]
+    assert cells == ["K-FAC", "JAX", "GPU", "0.0001235", "", "False"]
 
 
 def test_the_tables_module_imports_no_plotting_library():

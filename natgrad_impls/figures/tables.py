@@ -393,7 +393,11 @@ def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
     formatters = {c: (lambda v: "" if pd.isna(v) else f"{v:.{digits}g}")
                   for c in shown.columns if pd.api.types.is_float_dtype(shown[c])}
     table = shown.to_html(index=False, formatters=formatters, na_rep="", border=0, classes="natgrad-table")
-    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{_TABLE_STYLE}</style></head>\n" \
+    # numbers right-aligned, names and flags left: pandas gives cells no class, so columns go by position
+    text = [not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]) for c in frame]
+    left = "".join(f" td:nth-child({i + 1}), th:nth-child({i + 1}) {{ text-align: left; }}"
+                   for i, is_text in enumerate(text) if is_text)
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><style>{_TABLE_STYLE}{left}</style></head>\n" \
            f"<body>\n{table}\n</body></html>\n"
 
 
