@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,20 +188,40 @@ def wait_for(condition, timeout, process):
     return False
 
 
+def finished_outputs(log: str, root: Path) -> set[Path]:
+    """The outputs of the jobs that Snakemake's log reports finished ("Finished jobid: N"), from each
+    job's block ("output: a, b" ... "jobid: N")."""
+    outputs, done = {}, set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", log):
+        listed, jobid = re.search(r"^\s+output: (.+)$", block, re.M), re.search(r"^\s+jobid: (\d+)$", block, re.M)
+        if listed and jobid:
+            outputs[jobid.group(1)] = {root / p.strip() for p in listed.group(1).split(",")}
+    done = re.findall(r"^Finished jobid: (\d+)", log, re.M)
+    return set().union(*(outputs.get(j, set()) for j in done))
+
+
 def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
-    """Start the smoke pipeline, kill it (SIGTERM, as `kill` does) once some jobs have finished,
-    check that no partial result is left, run it again: it finishes, recomputes only what was
-    missing and writes a report that names every figure."""
+    """Start the smoke pipeline, interrupt it as Ctrl-C does (SIGINT to its process group: Snakemake
+    and the jobs it runs) once some jobs have finished; check that no partial result is left; run it
+    again: it finishes, keeps every result of a job finished before the interrupt, and writes a report
+    that names every figure. Not SIGTERM to Snakemake alone (`kill`): Snakemake 9.27's handler for it
+    takes the scheduler's lock, a plain Lock, so a SIGTERM that lands while the scheduler holds it
+    (picking jobs) hangs the process for good. CI saw it once: the output stopped at "Select jobs to
+    execute...". SIGINT raises KeyboardInterrupt there instead, which leaves the lock."""
     root = copy_repository(tmp_path / "natgrad-bench")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     command = [str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/smoke.yaml"]
     first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
+    log: list[str] = []  # read as it comes: a full pipe would stall Snakemake
+    reader = threading.Thread(target=lambda: log.extend(first.stdout), daemon=True)
+    reader.start()
     finished = lambda: len(list((root / "results").glob("tune/**/*.parquet"))) >= 2  # noqa: E731
     try:
         assert wait_for(finished, SMOKE_TIMEOUT_S, first), "the smoke pipeline ended before it could be killed"
-        os.kill(first.pid, signal.SIGTERM)
-        first.communicate(timeout=120)
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=120)
+        reader.join(timeout=60)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -212,6 +233,8 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
     for path in survivors:  # every file left is a whole result
         if path.suffix == ".parquet":
             assert len(pd.read_parquet(path)) > 0, path
+    kept = {path: mtime for path, mtime in survivors.items() if path in finished_outputs("".join(log), root)}
+    assert kept, "no job had finished before the interrupt"
 
     # what a SIGKILLed job left two hours ago goes; what another run is writing now stays
     abandoned, busy = root / "results" / "tune" / ".x.parquet.a1.part", root / "results" / "toys" / ".y.parquet.b2.part"
@@ -222,7 +245,7 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
 
     second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    for path, mtime in survivors.items():
+    for path, mtime in kept.items():  # a job cut short runs again; a finished one's results stay
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
     assert [p for p in (root / "results").rglob("*.part")] == [busy]
 
