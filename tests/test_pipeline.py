@@ -191,7 +191,7 @@ def wait_for(condition, timeout, process):
 def finished_outputs(log: str, root: Path) -> set[Path]:
     """The outputs of the jobs that Snakemake's log reports finished ("Finished jobid: N"), from each
     job's block ("output: a, b" ... "jobid: N")."""
-    outputs, done = {}, set()
+    outputs = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", log):
         listed, jobid = re.search(r"^\s+output: (.+)$", block, re.M), re.search(r"^\s+jobid: (\d+)$", block, re.M)
         if listed and jobid:
