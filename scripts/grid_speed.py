@@ -16,9 +16,9 @@ tasks, runner and the command line).
    each optimizer's best grid point gives the grid's best loss (within the chaos spread when the
    grid flags it chaotic).
 4. The floating-point floor: forming a Fisher or EF costs about N D^2 flops (its symmetric half);
-   every ef/ngd step of the grid that was computed (diverged runs stop) needs one. Divided by the
-   machine's measured DGEMM rate (all cores, a large product), that is the time no implementation
-   that forms the matrices can beat.
+   every ef/ngd step of the grid that was computed (diverged runs stop; the chaos repeats count)
+   needs one. Divided by the machine's measured DGEMM rate (all cores, a large product), that is the
+   time no implementation that forms the matrices can beat.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from scipy.special import expit
@@ -141,6 +142,73 @@ def run_grid_process(task, out: Path) -> tuple[float, float, str]:
     return wall, cpu, done.stdout
 
 
+def computed_steps(frame, optimizers=("ef", "ngd")) -> int:
+    """Steps of `optimizers` the grid computed, its chaos repeats included (a diverged run stops):
+    each needs one Fisher or EF."""
+    runs = frame[frame["optimizer"].isin(optimizers)].groupby(["optimizer", "lr", "damping", "repeat"], observed=True)
+    return int(runs["step"].max().sum())
+
+
+def time_grids(tasks):
+    """2. Each task's real grid process, timed whole: wall and CPU seconds, its table, its output."""
+    folder = Path(tempfile.mkdtemp(prefix="grid_speed."))
+    timed = {}
+    for task in tasks:
+        out = folder / f"{task}.parquet"
+        wall, cpu, output = run_grid_process(task, out)
+        timed[task] = SimpleNamespace(wall=wall, cpu=cpu, frame=results.read(out), output=output)
+        print(f"natgrad grid --task {task} --optimizers {','.join(OPTIMIZERS)}: {wall:.1f} s "
+              f"(whole process; {cpu:.1f} CPU s)")
+        for line in output.splitlines():
+            print(f"    {line}")
+    return timed
+
+
+def check_optimizer(task, problem, grid_run, optimizer, fraction, rng):
+    """1. and 3. for one optimizer: the loop on a random subsample of its grid points, extrapolated
+    to them all, and the checks; its report entry, its extrapolated seconds and whether it passed."""
+    frame = grid_run.frame
+    own = frame[frame["repeat"] == 0]
+    finals = own[own["optimizer"] == optimizer].groupby(["lr", "damping"], dropna=False, observed=True).tail(1)
+    final = {(lr, -1.0 if np.isnan(d) else d): loss
+             for lr, d, loss in finals[["lr", "damping", "loss"]].itertuples(index=False)}
+    points = grid_points(optimizer)
+    count = max(3, int(round(fraction * len(points))))
+    chosen = [points[i] for i in sorted(rng.choice(len(points), count, replace=False))]
+    start = time.perf_counter()
+    losses = [paper_run(problem, optimizer, lr, dmp) for lr, dmp in chosen]
+    per_run = (time.perf_counter() - start) / count
+    # agreement on the subsample, and the best run within it
+    mine = np.array([final[(lr, -1.0 if np.isnan(dmp) else dmp)] for lr, dmp in chosen])
+    theirs = np.array([run[-1] for run in losses])
+    with np.errstate(invalid="ignore"):
+        relative = np.abs(mine - theirs) / np.abs(theirs)
+    agree = int(np.sum((relative <= 1e-10) | (np.isnan(mine) & np.isnan(theirs))))
+    same_best = int(np.nanargmin(np.where(np.isfinite(mine), mine, np.nan))) == \
+        int(np.nanargmin(np.where(np.isfinite(theirs), theirs, np.nan)))
+    # the grid's best run, rerun by the loop
+    best = next(line for line in grid_run.output.splitlines() if line.startswith(optimizer))
+    rows = own[(own["optimizer"] == optimizer) & own["best"]]
+    b_lr, b_d = float(rows["lr"].iloc[0]), float(rows["damping"].iloc[0])
+    b_loss, chaotic = float(rows["loss"].iloc[-1]), bool(rows["chaotic"].iloc[0])
+    rerun = paper_run(problem, optimizer, b_lr, b_d)[-1]
+    repeats = frame[(frame["optimizer"] == optimizer) & (frame["repeat"] > 0)]
+    spread = repeats.groupby("repeat")["loss"].last().to_numpy() if len(repeats) else np.array([])
+    low, high = (np.nanmin(np.append(spread, b_loss)), np.nanmax(np.append(spread, b_loss)))
+    # a chaotic run agrees with another implementation only within its chaos (DESIGN 4: the
+    # paper's best ef setting ends anywhere in 0.015-0.035), so only report the difference
+    rerun_ok = chaotic or abs(rerun - b_loss) <= 1e-10 * abs(b_loss)
+    print(f"{task:12s} {optimizer:4s} loop: {count:4d} of {len(points):5d} runs, {per_run * 1e3:7.2f} ms per run "
+          f"-> {per_run * len(points):7.1f} s extrapolated; {agree}/{count} final losses equal the grid's to 1e-10; "
+          f"same best run in the subsample: {same_best}; best grid run rerun: {rerun:.10g} vs {b_loss:.10g}"
+          f"{f' (chaotic, repeats span {low:.4g}..{high:.4g}: not comparable)' if chaotic else ''} -> "
+          f"{'ok' if rerun_ok else 'MISMATCH'}")
+    entry = {"sampled_runs": count, "grid_runs": len(points), "loop_s_per_run": per_run, "agree_1e-10": agree,
+             "same_best_in_subsample": same_best, "best": best, "best_rerun_loss": rerun, "best_grid_loss": b_loss,
+             "best_chaotic": chaotic, "best_rerun_ok": bool(rerun_ok)}
+    return entry, per_run * len(points), bool(rerun_ok and (same_best or chaotic))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="breastcancer,wine")
@@ -155,75 +223,24 @@ def main(argv=None):
     rate, core_rate = dgemm_rate(), dgemm_rate(threads=1)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; DGEMM {rate / 1e9:.1f} GFLOP/s "
           f"(one core: {core_rate / 1e9:.1f} GFLOP/s)")
-
-    # 2. the real grid processes, timed whole
-    folder = Path(tempfile.mkdtemp(prefix="grid_speed."))
-    grid_seconds, grid_cpu, frames, outputs = {}, {}, {}, {}
-    for task in tasks:
-        out = folder / f"{task}.parquet"
-        grid_seconds[task], grid_cpu[task], outputs[task] = run_grid_process(task, out)
-        frames[task] = results.read(out)
-        print(f"natgrad grid --task {task} --optimizers {','.join(OPTIMIZERS)}: {grid_seconds[task]:.1f} s "
-              f"(whole process; {grid_cpu[task]:.1f} CPU s)")
-        for line in outputs[task].splitlines():
-            print(f"    {line}")
-
-    # 1. the loop on a subsample, extrapolated; 3. checks
-    loop_seconds, floor_flops = {}, {}
-    checks_ok = True
+    grid_runs = time_grids(tasks)
+    loop_seconds, floor_flops, checks_ok = {}, {}, True
     for task in tasks:
         t = get_task(task)
         x, y = t.load().train
         problem = PaperProblem(x, y[:, 0], t.problem.likelihood == "bernoulli")
-        frame = frames[task]
-        own = frame[frame["repeat"] == 0]
-        finals = own.groupby(["optimizer", "lr", "damping"], dropna=False, observed=True).tail(1)
-        final = {(o, lr, -1.0 if np.isnan(d) else d): loss
-                 for o, lr, d, loss in finals[["optimizer", "lr", "damping", "loss"]].itertuples(index=False)}
         n, d = x.shape
-        computed = own[own["optimizer"].isin(["ef", "ngd"])].groupby(["optimizer", "lr", "damping"], observed=True)["step"].max()
-        floor_flops[task] = float(computed.sum()) * n * d * d  # one N x D^2 formation per computed step
-        report["tasks"][task] = {"grid_process_s": grid_seconds[task], "floor_flops": floor_flops[task], "optimizers": {}}
+        floor_flops[task] = computed_steps(grid_runs[task].frame) * n * d * d  # one N x D^2 formation per step
+        report["tasks"][task] = {"grid_process_s": grid_runs[task].wall, "floor_flops": floor_flops[task],
+                                 "optimizers": {}}
         loop_seconds[task] = 0.0
         for optimizer in OPTIMIZERS:
-            points = grid_points(optimizer)
-            count = max(3, int(round(args.fraction * len(points))))
-            chosen = [points[i] for i in sorted(rng.choice(len(points), count, replace=False))]
-            start = time.perf_counter()
-            losses = [paper_run(problem, optimizer, lr, dmp) for lr, dmp in chosen]
-            per_run = (time.perf_counter() - start) / count
-            loop_seconds[task] += per_run * len(points)
-            # agreement on the subsample, and the best run within it
-            mine = np.array([final[(optimizer, lr, -1.0 if np.isnan(dmp) else dmp)] for lr, dmp in chosen])
-            theirs = np.array([run[-1] for run in losses])
-            with np.errstate(invalid="ignore"):
-                relative = np.abs(mine - theirs) / np.abs(theirs)
-            agree = int(np.sum((relative <= 1e-10) | (np.isnan(mine) & np.isnan(theirs))))
-            same_best = int(np.nanargmin(np.where(np.isfinite(mine), mine, np.nan))) == \
-                int(np.nanargmin(np.where(np.isfinite(theirs), theirs, np.nan)))
-            # the grid's best run, rerun by the loop
-            best = next(line for line in outputs[task].splitlines() if line.startswith(optimizer))
-            rows = own[(own["optimizer"] == optimizer) & own["best"]]
-            b_lr, b_d = float(rows["lr"].iloc[0]), float(rows["damping"].iloc[0])
-            b_loss, chaotic = float(rows["loss"].iloc[-1]), bool(rows["chaotic"].iloc[0])
-            rerun = paper_run(problem, optimizer, b_lr, b_d)[-1]
-            repeats = frame[(frame["optimizer"] == optimizer) & (frame["repeat"] > 0)]
-            spread = repeats.groupby("repeat")["loss"].last().to_numpy() if len(repeats) else np.array([])
-            low, high = (np.nanmin(np.append(spread, b_loss)), np.nanmax(np.append(spread, b_loss)))
-            # a chaotic run agrees with another implementation only within its chaos (DESIGN 4: the
-            # paper's best ef setting ends anywhere in 0.015-0.035), so only report the difference
-            rerun_ok = chaotic or abs(rerun - b_loss) <= 1e-10 * abs(b_loss)
-            checks_ok &= rerun_ok and (same_best or chaotic)
-            print(f"{task:12s} {optimizer:4s} loop: {count:4d} of {len(points):5d} runs, {per_run * 1e3:7.2f} ms per run "
-                  f"-> {per_run * len(points):7.1f} s extrapolated; {agree}/{count} final losses equal the grid's to 1e-10; "
-                  f"same best run in the subsample: {same_best}; best grid run rerun: {rerun:.10g} vs {b_loss:.10g}"
-                  f"{f' (chaotic, repeats span {low:.4g}..{high:.4g}: not comparable)' if chaotic else ''} -> "
-                  f"{'ok' if rerun_ok else 'MISMATCH'}")
-            report["tasks"][task]["optimizers"][optimizer] = {
-                "sampled_runs": count, "grid_runs": len(points), "loop_s_per_run": per_run, "agree_1e-10": agree,
-                "same_best_in_subsample": same_best, "best": best, "best_rerun_loss": rerun, "best_grid_loss": b_loss,
-                "best_chaotic": chaotic, "best_rerun_ok": bool(rerun_ok)}
+            entry, seconds, ok = check_optimizer(task, problem, grid_runs[task], optimizer, args.fraction, rng)
+            report["tasks"][task]["optimizers"][optimizer] = entry
+            loop_seconds[task] += seconds
+            checks_ok &= ok
 
+    grid_seconds = {task: run.wall for task, run in grid_runs.items()}
     total_loop, total_grid = sum(loop_seconds.values()), sum(grid_seconds.values())
     floor_s = sum(floor_flops.values()) / rate
     print()
@@ -235,7 +252,7 @@ def main(argv=None):
     print(f"speed-up: {ratio:.1f} x (target: > {RATIO_TARGET} x) -> {'MET' if ratio > RATIO_TARGET else 'NOT MET'}")
     flops = sum(floor_flops.values())
     core_floor_s = flops / core_rate
-    total_cpu = sum(grid_cpu.values())
+    total_cpu = sum(run.cpu for run in grid_runs.values())
     print(f"floating-point floor: {flops / 1e12:.2f} Tflop to form the ef/ngd matrices (N D^2 per computed step) "
           f"at {rate / 1e9:.1f} GFLOP/s = {floor_s:.1f} s; the grids take {total_grid / floor_s:.2f} x that, and no "
           f"implementation that forms them can beat the loop by more than {total_loop / floor_s:.1f} x here")

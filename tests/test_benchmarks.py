@@ -1380,9 +1380,10 @@ def test_grid_speeds_loop_does_the_work_of_natgrad_run(task, optimizer, lr, damp
 def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(monkeypatch, tmp_path):
     """scripts/grid_speed.py: the loop's time is its mean time per sampled run times the optimizer's
     grid points; the speed-up, that over the grid processes' time; the floor, N D^2 flops per computed
-    ef/ngd step at the DGEMM rate. Stand-ins: a task of N = 5, D = 3; 4 sgd and 6 ngd and ef grid
-    points, half of them sampled (3 at least); a grid process of 2 s whose runs end at loss 0.5 after
-    7 steps; a clock on which a loop run takes 1 s (sgd), 2 s (ngd) or 3 s (ef); DGEMM at 1 GFLOP/s."""
+    ef/ngd step at the DGEMM rate, the chaos repeats' steps included. Stand-ins: a task of N = 5, D = 3;
+    4 sgd and 6 ngd and ef grid points, half of them sampled (3 at least); a grid process of 2 s whose
+    runs end at loss 0.5 after 7 steps, and whose two repeats of each best run stopped after 4 (sgd's
+    not counted); a clock on which a loop run takes 1 s (sgd), 2 s (ngd) or 3 s (ef); DGEMM at 1 GFLOP/s."""
     import json
     from types import SimpleNamespace
 
@@ -1395,7 +1396,9 @@ def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(mo
               "ngd": [(lr, d) for lr in (1.0, 2.0) for d in (0.1, 0.2, 0.3)]}
     points["ef"] = points["ngd"]
     frame = pd.DataFrame([dict(optimizer=o, lr=lr, damping=d, step=7, loss=0.5, repeat=0, best=i == 0, chaotic=False)
-                          for o, grid in points.items() for i, (lr, d) in enumerate(grid)])
+                          for o, grid in points.items() for i, (lr, d) in enumerate(grid)]
+                         + [dict(optimizer=o, lr=grid[0][0], damping=grid[0][1], step=4, loss=0.5, repeat=r, best=True,
+                                 chaotic=False) for o, grid in points.items() for r in (1, 2)])
 
     def paper_run(problem, optimizer, lr, damping):
         clock.now += {"sgd": 1.0, "ngd": 2.0, "ef": 3.0}[optimizer]
@@ -1417,7 +1420,7 @@ def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(mo
     assert [(o["sampled_runs"], o["grid_runs"], o["loop_s_per_run"]) for o in optimizers] == [
         (3, 4, 1.0), (3, 6, 2.0), (3, 6, 3.0)]
     assert (report["loop_s"], report["grid_s"], report["ratio"]) == (1 * 4 + 2 * 6 + 3 * 6, 2.0, 17.0)
-    assert report["floor_s"] == pytest.approx(12 * 7 * 5 * 3**2 / 1e9, rel=1e-12)
+    assert report["floor_s"] == pytest.approx((12 * 7 + 2 * 2 * 4) * 5 * 3**2 / 1e9, rel=1e-12)
 
 
 def test_grid_speed_times_the_grid_of_its_loop_and_counts_dgemm_flops(monkeypatch, tmp_path):
