@@ -711,14 +711,21 @@ def best_rows(task, framework, finals, dtype="float32", **columns) -> pd.DataFra
 def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_together():
     """Ranks are per task, framework, device and dtype (torch's order is not jax's); a setting that
     diverged ranks last whatever its loss; losses equal to 1e-9 relative share a rank, 1e-6 apart do
-    not; loss_over_best is the final loss over the lowest that did not diverge."""
+    not; loss_over_best is the final loss over the lowest that did not diverge; the range over seeds
+    (or chaos repeats) follows each row, blank where the best table has none."""
     best = pd.concat([
         best_rows("wine", "torch", {"sgd": 0.36, "ef": 0.03 * (1 + 1e-12), "ngd": 0.03, "kfac": 0.03 * (1 + 1e-6)},
                   dtype="float64"),
         best_rows("wine", "jax", {"sgd": 0.01, "ngd": 0.03}, dtype="float64"),
-        best_rows("digits-mlp", "torch", {"adam": 0.001, "kfac": 1e-5}).assign(diverged=[False, True]),
+        best_rows("digits-mlp", "torch", {"adam": 0.001, "kfac": 1e-5}, final_loss_min=[9e-4, 1e-6],
+                  final_loss_max=[2e-3, 0.1]).assign(diverged=[False, True]),
     ], ignore_index=True)
     table = tables.summary(best).set_index(["task", "framework", "optimizer"])
+    assert list(table.columns[list(table.columns).index("final_loss"):][:4]) == [
+        "final_loss", "loss_over_best", "final_loss_min", "final_loss_max"]
+    assert table.loc[("digits-mlp", "torch", "adam"), ["final_loss_min", "final_loss_max"]].tolist() == [9e-4, 2e-3]
+    assert table.loc[("digits-mlp", "torch", "kfac"), ["final_loss_min", "final_loss_max"]].tolist() == [1e-6, 0.1]
+    assert table.loc[("wine", "torch"), "final_loss_min"].isna().all()
     assert table.loc[("wine", "torch"), "rank"].to_dict() == {"ef": 1, "ngd": 1, "kfac": 3, "sgd": 4}
     assert list(table.loc[("wine", "torch")].index) == ["ef", "ngd", "kfac", "sgd"]  # ties in the legend's order
     assert table.loc[("wine", "jax"), "rank"].to_dict() == {"sgd": 1, "ngd": 2}

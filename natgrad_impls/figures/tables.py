@@ -339,8 +339,9 @@ def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 # -- at a glance ----------------------------------------------------------------------------------------
 
-SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "rank", "final_loss", "loss_over_best",
-           "steps_to_target", "time_to_target_s", "final_test_accuracy", "gradient_equivalents", "diverged", "chaotic"]
+SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "rank", "final_loss", "loss_over_best", "final_loss_min",
+           "final_loss_max", "steps_to_target", "time_to_target_s", "final_test_accuracy", "gradient_equivalents",
+           "diverged", "chaotic"]
 TIE_DIGITS = 9  # final losses equal to 1e-9 relative share a rank: float64 frameworks agree to ~1e-12
 
 
@@ -348,7 +349,9 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     """The report's first table: per task x framework x device (x dtype), each optimizer's best setting
     (`best_hyperparameters` rows, convex and network tables concatenated) ranked by final loss, 1 the
     lowest (a setting that diverged ranks after every other; ties to 1e-9 share a rank), with
-    `loss_over_best`, its final loss over the lowest there; where `cost` (`timing.cost_table` rows)
+    `loss_over_best`, its final loss over the lowest there, and the range of final losses behind it
+    (`final_loss_min`, `_max`: over the seeds of a network, the chaos repeats of a convex grid's best
+    run), which says whether a rank is resolved; where `cost` (`timing.cost_table` rows)
     timed that task, framework and device, one step's cost in gradient-equivalents of the setting the
     optimizer ran with (`cost_setting`). Steps and time to target, test accuracy, diverged and
     chaotic as in `best`."""
