@@ -148,12 +148,30 @@ def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
     assert not result_files(repo_copy), "a job ran before the config was checked"
 
 
+def test_a_tuned_optimizer_without_dampings_stops_before_any_job(tmp_path):
+    """networks.dampings per optimizer, edited in config.yaml itself (an overlay cannot take a key
+    out): an optimizer that is tuned and takes a damping but has no list is named before any job."""
+    import yaml
+
+    root = copy_repository(tmp_path / "natgrad-bench")
+    config = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    del config["networks"]["dampings"]["kfac"]
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(root, "--cores", "1", timeout=60)
+    assert done.returncode != 0
+    assert "config networks.dampings has no list for kfac" in done.stdout + done.stderr, done.stderr[-2000:]
+    assert not result_files(root), "a job ran before the config was checked"
+
+
 SCHEMA_FIELDS = {  # overlay, the field the schema's error must point at (as jsonschema writes its path)
     "a device that is none": ("devices: [gpu]\n", "['devices']"),
     "a misspelled nested key": ("networks:\n  eval_evry: 10\n", "['networks']"),  # nested objects are closed too
     "numpy on networks": ("networks:\n  frameworks: [numpy]\n", "['networks']['frameworks'][0]"),
     "no tuning seed": ("networks:\n  tuning_seeds: []\n", "['networks']['tuning_seeds']"),
     "a negative damping": ("networks:\n  dampings: [0.1, -0.01]\n", "['networks']['dampings'][1]"),
+    "a negative damping of one optimizer": ("networks:\n  dampings: {ef: [0.1, -0.01]}\n",
+                                            "['networks']['dampings']['ef'][1]"),
+    "a damping grid for sgd": ("networks:\n  dampings: {sgd: [0.1]}\n", "['networks']['dampings']"),
     "grids of no step": ("convex:\n  steps: 0\n", "['convex']['steps']"),
     "a median of fewer than 3 samples": ("timing:\n  repeats: 2\n", "['timing']['repeats']"),
     "one width: no slope": ("timing:\n  scaling: {widths: [64]}\n", "['timing']['scaling']['widths']"),

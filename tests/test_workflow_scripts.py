@@ -483,7 +483,7 @@ def configured(name):
     from snakemake.utils import update_config
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    update_config(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    update_config(config, yaml.safe_load(OVERLAYS.get(name) or (REPO / "config" / name).read_text()))
     return config
 
 
@@ -578,21 +578,25 @@ def canonical(settings):
     return sorted(json.dumps(setting, sort_keys=True) for setting in settings)
 
 
-@pytest.mark.parametrize("name", DAG_CONFIGS)
+@pytest.mark.parametrize("name", [*DAG_CONFIGS, "no-ef.yaml"])  # no-ef: config.yaml's dampings per optimizer
 def test_tune_jobs_run_the_whole_tuning_grid_with_the_fixed_hyperparameters(dags, name):
     """A tune job's params.runs (common.smk tuning_runs): every lr of its optimizer, times every
-    damping for an optimizer that has one, each with the optimizer's fixed hyperparameters of
-    networks.hyperparameters (sgd's momentum 0.9 lost would tune plain sgd)."""
+    damping of its own (networks.dampings per optimizer) or of the one list, for an optimizer that
+    has one, each with the optimizer's fixed hyperparameters of networks.hyperparameters (sgd's
+    momentum 0.9 lost would tune plain sgd)."""
     from natgrad_impls.runner import accepted
 
     n, dag = configured(name)["networks"], dags[name]
-    assert len(n["dampings"]) > 1 or name == "smoke.yaml"  # gpu.yaml: a damping grid to lose
+    per_optimizer = isinstance(n["dampings"], dict)  # or one list for every optimizer that takes a damping
+    grids = n["dampings"].values() if per_optimizer else [n["dampings"]]
+    assert all(len(grid) > 1 for grid in grids) or name == "smoke.yaml"  # gpu.yaml: a damping grid to lose
     tuned = set()
     for job in jobs_of(dag, "tune"):
         optimizer = job["wildcards"]["optimizer"]
         tuned.add(optimizer)
         fixed = n.get("hyperparameters", {}).get(optimizer, {})
-        dampings = n["dampings"] if "damping" in accepted(optimizer) else [None]
+        dampings = [None] if "damping" not in accepted(optimizer) else \
+            n["dampings"][optimizer] if per_optimizer else n["dampings"]
         expected = [{**fixed, "lr": lr, **({} if d is None else {"damping": d})} for lr in n["lrs"][optimizer]
                     for d in dampings]
         runs = job["params"]["runs"]

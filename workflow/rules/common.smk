@@ -121,12 +121,32 @@ def fixed_hyperparameters(section, optimizer):
 # -- the network tuning grid: lr (and damping for ef, ngd, kfac) per optimizer ----------------------
 def tuning_runs(optimizer):
     """The settings of `optimizer`'s tuning grid, with its fixed hyperparameters, as dicts."""
-    n = config["networks"]
     fixed = fixed_hyperparameters("networks", optimizer)
-    lrs = n["lrs"].get(optimizer, [])
-    if optimizer in ("sgd", "adam"):
+    lrs = config["networks"]["lrs"].get(optimizer, [])
+    if not takes_damping(optimizer):
         return [{**fixed, "lr": lr} for lr in lrs]
-    return [{**fixed, "lr": lr, "damping": damping} for lr in lrs for damping in n["dampings"]]
+    return [{**fixed, "lr": lr, "damping": damping} for lr in lrs for damping in tuning_dampings(optimizer)]
+
+
+def takes_damping(optimizer):
+    from natgrad_impls.runner import accepted
+
+    return "damping" in accepted(optimizer)
+
+
+def tuning_dampings(optimizer):
+    """networks.dampings for `optimizer`: one list for every optimizer that takes a damping, or one
+    list per optimizer (EF's best damping lies far from K-FAC's); None where the mapping has none."""
+    dampings = config["networks"]["dampings"]
+    return dampings.get(optimizer) if isinstance(dampings, dict) else dampings
+
+
+def check_tuning_dampings():
+    """Every tuned optimizer that takes a damping has a damping grid (a mapping may leave one out)."""
+    missing = [o for o in network_optimizers() if takes_damping(o) and not tuning_dampings(o)]
+    if missing:
+        raise ValueError(f"config networks.dampings has no list for {', '.join(missing)}: give each optimizer that "
+                         "takes a damping its list, or one list for all of them")
 
 
 def check_rerun_seeds_are_fresh():
@@ -186,13 +206,14 @@ def check_grid_bounds():
             raise ValueError(f"config convex.{error}") from None
 
 
+def network_optimizers():
+    return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
+
+
 check_fixed_hyperparameters()
 check_grid_bounds()
 check_grid_hyperparameters_agree()
-
-
-def network_optimizers():
-    return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
+check_tuning_dampings()
 
 
 def network_runs(stage="train"):
