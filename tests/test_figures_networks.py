@@ -190,6 +190,23 @@ def test_training_says_where_columns_were_tuned_to_different_settings():
     assert not any(n.startswith("digits-mlp, SGD: tuned") for n in notes)
 
 
+def test_training_names_the_fisher_each_curvature_optimizer_ran_with():
+    """NGD's legend name is the true Fisher's; a note says where the runs sampled it instead (and
+    how many labels), for NGD and K-FAC together when they share it; no note without a Fisher."""
+    frame = runs(optimizers=("sgd", "ngd", "kfac", "ef"))
+    curvature = frame.optimizer.isin(["ngd", "kfac"])
+    frame["fisher"], frame["samples"] = np.where(curvature, "mc", None), np.where(curvature, 1.0, np.nan)
+    notes = networks.training(frame).notes
+    assert "NGD, K-FAC: the Monte-Carlo Fisher, 1 sampled label per example (not the expectation over labels)." \
+        in notes
+    frame.loc[frame.optimizer == "ngd", ["fisher", "samples"]] = ["exact", 1.0]
+    frame.loc[frame.optimizer == "kfac", "samples"] = 4.0
+    notes = networks.training(frame).notes
+    assert "NGD: the exact Fisher." in notes
+    assert "K-FAC: the Monte-Carlo Fisher, 4 sampled labels per example (not the expectation over labels)." in notes
+    assert not any("Fisher" in n for n in networks.training(runs(optimizers=("sgd", "ngd"))).notes)
+
+
 def test_training_notes_diverged_seeds():
     frame = runs(optimizers=("sgd",))
     frame.loc[frame.seed == 1, "diverged"] = True

@@ -128,7 +128,7 @@ def _prepare(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
         return frame.iloc[:0], []
     frame, notes = _one_setting(frame.astype({name: str for name in KEYS}))  # chosen on every row, as the table does
     frame = frame[np.isfinite(frame[value].astype(float))].copy()
-    return frame, notes + _setting_differences(frame) + _diverged_notes(frame)
+    return frame, notes + _fisher_notes(frame) + _setting_differences(frame) + _diverged_notes(frame)
 
 
 def _label(frame) -> pd.Series:
@@ -147,6 +147,26 @@ def _diverged_notes(frame) -> list[str]:
         if flags.any():
             label = _label(pd.DataFrame([dict(zip(KEYS, key))])).iloc[0]
             notes.append(f"{label}: {int(flags.sum())} of {len(flags)} seeds diverged (drawn up to their divergence).")
+    return notes
+
+
+def _fisher_notes(frame) -> list[str]:
+    """'NGD, K-FAC: the Monte-Carlo Fisher, 1 sampled label per example (not the expectation over
+    labels).' per Fisher drawn, so that a reader does not take a sampled Fisher for the exact one
+    that the legend's name suggests; 'NGD: the exact Fisher.' otherwise."""
+    if "fisher" not in frame.columns:
+        return []
+    drawn = frame[frame["fisher"].notna()]
+    samples = drawn["samples"].where(drawn["fisher"] == "mc") if "samples" in drawn else np.nan  # exact: none
+    kinds = drawn.assign(samples=samples).groupby(["fisher", "samples"], dropna=False, observed=True)
+    notes = []
+    for (fisher, samples), rows in kinds:
+        names = ", ".join(style.LABELS.get(o, o) for o in style.present(rows["optimizer"].unique())[0])
+        if fisher == "mc":
+            count = "" if pd.isna(samples) else f", {int(samples)} sampled label{'s' * (int(samples) != 1)} per example"
+            notes.append(f"{names}: the Monte-Carlo Fisher{count} (not the expectation over labels).")
+        else:
+            notes.append(f"{names}: the {fisher} Fisher.")
     return notes
 
 
