@@ -764,7 +764,9 @@ def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():
     per_step = {"sgd": 1.1, "sgd-momentum": 1.5, "ngd-exact": 60.0, "ngd-mc": 6.5, "kfac": 4.8}
     cost = pd.DataFrame([{"task": "digits-mlp", "framework": f, "device": "cpu", "setting": s,
                           "gradient_equivalents": g} for f in ("torch", "jax") for s, g in per_step.items()])
-    table = tables.summary(best, cost).set_index(["task", "framework", "optimizer"])["gradient_equivalents"]
+    summary = tables.summary(best, cost).set_index(["task", "framework", "optimizer"])
+    assert summary.loc[("digits-mlp", "jax", "ngd"), "fisher"] == "exact"  # which NGD the row is
+    table = summary["gradient_equivalents"]
     assert table[("digits-mlp", "torch", "sgd")] == 1.5 and table[("digits-mlp", "jax", "sgd")] == 1.1
     assert table[("digits-mlp", "torch", "ngd")] == 6.5 and table[("digits-mlp", "jax", "ngd")] == 60.0
     assert table[("digits-mlp", "torch", "kfac")] == 4.8
