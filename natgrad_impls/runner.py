@@ -731,9 +731,9 @@ def _run_line(frame, hyperparameters, seed, how="") -> str:
     (a mini-batch loss can sit far from it: 2e-4 against 0.015 on digits-mlp)."""
     last = frame.iloc[-1]
     train = last.get("train_loss", math.nan)
-    log = f"{hyperparameters} seed {seed}: {'diverged' if last['diverged'] else 'final'} loss {last['loss']:.6g}"
-    log += f" (full-train {train:.6g})" if not math.isnan(train) else ""
-    return log + f" at step {int(last['step'])}, {last['time_s']:.3g} s of steps{', ' + how if how else ''}"
+    line = f"{hyperparameters} seed {seed}: {'diverged' if last['diverged'] else 'final'} loss {last['loss']:.6g}"
+    line += f" (full-train {train:.6g})" if not math.isnan(train) else ""
+    return line + f" at step {int(last['step'])}, {last['time_s']:.3g} s of steps{', ' + how if how else ''}"
 
 
 @functools.cache

@@ -339,9 +339,9 @@ def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 # -- at a glance ----------------------------------------------------------------------------------------
 
-SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "fisher", "samples", "rank", "final_loss", "loss_over_best",
-           "final_loss_min", "final_loss_max", "steps_to_target", "time_to_target_s", "final_test_accuracy",
-           "gradient_equivalents", "diverged", "chaotic"]
+SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "fisher", "samples", "rank", "final_loss",
+           "loss_over_best", "final_loss_min", "final_loss_max", "steps_to_target", "time_to_target_s",
+           "final_test_accuracy", "gradient_equivalents", "diverged", "chaotic"]
 TIE_DIGITS = 9  # final losses equal to 1e-9 relative share a rank: float64 frameworks agree to ~1e-12
 
 
