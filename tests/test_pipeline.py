@@ -163,6 +163,48 @@ def test_a_tuned_optimizer_without_dampings_stops_before_any_job(tmp_path):
     assert not result_files(root), "a job ran before the config was checked"
 
 
+def test_a_download_that_fails_once_is_retried(tmp_path):
+    """The data rule's `retries`: a mirror that answers 503 to the first request (a network hiccup)
+    costs one retry, not the run. a1a is the one unpinned file, so a small file the test writes may
+    stand in for it (NATGRAD_ALLOW_UNPINNED=1)."""
+    import http.server
+
+    served = tmp_path / "mirror"
+    (served / "libsvm").mkdir(parents=True)
+    (served / "libsvm" / "a1a").write_text("".join(f"{(-1) ** i:+d} 3:1 {5 + i}:1 123:1\n" for i in range(12)))
+    requests = []
+
+    class FailsFirst(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            if len(requests) == 1:
+                self.send_error(503, "busy")
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailsFirst)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = copy_repository(tmp_path / "natgrad-bench")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NATGRAD_DATA": str(tmp_path / "cache"),
+           "NATGRAD_DATA_MIRROR": f"http://127.0.0.1:{server.server_port}", "NATGRAD_ALLOW_UNPINNED": "1"}
+    try:
+        done = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "--workflow-profile", "none",
+                               "results/data/a1a.csv"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert requests == ["/libsvm/a1a", "/libsvm/a1a"]  # refused, then served
+    assert "HTTP Error 503" in done.stderr and "Trying to restart job" in done.stderr  # the first attempt's failure
+    loaded = pd.read_csv(root / "results/data/a1a.csv")
+    assert loaded["examples"].sum() == 12
+
+
 SCHEMA_FIELDS = {  # overlay, the field the schema's error must point at (as jsonschema writes its path)
     "a device that is none": ("devices: [gpu]\n", "['devices']"),
     "a misspelled nested key": ("networks:\n  eval_evry: 10\n", "['networks']"),  # nested objects are closed too
