@@ -18,8 +18,10 @@ import os
 import tempfile
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # imported where a table is read: pandas costs every `natgrad` command 0.5 s, --help included
+    import pandas as pd
 
 FORMATS = (".csv", ".parquet")
 
@@ -103,6 +105,8 @@ def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = Fals
 
 
 def read(path) -> pd.DataFrame:
+    import pandas as pd
+
     path = check_path(path, "path")
     return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
 

@@ -43,15 +43,17 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls import make_optimizer, models, results, timing
 from natgrad_impls.names import DType, Device, Fisher, Framework, Optimizer, parse
 from natgrad_impls.tasks import Task, get_task
+
+if TYPE_CHECKING:  # imported where a table is made (`results`: the command line starts without it)
+    import pandas as pd
 
 DIVERGENCE_FACTOR = 100.0
 DEFAULT_EVAL_EVERY = 200
@@ -593,6 +595,8 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     loop_s = time.perf_counter() - loop_start
     bar.close()
 
+    import pandas as pd
+
     frame = pd.DataFrame({
         "task": task.name, "optimizer": spec.optimizer.value, "framework": spec.framework.value,
         "device": spec.device.value, "dtype": spec.dtype.value, "seed": seed,
@@ -707,6 +711,8 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     first run; a run is kept under a name made from everything that determines it (this code and
     the machine included: a fix, or another node, never reuses a run), and the caller removes the
     folder once the table is written. `log`: one line per run."""
+    import pandas as pd
+
     frames = []
     machine = None if checkpoints is None else timing.device_name(device, framework)  # kept runs keep their time_s
     for hyperparameters in settings:

@@ -265,6 +265,17 @@ def test_bad_input_through_the_console_script(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy",
+                                              "--lr", "-1", "--out", "x.csv"]])
+def test_help_and_bad_input_answer_before_the_heavy_imports(argv):
+    """pandas (0.5 s), torch and jax are imported where a run needs them, so that --help and a
+    refused command answer at once."""
+    probe = (f"import sys\nfrom natgrad_impls import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('pandas', 'torch', 'jax') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stderr.splitlines()[-1] == "[]", done.stderr
+
+
 def test_run_reads_hyperparameters_from_json_and_options_win(tmp_path, capsys):
     settings = tmp_path / "best.json"
     settings.write_text('{"lr": 0.5, "damping": 0.01, "fisher": "mc"}')
