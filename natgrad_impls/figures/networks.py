@@ -7,7 +7,7 @@ time_s, loss, and where drawn cos_ef_ngd or test_accuracy (rows where they are m
 Layout (the same for every figure here): one row of panels per task (two for `training`: against
 step, then against wall-clock seconds), one column per framework and device (PyTorch CPU, JAX CPU,
 PyTorch GPU, JAX GPU: those present). Panels of a row share their axes, so that a glance along the
-time row compares frameworks and devices on the same clock. In a panel: the median over seeds as a
+time row compares frameworks and devices on the same clock, logarithmic (`LOG_X`). In a panel: the median over seeds as a
 line, the min..max over seeds as a band, one colour and line style per optimizer (`style`).
 
 A (task, optimizer, framework, device) with runs of more than one hyperparameter setting is drawn
@@ -27,6 +27,11 @@ KEYS = ["task", "optimizer", "framework", "device"]
 PANEL_WIDTH = 1.65  # inches per column: four columns at full width
 PANEL_HEIGHT = 1.35
 BAND_ALPHA = 0.18
+# x axes drawn on a log scale: one step's cost spans decades between optimizers (on a CPU, exact
+# NGD's step costs about 20 gradients, SGD's one), so on a linear clock the fast runs would be a
+# sliver at its left; time 0 (the start) has no place on it and is not drawn
+LOG_X = {"time_s"}
+LOG_X_NOTE = "Time axes logarithmic (step costs span decades between optimizers); the start, at time 0, is not drawn."
 # Where a full evaluation was measured: small and edgeless, so that 20 or so per line leave the
 # line style readable.
 EVALUATION_MARKER = {"marker": "o", "markersize": 2.0, "markeredgewidth": 0}
@@ -247,6 +252,10 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                     shown |= _draw_cell(ax, cell, value, x, there, markers)
                     if log:
                         ax.set_yscale("log")
+                    if x in LOG_X:
+                        ax.set_xscale("log")
+                        if LOG_X_NOTE not in notes:
+                            notes.append(LOG_X_NOTE)
                     ax.set_xlabel(xlabel)
                     if c == 0:
                         ax.set_ylabel(ylabel)
@@ -259,6 +268,8 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
 def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
     """Median line and min..max band per optimizer; returns the optimizers drawn."""
     summary = summarise(cell, value, x)
+    if x in LOG_X:
+        summary = summary[summary["x"] > 0]
     drawn = set()
     for optimizer in optimizers:
         line = summary[summary["optimizer"] == optimizer]
