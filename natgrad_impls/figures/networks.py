@@ -7,8 +7,9 @@ time_s, loss, and where drawn cos_ef_ngd or test_accuracy (rows where they are m
 Layout (the same for every figure here): one row of panels per task (two for `training`: against
 step, then against wall-clock seconds), one column per framework and device (PyTorch CPU, JAX CPU,
 PyTorch GPU, JAX GPU: those present). Panels of a row share their axes, so that a glance along the
-time row compares frameworks and devices on the same clock, logarithmic (`LOG_X`). In a panel: the median over seeds as a
-line, the min..max over seeds as a band, one colour and line style per optimizer (`style`).
+time row compares frameworks and devices on the same clock, a logarithmic one (`LOG_X`). In a panel:
+the median over seeds as a line, the min..max over seeds as a band, one colour and line style per
+optimizer (`style`).
 
 A (task, optimizer, framework, device) with runs of more than one hyperparameter setting is drawn
 with the one the best-hyperparameters table lists (`tables.in_best_setting`: lowest median final
