@@ -323,7 +323,7 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode != 0, "the pipeline finished before the kill"
+    assert first.returncode != 0, "the pipeline finished before the kill:\n" + "".join(log)[-6000:]
 
     survivors = {path: path.stat().st_mtime_ns for path in result_files(root)}
     assert survivors and not (root / "results" / "report.html").exists()
