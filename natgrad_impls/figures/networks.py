@@ -250,13 +250,14 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         if k == 0:
                             notes.append(f"{task}: no {style.combo_label(combo)} runs.")
                         continue
-                    shown |= _draw_cell(ax, cell, value, x, there, markers)
-                    if log:
-                        ax.set_yscale("log")
                     if x in LOG_X:
+                        cell = cell[cell[x] > 0]
                         ax.set_xscale("log")
                         if LOG_X_NOTE not in notes:
                             notes.append(LOG_X_NOTE)
+                    shown |= _draw_cell(ax, cell, value, x, there, markers)
+                    if log:
+                        ax.set_yscale("log")
                     ax.set_xlabel(xlabel)
                     if c == 0:
                         ax.set_ylabel(ylabel)
@@ -269,8 +270,6 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
 def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
     """Median line and min..max band per optimizer; returns the optimizers drawn."""
     summary = summarise(cell, value, x)
-    if x in LOG_X:
-        summary = summary[summary["x"] > 0]
     drawn = set()
     for optimizer in optimizers:
         line = summary[summary["optimizer"] == optimizer]
