@@ -552,6 +552,10 @@ def test_starting_point_draws_every_start(small_grid):
     run = table[(table["problem"] == "quadratic") & (table["start"] == 4.0)].set_index(["optimizer", "step"])["excess"]
     np.testing.assert_allclose(run["ngd"].to_numpy(), 8.0 * 0.25 ** np.arange(11), rtol=1e-4)
     assert run["ef"].iloc[-1] > 2.0
+    # the caption: from theta0 = 1/2 the EF lands within the damping of theta* (theta1 = 1e-6 to
+    # first order), where its step 2 theta flips theta's sign without shrinking it
+    near = table[(table["problem"] == "quadratic") & (table["start"] == 0.5) & (table["optimizer"] == "ef")]
+    np.testing.assert_allclose(near["excess"].to_numpy()[1:], toys.QUADRATIC_DAMPING ** 2 / 2, rtol=1e-3)
 
 
 def test_starting_points_lie_on_the_segment_and_darker_is_closer():

@@ -196,8 +196,8 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
     """Step time against width (at `batch_size`, default the largest in the table) and against batch
     size (at `width`, default the largest), log-log, one row of two panels per framework and device;
     each line's fitted log-log slope is in its legend entry, and the mini-batch gradient is drawn
-    in grey for reference. The largest sizes are the defaults because fixed per-call overheads
-    flatten the small ones."""
+    for reference (a thin near-black line with crosses). The largest sizes are the defaults because
+    fixed per-call overheads flatten the small ones."""
     table = _with_setting(table)
     notes = _missing_settings(table)
     if table.empty:

@@ -2,7 +2,8 @@
 
 Input: runner frames (`runner.run`, DESIGN 7) of tuned runs, concatenated: several seeds per task,
 optimizer, framework and device. Columns read: task, optimizer, framework, device, seed, step,
-time_s, loss, and where drawn cos_ef_ngd or test_accuracy (rows where they are measured).
+time_s, diverged, the hyperparameter columns (fisher and samples among them), and what is drawn:
+train_loss (the default), test_loss, loss, cos_ef_ngd or test_accuracy (rows where measured).
 
 Layout (the same for every figure here): one row of panels per task (two for `training`: against
 step, then against wall-clock seconds), one column per framework and device (PyTorch CPU, JAX CPU,
