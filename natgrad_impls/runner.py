@@ -17,7 +17,9 @@ parameters theta_k after k updates:
   `eval_every` steps and at the last step, on tasks trained with mini-batches or with a test split
   (the networks); empty on the other rows. Accuracy where the task has classes.
 - cos_ef_ngd (optional): cosine between (EF + damping I)^-1 g and (F + damping I)^-1 g at theta_k
-  on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping.
+  on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping;
+  with it, cos_ngd_grad: cosine between (F + damping I)^-1 g and g. Near 1, the damping outweighs
+  the Fisher along g: the NGD step is a gradient step, and so is the EF's where cos_ef_ngd is 1 too.
 - diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
   after a step whose solve failed: a singular matrix gives NaN parameters in every framework);
   the same value on every row of the run. A diverged run's last row is the step that diverged;
@@ -281,7 +283,7 @@ class _NumpyIO:
         eye = np.eye(len(g))
         d_ef = reference.solve(nn.empirical_fisher(self.problem, params, batch) + damping * eye, g)
         d_ngd = reference.solve(nn.fisher(self.problem, params, batch) + damping * eye, g)
-        return float(d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd)))
+        return float(_cosine(d_ef, d_ngd, np.linalg.norm)), float(_cosine(d_ngd, g, np.linalg.norm))
 
 
 class _TorchIO:
@@ -346,7 +348,8 @@ class _TorchIO:
         v = C.from_layers(model, grad)
         a = C.flatten(model, ef.multiply_inverse(v, damping))
         b = C.flatten(model, fisher.multiply_inverse(v, damping))
-        return float(a @ b / (self.torch.linalg.vector_norm(a) * self.torch.linalg.vector_norm(b)))
+        norm = self.torch.linalg.vector_norm
+        return float(_cosine(a, b, norm)), float(_cosine(b, C.flatten(model, v), norm))
 
 
 class _JaxIO:
@@ -446,11 +449,16 @@ class _JaxIO:
                 v = C.from_layers(model, grad)
                 a = C.flatten(model, ef.multiply_inverse(v, lam))
                 c = C.flatten(model, fisher.multiply_inverse(v, lam))
-                return a @ c / (jnp.linalg.norm(a) * jnp.linalg.norm(c))
+                return _cosine(a, c, jnp.linalg.norm), _cosine(c, C.flatten(model, v), jnp.linalg.norm)
 
             # damping is static: multiply_inverse branches on it (dense solve when it is 0)
             self._cosine = self.jax.jit(cosine, static_argnums=2)
-        return float(self._cosine(params, batch, float(damping)))
+        return tuple(float(c) for c in self._cosine(params, batch, float(damping)))
+
+
+def _cosine(a, b, norm):
+    """cos(a, b) of two flat vectors, in the framework of `norm` (its vector 2-norm)."""
+    return a @ b / (norm(a) * norm(b))
 
 
 def _correct(f, y, classes, xp=None):
@@ -572,7 +580,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
             if evaluating:
                 record.evaluation(k, io, params, batches.data, test, task.classes)
             if cos_ef_ngd:
-                record.cosines[k] = io.cosine(params, batch, cos_damping)
+                record.cosines[k] = io.cosine(params, batch, cos_damping)  # cos_ef_ngd, cos_ngd_grad
             record.eval_s += time.perf_counter() - eval_start
         start = time.perf_counter()
         new_params, new_state, info = opt.step(params, state, batch)
@@ -632,6 +640,9 @@ def _check_cos_damping(spec: Spec, cos_damping):
     return cos_damping
 
 
+COSINES = ("cos_ef_ngd", "cos_ngd_grad")  # what io.cosine returns, in its order
+
+
 class _Record:
     """What the loop records, one entry per row (NaN where nothing was recorded), and the seconds of
     the timed steps (step_s) and of the evaluations (eval_s)."""
@@ -640,7 +651,7 @@ class _Record:
 
     def __init__(self, rows: int, cos_ef_ngd: bool):
         self.loss, self.grad_norm, self.time_s = np.full(rows, np.nan), np.full(rows, np.nan), np.zeros(rows)
-        self.cosines = np.full(rows, np.nan) if cos_ef_ngd else None
+        self.cosines = np.full((rows, len(COSINES)), np.nan) if cos_ef_ngd else None
         self.evaluations = {name: np.full(rows, np.nan) for name in self.EVALUATIONS}
         self.step_s = self.eval_s = 0.0
 
@@ -660,7 +671,7 @@ class _Record:
                 if (has_classes or not name.endswith("accuracy")) and (has_test or not name.startswith("test")):
                     columns[name] = values[:n]
         if self.cosines is not None:
-            columns["cos_ef_ngd"] = self.cosines[:n]
+            columns.update(zip(COSINES, self.cosines[:n].T))
         return columns
 
 
@@ -691,7 +702,7 @@ def _fetch(io, pending, loss, grad_norm, initial):
 
 LEADING = ("task", "optimizer", "framework", "device", "dtype", "seed", "lr", "damping", "step", "loss", "time_s",
            "diverged", "grad_norm", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "cos_ef_ngd",
-           "variant", "logit_clip")
+           "cos_ngd_grad", "variant", "logit_clip")
 
 
 def ordered_columns(columns) -> list[str]:

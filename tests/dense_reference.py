@@ -90,14 +90,16 @@ def fisher(problem, params, x, y) -> np.ndarray:
     return (F + problem.l2 * torch.eye(F.shape[0], dtype=F.dtype)).numpy()
 
 
-def cos_ef_ngd(problem, params, x, y, damping: float) -> float:
-    """The cosine between (EF + damping I)^-1 g and (F + damping I)^-1 g, F with the prior's l2 I (as
-    `fisher`) and the EF without (DESIGN 6): what a run's cos_ef_ngd column holds."""
+def cosines(problem, params, x, y, damping: float) -> dict[str, float]:
+    """What a run's cos_ef_ngd and cos_ngd_grad columns hold: the cosine between (EF + damping I)^-1 g
+    and (F + damping I)^-1 g, and between the latter and g; F with the prior's l2 I (as `fisher`),
+    the EF without (DESIGN 6)."""
     g = loss_gradient(problem, params, x, y)
     eye = np.eye(len(g))
     d_ef = np.linalg.solve(empirical_fisher(problem, params, x, y) + damping * eye, g)
     d_ngd = np.linalg.solve(fisher(problem, params, x, y) + damping * eye, g)
-    return float(d_ef @ d_ngd / (np.linalg.norm(d_ef) * np.linalg.norm(d_ngd)))
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return {"cos_ef_ngd": cos(d_ef, d_ngd), "cos_ngd_grad": cos(d_ngd, g)}
 
 
 def layer_blocks(model: models.Model) -> dict[str, slice]:

@@ -231,6 +231,26 @@ def test_cosine_draws_the_measured_rows_only():
     assert any("No cos_ef_ngd" in n for n in empty.notes) and not _data_axes(empty)
 
 
+def test_cosine_draws_the_ngd_steps_cosine_with_the_gradient_beside_it():
+    """cos_ngd_grad, where the table has it, is each optimizer's dotted gauge in its colour: the median
+    over seeds on the rows measured, with one legend entry; a table without it (an older run) draws
+    the cosine alone."""
+    frame = runs(optimizers=("sgd", "ef"))
+    measured = frame["cos_ef_ngd"].notna()
+    frame["cos_ngd_grad"] = np.where(measured, 0.2 + 0.01 * frame["step"] + 0.1 * frame["seed"], np.nan)
+    drawn = networks.cosine(frame)
+    for ax in _data_axes(drawn):
+        cosine, gauge = ax.get_lines()
+        assert cosine.get_label() == "EF" and gauge.get_gid() == "gauge" and gauge.get_linestyle() == ":"
+        assert _color(gauge) == pytest.approx(mcolors.to_rgb(style.COLORS["ef"]))
+        np.testing.assert_allclose(gauge.get_ydata(), 0.25 + 0.01 * np.arange(0, 101, 10))  # seeds 0, 1: +0.05
+    labels = [text.get_text() for text in drawn.figure.legends[0].get_texts()]
+    assert labels == ["EF", networks.GAUGE_LABEL]
+    alone = networks.cosine(frame.drop(columns="cos_ngd_grad"))
+    assert all(len(ax.get_lines()) == 1 for ax in _data_axes(alone))
+    assert [text.get_text() for text in alone.figure.legends[0].get_texts()] == ["EF"]
+
+
 def test_accuracy_against_time_with_markers():
     drawn = networks.accuracy(runs())
     ax = drawn.figure.axes[0]
@@ -263,9 +283,9 @@ def test_networks_figures_accept_a_real_run():
     frame = pd.concat([runner.run("digits-mlp", "ef", "torch", dtype="float32", steps=4, eval_every=2, seed=seed,
                                   hyperparameters={"lr": 0.01, "damping": 1e-2}, cos_ef_ngd=True, progress=False)
                        for seed in (0, 1)])
-    for figure in (networks.training, networks.cosine, networks.accuracy):
+    for figure, lines in ((networks.training, 1), (networks.cosine, 2), (networks.accuracy, 1)):  # cosine: + gauge
         drawn = figure(frame)
-        assert len(_data_axes(drawn)) >= 1 and len(_data_axes(drawn)[0].get_lines()) == 1
+        assert len(_data_axes(drawn)) >= 1 and len(_data_axes(drawn)[0].get_lines()) == lines
     table = tables.best_hyperparameters(frame)
     assert table.loc[0, "optimizer"] == "ef" and table.loc[0, "seeds"] == 2 and table.loc[0, "objective"] == "train_loss"
 

@@ -142,10 +142,12 @@ def test_convex_tasks_start_from_zero_and_agree_across_frameworks():
 
 def test_cos_ef_ngd_is_measured_and_agrees_across_frameworks():
     kwargs = dict(hyperparameters={"lr": 0.1, "damping": 1e-3}, steps=3, cos_ef_ngd=True, progress=False)
-    cosines = [runner.run("breastcancer", "ef", fw, **kwargs)["cos_ef_ngd"].to_numpy() for fw in ("numpy", "torch", "jax")]
-    assert np.all(np.abs(cosines[0]) <= 1 + 1e-12)
-    for other in cosines[1:]:
-        np.testing.assert_allclose(other, cosines[0], rtol=1e-8)
+    runs = [runner.run("breastcancer", "ef", fw, **kwargs) for fw in ("numpy", "torch", "jax")]
+    for column in runner.COSINES:
+        cosines = [run[column].to_numpy() for run in runs]
+        assert np.all(np.abs(cosines[0]) <= 1 + 1e-12) and np.isfinite(cosines[0]).all(), column
+        for other in cosines[1:]:
+            np.testing.assert_allclose(other, cosines[0], rtol=1e-8, err_msg=column)
     with pytest.raises(ValueError, match="cos_damping"):
         runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 0.1}, steps=1, cos_ef_ngd=True, progress=False)
 
@@ -466,8 +468,9 @@ def test_cos_ef_ngd_shifts_the_fisher_by_l2_and_not_the_ef(task, variant, framew
     theta = models.init_params(t.problem.model, seed, "glorot")  # not 0: g includes the l2 term
     frame = runner.run(t, "ef", framework, hyperparameters={"lr": 0.1, "damping": damping}, steps=0, seed=seed,
                        init="glorot", cos_ef_ngd=True, progress=False)
-    expected = ref.cos_ef_ngd(t.problem, theta, x, y, damping)  # (ref.fisher includes l2 I)
-    assert frame["cos_ef_ngd"].iloc[0] == pytest.approx(expected, rel=1e-8, abs=0)
+    expected = ref.cosines(t.problem, theta, x, y, damping)  # (ref.fisher includes l2 I)
+    for column, value in expected.items():
+        assert frame[column].iloc[0] == pytest.approx(value, rel=1e-8, abs=0), column
 
 
 def _numpy(params):
@@ -673,8 +676,31 @@ def test_cos_ef_ngd_is_on_the_steps_batch_with_cos_damping(framework):
     x, y = task.load(seed).train
     theta = models.init_params(task.problem.model, seed, "glorot")
     for k, rows in enumerate(_batch_rows(len(x), 100, seed, 4)):
-        expected = ref.cos_ef_ngd(task.problem, theta, x[rows], y[rows], damping)
-        assert frame["cos_ef_ngd"].iloc[k] == pytest.approx(expected, rel=1e-8, abs=0), k
+        for column, value in ref.cosines(task.problem, theta, x[rows], y[rows], damping).items():
+            assert frame[column].iloc[k] == pytest.approx(value, rel=1e-8, abs=0), (column, k)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_network_cosines_match_the_dense_reference(framework):
+    """On an MLP the cosines come from the Woodbury solves and each layer's flattened gradient: both
+    columns against dense EF and Fisher matrices, on the first batch at the Glorot start (lr 0). At a
+    small damping the NGD step is far from the gradient (cos_ngd_grad well below 1); at a damping that
+    swamps both curvatures, both steps are gradient steps and both cosines are 1."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    rng = np.random.default_rng(0)
+    data = Dataset(Split(rng.normal(size=(40, 5)), rng.integers(0, 3, size=40)), None)
+    problem = models.Problem(models.mlp((5, 6, 3), "tanh"), "categorical")
+    task = Task("mlp-cosines", problem, True, "test", 40, 10, 10, lambda seed: data)
+    theta = models.init_params(problem.model, 1, "glorot")
+    rows = _batch_rows(40, 10, 1, 1)[0]
+    for damping, low in ((1e-3, True), (1e6, False)):
+        frame = runner.run(task, "ef", framework, hyperparameters={"lr": 0.0, "damping": 1e-3}, steps=0, seed=1,
+                           cos_ef_ngd=True, cos_damping=damping, progress=False)
+        expected = ref.cosines(problem, theta, data.train.X[rows], data.train.y[rows], damping)
+        for column, value in expected.items():
+            assert frame[column].iloc[0] == pytest.approx(value, rel=1e-8, abs=0), (column, damping)
+        assert (expected["cos_ngd_grad"] < 0.9) == low and (expected["cos_ef_ngd"] > 1 - 1e-9) != low, expected
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])

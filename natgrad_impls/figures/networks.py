@@ -37,6 +37,10 @@ LOG_X_NOTE = "Time axes logarithmic (step costs span decades between optimizers)
 # Where a full evaluation was measured: small and edgeless, so that 20 or so per line leave the
 # line style readable.
 EVALUATION_MARKER = {"marker": "o", "markersize": 2.0, "markeredgewidth": 0}
+# The cosine figure's second quantity, cos(NGD step, gradient) along the same runs: thin and dotted in
+# the run's colour, so that it reads as a gauge beside the cosine it qualifies.
+GAUGE = {"linestyle": ":", "linewidth": 1.0}
+GAUGE_LABEL = "cos(NGD, gradient)"
 
 
 # -- public figures -----------------------------------------------------------------------------------
@@ -62,6 +66,9 @@ def training(frame: pd.DataFrame, y: str = "train_loss", smooth: int | None = No
 def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
     """cos(EF direction, NGD direction) along training, on the rows where it was measured
     (`runner.run(..., cos_ef_ngd=True)`): how far the empirical Fisher points from the true one.
+    Beside it, dotted, cos(NGD direction, gradient) (cos_ngd_grad, where the table has it): where
+    that is 1 too, the damping outweighs the curvature and both steps are gradient steps, so a
+    cosine of 1 there says nothing of the EF against the Fisher.
     smooth: running mean over this many measurements (default: 1/50 of them when there are more
     than 100, since a cosine on each mini-batch is as noisy as its loss)."""
     frame, notes = _prepare(frame, "cos_ef_ngd")
@@ -69,9 +76,11 @@ def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
         return placeholder("No cos_ef_ngd values in the table: nothing to draw.", notes)
     along = [style.LABELS.get(o, o) for o in style.present(frame["optimizer"].unique())[0]]
     notes.append(f"Cosine measured along the runs of {', '.join(along)}.")
-    frame = _smooth(frame, "cos_ef_ngd", smooth, notes)
+    gauge = "cos_ngd_grad" if "cos_ngd_grad" in frame and frame["cos_ngd_grad"].notna().any() else None
+    for value in ["cos_ef_ngd"] + ([gauge] if gauge else []):
+        frame = _smooth(frame, value, smooth, notes)
     drawn = _grid(frame, "cos_ef_ngd", [("step", "step")], ylabel="cos(EF, NGD)", log=False, notes=notes,
-                  note_missing=False)
+                  note_missing=False, gauge=gauge)
     for ax in drawn.figure.axes:
         if ax.has_data():
             ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
@@ -87,8 +96,10 @@ def _smooth(frame, value, window, notes) -> pd.DataFrame:
         window = longest // 50 if longest > 100 else 1
     if window <= 1:
         return frame
-    name = {"loss": "Mini-batch loss", "cos_ef_ngd": "Cosine"}.get(value, value)
-    notes.append(f"{name} as a running mean over {window} measurements.")
+    name = {"loss": "Mini-batch loss", "cos_ef_ngd": "Cosines", "cos_ngd_grad": "Cosines"}.get(value, value)
+    note = f"{name} as a running mean over {window} measurements."
+    if note not in notes:
+        notes.append(note)
     smoothed = runs.transform(lambda v: v.rolling(window, min_periods=1).mean())
     return frame.assign(**{value: smoothed})
 
@@ -224,9 +235,10 @@ def summarise(frame: pd.DataFrame, value: str, x: str) -> pd.DataFrame:
 # -- drawing -----------------------------------------------------------------------------------------
 
 
-def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=True) -> Drawn:
+def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=True, gauge=None) -> Drawn:
     """Rows: task x kind of x axis; columns: framework/device. One y range per task, one x range per
-    row, so that panels side by side compare on the same scales."""
+    row, so that panels side by side compare on the same scales. gauge: a second column drawn per
+    optimizer as its median alone (GAUGE), with a legend entry of its own."""
     tasks = list(dict.fromkeys(frame["task"]))
     combos = style.combos(frame)
     nrows, ncols = len(tasks) * len(kinds), len(combos)
@@ -256,7 +268,7 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         ax.set_xscale("log")
                         if LOG_X_NOTE not in notes:
                             notes.append(LOG_X_NOTE)
-                    shown |= _draw_cell(ax, cell, value, x, there, markers)
+                    shown |= _draw_cell(ax, cell, value, x, there, markers, gauge)
                     if log:
                         ax.set_yscale("log")
                     ax.set_xlabel(xlabel)
@@ -264,13 +276,14 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         ax.set_ylabel(ylabel)
                 _same_limits(axes[r], "x")
             _same_limits(axes[t * len(kinds):(t + 1) * len(kinds)].ravel(), "y")
-        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers)
+        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers, gauge)
     return Drawn(fig, notes)
 
 
-def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
-    """Median line and min..max band per optimizer; returns the optimizers drawn."""
+def _draw_cell(ax, cell, value, x, optimizers, markers, gauge=None) -> set[str]:
+    """Median line and min..max band per optimizer (and the gauge's median); returns the optimizers drawn."""
     summary = summarise(cell, value, x)
+    gauges = summarise(cell[cell[gauge].notna()], gauge, x) if gauge else None
     drawn = set()
     for optimizer in optimizers:
         line = summary[summary["optimizer"] == optimizer]
@@ -283,6 +296,9 @@ def _draw_cell(ax, cell, value, x, optimizers, markers) -> set[str]:
         if cell.loc[cell["optimizer"] == optimizer, "seed"].nunique() > 1:
             ax.fill_between(line["x"], line["min"], line["max"], color=kwargs["color"], alpha=BAND_ALPHA,
                             linewidth=0, label="_band")
+        if gauges is not None:
+            mine = gauges[gauges["optimizer"] == optimizer]
+            ax.plot(mine["x"], mine["median"], color=kwargs["color"], label="_gauge", gid="gauge", **GAUGE)
         drawn.add(optimizer)
     return drawn
 
@@ -299,10 +315,12 @@ def _same_limits(axes, which: str) -> None:
         getattr(ax, set_)(low, high)
 
 
-def _legend(fig, optimizers, markers=False) -> None:
+def _legend(fig, optimizers, markers=False, gauge=None) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], **style.line_kwargs(o), **(EVALUATION_MARKER if markers else {})) for o in optimizers]
+    if gauge and handles:
+        handles.append(Line2D([], [], color="0.35", label=GAUGE_LABEL, **GAUGE))
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=3)
 
