@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int,
                      help=f"steps between full-train/test evaluations on networks (default {DEFAULT_EVAL_EVERY})")
     run.add_argument("--cos-ef-ngd", action="store_true",
-                     help="record the EF/NGD cosine at every step (run's damping), and the NGD step's with the gradient")
+                     help="record at every step the EF/NGD cosine (run's damping) and the NGD step's with the gradient")
     run.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
 
     grid = commands.add_parser("grid", help="a Kunstner lr x damping grid on a full-batch convex task, vectorised")

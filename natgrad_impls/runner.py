@@ -18,8 +18,9 @@ parameters theta_k after k updates:
   (the networks); empty on the other rows. Accuracy where the task has classes.
 - cos_ef_ngd (optional): cosine between (EF + damping I)^-1 g and (F + damping I)^-1 g at theta_k
   on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping;
-  with it, cos_ngd_grad: cosine between (F + damping I)^-1 g and g. Near 1, the damping outweighs
-  the Fisher along g: the NGD step is a gradient step, and so is the EF's where cos_ef_ngd is 1 too.
+  with it, cos_ngd_grad: cosine between (F + damping I)^-1 g and g. Near 1 (typically because the
+  damping outweighs the Fisher along g) the NGD step is a gradient step, and so is the EF's where
+  cos_ef_ngd is near 1 too.
 - diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
   after a step whose solve failed: a singular matrix gives NaN parameters in every framework);
   the same value on every row of the run. A diverged run's last row is the step that diverged;
@@ -283,7 +284,7 @@ class _NumpyIO:
         eye = np.eye(len(g))
         d_ef = reference.solve(nn.empirical_fisher(self.problem, params, batch) + damping * eye, g)
         d_ngd = reference.solve(nn.fisher(self.problem, params, batch) + damping * eye, g)
-        return float(_cosine(d_ef, d_ngd, np.linalg.norm)), float(_cosine(d_ngd, g, np.linalg.norm))
+        return float(_vector_cosine(d_ef, d_ngd, np.linalg.norm)), float(_vector_cosine(d_ngd, g, np.linalg.norm))
 
 
 class _TorchIO:
@@ -349,7 +350,7 @@ class _TorchIO:
         a = C.flatten(model, ef.multiply_inverse(v, damping))
         b = C.flatten(model, fisher.multiply_inverse(v, damping))
         norm = self.torch.linalg.vector_norm
-        return float(_cosine(a, b, norm)), float(_cosine(b, C.flatten(model, v), norm))
+        return float(_vector_cosine(a, b, norm)), float(_vector_cosine(b, C.flatten(model, v), norm))
 
 
 class _JaxIO:
@@ -449,14 +450,14 @@ class _JaxIO:
                 v = C.from_layers(model, grad)
                 a = C.flatten(model, ef.multiply_inverse(v, lam))
                 c = C.flatten(model, fisher.multiply_inverse(v, lam))
-                return _cosine(a, c, jnp.linalg.norm), _cosine(c, C.flatten(model, v), jnp.linalg.norm)
+                return _vector_cosine(a, c, jnp.linalg.norm), _vector_cosine(c, C.flatten(model, v), jnp.linalg.norm)
 
             # damping is static: multiply_inverse branches on it (dense solve when it is 0)
             self._cosine = self.jax.jit(cosine, static_argnums=2)
         return tuple(float(c) for c in self._cosine(params, batch, float(damping)))
 
 
-def _cosine(a, b, norm):
+def _vector_cosine(a, b, norm):
     """cos(a, b) of two flat vectors, in the framework of `norm` (its vector 2-norm)."""
     return a @ b / (norm(a) * norm(b))
 

@@ -249,6 +249,30 @@ def test_cosine_draws_the_ngd_steps_cosine_with_the_gradient_beside_it():
     alone = networks.cosine(frame.drop(columns="cos_ngd_grad"))
     assert all(len(ax.get_lines()) == 1 for ax in _data_axes(alone))
     assert [text.get_text() for text in alone.figure.legends[0].get_texts()] == ["EF"]
+    assert any("No cos_ngd_grad in the table" in note for note in alone.notes)
+
+
+def test_cosine_gauge_is_smoothed_with_the_cosine_and_left_out_where_a_run_lacks_it():
+    """With smoothing, the gauge is a running mean over the same window as the cosine (a linear ramp
+    0.01 step lags by (window - 1)/2 measurements of 10 steps); a framework whose runs predate the
+    gauge draws the cosine alone, with a note naming it, while the legend keeps the gauge's entry."""
+    frame = runs(optimizers=("ef",))
+    frame["cos_ngd_grad"] = np.where(frame["cos_ef_ngd"].notna(), 0.2 + 0.001 * frame["step"], np.nan)
+    old = (frame["framework"] == "jax")
+    frame.loc[old, "cos_ngd_grad"] = np.nan
+    drawn = networks.cosine(frame, smooth=3)
+    assert "Cosines as a running mean over 3 measurements." in drawn.notes
+    note = "digits-mlp, EF, JAX CPU: no cos_ngd_grad in its table (runs made before it was recorded)."
+    assert note in drawn.notes and sum("no cos_ngd_grad" in n for n in drawn.notes) == 1
+    for ax in _data_axes(drawn):
+        gauges = [line for line in ax.get_lines() if line.get_gid() == "gauge"]
+        if "JAX" in ax.get_title():
+            assert gauges == []
+            continue
+        (gauge,) = gauges
+        expected = 0.2 + 0.001 * np.arange(0, 101, 10) - np.minimum(np.arange(11), 2) * 0.005  # first rows: partial
+        np.testing.assert_allclose(gauge.get_ydata(), expected, atol=1e-12)
+    assert [text.get_text() for text in drawn.figure.legends[0].get_texts()] == ["EF", networks.GAUGE_LABEL]
 
 
 def test_accuracy_against_time_with_markers():

@@ -3,7 +3,8 @@
 Input: runner frames (`runner.run`, DESIGN 7) of tuned runs, concatenated: several seeds per task,
 optimizer, framework and device. Columns read: task, optimizer, framework, device, seed, step,
 time_s, diverged, the hyperparameter columns (fisher and samples among them), and what is drawn:
-train_loss (the default), test_loss, loss, cos_ef_ngd or test_accuracy (rows where measured).
+train_loss (the default), test_loss, loss, cos_ef_ngd (with cos_ngd_grad) or test_accuracy (rows
+where measured).
 
 Layout (the same for every figure here): one row of panels per task (two for `training`: against
 step, then against wall-clock seconds), one column per framework and device (PyTorch CPU, JAX CPU,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib import patheffects
 from matplotlib import pyplot as plt
 
 from natgrad_impls.figures import Drawn, placeholder, style, tables
@@ -38,8 +40,10 @@ LOG_X_NOTE = "Time axes logarithmic (step costs span decades between optimizers)
 # line style readable.
 EVALUATION_MARKER = {"marker": "o", "markersize": 2.0, "markeredgewidth": 0}
 # The cosine figure's second quantity, cos(NGD step, gradient) along the same runs: thin and dotted in
-# the run's colour, so that it reads as a gauge beside the cosine it qualifies.
+# the run's colour, so that it reads as a gauge beside the cosine it qualifies; drawn over the cosine
+# with a white halo, so that it stays visible where the two coincide (both near 1).
 GAUGE = {"linestyle": ":", "linewidth": 1.0}
+GAUGE_HALO = 2.6  # points
 GAUGE_LABEL = "cos(NGD, gradient)"
 
 
@@ -58,7 +62,7 @@ def training(frame: pd.DataFrame, y: str = "train_loss", smooth: int | None = No
     if frame.empty:
         return placeholder(f"No {y} values in the table: nothing to draw.", notes)
     if y == "loss":
-        frame = _smooth(frame, y, smooth, notes)
+        frame = _smooth(frame, [y], smooth, notes, "Mini-batch loss")
     kinds = [("step", "step"), ("time_s", "time [s]")]
     return _grid(frame, y, kinds, ylabel=_YLABELS.get(y, y), log=True, notes=notes, markers=y != "loss")
 
@@ -67,8 +71,8 @@ def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
     """cos(EF direction, NGD direction) along training, on the rows where it was measured
     (`runner.run(..., cos_ef_ngd=True)`): how far the empirical Fisher points from the true one.
     Beside it, dotted, cos(NGD direction, gradient) (cos_ngd_grad, where the table has it): where
-    that is 1 too, the damping outweighs the curvature and both steps are gradient steps, so a
-    cosine of 1 there says nothing of the EF against the Fisher.
+    that is near 1 too (typically: the damping outweighs the curvature), both steps are gradient
+    steps, so a cosine of 1 there says nothing of the EF against the Fisher.
     smooth: running mean over this many measurements (default: 1/50 of them when there are more
     than 100, since a cosine on each mini-batch is as noisy as its loss)."""
     frame, notes = _prepare(frame, "cos_ef_ngd")
@@ -77,8 +81,9 @@ def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
     along = [style.LABELS.get(o, o) for o in style.present(frame["optimizer"].unique())[0]]
     notes.append(f"Cosine measured along the runs of {', '.join(along)}.")
     gauge = "cos_ngd_grad" if "cos_ngd_grad" in frame and frame["cos_ngd_grad"].notna().any() else None
-    for value in ["cos_ef_ngd"] + ([gauge] if gauge else []):
-        frame = _smooth(frame, value, smooth, notes)
+    notes.extend(_without_gauge(frame, gauge))
+    values = ["cos_ef_ngd"] + ([gauge] if gauge else [])
+    frame = _smooth(frame, values, smooth, notes, "Cosines" if gauge else "Cosine")
     drawn = _grid(frame, "cos_ef_ngd", [("step", "step")], ylabel="cos(EF, NGD)", log=False, notes=notes,
                   note_missing=False, gauge=gauge)
     for ax in drawn.figure.axes:
@@ -87,21 +92,27 @@ def cosine(frame: pd.DataFrame, smooth: int | None = None) -> Drawn:
     return drawn
 
 
-def _smooth(frame, value, window, notes) -> pd.DataFrame:
-    """Each run's `value` as a running mean over `window` measurements (default: 1/50 of the
-    longest run's measurements when it has more than 100, else none), with a note saying so."""
-    runs = frame.sort_values("step").groupby(KEYS + ["seed"], observed=True)[value]
+def _without_gauge(frame, gauge) -> list[str]:
+    """Notes on the runs whose table has no gauge (runs made before it was recorded)."""
+    if gauge is None:
+        return ["No cos_ngd_grad in the table (runs made before it was recorded): the cosine is drawn alone."]
+    lacking = frame.groupby(KEYS, observed=True)[gauge].apply(lambda v: v.isna().all())
+    return [f"{task}, {style.LABELS.get(o, o)}, {style.combo_label((fw, dev))}: no cos_ngd_grad in its table "
+            "(runs made before it was recorded)." for (task, o, fw, dev), missing in lacking.items() if missing]
+
+
+def _smooth(frame, values, window, notes, name) -> pd.DataFrame:
+    """Each run's `values` (columns) as running means over `window` measurements (default: 1/50 of
+    the longest run's measurements when it has more than 100, else none), with a note saying so."""
+    runs = frame.sort_values("step").groupby(KEYS + ["seed"], observed=True)
     if window is None:
         longest = int(runs.size().max())
         window = longest // 50 if longest > 100 else 1
     if window <= 1:
         return frame
-    name = {"loss": "Mini-batch loss", "cos_ef_ngd": "Cosines", "cos_ngd_grad": "Cosines"}.get(value, value)
-    note = f"{name} as a running mean over {window} measurements."
-    if note not in notes:
-        notes.append(note)
-    smoothed = runs.transform(lambda v: v.rolling(window, min_periods=1).mean())
-    return frame.assign(**{value: smoothed})
+    notes.append(f"{name} as a running mean over {window} measurements.")
+    smoothed = runs[values].transform(lambda v: v.rolling(window, min_periods=1).mean())
+    return frame.assign(**{value: smoothed[value] for value in values})
 
 
 def accuracy(frame: pd.DataFrame) -> Drawn:
@@ -276,7 +287,8 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         ax.set_ylabel(ylabel)
                 _same_limits(axes[r], "x")
             _same_limits(axes[t * len(kinds):(t + 1) * len(kinds)].ravel(), "y")
-        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers, gauge)
+        gauged = any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines())
+        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers, gauged)
     return Drawn(fig, notes)
 
 
@@ -296,9 +308,11 @@ def _draw_cell(ax, cell, value, x, optimizers, markers, gauge=None) -> set[str]:
         if cell.loc[cell["optimizer"] == optimizer, "seed"].nunique() > 1:
             ax.fill_between(line["x"], line["min"], line["max"], color=kwargs["color"], alpha=BAND_ALPHA,
                             linewidth=0, label="_band")
-        if gauges is not None:
-            mine = gauges[gauges["optimizer"] == optimizer]
-            ax.plot(mine["x"], mine["median"], color=kwargs["color"], label="_gauge", gid="gauge", **GAUGE)
+        mine = None if gauges is None else gauges[gauges["optimizer"] == optimizer]
+        if mine is not None and not mine.empty:
+            halo = [patheffects.withStroke(linewidth=GAUGE_HALO, foreground="white")]
+            ax.plot(mine["x"], mine["median"], color=kwargs["color"], label="_gauge", gid="gauge", zorder=3,
+                    path_effects=halo, **GAUGE)
         drawn.add(optimizer)
     return drawn
 
@@ -315,7 +329,7 @@ def _same_limits(axes, which: str) -> None:
         getattr(ax, set_)(low, high)
 
 
-def _legend(fig, optimizers, markers=False, gauge=None) -> None:
+def _legend(fig, optimizers, markers=False, gauge=False) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], **style.line_kwargs(o), **(EVALUATION_MARKER if markers else {})) for o in optimizers]
