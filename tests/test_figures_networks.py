@@ -253,13 +253,13 @@ def test_cosine_draws_the_ngd_steps_cosine_with_the_gradient_beside_it():
 
 
 def test_cosine_gauge_is_smoothed_with_the_cosine_and_left_out_where_a_run_lacks_it():
-    """With smoothing, the gauge is a running mean over the same window as the cosine (a linear ramp
-    0.01 step lags by (window - 1)/2 measurements of 10 steps); a framework whose runs predate the
-    gauge draws the cosine alone, with a note naming it, while the legend keeps the gauge's entry."""
+    """With smoothing, the gauge is a running mean over the same window as the cosine (on a ramp that
+    rises 0.01 a measurement, a mean over 3 lags it by 0.01; the first two rows average fewer); a
+    framework whose runs predate the gauge draws the cosine alone, with a note naming it, while the
+    legend keeps the gauge's entry."""
     frame = runs(optimizers=("ef",))
     frame["cos_ngd_grad"] = np.where(frame["cos_ef_ngd"].notna(), 0.2 + 0.001 * frame["step"], np.nan)
-    old = (frame["framework"] == "jax")
-    frame.loc[old, "cos_ngd_grad"] = np.nan
+    frame.loc[frame["framework"] == "jax", "cos_ngd_grad"] = np.nan
     drawn = networks.cosine(frame, smooth=3)
     assert "Cosines as a running mean over 3 measurements." in drawn.notes
     note = "digits-mlp, EF, JAX CPU: no cos_ngd_grad in its table (runs made before it was recorded)."
