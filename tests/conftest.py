@@ -20,6 +20,19 @@ import torch  # noqa: E402
 from natgrad_impls import models  # noqa: E402
 
 
+def same_dashes(line, optimizer) -> bool:
+    """The line's dash pattern is the one the figures' style gives `optimizer` (matplotlib scales
+    dashes by the line width, so compare against a line drawn with the same width; get_linestyle
+    alone says "--" for every custom dash pattern)."""
+    from matplotlib import pyplot as plt
+
+    from natgrad_impls.figures import style
+
+    probe = plt.figure().add_subplot().plot([0, 1], [0, 1], linestyle=style.LINESTYLES[optimizer],
+                                            linewidth=line.get_linewidth())[0]
+    return line.get_linestyle() == probe.get_linestyle() and line._dash_pattern == probe._dash_pattern
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

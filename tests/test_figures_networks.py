@@ -21,6 +21,7 @@ from matplotlib import pyplot as plt  # noqa: E402
 
 from natgrad_impls import results, timing  # noqa: E402
 from natgrad_impls.figures import Drawn, cost, networks, save, style, tables  # noqa: E402
+from conftest import same_dashes  # noqa: E402
 
 COMBOS = [("torch", "cpu"), ("jax", "cpu")]
 RATES = {"sgd": 0.01, "adam": 0.02, "ef": 0.015, "ngd": 0.03, "kfac": 0.04}
@@ -66,11 +67,8 @@ def _color(line):
 
 
 def _check_style(line, optimizer):
-    assert _color(line) == pytest.approx(mcolors.to_rgb(style.COLORS[optimizer]))
-    expected = style.line_kwargs(optimizer)["linestyle"]
-    reference = plt.Line2D([], [], linestyle=expected)
-    assert line.get_linestyle() == reference.get_linestyle()
-    assert line.get_dashes() == reference.get_dashes() if hasattr(line, "get_dashes") else True
+    assert _color(line) == pytest.approx(mcolors.to_rgb(style.COLORS[optimizer])), optimizer
+    assert same_dashes(line, optimizer), optimizer
 
 
 def _data_axes(drawn: Drawn):
@@ -110,6 +108,8 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
     legend = drawn.figure.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["SGD", "Adam", "NGD"]
     assert all(handle.get_marker() == "o" for handle in legend.legend_handles)  # as the lines are drawn
+    for handle, optimizer in zip(legend.legend_handles, ["sgd", "adam", "ngd"]):
+        _check_style(handle, optimizer)
     assert any("EF: not in the table" in n for n in drawn.notes) and any("K-FAC" in n for n in drawn.notes)
     written = save(drawn, tmp_path / "training.png")
     assert all(p.exists() for p in written)
@@ -127,10 +127,17 @@ def test_save_writes_each_format_as_named_and_the_notes_beside_it(tmp_path):
 
 
 def test_training_smooths_minibatch_loss_and_says_so():
-    drawn = networks.training(runs(steps=200), y="loss")
+    frame = runs(steps=200)
+    drawn = networks.training(frame, y="loss")
     assert any("running mean over 4 measurements" in n for n in drawn.notes)
     lines = _data_axes(drawn)[0].get_lines()
     assert all(len(line.get_xdata()) == 201 and line.get_marker() == "None" for line in lines)
+    # SGD's line: each seed's mean over its last 4 losses (fewer at the start), then the median over
+    # the two seeds, their mean
+    sgd = frame[(frame.optimizer == "sgd") & (frame.framework == "torch")]
+    means = [np.array([loss[max(0, k - 3):k + 1].mean() for k in range(201)])
+             for loss in (sgd[sgd.seed == seed].sort_values("step").loss.to_numpy() for seed in (0, 1))]
+    np.testing.assert_allclose(lines[0].get_ydata(), (means[0] + means[1]) / 2, rtol=1e-12)
     assert drawn.figure.axes[0].get_ylabel() == "mini-batch loss"
     assert not any("running mean" in n for n in networks.training(runs(steps=200)).notes)
 
@@ -511,6 +518,7 @@ def test_step_cost_draws_each_tasks_own_costs_in_its_panel():
                       cost_rows(tasks=("mnist1d-mlp",), settings=settings).assign(
                           gradient_equivalents=lambda f: 10 * f.gradient_equivalents)])
     axes = cost.step_cost(rows).figure.axes
+    assert len(axes) == 2
     for ax, (task, scale) in zip(axes, [("digits-mlp", 1), ("mnist1d-mlp", 10)]):
         assert ax.get_title() == task
         dots = {(round(line.get_ydata()[0]), line.get_xdata()[0]) for line in ax.get_lines()

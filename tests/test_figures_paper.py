@@ -21,6 +21,7 @@ from matplotlib.quiver import Quiver
 from natgrad_impls import grid, runner, toys
 from natgrad_impls.figures import paper, style
 from natgrad_impls.tasks import get_task
+from conftest import same_dashes
 
 SMALL_GRID = dict(lrs=(-3, 1, 5), dampings=(-6, 0, 4), steps=20, repeats=2)
 ALL = ["sgd", "adam", "ef", "ngd", "kfac"]
@@ -38,14 +39,6 @@ def _with_gid(ax, gid):
 
 def _same_color(a, b) -> bool:
     return np.allclose(mcolors.to_rgba(a)[:3], mcolors.to_rgba(b)[:3])
-
-
-def _same_dashes(line, optimizer) -> bool:
-    """The line's dash pattern is the one style.LINESTYLES gives `optimizer` (matplotlib scales
-    dashes by the line width, so compare against a line drawn with the same width)."""
-    probe = plt.figure().add_subplot().plot([0, 1], [0, 1], linestyle=style.LINESTYLES[optimizer],
-                                            linewidth=line.get_linewidth())[0]
-    return line.get_linestyle() == probe.get_linestyle() and line._dash_pattern == probe._dash_pattern
 
 
 # -- figure 1 --------------------------------------------------------------------------------------
@@ -259,7 +252,7 @@ def test_misspecification_draws_data_and_both_ellipses(misspec_table, model):
         assert len(_with_gid(top, "fit")) == (0 if model == "logistic" else 1)
         for name, optimizer in (("fisher", "ngd"), ("empirical", "ef")):
             (line,) = _with_gid(bottom, f"ellipse-{name}")
-            assert _same_color(line.get_color(), style.COLORS[optimizer]) and _same_dashes(line, optimizer)
+            assert _same_color(line.get_color(), style.COLORS[optimizer]) and same_dashes(line, optimizer)
         assert len(_with_gid(bottom, "minimum")) == 1
         assert bottom.collections  # the loss contours
     labels = [t.get_text() for t in drawn.figure.legends[0].get_texts()]
@@ -301,7 +294,7 @@ def test_misspecification_draws_each_variants_own_numbers(misspec_table, model):
             C = _curvatures(misspec_table, variant)[name]
             np.testing.assert_allclose(np.einsum("ni,ij,nj->n", delta, C, delta), radius**2, rtol=1e-9)
             handle = handles[label]
-            assert _same_color(handle.get_color(), style.COLORS[optimizer]) and _same_dashes(handle, optimizer)
+            assert _same_color(handle.get_color(), style.COLORS[optimizer]) and same_dashes(handle, optimizer)
         (marker,) = _with_gid(bottom, "minimum")
         np.testing.assert_allclose(marker.get_xydata()[0], star, rtol=1e-12)
         (contours,) = bottom.collections
@@ -426,7 +419,7 @@ def test_optimisation_draws_every_best_run(small_grid, cos_frame):
     lines = _with_gid(loss_ax, "best")
     assert [line.get_label() for line in lines] == ["SGD", "Adam", "EF", "NGD", "K-FAC"]
     for line, optimizer in zip(lines, ALL):
-        assert _same_color(line.get_color(), style.COLORS[optimizer]) and _same_dashes(line, optimizer)
+        assert _same_color(line.get_color(), style.COLORS[optimizer]) and same_dashes(line, optimizer)
         assert len(line.get_xdata()) == 21
     best = frame[frame["best"] & (frame["task"] == "breastcancer")]
     chaotic = sorted(best[best["chaotic"].fillna(False).astype(bool)]["optimizer"].unique())
@@ -492,7 +485,7 @@ def test_optimisation_legend_cosine_and_settings_follow_the_frames():
     handles = drawn.figure.legends[0].legend_handles
     assert [h.get_label() for h in handles] == [line.get_label() for line in lines] == ["SGD", "EF", "NGD"]
     for handle, line, (optimizer, *_, scale) in zip(handles, lines, runs):
-        assert _same_color(handle.get_color(), style.COLORS[optimizer]) and _same_dashes(handle, optimizer)
+        assert _same_color(handle.get_color(), style.COLORS[optimizer]) and same_dashes(handle, optimizer)
         assert _same_color(line.get_color(), style.COLORS[optimizer])
         np.testing.assert_allclose(line.get_ydata(), scale / (1.0 + steps))
     (cos_line,) = _with_gid(cos_ax, "cos")
