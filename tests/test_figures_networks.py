@@ -252,7 +252,7 @@ def test_cosine_draws_the_ngd_steps_cosine_with_the_gradient_beside_it():
         assert _color(gauge) == pytest.approx(mcolors.to_rgb(style.COLORS["ef"]))
         np.testing.assert_allclose(gauge.get_ydata(), 0.25 + 0.01 * np.arange(0, 101, 10))  # seeds 0, 1: +0.05
     labels = [text.get_text() for text in drawn.figure.legends[0].get_texts()]
-    assert labels == ["EF", networks.GAUGE_LABEL]
+    assert labels == ["EF", style.GAUGE_LABEL]
     alone = networks.cosine(frame.drop(columns="cos_ngd_grad"))
     assert all(len(ax.get_lines()) == 1 for ax in _data_axes(alone))
     assert [text.get_text() for text in alone.figure.legends[0].get_texts()] == ["EF"]
@@ -279,7 +279,7 @@ def test_cosine_gauge_is_smoothed_with_the_cosine_and_left_out_where_a_run_lacks
         (gauge,) = gauges
         expected = 0.2 + 0.001 * np.arange(0, 101, 10) - np.minimum(np.arange(11), 2) * 0.005  # first rows: partial
         np.testing.assert_allclose(gauge.get_ydata(), expected, atol=1e-12)
-    assert [text.get_text() for text in drawn.figure.legends[0].get_texts()] == ["EF", networks.GAUGE_LABEL]
+    assert [text.get_text() for text in drawn.figure.legends[0].get_texts()] == ["EF", style.GAUGE_LABEL]
 
 
 def test_accuracy_against_time_with_markers():

@@ -430,7 +430,12 @@ def test_optimisation_draws_every_best_run(small_grid, cos_frame):
     (cos_line,) = _with_gid(cos_ax, "cos")
     assert len(cos_line.get_xdata()) == 21 and np.all(np.abs(cos_line.get_ydata()) <= 1 + 1e-12)
     assert cos_ax.get_ylim() == pytest.approx((-1.1, 1.1))
-    assert [t.get_text() for t in drawn.figure.legends[0].get_texts()] == ["SGD", "Adam", "EF", "NGD", "K-FAC"]
+    (gauge,) = _with_gid(cos_ax, "gauge")  # cos(NGD, gradient) along the same run, the EF's colour, dotted
+    measured = cos_frame[cos_frame["task"] == "breastcancer"]
+    np.testing.assert_array_equal(gauge.get_xydata(), measured[["step", "cos_ngd_grad"]].to_numpy())
+    assert _same_color(gauge.get_color(), style.COLORS["ef"]) and gauge.get_linestyle() == ":"
+    assert [t.get_text() for t in drawn.figure.legends[0].get_texts()] == ["SGD", "Adam", "EF", "NGD", "K-FAC",
+                                                                           style.GAUGE_LABEL]
 
 
 def test_optimisation_draws_several_tasks(small_grid, cos_frame):
@@ -492,6 +497,16 @@ def test_optimisation_legend_cosine_and_settings_follow_the_frames():
     np.testing.assert_array_equal(cos_line.get_xydata(), [[0, 1.0], [1, 0.5], [2, -0.25], [3, 0.0]])
     assert "Best runs on wine: SGD lr 0.5; EF lr 0.1, damping 0.0001; NGD lr 1, damping 1e-06." in drawn.notes
     assert not any("not along the best EF run" in note for note in drawn.notes)
+    # a frame written before cos(NGD, gradient) was recorded: no gauge, nor its legend entry, and a note
+    assert not _with_gid(cos_ax, "gauge") and style.GAUGE_LABEL not in [h.get_label() for h in handles]
+    assert f"{style.GAUGE_LABEL} on wine: not in the cosine frame, left out." in drawn.notes
+    # with it: the gauge follows the cosine's rows, in step order, and gets its legend entry
+    cos["cos_ngd_grad"] = [0.125, 0.25, 0.375, 0.5, 0.0, 0.0, 0.0, 0.0, 0.75, 0.75]
+    drawn = paper.optimisation(grid_frame, cos, tasks=["wine"])
+    (gauge,) = _with_gid(drawn.figure.axes[1], "gauge")
+    np.testing.assert_array_equal(gauge.get_xydata(), [[0, 0.5], [1, 0.25], [2, 0.375], [3, 0.125]])
+    assert drawn.figure.legends[0].legend_handles[-1].get_label() == style.GAUGE_LABEL
+    assert not any(style.GAUGE_LABEL in note for note in drawn.notes)
 
 
 def test_a_cosine_frame_without_tasks_is_refused(small_grid, cos_frame):

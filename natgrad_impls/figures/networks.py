@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from matplotlib import patheffects
 from matplotlib import pyplot as plt
 
 from natgrad_impls.figures import Drawn, placeholder, style, tables
@@ -39,12 +38,6 @@ LOG_X_NOTE = "Time axes logarithmic (step costs span decades between optimizers)
 # Where a full evaluation was measured: small and edgeless, so that 20 or so per line leave the
 # line style readable.
 EVALUATION_MARKER = {"marker": "o", "markersize": 2.0, "markeredgewidth": 0}
-# The cosine figure's second quantity, cos(NGD step, gradient) along the same runs: thin and dotted in
-# the run's colour, so that it reads as a gauge beside the cosine it qualifies; drawn over the cosine
-# with a white halo, so that it stays visible where the two coincide (both near 1).
-GAUGE = {"linestyle": ":", "linewidth": 1.0}
-GAUGE_HALO = 2.6  # points
-GAUGE_LABEL = "cos(NGD, gradient)"
 
 
 # -- public figures -----------------------------------------------------------------------------------
@@ -249,7 +242,7 @@ def summarise(frame: pd.DataFrame, value: str, x: str) -> pd.DataFrame:
 def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=True, gauge=None) -> Drawn:
     """Rows: task x kind of x axis; columns: framework/device. One y range per task, one x range per
     row, so that panels side by side compare on the same scales. gauge: a second column drawn per
-    optimizer as its median alone (GAUGE), with a legend entry of its own."""
+    optimizer as its median alone (style.gauge_kwargs), with a legend entry of its own."""
     tasks = list(dict.fromkeys(frame["task"]))
     combos = style.combos(frame)
     nrows, ncols = len(tasks) * len(kinds), len(combos)
@@ -310,9 +303,7 @@ def _draw_cell(ax, cell, value, x, optimizers, markers, gauge=None) -> set[str]:
                             linewidth=0, label="_band")
         mine = None if gauges is None else gauges[gauges["optimizer"] == optimizer]
         if mine is not None and not mine.empty:
-            halo = [patheffects.withStroke(linewidth=GAUGE_HALO, foreground="white")]
-            ax.plot(mine["x"], mine["median"], color=kwargs["color"], label="_gauge", gid="gauge", zorder=3,
-                    path_effects=halo, **GAUGE)
+            ax.plot(mine["x"], mine["median"], **style.gauge_kwargs(kwargs["color"]))
         drawn.add(optimizer)
     return drawn
 
@@ -334,7 +325,7 @@ def _legend(fig, optimizers, markers=False, gauge=False) -> None:
 
     handles = [Line2D([], [], **style.line_kwargs(o), **(EVALUATION_MARKER if markers else {})) for o in optimizers]
     if gauge and handles:
-        handles.append(Line2D([], [], color="0.35", label=GAUGE_LABEL, **GAUGE))
+        handles.append(style.gauge_handle())
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=3)
 

@@ -10,7 +10,7 @@ Every function takes DataFrames (the `kind`-tagged tables of `natgrad_impls.toys
 frames of `natgrad grid` / `natgrad run --cos-ef-ngd`) and returns a `Drawn`. What the table lacks
 is left out with a caption note, never an exception, so that a partial run still gives a figure.
 Artists carry a gid ("trajectory", "start", "minimum", "field", "fit", "data", "ellipse-fisher",
-"ellipse-empirical", "band", "cos", ...) so that tests and users can find what was drawn.
+"ellipse-empirical", "band", "cos", "gauge", ...) so that tests and users can find what was drawn.
 """
 
 from __future__ import annotations
@@ -325,12 +325,13 @@ def _layout(count: int, with_cos: bool):
 def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None) -> Drawn:
     """Figure 3: per task (columns) the loss (log scale) along the best run of every optimizer in
     the grid frame (rows best & repeat == 0), and under it the cosine between the EF and the NGD
-    directions along the best EF run.
+    directions along the best EF run, with the cosine between the NGD direction and the gradient
+    as a gauge: where that is near 1 as well, both steps are gradient steps.
 
     grid: a `natgrad grid` frame (task, optimizer, lr, damping, step, loss, repeat, best, chaotic).
     A chaotic best run (DESIGN 4) is drawn with a band, min..max per step over the best run and its
     repeats from theta0 + 1e-14 noise (rows best, repeat >= 0). cos: rows task, step, cos_ef_ngd
-    (a `natgrad run --cos-ef-ngd` frame of the best EF run, several tasks concatenated), or None:
+    and cos_ngd_grad (a `natgrad run --cos-ef-ngd` frame of the best EF run, several tasks concatenated), or None:
     then the cosine row is left out with a note. tasks: the tasks to draw (default: every task in
     the frame, in the registry's order); absent ones are left out with a note.
     """
@@ -362,9 +363,12 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
                 if cos_ax is not None:
                     cos_ax.set_ylabel("cos(EF, NGD)")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
-        if handles:  # one row: at column width with short handles and tight spacing
+        if handles and any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines()):
+            handles.append(style.gauge_handle())
+        if handles:  # at column width: short handles, tight spacing, and two rows for more than five entries
             narrow = fig.get_figwidth() <= style.COLUMN_WIDTH
-            fig.legend(handles=handles, loc="outside upper center", ncol=len(handles),
+            ncol = math.ceil(len(handles) / 2) if narrow and len(handles) > 5 else len(handles)
+            fig.legend(handles=handles, loc="outside upper center", ncol=ncol,
                        handlelength=2.0 if narrow else 2.6, columnspacing=0.7 if narrow else 1.2,
                        handletextpad=0.4 if narrow else 0.8)
     return Drawn(fig, notes)
@@ -411,6 +415,10 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
     rows = rows.sort_values("step")
     ax.plot(rows["step"], rows["cos_ef_ngd"], ".", markersize=2.5, color=style.COLORS["ef"], gid="cos")
     notes = []
+    if "cos_ngd_grad" in rows and rows["cos_ngd_grad"].notna().any():
+        ax.plot(rows["step"], rows["cos_ngd_grad"], **style.gauge_kwargs(style.COLORS["ef"]))
+    else:  # a frame written before the gauge was recorded
+        notes.append(f"{style.GAUGE_LABEL} on {task}: not in the cosine frame, left out.")
     run = best_ef[best_ef["repeat"] == 0]
     if len(run) and {"lr", "damping"} <= set(rows.columns):
         # relative only: the grid's dampings reach 1e-10, below np.isclose's default atol of 1e-8

@@ -11,6 +11,8 @@ import contextlib
 
 import matplotlib as mpl
 import seaborn as sns
+from matplotlib import patheffects
+from matplotlib.lines import Line2D
 
 from natgrad_impls.names import Device, Framework, Optimizer, legends
 
@@ -26,6 +28,13 @@ FRAMEWORK_ORDER = ("numpy", "torch", "jax")
 DEVICE_ORDER = ("cpu", "cuda")
 
 assert set(LABELS) == set(COLORS) == set(LINESTYLES)
+
+# The cosine figures' second quantity, cos(NGD step, gradient): thin and dotted in the run's colour, so
+# that it reads as a gauge beside the cosine it qualifies; drawn over the cosine with a white halo,
+# so that it stays visible where the two coincide.
+GAUGE_LABEL = "cos(NGD, gradient)"
+_GAUGE = {"linestyle": ":", "linewidth": 1.0}
+_GAUGE_HALO = 2.6  # points
 
 COLUMN_WIDTH = 3.25  # inches: one column of a two-column paper
 FULL_WIDTH = 6.75
@@ -49,6 +58,17 @@ def paper():
 def line_kwargs(optimizer: str) -> dict:
     """Colour, line style and legend label of `optimizer` (a name of DESIGN 3)."""
     return {"color": COLORS[optimizer], "linestyle": LINESTYLES[optimizer], "label": LABELS[optimizer]}
+
+
+def gauge_kwargs(color) -> dict:
+    """The gauge's line in `color`, with its halo; gid "gauge" so that tests and users can find it."""
+    halo = [patheffects.withStroke(linewidth=_GAUGE_HALO, foreground="white")]
+    return {"color": color, "gid": "gauge", "label": "_gauge", "zorder": 3, "path_effects": halo, **_GAUGE}
+
+
+def gauge_handle() -> Line2D:
+    """The gauge's legend entry, in a neutral grey: each line has its run's colour."""
+    return Line2D([], [], color="0.35", label=GAUGE_LABEL, **_GAUGE)
 
 
 def present(optimizers, wanted=OPTIMIZERS) -> tuple[list[str], list[str]]:

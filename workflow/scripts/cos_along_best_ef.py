@@ -1,5 +1,5 @@
 """Rerun the best EF run of a numpy grid with the EF/NGD cosine recorded at every step (DESIGN 4:
-cos(EF, NGD) along the best `ef` run, with that run's damping)."""
+cos(EF, NGD) along the best `ef` run, with that run's damping; cos(NGD, gradient) beside it)."""
 
 import pandas as pd
 
