@@ -206,7 +206,8 @@ def test_a_download_that_fails_once_is_retried(tmp_path):
 
 
 SCHEMA_FIELDS = {  # overlay, the field the schema's error must point at (as jsonschema writes its path)
-    "a device that is none": ("devices: [gpu]\n", "['devices']"),
+    "a device that is none": ("devices: [cpu, gpu]\n", "['devices'][1]", "'gpu' is not one of ['cpu', 'cuda']"),
+    "devices neither auto nor a list": ("devices: cuda\n", "['devices']", "'auto' was expected"),
     "a misspelled nested key": ("networks:\n  eval_evry: 10\n", "['networks']"),  # nested objects are closed too
     "numpy on networks": ("networks:\n  frameworks: [numpy]\n", "['networks']['frameworks'][0]"),
     "no tuning seed": ("networks:\n  tuning_seeds: []\n", "['networks']['tuning_seeds']"),
@@ -230,11 +231,12 @@ def test_schema_names_the_bad_field(name):
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     validate(copy.deepcopy(config), str(REPO / "workflow/schemas/config.schema.yaml"))  # the default is valid
-    text, field = SCHEMA_FIELDS[name]
+    text, field, *message = SCHEMA_FIELDS[name]
     update_config(config, yaml.safe_load(text))
     with pytest.raises(WorkflowError) as error:
         validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
     assert f"On instance{field}:" in str(error.value), str(error.value)[-800:]
+    assert all(m in str(error.value) for m in message), str(error.value)[:800]  # and what is wrong with it
 
 
 def wait_for(condition, timeout, process):
