@@ -44,18 +44,24 @@ EXTRA_HYPERPARAMETERS = (
 )
 
 
+GRID_BOUNDS = ("lrs", "dampings")  # `natgrad grid`'s log10 START:STOP:NUM options
+
+
 class BadInput(Exception):
     """Raised instead of argparse's multi-line usage errors: one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        for option in GRID_BOUNDS:  # argparse reads a value that starts with '-' as an option
+            if message.startswith(f"argument --{option}: expected one argument"):
+                message += f" (write --{option}=START:STOP:NUM: after a space, a '-' is read as an option)"
         raise BadInput(message)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="natgrad", description="Natural-gradient benchmarks: tasks, single runs and Kunstner grids.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{tasks,run,grid}")
 
     commands.add_parser("tasks", help="list the tasks: task, N, inputs, classes, params, offline or download, source")
 
@@ -200,6 +206,8 @@ def cmd_grid(args) -> int:
     checked = _checked(lambda: grid.validate(args.task, args.optimizers, args.framework, args.device, args.dtype,
                                              args.lrs, args.dampings, args.steps, args.repeats, args.variant, hps,
                                              args.logit_clip, args.seed))
+    if args.checkpoints:
+        _checked(lambda: results.check_folder(args.checkpoints, "checkpoints"))
     out = _checked(lambda: results.check_writable(args.out))  # last: it makes the folder
     task, optimizers, framework, device, dtype, lrs, dampings, steps = checked
     result = _unavailable(lambda: grid.run_grid(task, optimizers, framework, device, dtype, lrs, dampings, steps, args.seed,

@@ -42,21 +42,32 @@ def check_writable(path, field: str = "out") -> Path:
     Folders it had to make for the test are removed again (`write` makes them): a run that fails
     later, offline say, leaves nothing behind."""
     path = check_path(path, field)
-    made = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]
+    check_folder(path.parent, field, written=path)
+    return path
+
+
+def check_folder(folder, field: str, written=None) -> None:
+    """That files can be written in `folder` (`check_writable`'s test; a ValueError naming `field`,
+    and `written`, the file to be written there, where given), making no folder that stays."""
+    folder = Path(folder)
+    shown = Path(written) if written else folder
+    what = f"cannot write {str(written)!r}" if written else f"cannot write in {str(folder)!r}"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{field}: {what} ({str(folder)!r} is a file, not a folder)")
+    made = [f for f in [folder, *folder.parents] if not f.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{shown.name}.", suffix=".part")
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise ValueError(f"{field}: cannot write {str(path)!r} ({error.strerror or error})") from None
+        raise ValueError(f"{field}: {what} ({error.strerror or error})") from None
     finally:
-        for folder in made:  # innermost first
+        for f in made:  # innermost first
             try:
-                folder.rmdir()
+                f.rmdir()
             except OSError:
                 pass  # never made, or another process put something there meanwhile
-    return path
 
 
 def write(frame: pd.DataFrame, path) -> Path:

@@ -109,6 +109,11 @@ BAD = {
                                 "optimizers: 'newton' is not one of sgd, adam, ef, ngd, kfac"),
     "grid: a network": (["grid", "--task", "digits-mlp"], "task: 'digits-mlp' is not a full-batch convex task (one of"),
     "grid: bad lrs": (["grid", "--task", "wine", "--lrs=-20:10"], "lrs: '-20:10' must be START:STOP:NUM"),
+    # argparse reads a value after a space that starts with '-' as an option; its message alone does not say so
+    "grid: lrs after a space": (["grid", "--task", "wine", "--lrs", "-3:0:3"],
+                                "argument --lrs: expected one argument (write --lrs=START:STOP:NUM"),
+    "grid: dampings after a space": (["grid", "--task", "wine", "--dampings", "-3:0:3"],
+                                     "(write --dampings=START:STOP:NUM"),
     "grid: numpy in float32": (["grid", "--task", "wine", "--dtype", "float32"],
                                "dtype: 'float32' is not available for numpy (one of float64)"),
     "grid: cuda without a gpu": (["grid", "--task", "wine", "--framework", "jax", "--device", "cuda"],
@@ -217,6 +222,25 @@ def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monke
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"natgrad: out: cannot write {str(out)!r} (")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_unwritable_checkpoints_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--checkpoints naming a file, or a folder that cannot be made: one line naming `checkpoints`
+    before the grid runs (it wrote its first checkpoint after the first optimizer's grid before)."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr("natgrad_impls.grid.run_grid", lambda *a, **k: pytest.fail("the grid started"))
+    args = ["grid", "--task", "wine", "--optimizers", "sgd", "--out", str(tmp_path / "grid.csv"), "--checkpoints"]
+    for folder, why in ((tmp_path / "afile", f"{str(tmp_path / 'afile')!r} is a file, not a folder"),
+                        (tmp_path / "afile" / "below", "Not a directory")):
+        assert cli.main([*args, str(folder)]) == cli.EXIT_BAD_INPUT
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line == f"natgrad: checkpoints: cannot write in {str(folder)!r} ({why})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_no_command_names_the_commands(capsys):
+    assert cli.main([]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == "natgrad: the following arguments are required: {tasks,run,grid}"
 
 
 def test_a_refused_command_makes_no_output_folder(tmp_path):
