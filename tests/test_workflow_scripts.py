@@ -165,10 +165,10 @@ def test_the_misspec_toy_writes_the_misspecification_table(tmp_path):
 NETWORK = {"task": "digits-mlp", "framework": "torch", "device": "cpu"}
 PROTOCOL = {"dtype": "float32", "steps": 4, "eval_every": 2}  # not runner.run's defaults (float64, 200)
 TUNED = {  # optimizer: its tuning grid as common.smk's tuning_runs writes it (fixed hyperparameters first)
-    "sgd": [{"momentum": 0.9, "lr": lr} for lr in (0.1, 0.01)],
+    "sgd": [{"momentum": 0.9, "lr": lr} for lr in (0.01, 0.1)],
     "ngd": [{"fisher": "mc", "lr": 0.1, "damping": d} for d in (1.0, 0.1)],
-    "kfac": [{"kfac_update_period": 10, "lr": lr, "damping": 0.1} for lr in (0.1, 0.01)],
-}
+    "kfac": [{"kfac_update_period": 10, "lr": lr, "damping": 0.1} for lr in (0.01, 0.1)],
+}  # each grid's first setting is not its best, so that a job taking the first is caught
 
 
 def check_protocol(frame, stage):
@@ -209,6 +209,7 @@ def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, o
     assert chosen.keys() == expected.keys(), f"best setting {chosen}, the tuned table's {expected}"
     for name, value in expected.items():
         assert chosen[name] == (pytest.approx(value) if isinstance(value, float) else value), name
+    assert chosen != settings[0], "the grid's first setting is its best: the choice is not tested"
 
     train = tmp_path / "train.parquet"
     run_script("train.py", tmp_path, rule="train", input=Files(best=best), output=Files(runs=train),
