@@ -62,6 +62,7 @@ PAPER_DAMPINGS = (-10.0, 10.0, 41)
 CHAOS_NOISE = 1e-14
 CHAOS_TOLERANCE = 1e-8
 DEFAULT_REPEATS = 5
+PROGRESS_EVERY_S = 30  # a line in a job log this often (a paper grid on a1a takes minutes per optimizer)
 WITH_DAMPING = (Optimizer.EF, Optimizer.NGD, Optimizer.KFAC)
 
 
@@ -614,7 +615,7 @@ def trajectories(problem, x, y, optimizer, h, lr, damping, steps, framework="num
         chunk = int(np.clip(2**18 // model.n, 64, 2048))
     starts = list(range(0, len(lr), chunk))
     parts: list[Trajectories | None] = [None] * len(starts)
-    bar = progress_bar(len(lr), desc, progress)
+    bar = progress_bar(len(lr), desc, progress, log_every_s=PROGRESS_EVERY_S)
     lock = threading.Lock()
 
     def work(index):

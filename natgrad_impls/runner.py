@@ -524,13 +524,37 @@ def thread_environment(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "PJRT_NPROC": n}
 
 
-def progress_bar(total: int, desc: str, enabled: bool | None = None):
-    """A tqdm bar on a terminal, nothing otherwise (enabled=None: decide by stderr being a tty)."""
+def progress_bar(total: int, desc: str, enabled: bool | None = None, log_every_s: float | None = None):
+    """A tqdm bar on a terminal, nothing otherwise (enabled=None: decide by stderr being a tty).
+    log_every_s: with enabled None and no terminal (a job log), a line on stdout at most this often."""
     from tqdm.auto import tqdm
 
+    if enabled is None and log_every_s is not None and not sys.stderr.isatty():
+        return LogProgress(total, desc, log_every_s)
     if enabled is None:
         enabled = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5)
+
+
+class LogProgress:
+    """Progress as whole lines, for a job log ("wine ngd: 4096/9881 runs (41%), 30 s"); tqdm's
+    output off a terminal is one line of carriage returns. None at the end: the caller says it."""
+
+    def __init__(self, total: int, desc: str, every_s: float):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            print(f"{self.desc}: {self.done}/{self.total} runs ({self.done / self.total:.0%}), "
+                  f"{now - self.start:.0f} s", flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 # -- the run ---------------------------------------------------------------------------------------

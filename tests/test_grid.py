@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import numpy as np
 import pandas as pd
@@ -478,7 +479,7 @@ def test_a_grid_of_several_chunks_keeps_each_run_with_its_lr(framework, monkeypa
     counted = []
 
     class Bar:
-        def __init__(self, total, desc, enabled):
+        def __init__(self, total, desc, enabled, log_every_s=None):
             counted.append(total)
 
         def update(self, n):
@@ -508,6 +509,24 @@ def test_a_grid_of_several_chunks_keeps_each_run_with_its_lr(framework, monkeypa
     np.testing.assert_array_equal(mine["step"], np.concatenate([np.arange(n + 1) for n in last]))
     np.testing.assert_array_equal(mine["diverged"], np.repeat(diverged, last + 1))
     np.testing.assert_allclose(mine["loss"], losses[np.arange(steps + 1)[None, :] <= last[:, None]], rtol=1e-10)
+
+
+def test_a_grid_in_a_job_log_says_how_far_it_is(monkeypatch, capsys):
+    """Off a terminal (a pipeline job's log) a grid prints a line per chunk once PROGRESS_EVERY_S
+    has passed since the last (0 here: every chunk but the last, which its optimizer's line follows);
+    progress=False (--no-progress) prints none."""
+    monkeypatch.setattr(grid, "PROGRESS_EVERY_S", 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    grid.trajectories(get_task("wine").problem, *get_task("wine").load().train, "sgd",
+                      grid.make_hyperparameters("sgd", {"lr": 1.0}), grid.logspace((-8, -3, 5000)),
+                      np.full(5000, np.nan), 2, desc="wine sgd")
+    lines = capsys.readouterr().out.splitlines()
+    done = [int(re.fullmatch(r"wine sgd: (\d+)/5000 runs \(\d+%\), \d+ s", line).group(1)) for line in lines]
+    assert len(done) >= 2 and done == sorted(done) and done[-1] < 5000, lines  # several chunks, counted up
+    grid.trajectories(get_task("wine").problem, *get_task("wine").load().train, "sgd",
+                      grid.make_hyperparameters("sgd", {"lr": 1.0}), grid.logspace((-8, -3, 5000)),
+                      np.full(5000, np.nan), 2, progress=False)
+    assert capsys.readouterr().out == ""
 
 
 def test_when_every_run_diverges_the_best_is_the_lowest_last_loss_and_says_so():
