@@ -746,7 +746,7 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     part way (a cluster's time limit, Ctrl-C) starts again where it stopped rather than from the
     first run; a run is kept under a name made from everything that determines it (this code and
     the machine included: a fix, or another node, never reuses a run), and the caller removes the
-    folder once the table is written. `log`: one line per run, counted ("[3/48] ...")."""
+    folder once the table is written. `log`: one line per run, counted as the timing rules count ("... (3 of 48)")."""
     import pandas as pd
 
     frames, total = [], len(settings) * len(seeds)
@@ -762,7 +762,7 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
                                  progress=False, **protocol), ""
                 if kept is not None:
                     results.write(frame, kept)
-            log(f"[{len(frames) + 1}/{total}] {_run_line(frame, hyperparameters, seed, how)}")
+            log(f"{_run_line(frame, hyperparameters, seed, how)} ({len(frames) + 1} of {total})")
             frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 

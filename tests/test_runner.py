@@ -323,13 +323,13 @@ def test_many_runs_log_the_full_train_loss_that_tuning_ranks_by():
     frame = runner.run_many("digits-mlp", "sgd", "torch", "cpu", [{"lr": 0.1}], [0], log=lines.append,
                             dtype="float32", steps=4, eval_every=2)
     last = frame.iloc[-1]
-    assert lines == [f"[1/1] {{'lr': 0.1}} seed 0: final loss {last['loss']:.6g} "
-                     f"(full-train {last['train_loss']:.6g}) at step 4, {last['time_s']:.3g} s of steps"]
+    assert lines == [f"{{'lr': 0.1}} seed 0: final loss {last['loss']:.6g} (full-train {last['train_loss']:.6g}) "
+                     f"at step 4, {last['time_s']:.3g} s of steps (1 of 1)"]
     lines.clear()
     runner.run_many("wine", "sgd", "numpy", "cpu", [{"lr": 1e-6}, {"lr": 1e-7}], [0, 1], log=lines.append, steps=2)
-    assert "full-train" not in lines[0] and lines[0].startswith("[1/4] {'lr': 1e-06} seed 0: final loss ")
-    assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
-    assert lines[3].startswith("[4/4] {'lr': 1e-07} seed 1: ")
+    assert "full-train" not in lines[0] and lines[0].startswith("{'lr': 1e-06} seed 0: final loss ")
+    assert [line.rsplit("(", 1)[1] for line in lines] == ["1 of 4)", "2 of 4)", "3 of 4)", "4 of 4)"]
+    assert lines[3].startswith("{'lr': 1e-07} seed 1: ")
 
 
 def test_a_kept_run_is_reused_only_under_the_same_optimizer_framework_and_dtype(tmp_path, monkeypatch):
