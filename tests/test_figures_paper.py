@@ -672,6 +672,22 @@ def test_the_logit_clip_comparison_agrees_with_each_grids_best_and_runs(clip_gri
     assert ngd["best_loss_change"] == pytest.approx((exact_loss - paper_loss) / paper_loss)
 
 
+def test_the_divergence_step_is_the_earliest_at_the_smallest_lr():
+    """Runs that diverge only without the clip: at lr 0.1 under dampings 1e-6 (step 9) and 1e-2
+    (step 4), at lr 1 (step 2). The smallest such lr is 0.1, and its step the earliest of its runs,
+    4 (not the first damping's 9, nor lr 1's 2)."""
+    from natgrad_impls.figures import tables
+
+    runs = [(0.1, 1e-6, 9), (0.1, 1e-2, 4), (1.0, 1e-6, 2)]
+    rows = [{"task": "breastcancer", "optimizer": "ef", "lr": lr, "damping": d, "step": k, "loss": loss,
+             "diverged": diverged, "repeat": 0, "best": False, "chaotic": False, "logit_clip": clip}
+            for lr, d, last in runs for clip, diverged in (("paper", False), ("none", True))
+            for k, loss in ((0, 1.0), (last, 1e3 if diverged else 0.5))]
+    row = tables.logit_clip_comparison(pd.DataFrame(rows)).iloc[0]
+    assert row["diverged_only_none"] == 3 and row["smallest_lr_diverged_only_none"] == 0.1
+    assert row["its_divergence_step"] == 4
+
+
 def test_a_chaotic_change_is_told_from_a_real_one():
     """beyond_chaos compares the ranges of the two best runs over their repeats."""
     from natgrad_impls.figures import tables

@@ -246,7 +246,8 @@ def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
     ef's chaos), changed_runs (runs whose last loss, last step or divergence the clip changes; the
     others never reached a clipped logit and agree to round-off) with smallest_lr_changed, and
     diverged_only_none (runs that diverge without the clip but not with it) with the smallest such lr
-    and its_divergence_step (that run's, without the clip)."""
+    and its_divergence_step (the earliest step at which a run at that lr, of any damping, diverges
+    without the clip)."""
     clipped = grid[grid["logit_clip"].astype(str).isin(CLIPS)]
     last = runs_by_clip(final_losses(clipped))
     best = clipped[clipped["best"].astype(bool)]  # the best runs and their chaos repeats
@@ -310,8 +311,9 @@ def _changes(paper: pd.DataFrame, none: pd.DataFrame, row: dict) -> dict:
     same = (np.isclose(both["loss_none"], both["loss_paper"], rtol=CLIP_TOLERANCE, atol=0.0, equal_nan=True)
             & (both["step_none"] == both["step_paper"]) & (both["diverged_none"] == both["diverged_paper"]))
     changed = both[~same]
-    only_none = both[~both["diverged_paper"] & both["diverged_none"]].sort_index(level="lr")
-    first = only_none.iloc[:1]  # the smallest lr that diverges only without the clip
+    only_none = both[~both["diverged_paper"] & both["diverged_none"]]
+    lrs = only_none.index.get_level_values("lr")
+    first = only_none[lrs == lrs.min()] if len(only_none) else only_none  # the smallest such lr, every damping
     paper_loss, none_loss = row["final_loss_paper"], row["final_loss_none"]
     comparable = paper_loss and not (row["diverged_paper"] is True or row["diverged_none"] is True)
     return {
@@ -320,8 +322,8 @@ def _changes(paper: pd.DataFrame, none: pd.DataFrame, row: dict) -> dict:
         "changed_runs": len(changed),
         "smallest_lr_changed": float(changed.index.get_level_values("lr").min()) if len(changed) else math.nan,
         "diverged_only_none": len(only_none),
-        "smallest_lr_diverged_only_none": float(first.index.get_level_values("lr")[0]) if len(first) else math.nan,
-        "its_divergence_step": int(first["step_none"].iloc[0]) if len(first) else pd.NA,
+        "smallest_lr_diverged_only_none": float(lrs.min()) if len(first) else math.nan,
+        "its_divergence_step": int(first["step_none"].min()) if len(first) else pd.NA,
     }
 
 
