@@ -331,8 +331,8 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
     grid: a `natgrad grid` frame (task, optimizer, lr, damping, step, loss, repeat, best, chaotic).
     A chaotic best run (DESIGN 4) is drawn with a band, min..max per step over the best run and its
     repeats from theta0 + 1e-14 noise (rows best, repeat >= 0). cos: rows task, step, cos_ef_ngd
-    and cos_ngd_grad (a `natgrad run --cos-ef-ngd` frame of the best EF run, several tasks concatenated), or None:
-    then the cosine row is left out with a note. tasks: the tasks to draw (default: every task in
+    and cos_ngd_grad (a `natgrad run --cos-ef-ngd` frame of the best EF run, several tasks
+    concatenated), or None: then the cosine row is left out with a note. tasks: the tasks to draw (default: every task in
     the frame, in the registry's order); absent ones are left out with a note.
     """
     notes = []
