@@ -2,7 +2,8 @@
 
 Both are timed the same way: built and warmed up (jit compilation, allocator, then WARMUP_S of
 calls) first, then each call synchronised (torch.cuda.synchronize, jax block_until_ready) and the
-median of `repeats` samples taken, the step's and the gradient's in turn (`alternating_medians`).
+median of `repeats` samples taken, the step's and the gradient's in turn (`alternating_medians`),
+each sample after a moment of untimed calls of its own (SETTLE_S).
 Cost in gradient-equivalents = time(step) / time(gradient) on the same task, framework, device.
 The asv suite (benchmarks/), the cost script (scripts/step_cost.py) and the pipeline's timing rules
 all time through here, on the problem `mlp_problem` builds and with the settings in `SETTINGS`.
@@ -187,6 +188,12 @@ def _framework_io(framework: Framework, device: Device, dtype: DType):
 WARMUP_S = 0.2  # seconds of calls, at least, before any sample
 MIN_SAMPLE_S = 2e-3  # a sample spans whole blocks lasting this long at least: a timer read and a
                      # scheduler tick must not weigh on a sub-millisecond call
+# Measured in jax on 784-1000-10 at batch 512 on a 2-core CPU: the first 4 or 5 gradients after an
+# exact-NGD step (0.57 s) took 6-16 ms against 4.1 ms in a row, so a gradient sampled right after
+# that step came out at 7.4-9.1 ms, and the step at half its gradient-equivalents.
+# After an exact-NGD step of 11 ms (mnist1d-mlp) only the first gradient was slow (0.26 against 0.14 ms):
+# a wake lasts a fraction of the call that leaves it, so a settle lasts as long as the sample before it.
+SETTLE_S = 0.05  # at most, untimed calls of the same kind before each sample taken in turn with others
 
 
 class Timed(NamedTuple):
@@ -199,18 +206,27 @@ class Timed(NamedTuple):
 
 
 def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, warmup_s: float = WARMUP_S,
-                        min_sample_s: float = MIN_SAMPLE_S) -> list[float]:
+                        min_sample_s: float = MIN_SAMPLE_S, settle_s: float = SETTLE_S) -> list[float]:
     """Per timed call, the median over `repeats` samples of the mean time of one call, each call
     synchronised as the runner's steps are (no more of the syncs than the gradient a step is
     divided by). The calls are warmed up (`warm_up`: a block that may compile, then `warmup` blocks,
     and more until `warmup_s` has passed) and then sampled in turn, so that a burst of load on a
     shared machine falls on all of them and their ratios (gradient-equivalents, ours over a peer's)
-    are steadier than their times."""
-    sizes = [warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
+    are steadier than their times. Where several calls take turns, each sample of a call follows its
+    own untimed blocks for as long as the sample before it took, `settle_s` at most (none where one
+    block of the call is longer): it measures the call in a row, as training runs it, not in the wake of
+    a longer call of another kind (SETTLE_S)."""
+    warm = [_warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
     samples = [[] for _ in timed]
+    previous_s = 0.0  # the last sample's seconds
     for _ in range(repeats):
-        for t, calls, times in zip(timed, sizes, samples):
-            times.append(_block_seconds(t.call, t.sync, calls) / calls)
+        for t, (calls, block_s), times in zip(timed, warm, samples):
+            settle = min(settle_s, previous_s)
+            if len(timed) > 1 and block_s < settle:
+                _run_for(t, settle)
+            seconds = _block_seconds(t.call, t.sync, calls)
+            times.append(seconds / calls)
+            previous_s = seconds
     return [statistics.median(times) for times in samples]
 
 
@@ -219,12 +235,24 @@ def warm_up(t: Timed, warmup: int = 2, warmup_s: float = WARMUP_S, min_sample_s:
     passed since that first block (a compile longer than `warmup_s` would otherwise end the warm-up
     with it, and size the samples by it); return the calls a sample takes: as many whole blocks as
     last `min_sample_s`, by the last block's time."""
+    return _warm_up(t, warmup, warmup_s, min_sample_s)[0]
+
+
+def _warm_up(t: Timed, warmup: int, warmup_s: float, min_sample_s: float) -> tuple[int, float]:
+    """`warm_up`'s calls per sample, and the seconds of its last block."""
     took = _block_seconds(t.call, t.sync, t.block)
     start, done = time.perf_counter(), 0
     while done < warmup or time.perf_counter() - start < warmup_s:
         took, done = _block_seconds(t.call, t.sync, t.block), done + 1
     blocks = math.ceil(min_sample_s / max(took, 1e-9)) if min_sample_s > 0 else 1
-    return t.block * max(1, blocks)
+    return t.block * max(1, blocks), took
+
+
+def _run_for(t: Timed, seconds: float) -> None:
+    """Whole blocks of `t`, untimed, until `seconds` have passed."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _block_seconds(t.call, t.sync, t.block)
 
 
 def _block_seconds(call: Callable[[], object], sync: Callable[[object], None], block: int) -> float:

@@ -524,13 +524,51 @@ def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
     synced = []
     step = timing.Timed(costing("step", ms), synced.append, block=2)  # a K-FAC-like period of 2
     grad = timing.Timed(costing("grad", ms / 2), synced.append)
-    medians = timing.alternating_medians([step, grad], repeats=3, warmup=2, warmup_s=10 * ms, min_sample_s=4 * ms)
+    medians = timing.alternating_medians([step, grad], repeats=3, warmup=2, warmup_s=10 * ms, min_sample_s=4 * ms,
+                                         settle_s=0)
     assert medians == [ms, ms / 2]
     assert synced == list(range(1, len(log) + 1))  # every call's own output, each right after it
     # warm-up: a first block, then 10 ms of each (5 blocks of the step, 20 calls of the gradient);
     # then samples of 4 ms in whole blocks (2 of the step's, 8 of the gradient's calls), in turn
     expected = ["step"] * 12 + ["grad"] * 21 + (["step"] * 4 + ["grad"] * 8) * 3
     assert log == expected
+
+
+def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(monkeypatch):
+    """A clock on which the two gradients after a long step cost 3 times their 1 ms (as jax's after
+    an exact-NGD step did): sampled right after the step, the gradient would come out at 3 ms;
+    after settle_s of untimed gradients, at its 1 ms in a row, and no longer than the step's sample
+    took where settle_s is longer. The step, whose call is longer than settle_s or than the gradient's
+    sample before it, is sampled without one (no 64 ms step runs untimed); a call timed alone
+    follows itself and settles never."""
+    clock, log = [0.0], []
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    ms = 2.0**-10  # exact in binary: the clock's sums carry no round-off
+
+    def step():
+        clock[0] += 64 * ms
+        log.append("step")
+
+    def grad():
+        clock[0] += (3 if "step" in log[-2:] else 1) * ms  # in the step's wake: one of the last two calls
+        log.append("grad")
+
+    def sample(settle_s):
+        log.clear()
+        return timing.alternating_medians([timing.Timed(step, lambda out: None), timing.Timed(grad, lambda out: None)],
+                                          repeats=3, warmup=0, warmup_s=0, min_sample_s=0, settle_s=settle_s)
+
+    assert sample(settle_s=0) == [64 * ms, 3 * ms]
+    assert sample(settle_s=4 * ms) == [64 * ms, ms]
+    # per turn: the step alone, then untimed gradients for 4 ms (two, both in the wake), then the sample
+    assert log[2:] == ["step", "grad", "grad", "grad"] * 3
+    assert sample(settle_s=1.0) == [64 * ms, ms]
+    # untimed gradients for the step's 64 ms only: two in the wake (3 ms each) and 58 more, then the sample
+    assert log[2:] == (["step"] + ["grad"] * 60 + ["grad"]) * 3
+    log.clear()
+    assert timing.alternating_medians([timing.Timed(grad, lambda out: None)], repeats=3, warmup=0, warmup_s=0,
+                                      min_sample_s=0, settle_s=4 * ms) == [ms]
+    assert log == ["grad"] * 4  # the warm-up's first call, then a sample each
 
 
 def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(monkeypatch):
@@ -549,7 +587,7 @@ def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(mo
         clock[0] += ms / 2
 
     medians = timing.alternating_medians([timing.Timed(step, lambda out: None), timing.Timed(grad, lambda out: None)],
-                                         repeats=5, warmup=0, warmup_s=0, min_sample_s=0)
+                                         repeats=5, warmup=0, warmup_s=0, min_sample_s=0, settle_s=0)
     assert next(costs, None) is None  # every cost was spent: one warm-up call and five samples of one call
     assert medians == [4 * ms, ms / 2]
 
