@@ -584,6 +584,8 @@ def test_grid_commands_carry_the_convex_settings(dags, name):
         assert option(command, "--optimizers").split(",") == configured(name)["optimizers"], command
         assert option(command, "--checkpoints") == job["params"]["checkpoints"], command
         assert option(command, "--out") == where, command
+        # the job's log is its stderr, no terminal: progress comes as lines there, unless turned off
+        assert "--no-progress" not in command.split(), command
     assert any(j["rule"] == "grid_logit_clip_none" for j in dags[name]) == bool(c["compare_logit_clip"])
 
 

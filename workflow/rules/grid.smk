@@ -23,7 +23,7 @@ rule grid:
     shell:
         "{params.env} natgrad grid --task {wildcards.task} --optimizers {params.optimizers} "
         "--framework {wildcards.framework} --device {wildcards.device} {params.options} "
-        "--no-progress --checkpoints {params.checkpoints} --out {output} > {log} 2>&1"
+        "--checkpoints {params.checkpoints} --out {output} > {log} 2>&1"  # off a terminal: progress as log lines
 
 
 # The same grid with the exact Bernoulli likelihood instead of the paper code's clipped logits
