@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import sys
 
 from natgrad_impls import results
@@ -61,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="natgrad", description="Natural-gradient benchmarks: tasks, single runs and Kunstner grids.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{tasks,run,grid}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("tasks", help="list the tasks: task, N, inputs, classes, params, offline or download, source")
 
@@ -103,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                       "for chaos (default 5; 0 skips the check)")
     grid.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
     grid.add_argument("--checkpoints", metavar="FOLDER", help="keep each optimizer's finished grid in FOLDER, so that "
-                      "the same command stopped part way resumes at its next optimizer; removed once --out is written")
+                      "the same command stopped part way resumes at its next optimizer; they (and FOLDER, if that empties "
+                      "it) are removed once --out is written")
+    commands.metavar = "{" + ",".join(commands.choices) + "}"  # named in the error when none is given
     return parser
 
 
@@ -199,7 +200,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from natgrad_impls import grid
+    from natgrad_impls import grid, runner
 
     hps = _hyperparameters(args, names=())
     _checked(lambda: results.check_path(args.out))
@@ -215,7 +216,7 @@ def cmd_grid(args) -> int:
                                                 on_done=_print_best, checkpoints=args.checkpoints))
     _write(result.frame, out)
     if args.checkpoints:
-        shutil.rmtree(args.checkpoints, ignore_errors=True)
+        runner.clear_checkpoints(args.checkpoints)
     print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0

@@ -800,3 +800,23 @@ def checkpoint_path(folder, *determining):
 
     key = json.dumps(determining, sort_keys=True, default=str)
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.parquet"
+
+
+def clear_checkpoints(folder) -> None:
+    """Remove the pieces `checkpoint_path` names in `folder` (a grid keeps a .json beside each, and
+    temporaries of their writing), then the folder if that empties it: never anything else, should a
+    user name a folder of their own."""
+    import re
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    kept = re.compile(r"\.?[0-9a-f]{20}\.(parquet|json)(\..+\.part)?")
+    for path in folder.iterdir():
+        if path.is_file() and kept.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else is in it

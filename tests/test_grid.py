@@ -217,6 +217,12 @@ def test_the_cli_removes_its_checkpoints_once_the_grid_is_written(tmp_path):
     assert cli.main(["grid", "--task", "wine", "--optimizers", "sgd", "--lrs=-3:-2:2", "--steps", "3", "--repeats", "0",
                      "--no-progress", "--checkpoints", str(folder), "--out", str(out)]) == 0
     assert out.exists() and not folder.exists()
+    # a folder of the user's own: the grid's pieces go, the rest (and the folder) stays
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert cli.main(["grid", "--task", "wine", "--optimizers", "sgd,adam", "--lrs=-3:-2:2", "--steps", "3",
+                     "--repeats", "0", "--no-progress", "--checkpoints", str(folder), "--out", str(out)]) == 0
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
 def test_chaotic_best_runs_are_flagged(tmp_path):
@@ -523,10 +529,12 @@ def test_a_grid_in_a_job_log_says_how_far_it_is(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     done = [int(re.fullmatch(r"wine sgd: (\d+)/5000 runs \(\d+%\), \d+ s", line).group(1)) for line in lines]
     assert len(done) >= 2 and done == sorted(done) and done[-1] < 5000, lines  # several chunks, counted up
-    grid.trajectories(get_task("wine").problem, *get_task("wine").load().train, "sgd",
-                      grid.make_hyperparameters("sgd", {"lr": 1.0}), grid.logspace((-8, -3, 5000)),
-                      np.full(5000, np.nan), 2, progress=False)
-    assert capsys.readouterr().out == ""
+    for every_s, progress in ((0, False), (3600, None)):  # --no-progress; no line before an hour has passed
+        monkeypatch.setattr(grid, "PROGRESS_EVERY_S", every_s)
+        grid.trajectories(get_task("wine").problem, *get_task("wine").load().train, "sgd",
+                          grid.make_hyperparameters("sgd", {"lr": 1.0}), grid.logspace((-8, -3, 5000)),
+                          np.full(5000, np.nan), 2, progress=progress)
+        assert capsys.readouterr().out == "", (every_s, progress)
 
 
 def test_when_every_run_diverges_the_best_is_the_lowest_last_loss_and_says_so():

@@ -7,7 +7,6 @@ full-train loss, diverged runs last; figures.tables) as the JSON that train and 
 import json
 import math
 import os
-import shutil
 
 from natgrad_impls.runner import HYPERPARAMETER_ORDER, thread_environment
 
@@ -53,4 +52,4 @@ with results.job_log(snakemake.log[0]):
         with open(snakemake.input.best) as handle:
             runs = train([json.load(handle)], params.seeds, params.protocol, params.cos_ef_ngd)
     results.write(runs, snakemake.output.runs)
-    shutil.rmtree(snakemake.params.checkpoints, ignore_errors=True)
+    runner.clear_checkpoints(snakemake.params.checkpoints)
