@@ -3,7 +3,7 @@
 Both are timed the same way: built and warmed up (jit compilation, allocator, then WARMUP_S of
 calls) first, then each call synchronised (torch.cuda.synchronize, jax block_until_ready) and the
 median of `repeats` samples taken, the step's and the gradient's in turn (`alternating_medians`),
-each sample after a moment of untimed calls of its own (SETTLE_S).
+each sample after a moment of untimed calls of its own where a longer call ran before it (SETTLE_S).
 Cost in gradient-equivalents = time(step) / time(gradient) on the same task, framework, device.
 The asv suite (benchmarks/), the cost script (scripts/step_cost.py) and the pipeline's timing rules
 all time through here, on the problem `mlp_problem` builds and with the settings in `SETTINGS`.
@@ -218,7 +218,7 @@ def alternating_medians(timed: Sequence[Timed], repeats: int, warmup: int = 2, w
     a longer call of another kind (SETTLE_S)."""
     warm = [_warm_up(t, warmup, warmup_s, min_sample_s) for t in timed]
     samples = [[] for _ in timed]
-    previous_s = 0.0  # the last sample's seconds
+    previous_s = warm[-1][1]  # the seconds of the last sample (at first, of the last warm-up block)
     for _ in range(repeats):
         for t, (calls, block_s), times in zip(timed, warm, samples):
             settle = min(settle_s, previous_s)

@@ -567,8 +567,8 @@ def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(
     assert log[2:] == (["step"] + ["grad"] * 60 + ["grad"]) * 3
     log.clear()
     assert timing.alternating_medians([timing.Timed(grad, lambda out: None)], repeats=3, warmup=0, warmup_s=0,
-                                      min_sample_s=0, settle_s=4 * ms) == [ms]
-    assert log == ["grad"] * 4  # the warm-up's first call, then a sample each
+                                      min_sample_s=4 * ms, settle_s=4 * ms) == [ms]
+    assert log == ["grad"] * 13  # the warm-up's first call, then samples of 4 calls, none untimed between
 
 
 def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(monkeypatch):
