@@ -332,8 +332,8 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
     A chaotic best run (DESIGN 4) is drawn with a band, min..max per step over the best run and its
     repeats from theta0 + 1e-14 noise (rows best, repeat >= 0). cos: rows task, step, cos_ef_ngd
     and cos_ngd_grad (a `natgrad run --cos-ef-ngd` frame of the best EF run, several tasks
-    concatenated), or None: then the cosine row is left out with a note. tasks: the tasks to draw (default: every task in
-    the frame, in the registry's order); absent ones are left out with a note.
+    concatenated), or None: then the cosine row is left out with a note. tasks: the tasks to draw
+    (default: every task in the frame, in the registry's order); absent ones are left out with a note.
     """
     notes = []
     present_tasks = _task_order(grid["task"].unique()) if len(grid) else []
@@ -365,7 +365,7 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
         if handles and any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines()):
             handles.append(style.gauge_handle())
-        if handles:  # at column width: short handles, tight spacing, and two rows for more than five entries
+        if handles:  # at column width: short handles, tight spacing, two rows for more than five entries
             narrow = fig.get_figwidth() <= style.COLUMN_WIDTH
             ncol = math.ceil(len(handles) / 2) if narrow and len(handles) > 5 else len(handles)
             fig.legend(handles=handles, loc="outside upper center", ncol=ncol,

@@ -246,8 +246,8 @@ def logit_clip_comparison(grid: pd.DataFrame) -> pd.DataFrame:
     ef's chaos), changed_runs (runs whose last loss, last step or divergence the clip changes; the
     others never reached a clipped logit and agree to round-off) with smallest_lr_changed, and
     diverged_only_none (runs that diverge without the clip but not with it) with the smallest such lr
-    and its_divergence_step (the earliest step at which a run at that lr, of any damping, diverges
-    without the clip)."""
+    and its_divergence_step (the earliest step at which one of those runs at that lr, of any
+    damping, diverges)."""
     clipped = grid[grid["logit_clip"].astype(str).isin(CLIPS)]
     last = runs_by_clip(final_losses(clipped))
     best = clipped[clipped["best"].astype(bool)]  # the best runs and their chaos repeats
