@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                       "for chaos (default 5; 0 skips the check)")
     grid.add_argument("--out", required=True, help="FILE.csv or FILE.parquet")
     grid.add_argument("--checkpoints", metavar="FOLDER", help="keep each optimizer's finished grid in FOLDER, so that "
-                      "the same command stopped part way resumes at its next optimizer; they (and FOLDER, if that empties "
-                      "it) are removed once --out is written")
+                      "the same command stopped part way resumes at its next optimizer; they (and FOLDER, if that "
+                      "empties it) are removed once --out is written")
     commands.metavar = "{" + ",".join(commands.choices) + "}"  # named in the error when none is given
     return parser
 
