@@ -506,12 +506,19 @@ def test_timing_synchronises_every_call_of_a_block():
     assert syncs == list(range(1, 2 * 4 + 1))  # a block that may compile, then a timed one
 
 
-def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
+@pytest.fixture
+def clock(monkeypatch):
+    """timing's clock replaced by one that stands still until a test moves it on (clock[0] += seconds)."""
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    return now
+
+
+def test_alternating_medians_warm_up_then_sample_in_turn(clock):
     """On a clock that each call moves on by its own cost: every call is warmed up for warmup_s (a
     jax step right after its compile runs slow for milliseconds), its samples are whole blocks that
     last min_sample_s, and the calls' samples come in turn, so that a burst of load hits them all."""
-    clock, log = [0.0], []
-    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    log = []
 
     def costing(name, seconds):
         def call():
@@ -534,15 +541,14 @@ def test_alternating_medians_warm_up_then_sample_in_turn(monkeypatch):
     assert log == expected
 
 
-def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(monkeypatch):
+def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(clock):
     """A clock on which the two gradients after a long step cost 3 times their 1 ms (as jax's after
     an exact-NGD step did): sampled right after the step, the gradient would come out at 3 ms;
     after settle_s of untimed gradients, at its 1 ms in a row, and no longer than the step's sample
     took where settle_s is longer. The step, whose call is longer than settle_s or than the gradient's
     sample before it, is sampled without one (no 64 ms step runs untimed); a call timed alone
     follows itself and settles never."""
-    clock, log = [0.0], []
-    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    log = []
     ms = 2.0**-10  # exact in binary: the clock's sums carry no round-off
 
     def step():
@@ -571,12 +577,10 @@ def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(
     assert log == ["grad"] * 13  # the warm-up's first call, then samples of 4 calls, none untimed between
 
 
-def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(monkeypatch):
+def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(clock):
     """A sample hit by a burst of load must not pull the time up (the mean would) and one lucky
     quiet sample must not set it (the least would): on a clock where the step's samples cost 16, 1,
     8, 4 and 2 ms in turn, its time is the middle one, 4 ms; the gradient's steady samples are kept."""
-    clock = [0.0]
-    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     ms = 2.0**-10  # about a millisecond, exact in binary: the clock's sums carry no round-off
     costs = iter([ms] + [c * ms for c in (16, 1, 8, 4, 2)])  # the warm-up call, then one per sample
 
@@ -592,12 +596,11 @@ def test_alternating_medians_take_the_middle_sample_not_the_mean_or_the_least(mo
     assert medians == [4 * ms, ms / 2]
 
 
-def test_a_compile_neither_ends_the_warm_up_nor_sizes_the_samples(monkeypatch):
+def test_a_compile_neither_ends_the_warm_up_nor_sizes_the_samples(clock):
     """A jax call's first run compiles (here 250 ms, longer than the warm-up's 200): the warm-up
     still runs warm calls for 200 ms after it, and the samples are sized by a warm call (two calls
     of a millisecond for 2 ms), as in cost_table, which asks for no warm-up blocks beyond the time."""
-    clock, calls = [0.0], []
-    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    calls = []
     ms = 2.0**-10  # about a millisecond, exact in binary: the clock's sums carry no round-off
 
     def call():
@@ -1237,12 +1240,10 @@ def test_cost_table_samples_kfac_in_whole_periods(monkeypatch):
     assert blocks == [[1, 1], [timing.SETTINGS["kfac"][1]["kfac_update_period"], 1]]
 
 
-def test_affordable_repeats_counts_samples_of_whole_blocks(monkeypatch):
+def test_affordable_repeats_counts_samples_of_whole_blocks(clock):
     """A sample is a block of calls (K-FAC: a period): with calls of 1/16 s in blocks of 4 a sample
     takes 1/4 s, so a budget of 1 s affords 4 samples, not the 16 single calls it would hold; at
     least 3 however slow, at most `repeats`. Stand-in clock that each call moves on by 1/16 s."""
-    clock = [0.0]
-    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
 
     def call():
         clock[0] += 2.0**-4
