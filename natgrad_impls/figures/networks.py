@@ -280,8 +280,7 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                         ax.set_ylabel(ylabel)
                 _same_limits(axes[r], "x")
             _same_limits(axes[t * len(kinds):(t + 1) * len(kinds)].ravel(), "y")
-        gauged = any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines())
-        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers, gauged)
+        _legend(fig, [o for o in style.OPTIMIZERS if o in shown], markers, style.gauge_drawn(fig))
     return Drawn(fig, notes)
 
 

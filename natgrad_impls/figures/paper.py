@@ -363,7 +363,7 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
                 if cos_ax is not None:
                     cos_ax.set_ylabel("cos(EF, NGD)")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
-        if handles and any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines()):
+        if handles and style.gauge_drawn(fig):
             handles.append(style.gauge_handle())
         if handles:  # at column width: short handles, tight spacing, two rows for more than five entries
             narrow = fig.get_figwidth() <= style.COLUMN_WIDTH

@@ -66,6 +66,11 @@ def gauge_kwargs(color) -> dict:
     return {"color": color, "gid": "gauge", "label": "_gauge", "zorder": 3, "path_effects": halo, **_GAUGE}
 
 
+def gauge_drawn(fig) -> bool:
+    """Whether any panel of `fig` has a gauge line (gauge_kwargs's gid): then the legend names it."""
+    return any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines())
+
+
 def gauge_handle() -> Line2D:
     """The gauge's legend entry, in a neutral grey: each line has its run's colour."""
     return Line2D([], [], color="0.35", label=GAUGE_LABEL, **_GAUGE)
