@@ -745,8 +745,8 @@ def run_many(task, optimizer, framework, device, settings, seeds, checkpoints=No
     cos_ef_ngd, ...). `checkpoints`: a folder that keeps each finished run, so that a job killed
     part way (a cluster's time limit, Ctrl-C) starts again where it stopped rather than from the
     first run; a run is kept under a name made from everything that determines it (this code and
-    the machine included: a fix, or another node, never reuses a run), and the caller removes the
-    folder once the table is written. `log`: one line per run, counted as the timing rules count ("... (3 of 48)")."""
+    the machine included: a fix, or another node, never reuses a run), and the caller clears the
+    folder once the table is written (`clear_checkpoints`). `log`: one line per run, counted as the timing rules count ("... (3 of 48)")."""
     import pandas as pd
 
     frames, total = [], len(settings) * len(seeds)
@@ -790,6 +790,9 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
+CHECKPOINT_HASH = 20  # hex digits of a kept piece's name (`checkpoint_path`, `clear_checkpoints`)
+
+
 def checkpoint_path(folder, *determining):
     """Where a finished piece of a job is kept (a run of `run_many`, an optimizer's grid): a file
     named by a hash of what determines it (task, optimizer, framework, device, hyperparameters,
@@ -799,7 +802,7 @@ def checkpoint_path(folder, *determining):
     from pathlib import Path
 
     key = json.dumps(determining, sort_keys=True, default=str)
-    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.parquet"
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:CHECKPOINT_HASH]}.parquet"
 
 
 def clear_checkpoints(folder) -> None:
@@ -812,7 +815,7 @@ def clear_checkpoints(folder) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    kept = re.compile(r"\.?[0-9a-f]{20}\.(parquet|json)(\..+\.part)?")
+    kept = re.compile(rf"\.?[0-9a-f]{{{CHECKPOINT_HASH}}}\.(parquet|json)(\..+\.part)?")
     for path in folder.iterdir():
         if path.is_file() and kept.fullmatch(path.name):
             path.unlink(missing_ok=True)
