@@ -501,12 +501,14 @@ def test_optimisation_legend_cosine_and_settings_follow_the_frames():
     assert not _with_gid(cos_ax, "gauge") and style.GAUGE_LABEL not in [h.get_label() for h in handles]
     assert f"{style.GAUGE_LABEL} on wine: not in the cosine frame, left out." in drawn.notes
     # with it: the gauge follows the cosine's rows, in step order, and gets its legend entry
-    cos["cos_ngd_grad"] = [0.125, 0.25, 0.375, 0.5, 0.0, 0.0, 0.0, 0.0, 0.75, 0.75]
+    cos["cos_ngd_grad"] = [0.125, 0.25, 0.375, -0.5, 0.0, 0.0, 0.0, 0.0, 0.75, 0.75]
     drawn = paper.optimisation(grid_frame, cos, tasks=["wine"])
     (gauge,) = _with_gid(drawn.figure.axes[1], "gauge")
-    np.testing.assert_array_equal(gauge.get_xydata(), [[0, 0.5], [1, 0.25], [2, 0.375], [3, 0.125]])
+    np.testing.assert_array_equal(gauge.get_xydata(), [[0, -0.5], [1, 0.25], [2, 0.375], [3, 0.125]])
     assert drawn.figure.legends[0].legend_handles[-1].get_label() == style.GAUGE_LABEL
-    assert not any(style.GAUGE_LABEL in note for note in drawn.notes)
+    # a note gives its largest size, the other rows' 0.75 not counted: near 0 it lies on the zero line
+    assert [note for note in drawn.notes if style.GAUGE_LABEL in note] == [
+        f"{style.GAUGE_LABEL} on wine: within 0.5 of 0 throughout."]
 
 
 def test_a_cosine_frame_without_tasks_is_refused(small_grid, cos_frame):

@@ -417,6 +417,8 @@ def _cos_panel(ax, cos: pd.DataFrame | None, task: str, best_ef: pd.DataFrame) -
     notes = []
     if "cos_ngd_grad" in rows and rows["cos_ngd_grad"].notna().any():
         ax.plot(rows["step"], rows["cos_ngd_grad"], **style.gauge_kwargs(style.COLORS["ef"]))
+        # at this axis' scale a gauge within a few hundredths of 0 lies on the zero line: say how close
+        notes.append(f"{style.GAUGE_LABEL} on {task}: within {rows['cos_ngd_grad'].abs().max():.2g} of 0 throughout.")
     else:  # a frame written before the gauge was recorded
         notes.append(f"{style.GAUGE_LABEL} on {task}: not in the cosine frame, left out.")
     run = best_ef[best_ef["repeat"] == 0]
