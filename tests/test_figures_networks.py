@@ -421,11 +421,34 @@ def test_scaling_log_log_with_slopes_in_the_legend():
     assert [slope(t) for t in by_width] == pytest.approx([2, 1, 2, 1], abs=0.01)
     assert [slope(t) for t in by_batch] == pytest.approx([1, 2, 1, 1], abs=0.01)
     exact, mc = axes[0, 0].get_lines()[1:3]
-    assert exact.get_marker() != mc.get_marker() and _color(exact) == pytest.approx(mcolors.to_rgb(style.COLORS["ngd"]))
+    assert _color(exact) == pytest.approx(mcolors.to_rgb(style.COLORS["ngd"]))
     assert _color(mc) != pytest.approx(_color(exact)) and mc.get_linestyle() == exact.get_linestyle()
+    # markers as in the other cost figures: the framework's shape, filled on a CPU
+    for row, (framework, _) in enumerate(COMBOS):
+        for line in axes[row, 0].get_lines()[:3]:
+            assert line.get_marker() == style.FRAMEWORK_MARKERS[framework]
+            assert mcolors.to_rgb(line.get_markerfacecolor()) == pytest.approx(_color(line))
     assert "batch size 256" in axes[0, 0].get_xlabel()
     one_width = cost.scaling(scaling_rows(widths=(128,)))
     assert any("no width sweep" in n for n in one_width.notes)
+
+
+def test_scaling_slope_is_that_of_the_largest_sizes():
+    """A line flat over its small widths (per-call overhead) and quadratic over the largest two: its
+    legend gives 2, the growth there, where a fit over all four would give about 1."""
+    rows = scaling_rows(settings=("sgd",))
+    rows["step_s"] = 1e-9 * np.maximum(rows["width"], 128) ** 2 * rows["batch_size"]  # widths 32 to 256
+    legend = [t.get_text() for t in cost.scaling(rows).figure.axes[0].get_legend().get_texts()]
+    assert legend[0] == "SGD: 2.00"
+    assert cost.fitted_slope([32, 64, 128, 256], [128**2] * 3 + [256**2]) < 1.2  # what a fit over all gives
+
+
+def test_a_variant_has_its_shade_whichever_siblings_a_table_has():
+    """NGD (MC) is the lighter blue in every cost figure, also in a table without NGD (exact)."""
+    alone, both = cost.setting_style("ngd-mc"), cost.setting_style("ngd-exact")
+    assert both["color"] == style.COLORS["ngd"] and alone["color"] != both["color"]
+    drawn = cost.scaling(scaling_rows(settings=("sgd", "ngd-mc")))
+    assert _color(drawn.figure.axes[0].get_lines()[1]) == pytest.approx(alone["color"])
 
 
 def test_devices_pairs_and_a_note_without_gpu():

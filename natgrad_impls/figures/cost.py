@@ -22,7 +22,6 @@ from natgrad_impls.figures import Drawn, placeholder, style
 from natgrad_impls.timing import SETTINGS
 
 VARIANT_LABELS = {"mc": "MC", "exact": "exact", "momentum": "momentum"}
-VARIANT_MARKERS = {"": "o", "mc": "o", "exact": "s", "momentum": "D"}
 ROW_HEIGHT = 0.2  # inches per setting in the dot plots
 
 
@@ -35,16 +34,15 @@ def setting_label(setting: str) -> str:
     return f"{name} ({VARIANT_LABELS.get(variant, variant)})" if variant else name
 
 
-def setting_style(setting: str, settings_present) -> dict:
-    """Colour, line style and marker of a setting: its optimizer's colour and line style; a second
-    variant of the same optimizer (ngd-exact beside ngd-mc) lighter, with its own marker."""
-    optimizer, _, variant = setting.partition("-")
-    siblings = [s for s in _order(settings_present) if s.partition("-")[0] == optimizer]
+def setting_style(setting: str) -> dict:
+    """Colour, line style and label of a setting: its optimizer's colour and line style, lighter for
+    a later variant of that optimizer in `timing.SETTINGS` (sgd-momentum, ngd-mc) in every figure,
+    whichever of its siblings a table has."""
+    optimizer = setting.partition("-")[0]
+    first = next((s for s in SETTINGS if s.partition("-")[0] == optimizer), setting)
     color = style.COLORS.get(optimizer, "0.3")
-    if setting in siblings and siblings.index(setting) > 0:
-        color = _lighter(color)
-    return {"color": color, "linestyle": style.LINESTYLES.get(optimizer, "-"),
-            "marker": VARIANT_MARKERS.get(variant, "o"), "label": setting_label(setting)}
+    return {"color": color if setting == first else _lighter(color),
+            "linestyle": style.LINESTYLES.get(optimizer, "-"), "label": setting_label(setting)}
 
 
 def _lighter(color, amount: float = 0.45):
@@ -149,7 +147,7 @@ def _dots(ax, values, settings, combos, column) -> None:
             point = rows[rows["setting"] == setting]
             if point.empty:
                 continue
-            color = setting_style(setting, settings)["color"]
+            color = setting_style(setting)["color"]
             ax.plot(point[column].iloc[0], y + offset, linestyle="none", markersize=4.5,
                     **_marker(framework, device, color))
     ax.set_ylim(len(settings) - 0.5, -0.5)
@@ -183,6 +181,11 @@ def _combo_legend(fig, combos, floors=()) -> None:
 
 # -- scaling --------------------------------------------------------------------------------------------
 
+def _end_slope(x, y) -> float:
+    """`fitted_slope` between the two largest x (sorted ascending)."""
+    return fitted_slope(np.asarray(x)[-2:], np.asarray(y)[-2:])
+
+
 def fitted_slope(x, y) -> float:
     """Slope of log y against log x (least squares, `numpy.polyfit`): the exponent of a power law."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -197,7 +200,8 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
     size (at `width`, default the largest), log-log, one row of two panels per framework and device;
     each line's fitted log-log slope is in its legend entry, and the mini-batch gradient is drawn
     for reference (a thin near-black line with crosses). The largest sizes are the defaults because
-    fixed per-call overheads flatten the small ones."""
+    fixed per-call overheads flatten the small ones; for the same reason each slope is that between
+    the two largest sizes, where a line with a kink has its growth, not an average of its regimes."""
     table = _with_setting(table)
     notes = _missing_settings(table)
     if table.empty:
@@ -219,28 +223,29 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
                     notes.append(f"{style.combo_label(combo)}: no {x.replace('_', ' ')} sweep at "
                                  f"{fixed.replace('_', ' ')} {value}.")
                     continue
-                _scaling_lines(ax, cut, x, settings)
+                _scaling_lines(ax, cut, x, settings, combo)
                 ax.set_xlabel(("hidden width" if x == "width" else "batch size") + f" ({fixed.replace('_', ' ')} {value})")
                 ax.set_ylabel("time per step [s]")
                 ax.set_title(style.combo_label(combo))
                 _headroom(ax, LEGEND_ROOM)
-                ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="fitted log-log slope", title_fontsize=5.5,
+                ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="log-log slope, two largest sizes", title_fontsize=5.5,
                           handlelength=2.6, columnspacing=0.8, alignment="left")
     return Drawn(fig, notes)
 
 
-def _scaling_lines(ax, cut, x, settings) -> None:
-    """A line per setting (median over repeats of the table), labelled with its fitted slope."""
+def _scaling_lines(ax, cut, x, settings, combo) -> None:
+    """A line per setting (median over repeats of the table), labelled with its slope between the
+    two largest sizes, marked as the other cost figures mark the framework and device."""
     for setting in settings:
         line = _median(cut[cut["setting"] == setting], [x]).sort_values(x)
         if line.empty:
             continue
-        kwargs = setting_style(setting, settings)
-        kwargs["label"] = f"{kwargs['label']}: {fitted_slope(line[x], line['step_s']):.2f}"
-        ax.plot(line[x], line["step_s"], markersize=3, **kwargs)
+        kwargs = setting_style(setting)
+        kwargs["label"] = f"{kwargs['label']}: {_end_slope(line[x], line['step_s']):.2f}"
+        ax.plot(line[x], line["step_s"], markersize=3, **{**kwargs, **_marker(*combo, kwargs["color"])})
     grad = _median(cut, [x], "gradient_s").sort_values(x)
     ax.plot(grad[x], grad["gradient_s"], color="0.1", linewidth=0.8, marker="x", markersize=3, zorder=1,
-            label=f"gradient: {fitted_slope(grad[x], grad['gradient_s']):.2f}")
+            label=f"gradient: {_end_slope(grad[x], grad['gradient_s']):.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ticks = sorted(cut[x].unique())
@@ -319,7 +324,7 @@ def _pairs(ax, rows, settings, compared, within, a, b) -> None:
             cell = rows[(rows["setting"] == setting) & (rows[within] == group)].set_index(compared)["step_s"]
             if not {a, b} <= set(cell.index):
                 continue
-            color = setting_style(setting, settings)["color"]
+            color = setting_style(setting)["color"]
             ax.plot([cell[a], cell[b]], [y + offset] * 2, color=color, linewidth=0.8, alpha=0.7)
             for side in (a, b):
                 framework, device = (group, side) if compared == "device" else (side, group)
