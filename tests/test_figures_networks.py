@@ -282,6 +282,17 @@ def test_cosine_gauge_is_smoothed_with_the_cosine_and_left_out_where_a_run_lacks
     assert [text.get_text() for text in drawn.figure.legends[0].get_texts()] == ["EF", style.GAUGE_LABEL]
 
 
+def test_smoothing_accepts_tables_concatenated_as_read():
+    """pd.concat of two tables as read repeats their row labels; the smoothed cosine is drawn as from
+    the renumbered table (it raised a ValueError)."""
+    stacked = pd.concat([runs(optimizers=("ef",), combos=[combo]) for combo in COMBOS])
+    assert stacked.index.has_duplicates
+    drawn, renumbered = (networks.cosine(f, smooth=3) for f in (stacked, stacked.reset_index(drop=True)))
+    for ax, expected in zip(_data_axes(drawn), _data_axes(renumbered), strict=True):
+        for line, same in zip(ax.get_lines(), expected.get_lines(), strict=True):
+            np.testing.assert_array_equal(line.get_xydata(), same.get_xydata())
+
+
 def test_accuracy_against_time_with_markers():
     drawn = networks.accuracy(runs())
     ax = drawn.figure.axes[0]
@@ -304,6 +315,23 @@ def test_accuracy_axis_keeps_its_own_limits_when_the_floor_is_below_zero():
     lowest = min(line.get_ydata().min() for line in ax.get_lines())  # sgd's first evaluation: 0.27
     assert ax.get_ylim()[0] < lowest < 0.3  # matplotlib's own margin, every point in view
     assert not [note for note in drawn.notes if "accuracy axis from" in note]
+
+
+def test_time_axes_label_each_decade_and_accuracy_axes_have_ticks_to_read_values_off():
+    """Runs over four decades of time (1 ms to 10 s): a time axis labels each decade, not every third
+    as matplotlib does on a panel this narrow; an accuracy axis has at least four ticks in view."""
+    frame = runs()
+    frame["time_s"] = 1e-3 * 10 ** (frame["step"] / 25)
+    in_view = lambda ticks, limits: [t for t in ticks if min(limits) <= t <= max(limits)]  # noqa: E731
+    training, accuracy = networks.training(frame), networks.accuracy(frame)
+    time_axes = [ax for drawn in (training, accuracy) for ax in _data_axes(drawn) if ax.get_xscale() == "log"]
+    assert len(time_axes) == 4
+    for ax in time_axes:
+        ax.figure.canvas.draw()
+        decades = np.log10(in_view(ax.get_xticks(), ax.get_xlim()))
+        assert list(decades[-4:]) == pytest.approx([-2, -1, 0, 1]) and np.diff(decades) == pytest.approx(1)
+    for ax in _data_axes(accuracy):
+        assert len(in_view(ax.get_yticks(), ax.get_ylim())) >= 4
 
 
 def test_accuracy_axis_starts_per_task():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 from natgrad_impls.figures import Drawn, placeholder, style, tables
 
@@ -34,6 +35,7 @@ BAND_ALPHA = 0.18
 # NGD's step costs 70 to 130 gradients on the default networks, SGD's one or two), so on a linear
 # clock the fast runs would be a sliver at its left; time 0 (the start) has no place on it
 LOG_X = {"time_s"}
+DECADES_LABELLED = 8  # a log time axis labels each decade up to this many (matplotlib's default: fewer)
 LOG_X_NOTE = "Time axes logarithmic (step costs span decades between optimizers); the start, at time 0, is not drawn."
 # Where a full evaluation was measured: small and edgeless, so that 20 or so per line leave the
 # line style readable.
@@ -97,6 +99,7 @@ def _without_gauge(frame, gauge) -> list[str]:
 def _smooth(frame, values, window, notes, name) -> pd.DataFrame:
     """Each run's `values` (columns) as running means over `window` measurements (default: 1/50 of
     the longest run's measurements when it has more than 100, else none), with a note saying so."""
+    frame = frame.reset_index(drop=True)  # tables concatenated as read repeat index labels, which assign refuses
     runs = frame.sort_values("step").groupby(KEYS + ["seed"], observed=True)
     if window is None:
         longest = int(runs.size().max())
@@ -270,11 +273,14 @@ def _grid(frame, value, kinds, ylabel, log, notes, markers=False, note_missing=T
                     if x in LOG_X:
                         cell = cell[cell[x] > 0]
                         ax.set_xscale("log")
+                        ax.xaxis.set_major_locator(LogLocator(numticks=DECADES_LABELLED))  # not every 3rd decade
                         if LOG_X_NOTE not in notes:
                             notes.append(LOG_X_NOTE)
                     shown |= _draw_cell(ax, cell, value, x, there, markers, gauge)
                     if log:
                         ax.set_yscale("log")
+                    else:  # accuracy and cosine: enough ticks to read a final value off
+                        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
                     ax.set_xlabel(xlabel)
                     if c == 0:
                         ax.set_ylabel(ylabel)
