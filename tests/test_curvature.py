@@ -236,6 +236,22 @@ def test_mc_fisher_converges_to_exact(impl, name):
     assert errors[4096] < 0.1
 
 
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-bernoulli", "mlp-gaussian-l2", "cnn-categorical"])
+def test_mc_fisher_is_the_mean_empirical_fisher_of_its_draws(impl, monkeypatch, name):
+    """Exactly, with the draws fixed: the MC Fisher of S label sets is the mean over them of the
+    empirical Fisher (per-example gradients) at those labels, plus l2 I. The convergence test above
+    checks the sampler's distribution, but lets a bias of a few percent in the rest pass as noise."""
+    problem, samples = PROBLEMS[name], 3
+    x, _ = make_data(problem, 5)
+    draws = np.stack([make_data(problem, 5, seed=10 + s)[1] for s in range(samples)])  # labels of the right kind
+    monkeypatch.setattr(impl.curvature.M, "sample_labels", lambda *args: impl.batch(x, draws)[1])
+    params = models.init_params(problem.model, 1)
+    _, _, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params), impl.batch(x, draws[0]), Curvature.MC, samples, impl.rng(0))
+    expected = np.mean([ref.empirical_fisher(problem, params, x, labels) for labels in draws], axis=0)
+    close(impl.numpy(factor.to_dense()), expected + problem.l2 * np.eye(len(expected)))
+
+
 def test_kfac_is_exact_for_linear_gaussian(impl):
     problem = models.Problem(models.linear(4, 3, bias=True), "gaussian")
     (x, y, params), _, _, factor = build(impl, problem, 7, Curvature.EXACT)

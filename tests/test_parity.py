@@ -49,6 +49,15 @@ def clipped_logistic_regression(n=200, d=5, seed=0):
 CONVEX = {"logistic": logistic_regression, "gaussian-l2": linear_regression_l2, "clipped": clipped_logistic_regression}
 
 
+def wide_logistic_regression(l2, n=12, d=30, seed=0):
+    """Fewer examples than weights (12 against 31): torch and jax solve ef and ngd by Woodbury and
+    push-through on the N columns, as on every network, where numpy solves the D x D system."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = (x @ rng.normal(size=d) + rng.normal(size=n) > 0).astype(np.float64)[:, None]
+    return models.Problem(models.linear(d, 1, bias=True), "bernoulli", l2=l2), x, y
+
+
 def small_network(n=64, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6))
@@ -95,6 +104,28 @@ def test_numpy_torch_jax_agree_on_convex_tasks(optimizer, task):
     assert runs["numpy"][0][-1] < 0.9 * runs["numpy"][0][0]
     if problem.logit_clip is not None:  # and the clip must be active at the end
         assert np.mean(np.abs(np.hstack([x, np.ones((len(x), 1))]) @ runs["numpy"][1]) > problem.logit_clip) > 0.2
+    assert_agree(runs["torch"], runs["numpy"], 1e-10)
+    assert_agree(runs["jax"], runs["numpy"], 1e-10)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+@pytest.mark.parametrize("optimizer", ["ef", "ngd"])
+def test_woodbury_solves_agree_with_numpys_dense_solve(optimizer, l2, monkeypatch):
+    """The convex tasks above have more examples than weights, so every framework solves densely
+    there; here the kernel solve of Woodbury and push-through runs in torch and jax at each step."""
+    import natgrad_impls.jax.curvature as jax_curvature
+    import natgrad_impls.torch.curvature as torch_curvature
+
+    kernel_solves = []
+    for module in (torch_curvature, jax_curvature):
+        solve = module.FactorCurvature._kernel_solve
+        monkeypatch.setattr(module.FactorCurvature, "_kernel_solve",
+                            lambda self, *args, solve=solve, name=module.__name__: (kernel_solves.append(name),
+                                                                                   solve(self, *args))[1])
+    problem, x, y = wide_logistic_regression(l2)
+    runs = {impl.name: trajectory(impl, optimizer, problem, x, y, 100) for impl in (NumpyImpl(), TorchImpl(), JaxImpl())}
+    assert set(kernel_solves) == {torch_curvature.__name__, jax_curvature.__name__}  # (jax: when it traces)
+    assert runs["numpy"][0][-1] < 0.9 * runs["numpy"][0][0]
     assert_agree(runs["torch"], runs["numpy"], 1e-10)
     assert_agree(runs["jax"], runs["numpy"], 1e-10)
 
