@@ -370,3 +370,20 @@ def test_numpy_reference_matches_autograd(name):
     close(nn.per_example_gradients(problem, params, batch), ref.per_example_gradients(problem, params, x, y))
     close(nn.empirical_fisher(problem, params, batch), ref.empirical_fisher(problem, params, x, y))
     close(nn.fisher(problem, params, batch), ref.fisher(problem, params, x, y))
+
+
+@pytest.mark.parametrize("name", NUMPY_PROBLEMS)
+def test_numpy_mc_fisher_converges_to_exact(name):
+    """The numpy reference's MC weights, (1/S) sum_s r_ns^2, are unbiased: their Fisher's relative
+    error falls like 1/sqrt(samples) (seeded), as in torch and jax (the grid's copy of the formula
+    is checked against this one on shared draws, not against the exact Fisher)."""
+    import natgrad_impls.numpy as nn
+
+    problem = NUMPY_PROBLEMS[name]
+    x, y = make_data(problem, 11, seed=2)
+    params = {k: 4 * v for k, v in models.init_params(problem.model, 3).items()}
+    exact = nn.fisher(problem, params, (x, y))
+    errors = {samples: np.linalg.norm(nn.fisher(problem, params, (x, y), "mc", samples) - exact) / np.linalg.norm(exact)
+              for samples in (16, 65536)}  # cheap here: 11 examples, one output
+    assert errors[65536] < errors[16] * 3 / 64
+    assert errors[65536] < 0.01  # a bias of 2% would not pass

@@ -96,7 +96,7 @@ def test_adam_reproduces_torch_optim_and_optax(impl):
     "optimizer, hp, curvature",
     [("ef", {}, "empirical"), ("ngd", {"fisher": "exact"}, "exact")],
 )
-@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2", "logistic"])
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2", "mlp-bernoulli", "logistic"])
 def test_natural_gradient_step_is_the_dense_formula(impl, optimizer, hp, curvature, name):
     """One step: theta - lr (C + damping I)^-1 g, with C and g from the dense references."""
     problem = PROBLEMS[name]

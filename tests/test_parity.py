@@ -58,11 +58,15 @@ def wide_logistic_regression(l2, n=12, d=30, seed=0):
     return models.Problem(models.linear(d, 1, bias=True), "bernoulli", l2=l2), x, y
 
 
-def small_network(n=64, seed=0):
+def small_network(n=64, seed=0, likelihood="categorical"):
+    """A 6-10-3 tanh MLP whose 3 outputs follow the first 3 inputs: a class (their argmax), 3 binary
+    labels (their signs), or 3 regression targets with an l2 prior."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6))
-    y = np.argmax(x[:, :3] + 0.3 * rng.normal(size=(n, 3)), axis=1)
-    return models.Problem(models.mlp((6, 10, 3), "tanh"), "categorical"), x, y
+    target = x[:, :3] + 0.3 * rng.normal(size=(n, 3))
+    y = {"categorical": np.argmax(target, axis=1), "bernoulli": (target > 0).astype(np.float64),
+         "gaussian": target}[likelihood]
+    return models.Problem(models.mlp((6, 10, 3), "tanh"), likelihood, l2=0.01 if likelihood == "gaussian" else 0.0), x, y
 
 
 class NumpyImpl:
@@ -130,11 +134,37 @@ def test_woodbury_solves_agree_with_numpys_dense_solve(optimizer, l2, monkeypatc
     assert_agree(runs["jax"], runs["numpy"], 1e-10)
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
 @pytest.mark.parametrize("optimizer", list(SETTINGS))
-def test_torch_jax_agree_on_a_small_network(optimizer):
-    problem, x, y = small_network()
+def test_torch_jax_agree_on_a_small_network(optimizer, likelihood):
+    problem, x, y = small_network(likelihood=likelihood)
     torch_run = trajectory(TorchImpl(), optimizer, problem, x, y, 100)
     jax_run = trajectory(JaxImpl(), optimizer, problem, x, y, 100)
+    assert torch_run[0][-1] < 0.9 * torch_run[0][0]
+    assert_agree(jax_run, torch_run, 1e-8)
+
+
+MC_SETTINGS = {"ngd": {**SETTINGS["ngd"], "fisher": "mc", "samples": 2},
+               "kfac": {**SETTINGS["kfac"], "fisher": "mc", "samples": 2}}
+
+
+@pytest.mark.parametrize("optimizer", list(MC_SETTINGS))
+def test_torch_jax_agree_with_the_mc_fisher_on_shared_draws(optimizer, monkeypatch):
+    """Each framework draws its own labels (torch's exponential race, jax's Gumbel argmax), so their
+    MC runs agree only in distribution; given one table of draws, indexed by the step, they agree
+    step by step, the K-FAC default (fisher mc) included."""
+    import natgrad_impls.jax.optimizers as jax_optimizers
+    import natgrad_impls.torch.optimizers as torch_optimizers
+
+    problem, x, y = small_network()
+    steps = 40
+    draws = np.random.default_rng(9).integers(0, 3, size=(steps, MC_SETTINGS[optimizer]["samples"], len(x)))
+    for impl, module in ((TorchImpl(), torch_optimizers), (JaxImpl(), jax_optimizers)):
+        table = impl.batch(x, draws)[1]
+        monkeypatch.setattr(module, "mc_sampler", lambda seed, step, *device: step)
+        monkeypatch.setattr(impl.curvature.M, "sample_labels", lambda problem, mean, samples, step, table=table: table[step])
+    torch_run = trajectory(TorchImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
+    jax_run = trajectory(JaxImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
     assert torch_run[0][-1] < 0.9 * torch_run[0][0]
     assert_agree(jax_run, torch_run, 1e-8)
 
