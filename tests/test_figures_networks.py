@@ -479,6 +479,23 @@ def test_a_variant_has_its_shade_whichever_siblings_a_table_has():
     assert _color(drawn.figure.axes[0].get_lines()[1]) == pytest.approx(alone["color"])
 
 
+def test_cost_panels_share_their_time_axis_and_label_it_on_every_row():
+    """Tasks compare at a glance: one x range per column (the step times differ by task), and each
+    row says what its axis is."""
+    rows = cost_rows(combos=COMBOS + [("torch", "cuda")])
+    slower = rows["task"] == "mnist1d-mlp"
+    rows.loc[slower, ["step_s", "gradient_s"]] *= 30  # a decade and a half apart
+    rows.loc[slower & (rows["setting"] == "ngd-exact"), "gradient_equivalents"] *= 10
+    drawn = cost.devices(rows)
+    axes = np.array(drawn.figure.axes).reshape(2, 2)
+    for column in axes.T:
+        assert column[0].get_xlim() == column[1].get_xlim()
+        assert [ax.get_xlabel() for ax in column] == ["time per step [s]"] * 2
+        assert all(label.get_visible() for ax in column for label in ax.get_xticklabels())
+    steps = cost.step_cost(rows)
+    assert steps.figure.axes[0].get_xlim() == steps.figure.axes[1].get_xlim()
+
+
 def test_devices_pairs_and_a_note_without_gpu():
     drawn = cost.devices(cost_rows(combos=COMBOS + [("torch", "cuda"), ("jax", "cuda")], tasks=("digits-mlp",)))
     left, right = drawn.figure.axes

@@ -103,7 +103,7 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     height = ROW_HEIGHT * len(settings) + 0.75
     width = style.COLUMN_WIDTH if len(tasks) == 1 else style.FULL_WIDTH
     with style.paper():
-        fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), sharey=True, squeeze=False,
+        fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), sharey=True, sharex=True, squeeze=False,
                                  layout="constrained")
         floors = set()
         for ax, task in zip(axes[0], tasks):
@@ -287,8 +287,9 @@ def devices(table: pd.DataFrame) -> Drawn:
     height = (ROW_HEIGHT * len(settings) + 0.5) * len(tasks) + 0.3
     width = style.FULL_WIDTH if len(pairs) == 2 else style.COLUMN_WIDTH
     with style.paper():
+        # one time axis per comparison across tasks, labelled on every row: tasks compare at a glance
         fig, axes = plt.subplots(len(tasks), len(pairs), figsize=(width, height), squeeze=False, sharey=True,
-                                 layout="constrained")
+                                 sharex="col", layout="constrained")
         for t, task in enumerate(tasks):
             rows = values[values["task"] == task]
             for ax, (compared, within, (a, b), title) in zip(axes[t], pairs):
@@ -301,8 +302,8 @@ def devices(table: pd.DataFrame) -> Drawn:
                 else:
                     _pairs(ax, rows, settings, compared, within, a, b)
                     ax.set_xscale("log")
-                    if t == len(tasks) - 1:
-                        ax.set_xlabel("time per step [s]")
+                    ax.set_xlabel("time per step [s]")
+                    ax.xaxis.set_tick_params(labelbottom=True)
                 ax.set_title(f"{task}: {title}" if task else title)
             axes[t, 0].set_yticks(range(len(settings)), [setting_label(s) for s in settings])
             axes[t, 0].set_ylim(len(settings) - 0.5, -0.5)
