@@ -467,7 +467,7 @@ def logit_clip(grid: pd.DataFrame) -> Drawn:
                 ax.set_title(f"{style.LABELS[optimizer]}" if len(tasks) == 1 else f"{task}: {style.LABELS[optimizer]}")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-                ax.xaxis.set_major_locator(LogLocator(numticks=4))
+                ax.xaxis.set_major_locator(LogLocator(base=1e10, numticks=10))  # 1e-10, 1, 1e10: round lrs
             row[0].set_ylabel(f"{task}\nfinal loss")  # the task is named on every row, one or several
         axes[0, 0].set_xlim(left=min(starts))
         for ax in axes[-1]:
