@@ -395,6 +395,19 @@ def test_step_cost_dots_per_setting_framework_and_device():
     assert any("Adam: not in the table" in n for n in partial.notes)
 
 
+@pytest.mark.parametrize("combos", [COMBOS, COMBOS + [("torch", "cuda"), ("jax", "cuda")]])
+def test_step_cost_dots_of_one_setting_stand_clear_of_each_other(combos):
+    """Within a setting's row the framework/device dots sit one above another, at least a marker's
+    height apart, so that equal costs (SGD's, near 1) stay four dots and not one blob."""
+    drawn = cost.step_cost(cost_rows(combos=combos, tasks=("digits-mlp",)))
+    ax = drawn.figure.axes[0]
+    drawn.figure.canvas.draw()
+    sgd = [line for line in ax.get_lines() if line.get_linestyle() == "None" and abs(line.get_ydata()[0]) < 0.5]
+    assert len(sgd) == len(combos)
+    points = sorted(ax.transData.transform(line.get_xydata())[0, 1] * 72 / drawn.figure.dpi for line in sgd)
+    assert np.diff(points).min() >= sgd[0].get_markersize()
+
+
 def test_step_cost_marks_the_kfac_floors_where_the_table_has_them():
     """Two bars on the K-FAC row: the multiply-adds of the gradient and the preconditioning (black)
     and of the whole step (grey), each in the legend; none where the table has no floor columns."""

@@ -22,7 +22,12 @@ from natgrad_impls.figures import Drawn, placeholder, style
 from natgrad_impls.timing import SETTINGS
 
 VARIANT_LABELS = {"mc": "MC", "exact": "exact", "momentum": "momentum"}
-ROW_HEIGHT = 0.2  # inches per setting in the dot plots
+ROW_HEIGHT = 0.2  # inches per setting in the dot plots, for up to two dots side by side; more widen it
+
+
+def _row_height(dots: int) -> float:
+    """Inches per setting's row with `dots` dots in it: their 4.5 pt markers clear of each other."""
+    return ROW_HEIGHT * max(1.0, dots / 2)
 
 
 # -- names ----------------------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def step_cost(table: pd.DataFrame) -> Drawn:
     settings = _order(table["setting"])
     combos = style.combos(table)
     values = _median(table, ["task", "setting", "framework", "device"], "gradient_equivalents")
-    height = ROW_HEIGHT * len(settings) + 0.75
+    height = _row_height(len(combos)) * len(settings) + 0.75
     width = style.COLUMN_WIDTH if len(tasks) == 1 else style.FULL_WIDTH
     with style.paper():
         fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), sharey=True, sharex=True, squeeze=False,
@@ -140,7 +145,7 @@ def _floor_ticks(ax, rows, settings) -> list[str]:
 
 def _dots(ax, values, settings, combos, column) -> None:
     """A dot per setting and framework/device, side by side within the setting's row."""
-    offsets = np.linspace(-0.18, 0.18, len(combos)) if len(combos) > 1 else [0.0]
+    offsets = np.linspace(-0.18, 0.18, len(combos)) if len(combos) <= 2 else np.linspace(-0.3, 0.3, len(combos))
     for offset, (framework, device) in zip(offsets, combos):
         rows = values[(values["framework"] == framework) & (values["device"] == device)]
         for y, setting in enumerate(settings):
