@@ -129,6 +129,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of a package, without importing it (jax and torch imports are slow)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def framework_versions(frameworks) -> str:
+    """"torch 2.13.0, jax 0.10.2": what a saved timing table was measured with (a table outlives the
+    versions it was measured on, and a framework's release moves its rows)."""
+    return ", ".join(f"{name} {package_version(name)}" for name in dict.fromkeys(map(str, frameworks)))
+
+
 def device_name(device, framework="torch") -> str:
     """What ran a measurement on `device`: the CPU's model, or the model of the GPU `framework`
     (torch or jax; numpy: torch's) sees first, so that a saved table names its machine."""

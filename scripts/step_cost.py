@@ -178,10 +178,11 @@ def main(argv=None):
         parser.error(str(error))
 
     machine = timing.device_name(args.device, frameworks[0])  # once, before anything is measured
+    versions = timing.framework_versions(frameworks)
 
     def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
         if args.out:
-            results.write(table.assign(machine=machine), args.out)
+            results.write(table.assign(machine=machine, versions=versions), args.out)
 
     if args.sweep:
         table = pd.concat(

@@ -941,13 +941,17 @@ def test_step_cost_compares_sgd_with_momentum_with_the_peers_momentum(monkeypatc
 
 
 def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
-    """A saved table's `machine` is the CPU's model (/proc/cpuinfo), not just "x86_64"."""
+    """A saved table's `machine` is the CPU's model (/proc/cpuinfo), not just "x86_64"; `versions`
+    the frameworks' releases."""
+    import torch
+
     step_cost = _step_cost_script()
     out = tmp_path / "cost.csv"
     step_cost.main(["--framework", "torch", "--settings", "sgd", "--sizes", "6,5,3", "--batch-size", "4",
                     "--repeats", "2", "--no-peers", "--out", str(out)])
     machine = set(results.read(out)["machine"])
     assert machine == {timing.device_name("cpu")}
+    assert set(results.read(out)["versions"]) == {f"torch {torch.__version__}"}  # what it was measured with
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "model name" in cpuinfo.read_text():
         model = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))

@@ -113,6 +113,27 @@ def test_figure_3_is_drawn_from_the_best_runs_with_the_cosine_and_its_caption(tm
     assert "Best runs on wine: EF lr 0.1, damping 0.01." in notes and "cos(EF, NGD)" not in notes, notes
 
 
+def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
+    """The reference figures draw every committed table, each with a note where its framework
+    versions are not this run's (or it records none): a reader knows which rows may have moved."""
+    from natgrad_impls import timing
+
+    row = {"framework": "torch", "device": "cpu", "dtype": "float32", "optimizer": "sgd", "variant": "", "width": 128,
+           "batch_size": 128, "num_params": 101770, "step_s": 2e-3, "gradient_s": 1e-3, "gradient_equivalents": 2.0}
+    tables_ = {"old.csv": {}, "current.csv": {"versions": timing.framework_versions(["torch"])},
+               "other.csv": {"versions": "torch 2.11.0"}}
+    for name, extra in tables_.items():
+        pd.DataFrame([{**row, **extra}]).to_csv(tmp_path / name, index=False)
+    out = tmp_path / "figures"
+    run_script("figure.py", tmp_path, rule="figure", input=Files(*(tmp_path / name for name in tables_)),
+               output=Files(png=out / "f.png", pdf=out / "f.pdf", caption=out / "f.rst"),
+               params=SimpleNamespace(figure="reference-cost", caption=str(REPO / "workflow" / "report" / "reference-cost.rst")))
+    notes = (out / "f.rst").read_text().split("**This run:** ", 1)[1]
+    assert "old.csv: records no framework versions" in notes
+    assert f"other.csv: measured with torch 2.11.0; this run has {timing.framework_versions(['torch'])}." in notes
+    assert "current.csv" not in notes
+
+
 @pytest.mark.parametrize("figure, model", [("fig2-misspecification", "logistic"),
                                            ("appendix-misspecification-linear", "linear")])
 def test_figure_2_and_its_appendix_draw_their_own_model(tmp_path, figure, model):

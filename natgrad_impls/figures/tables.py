@@ -422,7 +422,7 @@ def environment() -> pd.DataFrame:
     """(key, value) rows: python, the versions of the packages that made the numbers (those
     importable), platform, CPU model, cores, and the GPU torch or jax sees, if any."""
     rows = [("python", sys.version.split()[0]), ("platform", platform.platform())]
-    rows += [(name, version) for name in PACKAGES if (version := _version(name)) is not None]
+    rows += [(name, version) for name in PACKAGES if (version := timing.package_version(name)) is not None]
     rows += [("cpu", timing.cpu_model()), ("cpu cores (logical)", str(os.cpu_count()))]
     if hasattr(os, "sched_getaffinity"):
         rows.append(("cpu cores (usable)", str(len(os.sched_getaffinity(0)))))
@@ -430,14 +430,15 @@ def environment() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["key", "value"])
 
 
-def _version(name: str) -> str | None:
-    """The installed version without importing the package (jax and torch imports are slow)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+def version_notes(name: str, frame: pd.DataFrame) -> list[str]:
+    """A note where the timing table `name` was measured with other framework versions than those
+    installed (its `versions` column, timing.framework_versions), or records none."""
+    if "versions" not in frame.columns or frame["versions"].isna().all():
+        return [f"{name}: records no framework versions (measured before tables did); results/README.md "
+                "says what it predates."]
+    measured = str(frame["versions"].dropna().iloc[0])
+    installed = timing.framework_versions(part.split()[0] for part in measured.split(", "))
+    return [] if measured == installed else [f"{name}: measured with {measured}; this run has {installed}."]
 
 
 def _gpus() -> list[tuple[str, str]]:

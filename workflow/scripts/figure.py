@@ -23,9 +23,10 @@ def grids_and_cos(paths):
     return read(grids, **best_only), read([p for p in paths if p.endswith("cos.parquet")])
 
 
-def reference(paths) -> pd.DataFrame:
-    """Committed cost tables; those of scripts/step_cost.py (no task column) are named by their MLP."""
-    frames = []
+def reference(draw, paths):
+    """`draw` of the committed cost tables, those of scripts/step_cost.py (no task column) named by
+    their MLP, with a note on each table measured with other framework versions than this run's."""
+    frames, notes = [], []
     for path in paths:
         frame = results.read(path)
         if "gradient_equivalents" not in frame.columns:
@@ -34,7 +35,10 @@ def reference(paths) -> pd.DataFrame:
             sizes = frame["sizes"] if "sizes" in frame.columns else [f"784-{w}-10" for w in frame["width"]]
             frame["task"] = [f"MLP {s}, batch {b}" for s, b in zip(sizes, frame["batch_size"])]
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        notes += tables.version_notes(Path(path).name, frame)
+    drawn = draw(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+    drawn.notes.extend(notes)
+    return drawn
 
 
 DRAW = {
@@ -51,8 +55,8 @@ DRAW = {
     "cost-steps": lambda paths: cost.step_cost(read(paths)),
     "cost-devices": lambda paths: cost.devices(read(paths)),
     "cost-scaling": lambda paths: cost.scaling(read(paths)),
-    "reference-cost": lambda paths: cost.step_cost(reference(paths)),
-    "reference-devices": lambda paths: cost.devices(reference(paths)),
+    "reference-cost": lambda paths: reference(cost.step_cost, paths),
+    "reference-devices": lambda paths: reference(cost.devices, paths),
 }
 
 
