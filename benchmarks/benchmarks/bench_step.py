@@ -12,10 +12,12 @@ same run: the reported time per step includes its share of the inversion. cuda p
 
 from __future__ import annotations
 
+import statistics
+
 from natgrad_impls import timing
 
 from .common import (
-    DEVICES, DTYPE, FRAMEWORKS, REPEATS, SETTINGS, SIZES, SkipNotImplemented, built, require_device, warm_up,
+    DEVICES, DTYPE, FRAMEWORKS, REPEATS, ROUNDS, SETTINGS, SIZES, SkipNotImplemented, built, require_device, warm_up,
 )
 
 PERIOD = timing.SETTINGS["kfac"][1]["kfac_update_period"]
@@ -126,9 +128,9 @@ class PeerStep:
 
 class OverPeer:
     """Our step time over the peer's, both measured in one process, their samples (whole one-period
-    blocks) taken in turn (timing.alternating_medians): the targets are <= 1.2 for sgd and adam
-    over torch.optim and optax, and <= 1 for kfac over kfac-jax. A ratio is steadier across
-    machines and load than either time."""
+    blocks) taken in turn (timing.alternating_medians), the median of ROUNDS such ratios: the
+    targets are <= 1.2 for sgd and adam over torch.optim and optax, and <= 1 for kfac over
+    kfac-jax. A ratio is steadier across machines and load than either time."""
 
     params = [list(timing.PEERS), DEVICES, list(SIZES)]
     param_names = ["peer", "device", "size"]
@@ -143,13 +145,15 @@ class OverPeer:
         self.ours = our_step(timing.PEER_OF[peer], framework, device, size)
 
     def track_over_peer(self, *params):
-        ours, peer = timing.alternating_medians([timing.Timed(*self.ours), timing.Timed(*self.peer)], REPEATS)
-        return ours / peer
+        timed = [timing.Timed(*self.ours), timing.Timed(*self.peer)]
+        return statistics.median(ours / peer for ours, peer in
+                                 (timing.alternating_medians(timed, REPEATS) for _ in range(ROUNDS)))
 
 
 class Cost:
     """One step in gradient-equivalents: time(step) / time(one mini-batch loss and gradient) on the
-    same model, batch, framework and device (DESIGN 4), via timing.gradient_equivalents. sgd is
+    same model, batch, framework and device (DESIGN 4), via timing.gradient_equivalents, the median
+    of ROUNDS measurements (each builds, warms up and samples anew). sgd is
     one gradient and its update (1.0-1.4); ef and ngd-mc should stay under 4 on CPU; kfac (period
     10) cannot reach issue 2's 3 on the small MLP, whose arithmetic floor is 4.5 (README)."""
 
@@ -166,9 +170,9 @@ class Cost:
         width, batch_size = SIZES[size]
         problem, params, batch = timing.mlp_problem(width, batch_size)
         name, hyperparameters = timing.setting(optimizer)
-        cost = timing.gradient_equivalents(framework, name, problem, params, batch, device, DTYPE, REPEATS,
-                                           **hyperparameters)
-        return cost["gradient_equivalents"]
+        return statistics.median(
+            timing.gradient_equivalents(framework, name, problem, params, batch, device, DTYPE, REPEATS,
+                                        **hyperparameters)["gradient_equivalents"] for _ in range(ROUNDS))
 
 
 class TorchOps:

@@ -45,6 +45,9 @@ SIZES = {"tiny": (32, 32)} if QUICK else {"small": (128, 128), "large": (512, 25
 DTYPE = "float32"
 # Median of this many samples in the track_ benchmarks that time through natgrad_impls.timing.
 REPEATS = 2 if QUICK else 20
+# Cost and OverPeer report the median of this many whole measurements: one taken while another
+# process held a core can come out several-fold off (a ratio of 0.05 among 1.08s on a busy machine).
+ROUNDS = 1 if QUICK else 3
 # The scaling sweep (width x batch size) of the report's cost figures, a few settings only.
 SWEEP_SETTINGS = ["kfac"] if QUICK else ["sgd", "adam", "ef", "ngd-mc", "kfac"]
 SWEEP_WIDTHS = [32] if QUICK else [64, 128, 256, 512, 1024]
