@@ -131,6 +131,10 @@ def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, 
     assert common.SWEEP_WIDTHS == config["scaling"]["widths"] + [1024]
     assert common.SWEEP_BATCH_SIZES == config["scaling"]["batch_sizes"]
     assert _common(monkeypatch, "1").SIZES == {"tiny": (32, 32)}
+    monkeypatch.delenv("NATGRAD_ASV_ROUNDS", raising=False)
+    assert (_common(monkeypatch, quick).ROUNDS, _common(monkeypatch, "1").ROUNDS) == (3, 1)
+    monkeypatch.setenv("NATGRAD_ASV_ROUNDS", "1")  # scripts/gpu_session.sh's
+    assert _common(monkeypatch, quick).ROUNDS == 1
     with pytest.raises(ValueError, match="NATGRAD_ASV_DEVICES: '' is not a comma list"):
         _common(monkeypatch, devices="")
 
@@ -1414,9 +1418,10 @@ def test_gpu_session_check_times_cuda_alone_and_leaves_the_pipeline_its_share(tm
     """`check` on a stand-in machine (torch and jax that see no GPU, recording stand-ins for
     step_cost.py, asv, snakemake and timeout): the costs are the header's MLPs on cuda, 784-1000-10
     at batch 512 first; asv runs with NATGRAD_ASV_DEVICES=cuda every benchmark with cuda parameters
-    but the scaling sweep (half the suite's time), within the budget less the pipeline's quarter."""
+    but the scaling sweep (half the suite's time), one round of Cost and OverPeer, within the budget
+    less the pipeline's quarter."""
     calls = tmp_path / "calls.txt"
-    record = f'#!/bin/sh\necho "$(basename "$0") [$NATGRAD_ASV_DEVICES] $*" >> "{calls}"\n'
+    record = f'#!/bin/sh\necho "$(basename "$0") [$NATGRAD_ASV_DEVICES] $* (rounds $NATGRAD_ASV_ROUNDS)" >> "{calls}"\n'
     limit = f'#!/bin/sh\necho "timeout $2 $3" >> "{calls}"\nshift 2\nexec "$@"\n'
     env = _gpu_session_copy(tmp_path, {"asv": record, "snakemake": record, "timeout": limit})
     site = Path(env["SITE"])
@@ -1435,7 +1440,7 @@ def test_gpu_session_check_times_cuda_alone_and_leaves_the_pipeline_its_share(tm
              for line in lines if line.startswith("step_cost")]
     assert costs == [("cuda", "1000", "512"), ("cuda", "128", "128")]
     (asv_run,) = [line for line in lines if line.startswith("asv") and " run " in line]
-    assert asv_run.startswith("asv [cuda] "), asv_run
+    assert asv_run.startswith("asv [cuda] ") and asv_run.endswith("(rounds 1)"), asv_run  # a machine held alone
     selected = re.search(r"--bench (\S+)", asv_run).group(1)
     cuda = {name for name in EXPECTED if not re.search("Scaling|TorchOps", name)}  # TorchOps counts on the CPU
     assert {name for name in EXPECTED if re.search(selected, name)} == cuda, selected

@@ -47,7 +47,8 @@ DTYPE = "float32"
 REPEATS = 2 if QUICK else 20
 # Cost and OverPeer report the median of this many whole measurements: one taken while another
 # process held a core can come out several-fold off (a ratio of 0.05 among 1.08s on a busy machine).
-ROUNDS = 1 if QUICK else 3
+# NATGRAD_ASV_ROUNDS=1 on a machine held alone (scripts/gpu_session.sh's, whose time is short).
+ROUNDS = int(os.environ.get("NATGRAD_ASV_ROUNDS", 1 if QUICK else 3))
 # The scaling sweep (width x batch size) of the report's cost figures, a few settings only.
 SWEEP_SETTINGS = ["kfac"] if QUICK else ["sgd", "adam", "ef", "ngd-mc", "kfac"]
 SWEEP_WIDTHS = [32] if QUICK else [64, 128, 256, 512, 1024]
