@@ -217,7 +217,8 @@ def cmd_grid(args) -> int:
     _write(result.frame, out)
     if args.checkpoints:
         runner.clear_checkpoints(args.checkpoints)
-    print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}); "
+    resumed = f", {', '.join(o.value for o in result.kept)} kept from an interrupted run" if result.kept else ""
+    print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}{resumed}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0
 
@@ -261,19 +262,33 @@ def _fail(message: str, status: int) -> int:
 COMMANDS = {"tasks": cmd_tasks, "run": cmd_run, "grid": cmd_grid}
 
 
+class _Stopped(BaseException):
+    """SIGTERM, raised where the process is: it unwinds, so a result being written removes its
+    temporary file, and main says what was kept."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
 def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds, so a result being written removes its temporary file
+    raise _Stopped(128 + signum)
 
 
 def main(argv=None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill`, or a pipeline stopping its jobs
+    args = None
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except BadInput as error:
         return _fail(str(error), EXIT_BAD_INPUT)
+    except (KeyboardInterrupt, _Stopped) as stop:  # one line, not a traceback: the status says how it ended
+        kept = getattr(args, "checkpoints", None)
+        resume = f"the finished optimizers are kept in {kept}, where the same command resumes" if kept else \
+            "nothing was written"
+        return _fail(f"stopped; {resume}", getattr(stop, "status", 128 + signal.SIGINT))
 
 
 if __name__ == "__main__":  # pragma: no cover

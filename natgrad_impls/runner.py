@@ -780,11 +780,12 @@ def _run_line(frame, hyperparameters, seed, how="") -> str:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the package's source files: what a kept run was computed by."""
+    """A hash of the package's source files and of the numerical libraries' versions: what a kept
+    run was computed by (a new torch or jax moves float32 results, and so invalidates it too)."""
     import hashlib
     from pathlib import Path
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(timing.framework_versions(("numpy", "scipy", "torch", "jax", "jaxlib")).encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
     return digest.hexdigest()

@@ -412,7 +412,8 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_sigterm_stops_a_run_with_status_143_and_leaves_nothing(tmp_path):
     """`kill` (a pipeline stopping its jobs) unwinds `natgrad run`: exit status 128 + 15, as a shell
-    reports a job stopped by SIGTERM, not death by the signal, and nothing left in the output folder."""
+    reports a job stopped by SIGTERM, not death by the signal, nothing left in the output folder, and
+    one line that says so."""
     import signal
 
     out = tmp_path / "new" / "run.csv"
@@ -426,9 +427,10 @@ def test_sigterm_stops_a_run_with_status_143_and_leaves_nothing(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate()
+        stderr = process.communicate()[1]
     assert process.returncode == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+    assert stderr.splitlines()[-1] == "natgrad: stopped; nothing was written"
 
 
 def _help_options(argv, monkeypatch, capsys) -> dict[str, str]:
