@@ -145,7 +145,8 @@ def _floor_ticks(ax, rows, settings) -> list[str]:
 
 def _dots(ax, values, settings, combos, column) -> None:
     """A dot per setting and framework/device, side by side within the setting's row."""
-    offsets = np.linspace(-0.18, 0.18, len(combos)) if len(combos) <= 2 else np.linspace(-0.3, 0.3, len(combos))
+    spread = 0.18 if len(combos) <= 2 else 0.3
+    offsets = np.linspace(-spread, spread, len(combos)) if len(combos) > 1 else [0.0]
     for offset, (framework, device) in zip(offsets, combos):
         rows = values[(values["framework"] == framework) & (values["device"] == device)]
         for y, setting in enumerate(settings):
@@ -203,8 +204,8 @@ def fitted_slope(x, y) -> float:
 def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | None = None) -> Drawn:
     """Step time against width (at `batch_size`, default the largest in the table) and against batch
     size (at `width`, default the largest), log-log, one row of two panels per framework and device;
-    each line's fitted log-log slope is in its legend entry, and the mini-batch gradient is drawn
-    for reference (a thin near-black line with crosses). The largest sizes are the defaults because
+    each line's log-log slope is in its legend entry, and the mini-batch gradient is drawn for
+    reference (a thin near-black line with crosses). The largest sizes are the defaults because
     fixed per-call overheads flatten the small ones; for the same reason each slope is that between
     the two largest sizes, where a line with a kink has its growth, not an average of its regimes."""
     table = _with_setting(table)
@@ -233,8 +234,8 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
                 ax.set_ylabel("time per step [s]")
                 ax.set_title(style.combo_label(combo))
                 _headroom(ax, LEGEND_ROOM)
-                ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="log-log slope, two largest sizes", title_fontsize=5.5,
-                          handlelength=2.6, columnspacing=0.8, alignment="left")
+                ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="log-log slope, two largest sizes",
+                          title_fontsize=5.5, handlelength=2.6, columnspacing=0.8, alignment="left")
     return Drawn(fig, notes)
 
 
@@ -302,7 +303,8 @@ def devices(table: pd.DataFrame) -> Drawn:
                     absent = ", ".join(_name(compared, x) for x in (a, b) if x not in set(rows[compared]))
                     ax.text(0.5, 0.5, f"no {absent} rows", transform=ax.transAxes, ha="center", va="center",
                             color="0.5")
-                    ax.set_xticks([])
+                    # this panel's ticks only: set_xticks([]) would empty the locator its column shares
+                    ax.tick_params(axis="x", which="both", bottom=False, labelbottom=False)
                     notes.append(f"{task or 'table'}: {title} not drawn, no {absent} rows.")
                 else:
                     _pairs(ax, rows, settings, compared, within, a, b)
