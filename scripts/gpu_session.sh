@@ -145,9 +145,11 @@ part_asv() {
         # nothing: the printed tables are the record. asv hands its benchmark processes
         # ASV_PYTHONPATH, not PYTHONPATH: without it they find neither the package nor the wheels.
         # It leaves the pipeline, the last part, its share of the budget.
-        # One round of Cost and OverPeer: the lent machine runs nothing else, and its time is short.
-        ASV_PYTHONPATH=$PYTHONPATH NATGRAD_ASV_DEVICES=cuda NATGRAD_ASV_ROUNDS=1 COLUMNS=200 within_budget --leave "$PIPELINE_SHARE" \
-            asv run --python=same --bench 'Cost|OverPeer|Step|DeviceMemory|Training' --show-stderr 2>&1 | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
+        # One round of Cost and OverPeer: the GPU machine runs nothing else, on a fixed budget.
+        ASV_PYTHONPATH=$PYTHONPATH NATGRAD_ASV_DEVICES=cuda NATGRAD_ASV_ROUNDS=1 COLUMNS=200 \
+            within_budget --leave "$PIPELINE_SHARE" \
+            asv run --python=same --bench 'Cost|OverPeer|Step|DeviceMemory|Training' --show-stderr 2>&1 \
+            | tee "$OUT/asv_cuda_$GPU.txt" | tail -n 40
     )
 }
 

@@ -135,6 +135,10 @@ def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, 
     assert (_common(monkeypatch, quick).ROUNDS, _common(monkeypatch, "1").ROUNDS) == (3, 1)
     monkeypatch.setenv("NATGRAD_ASV_ROUNDS", "1")  # scripts/gpu_session.sh's
     assert _common(monkeypatch, quick).ROUNDS == 1
+    monkeypatch.setenv("NATGRAD_ASV_ROUNDS", "0")
+    with pytest.raises(ValueError, match="NATGRAD_ASV_ROUNDS: '0' is not a whole number of at least 1"):
+        _common(monkeypatch, quick)
+    monkeypatch.delenv("NATGRAD_ASV_ROUNDS")
     with pytest.raises(ValueError, match="NATGRAD_ASV_DEVICES: '' is not a comma list"):
         _common(monkeypatch, devices="")
 
@@ -367,15 +371,17 @@ def test_cost_and_over_peer_report_the_median_of_their_rounds(monkeypatch):
     from benchmarks import bench_step
 
     monkeypatch.setattr(bench_step, "ROUNDS", 3)
-    ratios = iter([2.0, 20.0, 2.2])
+    ratios = iter([20.0, 2.2, 2.0])  # the median neither first nor last
     monkeypatch.setattr(timing, "gradient_equivalents", lambda *args, **kwargs: {"gradient_equivalents": next(ratios)})
     monkeypatch.setattr(timing, "device_available", lambda *args: True)
     assert bench_step.Cost().track_gradient_equivalents("kfac", "jax", "cpu", next(iter(bench_step.SIZES))) == 2.2
-    times = iter([[3.0, 1.5], [30.0, 1.5], [2.2, 1.0]])
+    assert next(ratios, None) is None  # all three taken
+    times = iter([[30.0, 1.5], [2.2, 1.0], [3.0, 1.5]])
     monkeypatch.setattr(timing, "alternating_medians", lambda timed, repeats: next(times))
     bench = bench_step.OverPeer()
     bench.ours, bench.peer = ("our call", "our sync", 10), ("peer call", "peer sync", 10)
     assert bench.track_over_peer(next(iter(timing.PEERS)), "cpu", next(iter(bench_step.SIZES))) == 2.2
+    assert next(times, None) is None
 
 
 def test_scaling_times_its_own_grid_point_on_its_device(monkeypatch):

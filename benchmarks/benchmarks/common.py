@@ -4,7 +4,8 @@ NATGRAD_ASV_QUICK=1 shrinks every parameter list to its smallest useful point (o
 training steps, one sample per timing), so that `make test` can run the whole suite once in about a
 minute and fail on a broken benchmark; the numbers it produces mean nothing. Without it, the sizes
 are those of the report (`small` is the MLP of scripts/step_cost.py). NATGRAD_ASV_DEVICES=cuda (a
-comma list) keeps only those devices, so that a GPU machine spends its time on cuda alone.
+comma list) keeps only those devices, so that a GPU machine spends its time on cuda alone;
+NATGRAD_ASV_ROUNDS (default 3, quick 1) sets how many measurements Cost and OverPeer take the median of.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ SIZES = {"tiny": (32, 32)} if QUICK else {"small": (128, 128), "large": (512, 25
 DTYPE = "float32"
 # Median of this many samples in the track_ benchmarks that time through natgrad_impls.timing.
 REPEATS = 2 if QUICK else 20
-# Cost and OverPeer report the median of this many whole measurements: one taken while another
-# process held a core can come out several-fold off (a ratio of 0.05 among 1.08s on a busy machine).
-# NATGRAD_ASV_ROUNDS=1 on a machine held alone (scripts/gpu_session.sh's, whose time is short).
-ROUNDS = int(os.environ.get("NATGRAD_ASV_ROUNDS", 1 if QUICK else 3))
+# Cost and OverPeer report the median of this many whole measurements (NATGRAD_ASV_ROUNDS): one taken
+# while another process held a core can come out several-fold off (a ratio of 0.05 among 1.08s on a
+# busy machine). scripts/gpu_session.sh sets 1: its GPU machine runs nothing else, on a fixed budget.
+_ROUNDS = os.environ.get("NATGRAD_ASV_ROUNDS", "1" if QUICK else "3")
+if not (_ROUNDS.isdigit() and int(_ROUNDS) >= 1):
+    raise ValueError(f"NATGRAD_ASV_ROUNDS: {_ROUNDS!r} is not a whole number of at least 1")
+ROUNDS = int(_ROUNDS)
 # The scaling sweep (width x batch size) of the report's cost figures, a few settings only.
 SWEEP_SETTINGS = ["kfac"] if QUICK else ["sgd", "adam", "ef", "ngd-mc", "kfac"]
 SWEEP_WIDTHS = [32] if QUICK else [64, 128, 256, 512, 1024]
