@@ -217,7 +217,7 @@ def cmd_grid(args) -> int:
     _write(result.frame, out)
     if args.checkpoints:
         runner.clear_checkpoints(args.checkpoints)
-    resumed = f", {', '.join(o.value for o in result.kept)} kept from an interrupted run" if result.kept else ""
+    resumed = f", {', '.join(o.value for o in result.resumed)} kept from an interrupted run" if result.resumed else ""
     print(f"{task.name}: {result.runs} runs x {steps} steps in {result.seconds:.3g} s ({framework.value}{resumed}); "
           f"wrote {len(result.frame)} rows to {out}")
     return 0
@@ -262,16 +262,8 @@ def _fail(message: str, status: int) -> int:
 COMMANDS = {"tasks": cmd_tasks, "run": cmd_run, "grid": cmd_grid}
 
 
-class _Stopped(BaseException):
-    """SIGTERM, raised where the process is: it unwinds, so a result being written removes its
-    temporary file, and main says what was kept."""
-
-    def __init__(self, status: int):
-        self.status = status
-
-
 def _exit_on_sigterm(signum, frame):
-    raise _Stopped(128 + signum)
+    raise results.Stopped(128 + signum)  # unwinds, so a result being written removes its temporary file
 
 
 def main(argv=None) -> int:
@@ -284,11 +276,20 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except BadInput as error:
         return _fail(str(error), EXIT_BAD_INPUT)
-    except (KeyboardInterrupt, _Stopped) as stop:  # one line, not a traceback: the status says how it ended
-        kept = getattr(args, "checkpoints", None)
-        resume = f"the finished optimizers are kept in {kept}, where the same command resumes" if kept else \
-            "nothing was written"
-        return _fail(f"stopped; {resume}", getattr(stop, "status", 128 + signal.SIGINT))
+    except (KeyboardInterrupt, results.Stopped) as stop:  # one line, not a traceback: the status says how it ended
+        status = getattr(stop, "code", 128 + signal.SIGINT)  # results.Stopped: SIGTERM's; else Ctrl-C's
+        return _fail(f"stopped; {_kept(getattr(args, 'checkpoints', None))}", status)
+
+
+def _kept(checkpoints) -> str:
+    """What a stopped command leaves to resume from: the optimizers a grid finished, if any."""
+    from natgrad_impls import runner
+
+    finished = [p for p in runner.checkpoint_pieces(checkpoints) if p.suffix == ".parquet"] if checkpoints else []
+    if not finished:
+        return "nothing was written"
+    n = len(finished)
+    return f"{n} finished optimizer{'s' * (n != 1)} kept in {checkpoints}, where the same command resumes"
 
 
 if __name__ == "__main__":  # pragma: no cover

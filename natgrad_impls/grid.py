@@ -681,7 +681,7 @@ class GridResult:
     best: list[Best]
     seconds: float  # wall-clock of the computation (not of writing the frame)
     runs: int  # grid runs (repeats not counted)
-    kept: tuple = ()  # the optimizers read back from `checkpoints` (an interrupted run's), not computed
+    resumed: tuple = ()  # the optimizers read back from `checkpoints` (an interrupted run's), not computed
 
 
 def check_grid_task(task) -> None:
@@ -754,7 +754,7 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
         seed)
     start = time.perf_counter()
     data = task.load(seed)
-    frames, bests, reused = [], [], []
+    frames, bests, resumed = [], [], []
     lr_values, damping_values = logspace(lr_bounds), logspace(damping_bounds)
     noise = CHAOS_NOISE * models.random_stream(seed, "chaos").standard_normal((int(repeats),
                                                                                task.problem.model.num_params()))
@@ -767,7 +767,7 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
             steps, seed, len(noise), own, machine, code_version())
         if kept is not None and kept.exists():
             frame, best = _read_kept(kept)
-            reused.append(optimizer)
+            resumed.append(optimizer)
         else:
             frame, best = _optimizer_grid(task, data.train, optimizer, own, framework, device, dtype, seed, lr_values,
                                           damping_values, steps, noise, progress)
@@ -780,7 +780,7 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
     seconds = time.perf_counter() - start
     frame = pd.concat(frames, ignore_index=True)
     runs = sum(len(lr_values) * (len(damping_values) if o in WITH_DAMPING else 1) for o in optimizers)
-    return GridResult(frame[ordered_columns(frame.columns)], bests, seconds, runs, tuple(reused))
+    return GridResult(frame[ordered_columns(frame.columns)], bests, seconds, runs, tuple(resumed))
 
 
 def _optimizer_grid(task, train, optimizer, own, framework, device, dtype, seed, lr_values, damping_values, steps,

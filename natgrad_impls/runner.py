@@ -806,20 +806,26 @@ def checkpoint_path(folder, *determining):
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:CHECKPOINT_HASH]}.parquet"
 
 
-def clear_checkpoints(folder) -> None:
-    """Remove the pieces `checkpoint_path` names in `folder` (a grid keeps a .json beside each, and
-    temporaries of their writing), then the folder if that empties it: never anything else, should a
-    user name a folder of their own."""
+def checkpoint_pieces(folder) -> list:
+    """The files of `folder` that `checkpoint_path` names (a grid keeps a .json beside each) and the
+    temporaries of their writing: never anything else, should a user name a folder of their own."""
     import re
     from pathlib import Path
 
     folder = Path(folder)
     if not folder.is_dir():
-        return
-    kept = re.compile(rf"\.?[0-9a-f]{{{CHECKPOINT_HASH}}}\.(parquet|json)(\..+\.part)?")
-    for path in folder.iterdir():
-        if path.is_file() and kept.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+        return []
+    piece = re.compile(rf"\.?[0-9a-f]{{{CHECKPOINT_HASH}}}\.(parquet|json)(\..+\.part)?")
+    return sorted(path for path in folder.iterdir() if path.is_file() and piece.fullmatch(path.name))
+
+
+def clear_checkpoints(folder) -> None:
+    """Remove the `checkpoint_pieces` of `folder`, then the folder if that empties it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    for path in checkpoint_pieces(folder):
+        path.unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:

@@ -139,10 +139,16 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def framework_versions(frameworks) -> str:
+def framework_versions(packages) -> str:
     """"torch 2.13.0, jax 0.10.2": what a saved timing table was measured with (a table outlives the
-    versions it was measured on, and a framework's release moves its rows)."""
-    return ", ".join(f"{name} {package_version(name)}" for name in dict.fromkeys(map(str, frameworks)))
+    versions it was measured on, and a framework's release moves its rows); those not installed
+    left out."""
+    versions = ((name, package_version(name)) for name in dict.fromkeys(map(str, packages)))
+    return ", ".join(f"{name} {version}" for name, version in versions if version is not None)
+
+
+# The package behind each peer's prefix (timing.PEERS), whose release moves its over_<peer> ratio.
+PEER_PACKAGES = {"torch.optim": "torch", "optax": "optax", "kfac_jax": "kfac-jax"}
 
 
 def device_name(device, framework="torch") -> str:

@@ -1012,6 +1012,16 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
         assert machine == {model.split(":", 1)[1].strip()}
 
 
+def test_a_tables_versions_name_its_frameworks_and_peers_and_leave_out_what_is_missing(monkeypatch):
+    """The `versions` column: each package once, in order, a missing one left out; every peer of
+    timing.PEERS has the package whose release moves its over_<peer> ratio."""
+    installed = {"torch": "2.13.0+cpu", "jax": "0.10.2", "optax": "0.2.9"}
+    monkeypatch.setattr(timing, "package_version", installed.get)
+    assert timing.framework_versions(["torch", "jax", "torch", "optax", "kfac-jax"]) == \
+        "torch 2.13.0+cpu, jax 0.10.2, optax 0.2.9"
+    assert {peer.rsplit(".", 1)[0] for peer in timing.PEERS} == set(timing.PEER_PACKAGES)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--framework", "tf"], "framework: 'tf' is not one of"),
     (["--framework", "numpy"], "framework: numpy is not timed here"),

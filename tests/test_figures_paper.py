@@ -812,8 +812,14 @@ def test_logit_clip_lr_axis_starts_a_thousand_times_below_the_first_lr_that_move
 
     frame = pd.concat([rows("sgd", clip, np.nan, 5e-6) for clip in ("paper", "none")]
                       + [rows("ngd", clip, 1e-4, 0.05) for clip in ("paper", "none")], ignore_index=True)
-    for ax in paper.logit_clip(frame).figure.axes:
+    drawn = paper.logit_clip(frame)
+    for ax in drawn.figure.axes:
         assert ax.get_xlim()[0] == pytest.approx(1e-8), ax.get_title()
+    # lr ticks at round powers, 1e-10, 1, 1e10, whatever the axis' start
+    drawn.figure.canvas.draw()
+    low, high = drawn.figure.axes[0].get_xlim()
+    ticks = [t for t in drawn.figure.axes[0].get_xticks() if low <= t <= high]
+    assert ticks and all(np.log10(t) % 10 == 0 for t in ticks), ticks
 
 
 def test_logit_clip_note_names_the_smallest_changed_lr():

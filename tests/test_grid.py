@@ -205,7 +205,7 @@ def test_a_grid_stopped_part_way_resumes_at_its_next_optimizer(tmp_path, monkeyp
         grid.run_grid("breastcancer", ["sgd", "ef"], checkpoints=folder, on_done=stop, **kwargs)
     resumed = grid.run_grid("breastcancer", ["sgd", "ef"], checkpoints=folder, **kwargs)
     assert computed == ["sgd", "ef"]  # sgd once, before the stop; ef after it
-    assert [o.value for o in resumed.kept] == ["sgd"] and whole.kept == ()  # what the CLI's last line names
+    assert [o.value for o in resumed.resumed] == ["sgd"] and whole.resumed == ()  # what the CLI's last line names
     measured = [c for c in whole.frame.columns if c != "time_s"]
     pd.testing.assert_frame_equal(resumed.frame[measured], whole.frame[measured])
     assert [b.describe() for b in resumed.best] == [b.describe() for b in whole.best]
@@ -214,20 +214,27 @@ def test_a_grid_stopped_part_way_resumes_at_its_next_optimizer(tmp_path, monkeyp
 
 
 def test_the_cli_says_which_optimizers_it_kept_from_an_interrupted_run(tmp_path, capsys, monkeypatch):
-    """Its timing covers only what this process computed, so its last line names what it read back."""
+    """Stopped, it says in one line what it kept; resumed, its last line names what it read back,
+    since its timing covers only what this process computed."""
+    folder = tmp_path / ".grid.runs"
     args = ["grid", "--task", "wine", "--optimizers", "sgd,adam", "--lrs=-3:-2:2", "--steps", "3", "--repeats", "0",
-            "--no-progress", "--checkpoints", str(tmp_path / ".grid.runs"), "--out", str(tmp_path / "grid.parquet")]
+            "--no-progress", "--checkpoints", str(folder), "--out", str(tmp_path / "grid.parquet")]
     real = grid._optimizer_grid
 
-    def stopped_at_adam(task, train, optimizer, *rest):
-        if optimizer.value == "adam":
-            raise KeyboardInterrupt
-        return real(task, train, optimizer, *rest)
+    def stopped_at(name):
+        def grid_until(task, train, optimizer, *rest):
+            if optimizer.value == name:
+                raise KeyboardInterrupt
+            return real(task, train, optimizer, *rest)
+        return grid_until
 
-    monkeypatch.setattr(grid, "_optimizer_grid", stopped_at_adam)
+    monkeypatch.setattr(grid, "_optimizer_grid", stopped_at("sgd"))
     assert cli.main(args) == 130  # Ctrl-C: one line, not a traceback
-    assert capsys.readouterr().err == (f"natgrad: stopped; the finished optimizers are kept in {tmp_path / '.grid.runs'}, "
-                                       "where the same command resumes\n")
+    assert capsys.readouterr().err == "natgrad: stopped; nothing was written\n"
+    monkeypatch.setattr(grid, "_optimizer_grid", stopped_at("adam"))
+    assert cli.main(args) == 130
+    resumes = f"natgrad: stopped; 1 finished optimizer kept in {folder}, where the same command resumes\n"
+    assert capsys.readouterr().err == resumes
     monkeypatch.setattr(grid, "_optimizer_grid", real)
     assert cli.main(args) == 0
     assert "(numpy, sgd kept from an interrupted run); wrote" in capsys.readouterr().out.splitlines()[-1]

@@ -66,7 +66,8 @@ def small_network(n=64, seed=0, likelihood="categorical"):
     target = x[:, :3] + 0.3 * rng.normal(size=(n, 3))
     y = {"categorical": np.argmax(target, axis=1), "bernoulli": (target > 0).astype(np.float64),
          "gaussian": target}[likelihood]
-    return models.Problem(models.mlp((6, 10, 3), "tanh"), likelihood, l2=0.01 if likelihood == "gaussian" else 0.0), x, y
+    l2 = 0.01 if likelihood == "gaussian" else 0.0
+    return models.Problem(models.mlp((6, 10, 3), "tanh"), likelihood, l2=l2), x, y
 
 
 class NumpyImpl:
@@ -127,7 +128,8 @@ def test_woodbury_solves_agree_with_numpys_dense_solve(optimizer, l2, monkeypatc
                             lambda self, *args, solve=solve, name=module.__name__: (kernel_solves.append(name),
                                                                                    solve(self, *args))[1])
     problem, x, y = wide_logistic_regression(l2)
-    runs = {impl.name: trajectory(impl, optimizer, problem, x, y, 100) for impl in (NumpyImpl(), TorchImpl(), JaxImpl())}
+    impls = (NumpyImpl(), TorchImpl(), JaxImpl())
+    runs = {impl.name: trajectory(impl, optimizer, problem, x, y, 100) for impl in impls}
     assert set(kernel_solves) == {torch_curvature.__name__, jax_curvature.__name__}  # (jax: when it traces)
     assert runs["numpy"][0][-1] < 0.9 * runs["numpy"][0][0]
     assert_agree(runs["torch"], runs["numpy"], 1e-10)
@@ -162,7 +164,8 @@ def test_torch_jax_agree_with_the_mc_fisher_on_shared_draws(optimizer, monkeypat
     for impl, module in ((TorchImpl(), torch_optimizers), (JaxImpl(), jax_optimizers)):
         table = impl.batch(x, draws)[1]
         monkeypatch.setattr(module, "mc_sampler", lambda seed, step, *device: step)
-        monkeypatch.setattr(impl.curvature.M, "sample_labels", lambda problem, mean, samples, step, table=table: table[step])
+        monkeypatch.setattr(impl.curvature.M, "sample_labels",
+                            lambda problem, mean, samples, step, table=table: table[step])
     torch_run = trajectory(TorchImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
     jax_run = trajectory(JaxImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
     assert torch_run[0][-1] < 0.9 * torch_run[0][0]

@@ -127,7 +127,8 @@ def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
     out = tmp_path / "figures"
     run_script("figure.py", tmp_path, rule="figure", input=Files(*(tmp_path / name for name in tables_)),
                output=Files(png=out / "f.png", pdf=out / "f.pdf", caption=out / "f.rst"),
-               params=SimpleNamespace(figure="reference-cost", caption=str(REPO / "workflow" / "report" / "reference-cost.rst")))
+               params=SimpleNamespace(figure="reference-cost",
+                                      caption=str(REPO / "workflow" / "report" / "reference-cost.rst")))
     notes = (out / "f.rst").read_text().split("**This run:** ", 1)[1]
     assert "old.csv: records no framework versions" in notes
     assert f"other.csv: measured with torch 2.11.0; this run has {timing.framework_versions(['torch'])}." in notes
