@@ -785,7 +785,7 @@ def code_version() -> str:
     import hashlib
     from pathlib import Path
 
-    digest = hashlib.sha256(timing.framework_versions(("numpy", "scipy", "torch", "jax", "jaxlib")).encode())
+    digest = hashlib.sha256(timing.package_versions(("numpy", "scipy", "torch", "jax", "jaxlib")).encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
     return digest.hexdigest()

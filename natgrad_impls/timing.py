@@ -139,7 +139,7 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def framework_versions(packages) -> str:
+def package_versions(packages) -> str:
     """"torch 2.13.0, jax 0.10.2": what a saved timing table was measured with (a table outlives the
     versions it was measured on, and a framework's release moves its rows); those not installed
     left out."""

@@ -180,7 +180,7 @@ def main(argv=None):
     machine = timing.device_name(args.device, frameworks[0])  # once, before anything is measured
     peers = [timing.PEER_PACKAGES[p.rsplit(".", 1)[0]] for p in timing.PEERS
              if timing.peer_framework(p).value in frameworks] if not (args.no_peers or args.sweep) else []
-    versions = timing.framework_versions([*frameworks, *peers])  # the peers' releases move the over_ ratios
+    versions = timing.package_versions([*frameworks, *peers])  # the peers' releases move the over_ ratios
 
     def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
         if args.out:

@@ -1017,7 +1017,7 @@ def test_a_tables_versions_name_its_frameworks_and_peers_and_leave_out_what_is_m
     timing.PEERS has the package whose release moves its over_<peer> ratio."""
     installed = {"torch": "2.13.0+cpu", "jax": "0.10.2", "optax": "0.2.9"}
     monkeypatch.setattr(timing, "package_version", installed.get)
-    assert timing.framework_versions(["torch", "jax", "torch", "optax", "kfac-jax"]) == \
+    assert timing.package_versions(["torch", "jax", "torch", "optax", "kfac-jax"]) == \
         "torch 2.13.0+cpu, jax 0.10.2, optax 0.2.9"
     assert {peer.rsplit(".", 1)[0] for peer in timing.PEERS} == set(timing.PEER_PACKAGES)
 

@@ -120,7 +120,7 @@ def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
 
     row = {"framework": "torch", "device": "cpu", "dtype": "float32", "optimizer": "sgd", "variant": "", "width": 128,
            "batch_size": 128, "num_params": 101770, "step_s": 2e-3, "gradient_s": 1e-3, "gradient_equivalents": 2.0}
-    tables_ = {"old.csv": {}, "current.csv": {"versions": timing.framework_versions(["torch"])},
+    tables_ = {"old.csv": {}, "current.csv": {"versions": timing.package_versions(["torch"])},
                "other.csv": {"versions": "torch 2.11.0"}}
     for name, extra in tables_.items():
         pd.DataFrame([{**row, **extra}]).to_csv(tmp_path / name, index=False)
@@ -130,8 +130,8 @@ def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
                params=SimpleNamespace(figure="reference-cost",
                                       caption=str(REPO / "workflow" / "report" / "reference-cost.rst")))
     notes = (out / "f.rst").read_text().split("**This run:** ", 1)[1]
-    assert "old.csv: records no framework versions" in notes
-    assert f"other.csv: measured with torch 2.11.0; this run has {timing.framework_versions(['torch'])}." in notes
+    assert "old.csv: records no package versions" in notes
+    assert f"other.csv: measured with torch 2.11.0; this run has {timing.package_versions(['torch'])}." in notes
     assert "current.csv" not in notes
 
 

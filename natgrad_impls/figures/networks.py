@@ -32,7 +32,7 @@ PANEL_WIDTH = 1.65  # inches per column: four columns at full width
 PANEL_HEIGHT = 1.35
 BAND_ALPHA = 0.18
 # x axes drawn on a log scale: one step's cost spans decades between optimizers (on a CPU, exact
-# NGD's step costs 70 to 130 gradients on the default networks, SGD's one or two), so on a linear
+# NGD's step costs 60 to 130 gradients on the default networks, SGD's one or two), so on a linear
 # clock the fast runs would be a sliver at its left; time 0 (the start) has no place on it
 LOG_X = {"time_s"}
 DECADES_LABELLED = 8  # a log time axis labels each decade up to this many (matplotlib's default: fewer)

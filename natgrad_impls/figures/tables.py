@@ -431,13 +431,13 @@ def environment() -> pd.DataFrame:
 
 
 def version_notes(name: str, frame: pd.DataFrame) -> list[str]:
-    """A note where the timing table `name` was measured with other framework versions than those
-    installed (its `versions` column, timing.framework_versions), or records none."""
+    """A note where the timing table `name` was measured with other package versions than those
+    installed (its `versions` column, timing.package_versions), or records none."""
     if "versions" not in frame.columns or frame["versions"].isna().all():
-        return [f"{name}: records no framework versions (measured before tables did); results/README.md "
+        return [f"{name}: records no package versions (measured before tables recorded them); results/README.md "
                 "says what it predates."]
     measured = str(frame["versions"].dropna().iloc[0])
-    installed = timing.framework_versions(part.split()[0] for part in measured.split(", "))
+    installed = timing.package_versions(part.split()[0] for part in measured.split(", "))
     return [] if measured == installed else [f"{name}: measured with {measured}; this run has {installed}."]
 
 

@@ -25,7 +25,7 @@ def grids_and_cos(paths):
 
 def reference(draw, paths):
     """`draw` of the committed cost tables, those of scripts/step_cost.py (no task column) named by
-    their MLP, with a note on each table measured with other framework versions than this run's."""
+    their MLP, with a note on each table measured with other package versions than this run's."""
     frames, notes = [], []
     for path in paths:
         frame = results.read(path)
