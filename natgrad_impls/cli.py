@@ -231,11 +231,13 @@ def _print_best(optimizer, best, seconds) -> None:
 
 def _write(frame, out) -> None:
     """The result, or one line saying why it could not be written (checked before the run, but a
-    disk can fill or a folder vanish while it runs)."""
+    disk can fill or a folder vanish while it runs). The temporaries that earlier runs killed while
+    writing this same file left beside it are removed once they are stale."""
     try:
         results.write(frame, out)
     except OSError as error:
         raise SystemExit(_fail(f"out: cannot write {str(out)!r} ({error.strerror or error})", EXIT_NOT_WRITTEN)) from None
+    results.remove_stale_temporaries(out.parent, results.STALE_WRITE_AGE_S, name=out.name)
 
 
 def _checked(call):

@@ -100,14 +100,20 @@ def atomic(path: Path, write) -> Path:
     return path
 
 
-def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = False) -> None:
+# A result file is written in seconds: a temporary of `atomic` this old was abandoned.
+STALE_WRITE_AGE_S = 3600
+
+
+def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = False, name: str = "*") -> None:
     """Remove the hidden `.NAME.*.part` temporaries (of `atomic`, or of a download) in `folder`, and
-    in its subfolders, hidden ones too, when `recursive`, that are older than `older_than_s`: a
-    process killed hard (SIGKILL, a lost node) leaves its temporary behind, but a younger one may be
-    another process's, still writing."""
+    in its subfolders, hidden ones too, when `recursive`, that are older than `older_than_s`; only
+    those of the file `name` where given. A process killed hard (SIGKILL, a lost node) leaves its
+    temporary behind, but a younger one may be another process's, still writing."""
+    import glob
     import time
 
-    for part in Path(folder).glob("**/.*.part" if recursive else ".*.part"):
+    pattern = f".{glob.escape(name) if name != '*' else '*'}.*.part"
+    for part in Path(folder).glob(f"**/{pattern}" if recursive else pattern):
         try:
             if part.is_file() and time.time() - part.stat().st_mtime > older_than_s:
                 part.unlink()

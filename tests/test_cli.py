@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -279,6 +280,21 @@ def test_a_result_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypat
                   "--out", str(out)])
     assert stopped.value.code == cli.EXIT_NOT_WRITTEN
     assert capsys.readouterr().err.splitlines() == [f"natgrad: out: cannot write {str(out)!r} (No space left on device)"]
+
+
+def test_a_run_removes_the_stale_temporaries_a_killed_run_left_beside_its_output(tmp_path):
+    """A run killed hard while renaming its result into place leaves `.NAME.*.part` behind; the next
+    run that writes NAME removes it once stale, but keeps a young one (another run may be writing)
+    and the temporaries of other files."""
+    out = tmp_path / "run.csv"
+    stale = time.time() - results.STALE_WRITE_AGE_S - 60
+    left = {".run.csv.killed.part": stale, ".run.csv.writing.part": time.time(), ".other.csv.killed.part": stale}
+    for name, mtime in left.items():
+        (tmp_path / name).write_text("partial")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert cli.main(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                     "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.csv.killed.part", ".run.csv.writing.part", "run.csv"]
 
 
 def test_bad_input_through_the_console_script(tmp_path):

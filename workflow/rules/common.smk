@@ -19,17 +19,14 @@ wildcard_constraints:
     device="|".join(d.value for d in Device),
 
 
-STALE_PART_AGE_S = 3600  # a result file is written in seconds: a temporary this old was abandoned
-
-
 def remove_stale_temporaries():
     """Result files are written as hidden `.NAME.*.part` files and renamed into place; a job killed
     hard (SIGKILL, a lost node) leaves its temporary behind. Never read as a result, it is removed
     when the workflow starts again, once it is an hour old: Snakemake locks only the outputs a run
     makes, so another run on other targets may be writing a younger one right now."""
-    from natgrad_impls.results import remove_stale_temporaries
+    from natgrad_impls.results import STALE_WRITE_AGE_S, remove_stale_temporaries
 
-    remove_stale_temporaries(RESULTS, STALE_PART_AGE_S, recursive=True)  # in the jobs' .*.runs/ too
+    remove_stale_temporaries(RESULTS, STALE_WRITE_AGE_S, recursive=True)  # in the jobs' .*.runs/ too
 
 
 def share_jax_compilations(directory=".cache/jax"):
