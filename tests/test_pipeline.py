@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from natgrad_impls import timing
+from rst_check import rst_problems
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # snakemake and natgrad of this environment
@@ -359,7 +360,8 @@ def test_smoke_killed_and_resumed_writes_the_report(tmp_path):
     for name in figures:
         assert f"{name}.png" in html, f"the report does not name {name}"
         assert (root / "results" / "figures" / f"{name}.pdf").stat().st_size > 0
-        assert (root / "results" / "figures" / f"{name}.rst").read_text().strip()
+        caption = (root / "results" / "figures" / f"{name}.rst").read_text()
+        assert caption.strip() and rst_problems(caption) == [], name  # this run's notes render too
     assert "appendix-logit-clip" in figures
     for table in ("summary", "environment", "best-convex", "best-networks", "logit-clip"):
         assert f"{table}.html" in html  # shown in the report; the data beside it

@@ -26,6 +26,7 @@ import yaml
 
 from natgrad_impls.figures import tables
 from natgrad_impls.runner import HYPERPARAMETER_ORDER
+from rst_check import rst_problems
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
@@ -88,6 +89,18 @@ def test_cos_is_measured_along_the_best_ef_run_with_its_lr_and_damping(tmp_path)
 
 
 # -- figure.py and toy.py ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("caption", sorted(p.name for p in (REPO / "workflow" / "report").glob("*.rst")))
+def test_every_static_caption_renders_as_restructuredtext_without_complaint(caption):
+    """The report renders each caption with Jinja, then docutils; text that reads as markup (`|x|`,
+    an unclosed `*`) shows up there as an error box inside the caption."""
+    import jinja2
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    text = jinja2.Template((REPO / "workflow" / "report" / caption).read_text()).render(
+        snakemake=SimpleNamespace(config=config))
+    assert rst_problems(text) == []
+
 
 def test_figure_3_is_drawn_from_the_best_runs_with_the_cosine_and_its_caption(tmp_path):
     """figure.py reads the grids' best runs (not the others) and the cosine files (by name, not as
