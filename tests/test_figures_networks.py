@@ -91,6 +91,9 @@ def test_training_draws_median_lines_and_bands_per_optimizer_and_panel(tmp_path)
             # steps 0, 25, .., 100; on the log clock without step 0, at time 0
             assert line.get_marker() == "o" and len(line.get_xdata()) == (5, 4)[row]
             assert min(line.get_xdata()) > 0 or row == 0
+        # dashed SGD over dotted, dotted-with-dots Adam over solid NGD: where lines coincide, the one
+        # on top has gaps the others show through (style.STACKING)
+        assert lines[0].get_zorder() > lines[1].get_zorder() > lines[2].get_zorder()
         assert len(ax.collections) == 3  # one min..max band per optimizer (two seeds)
     assert networks.LOG_X_NOTE in drawn.notes
     assert [ax.get_xlabel() for ax in axes[:, 0]] == ["step", "time [s]"]

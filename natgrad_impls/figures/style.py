@@ -27,7 +27,12 @@ DEVICE_LABELS = legends(Device)
 FRAMEWORK_ORDER = ("numpy", "torch", "jax")
 DEVICE_ORDER = ("cpu", "cuda")
 
-assert set(LABELS) == set(COLORS) == set(LINESTYLES)
+# Bottom to top where lines cross or coincide: the solid NGD first, the dashed SGD last, so that a
+# line drawn over another leaves gaps it shows through (with its evaluation dots, Adam's dotted
+# line is as dense as a solid one, and drawn over SGD it hid SGD wherever their times coincided).
+STACKING = ("ngd", "kfac", "ef", "adam", "sgd")
+
+assert set(LABELS) == set(COLORS) == set(LINESTYLES) == set(STACKING)
 
 # The cosine figures' second quantity, cos(NGD step, gradient): thin and dotted in the run's colour, so
 # that it reads as a gauge beside the cosine it qualifies; drawn over the cosine with a white halo,
@@ -56,8 +61,10 @@ def paper():
 
 
 def line_kwargs(optimizer: str) -> dict:
-    """Colour, line style and legend label of `optimizer` (a name of DESIGN 3)."""
-    return {"color": COLORS[optimizer], "linestyle": LINESTYLES[optimizer], "label": LABELS[optimizer]}
+    """Colour, line style, legend label and stacking (STACKING, among matplotlib's lines at zorder 2)
+    of `optimizer` (a name of DESIGN 3)."""
+    return {"color": COLORS[optimizer], "linestyle": LINESTYLES[optimizer], "label": LABELS[optimizer],
+            "zorder": 2 + 0.01 * STACKING.index(optimizer)}
 
 
 def gauge_kwargs(color) -> dict:
