@@ -6,9 +6,10 @@ matches, and otherwise downloads it to a temporary file in the same folder, chec
 it into place, so that a killed or corrupted download never leaves a file that looks complete
 (the temporary files of killed downloads are removed once they are stale, see STALE_PART_AGE_S).
 A cache folder that cannot be made or written is a `DataUnavailable` that says so.
-A URL that serves a file with the wrong sha256 is skipped like one that is down (the file is
-discarded). When no URL gives the file, `fetch` raises `DataUnavailable` (`ChecksumMismatch` if a URL
-served a wrong file) saying where to put the file by hand. An unpinned file (`sha256=None`, only
+A URL that serves a file with the wrong sha256, or fewer bytes than it announced, is skipped like
+one that is down (the file is discarded). When no URL gives the file, `fetch` raises
+`DataUnavailable` (`ChecksumMismatch` if a URL served a wrong file) saying where to put the file by
+hand. Downloads are readable by every user of a shared cache (results.SHARED_FILE_MODE). An unpinned file (`sha256=None`, only
 LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed to pin. `generated` keeps
 offline data sets that are slow to generate in the same folder.
 
@@ -23,6 +24,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import http.client
 import os
 import pickle
 import posixpath
@@ -143,7 +145,7 @@ def fetch(resource: Resource) -> Path:
         )
     stale = None
     if path.is_file():
-        actual = sha256sum(path)
+        actual = _cached_sha256(resource, path)
         if resource.sha256 is None:
             _print_unpinned(resource, f"using unpinned {path}", actual)
             return path
@@ -162,7 +164,7 @@ def fetch(resource: Resource) -> Path:
             failures.append(f"{url} ({error})")
         except DataUnavailable:  # the cache folder, not the URL: no other URL would help
             raise
-        except Exception as error:  # offline, 404, refused, ...: try the next URL
+        except (OSError, http.client.HTTPException, ValueError) as error:  # offline, 404, cut short, a bad URL
             failures.append(f"{url} ({' '.join(str(error).split())})")
     found = f"; the file there has sha256 {stale}" if stale else ""
     if mismatched:
@@ -184,10 +186,12 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     with contextlib.ExitStack() as cache:
         out = in_cache(cache.enter_context, _replacing(path))  # before the URL is opened: nothing is fetched
         with urllib.request.urlopen(url, timeout=60) as response:
-            digest = hashlib.sha256()
+            digest, received = hashlib.sha256(), 0
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
+                received += len(block)
                 in_cache(out.write, block)
+            _check_whole(response, received)
         actual = digest.hexdigest()
         if resource.sha256 is not None and actual != resource.sha256:
             raise ChecksumMismatch(f"got sha256 {actual}")  # raised inside: the temporary file is removed
@@ -195,6 +199,27 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     if resource.sha256 is None:
         _print_unpinned(resource, "unpinned download", actual)
     return path
+
+
+def _check_whole(response, received: int) -> None:
+    """A ConnectionError when fewer bytes came than the response's Content-Length announced: a
+    server that closes early ends urllib's reads as if the file were whole, and an unpinned file has
+    no checksum to catch it."""
+    announced = response.headers.get("Content-Length")
+    if announced and announced.strip().isdigit() and received < int(announced):
+        raise ConnectionError(f"the transfer was cut short after {received} of {int(announced)} bytes")
+
+
+def _cached_sha256(resource: Resource, path: Path) -> str:
+    """The sha256 of the cached `path`, or a DataUnavailable naming it when it cannot be read (a
+    shared cache written by another user without read permission for this one)."""
+    try:
+        return sha256sum(path)
+    except OSError as error:
+        raise DataUnavailable(
+            f"{resource.name}: cannot read the cached {path} ({error.strerror or error}); make it readable, "
+            f"or set NATGRAD_DATA to a folder of your own"
+        ) from error
 
 
 def _in_cache(resource: Resource, folder: Path, operation, *args, **kwargs):
@@ -230,6 +255,7 @@ def _replacing(path: Path):
     try:
         with os.fdopen(handle, "wb") as out:
             yield out
+        os.chmod(temp, results.SHARED_FILE_MODE)  # mkstemp's files are the owner's alone
         os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)
@@ -242,7 +268,7 @@ def _replacing(path: Path):
 # - Fashion-MNIST: tensorflow-datasets url_checksums/fashion_mnist.txt, for exactly these URLs.
 # - CIFAR-10: tensorflow-datasets url_checksums/cifar10.csv and torchvision's prototype datasets.
 # - UCI energy, CCPP, yacht: published by several independent projects (same values in each).
-# - LIBSVM a1a, a1a.t: no published checksum was found; to be pinned on the first online run.
+# - LIBSVM a1a: no published checksum was found; to be pinned on the first online run.
 _LIBSVM = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
 _UCI = "https://archive.ics.uci.edu/ml/machine-learning-databases/"
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -270,7 +296,6 @@ _FASHION_SHA256 = {
 
 RESOURCES: dict[str, Resource] = {
     "a1a": Resource("a1a", _LIBSVM + "a1a", None, "libsvm/a1a"),
-    "a1a.t": Resource("a1a.t", _LIBSVM + "a1a.t", None, "libsvm/a1a.t"),
     "energy": Resource(
         "energy", _UCI + "00242/ENB2012_data.xlsx",
         "0089fcffc1415e41e2ff63730cca5280efe54fc43d722dfde1b0aaa808e35dc4", "uci/ENB2012_data.xlsx",

@@ -83,6 +83,11 @@ def write_text(text: str, path) -> Path:
     return atomic(Path(path), lambda temp: Path(temp).write_text(text))
 
 
+# What `atomic` and the data cache's downloads leave: readable by all (a shared results or cache
+# folder on a cluster), writable by the owner.
+SHARED_FILE_MODE = 0o644
+
+
 def atomic(path: Path, write) -> Path:
     """Call `write(temp)` on a hidden temporary file `.NAME.*.part` beside `path`, then rename it to
     `path`: a reader (or a resumed pipeline) sees the whole file or none."""
@@ -93,7 +98,7 @@ def atomic(path: Path, write) -> Path:
         write(temp)
         with open(temp, "rb") as handle:  # on disk before the rename: after a crash, whole or absent
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes owner-only files; results are for sharing
+        os.chmod(temp, SHARED_FILE_MODE)  # mkstemp makes owner-only files; results are for sharing
         os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)

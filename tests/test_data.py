@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
-import http.client
 import io
 import os
 import re
@@ -22,6 +21,9 @@ import pytest
 
 from natgrad_impls import data
 from natgrad_impls.data import ChecksumMismatch, DataUnavailable, Resource, fetch
+
+
+UNPATCHED_URLOPEN = urllib.request.urlopen
 
 
 @pytest.fixture
@@ -71,6 +73,21 @@ def test_download_checks_and_caches(cache, tmp_path):
     assert path == cache / "sub" / "thing.bin"
     assert path.read_bytes() == b"some bytes\n"
     assert files_in(cache) == [path]  # no temporary file left behind
+    assert path.stat().st_mode & 0o777 == 0o644  # a cache shared on a cluster: readable by its other users
+
+
+def test_a_cached_file_that_cannot_be_read_is_one_line_naming_it(cache, tmp_path, monkeypatch):
+    """A shared cache holding a file this user may not read: a DataUnavailable naming the file (the
+    command line's one line), not a PermissionError's traceback."""
+    url, sha = served(tmp_path, b"some bytes\n")
+    path = fetch(Resource("thing", url, sha, "thing.bin"))
+
+    def denied(file):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(data, "sha256sum", denied)
+    with pytest.raises(DataUnavailable, match=re.escape(f"cannot read the cached {path} (Permission denied)")):
+        fetch(Resource("thing", url, sha, "thing.bin"))
 
 
 def test_mismatch_is_refused_and_nothing_kept(cache, tmp_path):
@@ -240,21 +257,51 @@ def test_second_url_is_tried_when_the_first_fails(cache, tmp_path):
     assert fetch(resource).read_bytes() == b"second"
 
 
-def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_path, monkeypatch):
-    """http.client's IncompleteRead (the server closed before Content-Length) is no OSError, yet a URL
-    failure like any other: the next URL is tried, and with none left it is a DataUnavailable."""
+@pytest.fixture
+def cutting_server():
+    """A local HTTP server that announces 1000 bytes and closes after 300: urllib's reads then end as
+    if the file were whole (no IncompleteRead), so only a count against Content-Length catches it."""
+    import http.server
+    import threading
+
+    class CutsShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 300)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutsShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/thing.bin"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_path, monkeypatch, cutting_server,
+                                                                     pinned):
+    """A server that closes before its Content-Length is a URL that failed, with the reason said: the
+    next URL is tried, and with none left it is a DataUnavailable and nothing is kept. Unpinned, no
+    checksum would catch the cut file: it would be cached, its sha256 printed to pin, and used."""
     good, sha = served(tmp_path, b"whole file")
-    cut, real = "https://example.invalid/thing.bin", urllib.request.urlopen
+    local = urllib.request.urlopen  # file:// only (`cache`), and the test's own server
 
-    class CutShort(io.BytesIO):
-        def read(self, size=-1):
-            raise http.client.IncompleteRead(b"whole", 5)
+    def local_or_this_server(url, *args, **kwargs):
+        return (UNPATCHED_URLOPEN if url == cutting_server else local)(url, *args, **kwargs)
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *args, **kwargs: (
-        CutShort() if url == cut else real(url, *args, **kwargs)))
-    assert fetch(Resource("thing", cut, sha, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
-    with pytest.raises(DataUnavailable, match=re.escape(cut)):
-        fetch(Resource("other", cut, sha, "other.bin"))
+    monkeypatch.setattr(urllib.request, "urlopen", local_or_this_server)
+    if not pinned:
+        monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
+    pin = sha if pinned else None
+    assert fetch(Resource("thing", cutting_server, pin, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
+    with pytest.raises(DataUnavailable, match=re.escape("cut short after 300 of 1000 bytes")) as failed:
+        fetch(Resource("other", cutting_server, pin, "other.bin"))
+    assert not isinstance(failed.value, ChecksumMismatch)  # not "a wrong file": a transfer that broke off
     assert files_in(cache) == [cache / "thing.bin"]
 
 
@@ -289,7 +336,7 @@ def test_pinned_resources_are_well_formed():
         assert re.fullmatch(r"https?://\S+", resource.url)
         assert resource.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", resource.sha256)
     unpinned = {k for k, r in data.RESOURCES.items() if r.sha256 is None}
-    assert unpinned <= {"a1a", "a1a.t"}  # no published checksum found: pin on the first online run
+    assert unpinned <= {"a1a"}  # no published checksum found: pin on the first online run
 
 
 # -- generated data sets kept in the cache ----------------------------------------------------------
@@ -311,6 +358,7 @@ def test_generated_arrays_are_made_once_then_read_back(cache):
         np.testing.assert_array_equal(second[key], first[key])
         assert second[key].dtype == first[key].dtype
     assert [p.name for p in (cache / "generated").iterdir()] == ["toy-1.npz"], "a partial file was left"
+    assert (cache / "generated" / "toy-1.npz").stat().st_mode & 0o777 == 0o644  # as downloads: shared
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other arrays", "no checksum"])
