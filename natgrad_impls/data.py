@@ -9,9 +9,9 @@ A cache folder that cannot be made or written is a `DataUnavailable` that says s
 A URL that serves a file with the wrong sha256, or fewer bytes than it announced, is skipped like
 one that is down (the file is discarded). When no URL gives the file, `fetch` raises
 `DataUnavailable` (`ChecksumMismatch` if a URL served a wrong file) saying where to put the file by
-hand. Downloads are readable by every user of a shared cache (results.SHARED_FILE_MODE). An unpinned file (`sha256=None`, only
-LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed to pin. `generated` keeps
-offline data sets that are slow to generate in the same folder.
+hand. Downloads are readable by every user of a shared cache (results.SHARED_FILE_MODE). An unpinned
+file (`sha256=None`, only LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed
+to pin. `generated` keeps offline data sets that are slow to generate in the same folder.
 
 `NATGRAD_DATA_MIRROR=<base URL>` replaces the pinned URLs by `<base URL>/<filename>` (a local mirror,
 or a `file://` folder; the tests use it so that they can never reach the network).
