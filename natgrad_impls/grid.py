@@ -483,7 +483,8 @@ class _KFAC(_Method):
     """K-FAC for one output: A = Z^T Z / N (shared), G = the mean Fisher weight (per run), moving
     averages, damped inverses refreshed every kfac_update_period steps with factored Tikhonov
     damping as in the frameworks' kfac: (A + pi sqrt(lambda) I)^-1, (G + sqrt(lambda)/pi)^-1,
-    pi = sqrt((tr A / dim A) / G), lambda = damping + l2."""
+    pi = sqrt((tr A / dim A) / G), lambda = damping + l2; both I / sqrt(lambda) where G is 0 (every
+    logit saturated)."""
 
     per_run = ("G", "A_inv", "G_inv")
 
@@ -514,10 +515,13 @@ class _KFAC(_Method):
             A = h.kfac_ema * state["A"] + (1 - h.kfac_ema) * model.gram
             G = h.kfac_ema * state["G"] + (1 - h.kfac_ema) * G_batch
         A_inv, G_inv = state["A_inv"], state["G_inv"]
-        if k % h.kfac_update_period == 0:
-            pi = xp.sqrt((A.diagonal().mean()) / G)
-            A_inv = be.damped_inverse(A, self.root * pi)  # the frameworks' factored Tikhonov
-            G_inv = 1 / (G + self.root / pi)
+        if k % h.kfac_update_period == 0:  # the frameworks' factored Tikhonov, their zero case too
+            a = A.diagonal().mean()
+            live = (a > 0) & (G > 0)
+            pi = xp.where(live, xp.sqrt(a / xp.where(live, G, 1.0)), 1.0)
+            A_inv = be.damped_inverse(A, self.root * pi)  # (A is every run's: dead runs' set below)
+            A_inv = xp.where(live[:, None, None], A_inv, be.eye(A.shape[-1]) / self.root[:, None, None])
+            G_inv = 1 / (G * live + self.root / pi)
         direction = G_inv[:, None] * (A_inv @ grad[..., None])[..., 0]
         return theta - self.lr * direction, {"A": A, "G": G, "A_inv": A_inv, "G_inv": G_inv}
 

@@ -716,6 +716,22 @@ def test_ngd_runs_that_diverge_beside_runs_that_go_on_equal_a_loop_of_runs(frame
     assert 0 < diverged < 12
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_kfac_runs_whose_logits_saturate_equal_a_loop_of_runs(framework):
+    """kfac on breastcancer with the exact likelihood at lrs 1e2..1e8, inverses refreshed every step:
+    after the first step every logit saturates and G is 0, kfac-jax's zero case (both inverses
+    I / sqrt(lambda)). The grid and `natgrad run` take it alike; numpy's run raised ZeroDivisionError
+    there, which would have stopped a whole tuning job."""
+    hps = {"fisher": "exact", "kfac_ema": 0.0, "kfac_update_period": 1}
+    frame = grid.run_grid("breastcancer", ["kfac"], framework, lrs=(2, 8, 4), dampings=(-4, -4, 1), steps=STEPS,
+                          repeats=0, hyperparameters=hps, logit_clip="none", progress=False).frame
+    for lr, mine in frame.groupby("lr"):
+        loop = runner.run("breastcancer", "kfac", framework, hyperparameters={"lr": lr, "damping": 1e-4, **hps},
+                          steps=STEPS, logit_clip="none", progress=False)
+        assert mine["diverged"].tolist() == loop["diverged"].tolist(), lr
+        np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-9, err_msg=str(lr))
+
+
 def test_a_repeat_that_overflowed_is_described_as_chaotic():
     """A chaos repeat whose last loss is +inf (a float32 forward pass that overflowed) makes the best run
     chaotic with an infinite spread; `natgrad grid` prints it, and must not die on it before --out is

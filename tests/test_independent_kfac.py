@@ -332,9 +332,11 @@ def test_factors_and_dense_match_kfac_jax(impl, kfac_jax, likelihood):
     assert rel_err(s * dense, reference) < TOL
 
 
-def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl, kfac_jax):
+@pytest.mark.parametrize("zero", [None, "A", "G", "both"])
+def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl, kfac_jax, zero):
     """Factored Tikhonov damping: our damped inverse factors equal kfac-jax's
-    pi_adjusted_kronecker_inverse of the same factors (Martens & Grosse 2015, 6.3)."""
+    pi_adjusted_kronecker_inverse of the same factors (Martens & Grosse 2015, 6.3); also where a
+    factor of the first layer is zero (a layer all of whose units are dead), kfac-jax's zero case."""
     import jax
     import jax.numpy as jnp
     from kfac_jax._src.utils.math import pi_adjusted_kronecker_inverse
@@ -349,6 +351,10 @@ def test_damped_inverses_match_kfac_jax_pi_adjusted_inverse(impl, kfac_jax):
         problem, impl.params(params), impl.batch(x, y), Curvature.EXACT, 1, None
     )
     kron = impl.curvature.kronecker(factor)
+    first = next(iter(kron.A))
+    for which in {"A": ["A"], "G": ["G"], "both": ["A", "G"]}.get(zero, []):
+        factors = getattr(kron, which)
+        factors[first] = 0 * factors[first]
     damping = 1e-2
     inverse = kron.inverse(damping)
     for name in kron.A:

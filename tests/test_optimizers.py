@@ -231,6 +231,47 @@ def test_kfac_mc_factors_average_over_samples(impl):
         assert error < 0.05, name
 
 
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_kfac_steps_through_a_layer_whose_units_are_all_dead(impl, fisher):
+    """Under a hidden layer whose ReLUs are all off (bias -100), that layer and the one before it get
+    no gradient and their G is zero: K-FAC's step there is 0 (kfac-jax's zero case, the damped block
+    lambda I), not NaN, and the output layer's bias, whose gradient is not zero, still moves."""
+    problem = models.Problem(models.mlp((5, 6, 6, 3), "relu"), "categorical")
+    x, y = make_data(problem, 32, seed=0)
+    start = models.init_params(problem.model, 1)
+    start["dense2.bias"] = start["dense2.bias"] - 100.0  # the second hidden layer (dense1 is its ReLU)
+    params = impl.params(start)
+    opt = impl.module.kfac(problem, lr=0.1, damping=1e-2, fisher=fisher, seed=0)
+    moved = {k: v - start[k] for k, v in impl.numpy(opt.step(params, opt.init(params), impl.batch(x, y))[0]).items()}
+    assert all(np.isfinite(v).all() for v in moved.values())
+    assert all(not moved[k].any() for k in ("dense0.weight", "dense0.bias", "dense2.weight", "dense2.bias",
+                                            "dense4.weight"))
+    assert np.abs(moved["dense4.bias"]).max() > 1e-3
+
+
+def test_numpy_kfac_steps_where_every_logit_is_saturated():
+    """The numpy reference's G is a Python float: with every logit saturated (sigmoid'(z) = 0 in float64)
+    G is 0.0 and pi's division raised ZeroDivisionError, killing a whole tuning job where torch and jax
+    marked one run diverged. With kfac-jax's zero case it steps as torch and jax do."""
+    import natgrad_impls.numpy as reference
+
+    problem = models.Problem(models.linear(5, 1, bias=True), "bernoulli")
+    x = np.abs(np.random.default_rng(0).normal(size=(20, 5))) + 1
+    y = np.ones((20, 1))
+    start = {"dense0.weight": np.full((1, 5), 10.0), "dense0.bias": np.array([0.0])}  # every logit > 50
+    steps = []
+    for impl in (None, TorchImpl(), JaxImpl()):
+        opt = (reference if impl is None else impl.module).kfac(problem, lr=1.0, damping=1e-2, fisher="exact")
+        params = start if impl is None else impl.params(start)
+        batch = (x, y) if impl is None else impl.batch(x, y)
+        new = opt.step(params, opt.init(params), batch)[0]
+        new = new if impl is None else impl.numpy(new)
+        steps.append(np.concatenate([(new[k] - start[k]).ravel() for k in start]))
+    assert np.isfinite(steps[0]).all()
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(steps[2], steps[0], rtol=1e-10, atol=1e-300)
+
+
 def test_ngd_step_with_l2_is_the_dense_formula_where_the_gram_product_is_cheaper(impl):
     """With l2 the gradient is no longer the mean of the data's per-example gradients, so U^T g cannot
     come from the Gram product over the data's rows: on a wide-input MLP at a small batch, where that

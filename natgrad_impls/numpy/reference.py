@@ -315,6 +315,8 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     with factored Tikhonov damping, lambda = damping + l2, pi = sqrt((tr A / dim A) / G):
     theta <- theta - lr (G + sqrt(lambda)/pi)^-1 (A + pi sqrt(lambda) I)^-1 g.
     With one output the block A (x) G is the true Fisher up to replacing lambda_n by its mean.
+    Where G (or A) is zero (every logit saturated) the damped block is lambda I, and both inverses
+    are I / sqrt(lambda) (kfac-jax's zero case, as in torch and jax).
     """
     check_problem(problem)
     h = hp.KFAC(lr, damping, kfac_update_period, kfac_ema, fisher, samples, seed)
@@ -335,9 +337,11 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         A_inv, G_inv = state.A_inv, state.G_inv
         if state.step % h.kfac_update_period == 0:
             root = math.sqrt(h.damping + problem.l2)
-            pi = math.sqrt(np.trace(A) / A.shape[0] / G)
-            A_inv = inverse(A + root * pi * np.eye(A.shape[0]))
-            G_inv = 1.0 / (G + root / pi)
+            a = np.trace(A) / A.shape[0]
+            live = a > 0 and G > 0
+            pi = math.sqrt(a / G) if live else 1.0
+            A_inv = inverse(A * live + root * pi * np.eye(A.shape[0]))
+            G_inv = 1.0 / (G * live + root / pi)
         new = theta - h.lr * G_inv * (A_inv @ grad)
         return _params(problem, new), KFACState(state.step + 1, A, G, A_inv, G_inv), _info(value, grad)
 

@@ -307,13 +307,18 @@ class KroneckerCurvature:
         """Factored Tikhonov (Martens & Grosse 2015, 6.3) with lambda = damping + shift: the inverses
         of A + pi sqrt(lambda) I and G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A) / (tr G/dim G)),
         so that each factor is damped in proportion to its own scale (DESIGN 4 has the two swapped).
+        Where a factor is zero (a layer whose outputs get no gradient: all its units dead, or
+        saturated logits), A (x) G is too and the damped block is lambda I: both inverses are then
+        I / sqrt(lambda) (kfac-jax's zero case), where pi would be 0/0 or inf and the step NaN.
         Returned as a KroneckerCurvature whose multiply applies them."""
         root = math.sqrt(damping + self.shift)
         A_inv, G_inv = {}, {}
         for k in self.A:
-            pi = torch.sqrt(torch.diagonal(self.A[k]).mean() / torch.diagonal(self.G[k]).mean())
-            A_inv[k] = _damped_inverse(self.A[k], root * pi)
-            G_inv[k] = _damped_inverse(self.G[k], root / pi)
+            a, g = torch.diagonal(self.A[k]).mean(), torch.diagonal(self.G[k]).mean()
+            live = (a > 0) & (g > 0)  # a tensor, not a bool: no read back from the device
+            pi = torch.where(live, torch.sqrt(a / g), 1.0)
+            A_inv[k] = _damped_inverse(self.A[k] * live, root * pi)
+            G_inv[k] = _damped_inverse(self.G[k] * live, root / pi)
         return KroneckerCurvature(self.model, A_inv, G_inv)
 
     def multiply_inverse(self, v: dict, damping: float) -> dict:
