@@ -66,8 +66,12 @@ class NaturalGradient:
     """`ef` and `ngd`: theta <- theta - lr (C + damping I)^-1 g.
 
     damping may be 0 only where C (plus the problem's l2 term) is invertible: small D, dense solve.
-    Where it is not, the step's solve gives NaN and the run diverges at the next step (in every
-    framework alike: `structurally_singular` names the case that round-off would otherwise hide).
+    Where C has fewer columns than parameters it is singular whatever the data, the step's solve
+    gives NaN and the run diverges at the next step (in every framework alike:
+    `structurally_singular` names the case that round-off would otherwise hide). A C singular by
+    its data alone (repeated examples, collinear features) is not detected: LU's round-off pivots
+    give a finite step, arbitrary along C's null space and different in each framework, so give
+    such a task a damping > 0.
     """
 
     lr: float

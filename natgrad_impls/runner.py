@@ -22,8 +22,9 @@ parameters theta_k after k updates:
   damping outweighs the Fisher along g) the NGD step is a gradient step, and so is the EF's where
   cos_ef_ngd is near 1 too.
 - diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
-  after a step whose solve failed: a singular matrix gives NaN parameters in every framework);
-  the same value on every row of the run. A diverged run's last row is the step that diverged;
+  after a step whose solve failed: a Cholesky that fails, or damping 0 with fewer columns than
+  parameters, gives NaN parameters in every framework; NaturalGradient says what damping 0 does
+  otherwise); the same value on every row of the run. A diverged run's last row is the step that diverged;
   nothing is raised. (jax brings losses to the host every 16 steps; a divergence seen late
   truncates the run at its step.)
 - lr, damping and the optimizer's other hyperparameters; batch_size (empty for full batch).

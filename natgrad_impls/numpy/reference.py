@@ -179,9 +179,10 @@ def fisher(problem: Problem, params: dict, batch, fisher: Fisher | str = Fisher.
 # -- optimizers ------------------------------------------------------------------------------------
 
 def solve(matrix: np.ndarray, b: np.ndarray, singular: bool = False) -> np.ndarray:
-    """matrix^-1 b, NaN where matrix is singular: as in jax and in torch's Cholesky solves, which
-    never raise, a failed solve makes the next parameters NaN and the run diverges at the next step
-    (its loss NaN), in every framework alike. `singular`: known to be (hp.structurally_singular)."""
+    """matrix^-1 b, NaN where LU finds matrix singular: as in jax and in torch's Cholesky solves,
+    which never raise, a failed solve makes the next parameters NaN and the run diverges at the next
+    step (its loss NaN), in every framework alike. `singular`: known to be (hp.structurally_singular).
+    A matrix singular by its data alone may pass LU on round-off pivots (hp.NaturalGradient)."""
     if singular:
         return np.full(np.broadcast_shapes(matrix.shape[:-1], b.shape), np.nan)
     try:
