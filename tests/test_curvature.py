@@ -282,11 +282,15 @@ def test_kfc_is_exact_for_a_convolution_with_one_position(impl):
     close(impl.numpy(impl.curvature.kronecker(factor).to_dense()), ref.fisher(problem, params, x, y))
 
 
-def test_kfac_inverse_uses_factored_tikhonov(impl):
-    problem = PROBLEMS["mlp-categorical"]
+@pytest.mark.parametrize("name", ["mlp-categorical", "mlp-gaussian-l2"])
+def test_kfac_inverse_uses_factored_tikhonov(impl, name):
+    """With l2 the factors are damped by lambda = damping + l2 (the prior's term is part of the
+    curvature K-FAC approximates), not by the damping alone."""
+    problem = PROBLEMS[name]
     _, _, _, factor = build(impl, problem, 8, Curvature.EXACT)
     kfac = impl.curvature.kronecker(factor)
     damping = 0.05
+    lam = damping + problem.l2
     v = np.random.default_rng(5).normal(size=problem.model.num_params())
     got = flat(impl, problem, kfac.multiply_inverse(impl.params(models.unflatten(problem.model, v)), damping))
     blocks = ref.layer_blocks(problem.model)
@@ -295,7 +299,7 @@ def test_kfac_inverse_uses_factored_tikhonov(impl):
         A, G = impl.numpy(kfac.A[name]), impl.numpy(kfac.G[name])
         pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
         # Martens & Grosse (2015) 6.3: each factor damped in proportion to its own scale.
-        damped = np.kron(G + np.sqrt(damping) / pi * np.eye(len(G)), A + pi * np.sqrt(damping) * np.eye(len(A)))
+        damped = np.kron(G + np.sqrt(lam) / pi * np.eye(len(G)), A + pi * np.sqrt(lam) * np.eye(len(A)))
         # kron(G, A) acts on the row-major augmented weight [W | b]; move to canonical order.
         order = _augmented_to_canonical(len(G), len(A))
         expected[block] = np.linalg.solve(damped[np.ix_(order, order)], v[block])

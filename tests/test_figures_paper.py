@@ -332,7 +332,8 @@ def test_contour_window_holds_both_ellipses(misspec_table):
     """The contour rows span a square around theta* that holds the Fisher's and the EF's ellipse
     (with room to spare: 1.5 times their extent): the ellipse Delta^T C Delta = radius^2 reaches
     radius sqrt((C^-1)_ii) along axis i (Lagrange: max e_i^T Delta on it). C is the table's; its
-    Fisher is held to the loss above, so a window cut from C instead of C^-1 shows here."""
+    Fisher is held to the loss above. These C are near diagonal, so a window cut from C instead of
+    C^-1 would pass here: the test below checks the reach on a strongly correlated C."""
     for variant, rows in misspec_table.groupby("variant"):
         star = rows[rows["kind"] == "minimum"][["theta_0", "theta_1"]].to_numpy(dtype=float)[0]
         contour = rows[rows["kind"] == "contour"]
@@ -342,6 +343,24 @@ def test_contour_window_holds_both_ellipses(misspec_table):
             for i in range(2):
                 axis = contour[f"theta_{i}"].to_numpy(dtype=float)
                 assert axis.min() < star[i] - reach[i] and star[i] + reach[i] < axis.max(), (variant, name, i)
+
+
+def test_contour_window_is_the_ellipses_reach_for_a_strongly_correlated_curvature():
+    """toys._window on a curvature with correlation 0.99, where an ellipse Delta^T C Delta = r^2
+    reaches 7.1 times further along an axis than 1 / sqrt(C_ii) (the misspec tables' curvatures are
+    near diagonal, so the table test above cannot tell the two apart): the half-width is the margin
+    times the largest reach, measured on the ellipse itself."""
+    from natgrad_impls import toys
+
+    C, radius, margin = np.array([[1.0, 0.99], [0.99, 1.0]]), 0.3, 1.5
+    # points of the ellipse: Delta = r L^-T u for unit u, with C = L L^T
+    angles = np.linspace(0, 2 * np.pi, 200_001)
+    ellipse = radius * np.linalg.solve(np.linalg.cholesky(C).T, np.stack([np.cos(angles), np.sin(angles)]))
+    reach = np.abs(ellipse).max(axis=1)
+    assert reach.max() > 7 * radius  # far beyond 1 / sqrt(C_ii) = 1
+    window = toys._window([2.0, -1.0], [C], radius, margin)
+    for centre, (low, high), r in zip([2.0, -1.0], window, reach):
+        assert (high - centre) == pytest.approx(centre - low) == pytest.approx(margin * reach.max(), rel=1e-8)
 
 
 def test_misspecification_leaves_out_a_missing_variant(misspec_table):

@@ -96,6 +96,17 @@ def test_divergence_stops_and_marks_the_run(framework):
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_divergence_is_the_first_step_past_100_times_the_first_loss(framework):
+    """sgd on wine at lr 4e-6 grows its loss about 2.7-fold a step (x51 at step 5, x141 at step 6): the
+    run stops at step 6, the first past 100 x the first loss, not before and not later (the run at
+    lr 1 above crosses every threshold at once)."""
+    frame = runner.run("wine", "sgd", framework, hyperparameters={"lr": 4e-6}, steps=50, progress=False)
+    growth = (frame["loss"] / frame["loss"].iloc[0]).to_numpy()
+    assert frame["diverged"].all() and frame["step"].tolist() == list(range(7))
+    assert growth[-1] > 100 >= growth[:-1].max() and growth[-2] > 30
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_a_failed_solve_is_a_divergence_at_the_next_step_in_every_framework(framework):
     """A singular solve gives NaN parameters (jax's solves cannot raise; numpy's and torch's raised,
     which recorded the failure a step earlier): step 0's loss, then NaN."""
