@@ -110,6 +110,22 @@ def impl(request):
     return JaxImpl()
 
 
+@pytest.fixture(autouse=True)
+def fresh_jax_programs():
+    """Every test traces its own jax programs. A process keeps the programs it built to share them
+    between runs (natgrad_impls.jax.optimizers._shared, the runner's `_jax_*`), and would hand a test
+    one traced before the test patched what it calls (a label sampler, jax.lax) or compiled before it
+    counted compilations."""
+    import sys
+
+    optimizers, runner = sys.modules.get("natgrad_impls.jax.optimizers"), sys.modules.get("natgrad_impls.runner")
+    if optimizers is not None:
+        optimizers._shared.cache_clear()
+    if runner is not None:
+        for cached in (runner._jax_batch_cutter, runner._jax_evaluator, runner._jax_cosine):
+            cached.cache_clear()
+
+
 @pytest.fixture
 def kfac_jax():
     """kfac-jax, shimmed for this jax (natgrad_impls.kfac_jax_compat); skips where it is missing or

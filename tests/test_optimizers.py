@@ -448,6 +448,43 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimize
                for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(own[0])))
 
 
+@pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
+def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(optimizer, hp, programs):
+    """The runs of a tuning job build an optimizer per setting and seed: each after the first takes
+    the steps already compiled for its problem (another lr and damping: nothing traced or compiled),
+    and steps as a fresh build of its own would, bit for bit. A hyperparameter compiled into the
+    step (here momentum, b1, samples or the update period, and damping 0, the dense solve) builds
+    programs of its own."""
+    import natgrad_impls.jax as nj
+    from natgrad_impls.jax import optimizers
+
+    x, y = make_data(PROBLEM, 16, seed=0)
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    params = {k: jnp.asarray(v) for k, v in models.init_params(PROBLEM.model, 1).items()}
+    first = getattr(nj, optimizer)(PROBLEM, **hp)
+    state = first.init(params)
+    for _ in range(programs):
+        params, state, _ = first.step(params, state, batch)
+    other = {**hp, "lr": hp["lr"] / 3, **({"damping": hp["damping"] * 10} if "damping" in hp else {})}
+    compiles, built = [], optimizers._shared.cache_info
+    listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        shared = getattr(nj, optimizer)(PROBLEM, **other)
+        steps = [shared.step(params, shared.init(params), batch)]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [] and built().misses == 1
+    optimizers._shared.cache_clear()  # a fresh build traces and compiles its own
+    steps.append(getattr(nj, optimizer)(PROBLEM, **other).step(params, shared.init(params), batch))
+    for ours, reference in zip(*(jax.tree.leaves(step[0]) for step in steps), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+    compiled_in = {"sgd": {"momentum": 0.5}, "adam": {"b1": 0.5}, "ef": {"damping": 0.0},
+                   "ngd": {"samples": 2}, "kfac": {"kfac_ema": 0.5}}[optimizer]
+    getattr(nj, optimizer)(PROBLEM, **{**hp, **compiled_in})
+    assert built().misses == 2
+
+
 @pytest.mark.parametrize(
     "optimizer, hp, field",
     [

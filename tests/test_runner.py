@@ -95,6 +95,53 @@ def test_divergence_stops_and_marks_the_run(framework):
     assert frame["loss"].iloc[-1] > 100 * frame["loss"].iloc[0]
 
 
+@pytest.mark.parametrize("optimizer, hyperparameters", [("sgd", {"lr": 0.1, "momentum": 0.9}),
+                                                      ("kfac", {"lr": 0.01, "damping": 0.01})])
+def test_the_runs_of_a_jax_job_after_the_first_compile_nothing(optimizer, hyperparameters):
+    """A tuning job's runs in one process share their programs (steps, batching, evaluations, the
+    cosine): a run of another setting and seed after the first compiles nothing, where each run
+    traced, lowered and compiled (or read back from the persistent cache) all of them anew."""
+    import jax
+
+    def one_run(scale, seed):
+        setting = {k: v * scale if k in ("lr", "damping") else v for k, v in hyperparameters.items()}
+        return runner.run("digits-mlp", optimizer, "jax", dtype="float32", hyperparameters=setting, steps=6,
+                          eval_every=3, seed=seed, cos_ef_ngd=True, cos_damping=0.01, progress=False)
+
+    one_run(1.0, 0)
+    compiles = []
+    listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        frame = one_run(0.5, 0)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [] and frame["train_loss"].notna().sum() == 3 and frame["cos_ef_ngd"].notna().all()
+
+
+def test_a_jax_run_compiles_everything_before_its_loop(monkeypatch):
+    """Steps, evaluations and the cosine are compiled in setup (setup_s), so that the loop's step and
+    evaluation times hold no compilation (the cosine's took 0.6 s of eval_s at step 0)."""
+    import jax
+
+    compiles, in_loop = [], []
+    bar = runner.progress_bar
+
+    def loop_starts(*args, **kwargs):
+        in_loop.append(True)
+        return bar(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "progress_bar", loop_starts)
+    listen = lambda event, seconds, **metadata: compiles.append(bool(in_loop)) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        runner.run("digits-mlp", "ef", "jax", dtype="float32", hyperparameters={"lr": 0.1, "damping": 1.0}, steps=4,
+                   eval_every=2, cos_ef_ngd=True, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert in_loop and compiles and not any(compiles)
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_divergence_is_the_first_step_past_100_times_the_first_loss(framework):
     """sgd on wine at lr 4e-6 grows its loss about 2.7-fold a step (x51 at step 5, x141 at step 6): the

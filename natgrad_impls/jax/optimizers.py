@@ -9,7 +9,10 @@ loss at the parameters the step started from and the gradient norm. `step` is on
 with the problem and the hyperparameters closed over (static), except those a tuning grid varies,
 lr and damping: they are float64 scalars in the state (as optax.inject_hyperparams keeps them), so
 that one compiled program serves every value and the pipeline's persistent compilation cache
-compiles a tuning job's step once, not once per setting. States are NamedTuples of arrays, the step
+compiles a tuning job's step once, not once per setting. The jitted programs are built once per
+problem and compiled hyperparameters (`_shared`), so that the runs of one process (a tuning job's
+settings and seeds) reuse them, traced and compiled, instead of tracing, lowering and reading
+back the same program every run (a fifth of a second each). States are NamedTuples of arrays, the step
 counter included. K-FAC's step is two compiled programs, with and without the inverse
 refresh, picked on the host from a host copy of its counter: a `lax.cond` on the device counter
 costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to the host and
@@ -19,6 +22,7 @@ The curvature-based optimizers differ only in the curvature they precondition wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -87,6 +91,23 @@ def _descend(params: dict, lr: jax.Array, direction: dict) -> dict:
     return {k: p - lr.astype(p.dtype) * direction[k] for k, p in params.items()}
 
 
+def _compiled(h):
+    """`h` as its programs see it: lr and damping are traced (state.hyperparameters), so any value
+    compiles alike, except a damping of 0, which picks the dense solve at trace time (`_damping`)."""
+    masked = {"lr": 0.0}
+    if hasattr(h, "damping"):
+        masked["damping"] = 1.0 if h.damping else 0.0
+    return dataclasses.replace(h, **masked)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared(build, problem: Problem, h, *static):
+    """`build(problem, h, *static)`'s jitted program, one per (problem, compiled hyperparameters,
+    static) for the process (module docstring); `h` from `_compiled`. Bounded: a test session
+    builds hundreds."""
+    return build(problem, h, *static)
+
+
 def _loss_and_grad(problem: Problem, params: dict, batch):
     return jax.value_and_grad(lambda p: M.loss(problem, p, batch))(params)
 
@@ -109,6 +130,10 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         momentum = {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None
         return SGDState(_counter(params), momentum, _traced(h, params, "lr"))
 
+    return FunctionalOptimizer(init, _shared(_sgd_step, problem, _compiled(h)), h)
+
+
+def _sgd_step(problem: Problem, h: hp.SGD):
     @jax.jit
     def step(params, state, batch):
         value, grad = _loss_and_grad(problem, params, batch)
@@ -120,7 +145,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
         return new, SGDState(state.step + 1, buffers, state.hyperparameters), info
 
-    return FunctionalOptimizer(init, step, h)
+    return step
 
 
 @hp.documented
@@ -137,6 +162,10 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
         return AdamState(_counter(params), zeros(), zeros(), _traced(h, params, "lr"))
 
+    return FunctionalOptimizer(init, _shared(_adam_step, problem, _compiled(h)), h)
+
+
+def _adam_step(problem: Problem, h: hp.Adam):
     @jax.jit
     def step(params, state, batch):
         value, grad = _loss_and_grad(problem, params, batch)
@@ -155,13 +184,17 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
         return new, AdamState(t, m, v, state.hyperparameters), info
 
-    return FunctionalOptimizer(init, step, h)
+    return step
 
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
     def init(params):
         return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping"))
 
+    return FunctionalOptimizer(init, _shared(_natural_gradient_step, problem, _compiled(h), curvature), h)
+
+
+def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: Curvature):
     @jax.jit
     def step(params, state, batch):
         key = mc_sampler(h.seed, state.step) if curvature == Curvature.MC else None
@@ -170,7 +203,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
         new = _descend(params, state.hyperparameters["lr"], C.from_layers(problem.model, layers))
         return new, state._replace(step=state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
-    return FunctionalOptimizer(init, step, h)
+    return step
 
 
 @hp.documented
@@ -212,7 +245,6 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     W' = [W | b] the bias-augmented weight.
     """
     h = hp.KFAC(lr, damping, kfac_update_period, kfac_ema, fisher, samples, seed)
-    curvature = Curvature(h.fisher.value)
 
     def init(params):
         # Zeros of the factors' shapes, so that the state is a fixed pytree from the start; step 0
@@ -222,6 +254,20 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
         return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping"))
+
+    compiled_step = _shared(_kfac_step, problem, _compiled(h))
+
+    def step(params, state, batch):
+        count = int(state.step)  # (a Python int again where a caller moved the state to a device)
+        refresh = count % h.kfac_update_period == 0
+        new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
+        return new, state._replace(step=count + 1), info
+
+    return FunctionalOptimizer(init, step, h)
+
+
+def _kfac_step(problem: Problem, h: hp.KFAC):
+    curvature = Curvature(h.fisher.value)
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
@@ -244,10 +290,4 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         state = KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1, state.hyperparameters)
         return new, state, info
 
-    def step(params, state, batch):
-        count = int(state.step)  # (a Python int again where a caller moved the state to a device)
-        refresh = count % h.kfac_update_period == 0
-        new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
-        return new, state._replace(step=count + 1), info
-
-    return FunctionalOptimizer(init, step, h)
+    return compiled_step

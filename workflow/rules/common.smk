@@ -32,10 +32,11 @@ def remove_stale_temporaries():
 def share_jax_compilations(directory=".cache/jax"):
     """One persistent jax compilation cache for every job (a setting of the environment wins). A jax
     run compiles its step, batching and evaluation programs, most of its time in a tuning or
-    training job on the CPU (mnist1d-mlp kfac: 5 s of compiling for 0.5 s of 400 steps); a program
-    another job or run already compiled, such as the best setting's in train after tune or the
-    same step on the next seed, is read back instead. A size limit turns on jax's file lock, so
-    that parallel jobs never read an entry while it is being written."""
+    training job on the CPU (mnist1d-mlp kfac: 5 s of compiling for 0.5 s of 400 steps); the runs
+    of one job share them in memory (natgrad_impls.jax.optimizers), and a program another job
+    already compiled, such as the best setting's in train after tune, is read back instead of
+    compiled. A size limit turns on jax's file lock, so that parallel jobs never read an entry
+    while it is being written."""
     defaults = {
         "JAX_COMPILATION_CACHE_DIR": os.path.abspath(directory),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
