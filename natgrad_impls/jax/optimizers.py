@@ -4,19 +4,19 @@
     state = opt.init(params)
     params, state, info = opt.step(params, state, batch)
 
-params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the
-loss at the parameters the step started from and the gradient norm. `step` is one jitted function
-with the problem and the hyperparameters closed over (static), except those a tuning grid varies,
-lr and damping: they are float64 scalars in the state (as optax.inject_hyperparams keeps them), so
-that one compiled program serves every value and the pipeline's persistent compilation cache
-compiles a tuning job's step once, not once per setting. The jitted programs are built once per
-problem and compiled hyperparameters (`_shared`), so that the runs of one process (a tuning job's
-settings and seeds) reuse them, traced and compiled, instead of tracing, lowering and reading
-back the same program every run (a fifth of a second each). States are NamedTuples of arrays, the step
-counter included. K-FAC's step is two compiled programs, with and without the inverse
-refresh, picked on the host from a host copy of its counter: a `lax.cond` on the device counter
-costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to the host and
-blocks until the stream is done, so no later step can be queued behind it).
+params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the loss
+at the parameters the step started from and the gradient norm. `step` is one jitted function with
+the problem and the hyperparameters closed over (static), except those a tuning grid varies, lr and
+damping: they are float64 scalars in the state (as optax.inject_hyperparams keeps them), so that one
+compiled program serves every value and the pipeline's persistent compilation cache compiles a
+tuning job's step once, not once per setting. The jitted programs are built once per problem and
+compiled hyperparameters (`_shared`), so that the runs of one process (a tuning job's settings and
+seeds) reuse them, traced and compiled, instead of tracing, lowering and reading back the same
+program every run (a fifth of a second each). States are NamedTuples of arrays, the step counter
+included. K-FAC's step is two compiled programs, with and without the inverse refresh, picked on the
+host from a host copy of its counter: a `lax.cond` on the device counter costs a host sync every
+step on a GPU (XLA's ConditionalThunk copies the predicate to the host and blocks until the stream
+is done, so no later step can be queued behind it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
