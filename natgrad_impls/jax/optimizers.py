@@ -6,17 +6,17 @@
 
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the loss
 at the parameters the step started from and the gradient norm. `step` is one jitted function with
-the problem and the hyperparameters closed over (static), except those a tuning grid varies, lr and
-damping: they are float64 scalars in the state (as optax.inject_hyperparams keeps them), so that one
-compiled program serves every value and the pipeline's persistent compilation cache compiles a
-tuning job's step once, not once per setting. The jitted programs are built once per problem and
-compiled hyperparameters (`_shared`), so that the runs of one process (a tuning job's settings and
-seeds) reuse them, traced and compiled, instead of tracing, lowering and reading back the same
-program every run (a fifth of a second each). States are NamedTuples of arrays, the step counter
-included. K-FAC's step is two compiled programs, with and without the inverse refresh, picked on the
-host from a host copy of its counter: a `lax.cond` on the device counter costs a host sync every
-step on a GPU (XLA's ConditionalThunk copies the predicate to the host and blocks until the stream
-is done, so no later step can be queued behind it).
+the problem and the hyperparameters closed over (static), except those that the runs of a tuning job
+vary, lr, damping and the MC label sampler's seed: they are scalars in the state (as
+optax.inject_hyperparams keeps them), so that one compiled program serves every value and the
+pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
+jitted programs are built once per problem and compiled hyperparameters (`_shared`), so that the
+runs of one process (a tuning job's settings and seeds) reuse them, traced and compiled, instead of
+tracing, lowering and reading back the same program every run (a fifth of a second each). States are
+NamedTuples of arrays, the step counter included. K-FAC's step is two compiled programs, with and
+without the inverse refresh, picked on the host from a host copy of its counter: a `lax.cond` on the
+device counter costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to
+the host and blocks until the stream is done, so no later step can be queued behind it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
@@ -52,7 +52,7 @@ class AdamState(NamedTuple):
 
 class NaturalGradientState(NamedTuple):
     step: jax.Array
-    hyperparameters: dict  # {"lr", "damping"}
+    hyperparameters: dict  # {"lr", "damping", "seed"}
 
 
 class KFACState(NamedTuple):
@@ -74,11 +74,13 @@ def _counter(params: dict) -> jax.Array:
 
 def _traced(h, params: dict, *names: str) -> dict:
     """The hyperparameters `names` of `h` as float64 scalars placed like the parameters, for the
-    state (module docstring). Where one meets the parameters it is rounded to their dtype, as a
-    Python float is, so a step multiplies by the same numbers as with the values compiled in
-    (`curvature.damped` says where a division moves by round-off)."""
+    state (module docstring); "seed", the MC label sampler's, as an int64 one (the key of a Python
+    int seed). Where a float meets the parameters it is rounded to their dtype, as a Python float
+    is, so a step multiplies by the same numbers as with the values compiled in (`curvature.damped`
+    says where a division moves by round-off)."""
     like = next(iter(params.values()))
-    return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=jnp.float64) for name in names}
+    dtype = lambda name: jnp.int64 if name == "seed" else jnp.float64  # noqa: E731
+    return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=dtype(name)) for name in names}
 
 
 def _damping(h, state):
@@ -92,11 +94,14 @@ def _descend(params: dict, lr: jax.Array, direction: dict) -> dict:
 
 
 def _compiled(h):
-    """`h` as its programs see it: lr and damping are traced (state.hyperparameters), so any value
-    compiles alike, except a damping of 0, which picks the dense solve at trace time (`_damping`)."""
+    """`h` as its programs see it: lr, damping and seed are traced (state.hyperparameters), so any
+    value compiles alike, except a damping of 0, which picks the dense solve at trace time
+    (`_damping`)."""
     masked = {"lr": 0.0}
     if hasattr(h, "damping"):
         masked["damping"] = 1.0 if h.damping else 0.0
+    if hasattr(h, "seed"):
+        masked["seed"] = 0
     return dataclasses.replace(h, **masked)
 
 
@@ -189,7 +194,7 @@ def _adam_step(problem: Problem, h: hp.Adam):
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
     def init(params):
-        return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping"))
+        return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping", "seed"))
 
     return FunctionalOptimizer(init, _shared(_natural_gradient_step, problem, _compiled(h), curvature), h)
 
@@ -197,7 +202,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
 def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: Curvature):
     @jax.jit
     def step(params, state, batch):
-        key = mc_sampler(h.seed, state.step) if curvature == Curvature.MC else None
+        key = mc_sampler(state.hyperparameters["seed"], state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, state))
         new = _descend(params, state.hyperparameters["lr"], C.from_layers(problem.model, layers))
@@ -253,7 +258,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         square = lambda size, like: jnp.zeros_like(like, shape=(size, size))  # placed like the parameters
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping"))
+        return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping", "seed"))
 
     compiled_step = _shared(_kfac_step, problem, _compiled(h))
 
@@ -271,7 +276,7 @@ def _kfac_step(problem: Problem, h: hp.KFAC):
 
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, refresh: bool):
-        key = mc_sampler(h.seed, state.device_step) if curvature == Curvature.MC else None
+        key = mc_sampler(state.hyperparameters["seed"], state.device_step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
         first = state.device_step == 0
