@@ -109,6 +109,23 @@ def device_available(framework, device) -> bool:
     return False
 
 
+def cpu_threads(framework) -> int:
+    """The CPU threads `framework`'s computations may use in this process: torch's intra-op pool;
+    XLA's, sized from PJRT_NPROC (runner.thread_environment) or else the cores this process may run
+    on. A table records it beside its machine: jax's two-thread ratios on a small MLP move between
+    runs by a quarter, where one thread gives another and steady number (results/README)."""
+    import os
+
+    if parse(Framework, framework, "framework") == Framework.TORCH:
+        import torch
+
+        return torch.get_num_threads()
+    nproc = os.environ.get("PJRT_NPROC", "")
+    if nproc.isdigit() and int(nproc) > 0:
+        return int(nproc)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS), else platform.processor()."""
     try:

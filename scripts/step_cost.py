@@ -11,11 +11,14 @@ batch 128, float32 by default), with the settings of `timing.SETTINGS`:
     gradient plus the preconditioning, and with the factors and amortised inverses added), so the
     measured cost can be read against what the model's shapes allow; and the time of one refresh
     of its inverses (`inverse_s`, `timing.kfac_inverse_call`) with its amortised share of the step
-    (`inverse_share` = inverse_s / period / step_s);
+    (`inverse_share` = inverse_s / period / step_s, a lower bound: a refresh step also does more
+    than the inversions);
   - our step time over the peer's on the same parameters and batch (`over_<peer>`): sgd and adam
     over torch.optim (foreach) and optax (target <= 1.2), kfac over kfac-jax's K-FAC (target <= 1).
 Every time is the median of `--repeats` samples, a row's calls sampled in turn (timing.alternating_medians);
-a K-FAC sample spans whole inversion periods.
+a K-FAC sample spans whole inversion periods. Over several --rounds each column is the median over
+the rounds, ratios of the per-round ratios: step_s / gradient_s can differ from gradient_equivalents
+by a few percent.
 `--rounds R` builds every step once (jax compiles once), times them all R times in turn and
 reports the median of the rounds (the machine may be shared: rounds spread a burst of load over
 several samples); `--out` is rewritten after every round, so a run stopped early keeps its rounds.
@@ -184,7 +187,8 @@ def main(argv=None):
 
     def keep(table):  # on disk as soon as it is measured: a run stopped by a time limit keeps it
         if args.out:
-            results.write(table.assign(machine=machine, versions=versions), args.out)
+            threads = table["framework"].map(timing.cpu_threads)
+            results.write(table.assign(machine=machine, threads=threads, versions=versions), args.out)
 
     if args.sweep:
         table = pd.concat(

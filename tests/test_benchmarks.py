@@ -1006,10 +1006,25 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
     machine = set(results.read(out)["machine"])
     assert machine == {timing.device_name("cpu")}
     assert set(results.read(out)["versions"]) == {f"torch {torch.__version__}"}  # what it was measured with
+    assert set(results.read(out)["threads"]) == {torch.get_num_threads()}  # jax's ratios move with it
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "model name" in cpuinfo.read_text():
         model = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
         assert machine == {model.split(":", 1)[1].strip()}
+
+
+def test_a_tables_threads_are_what_each_framework_may_use(monkeypatch):
+    """torch: its intra-op pool; jax: XLA's pool, PJRT_NPROC where set (runner.thread_environment, as
+    the pipeline's single-threaded jobs set it), else the cores this process may run on."""
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert timing.cpu_threads("torch") == 3
+    monkeypatch.setenv("PJRT_NPROC", "1")
+    assert timing.cpu_threads("jax") == 1
+    monkeypatch.delenv("PJRT_NPROC")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 5}, raising=False)
+    assert timing.cpu_threads("jax") == 3
 
 
 def test_a_tables_versions_name_its_frameworks_and_peers_and_leave_out_what_is_missing(monkeypatch):

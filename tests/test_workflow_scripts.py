@@ -281,7 +281,8 @@ def test_train_records_the_cosine_where_the_rule_asks(tmp_path):
 def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tmp_path, monkeypatch):
     """cost.py hands timing its rule's own settings: a cost job timing.settings on its task, a
     scaling job timing.scaling's settings, widths and batch sizes (not the cost job's settings), both
-    timing's dtype and repeats; each table names the machine that timed it (device_name)."""
+    timing's dtype and repeats; each table names the machine that timed it (device_name) and the
+    threads its framework could use (cpu_threads)."""
     import inspect
 
     from natgrad_impls import timing
@@ -299,6 +300,7 @@ def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tm
     spy("cost_table")
     spy("scaling_table")
     monkeypatch.setattr(timing, "device_name", lambda device, framework="torch": f"machine of {framework} {device}")
+    monkeypatch.setattr(timing, "cpu_threads", lambda framework: {"jax": 2}[framework])
     t = {"dtype": "float64", "repeats": 7, "settings": ["sgd", "kfac"],
          "scaling": {"frameworks": ["jax"], "settings": ["ngd-mc"], "widths": [8, 16], "batch_sizes": [4, 32]}}
     wildcards = SimpleNamespace(task="digits-mlp", framework="jax", device="cpu")
@@ -307,6 +309,7 @@ def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tm
         run_script("cost.py", tmp_path, rule=rule, output=Files(tmp_path / f"{rule}.csv"), params=params,
                    wildcards=wildcards)
         assert set(pd.read_csv(tmp_path / f"{rule}.csv")["machine"]) == {"machine of jax cpu"}, rule
+        assert set(pd.read_csv(tmp_path / f"{rule}.csv")["threads"]) == {2}, rule
     assert calls == {"cost_table": dict(task="digits-mlp", framework="jax", device="cpu", dtype="float64",
                                         settings=["sgd", "kfac"], repeats=7),
                      "scaling_table": dict(framework="jax", device="cpu", widths=[8, 16], batch_sizes=[4, 32],

@@ -16,5 +16,6 @@ with results.job_log(snakemake.log[0]):
         table = timing.scaling_table(w.framework, w.device, s["widths"], s["batch_sizes"], s["settings"], t["dtype"],
                                      t["repeats"])
     table["machine"] = machine
+    table["threads"] = timing.cpu_threads(w.framework)
     results.write(table, snakemake.output[0])
     print(table.to_string())
