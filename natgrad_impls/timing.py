@@ -110,20 +110,26 @@ def device_available(framework, device) -> bool:
 
 
 def cpu_threads(framework) -> int:
-    """The CPU threads `framework`'s computations may use in this process: torch's intra-op pool;
-    XLA's, sized from PJRT_NPROC (runner.thread_environment) or else the cores this process may run
-    on. A table records it beside its machine: jax's two-thread ratios on a small MLP move between
-    runs by a quarter, where one thread gives another and steady number (results/README)."""
+    """The CPU threads `framework` (torch or jax) may use in this process: torch's intra-op pool;
+    XLA's, sized from PJRT_NPROC or NPROC (runner.thread_environment) or else the cores this process
+    may run on. A table records it beside its machine: jax's two-thread ratios on a small MLP move
+    between runs, where one thread gives another number (results/README)."""
     import os
 
-    if parse(Framework, framework, "framework") == Framework.TORCH:
+    from natgrad_impls.runner import usable_cores
+
+    framework = parse(Framework, framework, "framework")
+    if framework == Framework.NUMPY:
+        raise ValueError("framework: numpy steps are not timed (torch or jax)")
+    if framework == Framework.TORCH:
         import torch
 
         return torch.get_num_threads()
-    nproc = os.environ.get("PJRT_NPROC", "")
-    if nproc.isdigit() and int(nproc) > 0:
-        return int(nproc)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return usable_cores()
 
 
 def cpu_model() -> str:

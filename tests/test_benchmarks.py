@@ -1014,17 +1014,23 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
 
 
 def test_a_tables_threads_are_what_each_framework_may_use(monkeypatch):
-    """torch: its intra-op pool; jax: XLA's pool, PJRT_NPROC where set (runner.thread_environment, as
-    the pipeline's single-threaded jobs set it), else the cores this process may run on."""
+    """torch: its intra-op pool; jax: XLA's pool, PJRT_NPROC or NPROC where set
+    (runner.thread_environment, as the pipeline's single-threaded jobs set it), else the cores this
+    process may run on."""
     import torch
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert timing.cpu_threads("torch") == 3
     monkeypatch.setenv("PJRT_NPROC", "1")
+    monkeypatch.setenv("NPROC", "4")
     assert timing.cpu_threads("jax") == 1
     monkeypatch.delenv("PJRT_NPROC")
+    assert timing.cpu_threads("jax") == 4
+    monkeypatch.delenv("NPROC")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 5}, raising=False)
     assert timing.cpu_threads("jax") == 3
+    with pytest.raises(ValueError, match="framework: numpy steps are not timed"):
+        timing.cpu_threads("numpy")
 
 
 def test_a_tables_versions_name_its_frameworks_and_peers_and_leave_out_what_is_missing(monkeypatch):

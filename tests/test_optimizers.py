@@ -232,32 +232,42 @@ def test_kfac_mc_factors_average_over_samples(impl):
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
-def test_kfac_steps_through_a_layer_whose_units_are_all_dead(impl, fisher):
+def test_kfac_steps_through_a_layer_whose_units_are_all_dead(fisher):
     """Under a hidden layer whose ReLUs are all off (bias -100), that layer and the one before it get
-    no gradient and their G is zero: K-FAC's step there is 0 (kfac-jax's zero case, the damped block
-    lambda I), not NaN, and the output layer's bias, whose gradient is not zero, still moves."""
+    no gradient and their G is zero: K-FAC's inverses there take kfac-jax's zero case (pi would be
+    0/0, the step NaN), so those layers' step is their zero gradient, and the output bias, whose
+    gradient is not zero, moves alike in torch and jax."""
     problem = models.Problem(models.mlp((5, 6, 6, 3), "relu"), "categorical")
     x, y = make_data(problem, 32, seed=0)
     start = models.init_params(problem.model, 1)
     start["dense2.bias"] = start["dense2.bias"] - 100.0  # the second hidden layer (dense1 is its ReLU)
-    params = impl.params(start)
-    opt = impl.module.kfac(problem, lr=0.1, damping=1e-2, fisher=fisher, seed=0)
-    moved = {k: v - start[k] for k, v in impl.numpy(opt.step(params, opt.init(params), impl.batch(x, y))[0]).items()}
-    assert all(np.isfinite(v).all() for v in moved.values())
-    assert all(not moved[k].any() for k in ("dense0.weight", "dense0.bias", "dense2.weight", "dense2.bias",
-                                            "dense4.weight"))
-    assert np.abs(moved["dense4.bias"]).max() > 1e-3
+    moved = []
+    for impl in (TorchImpl(), JaxImpl()):
+        params = impl.params(start)
+        opt = impl.module.kfac(problem, lr=0.1, damping=1e-2, fisher=fisher, seed=0)
+        new = impl.numpy(opt.step(params, opt.init(params), impl.batch(x, y))[0])
+        moved.append({k: v - start[k] for k, v in new.items()})
+    for step in moved:
+        assert all(np.isfinite(v).all() for v in step.values())
+        assert all(not step[k].any() for k in ("dense0.weight", "dense0.bias", "dense2.weight", "dense2.bias",
+                                               "dense4.weight"))
+        assert np.abs(step["dense4.bias"]).max() > 1e-3
+    if fisher == "exact":  # (the MC labels are each framework's own draws)
+        np.testing.assert_allclose(moved[1]["dense4.bias"], moved[0]["dense4.bias"], rtol=1e-10)
 
 
 def test_numpy_kfac_steps_where_every_logit_is_saturated():
     """The numpy reference's G is a Python float: with every logit saturated (sigmoid'(z) = 0 in float64)
     G is 0.0 and pi's division raised ZeroDivisionError, killing a whole tuning job where torch and jax
-    marked one run diverged. With kfac-jax's zero case it steps as torch and jax do."""
+    marked one run diverged. With kfac-jax's zero case, both inverses I / sqrt(lambda), it steps as
+    torch and jax do: by lr g / lambda, g not zero, as a quarter of the labels disagree with the
+    saturated logits."""
     import natgrad_impls.numpy as reference
 
     problem = models.Problem(models.linear(5, 1, bias=True), "bernoulli")
     x = np.abs(np.random.default_rng(0).normal(size=(20, 5))) + 1
     y = np.ones((20, 1))
+    y[:5] = 0.0
     start = {"dense0.weight": np.full((1, 5), 10.0), "dense0.bias": np.array([0.0])}  # every logit > 50
     steps = []
     for impl in (None, TorchImpl(), JaxImpl()):
@@ -267,9 +277,13 @@ def test_numpy_kfac_steps_where_every_logit_is_saturated():
         new = opt.step(params, opt.init(params), batch)[0]
         new = new if impl is None else impl.numpy(new)
         steps.append(np.concatenate([(new[k] - start[k]).ravel() for k in start]))
-    assert np.isfinite(steps[0]).all()
-    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-10, atol=1e-300)
-    np.testing.assert_allclose(steps[2], steps[0], rtol=1e-10, atol=1e-300)
+    z = np.hstack([x, np.ones((20, 1))])  # the bias-augmented inputs, the 1 last
+    grad = z.T @ (1.0 - y[:, 0]) / 20  # sigmoid(z) = 1 in float64: the residual is 1 - y
+    expected = -grad / 1e-2  # lr g / lambda: the damped block lambda I
+    np.testing.assert_allclose(steps[0], expected, rtol=1e-10)
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-10)
+    np.testing.assert_allclose(steps[2], steps[0], rtol=1e-10)
 
 
 def test_ngd_step_with_l2_is_the_dense_formula_where_the_gram_product_is_cheaper(impl):
@@ -415,12 +429,14 @@ def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monke
 
 
 @pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
-def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimizer, hp, programs):
+def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(monkeypatch, optimizer, hp, programs):
     """lr and damping are data of a jax step, not constants compiled into it: a step compiled for
     one setting, given the state of another, compiles nothing and computes what that setting's own
     step computes, bit for bit. One program then serves a whole tuning grid, which the pipeline's
-    persistent compilation cache turns into one compile per tune job."""
+    persistent compilation cache turns into one compile per tune job. That own step is built
+    unshared, from its hyperparameters as given (`_compiled` masks them for sharing)."""
     import natgrad_impls.jax as nj
+    from natgrad_impls.jax import optimizers
 
     compiles = []
     listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
@@ -440,6 +456,9 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimize
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
+    optimizers._shared.cache_clear()
+    monkeypatch.setattr(optimizers, "_compiled", lambda h: h)
+    theirs = getattr(nj, optimizer)(PROBLEM, **other)
     own = theirs.step(params, state, batch)
     for ours, reference in zip(jax.tree.leaves(borrowed[0]), jax.tree.leaves(own[0])):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
@@ -449,12 +468,12 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(optimize
 
 
 @pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
-def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(optimizer, hp, programs):
+def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(monkeypatch, optimizer, hp, programs):
     """The runs of a tuning job build an optimizer per setting and seed: each after the first takes
     the steps already compiled for its problem (another lr, damping and MC seed: nothing traced or
-    compiled), and steps as a fresh build of its own would, bit for bit. A hyperparameter compiled
-    into the step (here momentum, b1, samples or kfac_ema, and damping 0, the dense solve) builds
-    programs of its own."""
+    compiled), and steps as a build of its own would, unshared and from its hyperparameters as
+    given, bit for bit. A hyperparameter compiled into the step (here momentum, b1, samples or
+    kfac_ema, and damping 0, the dense solve) builds programs of its own."""
     import natgrad_impls.jax as nj
     from natgrad_impls.jax import optimizers
 
@@ -468,7 +487,8 @@ def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(opt
     other = {**hp, "lr": hp["lr"] / 3, **({"damping": hp["damping"] * 10} if "damping" in hp else {}),
              **({"seed": 7} if optimizer in ("ngd", "kfac") else {})}  # (their MC labels' seed)
     compiles, built = [], optimizers._shared.cache_info
-    listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    listen = lambda event, seconds, **metadata: (  # noqa: E731
+        compiles.append(event) if event.endswith("backend_compile_duration") else None)
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         shared = getattr(nj, optimizer)(PROBLEM, **other)
@@ -476,14 +496,18 @@ def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(opt
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [] and built().misses == 1
-    optimizers._shared.cache_clear()  # a fresh build traces and compiles its own
-    steps.append(getattr(nj, optimizer)(PROBLEM, **other).step(params, shared.init(params), batch))
+    with monkeypatch.context() as unmasked:  # a build of its own, its hyperparameters unmasked
+        optimizers._shared.cache_clear()
+        unmasked.setattr(optimizers, "_compiled", lambda h: h)
+        steps.append(getattr(nj, optimizer)(PROBLEM, **other).step(params, shared.init(params), batch))
+    optimizers._shared.cache_clear()
     for ours, reference in zip(*(jax.tree.leaves(step[0]) for step in steps), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
     compiled_in = {"sgd": {"momentum": 0.5}, "adam": {"b1": 0.5}, "ef": {"damping": 0.0},
                    "ngd": {"samples": 2}, "kfac": {"kfac_ema": 0.5}}[optimizer]
+    getattr(nj, optimizer)(PROBLEM, **other)
     getattr(nj, optimizer)(PROBLEM, **{**hp, **compiled_in})
-    assert built().misses == 2
+    assert built().misses == 2  # (the first build after the clear, and the compiled-in one)
 
 
 @pytest.mark.parametrize(

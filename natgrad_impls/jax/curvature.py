@@ -317,7 +317,7 @@ class KroneckerCurvature:
         for k in self.A:
             a, g = jnp.diagonal(self.A[k]).mean(), jnp.diagonal(self.G[k]).mean()
             live = (a > 0) & (g > 0)
-            pi = jnp.where(live, jnp.sqrt(a / g), 1.0)
+            pi = jnp.where(live, jnp.sqrt(a / jnp.where(live, g, 1.0)), 1.0)  # no 0/0 even where unused
             A_inv[k] = _damped_inverse(self.A[k] * live, root * pi)
             G_inv[k] = _damped_inverse(self.G[k] * live, root / pi)
         return KroneckerCurvature(self.model, A_inv, G_inv)

@@ -12,11 +12,12 @@ optax.inject_hyperparams keeps them), so that one compiled program serves every 
 pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
 jitted programs are built once per problem and compiled hyperparameters (`_shared`), so that the
 runs of one process (a tuning job's settings and seeds) reuse them, traced and compiled, instead of
-tracing, lowering and reading back the same program every run (a fifth of a second each). States are
-NamedTuples of arrays, the step counter included. K-FAC's step is two compiled programs, with and
-without the inverse refresh, picked on the host from a host copy of its counter: a `lax.cond` on the
-device counter costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to
-the host and blocks until the stream is done, so no later step can be queued behind it).
+tracing, lowering and reading back the same program every run (on digits-mlp, 0.07 s a run for sgd
+and 0.14 s for kfac). States are NamedTuples of arrays, the step counter included. K-FAC's step is
+two compiled programs, with and without the inverse refresh, picked on the host from a host copy of
+its counter: a `lax.cond` on the device counter costs a host sync every step on a GPU (XLA's
+ConditionalThunk copies the predicate to the host and blocks until the stream is done, so no later
+step can be queued behind it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
@@ -96,19 +97,21 @@ def _descend(params: dict, lr: jax.Array, direction: dict) -> dict:
 def _compiled(h):
     """`h` as its programs see it: lr, damping and seed are traced (state.hyperparameters), so any
     value compiles alike, except a damping of 0, which picks the dense solve at trace time
-    (`_damping`)."""
+    (`_damping`); K-FAC's period picks a program on the host, never inside one."""
     masked = {"lr": 0.0}
     if hasattr(h, "damping"):
         masked["damping"] = 1.0 if h.damping else 0.0
     if hasattr(h, "seed"):
         masked["seed"] = 0
+    if hasattr(h, "kfac_update_period"):
+        masked["kfac_update_period"] = 1
     return dataclasses.replace(h, **masked)
 
 
 @functools.lru_cache(maxsize=32)
 def _shared(build, problem: Problem, h, *static):
     """`build(problem, h, *static)`'s jitted program, one per (problem, compiled hyperparameters,
-    static) for the process (module docstring); `h` from `_compiled`. Bounded: a test session
+    static) for the process (module docstring); `h` from `_compiled`. Bounded: the test suite
     builds hundreds."""
     return build(problem, h, *static)
 

@@ -316,7 +316,7 @@ class KroneckerCurvature:
         for k in self.A:
             a, g = torch.diagonal(self.A[k]).mean(), torch.diagonal(self.G[k]).mean()
             live = (a > 0) & (g > 0)  # a tensor, not a bool: no read back from the device
-            pi = torch.where(live, torch.sqrt(a / g), 1.0)
+            pi = torch.where(live, torch.sqrt(a / torch.where(live, g, 1.0)), 1.0)  # no 0/0 even where unused
             A_inv[k] = _damped_inverse(self.A[k] * live, root * pi)
             G_inv[k] = _damped_inverse(self.G[k] * live, root / pi)
         return KroneckerCurvature(self.model, A_inv, G_inv)
