@@ -109,7 +109,7 @@ def atomic(path: Path, write) -> Path:
 STALE_WRITE_AGE_S = 3600
 
 
-def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = False, name: str = "*") -> None:
+def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = False, name: str | None = None) -> None:
     """Remove the hidden `.NAME.*.part` temporaries (of `atomic`, or of a download) in `folder`, and
     in its subfolders, hidden ones too, when `recursive`, that are older than `older_than_s`; only
     those of the file `name` where given. A process killed hard (SIGKILL, a lost node) leaves its
@@ -117,7 +117,7 @@ def remove_stale_temporaries(folder, older_than_s: float, recursive: bool = Fals
     import glob
     import time
 
-    pattern = f".{glob.escape(name) if name != '*' else '*'}.*.part"
+    pattern = f".{glob.escape(name)}.*.part" if name else ".*.part"
     for part in Path(folder).glob(f"**/{pattern}" if recursive else pattern):
         try:
             if part.is_file() and time.time() - part.stat().st_mtime > older_than_s:
