@@ -3,6 +3,7 @@ that every curvature and optimizer test runs against both, and the `gpu` marker.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -124,6 +125,25 @@ def fresh_jax_programs():
     if runner is not None:
         for cached in (runner._jax_batch_cutter, runner._jax_evaluator, runner._jax_cosine):
             cached.cache_clear()
+
+
+@contextlib.contextmanager
+def jax_compiles(mark=lambda: True):
+    """The XLA compilations inside the block, as a list that grows with each: `mark()`'s value at
+    the time (True by default)."""
+    import jax
+
+    compiles = []
+
+    def listen(event, seconds, **metadata):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(mark())
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dense_reference as ref
-from conftest import PROBLEMS, JaxImpl, TorchImpl, make_data
+from conftest import PROBLEMS, JaxImpl, TorchImpl, jax_compiles, make_data
 from natgrad_impls import hyperparameters, make_optimizer, models
 from natgrad_impls.names import Curvature
 
@@ -401,28 +401,19 @@ def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monke
 
     for name in ("cond", "switch", "while_loop"):
         monkeypatch.setattr(jax.lax, name, refuse)
-    compiles = []
-
-    def listen(event, seconds, **metadata):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     cpu = jax.devices("cpu")[0]
     x, y = make_data(PROBLEM, 16, seed=0)
     batch = jax.device_put((jnp.asarray(x), jnp.asarray(y)), cpu)
     params = jax.device_put({k: jnp.asarray(v) for k, v in models.init_params(PROBLEM.model, 1).items()}, cpu)
     opt = getattr(nj, optimizer)(PROBLEM, **hp)
     state = opt.init(params)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jax_compiles() as compiles:
         per_step = []
         for _ in range(7):
             before = len(compiles)
             params, state, info = opt.step(params, state, batch)
             jax.block_until_ready(params)
             per_step.append(len(compiles) - before)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert per_step == [1] * programs + [0] * (7 - programs)
     assert int(state.step) == 7 and (optimizer != "kfac" or isinstance(state.step, int))
     assert np.isfinite(float(info["loss"]))
@@ -438,8 +429,6 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(monkeypa
     import natgrad_impls.jax as nj
     from natgrad_impls.jax import optimizers
 
-    compiles = []
-    listen = lambda event, seconds, **metadata: compiles.append(event) if event.endswith("backend_compile_duration") else None
     x, y = make_data(PROBLEM, 16, seed=0)
     batch = (jnp.asarray(x), jnp.asarray(y))
     params = {k: jnp.asarray(v) for k, v in models.init_params(PROBLEM.model, 1).items()}
@@ -449,12 +438,9 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(monkeypa
     for _ in range(programs):
         _, warm, _ = compiled.step(params, warm, batch)
     state = theirs.init(params)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jax_compiles() as compiles:
         borrowed = compiled.step(params, state, batch)
         jax.block_until_ready(borrowed)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
     optimizers._shared.cache_clear()
     monkeypatch.setattr(optimizers, "_compiled", lambda h: h)
@@ -486,15 +472,10 @@ def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(mon
         params, state, _ = first.step(params, state, batch)
     other = {**hp, "lr": hp["lr"] / 3, **({"damping": hp["damping"] * 10} if "damping" in hp else {}),
              **({"seed": 7} if optimizer in ("ngd", "kfac") else {})}  # (their MC labels' seed)
-    compiles, built = [], optimizers._shared.cache_info
-    listen = lambda event, seconds, **metadata: (  # noqa: E731
-        compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    built = optimizers._shared.cache_info
+    with jax_compiles() as compiles:
         shared = getattr(nj, optimizer)(PROBLEM, **other)
         steps = [shared.step(params, shared.init(params), batch)]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [] and built().misses == 1
     with monkeypatch.context() as unmasked:  # a build of its own, its hyperparameters unmasked
         optimizers._shared.cache_clear()

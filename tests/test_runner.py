@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import dense_reference as ref
-from conftest import singular_task, underdetermined_task
+from conftest import jax_compiles, singular_task, underdetermined_task
 from natgrad_impls import make_optimizer, models, results, runner, timing
 from natgrad_impls.tasks import TASKS
 
@@ -101,31 +101,21 @@ def test_the_runs_of_a_jax_job_after_the_first_compile_nothing(optimizer, hyperp
     """A tuning job's runs in one process share their programs (steps, batching, evaluations, the
     cosine): a run of another setting and seed after the first compiles nothing, where each run
     traced, lowered and compiled (or read back from the persistent cache) all of them anew."""
-    import jax
-
     def one_run(scale, seed):
         setting = {k: v * scale if k in ("lr", "damping") else v for k, v in hyperparameters.items()}
         return runner.run("digits-mlp", optimizer, "jax", dtype="float32", hyperparameters=setting, steps=6,
                           eval_every=3, seed=seed, cos_ef_ngd=True, cos_damping=0.01, progress=False)
 
     one_run(1.0, 0)
-    compiles = []
-    listen = lambda event, seconds, **metadata: (  # noqa: E731
-        compiles.append(event) if event.endswith("backend_compile_duration") else None)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jax_compiles() as compiles:
         frame = one_run(0.5, 1)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [] and frame["train_loss"].notna().sum() == 3 and frame["cos_ef_ngd"].notna().all()
 
 
 def test_a_jax_run_compiles_everything_before_its_loop(monkeypatch):
     """Steps, evaluations and the cosine are compiled in setup (setup_s), so that the loop's step and
     evaluation times hold no compilation (the cosine's took 0.35 s of eval_s at step 0)."""
-    import jax
-
-    compiles, in_loop = [], []
+    in_loop = []
     bar = runner.progress_bar
 
     def loop_starts(*args, **kwargs):
@@ -133,14 +123,9 @@ def test_a_jax_run_compiles_everything_before_its_loop(monkeypatch):
         return bar(*args, **kwargs)
 
     monkeypatch.setattr(runner, "progress_bar", loop_starts)
-    listen = lambda event, seconds, **metadata: (  # noqa: E731
-        compiles.append(bool(in_loop)) if event.endswith("backend_compile_duration") else None)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with jax_compiles(mark=lambda: bool(in_loop)) as compiles:  # each compilation: in the loop or not
         runner.run("digits-mlp", "ef", "jax", dtype="float32", hyperparameters={"lr": 0.1, "damping": 1.0}, steps=4,
                    eval_every=2, cos_ef_ngd=True, progress=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert in_loop and compiles and not any(compiles)
 
 
