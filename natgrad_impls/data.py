@@ -7,7 +7,8 @@ it into place, so that a killed or corrupted download never leaves a file that l
 (the temporary files of killed downloads are removed once they are stale, see STALE_PART_AGE_S).
 A cache folder that cannot be made or written is a `DataUnavailable` that says so.
 A URL that serves a file with the wrong sha256, or fewer bytes than it announced, is skipped like
-one that is down (the file is discarded). When no URL gives the file, `fetch` raises
+one that is down (the file is discarded), and so is one slower than LOW_SPEED_BYTES_PER_S over a whole
+LOW_SPEED_WINDOW_S (a server that trickles bytes would otherwise hold a job for hours). When no URL gives the file, `fetch` raises
 `DataUnavailable` (`ChecksumMismatch` if a URL served a wrong file) saying where to put the file by
 hand. Downloads are readable by every user of a shared cache (results.SHARED_FILE_MODE). An unpinned
 file (`sha256=None`, only LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed
@@ -32,6 +33,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -187,7 +189,7 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
         out = in_cache(cache.enter_context, _replacing(path))  # before the URL is opened: nothing is fetched
         with urllib.request.urlopen(url, timeout=60) as response:
             digest, received = hashlib.sha256(), 0
-            for block in iter(lambda: response.read(1 << 20), b""):
+            for block in _blocks(response):
                 digest.update(block)
                 received += len(block)
                 in_cache(out.write, block)
@@ -199,6 +201,29 @@ def _download(resource: Resource, url: str, path: Path) -> Path:
     if resource.sha256 is None:
         _print_unpinned(resource, "unpinned download", actual)
     return path
+
+
+# curl's --speed-limit and --speed-time: the socket timeout bounds one read, not a transfer, and a
+# server that sends a byte every minute would keep a job waiting for the rest of the file forever.
+LOW_SPEED_BYTES_PER_S = 1024
+LOW_SPEED_WINDOW_S = 60.0
+
+
+def _blocks(response):
+    """The response's bytes as they arrive (read1: one receive each, so that a slow transfer is seen
+    between its bytes), with a TimeoutError when a window of LOW_SPEED_WINDOW_S brings fewer than
+    LOW_SPEED_BYTES_PER_S per second."""
+    window_start, window_received, received = time.monotonic(), 0, 0
+    for block in iter(lambda: response.read1(1 << 20), b""):
+        yield block
+        window_received += len(block)
+        received += len(block)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= LOW_SPEED_WINDOW_S:
+            if window_received < LOW_SPEED_BYTES_PER_S * elapsed:
+                raise TimeoutError(f"slower than {LOW_SPEED_BYTES_PER_S} bytes/s for {elapsed:.3g} s, "
+                                   f"after {received} bytes")
+            window_start, window_received = time.monotonic(), 0
 
 
 def _check_whole(response, received: int) -> None:

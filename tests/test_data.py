@@ -258,51 +258,82 @@ def test_second_url_is_tried_when_the_first_fails(cache, tmp_path):
 
 
 @pytest.fixture
-def cutting_server():
-    """A local HTTP server that announces 1000 bytes and closes after 300: urllib's reads then end as
-    if the file were whole (no IncompleteRead), so only a count against Content-Length catches it."""
+def http_server(monkeypatch):
+    """`http_server(pieces, announced)`: the URL of a local HTTP server that announces `announced` bytes,
+    then writes each (pause in s, bytes) of `pieces` and closes. urlopen may reach it too (`cache` allows
+    file:// URLs only)."""
     import http.server
     import threading
 
-    class CutsShort(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"x" * 300)
-            self.close_connection = True
+    servers, local = [], urllib.request.urlopen
 
-        def log_message(self, *args):
-            pass
+    def start(pieces: list[tuple[float, bytes]], announced: int) -> str:
+        class Serves(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(announced))
+                self.end_headers()
+                for pause, piece in pieces:
+                    time.sleep(pause)
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                self.close_connection = True
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutsShort)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/thing.bin"
-    server.shutdown()
-    server.server_close()
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serves)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/thing.bin"
+
+    def local_or_served(url, *args, **kwargs):
+        served_here = any(url.startswith(f"http://127.0.0.1:{server.server_port}/") for server in servers)
+        return (UNPATCHED_URLOPEN if served_here else local)(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_or_served)
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("pinned", [True, False])
-def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_path, monkeypatch, cutting_server,
-                                                                     pinned):
-    """A server that closes before its Content-Length is a URL that failed, with the reason said: the
-    next URL is tried, and with none left it is a DataUnavailable and nothing is kept. Unpinned, no
-    checksum would catch the cut file: it would be cached, its sha256 printed to pin, and used."""
+def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_path, monkeypatch, http_server, pinned):
+    """A server that closes before its Content-Length (urllib's reads then end as if the file were
+    whole, no IncompleteRead) is a URL that failed, with the reason said: the next URL is tried, and
+    with none left it is a DataUnavailable and nothing is kept. Unpinned, no checksum would catch the
+    cut file: it would be cached, its sha256 printed to pin, and used."""
     good, sha = served(tmp_path, b"whole file")
-    local = urllib.request.urlopen  # file:// only (`cache`), and the test's own server
-
-    def local_or_this_server(url, *args, **kwargs):
-        return (UNPATCHED_URLOPEN if url == cutting_server else local)(url, *args, **kwargs)
-
-    monkeypatch.setattr(urllib.request, "urlopen", local_or_this_server)
+    cutting = http_server([(0, b"x" * 300)], announced=1000)
     if not pinned:
         monkeypatch.setenv("NATGRAD_ALLOW_UNPINNED", "1")
     pin = sha if pinned else None
-    assert fetch(Resource("thing", cutting_server, pin, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
+    assert fetch(Resource("thing", cutting, pin, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
     with pytest.raises(DataUnavailable, match=re.escape("cut short after 300 of 1000 bytes")) as failed:
-        fetch(Resource("other", cutting_server, pin, "other.bin"))
+        fetch(Resource("other", cutting, pin, "other.bin"))
     assert not isinstance(failed.value, ChecksumMismatch)  # not "a wrong file": a transfer that broke off
     assert files_in(cache) == [cache / "thing.bin"]
+
+
+def test_a_server_that_trickles_bytes_is_a_failed_url(cache, tmp_path, monkeypatch, http_server):
+    """Each byte within the socket's timeout, but the file never done: below the low-speed limit for a
+    whole window, the URL fails (and the next is tried) instead of holding the job. A transfer above the
+    limit, over several windows, is whole."""
+    monkeypatch.setattr(data, "LOW_SPEED_WINDOW_S", 0.3)
+    monkeypatch.setattr(data, "LOW_SPEED_BYTES_PER_S", 1000)
+    steady = b"".join(bytes([i]) * 100 for i in range(12))  # 1200 bytes at 2000 bytes/s: 0.6 s, two windows
+    fast_enough = http_server([(0.05, steady[i:i + 100]) for i in range(0, 1200, 100)], announced=1200)
+    assert fetch(Resource("steady", fast_enough, hashlib.sha256(steady).hexdigest(), "steady.bin")).read_bytes() == steady
+
+    good, sha = served(tmp_path, b"whole file")
+    trickling = http_server([(0.02, b"x")] * 10_000, announced=10_000)  # 50 bytes/s: 200 s to the end
+    started = time.monotonic()
+    assert fetch(Resource("thing", trickling, sha, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
+    with pytest.raises(DataUnavailable, match=r"slower than 1000 bytes/s for 0\.3\d* s, after \d+ bytes"):
+        fetch(Resource("other", trickling, sha, "other.bin"))
+    assert time.monotonic() - started < 30
+    assert files_in(cache) == [cache / "steady.bin", cache / "thing.bin"]
 
 
 def test_a_url_that_never_answers_cannot_hang_the_job(cache, tmp_path, monkeypatch):
@@ -538,11 +569,11 @@ def test_the_temporary_file_of_a_killed_download_is_removed_once_stale(cache, tm
     during, real = [], urllib.request.urlopen
 
     class Killed(io.BytesIO):  # a first block, then the download dies
-        def read(self, size=-1):
+        def read1(self, size=-1):
             if self.tell():
                 during.extend(files_in(cache))
                 raise ConnectionResetError("killed")
-            return super().read(4)
+            return super().read1(4)
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: Killed(b"some bytes\n"))
     resource = Resource("thing", url, sha, "sub/thing.bin")
