@@ -724,19 +724,15 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     check_seed(seed)
     extra = dict(hyperparameters or {})
     for name in extra:
-        if not any(name in _fields(o) for o in optimizers):
+        if not any(name in accepted(o) for o in optimizers):
             raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
-                             f"(theirs: {', '.join(sorted({f for o in optimizers for f in _fields(o)} - {'lr', 'damping'}))})")
+                             f"(theirs: {', '.join(sorted({f for o in optimizers for f in accepted(o)} - {'lr', 'damping'}))})")
     for optimizer in optimizers:  # with the grid's own extremes, as `natgrad run` would check each run
-        own = {k: v for k, v in extra.items() if k in _fields(optimizer)}
+        own = {k: v for k, v in extra.items() if k in accepted(optimizer)}
         for lr in lr_ends:
             for damping in damping_ends if optimizer in WITH_DAMPING else [None]:  # None: no damping
                 make_hyperparameters(optimizer, {**own, "lr": lr, "damping": damping})
     return task, optimizers, framework, device, dtype, lrs, dampings, steps
-
-
-def _fields(optimizer):
-    return accepted(optimizer)
 
 
 def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="cpu", dtype="float64", lrs=PAPER_LRS,
@@ -765,7 +761,7 @@ def run_grid(task, optimizers=("sgd", "ngd", "ef"), framework="numpy", device="c
     extra = dict(hyperparameters or {})
     machine = None if checkpoints is None else device_name(device, framework)
     for optimizer in optimizers:
-        own = {k: v for k, v in extra.items() if k in _fields(optimizer)}
+        own = {k: v for k, v in extra.items() if k in accepted(optimizer)}
         kept = None if checkpoints is None else checkpoint_path(
             checkpoints, task.name, task_columns(task), optimizer, framework, device, dtype, lr_bounds, damping_bounds,
             steps, seed, len(noise), own, machine, code_version())

@@ -118,12 +118,6 @@ HYPERPARAMETERS = {
 }
 
 
-def names(optimizer: Optimizer | str) -> tuple[str, ...]:
-    """The hyperparameter names an optimizer accepts."""
-    optimizer = parse(Optimizer, optimizer, "optimizer")
-    return tuple(f.name for f in dataclasses.fields(HYPERPARAMETERS[optimizer]))
-
-
 # The arguments of every optimizer, described once for the three frameworks (DESIGN 5 asks each
 # optimizer's docstring for them; `documented` appends them, with the signature's defaults).
 ARGUMENTS = {

@@ -18,7 +18,8 @@ import torch
 import dense_reference as ref
 from conftest import PROBLEMS, JaxImpl, TorchImpl, jax_compiles, make_data
 from natgrad_impls import hyperparameters, make_optimizer, models
-from natgrad_impls.names import Curvature
+from natgrad_impls.names import Curvature, Optimizer
+from natgrad_impls.runner import accepted
 
 PROBLEM = PROBLEMS["mlp-categorical"]
 jax.config.update("jax_enable_x64", True)  # optax references in float64
@@ -535,10 +536,17 @@ def test_the_closed_ends_of_each_range_are_accepted(framework, optimizer, hp):
     make_optimizer(framework, optimizer, PROBLEMS["logistic"], **hp)
 
 
-def test_hyperparameter_names_are_shared():
-    assert hyperparameters.names("kfac") == ("lr", "damping", "kfac_update_period", "kfac_ema", "fisher", "samples", "seed")
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+def test_every_framework_takes_the_hyperparameters_the_runner_passes(optimizer):
+    """`runner.accepted` (what the runner, grid and CLI pass) is numpy's signature; torch's and jax's
+    are the same, in the same order (`ef` takes no fisher, samples or seed, though its dataclass has them)."""
+    for framework in ("numpy", "torch", "jax"):
+        step = importlib.import_module(f"natgrad_impls.{framework}").OPTIMIZERS[optimizer]
+        assert tuple(inspect.signature(step).parameters) == ("problem", *accepted(optimizer)), framework
+    assert accepted("ef") == ("lr", "damping")
+    assert accepted("ngd") == ("lr", "damping", "fisher", "samples", "seed")
     with pytest.raises(ValueError, match="optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"):
-        hyperparameters.names("lbfgs")
+        accepted("lbfgs")
 
 
 @pytest.mark.parametrize("framework, optimizer, message", [
