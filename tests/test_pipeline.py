@@ -240,6 +240,30 @@ def test_schema_names_the_bad_field(name):
     assert all(m in str(error.value) for m in message), str(error.value)[:800]  # and what is wrong with it
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "ngd", "kfac"])
+def test_the_schema_takes_the_fixed_hyperparameters_the_optimizers_take(optimizer):
+    """The schema's `hyperparameters` ranges are hyperparameters.py's: a value at or past each end is
+    refused by both or by neither, so that the pipeline neither stops on a setting a run takes nor
+    starts jobs that will fail on one."""
+    import yaml
+    from jsonschema import Draft202012Validator
+
+    from natgrad_impls.runner import accepted, make_hyperparameters
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    fixed = schema["$defs"]["hyperparameters"]["additionalProperties"]["properties"]
+    required = {name: 0.1 for name in ("lr", "damping") if name in accepted(optimizer)}
+    for name in set(accepted(optimizer)) & set(fixed):
+        for value in (-1, 0, 0.5, 1, 2, 1.5, "exact", "mc", True):
+            in_schema = Draft202012Validator(fixed[name]).is_valid(value)
+            try:
+                make_hyperparameters(optimizer, {**required, name: value})
+                taken = True
+            except ValueError:
+                taken = False
+            assert in_schema == taken, f"{optimizer} {name}={value!r}: schema {in_schema}, optimizer {taken}"
+
+
 def wait_for(condition, timeout, process):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
