@@ -84,7 +84,7 @@ class JaxImpl:
         self.jnp = jnp
 
     def params(self, arrays, dtype="float64"):
-        return self.module.to_jax(arrays, getattr(self.jnp, dtype))
+        return self.module.to_jax(arrays, dtype=getattr(self.jnp, dtype))
 
     def batch(self, x, y, dtype="float64"):
         x = self.jnp.asarray(x, dtype=getattr(self.jnp, dtype))

@@ -1,7 +1,8 @@
 """Curvature in JAX: empirical Fisher, true Fisher (exact or MC) and K-FAC (DESIGN 4, 5).
 
 A mirror of `natgrad_impls.torch.curvature`, function by function (the torch side also fuses ops by
-hand to launch fewer kernels, which XLA does here on its own). Every curvature here is built from one
+hand to launch fewer kernels, which XLA does here on its own, and folds s^2 into the Woodbury kernel's
+shift to solve in place of the Gram matrix). Every curvature here is built from one
 forward pass and one batched backward pass (`linearize`): the parametric layers' inputs a and the
 output gradients delta for a stack of output-space cotangents. Layers work on augmented weights
 W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^T.
@@ -231,7 +232,7 @@ class FactorCurvature:
         return by_gram < by_inputs
 
     def _woodbury(self, layers: dict, gram: jax.Array, transposed: jax.Array, lam: float) -> dict:
-        """(lam I + s^2 U U^T)^-1 v = (v - U c) / lam with (lam I + s^2 U^T U) c = U^T v, given U^T U
+        """(lam I + s^2 U U^T)^-1 v = (v - s^2 U c) / lam with (lam I + s^2 U^T U) c = U^T v, given U^T U
         (`gram`) and U^T v (`transposed`)."""
         r, n = next(iter(self.deltas.values())).shape[:2]
         coeff = self._kernel_solve(gram, transposed, lam).reshape(r, n)

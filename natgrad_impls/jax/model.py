@@ -21,7 +21,8 @@ _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.TANH: jnp.tanh, Activat
 _CONV_LAYOUT = ("NCHW", "OIHW", "NCHW")
 
 
-def to_jax(arrays: dict, dtype=jnp.float64, device=None) -> dict[str, jax.Array]:
+def to_jax(arrays: dict, device=None, dtype=jnp.float64) -> dict[str, jax.Array]:
+    """`arrays` (numpy, e.g. models.init_params) as jax arrays on `device` in `dtype`; to_torch takes the same."""
     return {name: jax.device_put(jnp.asarray(value, dtype=dtype), device) for name, value in arrays.items()}
 
 

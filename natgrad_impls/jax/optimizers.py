@@ -90,7 +90,7 @@ def _damping(h, state):
     return state.hyperparameters["damping"] if h.damping else 0.0
 
 
-def _descend(params: dict, lr: jax.Array, direction: dict) -> dict:
+def _descend(params: dict, direction: dict, lr: jax.Array) -> dict:
     return {k: p - lr.astype(p.dtype) * direction[k] for k, p in params.items()}
 
 
@@ -149,7 +149,7 @@ def _sgd_step(problem: Problem, h: hp.SGD):
         if h.momentum:
             buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
             direction = buffers
-        new = _descend(params, state.hyperparameters["lr"], direction)
+        new = _descend(params, direction, state.hyperparameters["lr"])
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
         return new, SGDState(state.step + 1, buffers, state.hyperparameters), info
 
@@ -208,7 +208,7 @@ def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: C
         key = mc_sampler(state.hyperparameters["seed"], state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, state))
-        new = _descend(params, state.hyperparameters["lr"], C.from_layers(problem.model, layers))
+        new = _descend(params, C.from_layers(problem.model, layers), state.hyperparameters["lr"])
         return new, state._replace(step=state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
     return step
@@ -293,7 +293,7 @@ def _kfac_step(problem: Problem, h: hp.KFAC):
         else:
             inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
-        new = _descend(params, state.hyperparameters["lr"], direction)
+        new = _descend(params, direction, state.hyperparameters["lr"])
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
         state = KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1, state.hyperparameters)
         return new, state, info
