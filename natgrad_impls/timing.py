@@ -68,7 +68,7 @@ def kfac_floor(model: models.Model, batch: int, period: int = 10) -> dict:
             "with_factors": sum(counts.values()) / gradient}
 
 
-# What is timed, by label: "<optimizer>" or "<optimizer>-<variant>" -> (optimizer, hyperparameters).
+# What is timed, by label (the cost tables' `setting` column): "sgd", "ngd-mc", ... -> (optimizer, hyperparameters).
 # Unnamed hyperparameters are the library's defaults (`kfac`: MC labels, one sample, ema 0.95). The
 # lr is small: timing runs take hundreds of steps on random data and must not diverge.
 SETTINGS: dict[str, tuple[str, dict]] = {
@@ -456,17 +456,17 @@ def dispatched_ops(call: Callable[[], object], calls: int = 1) -> "collections.C
     return record.ops
 
 
-def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes: Iterable[int], device="cpu",
+def scaling_sweep(framework, label: str, widths: Iterable[int], batch_sizes: Iterable[int], device="cpu",
                   dtype="float32", repeats: int = 20, hyperparameters: dict | None = None, seed: int = 0):
     """Step and gradient time over a grid of MLP widths and batch sizes (`mlp_problem`), one row per
-    grid point, long format: framework, device, dtype, optimizer, variant, width, batch_size,
-    num_params, step_s, gradient_s, gradient_equivalents. `optimizer` is a label of `SETTINGS`
-    ("kfac", "ngd-mc", ...: the optimizer column gets its name, the variant column the rest);
+    grid point, long format: framework, device, dtype, optimizer, setting, width, batch_size,
+    num_params, step_s, gradient_s, gradient_equivalents. `label` is a label of `SETTINGS` ("kfac",
+    "ngd-mc", ...: the setting column; the optimizer column gets its optimizer's name);
     `hyperparameters` override the label's. The report's cost figures and the pipeline's timing
     rules read this table; the asv suite (bench_scaling) times one grid point per benchmark."""
     import pandas as pd
 
-    name, hp = setting(optimizer)
+    name, hp = setting(label)
     hp.update(hyperparameters or {})
     framework, device, dtype = _parsed(framework, device, dtype)
     if not device_available(framework, device):
@@ -477,7 +477,7 @@ def scaling_sweep(framework, optimizer: str, widths: Iterable[int], batch_sizes:
             problem, params, batch = mlp_problem(width, batch_size, seed)
             cost = gradient_equivalents(framework, name, problem, params, batch, device, dtype, repeats, **hp)
             rows.append(dict(framework=framework.value, device=device.value, dtype=dtype.value, optimizer=name,
-                             variant=variant(optimizer), width=width, batch_size=batch_size,
+                             setting=label, width=width, batch_size=batch_size,
                              num_params=problem.model.num_params(), **cost))
     return pd.DataFrame(rows)
 
@@ -613,8 +613,7 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
         setting(label)
     frames = []
     for i, label in enumerate(labels):
-        frames.append(scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed)
-                      .drop(columns="variant").assign(setting=label))
+        frames.append(scaling_sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=seed))
         largest = frames[-1].iloc[-1].to_dict()  # the sweep's last point (the largest, as configured)
         _progress(f"{framework} {device} {label} at width {largest['width']}, batch {largest['batch_size']}", largest,
                   i + 1, len(labels))
@@ -626,11 +625,6 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
         return again.iloc[0][["step_s", "gradient_s", "gradient_equivalents"]].to_dict()
 
     return remeasure_contended(pd.concat(frames, ignore_index=True)[columns], measure, ["width", "batch_size"])
-
-
-def variant(label: str) -> str:
-    """What a label of `SETTINGS` adds to its optimizer's name ("mc", "momentum"; "" for none)."""
-    return label.partition("-")[2]
 
 
 PEERS = ("torch.optim.SGD", "torch.optim.Adam", "optax.sgd", "optax.adam", "kfac_jax.Optimizer")

@@ -53,7 +53,7 @@ def _peers(optimizer: str, framework: str) -> list[str]:
 class _Measurement(NamedTuple):
     """What one row of the table times, built once: the calls and the columns that need no timing."""
 
-    row: dict  # framework, device, dtype, optimizer, variant
+    row: dict  # framework, device, dtype, optimizer, setting
     counts: dict  # ops_over_gradient (torch), the kfac floor
     step: tuple  # (call, sync, period) of `timing.step_call`
     grad: tuple  # (call, sync) of `timing.gradient_call`
@@ -83,7 +83,7 @@ def _measurements(frameworks, settings, device, dtype, problem, params, batch, p
                     peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
                 except Exception as error:  # (kfac-jax is a test extra) one peer must not cost the table
                     print(f"skipping {peer}: {type(error).__name__}: {error}")
-            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer, variant=timing.variant(label))
+            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer, setting=label)
             measurements.append(_Measurement(row, counts, step, grad, inverse, peer_calls))
     return measurements
 
@@ -132,7 +132,7 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
 def _checked(args):
     """(frameworks, settings, sizes, widths, batch sizes) from the arguments; ValueError naming the
     argument for a value the measurement would refuse later, after minutes of other work."""
-    frameworks, settings = args.framework.split(","), args.settings.split(",")
+    frameworks, settings = args.frameworks.split(","), args.settings.split(",")
     device, dtype = parse(Device, args.device, "device"), parse(DType, args.dtype, "dtype")
     for framework in frameworks:
         if parse(Framework, framework, "framework") == Framework.NUMPY:
@@ -159,7 +159,7 @@ def _positive_integers(text: str, name: str) -> list[int]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--framework", default="torch,jax")
+    parser.add_argument("--frameworks", default="torch,jax", help="comma-separated (default: torch,jax)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=30)

@@ -536,7 +536,7 @@ def test_asv_conf_keeps_results_inside_benchmarks():
 
 def test_scaling_sweep_long_format():
     table = timing.scaling_sweep("jax", "sgd", [8, 16], [4], "cpu", "float32", repeats=2)
-    assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "variant", "width", "batch_size",
+    assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size",
                                    "num_params", "step_s", "gradient_s", "gradient_equivalents"]
     assert table["width"].tolist() == [8, 16] and (table["batch_size"] == 4).all()
     assert table["num_params"].tolist() == [784 * 8 + 8 + 8 * 10 + 10, 784 * 16 + 16 + 16 * 10 + 10]
@@ -1001,7 +1001,7 @@ def test_step_cost_table_names_the_cpu_it_ran_on(tmp_path):
 
     step_cost = _step_cost_script()
     out = tmp_path / "cost.csv"
-    step_cost.main(["--framework", "torch", "--settings", "sgd", "--sizes", "6,5,3", "--batch-size", "4",
+    step_cost.main(["--frameworks", "torch", "--settings", "sgd", "--sizes", "6,5,3", "--batch-size", "4",
                     "--repeats", "2", "--no-peers", "--out", str(out)])
     machine = set(results.read(out)["machine"])
     assert machine == {timing.device_name("cpu")}
@@ -1044,8 +1044,8 @@ def test_a_tables_versions_name_its_frameworks_and_peers_and_leave_out_what_is_m
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--framework", "tf"], "framework: 'tf' is not one of"),
-    (["--framework", "numpy"], "framework: numpy is not timed here"),
+    (["--frameworks", "tf"], "framework: 'tf' is not one of"),
+    (["--frameworks", "numpy"], "framework: numpy is not timed here"),
     (["--dtype", "float16"], "dtype: 'float16' is not one of"),
     (["--settings", "ngd"], "setting: 'ngd' is not one of"),
     (["--sweep", "--widths", "64,x"], "widths: '64,x' must be integers >= 1"),
@@ -1275,7 +1275,7 @@ def test_peak_device_bytes_counts_the_runs_own_peak(monkeypatch):
 def test_scaling_sweep_times_the_labels_optimizer_with_the_overrides_at_every_grid_point(monkeypatch):
     """scaling_sweep("ngd-mc", hyperparameters={"lr": 0.5}) times ngd with the label's
     hyperparameters, lr overridden, once per width and batch size, on the MLP of that width and a
-    batch of that size; its rows name optimizer ngd and variant mc (the figure tells ngd-mc from
+    batch of that size; its rows name optimizer ngd and setting ngd-mc (the figure tells ngd-mc from
     ngd-exact by it). Stand-in gradient_equivalents: records what it was asked to time."""
     timed = []
 
@@ -1290,7 +1290,7 @@ def test_scaling_sweep_times_the_labels_optimizer_with_the_overrides_at_every_gr
     grid = [(8, 4), (8, 32), (16, 4), (16, 32)]
     assert sorted(timed, key=lambda t: (t[1], t[2])) == [("ngd", size(w), n, expected) for w, n in grid]
     assert sorted(zip(table.width, table.batch_size, table.num_params)) == [(w, n, size(w)) for w, n in grid]
-    assert set(table.optimizer) == {"ngd"} and set(table.variant) == {"mc"}
+    assert set(table.optimizer) == {"ngd"} and set(table.setting) == {"ngd-mc"}
 
 
 def test_scaling_table_looks_for_contention_within_one_model_and_batch(monkeypatch):
@@ -1304,7 +1304,7 @@ def test_scaling_table_looks_for_contention_within_one_model_and_batch(monkeypat
     def sweep(framework, label, widths, batch_sizes, device, dtype, repeats, seed=0):
         sweeps.append((label, list(widths), list(batch_sizes)))
         return pd.DataFrame([dict(framework=framework, device=device, dtype=dtype, optimizer=timing.setting(label)[0],
-                                  variant=timing.variant(label), width=w, batch_size=n, num_params=w,
+                                  setting=label, width=w, batch_size=n, num_params=w,
                                   step_s=2e-6 * w * n, gradient_s=1e-6 * w * n, gradient_equivalents=2.0)
                              for w in widths for n in batch_sizes])
 
@@ -1347,7 +1347,7 @@ def test_step_cost_rounds_warm_up_once_and_report_the_median_round(monkeypatch):
     """scripts/step_cost.py: round 1 warms every call up (timing.WARMUP_S), later rounds find them
     warm; each column is the median over the rounds (rounds of 1, 2 and 9 gradient-equivalents: 2,
     not the last round's 9 nor the mean 4). The row's width is its widest hidden layer (5 of
-    6-3-5-2) and its variant the label's (mc of ngd-mc). Stand-in alternating_medians."""
+    6-3-5-2) and its setting the label. Stand-in alternating_medians."""
     step_cost = _step_cost_script()
     ms, warmups, rounds = 2.0**-10, [], iter([1.0, 2.0, 9.0])
 
@@ -1361,7 +1361,7 @@ def test_step_cost_rounds_warm_up_once_and_report_the_median_round(monkeypatch):
     assert warmups == [timing.WARMUP_S, 0.0, 0.0]
     row = table.iloc[0]
     assert (row.step_s, row.gradient_s, row.gradient_equivalents) == (2 * ms, ms, 2.0)
-    assert (row.width, row.sizes, row.optimizer, row.variant) == (5, "6-3-5-2", "ngd", "mc")
+    assert (row.width, row.sizes, row.optimizer, row.setting) == (5, "6-3-5-2", "ngd", "ngd-mc")
     monkeypatch.setattr(timing, "alternating_medians", lambda timed, repeats, **kwargs: [ms, ms])
     no_hidden = step_cost.cost_table(["torch"], ["sgd"], repeats=2, peers=False, sizes=(6, 2), batch_size=4)
     assert no_hidden.iloc[0].width == 0  # a model without a hidden layer has no width (not --width's 128)
@@ -1380,7 +1380,7 @@ def test_step_cost_sweep_passes_widths_and_batch_sizes_in_their_places(monkeypat
         return pd.DataFrame([{"framework": framework, "setting": label}])
 
     monkeypatch.setattr(timing, "scaling_sweep", sweep)
-    step_cost.main(["--sweep", "--framework", "torch", "--settings", "sgd,kfac", "--widths", "8,16",
+    step_cost.main(["--sweep", "--frameworks", "torch", "--settings", "sgd,kfac", "--widths", "8,16",
                     "--batch-sizes", "4"])
     assert calls == [("torch", "sgd", [8, 16], [4]), ("torch", "kfac", [8, 16], [4])]
 

@@ -15,14 +15,14 @@ class Scaling:
     """`track_gradient_equivalents` at one (width, batch size); the sweep is the parameter grid."""
 
     params = [SWEEP_SETTINGS, FRAMEWORKS, DEVICES, SWEEP_WIDTHS, SWEEP_BATCH_SIZES]
-    param_names = ["optimizer", "framework", "device", "width", "batch_size"]
+    param_names = ["setting", "framework", "device", "width", "batch_size"]
     unit = "gradients"
     processes = 1
     timeout = 600
 
-    def setup(self, optimizer, framework, device, width, batch_size):
+    def setup(self, setting, framework, device, width, batch_size):
         require_device(framework, device)
 
-    def track_gradient_equivalents(self, optimizer, framework, device, width, batch_size):
-        table = timing.scaling_sweep(framework, optimizer, [width], [batch_size], device, DTYPE, REPEATS)
+    def track_gradient_equivalents(self, setting, framework, device, width, batch_size):
+        table = timing.scaling_sweep(framework, setting, [width], [batch_size], device, DTYPE, REPEATS)
         return float(table["gradient_equivalents"].iloc[0])

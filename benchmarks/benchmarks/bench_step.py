@@ -49,21 +49,21 @@ class Step:
     optimizer and taken steps (imports included: compare across commits, not across settings)."""
 
     params = [SETTINGS, FRAMEWORKS, DEVICES, list(SIZES)]
-    param_names = ["optimizer", "framework", "device", "size"]
+    param_names = ["setting", "framework", "device", "size"]
     number = PERIOD  # one K-FAC inversion period per sample
     repeat = (3, 10, 10.0)  # 3 to 10 samples, stopping after 10 s
     processes = 1  # the suite is large for a 2-core machine; `-a processes=2` for steadier numbers
     warmup_time = 0.0  # setup warms up
     timeout = 600
 
-    def setup(self, optimizer, framework, device, size):
+    def setup(self, setting, framework, device, size):
         require_device(framework, device)
-        self.call, self.sync = built(("ours", optimizer, framework, device, size),
-                                     lambda: self.build(optimizer, framework, device, size))
+        self.call, self.sync = built(("ours", setting, framework, device, size),
+                                     lambda: self.build(setting, framework, device, size))
 
     @staticmethod
-    def build(optimizer, framework, device, size):
-        call, sync, period = our_step(optimizer, framework, device, size)
+    def build(setting, framework, device, size):
+        call, sync, period = our_step(setting, framework, device, size)
         warm_up(call, sync, period)
         return call, sync
 
@@ -81,18 +81,18 @@ class DeviceMemory:
     memory, it compares settings with one another. cuda only; skipped without a GPU."""
 
     params = [SETTINGS, FRAMEWORKS, list(SIZES)]
-    param_names = ["optimizer", "framework", "size"]
+    param_names = ["setting", "framework", "size"]
     unit = "MiB"
     processes = 1
     timeout = 600
 
-    def setup(self, optimizer, framework, size):
+    def setup(self, setting, framework, size):
         if "cuda" not in DEVICES:
             raise SkipNotImplemented("NATGRAD_ASV_DEVICES leaves out cuda")
         require_device(framework, "cuda")
 
-    def track_peak_device_memory(self, optimizer, framework, size):
-        build = lambda: Step.build(optimizer, framework, "cuda", size)
+    def track_peak_device_memory(self, setting, framework, size):
+        build = lambda: Step.build(setting, framework, "cuda", size)
         return timing.peak_device_bytes(framework, "cuda", build) / 2**20
 
 
@@ -158,18 +158,18 @@ class Cost:
     10) cannot reach issue 2's 3 on the small MLP, whose arithmetic floor is 4.5 (README)."""
 
     params = [SETTINGS, FRAMEWORKS, DEVICES, list(SIZES)]
-    param_names = ["optimizer", "framework", "device", "size"]
+    param_names = ["setting", "framework", "device", "size"]
     unit = "gradients"
     processes = 1
     timeout = 600
 
-    def setup(self, optimizer, framework, device, size):
+    def setup(self, setting, framework, device, size):
         require_device(framework, device)
 
-    def track_gradient_equivalents(self, optimizer, framework, device, size):
+    def track_gradient_equivalents(self, setting, framework, device, size):
         width, batch_size = SIZES[size]
         problem, params, batch = timing.mlp_problem(width, batch_size)
-        name, hyperparameters = timing.setting(optimizer)
+        name, hyperparameters = timing.setting(setting)
         return statistics.median(
             timing.gradient_equivalents(framework, name, problem, params, batch, device, DTYPE, REPEATS,
                                         **hyperparameters)["gradient_equivalents"] for _ in range(ROUNDS))
@@ -182,13 +182,13 @@ class TorchOps:
     being a count, without noise: a change that adds kernels to a step shows up here exactly."""
 
     params = [SETTINGS, list(SIZES)]
-    param_names = ["optimizer", "size"]
+    param_names = ["setting", "size"]
     unit = "ops / gradient's"
     processes = 1
     timeout = 600
 
-    def track_ops_over_gradient(self, optimizer, size):
+    def track_ops_over_gradient(self, setting, size):
         width, batch_size = SIZES[size]
         problem, params, batch = timing.mlp_problem(width, batch_size)
-        name, hyperparameters = timing.setting(optimizer)
+        name, hyperparameters = timing.setting(setting)
         return timing.torch_ops(name, problem, params, batch, DTYPE, **hyperparameters)["ops_over_gradient"]

@@ -81,13 +81,13 @@ class Training:
     """`track_loss`: mean training NLL after STEPS steps of each run of RUNS (fixed seed)."""
 
     params = [SETTINGS, FRAMEWORKS, DEVICES, list(RUNS)]
-    param_names = ["optimizer", "framework", "device", "run"]
+    param_names = ["setting", "framework", "device", "run"]
     unit = "nll"
     processes = 1
     timeout = 600
 
-    def setup(self, optimizer, framework, device, run):
+    def setup(self, setting, framework, device, run):
         require_device(framework, device)
 
-    def track_loss(self, optimizer, framework, device, run):
-        return train(optimizer, framework, device, run)
+    def track_loss(self, setting, framework, device, run):
+        return train(setting, framework, device, run)

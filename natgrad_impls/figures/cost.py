@@ -6,8 +6,7 @@ Inputs are the tables of `natgrad_impls.timing`:
   step_s, gradient_s, gradient_equivalents (several tasks, frameworks and devices concatenated);
 - `scaling` reads `scaling_table` rows: framework, device, optimizer, setting, width, batch_size,
   step_s, gradient_s.
-A table without `setting` (e.g. `scaling_sweep`'s, with `variant`) is read too: the setting is the
-optimizer's name joined to its variant, as in `timing.SETTINGS`.
+A table without `setting` is read as one of each optimizer's default setting (setting = optimizer).
 """
 
 from __future__ import annotations
@@ -64,8 +63,7 @@ def _order(settings) -> list[str]:
 def _with_setting(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
     if "setting" not in table.columns:
-        variant = table["variant"].fillna("").astype(str) if "variant" in table.columns else ""
-        table["setting"] = table["optimizer"].astype(str) + np.where(variant != "", "-" + variant, "")
+        table["setting"] = table["optimizer"]
     for name in ("optimizer", "setting", "framework", "device"):
         if name in table.columns:
             table[name] = table[name].astype(str)
