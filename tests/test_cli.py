@@ -508,3 +508,26 @@ def test_help_names_the_variants_the_seed_and_the_evaluation_default(monkeypatch
     assert "mini-batch order" in run["--seed"] and "chaos check" in grid["--seed"] and "misspec" in grid["--seed"]
     assert f"default {runner.DEFAULT_EVAL_EVERY})" in run["--eval-every"]
     assert "[ngd: exact; kfac: mc]" in grid["--fisher"]
+
+
+def test_every_list_of_hyperparameter_names_holds_the_same_names():
+    """The hyperparameters are named in several places that serve different readers: the dataclasses
+    (validation), ARGUMENTS (docstrings), the result columns' order, the command line's options and
+    the config schema's fixed ones. A name added to one and not the others would be refused, dropped
+    from the results or undocumented."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from natgrad_impls import hyperparameters
+    from natgrad_impls.runner import HYPERPARAMETER_ORDER
+
+    fields = {f.name for c in hyperparameters.HYPERPARAMETERS.values() for f in dataclasses.fields(c)} - {"seed"}
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    fixed = set(schema["$defs"]["hyperparameters"]["additionalProperties"]["properties"])
+    assert set(HYPERPARAMETER_ORDER) == fields
+    assert set(hyperparameters.ARGUMENTS) - {"problem", "seed"} == fields
+    assert {"lr", "damping", *(name for _, name, _ in cli.EXTRA_HYPERPARAMETERS)} == fields
+    assert fixed | {"lr", "damping"} == fields  # lr and damping are the tuning grid's, not fixed ones
+    assert HYPERPARAMETER_ORDER[:2] == ("lr", "damping")

@@ -34,7 +34,7 @@ from natgrad_impls.runner import HYPERPARAMETER_ORDER
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 # what tells one setting from another: the optimizer's hyperparameters and the mini-batch size
-HYPERPARAMETERS = (*HYPERPARAMETER_ORDER, "batch_size")
+SETTING_COLUMNS = (*HYPERPARAMETER_ORDER, "batch_size")
 # counts, written as integers (a column with gaps would otherwise be float: "10.0" for a period)
 COUNTS = ("samples", "kfac_update_period", "batch_size", "seeds", "steps", "steps_to_target")
 
@@ -88,7 +88,7 @@ def in_best_setting(runs: pd.DataFrame) -> pd.Series:
 def _columns(frame) -> tuple[str, list[str], list[str]]:
     """The objective that ranks settings, the group columns and the hyperparameter columns present."""
     objective = "train_loss" if "train_loss" in frame.columns and frame["train_loss"].notna().any() else "loss"
-    return objective, [c for c in GROUP if c in frame.columns], [c for c in HYPERPARAMETERS if c in frame.columns]
+    return objective, [c for c in GROUP if c in frame.columns], [c for c in SETTING_COLUMNS if c in frame.columns]
 
 
 def _best_settings(measured, group, hp, objective) -> pd.DataFrame:
