@@ -27,7 +27,7 @@ from natgrad_impls import grid as grid_module
 from natgrad_impls import models
 from natgrad_impls import numpy as ref
 from natgrad_impls.models import Problem
-from natgrad_impls.names import Likelihood
+from natgrad_impls.names import Curvature, Likelihood
 from natgrad_impls.tasks import MISSPEC_VARIANTS, get_task
 
 # -- figure 1: vector fields ------------------------------------------------------------------------
@@ -57,10 +57,10 @@ def _params(problem: Problem, theta) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in models.unflatten(problem.model, np.asarray(theta, dtype=np.float64)).items()}
 
 
-def _curvature(problem: Problem, batch, theta, curvature: str) -> np.ndarray:
-    """The true Fisher (with the prior's l2 I) or the EF (without it) at theta, D x D."""
+def _curvature(problem: Problem, batch, theta, curvature: Curvature) -> np.ndarray:
+    """The exact true Fisher (with the prior's l2 I) or the EF (without it) at theta, D x D."""
     params = _params(problem, theta)
-    if curvature == "fisher":
+    if curvature == Curvature.EXACT:
         return ref.fisher(problem, params, batch)
     return ref.empirical_fisher(problem, params, batch)
 
@@ -70,7 +70,7 @@ def direction(problem: Problem, batch, theta, optimizer: str, damping: float = V
     g = ref.gradient(problem, _params(problem, theta), batch)
     if optimizer == "sgd":
         return -g
-    curvature = {"ngd": "fisher", "ef": "empirical"}[optimizer]
+    curvature = {"ngd": Curvature.EXACT, "ef": Curvature.EMPIRICAL}[optimizer]
     matrix = _curvature(problem, batch, theta, curvature) + damping * np.eye(len(g))
     return -np.linalg.solve(matrix, g)
 
@@ -192,7 +192,7 @@ def misspec_variant_table(variant: str, seed: int = 0, contour_points: int = 41)
     X, y = task.load(seed).train
     batch = (X, y)
     star = minimiser(problem, batch)
-    matrices = {name: _curvature(problem, batch, star, name) for name in ("fisher", "empirical")}
+    matrices = {name.value: _curvature(problem, batch, star, name) for name in (Curvature.EXACT, Curvature.EMPIRICAL)}
     radius = ELLIPSE_SCALE / math.sqrt(len(X))
     lo_hi = _window(star, matrices.values(), radius)
     contour = _loss_grid(problem, batch, *[np.linspace(a, b, contour_points) for a, b in lo_hi])
@@ -222,7 +222,7 @@ def misspec_table(seed: int = 0, contour_points: int = 41, variants=MISSPEC_VARI
     - "minimum": theta_0, theta_1, loss of theta* (Newton with the Fisher, |g| < 1e-12).
     - "contour": theta_0, theta_1, loss on a contour_points^2 square grid around theta*, wide
       enough for both ellipses (1.5 times their largest extent).
-    - "curvature": curvature = "fisher" (F at theta*, with the prior's l2 I on the linear sets)
+    - "curvature": curvature = "exact" (the true Fisher at theta*, with the prior's l2 I on the linear sets)
       or "empirical" (the EF at theta*), its entries c_00, c_01, c_11, the number of examples n
       and radius = 3 / sqrt(n): the paper's ellipse is theta* + radius C^-1/2 u, |u| = 1, the
       level set where the quadratic model (1/2) Delta^T C Delta rises by radius^2 / 2.

@@ -239,7 +239,7 @@ def misspec_table():
 
 def _curvatures(table, variant):
     rows = table[(table["variant"] == variant) & (table["kind"] == "curvature")].set_index("curvature")
-    return {name: paper._curvature_matrix(rows.loc[name]) for name in ("fisher", "empirical")}
+    return {name: paper._curvature_matrix(rows.loc[name]) for name in ("exact", "empirical")}
 
 
 @pytest.mark.parametrize("model", ["logistic", "linear"])
@@ -250,7 +250,7 @@ def test_misspecification_draws_data_and_both_ellipses(misspec_table, model):
     for top, bottom in zip(*axes):
         assert len(_with_gid(top, "data")) == (2 if model == "logistic" else 1)  # a line per class
         assert len(_with_gid(top, "fit")) == (0 if model == "logistic" else 1)
-        for name, optimizer in (("fisher", "ngd"), ("empirical", "ef")):
+        for name, optimizer in (("exact", "ngd"), ("empirical", "ef")):
             (line,) = _with_gid(bottom, f"ellipse-{name}")
             assert _same_color(line.get_color(), style.COLORS[optimizer]) and same_dashes(line, optimizer)
         assert len(_with_gid(bottom, "minimum")) == 1
@@ -288,7 +288,7 @@ def test_misspecification_draws_each_variants_own_numbers(misspec_table, model):
             (fit,) = _with_gid(top, "fit")
             np.testing.assert_allclose(fit.get_ydata(), star[0] * fit.get_xdata() + star[1], err_msg=variant)
         radius = rows[rows["kind"] == "curvature"]["radius"].iloc[0]
-        for name, optimizer, label in (("fisher", "ngd", "Fisher"), ("empirical", "ef", "Empirical Fisher")):
+        for name, optimizer, label in (("exact", "ngd", "Fisher"), ("empirical", "ef", "Empirical Fisher")):
             (line,) = _with_gid(bottom, f"ellipse-{name}")
             delta = line.get_xydata() - star
             C = _curvatures(misspec_table, variant)[name]
@@ -312,7 +312,7 @@ def test_fisher_ellipse_is_the_loss_contour(misspec_table):
         rows = misspec_table[misspec_table["variant"] == variant]
         star = rows[rows["kind"] == "minimum"][["theta_0", "theta_1"]].to_numpy()[0]
         radius = rows[rows["kind"] == "curvature"]["radius"].iloc[0]
-        points = paper.ellipse(star, _curvatures(misspec_table, variant)["fisher"], radius, points=8)
+        points = paper.ellipse(star, _curvatures(misspec_table, variant)["exact"], radius, points=8)
         rise = [toys.loss_at(task.problem, (X, y), p) - toys.loss_at(task.problem, (X, y), star) for p in points]
         np.testing.assert_allclose(rise, radius**2 / 2, rtol=rtol)
 
@@ -373,7 +373,7 @@ def test_misspecification_leaves_out_a_missing_variant(misspec_table):
 def test_toy_figures_of_tables_without_a_kinds_rows_or_columns_leave_it_out(misspec_table, vecfield_table):
     """A table written without one kind's rows lacks that kind's columns too: a note, not a KeyError."""
     misspec = misspec_table[misspec_table["kind"] != "curvature"].drop(columns=["curvature", "radius"])
-    assert "logistic-correct: no fisher curvature in the table, its ellipse left out." in (
+    assert "logistic-correct: no exact Fisher in the table, its ellipse left out." in (
         paper.misspecification(misspec).notes)
     vecfield = vecfield_table[vecfield_table["kind"] != "trajectory"].drop(columns=["start", "step"])
     drawn = paper.vecfield(vecfield)
@@ -383,7 +383,7 @@ def test_toy_figures_of_tables_without_a_kinds_rows_or_columns_leave_it_out(miss
 
 def _relative_difference(matrices) -> tuple[float, float]:
     """(|EF - F|_F / |F|_F, max |log eigenvalue of F^-1 EF|): 0 and 0 when they coincide."""
-    fisher, empirical = matrices["fisher"], matrices["empirical"]
+    fisher, empirical = matrices["exact"], matrices["empirical"]
     eigenvalues = np.linalg.eigvals(np.linalg.solve(fisher, empirical)).real
     return np.linalg.norm(empirical - fisher) / np.linalg.norm(fisher), np.abs(np.log(eigenvalues)).max()
 

@@ -9,7 +9,7 @@
 Every function takes DataFrames (the `kind`-tagged tables of `natgrad_impls.toys`, or the long
 frames of `natgrad grid` / `natgrad run --cos-ef-ngd`) and returns a `Drawn`. What the table lacks
 is left out with a caption note, never an exception, so that a partial run still gives a figure.
-Artists carry a gid ("trajectory", "start", "minimum", "field", "fit", "data", "ellipse-fisher",
+Artists carry a gid ("trajectory", "start", "minimum", "field", "fit", "data", "ellipse-exact",
 "ellipse-empirical", "band", "cos", "gauge", ...) so that tests and users can find what was drawn.
 """
 
@@ -268,14 +268,14 @@ def _quadratic_models(ax, rows: pd.DataFrame, variant: str) -> list[str]:
         ax.contour(x0, x1, values, levels=levels, colors=GREY, linewidths=0.6)
         ax.set_xlim(x0.min(), x0.max())
         ax.set_ylim(x1.min(), x1.max())
-    for name, optimizer in (("fisher", "ngd"), ("empirical", "ef")):
+    for name, optimizer in (("exact", "ngd"), ("empirical", "ef")):
         row = _rows(rows, "curvature", curvature=name)
         if not len(row):
-            notes.append(f"{variant}: no {name} curvature in the table, its ellipse left out.")
+            notes.append(f"{variant}: no {name} Fisher in the table, its ellipse left out.")
             continue
         points = ellipse(star, _curvature_matrix(row.iloc[0]), float(row["radius"].iloc[0]))
         ax.plot(points[:, 0], points[:, 1], color=style.COLORS[optimizer], linestyle=style.LINESTYLES[optimizer],
-                linewidth=1.6, gid=f"ellipse-{name}", label="Fisher" if name == "fisher" else "Empirical Fisher")
+                linewidth=1.6, gid=f"ellipse-{name}", label="Fisher" if name == "exact" else "Empirical Fisher")
     _mark_minimum(ax, *star)
     ax.set_aspect("equal")
     ax.grid(False)
