@@ -179,8 +179,8 @@ def ellipse(center, matrix: np.ndarray, radius: float, points: int = 200) -> np.
     return np.asarray(center)[None, :] + radius * np.stack([np.cos(t), np.sin(t)], axis=1) @ root.T
 
 
-def misspecification(table: pd.DataFrame, kind: str = "logistic") -> Drawn:
-    """Figure 2 (kind="logistic") or its appendix version (kind="linear"): top row the data of the
+def misspecification(table: pd.DataFrame, model: str = "logistic") -> Drawn:
+    """Figure 2 (model="logistic") or its appendix version (model="linear"): top row the data of the
     correct and the two misspecified sets, bottom row the loss contours around the minimum with
     the quadratic models of the Fisher (NGD's colour) and of the EF (EF's colour).
 
@@ -189,11 +189,11 @@ def misspecification(table: pd.DataFrame, kind: str = "logistic") -> Drawn:
     3/sqrt(N)); the loss contours are drawn at L* + (radius s)^2 / 2 for s = 1/2, 1, 3/2, ...: on a
     quadratic loss with Hessian C the contour s = 1 is the ellipse.
     """
-    if kind not in ("logistic", "linear"):
-        raise ValueError(f"kind: {kind!r} is not one of logistic, linear")
-    variants = _variants(table, kind)
+    if model not in ("logistic", "linear"):
+        raise ValueError(f"model: {model!r} is not one of logistic, linear")
+    variants = _variants(table, model)
     notes = [f"{VARIANT_TITLES[s]}: not in the table, left out." for s in VARIANT_TITLES
-             if f"{kind}-{s}" not in variants]
+             if f"{model}-{s}" not in variants]
     if not variants:
         return _no_data_figure(notes, style.FULL_WIDTH)
     with style.paper():
@@ -202,8 +202,8 @@ def misspecification(table: pd.DataFrame, kind: str = "logistic") -> Drawn:
         for column, variant in enumerate(variants):
             rows = table[table["variant"] == variant]
             top, bottom = axes[0, column], axes[1, column]
-            top.set_title(VARIANT_TITLES[variant.removeprefix(kind + "-")])
-            (_logistic_data if kind == "logistic" else _linear_data)(top, rows)
+            top.set_title(VARIANT_TITLES[variant.removeprefix(model + "-")])
+            (_logistic_data if model == "logistic" else _linear_data)(top, rows)
             notes += _quadratic_models(bottom, rows, variant)
         axes[0, 0].set_ylabel("Data")
         axes[1, 0].set_ylabel("Quadratic models\nat the minimum")

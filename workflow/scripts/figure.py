@@ -43,8 +43,8 @@ def reference(draw, paths):
 
 DRAW = {
     "fig1-vecfield": lambda paths: paper.vecfield(read(paths)),
-    "fig2-misspecification": lambda paths: paper.misspecification(read(paths), kind="logistic"),
-    "appendix-misspecification-linear": lambda paths: paper.misspecification(read(paths), kind="linear"),
+    "fig2-misspecification": lambda paths: paper.misspecification(read(paths), model="logistic"),
+    "appendix-misspecification-linear": lambda paths: paper.misspecification(read(paths), model="linear"),
     "fig3-optimisation": lambda paths: paper.optimisation(*grids_and_cos(paths)),
     "appendix-optimisation-all-tasks": lambda paths: paper.optimisation(*grids_and_cos(paths)),
     "appendix-starting-point": lambda paths: paper.starting_point(read(paths)),
