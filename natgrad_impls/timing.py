@@ -92,21 +92,10 @@ def setting(label: str) -> tuple[str, dict]:
 
 def device_available(framework, device) -> bool:
     """Whether `framework` sees a `device` (cpu always; cuda where a GPU is visible to it)."""
+    from natgrad_impls.runner import available_devices  # (runner imports this module)
+
     framework, device = parse(Framework, framework, "framework"), parse(Device, device, "device")
-    if device == Device.CPU:
-        return True
-    if framework == Framework.TORCH:
-        import torch
-
-        return torch.cuda.is_available()
-    if framework == Framework.JAX:
-        import jax
-
-        try:
-            return bool(jax.devices("gpu"))
-        except RuntimeError:
-            return False
-    return False
+    return device in available_devices(framework)
 
 
 def cpu_threads(framework) -> int:
