@@ -31,22 +31,22 @@ from natgrad_impls.names import Curvature, Device, DType, Fisher, Framework, Lik
 
 # -- what is timed ------------------------------------------------------------------------------------
 
-def mlp_problem(width: int = 128, batch: int = 128, seed: int = 0, sizes: Iterable[int] | None = None):
+def mlp_problem(width: int = 128, batch_size: int = 128, seed: int = 0, sizes: Iterable[int] | None = None):
     """(problem, params, batch) of the cost benchmarks: a 784-width-10 relu MLP (width 128: 101,770
     parameters; `sizes` gives other layer sizes, input first), categorical likelihood, NumPy
-    float64 Glorot parameters from `seed` and a random batch of `batch` standard-normal inputs with
+    float64 Glorot parameters from `seed` and a random batch of `batch_size` standard-normal inputs with
     uniform labels. Random data is enough for timing: the work of a step does not depend on the values."""
     sizes = tuple(sizes) if sizes is not None else (784, width, 10)
     model = models.mlp(sizes, "relu")
     rng = np.random.default_rng(seed)
-    data = rng.normal(size=(batch, sizes[0])), rng.integers(0, sizes[-1], batch)
+    data = rng.normal(size=(batch_size, sizes[0])), rng.integers(0, sizes[-1], batch_size)
     return Problem(model, Likelihood.CATEGORICAL), models.init_params(model, seed), data
 
 
-def kfac_floor(model: models.Model, batch: int, period: int = 10) -> dict:
+def kfac_floor(model: models.Model, batch_size: int, period: int = 10) -> dict:
     """Multiply-adds of a K-FAC step on a dense MLP against those of the mini-batch gradient: the
     arithmetic floor of its cost in gradient-equivalents, if every product ran at the gradient's
-    rate. Per layer (in' = in + 1 with the bias, N = batch):
+    rate. Per layer (in' = in + 1 with the bias, N = batch_size):
       gradient:     2 N out in' (forward, weight gradient) + N out in (backward into the input;
                     not for the first layer);
       precondition: out^2 in' + out in'^2 (G^-1 grad A^-1, every step);
@@ -59,9 +59,9 @@ def kfac_floor(model: models.Model, batch: int, period: int = 10) -> dict:
         if not isinstance(layer, models.Dense):
             raise ValueError(f"model: kfac_floor counts dense layers only, not {type(layer).__name__}")
         out, inp = layer.out_features, layer.in_features + int(layer.bias)
-        counts["gradient"] += 2 * batch * out * inp + (batch * out * layer.in_features if index else 0)
+        counts["gradient"] += 2 * batch_size * out * inp + (batch_size * out * layer.in_features if index else 0)
         counts["precondition"] += out * out * inp + out * inp * inp
-        counts["factors"] += batch * (inp * inp + out * out) / 2
+        counts["factors"] += batch_size * (inp * inp + out * out) / 2
         counts["inverses"] += (inp**3 + out**3) / (2 * period)
     gradient = counts["gradient"]
     return {**counts, "floor": (gradient + counts["precondition"]) / gradient,

@@ -124,7 +124,7 @@ def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["timing"]
     defaults = inspect.signature(timing.mlp_problem).parameters
     common = _common(monkeypatch, quick)
-    assert common.SIZES == {"small": (defaults["width"].default, defaults["batch"].default), "large": (512, 256)}
+    assert common.SIZES == {"small": (defaults["width"].default, defaults["batch_size"].default), "large": (512, 256)}
     assert (common.DTYPE, common.REPEATS, common.SETTINGS) == (config["dtype"], config["repeats"], config["settings"])
     assert common.FRAMEWORKS == config["frameworks"] and common.DEVICES == ["cpu", "cuda"]
     assert common.SWEEP_SETTINGS == config["scaling"]["settings"]
@@ -746,7 +746,7 @@ def test_peak_device_bytes_names_what_it_cannot_read(framework, device, field):
 def test_torch_ops_counts_what_a_step_adds():
     """`timing.torch_ops` (the GPU launch proxy of TorchOps): momentum adds exactly its two foreach
     ops (scale the buffer, add the gradient) to an sgd step; counts are exact, so a repeat agrees."""
-    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    problem, params, batch = timing.mlp_problem(width=8, batch_size=4)
     plain = timing.torch_ops("sgd", problem, params, batch, lr=0.1)
     heavy = timing.torch_ops("sgd", problem, params, batch, lr=0.1, momentum=0.9)
     assert heavy["step_ops"] - plain["step_ops"] == 2
@@ -765,7 +765,7 @@ def test_kfac_jax_peer_takes_our_kfac_step(framework, kfac_jax):
     Tikhonov damping, then reused) land on our parameters (float64). Its factor average differs
     from ours after the first step (a normalised weighted mean), which only matters for later
     inversions."""
-    problem, params, batch = timing.mlp_problem(width=16, batch=8)
+    problem, params, batch = timing.mlp_problem(width=16, batch_size=8)
     hyperparameters = dict(lr=1.0, damping=1e-2, kfac_update_period=10, fisher="exact")
     theirs, _, period = timing.peer_step_call("kfac_jax.Optimizer", problem, params, batch, "cpu", "float64",
                                               **hyperparameters)
@@ -851,7 +851,7 @@ def test_kfac_jax_peer_estimates_and_inverts_the_curvature_as_our_kfac_does(kfac
             return None
 
     monkeypatch.setattr(kfac_jax, "Optimizer", Recorder)
-    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    problem, params, batch = timing.mlp_problem(width=8, batch_size=4)
     _, _, period = timing.peer_step_call("kfac_jax.Optimizer", problem, params, batch, "cpu", "float64", lr=0.3,
                                          damping=0.02, kfac_update_period=4, kfac_ema=0.8, fisher="mc", samples=3)
     assert period == 4
@@ -1064,7 +1064,7 @@ def test_step_cost_refuses_bad_arguments_in_one_line_before_measuring(argv, mess
 def test_kfac_inverse_call_inverts_what_a_kfac_step_inverts(impl):
     """The inversion step_cost.py times apart (`timing.kfac_inverse_call`) is the work a `kfac` step
     does at a refresh: the inverses of a run's first step (its factors and MC draws), float64."""
-    problem, params, batch = timing.mlp_problem(width=16, batch=8)
+    problem, params, batch = timing.mlp_problem(width=16, batch_size=8)
     invert, sync = timing.kfac_inverse_call(impl.name, problem, params, batch, "cpu", "float64", damping=1e-2)
     inverse = invert()
     sync(inverse)
@@ -1083,7 +1083,7 @@ def test_kfac_inverse_call_inverts_what_a_kfac_step_inverts(impl):
 def test_sgd_adam_peers_take_our_step(peer, momentum):
     """Each peer does what the optimizer it is compared with does: three steps from the same
     parameters on the same batch land on the same parameters (float64)."""
-    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    problem, params, batch = timing.mlp_problem(width=8, batch_size=4)
     label = timing.PEER_OF[peer]
     _, hyperparameters = timing.setting(label)
     hyperparameters.update(lr=0.1, **({"momentum": momentum} if momentum else {}))
@@ -1109,7 +1109,7 @@ def test_kfac_floor_counts_the_products_torch_does():
     from natgrad_impls.torch import model as M
 
     batch_size = 8
-    problem, params, (x, y) = timing.mlp_problem(batch=batch_size, sizes=(12, 6, 5, 3))
+    problem, params, (x, y) = timing.mlp_problem(batch_size=batch_size, sizes=(12, 6, 5, 3))
     floor = timing.kfac_floor(problem.model, batch_size, period=10)
     p = M.to_torch(params)
     with FlopCounterMode(display=False) as counter:
@@ -1134,7 +1134,7 @@ def test_kfac_floor_counts_factors_and_inverses_as_documented():
     A (n = 4) and G (n = 2); the gradient 2 N out in' (a first layer: no backward into its input)."""
     from natgrad_impls import models
 
-    floor = timing.kfac_floor(models.mlp((3, 2)), batch=5, period=4)
+    floor = timing.kfac_floor(models.mlp((3, 2)), batch_size=5, period=4)
     gradient, precondition = 2 * 5 * 2 * 4, 2 * 2 * 4 + 2 * 4 * 4
     factors = 5 * (4 * 4 + 2 * 2) / 2
     inverses = sum(n**3 / 6 + n**3 / 3 for n in (4, 2)) / 4
@@ -1237,7 +1237,7 @@ def test_each_timed_call_comes_with_its_frameworks_sync(monkeypatch):
         return to_params, to_batch, marked[framework.value]
 
     monkeypatch.setattr(timing, "_framework_io", io)
-    problem, params, batch = timing.mlp_problem(width=8, batch=4)
+    problem, params, batch = timing.mlp_problem(width=8, batch_size=4)
     for framework in ("torch", "jax"):
         _, step_sync, _ = timing.step_call(framework, "sgd", problem, params, batch, lr=0.1)
         assert step_sync is marked[framework], framework
