@@ -30,16 +30,25 @@ EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 1
 EXIT_NOT_WRITTEN = 1
 
+def number(text: str) -> float:
+    """A float from the command line or a JSON file, refusing one that float64 rounds to 0 (1e-400):
+    a damping or lr that small is a typo, and as 0 it would run another method without a word."""
+    value = float(text)
+    if value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0]):
+        raise argparse.ArgumentTypeError(f"{text} is below float64's smallest number and would be read as 0")
+    return value
+
+
 # Optimizer hyperparameters beyond lr and damping, as (option, name, type).
 EXTRA_HYPERPARAMETERS = (
-    ("--momentum", "momentum", float),
-    ("--b1", "b1", float),
-    ("--b2", "b2", float),
-    ("--eps", "eps", float),
+    ("--momentum", "momentum", number),
+    ("--b1", "b1", number),
+    ("--b2", "b2", number),
+    ("--eps", "eps", number),
     ("--fisher", "fisher", str),
     ("--samples", "samples", int),
     ("--kfac-update-period", "kfac_update_period", int),
-    ("--kfac-ema", "kfac_ema", float),
+    ("--kfac-ema", "kfac_ema", number),
 )
 
 
@@ -71,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizer", required=True, help="sgd, adam, ef, ngd or kfac")
     run.add_argument("--framework", required=True, help="numpy (convex tasks only), torch or jax")
     _common(run, "the initial parameters (glorot), the mini-batch order, the MC labels")
-    run.add_argument("--lr", type=float, help=_hyperparameter_help("lr"))
-    run.add_argument("--damping", type=float, help=_hyperparameter_help("damping"))
+    run.add_argument("--lr", type=number, help=_hyperparameter_help("lr"))
+    run.add_argument("--damping", type=number, help=_hyperparameter_help("damping"))
     for option, name, kind in EXTRA_HYPERPARAMETERS:
         run.add_argument(option, dest=name, type=kind, help=_hyperparameter_help(name))
     run.add_argument("--hyperparameters", metavar="FILE.json",
@@ -163,8 +172,8 @@ def _hyperparameters_file(path) -> dict:
     names = ("lr", "damping", *(name for _, name, _ in EXTRA_HYPERPARAMETERS))
     try:
         with open(path) as handle:
-            values = json.load(handle)
-    except (OSError, ValueError) as error:
+            values = json.load(handle, parse_float=number)
+    except (OSError, ValueError, argparse.ArgumentTypeError) as error:
         raise BadInput(f"hyperparameters: cannot read {path!r} as JSON ({error})") from None
     if not isinstance(values, dict):
         raise BadInput(f"hyperparameters: {path!r} must hold a JSON object of {', '.join(names)}")

@@ -94,6 +94,10 @@ BAD = {
                           "optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"),
     "negative lr": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-0.1"],
                     "lr: -0.1 must be a finite number >= 0"),
+    "a damping float64 reads as 0": (["run", "--task", "wine", "--optimizer", "ef", "--framework", "numpy", "--lr", "0.1",
+                                      "--damping", "1e-400"], "--damping: 1e-400 is below float64's smallest number"),
+    "a number that is none": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                               "--momentum", "high"], "--momentum: invalid number value: 'high'"),
     "numpy on a network": (["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1"],
                            "framework: 'numpy' is not available for task 'digits-mlp' (one of torch, jax)"),
     "cuda without a gpu": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "torch", "--device", "cuda",
@@ -333,6 +337,7 @@ def test_run_reads_hyperparameters_from_json_and_options_win(tmp_path, capsys):
     ("lr: 0.5", "hyperparameters: cannot read"),
     ("[0.5]", "must hold a JSON object"),
     ('{"lr": true, "damping": 1}', "lr: True must be a finite number >= 0"),  # not lr 1: a bool is a mistake
+    ('{"lr": 0.5, "damping": 1e-400}', "1e-400 is below float64's smallest number"),  # not damping 0
     ('{"lr": 1, "damping": 1, "fisher": "mc", "samples": true}', "samples: True must be an integer >= 1"),
 ])
 def test_bad_hyperparameters_file_is_one_line_and_writes_nothing(tmp_path, capsys, text, message):
