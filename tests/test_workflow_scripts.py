@@ -414,7 +414,7 @@ def test_the_data_job_writes_a_row_per_split_with_its_size(tmp_path, monkeypatch
         out = tmp_path / f"{task}.csv"
         run_script("data.py", tmp_path, rule="data", output=Files(out), wildcards=SimpleNamespace(task=task))
         table = pd.read_csv(out)
-        assert list(zip(table["split"], table["examples"], table["features"])) == rows, table.to_string()
+        assert list(zip(table["split"], table["examples"], table["inputs"])) == rows, table.to_string()
         assert (table["task"] == task).all()
 
 

@@ -10,7 +10,7 @@ snakemake = globals()["snakemake"]  # set by Snakemake's script directive
 with results.job_log(snakemake.log[0]):
     task = get_task(snakemake.wildcards.task)
     dataset = task.load(0)
-    rows = [{"task": task.name, "split": split, "examples": len(part.X), "features": int(part.X[0].size),
+    rows = [{"task": task.name, "split": split, "examples": len(part.X), "inputs": int(part.X[0].size),
              "source": task.source} for split, part in (("train", dataset.train), ("test", dataset.test)) if part]
     results.write(pd.DataFrame(rows), snakemake.output[0])
     print(pd.DataFrame(rows).to_string())
