@@ -1,4 +1,4 @@
-"""Overhead of `natgrad run` around the optimizer step (issue: tasks, runner and the command line).
+"""Overhead of `natgrad run` around the optimizer step.
 
     python scripts/run_overhead.py [--repeats 7]
 

@@ -1,4 +1,4 @@
-"""Cost of one step of each optimizer, measured side by side in one run (issue: core library).
+"""Cost of one step of each optimizer, measured side by side in one run.
 
 Prints, on the MLP of `natgrad_impls.timing.mlp_problem` (784-128-10 relu, 101,770 parameters,
 batch 128, float32 by default), with the settings of `timing.SETTINGS`:
@@ -23,7 +23,7 @@ by a few percent.
 reports the median of the rounds (the machine may be shared: rounds spread a burst of load over
 several samples); `--out` is rewritten after every round, so a run stopped early keeps its rounds.
 
-    python scripts/step_cost.py [--framework torch,jax] [--device cpu|cuda] [--dtype float32]
+    python scripts/step_cost.py [--frameworks torch,jax] [--device cpu|cuda] [--dtype float32]
         [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--sizes 40,128,10] [--out results/step_cost.csv]
     python scripts/step_cost.py --sweep --widths 64,128,256,512 --batch-sizes 32,128,512 \\
         --out results/scaling.csv          # timing.scaling_sweep over the grid, long format

@@ -155,7 +155,7 @@ class Cost:
     same model, batch, framework and device (DESIGN 4), via timing.gradient_equivalents, the median
     of ROUNDS measurements (each builds, warms up and samples anew). sgd is
     one gradient and its update (1.0-1.4); ef and ngd-mc should stay under 4 on CPU; kfac (period
-    10) cannot reach issue 2's 3 on the small MLP, whose arithmetic floor is 4.5 (README)."""
+    10) cannot reach the target of 3 on the small MLP, whose arithmetic floor is 4.5 (README)."""
 
     params = [SETTINGS, FRAMEWORKS, DEVICES, list(SIZES)]
     param_names = ["setting", "framework", "device", "size"]
