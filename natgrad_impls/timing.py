@@ -555,8 +555,10 @@ def remeasure_contended(table, measure: Callable[[object], dict], same_gradient:
                         ratio: float = CONTENDED_RATIO, tries: int = CONTENDED_TRIES):
     """`table` with each row whose gradient_s exceeds `ratio` x the least gradient_s among the rows
     that share its `same_gradient` columns (one model and batch) measured again by `measure(row)`
-    (a dict of new values), up to `tries` times; the rows still slow then are named on stderr. Load
-    that lasts a whole table is not detected: nothing in it is fast to compare with."""
+    (a dict of new values), up to `tries` times. A new measurement replaces the row only where its
+    step and gradient took less time together: load only adds time, and a burst can land on the
+    step's samples alone. The rows still slow then are named on stderr and marked in a `contended`
+    column. Load that lasts a whole table is not detected: nothing in it is fast to compare with."""
     def contended():
         fastest = table.groupby(same_gradient)["gradient_s"].transform("min")
         return table.index[table["gradient_s"] > ratio * fastest], fastest
@@ -567,13 +569,19 @@ def remeasure_contended(table, measure: Callable[[object], dict], same_gradient:
             row = table.loc[i]
             print(f"timing: {_row_name(row)}: gradient {row.gradient_s:.3g} s, {row.gradient_s / fastest[i]:.0f}x the "
                   "fastest of the same model; measured again (the machine was busy)", file=sys.stderr, flush=True)
-            for column, value in measure(row).items():
-                table.loc[i, column] = value
+            again = measure(row)
+            if again["step_s"] + again["gradient_s"] < row.step_s + row.gradient_s:
+                for column, value in again.items():
+                    table.loc[i, column] = value
+            else:
+                print(f"timing: {_row_name(row)}: the new measurement took longer (step {again['step_s']:.3g} s, "
+                      f"gradient {again['gradient_s']:.3g} s); the row keeps the first", file=sys.stderr, flush=True)
     slow, fastest = contended()
     for i in slow:
         row = table.loc[i]
         print(f"timing: {_row_name(row)}: gradient still {row.gradient_s / fastest[i]:.0f}x the fastest after {tries} "
-              "new measurements; its times are those of a busy machine", file=sys.stderr, flush=True)
+              "new measurements; its times are those of a busy machine (column contended)", file=sys.stderr, flush=True)
+    table["contended"] = table.index.isin(slow)
     return table
 
 

@@ -670,15 +670,19 @@ def test_a_compile_neither_ends_the_warm_up_nor_sizes_the_samples(clock):
 
 def test_rows_timed_on_a_busy_machine_are_measured_again(capsys):
     """A row whose gradient took over twice the fastest gradient of the same model (a busy machine:
-    torch's threads then wait 100x longer) is measured again until it is not, at most `tries` times,
-    and a row still slow is named in the log; rows of another model are compared among themselves."""
+    torch's threads then wait 100x longer) is measured again until it is not, at most `tries` times;
+    a new measurement whose step and gradient took longer together (a burst on the step's samples:
+    ngd-mc's 400 s) is not taken; a row still slow is named in the log and marked contended. Rows of
+    another model are compared among themselves."""
     import pandas as pd
 
-    table = pd.DataFrame(dict(setting=["sgd", "adam", "ef", "sgd", "adam"], width=[8, 8, 8, 64, 64], batch_size=4,
-                              step_s=[40.0, 2.0, 90.0, 9.0, 10.0], gradient_s=[36.0, 1.0, 30.0, 8.0, 9.0]))
+    table = pd.DataFrame(dict(setting=["sgd", "adam", "ef", "ngd-mc", "sgd", "adam"], width=[8, 8, 8, 8, 64, 64],
+                              batch_size=4, step_s=[40.0, 2.0, 90.0, 12.0, 9.0, 10.0],
+                              gradient_s=[36.0, 1.0, 30.0, 5.0, 8.0, 9.0]))
     table["gradient_equivalents"] = table.step_s / table.gradient_s
     quiet = {"sgd": [dict(step_s=1.1, gradient_s=1.0, gradient_equivalents=1.1)],
-             "ef": [dict(step_s=60.0, gradient_s=20.0, gradient_equivalents=3.0)] * 2}
+             "ef": [dict(step_s=60.0, gradient_s=20.0, gradient_equivalents=3.0)] * 2,
+             "ngd-mc": [dict(step_s=400.0, gradient_s=1.0, gradient_equivalents=400.0)] * 2}
     measured = []
 
     def measure(row):
@@ -686,11 +690,13 @@ def test_rows_timed_on_a_busy_machine_are_measured_again(capsys):
         return quiet[row.setting].pop(0)
 
     out = timing.remeasure_contended(table, measure, ["width", "batch_size"], ratio=2.0, tries=2)
-    assert measured == ["sgd", "ef", "ef"]  # the wide model's 9 s against 8 s is no contention
-    assert out.step_s.tolist() == [1.1, 2.0, 60.0, 9.0, 10.0]
-    assert out.gradient_equivalents.tolist()[:3] == [1.1, 2.0, 3.0]
+    assert measured == ["sgd", "ef", "ngd-mc", "ef", "ngd-mc"]  # the wide model's 9 s against 8 s is no contention
+    assert out.step_s.tolist() == [1.1, 2.0, 60.0, 12.0, 9.0, 10.0]
+    assert out.gradient_equivalents.tolist()[:4] == [1.1, 2.0, 3.0, 2.4]
+    assert out.contended.tolist() == [False, False, True, True, False, False]
     log = capsys.readouterr().err
     assert "sgd width 8 batch 4: gradient 36 s, 36x the fastest" in log
+    assert "ngd-mc width 8 batch 4: the new measurement took longer (step 400 s, gradient 1 s)" in log
     assert "ef width 8 batch 4: gradient still 20x the fastest after 2 new measurements" in log
 
 

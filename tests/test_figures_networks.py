@@ -411,6 +411,19 @@ def test_step_cost_dots_per_setting_framework_and_device():
     assert any("Adam: not in the table" in n for n in partial.notes)
 
 
+def test_cost_figures_name_the_rows_timed_on_a_busy_machine(tmp_path):
+    """Rows `timing.remeasure_contended` marks contended are named in both cost figures' notes, from
+    the table as the timing job writes it (a CSV: the column comes back as bools)."""
+    table = cost_rows()
+    table["contended"] = (table.setting == "ngd-mc") & (table.framework == "jax")
+    table.to_csv(tmp_path / "cost.csv", index=False)
+    read = pd.read_csv(tmp_path / "cost.csv")
+    for drawn in (cost.step_cost(read), cost.devices(read)):
+        (note,) = [n for n in drawn.notes if "busy machine" in n]
+        assert note.endswith("after 2 new measurements): digits-mlp jax cpu ngd-mc, mnist1d-mlp jax cpu ngd-mc."), note
+    assert not [n for n in cost.step_cost(cost_rows()).notes if "busy" in n]
+
+
 @pytest.mark.parametrize("combos", [COMBOS[:1], COMBOS, COMBOS + [("torch", "cuda"), ("jax", "cuda")]])
 def test_step_cost_dots_of_one_setting_stand_clear_of_each_other(combos):
     """Within a setting's row the framework/device dots sit one above another, at least a marker's

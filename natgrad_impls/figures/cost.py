@@ -17,6 +17,7 @@ from matplotlib import colors as mcolors
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
+from natgrad_impls import timing
 from natgrad_impls.figures import Drawn, placeholder, style
 from natgrad_impls.timing import SETTINGS
 
@@ -81,7 +82,18 @@ def _cost_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     table = _with_setting(table)
     if "task" not in table.columns:
         table["task"] = ""
-    return table, _missing_settings(table)
+    return table, _missing_settings(table) + _contended_notes(table)
+
+
+def _contended_notes(table) -> list[str]:
+    """A note naming the rows `timing.remeasure_contended` could not measure on a quiet machine."""
+    if "contended" not in table.columns:
+        return []
+    busy = table[table["contended"].astype(str).str.lower() == "true"]  # (a bool, or "True" read from a CSV)
+    names = [" ".join(str(row[c]) for c in ("task", "framework", "device", "setting") if row[c])
+             for _, row in busy.iterrows()]
+    return [f"Timed on a busy machine (the gradient still over {timing.CONTENDED_RATIO:g}x the fastest of its model "
+            f"after {timing.CONTENDED_TRIES} new measurements): {', '.join(dict.fromkeys(names))}."] if names else []
 
 
 def _median(table, keys, value="step_s") -> pd.DataFrame:
