@@ -505,7 +505,8 @@ def cost_table(task: str, framework, device="cpu", dtype="float32", settings: It
                repeats: int = COST_REPEATS, seed: int = 0):
     """One optimizer step of every setting (labels of `SETTINGS`) and one mini-batch gradient on a
     task's own model and batch (`task_problem`), one row per setting: task, optimizer, setting,
-    framework, device, dtype, batch_size, num_params, step_s, gradient_s, gradient_equivalents.
+    framework, device, dtype, batch_size, num_params, step_s, gradient_s, gradient_equivalents,
+    contended.
     The gradient is sampled in turn with each step so that both see the same machine load (the
     machine may be shared), and a setting whose gradient shows outside load is measured again
     (`remeasure_contended`); K-FAC's samples span whole inversion periods. The report's step-cost
@@ -598,7 +599,7 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
                   settings: Iterable[str] = SCALING_SETTINGS, dtype="float32", repeats: int = 5, seed: int = 0):
     """`scaling_sweep` over several settings as one tidy table: framework, device, dtype, optimizer,
     setting (the label of `SETTINGS`), width, batch_size, num_params, step_s, gradient_s,
-    gradient_equivalents; one row per setting and grid point of the 784-width-10 MLP
+    gradient_equivalents, contended; one row per setting and grid point of the 784-width-10 MLP
     (`mlp_problem`); rows that show outside load are measured again, as in `cost_table`. The
     scaling figure fits log-log slopes to it. The defaults (5 settings, 6 grid points, 5 samples
     each) take about half a minute for torch on 2 idle CPU cores; jax pays one compilation per

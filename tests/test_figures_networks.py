@@ -683,7 +683,7 @@ def test_cost_table_real_call(capsys):
     assert [line.split(":")[1].strip() for line in progress] == ["digits-mlp torch cpu sgd", "digits-mlp torch cpu kfac"]
     assert re.search(r": [0-9.e+-]+ gradient-equivalents \(2 of 2\)$", progress[1])  # as first measured
     assert list(table.columns) == ["task", "optimizer", "setting", "framework", "device", "dtype", "batch_size",
-                                   "num_params", "step_s", "gradient_s", "gradient_equivalents"]
+                                   "num_params", "step_s", "gradient_s", "gradient_equivalents", "contended"]
     assert list(table.setting) == ["sgd", "kfac"] and set(table.task) == {"digits-mlp"}
     assert (table.batch_size == 128).all() and (table.num_params == 64 * 128 + 128 + 128 * 10 + 10).all()
     assert (table[["step_s", "gradient_s", "gradient_equivalents"]] > 0).all().all()
@@ -695,7 +695,7 @@ def test_scaling_table_real_call(capsys):
     table = timing.scaling_table("jax", "cpu", widths=(8, 16), batch_sizes=(4,), settings=("sgd", "ngd-mc"), repeats=2)
     assert "timing: jax cpu ngd-mc at width 16, batch 4: " in capsys.readouterr().out
     assert list(table.columns) == ["framework", "device", "dtype", "optimizer", "setting", "width", "batch_size",
-                                   "num_params", "step_s", "gradient_s", "gradient_equivalents"]
+                                   "num_params", "step_s", "gradient_s", "gradient_equivalents", "contended"]
     assert list(table.setting) == ["sgd", "sgd", "ngd-mc", "ngd-mc"] and list(table.optimizer)[-1] == "ngd"
     assert (table[["step_s", "gradient_s"]] > 0).all().all()
     cost.scaling(table)  # draws a real table

@@ -199,7 +199,7 @@ def _setting_differences(frame) -> list[str]:
     """'<task>, <optimizer>: tuned to different settings per column (PyTorch CPU: lr 0.3; JAX CPU:
     lr 0.1).' where the columns of a row draw different settings (each is tuned on its own), naming
     only the hyperparameters that differ, so that a reader does not take it for a framework gap."""
-    columns = [c for c in tables.HYPERPARAMETERS if c in frame.columns]
+    columns = [c for c in tables.SETTING_COLUMNS if c in frame.columns]
     notes = []
     for (task, optimizer), rows in frame.groupby(["task", "optimizer"], observed=True):
         chosen = rows.groupby(["framework", "device"], observed=True)[columns].first()
@@ -220,7 +220,7 @@ def _plain(value) -> str:
 def _one_setting(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Keep, per (task, optimizer, framework, device), the runs of the setting the best-hyperparameters
     table lists (`tables.in_best_setting`), with a note where there were several to choose from."""
-    columns = [c for c in tables.HYPERPARAMETERS if c in frame.columns]
+    columns = [c for c in tables.SETTING_COLUMNS if c in frame.columns]
     if not columns or frame.empty:
         return frame, []
     counts = tables.setting_key(frame, columns).groupby([frame[k] for k in KEYS], observed=True).nunique()
