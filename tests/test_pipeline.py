@@ -100,7 +100,7 @@ def test_dry_run_builds_the_dag(repo_copy, overlay):
     assert not result_files(repo_copy)
 
 
-SCHEMA = "Error validating config file"
+SCHEMA = "Error validating config file"  # (the Snakefile's one line, Snakemake's words first)
 BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it must name
     "unknown task": ("convex:\n  tasks: [wine, iris]\n", [SCHEMA, r"'iris' is not one of"], "convex"),
     "negative lr": ("networks:\n  lrs: {sgd: [0.1, -0.01]}\n",
@@ -126,7 +126,11 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
         [r"config convex.hyperparameters.ngd: momentum: not a hyperparameter of ngd"], "momentum"),
     "a value the optimizer refuses": ("networks:\n  hyperparameters: {sgd: {momentum: 1}}\n",
                                       [SCHEMA, r"1 is greater than or equal to the maximum of 1"], "momentum"),
-    "log10 bounds that are no numbers": ("convex:\n  lrs: '1.2.3:10:5'\n", [SCHEMA, r"does not match"], "lrs"),
+    "log10 bounds that are no numbers": ("convex:\n  lrs: '1.2.3:10:5'\n",
+                                         [SCHEMA, r"'1.2.3:10:5' is not log10 START:STOP:NUM, e.g."], "lrs"),
+    "a misspelled top-level key": ("optimisers: [sgd]\n",
+                                   [SCHEMA + r": config: .*'optimisers' was unexpected\); it takes optimizers, devices"],
+                                   "optimisers"),
     "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
                                     [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],
                                     "dampings"),
@@ -146,6 +150,7 @@ def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
     for message in messages:
         assert re.search(message, output), output[-2000:]
     assert field in output
+    assert "$defs" not in output and len(output.splitlines()) < 30, output  # the field, not the whole schema
     assert not result_files(repo_copy), "a job ran before the config was checked"
 
 
