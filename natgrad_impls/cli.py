@@ -60,6 +60,10 @@ class BadInput(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no abbreviations: grid's --damping would otherwise be read as --dampings, run's --step as --steps
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         for option in GRID_BOUNDS:  # argparse reads a value that starts with '-' as an option
             if message.startswith(f"argument --{option}: expected one argument"):

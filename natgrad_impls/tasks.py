@@ -89,8 +89,10 @@ class Task:
         return dataclasses.replace(self, problem=dataclasses.replace(self.problem, logit_clip=value))
 
     def with_variant(self, variant: str) -> Task:
+        if not self.variants:
+            raise ValueError(f"variant: {self.name} has no variants (misspec has: {', '.join(MISSPEC_VARIANTS)})")
         if variant not in self.variants:
-            raise ValueError(f"variant: {variant!r} is not one of {', '.join(self.variants) or '(none)'}")
+            raise ValueError(f"variant: {variant!r} is not one of {', '.join(self.variants)}")
         task = _misspec(variant)
         if self.problem.likelihood == task.problem.likelihood == Likelihood.BERNOULLI:  # keep the clip chosen before
             clipped = dataclasses.replace(task.problem, logit_clip=self.problem.logit_clip)

@@ -94,6 +94,11 @@ BAD = {
                           "optimizer: 'lbfgs' is not one of sgd, adam, ef, ngd, kfac"),
     "negative lr": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "-0.1"],
                     "lr: -0.1 must be a finite number >= 0"),
+    "an option abbreviated": (["grid", "--task", "breastcancer", "--damping", "0.1"],
+                              "unrecognized arguments: --damping 0.1"),  # not --dampings
+    "a variant of a task that has none": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy",
+                                           "--lr", "0.1", "--variant", "linear-correct"],
+                                          "variant: wine has no variants (misspec has: logistic-correct,"),
     "a damping float64 reads as 0": (["run", "--task", "wine", "--optimizer", "ef", "--framework", "numpy", "--lr", "0.1",
                                       "--damping", "1e-400"], "--damping: 1e-400 is below float64's smallest number"),
     "a number that is none": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
