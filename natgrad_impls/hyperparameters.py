@@ -54,6 +54,12 @@ class Adam:
         _check(is_finite_number(self.eps) and self.eps >= 0, "eps", self.eps, "a finite number >= 0")
 
 
+def _check_samples_drawn(fisher: Fisher, samples: int) -> None:
+    """More than one label per example only where labels are drawn: with the exact Fisher, `samples`
+    would be dropped without a word (and no result column would say it was asked for)."""
+    _check(fisher == Fisher.MC or samples == 1, "samples", samples, "1 with fisher exact (only mc draws labels)")
+
+
 def structurally_singular(shift: float, columns: int, size: int) -> bool:
     """Whether U U^T + shift I, U with `columns` columns of length `size` (a curvature's factor: per-example
     gradients, Fisher roots), is singular whatever the data: shift 0 and rank <= columns < size. An LU
@@ -85,6 +91,7 @@ class NaturalGradient:
         _check(is_finite_number(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
         _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check_samples_drawn(self.fisher, self.samples)
         _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 
@@ -106,6 +113,7 @@ class KFAC:
         _check(is_finite_number(self.kfac_ema) and 0 <= self.kfac_ema < 1, "kfac_ema", self.kfac_ema, "in [0, 1)")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
         _check(is_integer(self.samples) and self.samples >= 1, "samples", self.samples, "an integer >= 1")
+        _check_samples_drawn(self.fisher, self.samples)
         _check(is_integer(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
 

@@ -73,10 +73,10 @@ def test_exact_fisher_matches_jacobian_reference(impl, name):
 
 
 def test_exact_fisher_does_not_depend_on_samples(impl):
-    """`samples` counts MC label draws. The exact Fisher draws none, yet ngd(fisher="exact", samples=3)
-    and kfac(fisher="exact", samples=3) are valid settings that pass samples on: their Fisher, and the
-    K-FAC built from it (exact for a linear gaussian model), must still be the dense reference's, not
-    divided by the number of samples."""
+    """`samples` counts MC label draws. The exact Fisher draws none (the optimizers refuse samples > 1
+    with it), yet the curvature builders take samples whatever the Fisher: given 3, the exact Fisher,
+    and the K-FAC built from it (exact for a linear gaussian model), must still be the dense
+    reference's, not divided by the number of samples."""
     problem = models.Problem(models.linear(4, 3, bias=True), "gaussian")
     (x, y, params), _, _, factor = build(impl, problem, 7, Curvature.EXACT, samples=3)
     fisher = ref.fisher(problem, params, x, y)

@@ -513,6 +513,9 @@ def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(mon
         ("kfac", {"lr": 0.1, "damping": 1e-3, "samples": 0}, "samples"),
         ("ngd", {"lr": 0.1, "damping": 1e-3, "fisher": "mc", "seed": -1}, "seed"),
         ("kfac", {"lr": 0.1, "damping": 1e-3, "seed": -1}, "seed"),
+        # labels drawn with an exact Fisher: samples would be dropped without a word
+        ("ngd", {"lr": 0.1, "damping": 1e-3, "samples": 3}, "samples"),
+        ("kfac", {"lr": 0.1, "damping": 1e-3, "fisher": "exact", "samples": 2}, "samples"),
     ],
 )
 @pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])

@@ -415,8 +415,7 @@ def test_samples_is_recorded_only_where_labels_are_drawn():
     """The exact Fisher draws no labels: its runs have no `samples`, so a grid or a table that holds
     both kinds shows it empty for them, not a 1 that reads as one sample."""
     hps = {"lr": 0.1, "damping": 1.0}
-    exact = runner.run("wine", "ngd", "numpy", hyperparameters={**hps, "fisher": "exact", "samples": 3}, steps=1,
-                       progress=False)
+    exact = runner.run("wine", "ngd", "numpy", hyperparameters={**hps, "fisher": "exact"}, steps=1, progress=False)
     mc = runner.run("wine", "ngd", "numpy", hyperparameters={**hps, "fisher": "mc", "samples": 3}, steps=1, progress=False)
     assert "samples" not in exact.columns and (exact["fisher"] == "exact").all()
     assert (mc["samples"] == 3).all() and (mc["fisher"] == "mc").all()
