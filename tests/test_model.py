@@ -154,6 +154,31 @@ def test_the_paper_clip_is_the_logit_of_its_mean_bound():
     assert 1 / (1 + math.exp(-clip)) == pytest.approx(1 - 1e-8, rel=0, abs=1e-15)
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_the_logit_clip_is_exact_at_any_logit_and_straight_through(framework):
+    """The clipped logit is np.clip's to the last bit, however large the logit (the paper grid's large
+    steps reach |f| = 1e12 and more: written f + (clip(f) - f) it rounded to f's ulp, 16.0 for 18.42 at
+    1e17, and torch and jax left numpy's runs), and its gradient is 1 everywhere."""
+    clip = models.KUNSTNER_LOGIT_CLIP
+    problem = models.Problem(models.linear(1, 1), "bernoulli", logit_clip=clip)
+    f = np.array([[1e17], [-1e12], [20.0], [-3.0], [0.0], [clip]])
+    if framework == "torch":
+        t = torch.tensor(f, requires_grad=True)
+        value = M.clip_logits(problem, t)
+        value.sum().backward()
+        value, grad = value.detach().numpy(), t.grad.numpy()
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from natgrad_impls.jax import model as JM
+
+        clipped = jax.jit(lambda z: JM.clip_logits(problem, z))
+        value, grad = np.asarray(clipped(jnp.asarray(f))), np.asarray(jax.grad(lambda z: clipped(z).sum())(jnp.asarray(f)))
+    assert value.tolist() == np.clip(f, -clip, clip).tolist()
+    assert grad.tolist() == np.ones_like(f).tolist()
+
+
 def test_init_params_is_seeded_and_glorot():
     model = models.mlp((20, 30, 5))
     a, b, c = models.init_params(model, 0), models.init_params(model, 0), models.init_params(model, 1)

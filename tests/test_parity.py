@@ -113,6 +113,19 @@ def test_numpy_torch_jax_agree_on_convex_tasks(optimizer, task):
     assert_agree(runs["jax"], runs["numpy"], 1e-10)
 
 
+def test_numpy_torch_jax_agree_at_the_paper_grids_large_steps():
+    """ngd on breastcancer at lr 1e7 (the paper grid reaches 1e10): its logits pass 1e12, where only
+    an exact clip keeps torch and jax on numpy's run (each agreed with the other and ended 5x away)."""
+    from natgrad_impls import runner
+
+    setting = dict(hyperparameters={"lr": 1e7, "damping": 1e-2}, steps=30, progress=False)
+    runs = {framework: runner.run("breastcancer", "ngd", framework, **setting)
+            for framework in ("numpy", "torch", "jax")}
+    assert runs["numpy"]["loss"].nunique() > 10 and runs["numpy"]["loss"].max() > 10  # it moves, its logits saturated
+    for framework in ("torch", "jax"):
+        np.testing.assert_allclose(runs[framework]["loss"], runs["numpy"]["loss"], rtol=1e-10, err_msg=framework)
+
+
 @pytest.mark.parametrize("l2", [0.0, 0.05])
 @pytest.mark.parametrize("optimizer", ["ef", "ngd"])
 def test_woodbury_solves_agree_with_numpys_dense_solve(optimizer, l2, monkeypatch):
