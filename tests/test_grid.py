@@ -79,6 +79,26 @@ def _sensitivity(task, optimizer, lr, damping, steps=STEPS, repeats=3, logit_cli
     return float(np.nanmax(moved)) if np.isfinite(runs.loss).any() else 0.0
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_runs_whose_fisher_weights_stop_changing_reuse_their_matrices_and_equal_the_loop(framework):
+    """numpy's and torch's grids form a run's Fisher matrix again only where its weights changed
+    since the step before: at large lrs the paper clip saturates every logit, so some runs of a chunk
+    keep their weights while others move, and each must still equal its own `natgrad run` (a reused
+    matrix written to the wrong run, or not refreshed, is off by O(1)). The loop's clip is exact at
+    logits of 1e12 and more, as the grid's is."""
+    lrs, dampings, steps = (-2, 8, 11), (-10, 0, 6), 30
+    frame = grid.run_grid("breastcancer", ["ngd"], framework, lrs=lrs, dampings=dampings, steps=steps, repeats=0,
+                          progress=False).frame
+    compared = 0
+    for (lr, damping), mine in frame.groupby(["lr", "damping"]):
+        loop = runner.run("breastcancer", "ngd", framework, hyperparameters={"lr": lr, "damping": damping},
+                          steps=steps, progress=False)
+        assert len(mine) == len(loop), (lr, damping)
+        np.testing.assert_allclose(mine["loss"], loop["loss"], rtol=1e-8, err_msg=f"lr {lr} damping {damping}")
+        compared += 1
+    assert compared == lrs[2] * dampings[2]
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("task,logit_clip", [("wine", None), ("breastcancer", None), ("breastcancer", "none")])
 def test_grid_equals_a_loop_of_runs(tmp_path, task, logit_clip, framework):
