@@ -391,3 +391,28 @@ def test_numpy_mc_fisher_converges_to_exact(name):
               for samples in (16, 65536)}  # cheap here: 11 examples, one output
     assert errors[65536] < errors[16] * 3 / 64
     assert errors[65536] < 0.01  # a bias of 2% would not pass
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_sampled_labels_follow_the_predictive_distribution(impl, likelihood):
+    """The MC Fisher's labels come from p(y | x) at the model's mean: over 20,000 draws at skewed
+    probabilities each class's (each output's) frequency lies within 5 standard errors of its
+    probability, and a gaussian label's residual has mean 0 and variance 1. A sampler biased towards
+    the likely class, or one that ignores the mean, is off by tens of standard errors here."""
+    draws = 20_000
+    mean = {"categorical": [[0.8, 0.15, 0.05], [0.05, 0.15, 0.8]], "bernoulli": [[0.9, 0.02, 0.5], [0.3, 0.7, 0.99]],
+            "gaussian": [[3.0, -1.0, 0.0], [0.5, 2.0, -4.0]]}[likelihood]
+    problem = models.Problem(models.linear(2, 3), likelihood)
+    labels = impl.numpy(impl.curvature.M.sample_labels(problem, impl.params({"m": np.array(mean)})["m"], draws,
+                                                       impl.rng(0)))
+    mean = np.array(mean)
+    if likelihood == "categorical":
+        frequency = np.stack([np.bincount(labels[:, n], minlength=3) for n in range(2)]) / draws
+    elif likelihood == "bernoulli":
+        frequency = labels.mean(0)
+    else:
+        residual = labels - mean
+        assert np.abs(residual.mean(0)).max() < 5 / np.sqrt(draws)
+        assert np.abs(residual.var(0) - 1).max() < 5 * np.sqrt(2 / draws)
+        return
+    assert (np.abs(frequency - mean) < 5 * np.sqrt(mean * (1 - mean) / draws)).all(), (frequency, mean)
