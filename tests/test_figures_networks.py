@@ -839,6 +839,17 @@ def test_a_setting_that_diverged_on_a_seed_sets_no_target():
     assert table.loc["sgd", "steps_to_target"] == 20 and pd.isna(table.loc["kfac", "steps_to_target"])
 
 
+def test_a_best_setting_that_ends_above_its_start_sets_no_target():
+    """sgd's best setting ends at 6, above the start (4): as the target, every run would reach it at
+    step 0. The target is kfac's 0.5, which sgd never reaches."""
+    frame = pd.concat([hand_runs([[4.0, 5.0, 6.0]]), hand_runs([[4.0, 1.0, 0.5]], optimizer="kfac")])
+    table = tables.best_hyperparameters(frame).set_index("optimizer")
+    assert table.target_loss.tolist() == [0.5, 0.5]
+    assert table.loc["kfac", "steps_to_target"] == 20 and pd.isna(table.loc["sgd", "steps_to_target"])
+    alone = tables.best_hyperparameters(hand_runs([[4.0, 5.0, 6.0]]))  # nothing improved: no target at all
+    assert "target_loss" not in alone.columns or alone.target_loss.isna().all()
+
+
 def test_a_grid_best_run_is_its_repeat_0_and_its_chaos_repeats_only_span_its_range():
     """A grid's best run is repeat 0; its chaos repeats (theta0 + 1e-14 noise) widen final_loss_min
     and _max only. A repeat that diverges makes the range reach inf, but neither makes the best run

@@ -55,8 +55,11 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     objective, group, hp = _columns(frame)
     measured = frame[frame[objective].notna()]
     best = _best_settings(measured, group, hp, objective)
-    # a setting that diverged on any seed sets no target (its median is one seed from blowing up)
-    reliable = best[np.isfinite(best["final_loss"]) & ~best["diverged"].astype(bool)]
+    # a setting that diverged on any seed sets no target (its median is one seed from blowing up), nor
+    # one that ends no lower than it started (every run would have reached that target at step 0)
+    start = measured[measured["step"] == 0].groupby("task", observed=True)[objective].median()
+    improved = best["final_loss"].to_numpy() < best["task"].map(start).astype(float).to_numpy()
+    reliable = best[np.isfinite(best["final_loss"]) & ~best["diverged"].astype(bool) & improved]
     targets = reliable.groupby("task", observed=True)["final_loss"].max().rename("target_loss")
     best = best.merge(targets, on="task", how="left")
     reach = _reach(measured, best, group, hp, objective)
