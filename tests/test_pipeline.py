@@ -116,10 +116,10 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
         "convex:\n  hyperparameters: {ngd: {fisher: mc, samples: 4}, kfac: {fisher: mc}}\n",
         [r"samples is 4 for ngd, its default for kfac; one natgrad grid gives every optimizer that has samples the "
          r"same value: set it alike for ngd, kfac"], "convex.hyperparameters"),
-    # kfac, left at its default, would run ngd's 4 samples: the check asks every optimizer of the grid
-    "a grid hyperparameter set for one of its takers only": (
+    # ngd's Fisher is exact by default: it would draw no labels, and samples would be dropped
+    "samples for an exact Fisher": (
         "convex:\n  hyperparameters: {ngd: {samples: 4}}\n",
-        [r"samples is 4 for ngd, its default for kfac"], "convex.hyperparameters"),
+        [r"config convex.hyperparameters.ngd: samples: 4 must be 1 with fisher exact"], "convex.hyperparameters"),
     # in one natgrad grid, ngd's momentum would have become sgd's
     "a hyperparameter the optimizer does not have": (
         "convex:\n  hyperparameters: {ngd: {momentum: 0.9}}\n",
@@ -131,6 +131,8 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "a misspelled top-level key": ("optimisers: [sgd]\n",
                                    [SCHEMA + r": config: .*'optimisers' was unexpected\); it takes optimizers, devices"],
                                    "optimisers"),
+    "a reference folder that is none": ("reference: results/referenc\n",
+                                        [r"config reference: 'results/referenc' is not a folder"], "reference"),
     "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
                                     [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],
                                     "dampings"),

@@ -160,6 +160,17 @@ def check_rerun_seeds_are_fresh():
 check_rerun_seeds_are_fresh()
 
 
+def check_reference_folder():
+    """A misspelled `reference` would leave the report's reference section out without a word."""
+    folder = config["reference"]
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"config reference: {folder!r} is not a folder (the committed runs shown beside this one, "
+                         "results/reference by default; empty for none)")
+
+
+check_reference_folder()
+
+
 def check_grid_hyperparameters_agree():
     """One `natgrad grid` gives a hyperparameter one value, to every optimizer of the grid that has
     it (fisher and samples: ngd and kfac), so convex.hyperparameters must give those optimizers the
@@ -255,8 +266,8 @@ def logit_clip_files():
 
 
 def reference_files(pattern):
-    """Committed tables of earlier runs (config `reference`), shown beside this run's."""
-    return sorted(glob.glob(os.path.join(config["reference"], pattern)))
+    """Committed tables of earlier runs (config `reference`; none where it is empty), shown beside this run's."""
+    return sorted(glob.glob(os.path.join(config["reference"], pattern))) if config["reference"] else []
 
 
 # -- per stage ------------------------------------------------------------------------------------
