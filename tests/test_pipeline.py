@@ -131,8 +131,6 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "a misspelled top-level key": ("optimisers: [sgd]\n",
                                    [SCHEMA + r": config: .*'optimisers' was unexpected\); it takes optimizers, devices"],
                                    "optimisers"),
-    "a reference folder that is none": ("reference: results/referenc\n",
-                                        [r"config reference: 'results/referenc' is not a folder"], "reference"),
     "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
                                     [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],
                                     "dampings"),
@@ -154,6 +152,18 @@ def test_bad_config_stops_before_any_job(repo_copy, tmp_path, name):
     assert field in output
     assert "$defs" not in output and len(output.splitlines()) < 30, output  # the field, not the whole schema
     assert not result_files(repo_copy), "a job ran before the config was checked"
+
+
+def test_a_reference_folder_that_is_not_there_is_said_and_an_empty_one_shows_none(repo_copy, tmp_path):
+    """A misspelled `reference` is named on stderr (the report would otherwise lack its reference
+    section without a word); the run goes on, as a copy of the workflow with no committed runs must."""
+    overlay = tmp_path / "reference.yaml"
+    for value, said in (("results/referenc", True), ("''", False), ("results/reference", False)):
+        overlay.write_text(f"reference: {value}\n")
+        done = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(overlay))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert ("config reference: 'results/referenc' is not a folder here" in done.stderr) == said, value
+        assert ("reference_cost" in done.stdout) == (value == "results/reference"), value
 
 
 def test_a_tuned_optimizer_without_dampings_stops_before_any_job(tmp_path):
@@ -263,8 +273,9 @@ def test_the_schema_takes_the_fixed_hyperparameters_the_optimizers_take(optimize
     for name in set(accepted(optimizer)) & set(fixed):
         for value in (-1, 0, 0.5, 1, 2, 1.5, "exact", "mc", True):
             in_schema = Draft202012Validator(fixed[name]).is_valid(value)
+            drawn = {"fisher": "mc"} if name == "samples" else {}  # (samples > 1 only where labels are drawn)
             try:
-                make_hyperparameters(optimizer, {**required, name: value})
+                make_hyperparameters(optimizer, {**required, **drawn, name: value})
                 taken = True
             except ValueError:
                 taken = False

@@ -3,6 +3,7 @@ import collections
 import functools
 import glob
 import os
+import sys
 
 from natgrad_impls.names import Device, Framework, Likelihood, Optimizer
 from natgrad_impls.tasks import TASKS
@@ -161,11 +162,12 @@ check_rerun_seeds_are_fresh()
 
 
 def check_reference_folder():
-    """A misspelled `reference` would leave the report's reference section out without a word."""
+    """A misspelled `reference` would leave the report's reference section out without a word. A
+    warning, not an error: a copy of the workflow run elsewhere may have no committed runs to show."""
     folder = config["reference"]
     if folder and not os.path.isdir(folder):
-        raise ValueError(f"config reference: {folder!r} is not a folder (the committed runs shown beside this one, "
-                         "results/reference by default; empty for none)")
+        print(f"config reference: {folder!r} is not a folder here, so the report shows no reference runs (the "
+              "committed runs shown beside this one, results/reference by default; empty for none)", file=sys.stderr)
 
 
 check_reference_folder()
