@@ -30,6 +30,7 @@ EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 1
 EXIT_NOT_WRITTEN = 1
 
+
 def number(text: str) -> float:
     """A float from the command line or a JSON file, refusing one that float64 rounds to 0 (1e-400):
     a damping or lr that small is a typo, and as 0 it would run another method without a word."""

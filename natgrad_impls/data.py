@@ -7,12 +7,13 @@ it into place, so that a killed or corrupted download never leaves a file that l
 (the temporary files of killed downloads are removed once they are stale, see STALE_PART_AGE_S).
 A cache folder that cannot be made or written is a `DataUnavailable` that says so.
 A URL that serves a file with the wrong sha256, or fewer bytes than it announced, is skipped like
-one that is down (the file is discarded), and so is one slower than LOW_SPEED_BYTES_PER_S over a whole
-LOW_SPEED_WINDOW_S (a server that trickles bytes would otherwise hold a job for hours). When no URL gives the file, `fetch` raises
-`DataUnavailable` (`ChecksumMismatch` if a URL served a wrong file) saying where to put the file by
-hand. Downloads are readable by every user of a shared cache (results.SHARED_FILE_MODE). An unpinned
-file (`sha256=None`, only LIBSVM a1a) needs NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed
-to pin. `generated` keeps offline data sets that are slow to generate in the same folder.
+one that is down (the file is discarded), and so is one slower than LOW_SPEED_BYTES_PER_S over a
+whole LOW_SPEED_WINDOW_S (a server that trickles bytes would otherwise hold a job for hours). When
+no URL gives the file, `fetch` raises `DataUnavailable` (`ChecksumMismatch` if a URL served a
+wrong file) saying where to put the file by hand. Downloads are readable by every user of a shared
+cache (results.SHARED_FILE_MODE). An unpinned file (`sha256=None`, only LIBSVM a1a) needs
+NATGRAD_ALLOW_UNPINNED=1, and then its sha256 is printed to pin. `generated` keeps offline data sets
+that are slow to generate in the same folder.
 
 `NATGRAD_DATA_MIRROR=<base URL>` replaces the pinned URLs by `<base URL>/<filename>` (a local mirror,
 or a `file://` folder; the tests use it so that they can never reach the network).

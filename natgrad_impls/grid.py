@@ -725,8 +725,9 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     extra = dict(hyperparameters or {})
     for name in extra:
         if not any(name in accepted(o) for o in optimizers):
+            theirs = sorted({f for o in optimizers for f in accepted(o)} - {"lr", "damping"})
             raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
-                             f"(theirs: {', '.join(sorted({f for o in optimizers for f in accepted(o)} - {'lr', 'damping'}))})")
+                             f"(theirs: {', '.join(theirs)})")
     for optimizer in optimizers:  # with the grid's own extremes, as `natgrad run` would check each run
         own = {k: v for k, v in extra.items() if k in accepted(optimizer)}
         for lr in lr_ends:

@@ -1559,7 +1559,7 @@ def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(mo
 
 
 def test_grid_speed_times_the_grid_of_its_loop_and_counts_dgemm_flops(monkeypatch, tmp_path):
-    """The grid process grid_speed.py times runs the loop's optimizers alone (`natgrad grid --optimizers sgd,ngd,ef`), and
+    """The grid process grid_speed.py times runs the loop's optimizers alone (`--optimizers sgd,ngd,ef`), and
     the DGEMM rate counts a product of n x n matrices as 2 n^3 flops (stand-in clock: 3 products, 2 s)."""
     from types import SimpleNamespace
 

@@ -324,7 +324,8 @@ def test_a_server_that_trickles_bytes_is_a_failed_url(cache, tmp_path, monkeypat
     monkeypatch.setattr(data, "LOW_SPEED_BYTES_PER_S", 1000)
     steady = b"".join(bytes([i]) * 100 for i in range(12))  # 1200 bytes at 2000 bytes/s: 0.6 s, two windows
     fast_enough = http_server([(0.05, steady[i:i + 100]) for i in range(0, 1200, 100)], announced=1200)
-    assert fetch(Resource("steady", fast_enough, hashlib.sha256(steady).hexdigest(), "steady.bin")).read_bytes() == steady
+    pin = hashlib.sha256(steady).hexdigest()
+    assert fetch(Resource("steady", fast_enough, pin, "steady.bin")).read_bytes() == steady
 
     good, sha = served(tmp_path, b"whole file")
     trickling = http_server([(0.02, b"x")] * 10_000, announced=10_000)  # 50 bytes/s: 200 s to the end

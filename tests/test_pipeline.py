@@ -129,7 +129,7 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "log10 bounds that are no numbers": ("convex:\n  lrs: '1.2.3:10:5'\n",
                                          [SCHEMA, r"'1.2.3:10:5' is not log10 START:STOP:NUM, e.g."], "lrs"),
     "a misspelled top-level key": ("optimisers: [sgd]\n",
-                                   [SCHEMA + r": config: .*'optimisers' was unexpected\); it takes optimizers, devices"],
+                                   [SCHEMA + r": config: .*'optimisers' was unexpected\); it takes optimizers,"],
                                    "optimisers"),
     "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
                                     [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],

@@ -131,8 +131,9 @@ def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
     versions are not this run's (or it records none): a reader knows which rows may have moved."""
     from natgrad_impls import timing
 
-    row = {"framework": "torch", "device": "cpu", "dtype": "float32", "optimizer": "sgd", "setting": "sgd", "width": 128,
-           "batch_size": 128, "num_params": 101770, "step_s": 2e-3, "gradient_s": 1e-3, "gradient_equivalents": 2.0}
+    row = {"framework": "torch", "device": "cpu", "dtype": "float32", "optimizer": "sgd", "setting": "sgd",
+           "width": 128, "batch_size": 128,
+           "num_params": 101770, "step_s": 2e-3, "gradient_s": 1e-3, "gradient_equivalents": 2.0}
     tables_ = {"old.csv": {}, "current.csv": {"versions": timing.package_versions(["torch"])},
                "other.csv": {"versions": "torch 2.11.0"}}
     for name, extra in tables_.items():
