@@ -257,6 +257,28 @@ def test_schema_names_the_bad_field(name):
     assert all(m in str(error.value) for m in message), str(error.value)[:800]  # and what is wrong with it
 
 
+def test_the_schemas_names_are_the_librarys():
+    """The schema lists the optimizers, frameworks, devices, dtypes, tasks and timed settings by name
+    (an enum names the allowed values in its error); each list is the library's, in its order, so
+    that a name added there is taken here and one dropped there is refused before any job."""
+    import yaml
+
+    from natgrad_impls import names, timing
+    from natgrad_impls.runner import is_convex
+    from natgrad_impls.tasks import TASKS
+
+    enums = {k: v.get("enum") for k, v in
+             yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"].items()}
+    assert enums["optimizer"] == [o.value for o in names.Optimizer]
+    assert enums["framework"] == [f.value for f in names.Framework]
+    assert enums["device"] == [d.value for d in names.Device]
+    assert sorted(enums["dtype"]) == sorted(d.value for d in names.DType)
+    toys = ("vecfield", "misspec")  # (the toys' own section, config toys:, takes the figures by name)
+    assert enums["convex_task"] == [t for t, task in TASKS.items() if is_convex(task) and t not in toys]
+    assert enums["network_task"] == [t for t, task in TASKS.items() if not is_convex(task)]
+    assert enums["timing_setting"] == list(timing.SETTINGS)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "ngd", "kfac"])
 def test_the_schema_takes_the_fixed_hyperparameters_the_optimizers_take(optimizer):
     """The schema's `hyperparameters` ranges are hyperparameters.py's: a value at or past each end is
