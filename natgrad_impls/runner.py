@@ -170,8 +170,9 @@ def make_hyperparameters(optimizer: Optimizer | str, values: dict, seed: int = 0
             raise ValueError(f"{name}: not a hyperparameter of {optimizer.value} (one of {', '.join(fields)})")
     for name, field in fields.items():
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        if required and name not in values:
-            raise ValueError(f"{name}: required by {optimizer.value} (its hyperparameters: {', '.join(fields)})")
+        if required and name not in values:  # (the seed is the run's unless given: not listed as one to set)
+            listed = ", ".join(n for n in fields if n != "seed")
+            raise ValueError(f"{name}: required by {optimizer.value} (its hyperparameters: {listed})")
     if "seed" in fields and "seed" not in values:
         values["seed"] = seed
     return cls(**values)

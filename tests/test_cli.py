@@ -113,7 +113,7 @@ BAD = {
     "damping for sgd": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
                          "--damping", "1"], "damping: not a hyperparameter of sgd (one of lr, momentum)"),
     "missing lr": (["run", "--task", "wine", "--optimizer", "ngd", "--framework", "numpy", "--damping", "1"],
-                   "lr: required by ngd"),
+                   "lr: required by ngd (its hyperparameters: lr, damping, fisher, samples)"),  # (the seed: --seed)
     "bad fisher": (["run", "--task", "wine", "--optimizer", "ngd", "--framework", "numpy", "--lr", "1", "--damping", "1",
                     "--fisher", "exakt"], "fisher: 'exakt' is not one of exact, mc"),
     "grid: unknown optimizer": (["grid", "--task", "wine", "--optimizers", "sgd,newton"],
