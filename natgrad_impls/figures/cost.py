@@ -17,9 +17,8 @@ from matplotlib import colors as mcolors
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
-from natgrad_impls import timing
 from natgrad_impls.figures import Drawn, placeholder, style
-from natgrad_impls.timing import SETTINGS
+from natgrad_impls.timing import CONTENDED_RATIO, CONTENDED_TRIES, SETTINGS
 
 VARIANT_LABELS = {"mc": "MC", "exact": "exact", "momentum": "momentum"}
 ROW_HEIGHT = 0.2  # inches per setting in the dot plots, for up to two dots side by side; more widen it
@@ -92,8 +91,8 @@ def _contended_notes(table) -> list[str]:
     busy = table[table["contended"].astype(str).str.lower() == "true"]  # (a bool, or "True" read from a CSV)
     names = [" ".join(str(row[c]) for c in ("task", "framework", "device", "setting") if row[c])
              for _, row in busy.iterrows()]
-    return [f"Timed on a busy machine (the gradient still over {timing.CONTENDED_RATIO:g}x the fastest of its model "
-            f"after {timing.CONTENDED_TRIES} new measurements): {', '.join(dict.fromkeys(names))}."] if names else []
+    return [f"Timed on a busy machine (the gradient still over {CONTENDED_RATIO:g}x the fastest of its model "
+            f"after {CONTENDED_TRIES} new measurements): {', '.join(dict.fromkeys(names))}."] if names else []
 
 
 def _median(table, keys, value="step_s") -> pd.DataFrame:
