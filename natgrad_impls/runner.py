@@ -668,11 +668,12 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
         "task": task.name, "optimizer": spec.optimizer.value, "framework": spec.framework.value,
         "device": spec.device.value, "dtype": spec.dtype.value, "seed": seed,
         **hyperparameter_columns(spec.optimizer, spec.hyperparameters),
-        "batch_size": float(batches.size) if not batches.full else math.nan,
+        "batch_size": math.nan if batches.full else batches.size,
         **record.columns(last + 1, diverged, evaluate, test is not None, task.classes is not None),
         **task_columns(task),
     })
-    frame = frame[ordered_columns(frame.columns)]
+    # a count: "128" in a CSV and empty for full batch, where a float column would write "128.0"
+    frame = frame[ordered_columns(frame.columns)].astype({"batch_size": "Int64"})
     frame.attrs.update(setup_s=setup_s, loop_s=loop_s, step_s=record.step_s, eval_s=record.eval_s)
     return frame
 

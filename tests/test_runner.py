@@ -231,6 +231,15 @@ def test_a_csv_result_has_the_frames_columns_and_no_index(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(path), frame)
 
 
+@pytest.mark.parametrize("task, written", [("digits-mlp", "128"), ("wine", "")])
+def test_a_csv_result_writes_the_batch_size_as_a_count(tmp_path, task, written):
+    """batch_size is a count, empty for full batch; a float column would write "128.0"."""
+    frame = runner.run(task, "sgd", "torch", hyperparameters={"lr": 0.01}, steps=1, progress=False)
+    path = results.write(frame, tmp_path / "run.csv")
+    header, first = path.read_text().splitlines()[:2]
+    assert first.split(",")[header.split(",").index("batch_size")] == written
+
+
 def test_a_folder_is_no_result_file(tmp_path):
     """A folder named like a result file is refused before a run, naming `out` (DESIGN 7: bad input is
     one line naming the field, and nothing is written), not after the whole run, when the rename of
