@@ -179,22 +179,89 @@ MC_SETTINGS = {"ngd": {**SETTINGS["ngd"], "fisher": "mc", "samples": 2},
                "kfac": {**SETTINGS["kfac"], "fisher": "mc", "samples": 2}}
 
 
+class _SharedUniforms:
+    """One table of uniform draws, steps x samples x N x outputs, and each framework's MC labels made
+    from it by the same rule: y = [u < c] (bernoulli), y = mean + Phi^-1(u) (gaussian), the argmax of
+    log p + Gumbel(u) (categorical). The labels still follow the model, so a step that reads the
+    wrong mean (or the wrong step's row) parts the frameworks."""
+
+    def __init__(self, steps, samples, n, outputs, seed=9):
+        from scipy.special import ndtri
+
+        self.u = np.random.default_rng(seed).uniform(1e-12, 1 - 1e-12, size=(steps, samples, n, outputs))
+        self.normal, self.gumbel = ndtri(self.u), -np.log(-np.log(self.u))
+
+    def patch(self, monkeypatch, impl, module):
+        """torch or jax: mc_sampler hands the step to sample_labels, which labels from its row (the
+        tables as float64 arrays of the framework: batch's inputs)."""
+        xp = impl.module.torch if impl.name == "torch" else impl.jnp
+        u, normal, gumbel = (impl.batch(table, table)[0] for table in (self.u, self.normal, self.gumbel))
+
+        def labels(problem, mean, samples, step):
+            if problem.likelihood == "bernoulli":
+                return (u[step] < mean) * xp.ones_like(mean)
+            if problem.likelihood == "gaussian":
+                return mean + normal[step]
+            return xp.argmax(xp.log(mean) + gumbel[step], -1)
+
+        monkeypatch.setattr(module, "mc_sampler", lambda seed, step, *device: step)
+        monkeypatch.setattr(impl.curvature.M, "sample_labels", labels)
+
+    def patch_numpy(self, monkeypatch):
+        """numpy (one output): random_stream(seed, "labels", step) gives the step's row; the reference
+        turns u into a label itself, and draws a gaussian's residual (its sign does not matter)."""
+        from natgrad_impls.numpy import reference
+
+        table = self
+
+        class Row:
+            def __init__(self, step):
+                self.step = step
+
+            def random(self, shape):
+                return table.u[self.step, ..., 0].reshape(shape)
+
+            def standard_normal(self, shape):
+                return table.normal[self.step, ..., 0].reshape(shape)
+
+        monkeypatch.setattr(reference, "random_stream", lambda seed, purpose, step: Row(step))
+
+
+@pytest.mark.parametrize("task", list(CONVEX))
 @pytest.mark.parametrize("optimizer", list(MC_SETTINGS))
-def test_torch_jax_agree_with_the_mc_fisher_on_shared_draws(optimizer, monkeypatch):
-    """Each framework draws its own labels (torch's exponential race, jax's Gumbel argmax), so their
-    MC runs agree only in distribution; given one table of draws, indexed by the step, they agree
-    step by step, the K-FAC default (fisher mc) included."""
+def test_numpy_torch_jax_agree_with_the_mc_fisher_on_shared_draws_on_convex_tasks(optimizer, task, monkeypatch):
+    """The convex tasks' MC Fisher, from one table of uniforms: the numpy reference's weights r^2
+    against torch's and jax's sampled labels."""
     import natgrad_impls.jax.optimizers as jax_optimizers
     import natgrad_impls.torch.optimizers as torch_optimizers
 
-    problem, x, y = small_network()
-    steps = 40
-    draws = np.random.default_rng(9).integers(0, 3, size=(steps, MC_SETTINGS[optimizer]["samples"], len(x)))
+    problem, x, y = CONVEX[task]()
+    steps = 60
+    draws = _SharedUniforms(steps, MC_SETTINGS[optimizer]["samples"], len(x), 1)
+    draws.patch_numpy(monkeypatch)
     for impl, module in ((TorchImpl(), torch_optimizers), (JaxImpl(), jax_optimizers)):
-        table = impl.batch(x, draws)[1]
-        monkeypatch.setattr(module, "mc_sampler", lambda seed, step, *device: step)
-        monkeypatch.setattr(impl.curvature.M, "sample_labels",
-                            lambda problem, mean, samples, step, table=table: table[step])
+        draws.patch(monkeypatch, impl, module)
+    runs = {impl.name: trajectory(impl, optimizer, problem, x, y, steps, MC_SETTINGS)
+            for impl in (NumpyImpl(), TorchImpl(), JaxImpl())}
+    assert runs["numpy"][0][-1] < 0.9 * runs["numpy"][0][0]
+    assert_agree(runs["torch"], runs["numpy"], 1e-10)
+    assert_agree(runs["jax"], runs["numpy"], 1e-10)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "categorical"])
+@pytest.mark.parametrize("optimizer", list(MC_SETTINGS))
+def test_torch_jax_agree_with_the_mc_fisher_on_shared_draws(optimizer, likelihood, monkeypatch):
+    """Each framework draws its own labels (torch's exponential race and uniforms, jax's Gumbel argmax
+    and uniforms), so their MC runs agree only in distribution; labelling from one table of uniforms,
+    they agree step by step on the network's three likelihoods, the K-FAC default (fisher mc) included."""
+    import natgrad_impls.jax.optimizers as jax_optimizers
+    import natgrad_impls.torch.optimizers as torch_optimizers
+
+    problem, x, y = small_network(likelihood=likelihood)
+    steps = 40
+    draws = _SharedUniforms(steps, MC_SETTINGS[optimizer]["samples"], len(x), 3)
+    for impl, module in ((TorchImpl(), torch_optimizers), (JaxImpl(), jax_optimizers)):
+        draws.patch(monkeypatch, impl, module)
     torch_run = trajectory(TorchImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
     jax_run = trajectory(JaxImpl(), optimizer, problem, x, y, steps, MC_SETTINGS)
     assert torch_run[0][-1] < 0.9 * torch_run[0][0]
