@@ -357,7 +357,7 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
             if cos_ax is not None:
                 notes += _cos_panel(cos_ax, cos, task, best[(best["task"] == task) & (best["optimizer"] == "ef")])
                 loss_ax.tick_params(labelbottom=False)
-            (cos_ax or loss_ax).set_xlabel("Iteration")
+            (cos_ax or loss_ax).set_xlabel("step")
             if i % per_row == 0:
                 loss_ax.set_ylabel("Loss")
                 if cos_ax is not None:
@@ -571,7 +571,7 @@ def starting_point(table: pd.DataFrame) -> Drawn:
         for ax, problem in zip(axes[0], problems):
             _starting_panel(ax, runs[runs["problem"] == problem], optimizers)
             ax.set_title(QUADRATIC_TITLE if problem == "quadratic" else problem)
-            ax.set_xlabel("Iteration")
+            ax.set_xlabel("step")
         axes[0, 0].set_ylabel("Loss $-$ min")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
         fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), handlelength=2.6)
