@@ -158,8 +158,16 @@ def _recipe(make) -> str:
     return hashlib.sha256((inspect.getsource(func) + repr(args)).encode()).hexdigest()[:8]
 
 
+A1A_SHAPE = (1605, 123)  # LIBSVM's a1a, examples x features
+
+
 def _a1a(seed):
-    X, y = data.read_libsvm(data.fetch(data.RESOURCES["a1a"]), n_features=123)
+    resource = data.RESOURCES["a1a"]
+    X, y = data.read_libsvm(data.fetch(resource), n_features=A1A_SHAPE[1])
+    if resource.sha256 is None and X.shape != A1A_SHAPE:  # no checksum tells another file from a1a
+        raise data.DataUnavailable(
+            f"a1a: {data.cache_path(resource)} has {len(X)} examples where LIBSVM's a1a has {A1A_SHAPE[0]}: "
+            f"another file; delete it and run again to download a1a")
     return _kunstner(X, (y + 1) / 2)  # labels -1/+1 -> 0/1
 
 
@@ -346,7 +354,8 @@ TASKS: dict[str, Task] = {
     "breastcancer": _kunstner_task(
         "breastcancer", 30, "bernoulli", "scikit-learn load_breast_cancer", 569, _breastcancer, True
     ),
-    "a1a": _kunstner_task("a1a", 123, "bernoulli", f"LIBSVM a1a ({_url('a1a')})", 1605, _a1a, False),
+    "a1a": _kunstner_task("a1a", A1A_SHAPE[1], "bernoulli", f"LIBSVM a1a ({_url('a1a')})", A1A_SHAPE[0], _a1a,
+                          False),
     "energy": _kunstner_task(
         "energy", 8, "gaussian", f"UCI energy efficiency, Y1 ({_url('energy')})", 768, _energy, False
     ),

@@ -331,6 +331,19 @@ def test_download_tasks_fail_offline_with_a_clear_error(name, offline):
     assert any(str(offline / r.filename) in message for r in data.RESOURCES.values()), message
 
 
+def test_an_unpinned_a1a_must_have_a1as_examples(offline):
+    """a1a has no pinned sha256 yet, so its shape is all that tells another file from it."""
+    path = data.cache_path(data.RESOURCES["a1a"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for rows in (3, 1605):
+        path.write_bytes(b"".join(b"%+d 3:1 119:1\n" % (1 - 2 * (i % 2)) for i in range(rows)))
+        if rows == 3:
+            with pytest.raises(DataUnavailable, match=r"^a1a: .*/a1a has 3 examples where LIBSVM's a1a has 1605"):
+                TASKS["a1a"].load()
+        else:
+            assert TASKS["a1a"].load().train.X.shape == (1605, 124)  # with the ones column
+
+
 def test_a1a_is_refused_while_unpinned(offline, monkeypatch):
     monkeypatch.delenv("NATGRAD_ALLOW_UNPINNED")
     with pytest.raises(DataUnavailable, match="libsvm/a1a.*NATGRAD_ALLOW_UNPINNED"):
