@@ -60,13 +60,15 @@ def _run(tmp_path, task, framework, optimizer, lr, damping, steps=STEPS, logit_c
     return results.read(out)
 
 
-def _sensitivity(task, optimizer, lr, damping, steps=STEPS, repeats=3, logit_clip=None) -> float:
+def _sensitivity(task, optimizer, lr, damping, steps=STEPS, repeats=3, logit_clip=None, fisher=None) -> float:
     """How far runs from theta0 + 1e-14 noise move the recorded losses (max relative change over
     the steps; inf when they stop at another step): a property of the dynamics, measured with the
     numpy grid. Above 1e-8 the run is chaotic (DESIGN 4)."""
     t = runner.resolve_task(task, logit_clip=logit_clip)
     x, y = t.load().train
     hp = {"lr": 1.0, **({} if math.isnan(damping) else {"damping": 1.0})}
+    if fisher is not None and optimizer in ("ngd", "kfac"):
+        hp["fisher"] = fisher
     h = runner.make_hyperparameters(optimizer, hp)
     theta0 = np.vstack([np.zeros(x.shape[1]),
                         1e-14 * np.random.default_rng(1).standard_normal((repeats, x.shape[1]))])
@@ -135,6 +137,27 @@ def test_grid_equals_a_loop_of_runs(tmp_path, task, logit_clip, framework):
     assert strict >= {"numpy": 30, "torch": 8, "jax": 3}[framework], (strict, sensitive, chaotic)
     if task == "wine" or logit_clip == "none":
         assert diverged > 0  # the comparison covers masked runs too (clipping keeps breastcancer's bounded)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("task,logit_clip", [("wine", None), ("breastcancer", None), ("breastcancer", "none")])
+def test_torch_and_jax_grids_equal_the_numpy_grid_at_every_point(tmp_path, task, logit_clip, framework):
+    """The loop comparison above samples torch's and jax's points (a run each is slow); grid against
+    grid covers every point of every optimizer, at the tolerances of the loop comparison. The Fisher
+    is exact: each framework draws its own MC labels (K-FAC's default)."""
+    keys = ["optimizer", "lr", "damping", "step"]
+    numpy, mine = (_grid(tmp_path, task, f, logit_clip=logit_clip, options=("--fisher", "exact"))
+                   .set_index(keys).sort_index() for f in ("numpy", framework))
+    assert mine.index.equals(numpy.index) and (mine["diverged"] == numpy["diverged"]).all()
+    compared = 0
+    for (optimizer, lr, damping), runs in numpy.groupby(keys[:3], observed=True, dropna=False):
+        spread = _sensitivity(task, optimizer, lr, damping, logit_clip=logit_clip, fisher="exact")
+        if spread > 1e-8:
+            continue  # chaotic: no two implementations agree
+        np.testing.assert_allclose(mine.loc[runs.index, "loss"], runs["loss"], rtol=max(1e-10, 100 * spread),
+                                   err_msg=f"{optimizer} {lr} {damping}")
+        compared += 1
+    assert compared >= 40, compared  # of 5 optimizers' 12 (sgd, adam: 4) points
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
