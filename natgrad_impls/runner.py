@@ -20,7 +20,9 @@ parameters theta_k after k updates:
   on the step's batch (F includes the problem's l2 term, EF never does), with the run's damping;
   with it, cos_ngd_grad: cosine between (F + damping I)^-1 g and g. Near 1 (typically because the
   damping outweighs the Fisher along g) the NGD step is a gradient step, and so is the EF's where
-  cos_ef_ngd is near 1 too.
+  cos_ef_ngd is near 1 too. Each step's parameters and batch are held, and their cosines computed
+  at the next evaluation (at most COSINES_HELD steps later): an exact-Fisher solve between two
+  steps slowed the next step 2x (mnist1d-mlp ef, torch and jax), which time_s would have counted.
 - diverged: the run stopped because its loss exceeded 100 x the first loss, or was NaN/inf (as
   after a step whose solve failed: a Cholesky that fails, or damping 0 with fewer columns than
   parameters, gives NaN parameters in every framework; NaturalGradient says what damping 0 does
@@ -626,7 +628,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     if cos_ef_ngd:
         io.prepare_cosine(params, batches.first(), cos_damping)
     record = _Record(steps + 1, cos_ef_ngd)
-    diverged, last, initial, pending = False, steps, math.nan, []
+    diverged, last, initial, pending, held = False, steps, math.nan, [], []
     bar = progress_bar(steps, f"{task.name} {spec.optimizer.value} {spec.framework.value}", progress)
     setup_s = time.perf_counter() - setup_start
 
@@ -634,12 +636,13 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     for k in range(steps + 1):
         batch = batches.next()
         evaluating = evaluate and (k % eval_every == 0 or k == steps)
-        if evaluating or cos_ef_ngd:
+        if cos_ef_ngd:
+            held.append((k, params, batch))  # (the steps return new parameters: nothing is copied)
+        if evaluating or len(held) >= COSINES_HELD:
             eval_start = time.perf_counter()
             if evaluating:
                 record.evaluation(k, io, params, batches.data, test, task.classes)
-            if cos_ef_ngd:
-                record.cosines[k] = io.cosine(params, batch, cos_damping)  # cos_ef_ngd, cos_ngd_grad
+            record.cosine(io, held, cos_damping)
             record.eval_s += time.perf_counter() - eval_start
         start = time.perf_counter()
         new_params, new_state, info = opt.step(params, state, batch)
@@ -659,6 +662,10 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
         record.step_s += took
         params, state = new_params, new_state
         bar.update(1)
+    if held:
+        eval_start = time.perf_counter()
+        record.cosine(io, [h for h in held if h[0] <= last], cos_damping)
+        record.eval_s += time.perf_counter() - eval_start
     loop_s = time.perf_counter() - loop_start
     bar.close()
 
@@ -701,6 +708,7 @@ def _check_cos_damping(spec: Spec, cos_damping):
 
 
 COSINES = ("cos_ef_ngd", "cos_ngd_grad")  # what io.cosine returns, in its order
+COSINES_HELD = 64  # steps whose cosines wait for an evaluation at most (each holds its parameters)
 
 
 class _Record:
@@ -720,6 +728,12 @@ class _Record:
         e["train_loss"][k], e["train_accuracy"][k] = io.evaluate(params, *train, classes)
         if test is not None:
             e["test_loss"][k], e["test_accuracy"][k] = io.evaluate(params, *test, classes)
+
+    def cosine(self, io, held: list, damping) -> None:
+        """The cosines of the held (step, parameters, batch), which it empties."""
+        for k, params, batch in held:
+            self.cosines[k] = io.cosine(params, batch, damping)  # cos_ef_ngd, cos_ngd_grad
+        held.clear()
 
     def columns(self, n: int, diverged: bool, evaluate: bool, has_test: bool, has_classes: bool) -> dict:
         """The first n rows: the evaluations where the run made them (accuracy where the task has

@@ -746,6 +746,20 @@ def test_cos_ef_ngd_is_on_the_steps_batch_with_cos_damping(framework):
             assert frame[column].iloc[k] == pytest.approx(value, rel=1e-8, abs=0), (column, k)
 
 
+@pytest.mark.parametrize("task, framework", [("wine", "numpy"), ("wine", "torch"), ("wine", "jax"),
+                                             ("digits-mlp", "torch"), ("digits-mlp", "jax")])
+def test_held_cosines_are_those_of_their_own_steps(task, framework, monkeypatch):
+    """The cosines wait for an evaluation, or for COSINES_HELD steps (wine has no evaluations), with
+    each step's parameters and batch: as moving runs (lr > 0), they equal cosines computed at once."""
+    kwargs = dict(hyperparameters={"lr": 1e-3 if task == "wine" else 0.1, "damping": 1.0}, steps=150,
+                  eval_every=50, dtype="float64", cos_ef_ngd=True, cos_damping=1e-2, progress=False)
+    held = runner.run(task, "ef", framework, **kwargs)
+    monkeypatch.setattr(runner, "COSINES_HELD", 1)
+    at_once = runner.run(task, "ef", framework, **kwargs)
+    assert held["loss"].iloc[-1] < 0.9 * held["loss"].iloc[0] and held["cos_ef_ngd"].nunique() > 100
+    pd.testing.assert_frame_equal(held[list(runner.COSINES)], at_once[list(runner.COSINES)], rtol=1e-12)
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_network_cosines_match_the_dense_reference(framework):
     """On an MLP the cosines come from the Woodbury solves and each layer's flattened gradient: both
