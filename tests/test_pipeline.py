@@ -183,13 +183,13 @@ def test_a_tuned_optimizer_without_dampings_stops_before_any_job(tmp_path):
 
 def test_a_download_that_fails_once_is_retried(tmp_path):
     """The data rule's `retries`: a mirror that answers 503 to the first request (a network hiccup)
-    costs one retry, not the run. a1a is the one unpinned file, so a small file the test writes may
-    stand in for it (NATGRAD_ALLOW_UNPINNED=1)."""
+    costs one retry, not the run. a1a is the one unpinned file, so a file the test writes with a1a's
+    1605 examples may stand in for it (NATGRAD_ALLOW_UNPINNED=1)."""
     import http.server
 
     served = tmp_path / "mirror"
     (served / "libsvm").mkdir(parents=True)
-    (served / "libsvm" / "a1a").write_text("".join(f"{(-1) ** i:+d} 3:1 {5 + i}:1 123:1\n" for i in range(12)))
+    (served / "libsvm" / "a1a").write_text("".join(f"{(-1) ** i:+d} 3:1 {5 + i % 100}:1 123:1\n" for i in range(1605)))
     requests = []
 
     class FailsFirst(http.server.SimpleHTTPRequestHandler):
@@ -220,7 +220,7 @@ def test_a_download_that_fails_once_is_retried(tmp_path):
     assert requests == ["/libsvm/a1a", "/libsvm/a1a"]  # refused, then served
     assert "HTTP Error 503" in done.stderr and "Trying to restart job" in done.stderr  # the first attempt's failure
     loaded = pd.read_csv(root / "results/data/a1a.csv")
-    assert loaded["examples"].sum() == 12
+    assert loaded["examples"].sum() == 1605
 
 
 SCHEMA_FIELDS = {  # overlay, the field the schema's error must point at (as jsonschema writes its path)
