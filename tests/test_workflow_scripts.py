@@ -440,9 +440,9 @@ def report(job):  # where the report shows a job's output: its category (section
     return {"category": flagged[0].category, "labels": flagged[0].labels} if flagged else None
 
 
-def build(root, configfile):
+def build(root, configfile, cores):
     with SnakemakeApi() as api:
-        workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=cores),
                                 config_settings=ConfigSettings(configfiles=[root / configfile]),
                                 snakefile=root / "Snakefile", workdir=root)
         workflow.dag(DAGSettings())
@@ -454,22 +454,23 @@ def build(root, configfile):
                  "input": [str(f) for f in job.input],
                  "named_input": {name: [str(f) for f in ([v] if isinstance(v, str) else v)]
                                  for name, v in job.input.items()},
-                 "report": report(job), "wildcards": dict(job.wildcards_dict),
+                 "report": report(job), "wildcards": dict(job.wildcards_dict), "threads": job.threads,
                  "params": {name: plain(value) for name, value in job.params.items()},
                  "shell": job.shellcmd if job.is_shell else None,
                  "script": job.rule.script and job.rule.basedir.join(job.rule.script).get_path_or_uri(True)}
                 for job in dag_workflow.dag.jobs]
 
 
-root, out = Path(sys.argv[1]), {}
+root, cores, out = Path(sys.argv[1]), int(sys.argv[2]), {}
 with contextlib.redirect_stdout(io.StringIO()):
-    for configfile in sys.argv[2:]:  # one process: each workflow after the first takes a fraction of a second
-        out[configfile] = build(root, configfile)
+    for configfile in sys.argv[3:]:  # one process: each workflow after the first takes a fraction of a second
+        out[configfile] = build(root, configfile, cores)
 print(json.dumps(out))
 """
 
 # smoke: what the tests run; gpu: devices listed (cpu and cuda: no GPU needed to build its DAG), several
 # dampings, and several frameworks and devices per folder
+DAG_CORES = 4  # the DAGs' --cores: a job that takes every core has 4 threads
 DAG_CONFIGS = ("smoke.yaml", "gpu.yaml")  # ids not "gpu": conftest skips the `gpu` keyword without one
 # overlays of the tests' own (written into the copy's config/), each leaving out or splitting up what
 # the shipped ones have together: which figures, tables and jobs a configuration asks for
@@ -511,8 +512,8 @@ def dags(tmp_path_factory):
     for name, text in OVERLAYS.items():
         (root / "config" / name).write_text(text)
     names = [*DAG_CONFIGS, *OVERLAYS]
-    done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root), *[f"config/{n}" for n in names]], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", DAG_PARAMS, str(root), str(DAG_CORES),
+                           *[f"config/{n}" for n in names]], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"config/{names}: " + done.stdout[-3000:] + done.stderr[-3000:]
     built = json.loads(done.stdout.strip().splitlines()[-1])
     return {name: built[f"config/{name}"] for name in names}
@@ -547,6 +548,17 @@ def test_tune_jobs_get_the_tuning_seeds_and_train_jobs_the_rerun_seeds(dags):
     for job in train:
         assert job["params"]["seeds"] == networks["seeds"], f"{job['output'][0]}: {job['params']['seeds']}"
     assert {j["wildcards"]["optimizer"] for j in tune} == {j["wildcards"]["optimizer"] for j in train}
+
+
+@pytest.mark.parametrize("name", DAG_CONFIGS)
+def test_jobs_that_time_steps_take_every_core_and_the_others_one(dags, name):
+    """cost, scaling and train jobs time the steps of the report's cost figures, time axes and time
+    to target: nothing may run beside them. grid and tune jobs share the machine, a core each."""
+    alone, shared = ("cost", "scaling", "train"), ("grid", "tune")
+    for job in jobs_of(dags[name], *alone, *shared):
+        cores = DAG_CORES if job["rule"] in alone else 1
+        assert job["threads"] == cores, f"{job['rule']} {job['wildcards']}: {job['threads']} threads"
+    assert {job["rule"] for job in dags[name]} >= {*alone, *shared}
 
 
 @pytest.mark.parametrize("name", DAG_CONFIGS)

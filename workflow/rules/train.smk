@@ -2,7 +2,9 @@
 # median final full-train loss over them (`tune`), then that setting rerun on `seeds` (`train`).
 # One job runs all the settings (all the seeds) of one task, optimizer, framework and device in
 # one process: a job's fixed cost (interpreter, torch or jax, the data, compilation: about 5 s) is
-# several times that of a 400-step run.
+# several times that of a 400-step run. Tune jobs share the machine, a core each: only their losses
+# are used. Train jobs take every core, as the timing jobs do: their step times are the networks
+# figures' time axes and the summary's time to target, which a job beside them slowed up to 2x.
 
 
 rule tune:
@@ -43,7 +45,7 @@ rule train:
         protocol=config["networks"],
         cos_ef_ngd=lambda w: w.optimizer in config["networks"].get("cos_ef_ngd", []),
         checkpoints=checkpoints_beside,
-    threads: 1
+    threads: workflow.cores
     resources:
         gpu=gpu_resources,
     script:
