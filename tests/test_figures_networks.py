@@ -966,6 +966,7 @@ def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():
                           "gradient_equivalents": g} for f in ("torch", "jax") for s, g in per_step.items()])
     summary = tables.summary(best, cost).set_index(["task", "framework", "optimizer"])
     assert summary.loc[("digits-mlp", "jax", "ngd"), "fisher"] == "exact"  # which NGD the row is
+    assert summary.loc[("digits-mlp", "torch", "sgd"), "momentum"] == 0.9  # which SGD
     table = summary["gradient_equivalents"]
     assert table[("digits-mlp", "torch", "sgd")] == 1.5 and table[("digits-mlp", "jax", "sgd")] == 1.1
     assert table[("digits-mlp", "torch", "ngd")] == 6.5 and table[("digits-mlp", "jax", "ngd")] == 60.0

@@ -344,8 +344,8 @@ def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 # -- at a glance ----------------------------------------------------------------------------------------
 
-SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "fisher", "samples", "rank", "final_loss",
-           "loss_over_best", "final_loss_min", "final_loss_max", "steps_to_target", "time_to_target_s",
+SUMMARY = ["task", "framework", "device", "dtype", "optimizer", "momentum", "fisher", "samples", "rank",
+           "final_loss", "loss_over_best", "final_loss_min", "final_loss_max", "steps_to_target", "time_to_target_s",
            "final_test_accuracy", "gradient_equivalents", "diverged", "chaotic"]
 TIE_DIGITS = 9  # final losses equal to 1e-9 relative share a rank: float64 frameworks agree to ~1e-12
 
@@ -358,8 +358,8 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     (`final_loss_min`, `_max`: over the seeds of a network, the chaos repeats of a convex grid's best
     run), which says whether a rank is resolved; where `cost` (`timing.cost_table` rows)
     timed that task, framework and device, one step's cost in gradient-equivalents of the setting the
-    optimizer ran with (`cost_setting`). The Fisher of NGD and K-FAC (exact, or MC with its samples),
-    steps and time to target, test accuracy, diverged and chaotic as in `best`."""
+    optimizer ran with (`cost_setting`). SGD's momentum, the Fisher of NGD and K-FAC (exact, or MC
+    with its samples), steps and time to target, test accuracy, diverged and chaotic as in `best`."""
     frame = best.copy()
     place = [c for c in ("task", "framework", "device", "dtype") if c in frame.columns]
     groups = [frame[c] for c in place]
