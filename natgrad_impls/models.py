@@ -122,6 +122,17 @@ class Model:
     def has_conv(self) -> bool:
         return any(isinstance(layer, Conv2d) for layer in self.layers)
 
+    def describe(self) -> str:
+        """For captions: 'MLP 64-128-10 (tanh), 9610 parameters', or for a model with convolutions
+        'CNN, 895210 parameters'."""
+        size = f"{self.num_params()} parameters"
+        if self.has_conv:
+            return f"CNN, {size}"
+        dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+        widths = "-".join(str(n) for n in [dense[0].in_features] + [layer.out_features for layer in dense])
+        kinds = ", ".join(sorted({layer.kind.value for layer in self.layers if isinstance(layer, Act)}))
+        return f"MLP {widths}{f' ({kinds})' if kinds else ''}, {size}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:

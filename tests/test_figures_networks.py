@@ -228,6 +228,19 @@ def test_training_notes_diverged_seeds():
     assert "digits-mlp, SGD, PyTorch CPU: 1 of 2 seeds diverged (drawn up to their divergence)." in drawn.notes
 
 
+def test_notes_say_what_each_tasks_runs_were():
+    """Model, batch size, steps, dtype and seeds per task, and SGD's momentum: what the config set
+    and the caption cannot know."""
+    frame = runs(tasks=("digits-mlp", "mnist1d-mlp"), optimizers=("sgd", "ngd"), seeds=(0, 1, 2), steps=60)
+    frame.loc[frame["optimizer"] == "sgd", "momentum"] = 0.9
+    frame.loc[frame["task"] == "mnist1d-mlp", "batch_size"] = np.nan
+    notes = networks.training(frame).notes
+    assert "digits-mlp: MLP 64-128-10 (tanh), 9610 parameters; batch 128, 60 steps, float32, 3 seeds." in notes
+    assert "mnist1d-mlp: MLP 40-100-100-10 (relu), 15210 parameters; full batch, 60 steps, float32, 3 seeds." in notes
+    assert "SGD: momentum 0.9." in notes
+    assert not any(n.startswith("SGD") for n in networks.cosine(frame[frame["optimizer"] != "sgd"]).notes)
+
+
 def test_cosine_draws_the_measured_rows_only():
     frame = runs(optimizers=("sgd", "ef"))
     drawn = networks.cosine(frame)

@@ -116,6 +116,13 @@ def test_nll_matches_torch_losses():
     torch.testing.assert_close(M.nll(categorical, f, classes), F.cross_entropy(f, classes, reduction="none"))
 
 
+def test_a_model_describes_itself_for_captions():
+    assert models.mlp((64, 128, 10), "tanh").describe() == "MLP 64-128-10 (tanh), 9610 parameters"
+    assert models.linear(5, 1, bias=True).describe() == "MLP 5-1, 6 parameters"
+    cnn = models.cnn((1, 8, 8), (2,), (10,))
+    assert cnn.describe() == f"CNN, {cnn.num_params()} parameters"
+
+
 def test_mlp_is_affine_activation_affine_with_logits_out():
     """mlp((3, 4, 2), "tanh") is f(x) = W2 tanh(W1 x + b1) + b2, written out in NumPy: the activation
     between layers only, so that the outputs are logits for the likelihood to link. The torch.nn

@@ -152,14 +152,41 @@ def _prepare(frame: pd.DataFrame, value: str) -> tuple[pd.DataFrame, list[str]]:
     if value not in frame.columns:
         return frame.iloc[:0], []
     frame, notes = _one_setting(frame.astype({name: str for name in KEYS}))  # chosen on every row, as the table does
-    frame = frame[np.isfinite(frame[value].astype(float))].copy()
-    return frame, notes + _fisher_notes(frame) + _setting_differences(frame) + _diverged_notes(frame)
+    measured = frame[np.isfinite(frame[value].astype(float))].copy()
+    # the runs drawn, every row of them: their last step is the run's length wherever `value` was measured
+    setup = _setup_notes(frame[frame.set_index(KEYS[:2]).index.isin(measured.set_index(KEYS[:2]).index)])
+    notes += _fisher_notes(measured) + _setting_differences(measured) + _diverged_notes(measured)
+    return measured, setup + notes
 
 
 def _label(frame) -> pd.Series:
     return (frame["task"] + ", " + frame["optimizer"].map(lambda o: style.LABELS.get(o, o)) + ", "
             + frame["framework"].map(lambda f: style.FRAMEWORK_LABELS.get(f, f)) + " "
             + frame["device"].map(lambda d: style.DEVICE_LABELS.get(d, d)))
+
+
+def _setup_notes(frame) -> list[str]:
+    """'<task>: MLP 64-128-10 (tanh), 9610 parameters; batch 128, 400 steps, float32, 3 seeds.' per
+    task, and 'SGD: momentum 0.9.': what the runs were, which the captions cannot know (the config
+    sets it)."""
+    from natgrad_impls.tasks import TASKS
+
+    notes = []
+    for task, rows in frame.groupby("task", observed=True):
+        parts = [TASKS[task].problem.model.describe() + ";"] if task in TASKS else []
+        if "batch_size" in rows:
+            sizes = sorted({int(b) for b in rows["batch_size"].dropna()})
+            parts.append("batch " + "/".join(map(str, sizes)) + "," if sizes else "full batch,")
+        parts.append(f"{int(rows['step'].max())} steps,")
+        if "dtype" in rows:
+            parts.append(", ".join(sorted(set(rows["dtype"].astype(str)))) + ",")
+        parts.append(f"{rows['seed'].nunique()} seeds.")
+        notes.append(f"{task}: {' '.join(parts)}")
+    if "momentum" in frame:  # the legend's SGD is heavy-ball SGD on the networks, plain GD on the convex tasks
+        momenta = sorted({float(m) for m in frame.loc[frame["optimizer"] == "sgd", "momentum"].dropna()})
+        if momenta:
+            notes.append(f"SGD: momentum {' / '.join(f'{m:g}' for m in momenta)}.")
+    return notes
 
 
 def _diverged_notes(frame) -> list[str]:
