@@ -488,6 +488,20 @@ def test_optimisation_leaves_out_what_is_missing(small_grid, cos_frame):
     assert drawn.notes == ["a1a: not in the grid frame, left out."]
 
 
+def test_optimisation_legend_handles_show_a_whole_dash_pattern(small_grid, cos_frame):
+    """A handle shorter than its line's dash and gap draws one dash: K-FAC's long dash read as
+    NGD's solid line. Every handle spans its pattern once at least, in both figure widths."""
+    for tasks in (["wine"], ["wine", "breastcancer", "a1a"]):
+        legend = paper.optimisation(small_grid, cos_frame, tasks=tasks).figure.legends[0]
+        span = legend.handlelength * legend.prop.get_size_in_points()
+        optimizers = {label: o for o, label in style.LABELS.items()}
+        for handle in legend.legend_handles:
+            if handle.get_label() in optimizers:
+                pattern = style.LINESTYLES[optimizers[handle.get_label()]]
+                dashes = pattern[1] if isinstance(pattern, tuple) else ()  # "-": solid
+                assert sum(dashes) * handle.get_linewidth() < span, (handle.get_label(), tasks)
+
+
 def test_optimisation_legend_cosine_and_settings_follow_the_frames():
     """Hand-made frames: the best runs of sgd (lr 0.5), ef (lr 0.1, damping 1e-4) and ngd (lr 1,
     damping 1e-6) on wine, an ef run that is not best, and cosines along ef on wine and breastcancer
@@ -524,7 +538,8 @@ def test_optimisation_legend_cosine_and_settings_follow_the_frames():
     drawn = paper.optimisation(grid_frame, cos, tasks=["wine"])
     (gauge,) = _with_gid(drawn.figure.axes[1], "gauge")
     np.testing.assert_array_equal(gauge.get_xydata(), [[0, -0.5], [1, 0.25], [2, 0.375], [3, 0.125]])
-    assert drawn.figure.legends[0].legend_handles[-1].get_label() == style.GAUGE_LABEL
+    gauge_handle = drawn.figure.legends[0].legend_handles[-1]
+    assert gauge_handle.get_label() == style.GAUGE_LABEL and _same_color(gauge_handle.get_color(), style.COLORS["ef"])
     # a note gives its largest size, the other rows' 0.75 not counted: near 0 it lies on the zero line
     assert [note for note in drawn.notes if style.GAUGE_LABEL in note] == [
         f"{style.GAUGE_LABEL} on wine: within 0.5 of 0 throughout."]

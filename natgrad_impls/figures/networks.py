@@ -357,7 +357,7 @@ def _legend(fig, optimizers, markers=False, gauge=False) -> None:
 
     handles = [Line2D([], [], **style.line_kwargs(o), **(EVALUATION_MARKER if markers else {})) for o in optimizers]
     if gauge and handles:
-        handles.append(style.gauge_handle())
+        handles.append(style.gauge_handle(fig))
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=3)
 

@@ -364,12 +364,12 @@ def optimisation(grid: pd.DataFrame, cos: pd.DataFrame | None = None, tasks=None
                     cos_ax.set_ylabel("cos(EF, NGD)")
         handles = [Line2D([], [], **style.line_kwargs(o)) for o in optimizers]
         if handles and style.gauge_drawn(fig):
-            handles.append(style.gauge_handle())
+            handles.append(style.gauge_handle(fig))
         if handles:  # at column width: short handles, tight spacing, two rows for more than five entries
             narrow = fig.get_figwidth() <= style.COLUMN_WIDTH
             ncol = math.ceil(len(handles) / 2) if narrow and len(handles) > 5 else len(handles)
             fig.legend(handles=handles, loc="outside upper center", ncol=ncol,
-                       handlelength=2.0 if narrow else 2.6, columnspacing=0.7 if narrow else 1.2,
+                       handlelength=3.0 if narrow else 3.4, columnspacing=0.7 if narrow else 1.2,
                        handletextpad=0.4 if narrow else 0.8)
     return Drawn(fig, notes)
 

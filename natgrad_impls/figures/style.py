@@ -11,6 +11,7 @@ import contextlib
 
 import matplotlib as mpl
 import seaborn as sns
+from matplotlib import colors as mcolors
 from matplotlib import patheffects
 from matplotlib.lines import Line2D
 
@@ -78,9 +79,12 @@ def gauge_drawn(fig) -> bool:
     return any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines())
 
 
-def gauge_handle() -> Line2D:
-    """The gauge's legend entry, in a neutral grey: each line has its run's colour."""
-    return Line2D([], [], color="0.35", label=GAUGE_LABEL, **_GAUGE)
+def gauge_handle(fig) -> Line2D:
+    """The gauge's legend entry: in the gauges' colour where `fig` draws them in one (along one
+    optimizer's runs), else in a neutral grey, each line having its run's colour."""
+    colors = {mcolors.to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()
+              if line.get_gid() == "gauge"}
+    return Line2D([], [], color=colors.pop() if len(colors) == 1 else "0.35", label=GAUGE_LABEL, **_GAUGE)
 
 
 def present(optimizers, wanted=OPTIMIZERS) -> tuple[list[str], list[str]]:
