@@ -393,8 +393,10 @@ def _loss_panel(ax, best: pd.DataFrame, task: str, optimizers) -> list[str]:
             ax.fill_between(band.index, band["min"], band["max"], color=kwargs["color"], alpha=BAND_ALPHA,
                             linewidth=0, gid="band")
             count = rows.loc[rows["repeat"] >= 1, "repeat"].nunique()
+            last = band.iloc[-1]  # a narrow band hides under its line on a log axis: its width in numbers
             notes.append(f"{style.LABELS[optimizer]} on {task}: the best run is chaotic; the band spans it and "
-                         f"its {count} repeats from theta0 + 1e-14 noise.")
+                         f"its {count} repeats from theta0 + 1e-14 noise (at step {band.index[-1]}: "
+                         f"{last['min']:.4g} to {last['max']:.4g}).")
         if "diverged" in run and run["diverged"].astype(bool).any():
             notes.append(f"{style.LABELS[optimizer]} on {task}: every run diverged; the best stops early.")
     if settings:
