@@ -749,6 +749,11 @@ def test_best_hyperparameters_of_tuned_runs_and_target_rule(tmp_path):
     assert (table.lr == 0.1).all() and (table.seeds == 2).all() and (table.objective == "train_loss").all()
     final = frame[(frame.lr == 0.1) & (frame.step == 100) & (frame.optimizer == "sgd")].train_loss.median()
     assert table.final_loss.iloc[0] == pytest.approx(final)
+    last = frame[(frame.lr == 0.1) & (frame.step == 100) & (frame.optimizer == "sgd")]
+    last = last.assign(test_accuracy=last.test_accuracy - 0.01 * last.seed)  # (the table's are the same)
+    accuracy = tables.best_hyperparameters(pd.concat([frame[frame.step < 100], last]))
+    assert accuracy[["final_test_accuracy_min", "final_test_accuracy", "final_test_accuracy_max"]].iloc[0].tolist() \
+        == pytest.approx([last.test_accuracy.min(), last.test_accuracy.median(), last.test_accuracy.max()])
     # target: the worst of the best final losses (sgd, the slower), reached by everyone
     assert (table.target_loss == table.final_loss.max()).all()
     assert table.time_to_target_s.notna().all()
