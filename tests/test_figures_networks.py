@@ -734,11 +734,14 @@ def test_grid_edges_name_a_best_setting_on_the_edge_of_its_grid():
     middle = tuning.lr == 0.1
     tuning.loc[middle & (tuning.optimizer == "ngd"), "train_loss"] /= 100  # ngd: the middle one
     tuning = pd.concat([tuning, tuning[tuning.optimizer == "ngd"].assign(damping=1e-1, train_loss=lambda f: f.train_loss * 2)])
-    edges = tables.grid_edges(tuning).set_index(["optimizer", "framework"])["edge"]
+    table = tables.grid_edges(tuning).set_index(["optimizer", "framework"])
+    edges = table["edge"]
     assert set(edges.xs("sgd")) == {"lr largest"}
     assert set(edges.xs("ngd")) == {"damping smallest"}  # lr inside; damping 1e-3 of {1e-3, 1e-1}
+    # the tuning budgets: sgd 3 lrs; ngd 3 lrs at damping 1e-3 and 3 at 1e-1
+    assert set(table["settings_tried"].xs("sgd")) == {3} and set(table["settings_tried"].xs("ngd")) == {6}
     one = tables.grid_edges(runs(optimizers=("sgd",)))  # one value tried: no edge to speak of
-    assert (one["edge"] == "").all()
+    assert (one["edge"] == "").all() and (one["settings_tried"] == 1).all()
 
 
 def test_best_hyperparameters_of_tuned_runs_and_target_rule(tmp_path):

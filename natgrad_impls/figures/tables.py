@@ -36,7 +36,7 @@ GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 # what tells one setting from another: the optimizer's hyperparameters and the mini-batch size
 SETTING_COLUMNS = (*HYPERPARAMETER_ORDER, "batch_size")
 # counts, written as integers (a column with gaps would otherwise be float: "10.0" for a period)
-COUNTS = ("samples", "kfac_update_period", "batch_size", "seeds", "steps", "steps_to_target")
+COUNTS = ("samples", "kfac_update_period", "batch_size", "seeds", "steps", "steps_to_target", "settings_tried")
 
 
 def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
@@ -111,7 +111,8 @@ EDGE_HYPERPARAMETERS = ("lr", "damping")
 def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per group of `best_hyperparameters`, where its best setting lies on the edge of the tuning
     grid: `edge` names each of lr and damping at the smallest or largest value tried ("lr largest";
-    empty inside). A best on the edge says the grid may stop short of a better setting. `best`:
+    empty inside). A best on the edge says the grid may stop short of a better setting. And
+    `settings_tried`, the grid's size: a tuning budget, which differs between optimizers. `best`:
     `best_hyperparameters(tuning)` where the caller has it already."""
     frame = _runs(tuning)
     group = [c for c in GROUP if c in frame.columns]
@@ -124,8 +125,9 @@ def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.Dat
             values = np.unique(tried[name].dropna()) if name in tried.columns and name in chosen.index else []
             if len(values) > 1 and chosen[name] in (values[0], values[-1]):
                 edges.append(f"{name} {'smallest' if chosen[name] == values[0] else 'largest'}")
-        rows.append((*chosen[group], ", ".join(edges)))
-    return pd.DataFrame(rows, columns=group + ["edge"])
+        hp = [c for c in SETTING_COLUMNS if c in tried.columns]
+        rows.append((*chosen[group], ", ".join(edges), setting_key(tried, hp).nunique()))
+    return pd.DataFrame(rows, columns=group + ["edge", "settings_tried"])
 
 
 def _runs(runs: pd.DataFrame, every_repeat: bool = False) -> pd.DataFrame:
