@@ -259,6 +259,27 @@ def test_train_reruns_every_tuned_hyperparameter_of_the_best_setting(tmp_path, o
     assert not (tmp_path / ".train.runs").exists(), "the job's checkpoints outlived its table"
 
 
+def test_train_steps_with_one_thread_where_the_job_holds_every_core(tmp_path, monkeypatch):
+    """A train job holds every core (nothing beside its timed steps) but steps with one thread, as
+    the tuning does: float32 round-off, and the losses with it, depend on the thread count."""
+    from natgrad_impls import runner
+
+    seen = []
+
+    def run_many(*args, **kwargs):
+        seen.append({name: os.environ[name] for name in ("OMP_NUM_THREADS", "PJRT_NPROC")})
+        return pd.DataFrame({"task": ["digits-mlp"], "step": [0], "loss": [1.0]})
+
+    monkeypatch.setattr(runner, "run_many", run_many)
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"lr": 0.1}))
+    run_script("train.py", tmp_path, rule="train", input=Files(best=best),
+               output=Files(runs=tmp_path / "train.parquet"), wildcards=SimpleNamespace(task="digits-mlp", optimizer="sgd", framework="torch", device="cpu"),
+               params=SimpleNamespace(seeds=[1], protocol=PROTOCOL, cos_ef_ngd=False,
+                                      checkpoints=str(tmp_path / ".train.runs")), threads=4)
+    assert seen == [{"OMP_NUM_THREADS": "1", "PJRT_NPROC": "1"}]
+
+
 def test_train_records_the_cosine_where_the_rule_asks(tmp_path):
     """params.cos_ef_ngd (true for the optimizers of networks.cos_ef_ngd) reaches the reruns: the
     networks-cosine figure draws their cos_ef_ngd column, which runs without it lack."""

@@ -2,9 +2,11 @@
 # median final full-train loss over them (`tune`), then that setting rerun on `seeds` (`train`).
 # One job runs all the settings (all the seeds) of one task, optimizer, framework and device in
 # one process: a job's fixed cost (interpreter, torch or jax, the data, compilation: about 5 s) is
-# several times that of a 400-step run. Tune jobs share the machine, a core each: only their losses
-# are used. Train jobs take every core, as the timing jobs do: their step times are the networks
-# figures' time axes and the summary's time to target, which a job beside them slowed up to 2x.
+# several times that of a 400-step run. Both step with one thread (train.py): float32 round-off
+# depends on the thread count, and the losses must not depend on the machine's cores. Tune jobs
+# share the machine, a core each: only their losses are used. Train jobs hold every core, so that
+# nothing runs beside their steps, whose times are the networks figures' time axes and the
+# summary's time to target (a job beside them slowed them up to 2x).
 
 
 rule tune:

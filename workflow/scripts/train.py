@@ -11,7 +11,9 @@ import os
 from natgrad_impls.runner import HYPERPARAMETER_ORDER, thread_environment
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
-os.environ.update(thread_environment(snakemake.threads))  # before torch or jax is imported
+# One thread, before torch or jax is imported, also where the job holds every core (train): float32
+# round-off depends on the thread count, and the losses must not depend on the machine's cores.
+os.environ.update(thread_environment(1))
 
 import pandas as pd  # noqa: E402
 
