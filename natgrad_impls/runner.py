@@ -692,12 +692,16 @@ def _frozen_heap():
     """The objects made so far (torch's or jax's, the data, the setup) moved out of the garbage
     collector's reach for the loop, and back after it: a full collection over them took 50-70 ms
     (torch, digits-mlp), and one that fell in a step added 70-85 ms to a run of 0.2 ms steps.
-    Moving them is cheap, a collection is not: none is made here."""
-    gc.freeze()
+    Moving them is cheap, a collection is not: none is made here. A heap the caller froze (before a
+    fork, say) is left as it is: unfreezing is global, it would undo theirs."""
+    ours = gc.get_freeze_count() == 0
+    if ours:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if ours:
+            gc.unfreeze()
 
 
 def _check_lengths(task: Task, steps, batch_size, eval_every) -> tuple[int, int | None, int]:

@@ -133,7 +133,7 @@ def test_a_jax_run_compiles_everything_before_its_loop(monkeypatch):
 def test_the_steps_run_with_the_setups_objects_out_of_the_collectors_reach(framework, monkeypatch):
     """A full garbage collection over torch's or jax's objects took 50-70 ms: one in a timed step
     would be a spike in time_s. The loop runs with them frozen, and they are handed back after it,
-    also after a run that fails."""
+    also after a run that fails; a heap the caller froze stays frozen."""
     import gc
 
     frozen = []
@@ -152,6 +152,14 @@ def test_the_steps_run_with_the_setups_objects_out_of_the_collectors_reach(frame
     with pytest.raises(ZeroDivisionError):
         runner.run("digits-mlp", "sgd", framework, dtype="float32", hyperparameters={"lr": 0.1}, steps=3, progress=False)
     assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(Bar, "update", lambda self, n: None)
+    gc.freeze()  # a caller's frozen heap is theirs: the run leaves it frozen
+    try:
+        runner.run("digits-mlp", "sgd", framework, dtype="float32", hyperparameters={"lr": 0.1}, steps=1,
+                   progress=False)
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
