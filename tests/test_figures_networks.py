@@ -231,14 +231,22 @@ def test_training_notes_diverged_seeds():
 def test_notes_say_what_each_tasks_runs_were():
     """Model, batch size, steps, dtype and seeds per task, and SGD's momentum: what the config set
     and the caption cannot know."""
-    frame = runs(tasks=("digits-mlp", "mnist1d-mlp"), optimizers=("sgd", "ngd"), seeds=(0, 1, 2), steps=60)
+    frame = runs(tasks=("digits-mlp", "mnist1d-mlp"), optimizers=("sgd", "ef"), seeds=(0, 1, 2), steps=60)
     frame.loc[frame["optimizer"] == "sgd", "momentum"] = 0.9
     frame.loc[frame["task"] == "mnist1d-mlp", "batch_size"] = np.nan
     notes = networks.training(frame).notes
     assert "digits-mlp: MLP 64-128-10 (tanh), 9610 parameters; batch 128, 60 steps, float32, 3 seeds." in notes
     assert "mnist1d-mlp: MLP 40-100-100-10 (relu), 15210 parameters; full batch, 60 steps, float32, 3 seeds." in notes
     assert "SGD: momentum 0.9." in notes
-    assert not any(n.startswith("SGD") for n in networks.cosine(frame[frame["optimizer"] != "sgd"]).notes)
+    # the cosine figure draws the EF runs alone: their setup, and no word of SGD
+    notes = networks.cosine(frame).notes
+    assert "digits-mlp: MLP 64-128-10 (tanh), 9610 parameters; batch 128, 60 steps, float32, 3 seeds." in notes
+    assert not any(n.startswith("SGD") for n in notes)
+    # where every drawn run diverged, the runs' length is not known: the note says how far they went
+    frame["diverged"] = True
+    notes = networks.training(frame[frame["step"] <= 30]).notes
+    assert "digits-mlp: MLP 64-128-10 (tanh), 9610 parameters; batch 128, 30 steps at most (every run diverged), " \
+           "float32, 3 seeds." in notes
 
 
 def test_cosine_draws_the_measured_rows_only():

@@ -177,7 +177,11 @@ def _setup_notes(frame) -> list[str]:
         if "batch_size" in rows:
             sizes = sorted({int(b) for b in rows["batch_size"].dropna()})
             parts.append("batch " + "/".join(map(str, sizes)) + "," if sizes else "full batch,")
-        parts.append(f"{int(rows['step'].max())} steps,")
+        finished = rows[~rows["diverged"].astype(bool)] if "diverged" in rows else rows
+        if len(finished):
+            parts.append(f"{int(finished['step'].max())} steps,")
+        else:  # a diverged run stops early: the runs' length is not in the table
+            parts.append(f"{int(rows['step'].max())} steps at most (every run diverged),")
         if "dtype" in rows:
             parts.append(", ".join(sorted(set(rows["dtype"].astype(str)))) + ",")
         parts.append(f"{rows['seed'].nunique()} seeds.")
