@@ -244,7 +244,7 @@ def scaling(table: pd.DataFrame, batch_size: int | None = None, width: int | Non
                 ax.set_title(style.combo_label(combo))
                 _headroom(ax, LEGEND_ROOM)
                 ax.legend(loc="upper left", fontsize=5.5, ncols=3, title="log-log slope, two largest sizes",
-                          title_fontsize=5.5, handlelength=2.6, columnspacing=0.8, alignment="left")
+                          title_fontsize=5.5, handlelength=3.5, columnspacing=0.8, alignment="left")
     return Drawn(fig, notes)
 
 
