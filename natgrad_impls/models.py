@@ -123,12 +123,14 @@ class Model:
         return any(isinstance(layer, Conv2d) for layer in self.layers)
 
     def describe(self) -> str:
-        """For captions: 'MLP 64-128-10 (tanh), 9610 parameters', or for a model with convolutions
-        'CNN, 895210 parameters'."""
+        """For captions: 'MLP 64-128-10 (tanh), 9610 parameters', 'linear 13-1, 14 parameters', or
+        for a model with convolutions 'CNN, 895210 parameters'."""
         size = f"{self.num_params()} parameters"
         if self.has_conv:
             return f"CNN, {size}"
         dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+        if len(dense) == 1:
+            return f"linear {dense[0].in_features}-{dense[0].out_features}, {size}"
         widths = "-".join(str(n) for n in [dense[0].in_features] + [layer.out_features for layer in dense])
         kinds = ", ".join(sorted({layer.kind.value for layer in self.layers if isinstance(layer, Act)}))
         return f"MLP {widths}{f' ({kinds})' if kinds else ''}, {size}"

@@ -118,7 +118,7 @@ def test_nll_matches_torch_losses():
 
 def test_a_model_describes_itself_for_captions():
     assert models.mlp((64, 128, 10), "tanh").describe() == "MLP 64-128-10 (tanh), 9610 parameters"
-    assert models.linear(5, 1, bias=True).describe() == "MLP 5-1, 6 parameters"
+    assert models.linear(5, 1, bias=True).describe() == "linear 5-1, 6 parameters"
     cnn = models.cnn((1, 8, 8), (2,), (10,))
     assert cnn.describe() == f"CNN, {cnn.num_params()} parameters"
 
