@@ -167,7 +167,7 @@ def _a1a(seed):
     if resource.sha256 is None and X.shape != A1A_SHAPE:  # no checksum tells another file from a1a
         raise data.DataUnavailable(
             f"a1a: {data.cache_path(resource)} has {len(X)} examples where LIBSVM's a1a has {A1A_SHAPE[0]}: "
-            f"another file; delete it and run again to download a1a")
+            f"another file; delete it and run again to download a1a, or put LIBSVM's a1a there by hand")
     return _kunstner(X, (y + 1) / 2)  # labels -1/+1 -> 0/1
 
 
