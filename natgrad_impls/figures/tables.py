@@ -115,7 +115,7 @@ def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.Dat
     `settings_tried`, the grid's size: a tuning budget, which differs between optimizers. `best`:
     `best_hyperparameters(tuning)` where the caller has it already."""
     frame = _runs(tuning)
-    group = [c for c in GROUP if c in frame.columns]
+    _, group, hp = _columns(frame)
     best = best_hyperparameters(tuning) if best is None else best
     rows = []
     for _, chosen in best.iterrows():
@@ -125,7 +125,6 @@ def grid_edges(tuning: pd.DataFrame, best: pd.DataFrame | None = None) -> pd.Dat
             values = np.unique(tried[name].dropna()) if name in tried.columns and name in chosen.index else []
             if len(values) > 1 and chosen[name] in (values[0], values[-1]):
                 edges.append(f"{name} {'smallest' if chosen[name] == values[0] else 'largest'}")
-        hp = [c for c in SETTING_COLUMNS if c in tried.columns]
         rows.append((*chosen[group], ", ".join(edges), setting_key(tried, hp).nunique()))
     return pd.DataFrame(rows, columns=group + ["edge", "settings_tried"])
 
