@@ -74,16 +74,20 @@ def gauge_kwargs(color) -> dict:
     return {"color": color, "gid": "gauge", "label": "_gauge", "zorder": 3, "path_effects": halo, **_GAUGE}
 
 
+def _gauges(fig) -> list:
+    """The gauge lines of `fig` (gauge_kwargs's gid), every panel's."""
+    return [line for ax in fig.axes for line in ax.get_lines() if line.get_gid() == "gauge"]
+
+
 def gauge_drawn(fig) -> bool:
-    """Whether any panel of `fig` has a gauge line (gauge_kwargs's gid): then the legend names it."""
-    return any(line.get_gid() == "gauge" for ax in fig.axes for line in ax.get_lines())
+    """Whether any panel of `fig` has a gauge line: then the legend names it."""
+    return bool(_gauges(fig))
 
 
 def gauge_handle(fig) -> Line2D:
     """The gauge's legend entry: in the gauges' colour where `fig` draws them in one (along one
     optimizer's runs), else in a neutral grey, each line having its run's colour."""
-    colors = {mcolors.to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines()
-              if line.get_gid() == "gauge"}
+    colors = {mcolors.to_hex(line.get_color()) for line in _gauges(fig)}
     return Line2D([], [], color=colors.pop() if len(colors) == 1 else "0.35", label=GAUGE_LABEL, **_GAUGE)
 
 
