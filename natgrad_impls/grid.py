@@ -39,6 +39,7 @@ itself is repeat 0), `best` marks the best run and its repeats, and `chaotic` is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -63,7 +64,7 @@ CHAOS_NOISE = 1e-14
 CHAOS_TOLERANCE = 1e-8
 DEFAULT_REPEATS = 5
 PROGRESS_EVERY_S = 30  # a line in a job log this often (a paper grid on a1a takes minutes per optimizer)
-WITH_DAMPING = (Optimizer.EF, Optimizer.NGD, Optimizer.KFAC)
+WITH_DAMPING = tuple(o for o in Optimizer if "damping" in accepted(o))
 
 
 def logspace(bounds) -> np.ndarray:
@@ -526,14 +527,19 @@ class _KFAC(_Method):
         return theta - self.lr * direction, {"A": A, "G": G, "A_inv": A_inv, "G_inv": G_inv}
 
 
+# Each optimizer's batched update, by name: one the table lacks is refused by `validate` (a fallback
+# would run another optimizer's update under its name).
+METHODS = {
+    Optimizer.SGD: _SGD,
+    Optimizer.ADAM: _Adam,
+    Optimizer.EF: functools.partial(_NaturalGradient, empirical=True),
+    Optimizer.NGD: functools.partial(_NaturalGradient, empirical=False),
+    Optimizer.KFAC: _KFAC,
+}
+
+
 def _method(optimizer, model, be, h, lr, damping, seed):
-    if optimizer == Optimizer.SGD:
-        return _SGD(model, be, h, lr, damping, seed)
-    if optimizer == Optimizer.ADAM:
-        return _Adam(model, be, h, lr, damping, seed)
-    if optimizer == Optimizer.KFAC:
-        return _KFAC(model, be, h, lr, damping, seed)
-    return _NaturalGradient(model, be, h, lr, damping, seed, empirical=optimizer == Optimizer.EF)
+    return METHODS[optimizer](model, be, h, lr, damping, seed)
 
 
 # -- trajectories --------------------------------------------------------------------------------------
@@ -704,6 +710,10 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     if not optimizers:
         raise ValueError(f"optimizers: none given (a comma-separated list of {', '.join(o.value for o in Optimizer)})")
     optimizers = [parse(Optimizer, o, "optimizers") for o in optimizers]
+    missing = [o.value for o in optimizers if o not in METHODS]
+    if missing:
+        raise ValueError(f"optimizers: {missing[0]!r} has no batched update in natgrad_impls.grid.METHODS "
+                         f"(the grid runs {', '.join(o.value for o in METHODS)})")
     twice = [o.value for i, o in enumerate(optimizers) if o in optimizers[:i]]
     if twice:  # the grid would run twice and mark two best runs
         raise ValueError(f"optimizers: {twice[0]!r} is given twice (each optimizer once)")

@@ -152,6 +152,9 @@ def accepted(optimizer: Optimizer | str) -> tuple[str, ...]:
     from natgrad_impls.numpy import OPTIMIZERS
 
     optimizer = parse(Optimizer, optimizer, "optimizer")
+    if optimizer not in OPTIMIZERS:  # the numpy signature is the one source of the names
+        raise ValueError(f"optimizer: {optimizer.value!r} has no numpy reference (natgrad_impls.numpy.OPTIMIZERS), "
+                         "which names its hyperparameters")
     return tuple(name for name in inspect.signature(OPTIMIZERS[optimizer]).parameters if name != "problem")
 
 

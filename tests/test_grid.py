@@ -15,10 +15,11 @@ import pytest
 
 from conftest import singular_task
 from natgrad_impls import cli, grid, models, results, runner
+from natgrad_impls.names import Optimizer
 from natgrad_impls.tasks import get_task
 
 LRS, DAMPINGS, STEPS = "-3:0:4", "-4:0:3", 20
-ALL = "sgd,adam,ef,ngd,kfac"
+ALL = ",".join(o.value for o in Optimizer)  # every optimizer the library has
 # Points compared per optimizer and task: all of them in numpy, a sample in torch and jax (jax
 # compiles every run's step, about a second each).
 SAMPLE = {"numpy": None, "torch": 3, "jax": 1}
@@ -391,6 +392,26 @@ def test_validation_names_the_field():
         grid.validate("wine", "ngd", hyperparameters={"fisher": "exakt"})
     with pytest.raises(ValueError, match=r"^fisher: not a hyperparameter of sgd, ef \(theirs: momentum\)$"):
         grid.validate("wine", "sgd,ef", hyperparameters={"fisher": "mc"})
+
+
+def test_an_optimizer_without_a_batched_update_is_refused(monkeypatch):
+    """The grid runs each optimizer's own update (grid.METHODS): one it lacks is refused by name before
+    any work, where a fallback would run another optimizer's update and label it with this name."""
+    assert set(grid.METHODS) == set(Optimizer)
+    monkeypatch.delitem(grid.METHODS, Optimizer.ADAM)
+    with pytest.raises(ValueError, match=r"^optimizers: 'adam' has no batched update in natgrad_impls\.grid\.METHODS "
+                                         r"\(the grid runs sgd, ef, ngd, kfac\)$"):
+        grid.validate("wine", "sgd,adam")
+
+
+def test_an_optimizer_without_a_numpy_reference_is_named(monkeypatch):
+    """Its hyperparameters' names come from the numpy signature: without one, a ValueError says so
+    (not a KeyError from inside the runner)."""
+    from natgrad_impls.numpy import OPTIMIZERS
+
+    monkeypatch.delitem(OPTIMIZERS, Optimizer.KFAC)
+    with pytest.raises(ValueError, match=r"^optimizer: 'kfac' has no numpy reference"):
+        runner.accepted("kfac")
 
 
 @pytest.mark.gpu
