@@ -166,18 +166,20 @@ def test_a_reference_folder_that_is_not_there_is_said_and_an_empty_one_shows_non
         assert ("reference_cost" in done.stdout) == (value == "results/reference"), value
 
 
-def test_a_tuned_optimizer_without_dampings_stops_before_any_job(tmp_path):
-    """networks.dampings per optimizer, edited in config.yaml itself (an overlay cannot take a key
-    out): an optimizer that is tuned and takes a damping but has no list is named before any job."""
+@pytest.mark.parametrize("grid, optimizer", [("dampings", "kfac"), ("lrs", "adam")])
+def test_an_optimizer_without_a_tuning_grid_stops_before_any_job(tmp_path, grid, optimizer):
+    """networks.lrs and .dampings per optimizer, edited in config.yaml itself (an overlay cannot take
+    a key out): an optimizer with no lr grid (it would be left out of the networks without a word),
+    or one that takes a damping with no damping grid, is named before any job."""
     import yaml
 
     root = copy_repository(tmp_path / "natgrad-bench")
     config = yaml.safe_load((root / "config" / "config.yaml").read_text())
-    del config["networks"]["dampings"]["kfac"]
+    del config["networks"][grid][optimizer]
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     done = snakemake(root, "--cores", "1", timeout=60)
     assert done.returncode != 0
-    assert "config networks.dampings has no list for kfac" in done.stdout + done.stderr, done.stderr[-2000:]
+    assert f"config networks.{grid} has no list for {optimizer}" in done.stdout + done.stderr, done.stderr[-2000:]
     assert not result_files(root), "a job ran before the config was checked"
 
 
@@ -258,18 +260,23 @@ def test_schema_names_the_bad_field(name):
 
 
 def test_the_schemas_names_are_the_librarys():
-    """The schema lists the optimizers, frameworks, devices, dtypes, tasks and timed settings by name
-    (an enum names the allowed values in its error); each list is the library's, in its order, so
-    that a name added there is taken here and one dropped there is refused before any job."""
+    """The schema lists the optimizers (and those with a damping), frameworks, devices, dtypes, tasks
+    and timed settings by name (an enum names the allowed values in its error); each list is the
+    library's, in its order, so that a name added there is taken here and one dropped there is
+    refused before any job."""
     import yaml
 
     from natgrad_impls import names, timing
-    from natgrad_impls.runner import is_convex
+    from natgrad_impls.runner import accepted, is_convex
     from natgrad_impls.tasks import TASKS
 
-    enums = {k: v.get("enum") for k, v in
-             yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"].items()}
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    enums = {k: v.get("enum") for k, v in schema["$defs"].items()}
     assert enums["optimizer"] == [o.value for o in names.Optimizer]
+    networks = schema["properties"]["networks"]["properties"]  # per-optimizer dampings and cosines: the damped ones
+    damped = [o.value for o in names.Optimizer if "damping" in accepted(o)]
+    assert networks["dampings"]["else"]["propertyNames"]["enum"] == damped
+    assert networks["cos_ef_ngd"]["items"]["enum"] == damped
     assert enums["framework"] == [f.value for f in names.Framework]
     assert enums["device"] == [d.value for d in names.Device]
     assert sorted(enums["dtype"]) == sorted(d.value for d in names.DType)

@@ -688,7 +688,7 @@ def test_tune_jobs_run_the_whole_tuning_grid_with_the_fixed_hyperparameters(dags
                     for d in dampings]
         runs = job["params"]["runs"]
         assert canonical(runs) == canonical(expected), f"{job['output'][0]}: runs {runs}, expected {expected}"
-    assert tuned == {o for o in configured(name)["optimizers"] if n["lrs"].get(o)}
+    assert tuned == set(configured(name)["optimizers"])  # (each has an lr grid, or the config is refused)
 
 
 @pytest.mark.parametrize("name", DAG_CONFIGS)

@@ -140,9 +140,16 @@ def tuning_dampings(optimizer):
     return dampings.get(optimizer) if isinstance(dampings, dict) else dampings
 
 
-def check_tuning_dampings():
-    """Every tuned optimizer that takes a damping has a damping grid (a mapping may leave one out)."""
-    missing = [o for o in network_optimizers() if takes_damping(o) and not tuning_dampings(o)]
+def check_tuning_grids():
+    """Every optimizer has an lr grid where networks run (one left out of networks.lrs would be left
+    out of the networks without a word), and every one that takes a damping a damping grid."""
+    if not config["networks"]["tasks"]:
+        return
+    missing = [o for o in config["optimizers"] if not config["networks"]["lrs"].get(o)]
+    if missing:
+        raise ValueError(f"config networks.lrs has no list for {', '.join(missing)}: give each optimizer of "
+                         "`optimizers` its tuning lrs")
+    missing = [o for o in config["optimizers"] if takes_damping(o) and not tuning_dampings(o)]
     if missing:
         raise ValueError(f"config networks.dampings has no list for {', '.join(missing)}: give each optimizer that "
                          "takes a damping its list, or one list for all of them")
@@ -217,14 +224,10 @@ def check_grid_bounds():
             raise ValueError(f"config convex.{error}") from None
 
 
-def network_optimizers():
-    return [o for o in config["optimizers"] if config["networks"]["lrs"].get(o)]
-
-
 check_fixed_hyperparameters()
 check_grid_bounds()
 check_grid_hyperparameters_agree()
-check_tuning_dampings()
+check_tuning_grids()
 
 
 def network_runs(stage="train"):
@@ -232,7 +235,7 @@ def network_runs(stage="train"):
     settings (stage train) or the tuning grids (stage tune)."""
     n = config["networks"]
     return [f"{RESULTS}/{stage}/{task}/{optimizer}/{framework}-{device}.parquet"
-            for task in n["tasks"] for optimizer in network_optimizers() for framework in n["frameworks"]
+            for task in n["tasks"] for optimizer in config["optimizers"] for framework in n["frameworks"]
             for device in devices_for(framework)]
 
 
@@ -329,10 +332,10 @@ def figures():
         out["appendix-starting-point"] = (SECTION["appendix"], [f"{RESULTS}/toys/starting_point.parquet"])
     if logit_clip_files():
         out["appendix-logit-clip"] = (SECTION["appendix"], logit_clip_files())
-    if n["tasks"] and network_optimizers():
+    if n["tasks"] and config["optimizers"]:
         for name in ("networks-loss", "networks-accuracy"):
             out[name] = (SECTION["networks"], network_runs())
-        if set(n.get("cos_ef_ngd", [])) & set(network_optimizers()):
+        if set(n.get("cos_ef_ngd", [])) & set(config["optimizers"]):
             out["networks-cosine"] = (SECTION["networks"], network_runs())
     if cost_files() and t["settings"]:
         out["cost-steps"] = (SECTION["cost"], cost_files())
@@ -353,7 +356,7 @@ def tables():
     out = {}
     if grid_files():
         out["best-convex"] = (SECTION["kunstner"], {"runs": grid_files()})
-    if config["networks"]["tasks"] and network_optimizers():
+    if config["networks"]["tasks"] and config["optimizers"]:
         out["best-networks"] = (SECTION["networks"], {"runs": network_runs(), "tuning": network_runs("tune")})
     best = [f"{RESULTS}/tables/{name}.csv" for name in ("best-convex", "best-networks") if name in out]
     if best:
