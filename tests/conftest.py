@@ -158,6 +158,19 @@ def kfac_jax():
         pytest.skip(str(error))
 
 
+def every_optimizer(table, names=None):
+    """`table`, a test's settings per optimizer, once it is checked to cover every optimizer the
+    library has (`names`: the optimizer of each entry, default the keys): an optimizer added to
+    names.Optimizer fails the collection of each such test module until its tables take it, where
+    it would otherwise go untested without a word."""
+    from natgrad_impls.names import Optimizer
+
+    names = set(table) if names is None else set(names)
+    missing = [o.value for o in Optimizer if o.value not in names]
+    assert not missing, f"a per-optimizer test table lacks {', '.join(missing)}"
+    return table
+
+
 # -- small problems shared by the tests ------------------------------------------------------------
 
 def make_data(problem: models.Problem, n: int, seed: int = 0):

@@ -647,7 +647,8 @@ def test_optimizers_keep_the_papers_line_styles():
     assert len(pattern["adam"]) == 2 and pattern["adam"][0] <= 1  # dots
     on = pattern["ef"][0::2]
     assert len(on) == 2 and max(on) > 3 * min(on)  # a dash, then a dot
-    assert len(set(pattern.values())) == 5 and len({tuple(style.COLORS[o]) for o in style.OPTIMIZERS}) == 5
+    distinct = len(style.OPTIMIZERS)
+    assert len(set(pattern.values())) == distinct and len({tuple(style.COLORS[o]) for o in style.OPTIMIZERS}) == distinct
 
 
 def test_cost_figures_draw_the_median_of_a_settings_rounds():

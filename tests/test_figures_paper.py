@@ -20,11 +20,12 @@ from matplotlib.quiver import Quiver
 
 from natgrad_impls import grid, runner, toys
 from natgrad_impls.figures import paper, style
+from natgrad_impls.names import Optimizer
 from natgrad_impls.tasks import get_task
 from conftest import same_dashes
 
 SMALL_GRID = dict(lrs=(-3, 1, 5), dampings=(-6, 0, 4), steps=20, repeats=2)
-ALL = ["sgd", "adam", "ef", "ngd", "kfac"]
+ALL = [o.value for o in Optimizer]
 
 
 @pytest.fixture(autouse=True)

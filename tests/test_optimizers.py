@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dense_reference as ref
-from conftest import PROBLEMS, JaxImpl, TorchImpl, jax_compiles, make_data
+from conftest import PROBLEMS, JaxImpl, TorchImpl, every_optimizer, jax_compiles, make_data
 from natgrad_impls import hyperparameters, make_optimizer, models
 from natgrad_impls.names import Curvature, Optimizer
 from natgrad_impls.runner import accepted
@@ -390,6 +390,7 @@ JAX_STEP_CASES = [
     ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc"}, 1),
     ("kfac", {"lr": 0.5, "damping": 1e-2, "kfac_update_period": 3}, 2),
 ]
+every_optimizer(JAX_STEP_CASES, [case[0] for case in JAX_STEP_CASES])
 
 
 @pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)

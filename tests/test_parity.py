@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from natgrad_impls import make_optimizer, models
-from conftest import PROBLEMS, JaxImpl, TorchImpl, make_data
+from conftest import PROBLEMS, JaxImpl, TorchImpl, every_optimizer, make_data
 
-SETTINGS = {
+SETTINGS = every_optimizer({
     "sgd": {"lr": 0.2, "momentum": 0.5},
     "adam": {"lr": 0.05},
     "ef": {"lr": 0.1, "damping": 1e-2},
     "ngd": {"lr": 0.3, "damping": 1e-2},
     "kfac": {"lr": 0.3, "damping": 1e-2, "kfac_update_period": 3, "fisher": "exact"},
-}
+})
 # On the small CNN of conftest, K-FAC at lr 0.3 diverges (the loss passes 1e17 by step 10, in both
 # frameworks alike); at lr 0.1 it learns, so agreement there says something.
 CNN_SETTINGS = {**SETTINGS, "kfac": {**SETTINGS["kfac"], "lr": 0.1}}

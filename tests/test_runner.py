@@ -19,20 +19,20 @@ import pytest
 import torch
 
 import dense_reference as ref
-from conftest import jax_compiles, singular_task, underdetermined_task
+from conftest import every_optimizer, jax_compiles, singular_task, underdetermined_task
 from natgrad_impls import make_optimizer, models, results, runner, timing
 from natgrad_impls.tasks import TASKS
 
 OFFLINE = [name for name, task in TASKS.items() if task.offline]
 CONVEX = [name for name in OFFLINE if runner.is_convex(TASKS[name])]
 # Small steps: the smoke runs must not diverge.
-SMOKE = {
+SMOKE = every_optimizer({
     "sgd": {"lr": 1e-6, "momentum": 0.5},
     "adam": {"lr": 1e-3},
     "ef": {"lr": 1e-2, "damping": 1e-2},
     "ngd": {"lr": 1e-2, "damping": 1e-2},
     "kfac": {"lr": 1e-2, "damping": 1e-2, "kfac_update_period": 2},
-}
+})
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Small problems: torch's intra-op threads only add synchronisation (and stall on a loaded

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PROBLEMS, TorchImpl, make_data
+from conftest import PROBLEMS, TorchImpl, every_optimizer, make_data
 from natgrad_impls import models, timing
 
 # Ops that read a device value back to the host: `.item()` and Python truth values (also
@@ -28,6 +28,7 @@ STEPS = {
     "kfac-mc": ("kfac", {"lr": 0.1, "damping": 1e-2, "kfac_update_period": 2}),
     "kfac-exact": ("kfac", {"lr": 0.1, "damping": 1e-2, "kfac_update_period": 2, "fisher": "exact"}),
 }
+every_optimizer(STEPS, [optimizer for optimizer, _ in STEPS.values()])
 BATCH = 8
 
 

@@ -33,7 +33,17 @@ DEVICE_ORDER = ("cpu", "cuda")
 # line is as dense as a solid one, and drawn over SGD it hid SGD wherever their times coincided).
 STACKING = ("ngd", "kfac", "ef", "adam", "sgd")
 
-assert set(LABELS) == set(COLORS) == set(LINESTYLES) == set(STACKING)
+
+def _check_every_optimizer_is_styled():
+    """At import: a figure would draw an optimizer missing here in a default colour or line."""
+    for name, table in (("COLORS", COLORS), ("LINESTYLES", LINESTYLES), ("STACKING", STACKING)):
+        if set(table) != set(OPTIMIZERS):
+            raise ValueError(f"natgrad_impls.figures.style.{name}: has {', '.join(sorted(table))}; "
+                             f"it needs one entry for each of {', '.join(OPTIMIZERS)}")
+
+
+_check_every_optimizer_is_styled()
+
 
 # The cosine figures' second quantity, cos(NGD step, gradient): thin and dotted in the run's colour, so
 # that it reads as a gauge beside the cosine it qualifies; drawn over the cosine with a white halo,
