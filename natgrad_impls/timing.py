@@ -650,6 +650,7 @@ def peer_step_call(peer: str, problem: Problem, params, batch, device="cpu", dty
         return kfac_jax_step_call(problem, params, batch, device, dtype, **hyperparameters)
     to_params, to_batch, sync = _framework_io(framework, device, dtype)
     data = to_batch(*batch)
+    hyperparameters = _with_our_defaults(PEER_OF[peer], hyperparameters)
     if framework == Framework.TORCH:
         import torch
 
@@ -772,6 +773,17 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     return call, jax.block_until_ready, h.kfac_update_period
 
 
+def _with_our_defaults(optimizer: str, hyperparameters: dict) -> dict:
+    """Every hyperparameter of our `optimizer` (hyperparameters.py's defaults where not given), so a
+    peer takes the step ours takes and not its own defaults (Adam's eps and betas, should ours move)."""
+    import dataclasses
+
+    from natgrad_impls.hyperparameters import HYPERPARAMETERS
+    from natgrad_impls.names import Optimizer
+
+    return dataclasses.asdict(HYPERPARAMETERS[Optimizer(optimizer)](**hyperparameters))
+
+
 def _optax_names(hyperparameters: dict) -> dict:
     """Our names (lr) in optax's (learning_rate); momentum 0 is optax's None (no trace)."""
     out = dict(hyperparameters)
@@ -784,6 +796,6 @@ def _optax_names(hyperparameters: dict) -> dict:
 def _torch_names(hyperparameters: dict) -> dict:
     """Our Adam names (b1, b2) in torch.optim's (betas)."""
     out = dict(hyperparameters)
-    if "b1" in out or "b2" in out:
-        out["betas"] = (out.pop("b1", 0.9), out.pop("b2", 0.999))
+    if "b1" in out:
+        out["betas"] = (out.pop("b1"), out.pop("b2"))
     return out

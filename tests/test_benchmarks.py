@@ -1084,6 +1084,18 @@ def test_kfac_inverse_call_inverts_what_a_kfac_step_inverts(impl):
             np.testing.assert_allclose(impl.numpy(ours[name]), impl.numpy(step[name]), rtol=1e-10, atol=1e-12)
 
 
+def assert_same_steps(ours, theirs, names, steps=3):
+    """Both step calls (timing.step_call's and peer_step_call's) land on the same parameters after
+    `steps` steps (float64)."""
+    for _ in range(steps):
+        (a, _), (b, _) = ours(), theirs()
+    def as_numpy(x):  # a torch tensor that requires grad, or a jax array
+        return x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+    for name in names:
+        np.testing.assert_allclose(as_numpy(a[name]), as_numpy(b[name]), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.parametrize("peer, momentum", [("torch.optim.SGD", 0.0), ("torch.optim.SGD", 0.9), ("torch.optim.Adam", 0.0),
                                             ("optax.sgd", 0.0), ("optax.sgd", 0.9), ("optax.adam", 0.0)])
 def test_sgd_adam_peers_take_our_step(peer, momentum):
@@ -1096,12 +1108,28 @@ def test_sgd_adam_peers_take_our_step(peer, momentum):
     framework = timing.peer_framework(peer).value
     ours, _, _ = timing.step_call(framework, label, problem, params, batch, "cpu", "float64", **hyperparameters)
     theirs, _, _ = timing.peer_step_call(peer, problem, params, batch, "cpu", "float64", **hyperparameters)
-    for _ in range(3):
-        (a, _), (b, _) = ours(), theirs()
-    for name in params:
-        np.testing.assert_allclose(np.asarray(a[name].detach() if framework == "torch" else a[name]),
-                                   np.asarray(b[name].detach() if framework == "torch" else b[name]),
-                                   rtol=1e-10, atol=1e-12, err_msg=name)
+    assert_same_steps(ours, theirs, list(params))
+
+
+@pytest.mark.parametrize("peer", ["torch.optim.Adam", "optax.adam"])
+def test_adam_peers_take_our_defaults_not_theirs(monkeypatch, peer):
+    """A peer is given every hyperparameter of ours, defaults included: were our Adam's eps to move
+    from theirs (1e-8; here 1e-3), the peer would still take the step ours takes."""
+    import dataclasses
+
+    from natgrad_impls import hyperparameters
+    from natgrad_impls.names import Optimizer
+
+    @dataclasses.dataclass(frozen=True)
+    class Adam(hyperparameters.Adam):
+        eps: float = 1e-3
+
+    monkeypatch.setitem(hyperparameters.HYPERPARAMETERS, Optimizer.ADAM, Adam)
+    problem, params, batch = timing.mlp_problem(width=8, batch_size=4)
+    framework = timing.peer_framework(peer).value
+    ours, _, _ = timing.step_call(framework, "adam", problem, params, batch, "cpu", "float64", lr=0.1, eps=1e-3)
+    theirs, _, _ = timing.peer_step_call(peer, problem, params, batch, "cpu", "float64", lr=0.1)
+    assert_same_steps(ours, theirs, list(params))
 
 
 def test_kfac_floor_counts_the_products_torch_does():
