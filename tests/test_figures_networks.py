@@ -984,21 +984,25 @@ def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_toge
 
 def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():
     """The cost of the timing setting the row ran: SGD with momentum is sgd-momentum, NGD its
-    Fisher's; a task, framework or device the cost rules did not time gets none."""
+    Fisher's; a step no setting times (K-FAC with the exact Fisher, NGD drawing 4 labels) gets none,
+    and so does a task, framework or device the cost rules did not time."""
     best = pd.concat([
         best_rows("digits-mlp", "torch", {"sgd": 0.1, "ngd": 0.2, "kfac": 0.3}, momentum=[0.9, np.nan, np.nan],
                   fisher=[np.nan, "mc", "mc"]),
-        best_rows("digits-mlp", "jax", {"sgd": 0.1, "ngd": 0.2}, momentum=[0.0, np.nan], fisher=[np.nan, "exact"]),
+        best_rows("digits-mlp", "jax", {"sgd": 0.1, "ngd": 0.2, "kfac": 0.3}, momentum=[0.0, np.nan, np.nan],
+                  fisher=[np.nan, "exact", "exact"]),
+        best_rows("mnist1d-mlp", "jax", {"ngd": 0.2}, fisher=["mc"], samples=[4]),
         best_rows("mnist1d-mlp", "torch", {"sgd": 0.1}, momentum=[0.9], fisher=[np.nan]),
     ], ignore_index=True)
     per_step = {"sgd": 1.1, "sgd-momentum": 1.5, "ngd-exact": 60.0, "ngd-mc": 6.5, "kfac": 4.8}
-    cost = pd.DataFrame([{"task": "digits-mlp", "framework": f, "device": "cpu", "setting": s,
-                          "gradient_equivalents": g} for f in ("torch", "jax") for s, g in per_step.items()])
+    cost = pd.DataFrame([{"task": t, "framework": f, "device": "cpu", "setting": s, "gradient_equivalents": g}
+                         for t in ("digits-mlp", "mnist1d-mlp") for f in ("torch", "jax") for s, g in per_step.items()
+                         if (t, f) != ("mnist1d-mlp", "torch")])
     summary = tables.summary(best, cost).set_index(["task", "framework", "optimizer"])
     assert summary.loc[("digits-mlp", "jax", "ngd"), "fisher"] == "exact"  # which NGD the row is
     assert summary.loc[("digits-mlp", "torch", "sgd"), "momentum"] == 0.9  # which SGD
     table = summary["gradient_equivalents"]
     assert table[("digits-mlp", "torch", "sgd")] == 1.5 and table[("digits-mlp", "jax", "sgd")] == 1.1
     assert table[("digits-mlp", "torch", "ngd")] == 6.5 and table[("digits-mlp", "jax", "ngd")] == 60.0
-    assert table[("digits-mlp", "torch", "kfac")] == 4.8
-    assert np.isnan(table[("mnist1d-mlp", "torch", "sgd")])
+    assert table[("digits-mlp", "torch", "kfac")] == 4.8 and np.isnan(table[("digits-mlp", "jax", "kfac")])
+    assert np.isnan(table[("mnist1d-mlp", "torch", "sgd")]) and np.isnan(table[("mnist1d-mlp", "jax", "ngd")])

@@ -19,6 +19,7 @@ resolution coarse on networks; the step at which the target is reached is given 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -29,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from natgrad_impls import timing
+from natgrad_impls.hyperparameters import HYPERPARAMETERS
 from natgrad_impls.names import Device, Framework, Optimizer, legends
-from natgrad_impls.runner import HYPERPARAMETER_ORDER
+from natgrad_impls.runner import HYPERPARAMETER_ORDER, accepted
 
 GROUP = ["task", "optimizer", "framework", "device", "dtype"]
 # what tells one setting from another: the optimizer's hyperparameters and the mini-batch size
@@ -363,8 +365,8 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     (`final_loss_min`, `_max`: over the seeds of a network, the chaos repeats of a convex grid's best
     run), which says whether a rank is resolved; where `cost` (`timing.cost_table` rows)
     timed that task, framework and device, one step's cost in gradient-equivalents of the setting the
-    optimizer ran with (`cost_setting`). SGD's momentum, the Fisher of NGD and K-FAC (exact, or MC
-    with its samples), steps and time to target, test accuracy, diverged and chaotic as in `best`."""
+    optimizer ran with (`cost_setting`; none where no setting times it). SGD's momentum, the Fisher of
+    NGD and K-FAC (exact, or MC with its samples), steps and time to target, test accuracy, diverged and chaotic as in `best`."""
     frame = best.copy()
     place = [c for c in ("task", "framework", "device", "dtype") if c in frame.columns]
     groups = [frame[c] for c in place]
@@ -383,15 +385,31 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     return frame[[c for c in SUMMARY if c in frame.columns]]
 
 
-def cost_setting(row) -> str:
-    """The label of `timing.SETTINGS` that times the step a best-hyperparameters row ran: sgd with or
-    without momentum, ngd with its Fisher, the optimizer's own label otherwise."""
-    if row["optimizer"] == Optimizer.SGD.value:
-        momentum = row.get("momentum")
-        return "sgd-momentum" if pd.notna(momentum) and momentum > 0 else "sgd"
-    if row["optimizer"] == Optimizer.NGD.value and pd.notna(row.get("fisher")):
-        return f"ngd-{row['fisher']}"
-    return row["optimizer"]  # (ngd without its fisher: no setting, no cost)
+# The hyperparameters that decide what a step computes, not only the numbers it computes with
+# (momentum: whether there is any): runs that agree on them take steps of the same cost.
+STEP_WORK = {"momentum": lambda v: v > 0, "fisher": lambda v: getattr(v, "value", v), "samples": int,
+             "kfac_update_period": int}
+
+
+def step_work(optimizer: str, values) -> tuple:
+    """The optimizer and its STEP_WORK hyperparameters, from `values` (a mapping; a value missing or
+    NaN is the optimizer's default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(HYPERPARAMETERS[Optimizer(optimizer)])}
+    work = [optimizer]
+    for name, reads in STEP_WORK.items():
+        if name in accepted(optimizer):
+            value = values.get(name)
+            work.append(reads(defaults[name] if value is None or pd.isna(value) else value))
+    return tuple(work)
+
+
+def cost_setting(row) -> str | None:
+    """The label of `timing.SETTINGS` that times the step a best-hyperparameters row ran: the one of
+    the same `step_work` (sgd with momentum is sgd-momentum, ngd's Fisher picks ngd-exact or ngd-mc,
+    a K-FAC run refreshing every 10 steps is kfac); None where no label times that step."""
+    work = step_work(row["optimizer"], row)
+    return next((label for label, (optimizer, values) in timing.SETTINGS.items()
+                 if step_work(optimizer, values) == work), None)
 
 
 def to_html(frame: pd.DataFrame, digits: int = 4) -> str:
