@@ -7,6 +7,7 @@
     natgrad grid --task T --optimizers sgd,ngd,ef,... [--framework F] [--lrs=START:STOP:NUM]
                  [--dampings=START:STOP:NUM] [--steps ..] [--logit-clip paper|none] [--checkpoints FOLDER]
                  --out FILE
+    (and more options: `natgrad run --help`, `natgrad grid --help`)
 
 FILE ends in .csv or .parquet and is written atomically. Bad input (an unknown name, a negative lr,
 numpy on a network task, cuda without a GPU, ...) exits with status 2 and one line on stderr naming

@@ -6,7 +6,8 @@ median of `repeats` samples taken, the step's and the gradient's in turn (`alter
 each sample after a moment of untimed calls of its own where a longer call ran before it (SETTLE_S).
 Cost in gradient-equivalents = time(step) / time(gradient) on the same task, framework, device.
 The asv suite (benchmarks/), the cost script (scripts/step_cost.py) and the pipeline's timing rules
-all time through here, on the problem `mlp_problem` builds and with the settings in `SETTINGS`.
+all time through here, with the settings in `SETTINGS`: on the MLP `mlp_problem` builds (asv, the
+script, the scaling rule) or on a task's own model (`task_problem`, the cost rule).
 
 Peers, the libraries users would otherwise pick, are timed the same way on the same parameters and
 batch (`peer_step_call`): torch.optim.SGD/Adam (foreach), optax.sgd/adam (jitted), and kfac-jax's
@@ -486,7 +487,7 @@ def task_problem(task: str, seed: int = 0):
     return task, task.problem, models.init_params(task.problem.model, seed), (train.X[rows], train.y[rows])
 
 
-COST_REPEATS = 10  # samples per median: a digits-mlp or mnist1d-mlp cost table in ~10-20 s on 2 CPU cores
+COST_REPEATS = 10  # samples per median: a digits-mlp or mnist1d-mlp cost table in ~5-10 s on 2 CPU cores
 COST_BUDGET_S = 1.5  # seconds of samples per setting at most (3 samples at least; see affordable_repeats)
 
 
@@ -603,7 +604,7 @@ def scaling_table(framework, device="cpu", widths: Iterable[int] = (64, 128, 256
     (`mlp_problem`); rows that show outside load are measured again, as in `cost_table`. The
     scaling figure fits log-log slopes to it. The defaults (5 settings, 6 grid points, 5 samples
     each) take about half a minute for torch on 2 idle CPU cores; jax pays one compilation per
-    setting and grid point on top (about 2.5 minutes for 4 x 3 points)."""
+    setting and grid point on top (about 1.5 minutes for 4 x 3 points)."""
     import pandas as pd
 
     widths, batch_sizes, labels = list(widths), list(batch_sizes), list(settings)

@@ -4,7 +4,8 @@ Prints, on the MLP of `natgrad_impls.timing.mlp_problem` (784-128-10 relu, 101,7
 batch 128, float32 by default), with the settings of `timing.SETTINGS`:
   - every optimizer's step in gradient-equivalents, time(step) / time(mini-batch gradient)
     (targets on CPU: ef and ngd-mc <= 4, kfac (period 10) <= 3, below kfac's arithmetic floor of
-    4.5 on this MLP (`kfac_floor` below); ngd-exact ~ classes x ngd-mc);
+    4.5 on this MLP (`kfac_floor` below); ngd-exact 7 to 39 x ngd-mc on a 2-core CPU: classes - 1
+    times its columns, and a Cholesky that grows with their cube);
   - for torch, the operators a step dispatches over the gradient's (`timing.torch_ops`): kernel
     launches bound a small model's step on a GPU, so this predicts gradient-equivalents there;
   - for kfac, its arithmetic floor in the same unit (`timing.kfac_floor`: multiply-adds of the

@@ -1,7 +1,7 @@
 """Parameters and helpers shared by the benchmark classes.
 
 NATGRAD_ASV_QUICK=1 shrinks every parameter list to its smallest useful point (one tiny MLP, few
-training steps, one sample per timing), so that `make test` can run the whole suite once in about a
+training steps, two samples per timing), so that `make test` can run the whole suite once in about a
 minute and fail on a broken benchmark; the numbers it produces mean nothing. Without it, the sizes
 are those of the report (`small` is the MLP of scripts/step_cost.py). NATGRAD_ASV_DEVICES=cuda (a
 comma list) keeps only those devices, so that a GPU machine spends its time on cuda alone;

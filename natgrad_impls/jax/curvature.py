@@ -347,8 +347,8 @@ def _damped_inverse(matrix: jax.Array, shift) -> jax.Array:
 
     Not cho_solve(L, I): jax has no LAPACK potri, and the two n x n triangular solves of cho_solve
     run on one thread on the CPU (natgrad_impls.jax keeps jaxlib's LAPACK there); L^-1 by blocks
-    puts most of the work into XLA's matrix products instead: 21-25 -> 13-17 ms for a 785 x 785
-    float32 K-FAC factor on 2 cores."""
+    puts most of the work into XLA's matrix products instead: about half cho_solve's time for a
+    785 x 785 float32 K-FAC factor on 2 cores (5 against 9.5 ms)."""
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     inverse = _lower_triangular_inverse(jnp.linalg.cholesky(matrix + shift * eye))
     return inverse.T @ inverse
