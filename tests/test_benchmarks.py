@@ -127,7 +127,7 @@ def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, 
     assert common.SIZES == {"small": (defaults["width"].default, defaults["batch_size"].default), "large": (512, 256)}
     assert (common.DTYPE, common.REPEATS, common.SETTINGS) == (config["dtype"], config["repeats"], config["settings"])
     assert common.FRAMEWORKS == config["frameworks"] and common.DEVICES == ["cpu", "cuda"]
-    assert common.SWEEP_SETTINGS == config["scaling"]["settings"]
+    assert common.SWEEP_SETTINGS == config["scaling"]["settings"] == list(timing.SCALING_SETTINGS)
     assert common.SWEEP_WIDTHS == config["scaling"]["widths"] + [1024]
     assert common.SWEEP_BATCH_SIZES == config["scaling"]["batch_sizes"]
     assert _common(monkeypatch, "1").SIZES == {"tiny": (32, 32)}

@@ -54,7 +54,7 @@ if not (_ROUNDS.isdigit() and int(_ROUNDS) >= 1):
     raise ValueError(f"NATGRAD_ASV_ROUNDS: {_ROUNDS!r} is not a whole number of at least 1")
 ROUNDS = int(_ROUNDS)
 # The scaling sweep (width x batch size) of the report's cost figures, a few settings only.
-SWEEP_SETTINGS = ["kfac"] if QUICK else ["sgd", "adam", "ef", "ngd-mc", "kfac"]
+SWEEP_SETTINGS = ["kfac"] if QUICK else list(timing.SCALING_SETTINGS)
 SWEEP_WIDTHS = [32] if QUICK else [64, 128, 256, 512, 1024]
 SWEEP_BATCH_SIZES = [32] if QUICK else [32, 128, 512]
 
