@@ -378,7 +378,7 @@ def test_paper_grid_is_the_default():
     args = cli._parser().parse_args(["grid", "--task", "wine", "--out", "x.csv"])
     assert grid.parse_bounds(args.lrs, "lrs") == grid.PAPER_LRS
     assert grid.parse_bounds(args.dampings, "dampings") == grid.PAPER_DAMPINGS
-    assert args.optimizers == "sgd,ngd,ef" and args.framework == "numpy"
+    assert args.optimizers == "sgd,ngd,ef" and args.framework == "numpy" and args.repeats == grid.DEFAULT_REPEATS
 
 
 def test_validation_names_the_field():
