@@ -111,6 +111,14 @@ def _common(monkeypatch, quick=None, devices=None):
     return common
 
 
+def test_every_optimizer_has_a_timed_setting():
+    """The cost tables, the asv suite and the summary's cost column time the labels of
+    timing.SETTINGS: an optimizer without one would have no cost anywhere, without a word."""
+    from natgrad_impls.names import Optimizer
+
+    assert {Optimizer(optimizer) for optimizer, _ in timing.SETTINGS.values()} == set(Optimizer)
+
+
 @pytest.mark.parametrize("quick", [None, "0"])
 def test_a_full_asv_run_times_what_the_pipeline_and_the_readme_say(monkeypatch, quick):
     """Without NATGRAD_ASV_QUICK (or with 0) the suite times the pipeline's settings (config.yaml's
