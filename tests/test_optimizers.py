@@ -426,11 +426,12 @@ def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monke
 
 
 @pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
-def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(monkeypatch, optimizer, hp, programs):
-    """lr and damping are data of a jax step, not constants compiled into it: a step compiled for
-    one setting, given the state of another, compiles nothing and computes what that setting's own
-    step computes, bit for bit. One program then serves a whole tuning grid, which the pipeline's
-    persistent compilation cache turns into one compile per tune job. That own step is built
+def test_jax_steps_take_lr_and_damping_as_data_without_compiling(monkeypatch, optimizer, hp, programs):
+    """lr and damping are data of a jax step (scalars in the state), not constants compiled into it:
+    a step compiled for one setting, given a state that another setting's init made, compiles
+    nothing and computes what its own setting's step computes, bit for bit (the stepping optimizer
+    decides, as in torch). One program then serves a whole tuning grid, which the pipeline's
+    persistent compilation cache turns into one compile per tune job. The reference step is built
     unshared, from its hyperparameters as given (`_compiled` masks them for sharing)."""
     import natgrad_impls.jax as nj
     from natgrad_impls.jax import optimizers
@@ -448,15 +449,14 @@ def test_jax_steps_take_lr_and_damping_from_the_state_without_compiling(monkeypa
         borrowed = compiled.step(params, state, batch)
         jax.block_until_ready(borrowed)
     assert compiles == []
+    elsewhere = theirs.step(params, state, batch)[0]  # before the unshared builds below
     optimizers._shared.cache_clear()
     monkeypatch.setattr(optimizers, "_compiled", lambda h: h)
-    theirs = getattr(nj, optimizer)(PROBLEM, **other)
-    own = theirs.step(params, state, batch)
+    own = getattr(nj, optimizer)(PROBLEM, **hp).step(params, state, batch)
     for ours, reference in zip(jax.tree.leaves(borrowed[0]), jax.tree.leaves(own[0])):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
-    moved = compiled.step(params, compiled.init(params), batch)[0]  # and the setting does matter
-    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
-               for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(own[0])))
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0  # and the setting does matter
+               for a, b in zip(jax.tree.leaves(elsewhere), jax.tree.leaves(own[0])))
 
 
 @pytest.mark.parametrize("optimizer, hp, programs", JAX_STEP_CASES)
@@ -588,6 +588,31 @@ def test_adam_defaults_are_torch_optims_and_optaxs():
     assert (defaults["b1"], defaults["b2"]) == torch_adam["betas"].default == (optax_adam["b1"].default,
                                                                             optax_adam["b2"].default)
     assert defaults["eps"] == torch_adam["eps"].default == optax_adam["eps"].default
+
+
+@pytest.mark.parametrize("optimizer, theirs, ours", [
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, {"lr": 0.3, "momentum": 0.9}),
+    ("adam", {"lr": 0.1}, {"lr": 0.01}),
+    ("ef", {"lr": 0.1, "damping": 1e-2}, {"lr": 0.3, "damping": 1.0}),
+    ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc", "seed": 1}, {"lr": 0.3, "damping": 1.0, "fisher": "mc", "seed": 2}),
+    ("kfac", {"lr": 0.1, "damping": 1e-2, "seed": 1}, {"lr": 0.3, "damping": 1.0, "seed": 2}),
+])
+def test_the_optimizer_that_steps_decides_its_hyperparameters(impl, optimizer, theirs, ours):
+    """A state made by another optimizer's init (an lr schedule that rebuilds the optimizer) steps
+    with the stepping optimizer's lr, damping and seed, as its own state does: jax keeps them in the
+    state (one compiled program for every value), where they must not outlive the optimizer."""
+    x, y = make_data(PROBLEM, 16, seed=0)
+    params, batch = impl.params(models.init_params(PROBLEM.model, 1)), impl.batch(x, y)
+    stepping = getattr(impl.module, optimizer)(PROBLEM, **ours)
+    states = [stepping.init(params), getattr(impl.module, optimizer)(PROBLEM, **theirs).init(params)]
+    ends = []
+    for state in states:
+        p = params
+        for _ in range(2):  # (K-FAC: a refresh, then a step with the inverses kept)
+            p, state, _ = stepping.step(p, state, batch)
+        ends.append(impl.numpy(p))
+    for k in ends[0]:
+        np.testing.assert_array_equal(ends[1][k], ends[0][k], err_msg=k)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ at the parameters the step started from and the gradient norm. `step` is one jit
 the problem and the hyperparameters closed over (static), except those that the runs of a tuning job
 vary, lr, damping and the MC label sampler's seed: they are scalars in the state (as
 optax.inject_hyperparams keeps them), so that one compiled program serves every value and the
-pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
+pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting.
+The optimizer's own values replace a state's at each step, so that, as in torch, the optimizer
+that steps decides them (`_with_own_hyperparameters`). The
 jitted programs are built once per problem and compiled hyperparameters (`_shared`), so that the
 runs of one process (a tuning job's settings and seeds) reuse them, traced and compiled, instead of
 tracing, lowering and reading back the same program every run (on digits-mlp, 0.07 s a run for sgd
@@ -84,6 +86,21 @@ def _traced(h, params: dict, *names: str) -> dict:
     return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=dtype(name)) for name in names}
 
 
+def _with_own_hyperparameters(compiled, h, *names: str):
+    """`compiled`'s step with this optimizer's traced `names` in place of the state's: a state made by
+    another optimizer's init (an lr schedule that rebuilds the optimizer each step) steps with this
+    optimizer's values, as in torch, not the ones its init put in the state. Made at the first step,
+    placed like the parameters; the same pytree, so the same compiled program."""
+    own = {}
+
+    def step(params, state, batch):
+        if not own:
+            own.update(_traced(h, params, *names))
+        return compiled(params, state._replace(hyperparameters=own), batch)
+
+    return step
+
+
 def _damping(h, state):
     """The traced damping, or a Python 0.0: zero damping selects the dense solve at trace time
     (curvature.FactorCurvature), so it stays a constant of its own program."""
@@ -138,7 +155,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         momentum = {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None
         return SGDState(_counter(params), momentum, _traced(h, params, "lr"))
 
-    return FunctionalOptimizer(init, _shared(_sgd_step, problem, _compiled(h)), h)
+    return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_sgd_step, problem, _compiled(h)), h, "lr"), h)
 
 
 def _sgd_step(problem: Problem, h: hp.SGD):
@@ -170,7 +187,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
         return AdamState(_counter(params), zeros(), zeros(), _traced(h, params, "lr"))
 
-    return FunctionalOptimizer(init, _shared(_adam_step, problem, _compiled(h)), h)
+    return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_adam_step, problem, _compiled(h)), h, "lr"), h)
 
 
 def _adam_step(problem: Problem, h: hp.Adam):
@@ -199,7 +216,8 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
     def init(params):
         return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping", "seed"))
 
-    return FunctionalOptimizer(init, _shared(_natural_gradient_step, problem, _compiled(h), curvature), h)
+    compiled = _shared(_natural_gradient_step, problem, _compiled(h), curvature)
+    return FunctionalOptimizer(init, _with_own_hyperparameters(compiled, h, "lr", "damping", "seed"), h)
 
 
 def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: Curvature):
@@ -263,12 +281,14 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
         return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping", "seed"))
 
-    compiled_step = _shared(_kfac_step, problem, _compiled(h))
+    compiled_step, own = _shared(_kfac_step, problem, _compiled(h)), {}
 
     def step(params, state, batch):
         count = int(state.step)  # (a Python int again where a caller moved the state to a device)
         refresh = count % h.kfac_update_period == 0
-        new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
+        if not own:  # this optimizer's lr, damping and seed, not those a state brings (_with_own_hyperparameters)
+            own.update(_traced(h, params, "lr", "damping", "seed"))
+        new, state, info = compiled_step(params, state._replace(step=None, hyperparameters=own), batch, refresh=refresh)
         return new, state._replace(step=count + 1), info
 
     return FunctionalOptimizer(init, step, h)
