@@ -151,13 +151,36 @@ class Problem:
     logit_clip: float | None = None
 
     def __post_init__(self):
+        if not isinstance(self.model, Model):  # (a torch.nn.Module, say: it would fail at the first step)
+            raise TypeError(f"model: a natgrad_impls.models.Model (linear, mlp, cnn or Model(layers, input_shape)), "
+                            f"not {type(self.model).__name__}")
         object.__setattr__(self, "likelihood", parse(Likelihood, self.likelihood, "likelihood"))
         if self.logit_clip is not None and self.likelihood != Likelihood.BERNOULLI:
             raise ValueError(f"logit_clip: only the bernoulli likelihood clips, not {self.likelihood}")
 
+    def check_targets(self, f_shape, y_shape, y_integer: bool) -> None:
+        """A ValueError naming the batch's y where it does not fit the outputs f (N x k): y of f's
+        shape with gaussian and bernoulli (a y of (N,) would broadcast against f to N x N), integer
+        class labels of shape (N,) with categorical. Shapes and dtypes only: no host sync, and in
+        jax nothing traced."""
+        if self.likelihood == Likelihood.CATEGORICAL:
+            if tuple(y_shape) != tuple(f_shape[:-1]) or not y_integer:
+                raise ValueError(f"batch: y must be integer class labels of shape {tuple(f_shape[:-1])} for a "
+                                 f"categorical likelihood, not {'integer' if y_integer else 'float'} of {tuple(y_shape)}")
+        elif tuple(y_shape) != tuple(f_shape):
+            raise ValueError(f"batch: y must have the outputs' shape {tuple(f_shape)} for a {self.likelihood} "
+                             f"likelihood, not {tuple(y_shape)}")
+
 
 # The paper code clips the Bernoulli mean to [1e-8, 1 - 1e-8]; on the logit that is +-this.
 KUNSTNER_LOGIT_CLIP = math.log((1 - 1e-8) / 1e-8)
+
+
+def check_inputs(x_dtype, param_dtype) -> None:
+    """A ValueError naming the batch's x where its dtype is not the parameters' (torch would stop at
+    the first product, jax would promote the step to float64 and return float64 parameters)."""
+    if x_dtype != param_dtype:
+        raise ValueError(f"batch: x is {x_dtype} and the parameters are {param_dtype}: give them one dtype")
 
 
 def logit_clip_name(problem: Problem) -> str | None:

@@ -402,6 +402,7 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     x, y = batch
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
+    M.check_targets(problem, f, y)  # (before the residuals, which would broadcast a y of the wrong shape)
     deltas = pullback(_cotangents(problem, f, y, curvature, samples, key))
     if curvature == Curvature.EMPIRICAL:
         factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, layer_name
+from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, check_inputs, layer_name
 from natgrad_impls.names import Activation, Likelihood
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.TANH: jnp.tanh, Activation.SIGMOID: jax.nn.sigmoid}
@@ -47,6 +47,7 @@ def _patches(h: jax.Array, layer: Conv2d) -> jax.Array:
 def forward(model: Model, params: dict, x: jax.Array, perturbations: dict | None = None):
     """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
     unfolded patches N x T x in*k*k'; ' = with the bias column)."""
+    check_inputs(x.dtype, next(iter(params.values())).dtype)
     inputs = {}
     h = x
     for index, layer in enumerate(model.layers):
@@ -97,8 +98,14 @@ def clip_logits(problem: Problem, f: jax.Array) -> jax.Array:
     return jnp.clip(held, -problem.logit_clip, problem.logit_clip) + (f - held)
 
 
+def check_targets(problem: Problem, f: jax.Array, y: jax.Array) -> None:
+    """`Problem.check_targets` on the outputs f and the batch's y (shapes and dtypes: at trace time)."""
+    problem.check_targets(f.shape, y.shape, jnp.issubdtype(y.dtype, jnp.integer))
+
+
 def nll(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
     """Per-example negative log-likelihood (N,), summed over output dimensions."""
+    check_targets(problem, f, y)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, layer_name
+from natgrad_impls.models import Act, Conv2d, Dense, Flatten, MaxPool2d, Model, Problem, check_inputs, layer_name
 from natgrad_impls.names import Activation, Likelihood
 
 _ACTIVATIONS = {Activation.RELU: torch.relu, Activation.TANH: torch.tanh, Activation.SIGMOID: torch.sigmoid}
@@ -38,6 +38,7 @@ def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = N
     output, differentiable: the first one is made a leaf that requires grad, so that autograd
     records the rest of the model from it and nothing before it. (Without them nothing is
     augmented or unfolded: the plain gradient, the unit of cost, does no more than it needs.)"""
+    check_inputs(x.dtype, next(iter(params.values())).dtype)
     h = x
     for index, layer in enumerate(model.layers):
         name = layer_name(index, layer)
@@ -75,8 +76,14 @@ def clip_logits(problem: Problem, f: torch.Tensor) -> torch.Tensor:
     return f.detach().clamp(-problem.logit_clip, problem.logit_clip) + (f - f.detach())
 
 
+def check_targets(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> None:
+    """`Problem.check_targets` on the outputs f and the batch's y."""
+    problem.check_targets(f.shape, y.shape, not y.is_floating_point())
+
+
 def nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example negative log-likelihood (N,), summed over output dimensions."""
+    check_targets(problem, f, y)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:
@@ -89,6 +96,7 @@ def mean_nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     """The batch's mean NLL. Categorical: cross_entropy's own mean reduction, which saves a mean
     and its backward (two of the ~20 kernels of an sgd step, where a GPU step is launch-bound)."""
     if problem.likelihood == Likelihood.CATEGORICAL:
+        check_targets(problem, f, y)
         return F.cross_entropy(f, y)
     return nll(problem, f, y).mean()
 
