@@ -287,6 +287,20 @@ def test_a_step_names_what_is_wrong_with_its_batch(impl, bad, optimizer):
         opt.step(params, opt.init(params), batch)
 
 
+@pytest.mark.parametrize("layer", ["dense2.bias", "conv0.bias"])
+def test_parameters_missing_a_bias_are_refused_not_run_without_it(impl, layer):
+    """torch's F.linear and F.conv2d take a bias of None: looked up with .get, a missing one had run
+    a bias-free model without a word (jax's lookup raised)."""
+    problem = PROBLEMS["cnn-categorical"] if layer.startswith("conv") else PROBLEMS["mlp-categorical"]
+    every = models.init_params(problem.model, 0)
+    assert layer in every
+    params = {k: v for k, v in every.items() if k != layer}
+    x, y = make_data(problem, 4)
+    opt = impl.module.sgd(problem, lr=0.1)
+    with pytest.raises(KeyError, match=layer):
+        opt.step(impl.params(params), opt.init(impl.params(params)), impl.batch(x, y))
+
+
 def test_problem_rejects_clipping_outside_bernoulli():
     with pytest.raises(ValueError, match="logit_clip"):
         models.Problem(models.linear(2), "gaussian", logit_clip=1.0)

@@ -45,12 +45,13 @@ def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = N
         if isinstance(layer, Dense):
             if inputs is not None:
                 inputs[name] = _augment(h, layer.bias)
-            h = F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
+            h = F.linear(h, params[f"{name}.weight"], params[f"{name}.bias"] if layer.bias else None)
         elif isinstance(layer, Conv2d):
             if inputs is not None:
                 patches = F.unfold(h, layer.kernel_size, padding=layer.padding, stride=layer.stride)
                 inputs[name] = _augment(patches.transpose(1, 2), layer.bias)
-            h = F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), layer.stride, layer.padding)
+            bias = params[f"{name}.bias"] if layer.bias else None  # (a missing bias is a KeyError, as in jax)
+            h = F.conv2d(h, params[f"{name}.weight"], bias, layer.stride, layer.padding)
         elif isinstance(layer, Act):
             h = _ACTIVATIONS[layer.kind](h)
         elif isinstance(layer, MaxPool2d):
