@@ -20,8 +20,9 @@ def _check(condition: bool, name: str, value, requirement: str) -> None:
 
 
 def is_finite_number(value) -> bool:
-    """A finite int or float, not a bool: an int to Python, but `"lr": true` is a mistake, not lr 1."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (a Python or NumPy int or float: numbers.Real), not a bool: an int to
+    Python, but `"lr": true` is a mistake, not lr 1."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_integer(value) -> bool:

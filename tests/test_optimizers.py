@@ -544,6 +544,17 @@ def test_the_closed_ends_of_each_range_are_accepted(framework, optimizer, hp):
     make_optimizer(framework, optimizer, PROBLEMS["logistic"], **hp)
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
+def test_numpy_scalars_are_numbers(framework):
+    """A NumPy float32 lr or int64 period (a value read from an array) is a number; a NumPy bool is
+    not: `lr: np.float32(0.1) must be a finite number` contradicted itself."""
+    opt = make_optimizer(framework, "kfac", PROBLEMS["logistic"], lr=np.float32(0.1), damping=np.float64(1e-3),
+                         kfac_update_period=np.int64(2), kfac_ema=np.float32(0.5))
+    assert opt.hyperparameters.lr == np.float32(0.1)
+    with pytest.raises(ValueError, match=r"^lr: "):
+        make_optimizer(framework, "sgd", PROBLEMS["logistic"], lr=np.bool_(True))
+
+
 @pytest.mark.parametrize("optimizer", list(Optimizer))
 def test_every_framework_takes_the_hyperparameters_the_runner_passes(optimizer):
     """`runner.accepted` (what the runner, grid and CLI pass) is numpy's signature; torch's and jax's
