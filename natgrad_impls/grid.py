@@ -252,7 +252,7 @@ class _JaxBackend(_Backend):
         self._mc_sampler, self._flat_draw = optimizers.mc_sampler, model.flat_draw
         self._inverse = jax.jit(jax.vmap(curvature._damped_inverse, in_axes=(None, 0)))
         self._solve = jax.jit(self._damped_solve)
-        self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+        self.device = model.jax_device(device)
         self.dtype = getattr(jnp, dtype.value)
 
     def asarray(self, a):

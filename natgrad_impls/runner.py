@@ -375,11 +375,11 @@ class _JaxIO:
         import jax
         import jax.numpy as jnp
 
-        import natgrad_impls.jax  # noqa: F401  (turns on x64 before any array is placed: int64 labels stay int64)
+        import natgrad_impls.jax as nj  # (turns on x64 before any array is placed: int64 labels stay int64)
 
         self.jax, self.jnp = jax, jnp
         self.problem = problem
-        self.device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+        self.device = nj.jax_device(device)
         self.dtype = getattr(jnp, dtype.value)
         self.np_dtype = np.dtype(dtype.value)
 

@@ -205,7 +205,7 @@ def _framework_io(framework: Framework, device: Device, dtype: DType):
 
         import natgrad_impls.jax as nj
 
-        jax_device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+        jax_device = nj.jax_device(device)
         jax_dtype = getattr(jnp, dtype.value)
         put = lambda a, t=None: jax.device_put(jnp.asarray(a, dtype=t), jax_device)
 
@@ -709,6 +709,7 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     import jax
     import jax.numpy as jnp
 
+    import natgrad_impls.jax as nj
     from natgrad_impls.hyperparameters import KFAC
     from natgrad_impls.kfac_jax_compat import import_kfac_jax
 
@@ -719,7 +720,7 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     device, dtype = parse(Device, device, "device"), parse(DType, dtype, "dtype")
     h = KFAC(**hyperparameters)
     fisher = {Fisher.MC: "fisher_gradients", Fisher.EXACT: "fisher_exact"}[h.fisher]
-    jax_device = jax.devices("gpu" if device == Device.CUDA else "cpu")[0]
+    jax_device = nj.jax_device(device)
     put = lambda a, t=getattr(jnp, dtype.value): jax.device_put(jnp.asarray(a, dtype=t), jax_device)
     layers = [name for name, _ in model.parametric()]
     activations = [layer for layer in model.layers if not isinstance(layer, models.Dense)]

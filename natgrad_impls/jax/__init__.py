@@ -32,10 +32,11 @@ def _one_thread_for_scipy_openblas() -> None:
 
 _one_thread_for_scipy_openblas()
 
-from natgrad_impls.jax.model import loss, output, to_jax  # noqa: E402
+from natgrad_impls.jax.model import jax_device, loss, output, to_jax  # noqa: E402
 from natgrad_impls.jax.optimizers import FunctionalOptimizer, adam, ef, kfac, ngd, sgd  # noqa: E402
 from natgrad_impls.names import Optimizer  # noqa: E402
 
 OPTIMIZERS = {Optimizer.SGD: sgd, Optimizer.ADAM: adam, Optimizer.EF: ef, Optimizer.NGD: ngd, Optimizer.KFAC: kfac}
 
-__all__ = ["OPTIMIZERS", "FunctionalOptimizer", "adam", "ef", "kfac", "loss", "ngd", "output", "sgd", "to_jax"]
+__all__ = ["OPTIMIZERS", "FunctionalOptimizer", "adam", "ef", "jax_device", "kfac", "loss", "ngd", "output", "sgd",
+           "to_jax"]

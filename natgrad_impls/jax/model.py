@@ -21,9 +21,17 @@ _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.TANH: jnp.tanh, Activat
 _CONV_LAYOUT = ("NCHW", "OIHW", "NCHW")
 
 
+def jax_device(device: str | jax.Device | None) -> jax.Device | None:
+    """The jax device of the suite's device name (cpu, or cuda: jax's first GPU), or `device` itself."""
+    if not isinstance(device, str):
+        return device
+    return jax.devices("gpu" if device == "cuda" else device)[0]
+
+
 def to_jax(arrays: dict, device=None, dtype=jnp.float64) -> dict[str, jax.Array]:
-    """`arrays` (numpy, e.g. models.init_params) as jax arrays on `device` in `dtype`; to_torch takes the same."""
-    return {name: jax.device_put(jnp.asarray(value, dtype=dtype), device) for name, value in arrays.items()}
+    """`arrays` (numpy, e.g. models.init_params) as jax arrays on `device` (cpu, cuda, a jax.Device or
+    None: jax's default) in `dtype`, as to_torch takes them."""
+    return {name: jax.device_put(jnp.asarray(value, dtype=dtype), jax_device(device)) for name, value in arrays.items()}
 
 
 def _augment(a: jax.Array, bias: bool) -> jax.Array:
