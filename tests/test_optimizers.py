@@ -544,6 +544,20 @@ def test_the_closed_ends_of_each_range_are_accepted(framework, optimizer, hp):
     make_optimizer(framework, optimizer, PROBLEMS["logistic"], **hp)
 
 
+@pytest.mark.parametrize("optimizer, hp", [(o, hp) for o, hp, _ in JAX_STEP_CASES])
+def test_torch_steps_leave_no_graph_behind_on_parameters_that_require_grad(optimizer, hp):
+    """A module's parameters require grad: each step's update, recorded by autograd, chained every
+    earlier step into the new parameters' graph (memory growing with the steps)."""
+    x, y = make_data(PROBLEM, 8)
+    impl = TorchImpl()
+    params = {k: v.requires_grad_() for k, v in impl.params(models.init_params(PROBLEM.model, 1)).items()}
+    opt = getattr(impl.module, optimizer)(PROBLEM, **hp)
+    state = opt.init(params)
+    for _ in range(3):
+        params, state, _ = opt.step(params, state, impl.batch(x, y))
+    assert all(p.grad_fn is None and not p.requires_grad for p in params.values())
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
 def test_numpy_scalars_are_numbers(framework):
     """A NumPy float32 lr or int64 period (a value read from an array) is a number; a NumPy bool is

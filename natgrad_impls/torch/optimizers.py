@@ -47,8 +47,11 @@ class KFACState(NamedTuple):
     G_inv: dict | None
 
 
+@torch.no_grad()
 def _descend(params: dict, direction: dict, lr: float) -> dict:
-    """params - lr direction, one foreach op over all tensors (one kernel per step on a GPU)."""
+    """params - lr direction, one foreach op over all tensors (one kernel per step on a GPU); out of
+    autograd's sight, so that parameters that require grad (a module's) do not chain every step's
+    update into one growing graph."""
     names = list(params)
     return dict(zip(names, torch._foreach_add([params[k] for k in names], [direction[k] for k in names], alpha=-lr)))
 
@@ -111,7 +114,8 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         denominator = torch._foreach_sqrt(v)
         torch._foreach_div_(denominator, math.sqrt(c2))
         torch._foreach_add_(denominator, h.eps)
-        new = torch._foreach_addcdiv([params[k] for k in names], m, denominator, value=-h.lr / c1)
+        with torch.no_grad():  # (as _descend)
+            new = torch._foreach_addcdiv([params[k] for k in names], m, denominator, value=-h.lr / c1)
         state = AdamState(t, dict(zip(names, m)), dict(zip(names, v)))
         return dict(zip(names, new)), state, {"loss": value, "grad_norm": C.total_norm(g)}
 
