@@ -143,8 +143,9 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
     """NGD preconditioned by the damped empirical Fisher.
 
     theta <- theta - lr (EF + damping I)^-1 g,  EF = (1/N) sum_n g_n g_n^T,
-    g_n the gradient of example n's own NLL (the l2 term enters g, never EF). Woodbury on the N
-    per-example gradients (Gram matrix from layer inputs and output gradients) unless D <= N.
+    g_n the gradient of example n's own NLL (the l2 term enters g, never EF), over the step's batch
+    of N examples (g and EF from the same batch). Woodbury on the N per-example gradients (Gram
+    matrix from layer inputs and output gradients) unless D <= N.
     """
     return _natural_gradient(problem, hp.NaturalGradient(lr, damping), Curvature.EMPIRICAL)
 
@@ -154,7 +155,8 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
         seed: int = 0) -> FunctionalOptimizer:
     """NGD preconditioned by the damped true Fisher.
 
-    theta <- theta - lr (F + l2 I + damping I)^-1 g,  F = (1/N) sum_n J_n^T Lambda_n J_n.
+    theta <- theta - lr (F + l2 I + damping I)^-1 g,  F = (1/N) sum_n J_n^T Lambda_n J_n over the
+    step's batch of N examples (g and F from the same batch), J_n the Jacobian of example n's outputs.
     fisher="exact": Lambda_n in closed form (a root of k columns per example, k the outputs, or
     k - 1 for k classes: its rank);
     fisher="mc": (1/S) sum_s r_s r_s^T with r_s the residual at a label drawn from the model
@@ -174,7 +176,10 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
     (X_0 = the first batch's); every `kfac_update_period` steps (from step 0) the damped inverses
     are refreshed with factored Tikhonov damping pi; the update is
     W' <- W' - lr (G + sqrt(lambda)/pi I)^-1 grad_W' (A + pi sqrt(lambda) I)^-1, lambda = damping + l2,
-    W' = [W | b] the bias-augmented weight.
+    W' = [W | b] the bias-augmented weight, pi = sqrt((tr A / dim A) / (tr G / dim G)). E[.] is the
+    mean over the step's batch (a convolution's A sums over positions, its G averages over them);
+    MC labels are `samples` per example, their G averaged, drawn from (seed, step) by the
+    framework's own sampler (torch's and jax's draws differ).
     """
     h = hp.KFAC(lr, damping, kfac_update_period, kfac_ema, fisher, samples, seed)
     curvature = Curvature(h.fisher.value)
