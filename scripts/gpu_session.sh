@@ -20,7 +20,7 @@
 #   asv       the asv suite's cuda parameters
 #   pipeline  the default pipeline's timing rules on cpu and cuda
 # A device lease is short (minutes, machine start included), so every part is stopped when the
-# budget runs out, keeping what it finished: step_cost.py rewrites its table after each round.
+# budget runs out, keeping what it finished: step_cost.py rewrites its table after each row.
 # $OUT/check_<gpu>.txt says what ran, for how long and how it ended. Each part installs .whl/ first
 # (into /tmp/site, nothing outside it), so each can run on a fresh machine. The machine's own torch
 # and jax are used, whatever their versions: the files record them.

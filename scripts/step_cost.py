@@ -22,7 +22,9 @@ the rounds, ratios of the per-round ratios: step_s / gradient_s can differ from 
 by a few percent.
 `--rounds R` builds every step once (jax compiles once), times them all R times in turn and
 reports the median of the rounds (the machine may be shared: rounds spread a burst of load over
-several samples); `--out` is rewritten after every round, so a run stopped early keeps its rounds.
+several samples); `--out` is rewritten after every row a round times (its `rounds` column says how
+many rounds a row has), so a run stopped early keeps what it timed, and a setting that fails is
+reported and left out of the table.
 
     python scripts/step_cost.py [--frameworks torch,jax] [--device cpu|cuda] [--dtype float32]
         [--repeats 30] [--rounds 1] [--settings sgd,adam,...] [--sizes 40,128,10] [--out results/step_cost.csv]
@@ -64,29 +66,39 @@ class _Measurement(NamedTuple):
 
 def _measurements(frameworks, settings, device, dtype, problem, params, batch, peers) -> list[_Measurement]:
     """One per (framework, setting), each call built once (jax compiles here and in no later round:
-    on a GPU, compiling costs more than timing)."""
+    on a GPU, compiling costs more than timing). One that fails to build is reported and left out:
+    a table without it is worth more than none (on a borrowed GPU, a rerun may not be possible)."""
     measurements = []
     for framework in frameworks:
         grad = timing.gradient_call(framework, problem, params, batch, device, dtype)
         for label in settings:
-            optimizer, hp = timing.setting(label)
-            step = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
-            counts, inverse = {}, None
-            if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
-                counts["ops_over_gradient"] = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)["ops_over_gradient"]
-            if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor), and the inversion alone
-                floor = timing.kfac_floor(problem.model, len(batch[0]), step[2])
-                counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
-                inverse = timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
-            peer_calls = {}
-            for peer in _peers(optimizer, framework) if peers else ():
-                try:
-                    peer_calls[PEER_COLUMN[peer]] = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
-                except Exception as error:  # (kfac-jax is a test extra) one peer must not cost the table
-                    print(f"skipping {peer}: {type(error).__name__}: {error}")
-            row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer, setting=label)
-            measurements.append(_Measurement(row, counts, step, grad, inverse, peer_calls))
+            try:
+                measurements.append(_measurement(framework, label, grad, device, dtype, problem, params, batch, peers))
+            except Exception as error:
+                print(f"skipping {framework} {label}: {type(error).__name__}: {error}", flush=True)
     return measurements
+
+
+def _measurement(framework, label, grad, device, dtype, problem, params, batch, peers) -> _Measurement:
+    optimizer, hp = timing.setting(label)
+    step = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
+    counts, inverse = {}, None
+    if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
+        counts["ops_over_gradient"] = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)["ops_over_gradient"]
+    if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor), and the inversion alone
+        floor = timing.kfac_floor(problem.model, len(batch[0]), step[2])
+        counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])
+        inverse = timing.kfac_inverse_call(framework, problem, params, batch, device, dtype, hp["damping"])
+    peer_calls = {}
+    for peer in _peers(optimizer, framework) if peers else ():
+        try:  # built and called once: a peer that fails (kfac-jax is a test extra) must not cost the row
+            call, sync, period = timing.peer_step_call(peer, problem, params, batch, device, dtype, **hp)
+            sync(call())
+            peer_calls[PEER_COLUMN[peer]] = (call, sync, period)
+        except Exception as error:
+            print(f"skipping {peer}: {type(error).__name__}: {error}", flush=True)
+    row = dict(framework=framework, device=device, dtype=dtype, optimizer=optimizer, setting=label)
+    return _Measurement(row, counts, step, grad, inverse, peer_calls)
 
 
 def _time_round(m: _Measurement, repeats: int, warmup_s: float) -> dict:
@@ -106,27 +118,37 @@ def _time_round(m: _Measurement, repeats: int, warmup_s: float) -> dict:
 
 
 def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, width=128, batch_size=128,
-               peers=True, sizes=None, rounds=1, on_round=None) -> pd.DataFrame:
+               peers=True, sizes=None, rounds=1, on_update=None) -> pd.DataFrame:
     """One row per (framework, setting): step_s, gradient_s, gradient_equivalents and, where a peer
     exists, the ratio of our step time to the peer's (`over_<peer>`, and the peer's time). Every
     call is built once, then all of them are timed `rounds` times in turn; each column is the median
-    over the rounds (of the per-round ratios for ratios), and `on_round(table)` is given the table
-    after every round, so that a run stopped early keeps the rounds it finished."""
+    over a row's rounds (of the per-round ratios for ratios; `rounds` says how many), and
+    `on_update(table)` is given the table after every measurement, so that a run stopped early keeps
+    every row it timed. A measurement that fails is reported and timed no more."""
     problem, params, batch = timing.mlp_problem(width, batch_size, sizes=sizes)
     # width: the widest hidden layer (0 for a model without one, not --width, which it does not have)
     shape = dict(width=max(sizes[1:-1], default=0) if sizes else width,
                  sizes="-".join(str(size) for size in (sizes or (784, width, 10))), batch_size=batch_size,
                  num_params=problem.model.num_params())
     measurements = _measurements(frameworks, settings, device, dtype, problem, params, batch, peers)
-    history = [[] for _ in measurements]  # per measurement, the times of each round
+    history, failed = [[] for _ in measurements], set()  # per measurement, the times of each round
+    table = pd.DataFrame()
     for done in range(1, rounds + 1):
-        for times, m in zip(history, measurements):
-            # later rounds find the calls warm
-            times.append(_time_round(m, repeats, timing.WARMUP_S if done == 1 else 0.0))
-        table = pd.DataFrame([{**m.row, **shape, **pd.DataFrame(times).median().to_dict(), **m.counts}
-                              for times, m in zip(history, measurements)]).assign(rounds=done)
-        if on_round:
-            on_round(table)
+        for index, (times, m) in enumerate(zip(history, measurements)):
+            if index in failed:
+                continue
+            try:  # later rounds find the calls warm
+                times.append(_time_round(m, repeats, timing.WARMUP_S if done == 1 else 0.0))
+            except Exception as error:
+                print(f"stopped timing {m.row['framework']} {m.row['setting']}: {type(error).__name__}: {error}",
+                      flush=True)
+                failed.add(index)
+                continue
+            table = pd.DataFrame([{**m.row, **shape, **pd.DataFrame(times).median().to_dict(), **m.counts,
+                                   "rounds": len(times)} for times, m in zip(history, measurements) if times])
+            print(f"round {done} of {rounds}: {m.row['framework']} {m.row['setting']} measured", flush=True)
+            if on_update:
+                on_update(table)
     return table
 
 
@@ -199,12 +221,8 @@ def main(argv=None):
         )
         keep(table)
     else:
-        def round_done(table):
-            print(f"round {table['rounds'].iloc[0]} of {args.rounds} measured", flush=True)
-            keep(table)
-
         table = cost_table(frameworks, settings, args.device, args.dtype, args.repeats, args.width, args.batch_size,
-                           not args.no_peers, sizes, args.rounds, round_done)
+                           not args.no_peers, sizes, args.rounds, keep)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False))
 

@@ -934,26 +934,61 @@ def _step_cost_script():
     return _script("step_cost")
 
 
-def test_step_cost_builds_each_step_once_and_keeps_every_round(monkeypatch):
-    """scripts/step_cost.py: the steps are built (compiled) once, not once per round; each finished
-    round reaches `on_round`; a K-FAC row also has its inversion's time and amortised share."""
+def test_step_cost_builds_each_step_once_and_keeps_every_measurement(monkeypatch):
+    """scripts/step_cost.py: the steps are built (compiled) once, not once per round; the table
+    reaches `on_update` after every measurement (a run stopped in its first round keeps the rows it
+    timed), each row with its own count of rounds; a K-FAC row also has its inversion's time and
+    amortised share."""
     step_cost = _step_cost_script()
     built = []
     step_call = timing.step_call
     monkeypatch.setattr(timing, "step_call", lambda *args, **kwargs: built.append(args[1]) or step_call(*args, **kwargs))
-    measure = lambda rounds, on_round=None: step_cost.cost_table(  # noqa: E731
+    measure = lambda rounds, on_update=None: step_cost.cost_table(  # noqa: E731
         ["torch"], ["sgd", "kfac"], repeats=2, peers=False, sizes=(6, 5, 3), batch_size=4, rounds=rounds,
-        on_round=on_round)
+        on_update=on_update)
     measure(1)
-    once, rounds = list(built), []
-    table = measure(3, rounds.append)
+    once, updates = list(built), []
+    table = measure(3, updates.append)
     assert set(once) == {"sgd", "kfac"} and built[len(once):] == once  # three rounds build what one does
-    assert [int(t["rounds"].iloc[0]) for t in rounds] == [1, 2, 3] and table is rounds[-1]
+    assert [list(t["rounds"]) for t in updates] == [[1], [1, 1], [2, 1], [2, 2], [3, 2], [3, 3]]
+    assert table is updates[-1]
     kfac = table.set_index("optimizer").loc["kfac"]
     assert 0 < kfac.inverse_share < 1 and kfac.inverse_s > 0
-    first = rounds[0]
+    first = updates[1]
     assert (first.gradient_equivalents == first.step_s / first.gradient_s).all()
     assert np.isnan(table.set_index("optimizer").loc["sgd", "inverse_s"])
+
+
+def test_step_cost_keeps_the_table_when_a_measurement_fails(monkeypatch, capsys):
+    """A setting that fails to build, one whose step fails while timed, and a peer whose first call
+    fails are reported and left out; the other rows are timed and kept (a borrowed GPU's one run)."""
+    step_cost = _step_cost_script()
+    step_call, peer_step_call, time_round = timing.step_call, timing.peer_step_call, step_cost._time_round
+
+    def failing_step_call(framework, optimizer, *args, **kwargs):
+        if optimizer == "ef":
+            raise RuntimeError("no ef here")
+        return step_call(framework, optimizer, *args, **kwargs)
+
+    def failing_peer(peer, *args, **kwargs):
+        call, sync, period = peer_step_call(peer, *args, **kwargs)
+        return (lambda: (_ for _ in ()).throw(RuntimeError("peer broke"))), sync, period
+
+    def failing_round(m, *args):
+        if m.row["setting"] == "adam":
+            raise RuntimeError("adam broke")
+        return time_round(m, *args)
+
+    monkeypatch.setattr(timing, "step_call", failing_step_call)
+    monkeypatch.setattr(timing, "peer_step_call", failing_peer)
+    monkeypatch.setattr(step_cost, "_time_round", failing_round)
+    updates = []
+    table = step_cost.cost_table(["torch"], ["sgd", "adam", "ef"], repeats=2, sizes=(6, 5, 3), batch_size=4,
+                                 rounds=2, on_update=updates.append)
+    said = capsys.readouterr().out
+    assert "skipping torch ef: RuntimeError: no ef here" in said and "skipping torch.optim.SGD: RuntimeError" in said
+    assert "stopped timing torch adam: RuntimeError: adam broke" in said
+    assert list(table["setting"]) == ["sgd"] and list(table["rounds"]) == [2] and "over_torch" not in table
 
 
 def test_step_cost_divides_each_row_by_its_own_frameworks_gradient(monkeypatch):
