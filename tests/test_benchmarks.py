@@ -1498,10 +1498,12 @@ def test_gpu_session_check_keeps_to_its_budget(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     (record,) = (tmp_path / "out").glob("check_*.txt")
-    assert [line.split(":")[0] for line in record.read_text().splitlines()] == [
-        "versions", "costs", "tests", "asv", "pipeline"]
+    parts = [line.split(":")[0] for line in record.read_text().splitlines() if not line.startswith("skipped")]
+    assert parts == ["versions", "costs", "tests", "pipeline", "asv"]
     skipped = re.findall(r"^skipped \(-?\d+ s left\): (\S+ \S+)", done.stdout, flags=re.M)
-    assert skipped == ["python3 scripts/step_cost.py"] * 2 + ["python3 -m", "asv run"] + ["snakemake --workflow-profile"] * 2, done.stdout
+    assert skipped == (["python3 scripts/step_cost.py"] * 2 + ["python3 -m"] + ["snakemake --workflow-profile"] * 2
+                       + ["asv run"]), done.stdout
+    assert record.read_text().count("skipped (") == 6  # said where the files come back, not only on stdout
 
 
 def test_gpu_session_hands_asv_its_path_and_times_cuda_first(tmp_path):
@@ -1528,14 +1530,16 @@ def test_gpu_session_hands_asv_its_path_and_times_cuda_first(tmp_path):
     assert all("--workflow-profile none" in line and "--until cost scaling" in line for line in pipeline), pipeline
 
 
-def test_gpu_session_check_times_cuda_alone_and_leaves_the_pipeline_its_share(tmp_path):
+def test_gpu_session_check_times_cuda_alone_and_gives_each_part_its_share(tmp_path):
     """`check` on a stand-in machine (torch and jax that see no GPU, recording stand-ins for
     step_cost.py, asv, snakemake and timeout): the costs are the header's MLPs on cuda, 784-1000-10
-    at batch 512 first; asv runs with NATGRAD_ASV_DEVICES=cuda every benchmark with cuda parameters
-    but the scaling sweep (half the suite's time), one round of Cost and OverPeer, within the budget
-    less the pipeline's quarter."""
+    at batch 512 first; each part ends at its share of the budget (35, 55, 75, 90 and 100%); the
+    pipeline runs the cost rule alone; asv, last, runs with NATGRAD_ASV_DEVICES=cuda every benchmark
+    with cuda parameters but the scaling sweep (half the suite's time), in quick mode, one round of
+    Cost and OverPeer."""
     calls = tmp_path / "calls.txt"
-    record = f'#!/bin/sh\necho "$(basename "$0") [$NATGRAD_ASV_DEVICES] $* (rounds $NATGRAD_ASV_ROUNDS)" >> "{calls}"\n'
+    record = (f'#!/bin/sh\necho "$(basename "$0") [$NATGRAD_ASV_DEVICES] $* (rounds $NATGRAD_ASV_ROUNDS, '
+              f'quick $NATGRAD_ASV_QUICK)" >> "{calls}"\n')
     limit = f'#!/bin/sh\necho "timeout $2 $3" >> "{calls}"\nshift 2\nexec "$@"\n'
     env = _gpu_session_copy(tmp_path, {"asv": record, "snakemake": record, "timeout": limit})
     site = Path(env["SITE"])
@@ -1554,12 +1558,14 @@ def test_gpu_session_check_times_cuda_alone_and_leaves_the_pipeline_its_share(tm
              for line in lines if line.startswith("step_cost")]
     assert costs == [("cuda", "1000", "512"), ("cuda", "128", "128")]
     (asv_run,) = [line for line in lines if line.startswith("asv") and " run " in line]
-    assert asv_run.startswith("asv [cuda] ") and asv_run.endswith("(rounds 1)"), asv_run  # a machine held alone
+    assert asv_run.startswith("asv [cuda] ") and asv_run.endswith("(rounds 1, quick 1)"), asv_run  # held alone
     selected = re.search(r"--bench (\S+)", asv_run).group(1)
     cuda = {name for name in EXPECTED if not re.search("Scaling|TorchOps", name)}  # TorchOps counts on the CPU
     assert {name for name in EXPECTED if re.search(selected, name)} == cuda, selected
-    asv_limit = int(lines[lines.index(asv_run) - 1].split()[1])  # the timeout line just before asv's run
-    assert asv_limit <= 400 - 400 // 4, lines
+    limits = [int(line.split()[1]) for line in lines if line.startswith("timeout")]
+    ends = [35, 55, 75, 90, 90, 100]  # step_cost twice, pytest, snakemake twice (cuda, then cpu beside), asv
+    assert len(limits) == len(ends) and all(end * 4 - 15 <= limit <= end * 4 for limit, end in zip(limits, ends)), lines
+    assert all("--until cost --config" in line for line in lines if line.startswith("snakemake")), lines
 
 
 @pytest.mark.parametrize("task, optimizer, lr, damping", [
