@@ -30,6 +30,14 @@ def remove_stale_temporaries():
     remove_stale_temporaries(RESULTS, STALE_WRITE_AGE_S, recursive=True)  # in the jobs' .*.runs/ too
 
 
+def jax_allocates_on_demand():
+    """jax takes 75% of a GPU's memory when its GPU client starts, in every process that imports it
+    on a machine with a GPU, a cpu job's too: beside one another, jobs would starve the cuda job of
+    the memory it needs. On demand instead (a setting of the environment wins); no effect without a
+    GPU."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def share_jax_compilations(directory=".cache/jax"):
     """One persistent jax compilation cache for every job (a setting of the environment wins). A jax
     run compiles its step, batching and evaluation programs, most of its time in a tuning or
