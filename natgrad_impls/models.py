@@ -165,8 +165,9 @@ class Problem:
         jax nothing traced."""
         if self.likelihood == Likelihood.CATEGORICAL:
             if tuple(y_shape) != tuple(f_shape[:-1]) or not y_integer:
+                kind = "integer" if y_integer else "float"
                 raise ValueError(f"batch: y must be integer class labels of shape {tuple(f_shape[:-1])} for a "
-                                 f"categorical likelihood, not {'integer' if y_integer else 'float'} of {tuple(y_shape)}")
+                                 f"categorical likelihood, not {kind} of {tuple(y_shape)}")
         elif tuple(y_shape) != tuple(f_shape):
             raise ValueError(f"batch: y must have the outputs' shape {tuple(f_shape)} for a {self.likelihood} "
                              f"likelihood, not {tuple(y_shape)}")

@@ -88,8 +88,8 @@ setup() {  # on the GPU machine: the carried wheels, and a `natgrad` command (th
     GPU=$(python3 -c "import torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''
 print(next((w.lower() for w in name.split() if any(c.isdigit() for c in w)), 'nogpu'))")
     if [ -d .whl ] && [ ! -d "$SITE/snakemake" ]; then  # (a failure is said below; the parts that need none still run)
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-            2>&1 | tail -n 5 | tee -a "$OUT/check_$GPU.txt" || true
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            .whl/*.whl 2>&1 | tail -n 5 | tee -a "$OUT/check_$GPU.txt" || true
     fi
     local missing  # said loudly: without them the peer comparison, asv and the pipeline are skipped
     missing=$(python3 -c "import importlib.util as u
@@ -176,7 +176,8 @@ part_pipeline() {
     for devices in '[cuda]' '[cpu,cuda]'; do
         # shellcheck disable=SC2086
         within_budget --leave "$(leave_after 90)" snakemake --workflow-profile none --cores all --resources gpu=1 \
-            --rerun-incomplete --show-failed-logs --keep-going --until $rules --config "devices=$devices" 2>&1 | tail -n 40
+            --rerun-incomplete --show-failed-logs --keep-going --until $rules --config "devices=$devices" 2>&1 \
+            | tail -n 40
     done
     local written
     written=$(ls -d results/cost results/scaling results/logs/cost results/logs/scaling 2>/dev/null || true)

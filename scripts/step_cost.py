@@ -84,7 +84,8 @@ def _measurement(framework, label, grad, device, dtype, problem, params, batch, 
     step = timing.step_call(framework, optimizer, problem, params, batch, device, dtype, **hp)
     counts, inverse = {}, None
     if framework == "torch":  # the GPU launch proxy (timing.torch_ops): a count, the same on any device
-        counts["ops_over_gradient"] = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)["ops_over_gradient"]
+        ops = timing.torch_ops(optimizer, problem, params, batch, dtype, **hp)
+        counts["ops_over_gradient"] = ops["ops_over_gradient"]
     if optimizer == "kfac":  # what no implementation can beat (timing.kfac_floor), and the inversion alone
         floor = timing.kfac_floor(problem.model, len(batch[0]), step[2])
         counts.update(floor_gradient_equivalents=floor["floor"], floor_with_factors=floor["with_factors"])

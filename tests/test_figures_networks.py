@@ -648,7 +648,8 @@ def test_optimizers_keep_the_papers_line_styles():
     on = pattern["ef"][0::2]
     assert len(on) == 2 and max(on) > 3 * min(on)  # a dash, then a dot
     distinct = len(style.OPTIMIZERS)
-    assert len(set(pattern.values())) == distinct and len({tuple(style.COLORS[o]) for o in style.OPTIMIZERS}) == distinct
+    assert len(set(pattern.values())) == distinct
+    assert len({tuple(style.COLORS[o]) for o in style.OPTIMIZERS}) == distinct
 
 
 def test_cost_figures_draw_the_median_of_a_settings_rounds():

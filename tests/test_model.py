@@ -264,7 +264,8 @@ BAD_BATCHES = {  # likelihood, what is wrong, the error
     "bernoulli y of (N,)": ("bernoulli", lambda x, y: (x, y[:, 0]), r"y must have the outputs' shape \(8, 2\)"),
     "float class labels": ("categorical", lambda x, y: (x, y.astype(np.float64)),
                            r"y must be integer class labels of shape \(8,\) for a categorical likelihood, not float"),
-    "class labels of (N, 1)": ("categorical", lambda x, y: (x, y[:, None]), r"y must be integer .* not integer of \(8, 1\)"),
+    "class labels of (N, 1)": ("categorical", lambda x, y: (x, y[:, None]),
+                               r"y must be integer .* not integer of \(8, 1\)"),
     "x in float64, params in float32": ("gaussian", lambda x, y: (x, y), r"x is (torch\.)?float64 and the parameters "
                                                                          r"are (torch\.)?float32: give them one dtype"),
 }

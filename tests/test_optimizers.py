@@ -619,7 +619,8 @@ def test_adam_defaults_are_torch_optims_and_optaxs():
     ("sgd", {"lr": 0.1, "momentum": 0.9}, {"lr": 0.3, "momentum": 0.9}),
     ("adam", {"lr": 0.1}, {"lr": 0.01}),
     ("ef", {"lr": 0.1, "damping": 1e-2}, {"lr": 0.3, "damping": 1.0}),
-    ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc", "seed": 1}, {"lr": 0.3, "damping": 1.0, "fisher": "mc", "seed": 2}),
+    ("ngd", {"lr": 0.1, "damping": 1e-2, "fisher": "mc", "seed": 1},
+     {"lr": 0.3, "damping": 1.0, "fisher": "mc", "seed": 2}),
     ("kfac", {"lr": 0.1, "damping": 1e-2, "seed": 1}, {"lr": 0.3, "damping": 1.0, "seed": 2}),
 ])
 def test_the_optimizer_that_steps_decides_its_hyperparameters(impl, optimizer, theirs, ours):

@@ -2,12 +2,12 @@
 
 Every benchmark times through natgrad_impls.timing (the cost script and the pipeline do too) on the
 MLP of `timing.mlp_problem` with the settings of `timing.SETTINGS`, in float32. `setup` builds the
-optimizer, compiles (jax.jit, kfac-jax's internal jit) and warms it up (`timing.warm_up`: three
-full periods at least), once per parameter set (`built`: asv runs `setup` again before each timed
-call); each timed call is one step followed by a device synchronisation. A K-FAC step's cost depends on where it falls in the
-inversion period, so every time sample spans `number` = one period (10) consecutive steps of the
-same run: the reported time per step includes its share of the inversion. cuda parameters are skipped
-(SkipNotImplemented) where the framework sees no GPU.
+optimizer, compiles (jax.jit, kfac-jax's internal jit) and warms it up (`timing.warm_up`: three full
+periods at least), once per parameter set (`built`: asv runs `setup` again before each timed call);
+each timed call is one step followed by a device synchronisation. A K-FAC step's cost depends on
+where it falls in the inversion period, so every time sample spans `number` = one period (10)
+consecutive steps of the same run: the reported time per step includes its share of the inversion.
+cuda parameters are skipped (SkipNotImplemented) where the framework sees no GPU.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Target rule (`best_hyperparameters`): per task, the target is the *worst of the 
 the largest over (optimizer, framework, device) of the median-over-seeds final loss of its best
 setting (settings that diverged on any seed left out, and those that end no lower than they
 started). Every optimizer that set it or beat it reaches it by construction (in the median over
-seeds), so it gets a time, and the time compares how fast each gets to the loss the slowest one
-ends at: the question the wall-clock figures ask. A fixed
-number (say, 1.1 x the best final loss) would leave most optimizers without a time on most tasks.
+seeds), so it gets a time, and the time compares how fast each gets to the loss the slowest one ends
+at: the question the wall-clock figures ask. A fixed number (say, 1.1 x the best final loss) would
+leave most optimizers without a time on most tasks.
 
 The objective is the full-train loss (`train_loss`) where the frame has it, since mini-batch losses
 are noisy enough to cross a target by luck; else `loss` (the full-batch objective on the convex
@@ -364,10 +364,11 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     lowest (a setting that diverged ranks after every other; ties to 1e-9 share a rank), with
     `loss_over_best`, its final loss over the lowest there, and the range of final losses behind it
     (`final_loss_min`, `_max`: over the seeds of a network, the chaos repeats of a convex grid's best
-    run), which says whether a rank is resolved; where `cost` (`timing.cost_table` rows)
-    timed that task, framework and device, one step's cost in gradient-equivalents of the setting the
-    optimizer ran with (`cost_setting`; none where no setting times it). SGD's momentum, the Fisher of
-    NGD and K-FAC (exact, or MC with its samples), steps and time to target, test accuracy, diverged and chaotic as in `best`."""
+    run), which says whether a rank is resolved; where `cost` (`timing.cost_table` rows) timed that
+    task, framework and device, one step's cost in gradient-equivalents of the setting the optimizer
+    ran with (`cost_setting`; none where no setting times it). SGD's momentum, the Fisher of NGD and
+    K-FAC (exact, or MC with its samples), steps and time to target, test accuracy, diverged and
+    chaotic as in `best`."""
     frame = best.copy()
     place = [c for c in ("task", "framework", "device", "dtype") if c in frame.columns]
     groups = [frame[c] for c in place]

@@ -9,17 +9,17 @@ at the parameters the step started from and the gradient norm. `step` is one jit
 the problem and the hyperparameters closed over (static), except those that the runs of a tuning job
 vary, lr, damping and the MC label sampler's seed: they are scalars in the state (as
 optax.inject_hyperparams keeps them), so that one compiled program serves every value and the
-pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting.
-The optimizer's own values replace a state's at each step, so that, as in torch, the optimizer
-that steps decides them (`_with_own_hyperparameters`). The
-jitted programs are built once per problem and compiled hyperparameters (`_shared`), so that the
-runs of one process (a tuning job's settings and seeds) reuse them, traced and compiled, instead of
-tracing, lowering and reading back the same program every run (on digits-mlp, 0.07 s a run for sgd
-and 0.14 s for kfac). States are NamedTuples of arrays, the step counter included. K-FAC's step is
-two compiled programs, with and without the inverse refresh, picked on the host from a host copy of
-its counter: a `lax.cond` on the device counter costs a host sync every step on a GPU (XLA's
-ConditionalThunk copies the predicate to the host and blocks until the stream is done, so no later
-step can be queued behind it).
+pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
+optimizer that steps decides them: its own replace a state's (`_with_own_hyperparameters`; as in
+torch, a state another optimizer made steps with this one's values). The jitted programs are built
+once per problem and compiled hyperparameters (`_shared`), so that the runs of one process (a tuning
+job's settings and seeds) reuse them, traced and compiled, instead of tracing, lowering and reading
+back the same program every run (on digits-mlp, 0.07 s a run for sgd and 0.14 s for kfac). States
+are NamedTuples of arrays, the step counter included. K-FAC's step is two compiled programs, with
+and without the inverse refresh, picked on the host from a host copy of its counter: a `lax.cond` on
+the device counter costs a host sync every step on a GPU (XLA's ConditionalThunk copies the
+predicate to the host and blocks until the stream is done, so no later step can be queued behind
+it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
@@ -93,10 +93,10 @@ def _with_own_hyperparameters(compiled, h, *names: str):
     placed like the parameters; the same pytree, so the same compiled program."""
     own = {}
 
-    def step(params, state, batch):
+    def step(params, state, batch, **static):  # (static: K-FAC's refresh)
         if not own:
             own.update(_traced(h, params, *names))
-        return compiled(params, state._replace(hyperparameters=own), batch)
+        return compiled(params, state._replace(hyperparameters=own), batch, **static)
 
     return step
 
@@ -286,14 +286,12 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
         return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping", "seed"))
 
-    compiled_step, own = _shared(_kfac_step, problem, _compiled(h)), {}
+    compiled_step = _with_own_hyperparameters(_shared(_kfac_step, problem, _compiled(h)), h, "lr", "damping", "seed")
 
     def step(params, state, batch):
         count = int(state.step)  # (a Python int again where a caller moved the state to a device)
         refresh = count % h.kfac_update_period == 0
-        if not own:  # this optimizer's lr, damping and seed, not those a state brings (_with_own_hyperparameters)
-            own.update(_traced(h, params, "lr", "damping", "seed"))
-        new, state, info = compiled_step(params, state._replace(step=None, hyperparameters=own), batch, refresh=refresh)
+        new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
         return new, state._replace(step=count + 1), info
 
     return FunctionalOptimizer(init, step, h)
