@@ -302,11 +302,14 @@ def test_parameters_missing_a_bias_are_refused_not_run_without_it(impl, layer):
         opt.step(impl.params(params), opt.init(impl.params(params)), impl.batch(x, y))
 
 
-def test_to_jax_takes_the_suites_device_names_as_to_torch_does():
+def test_to_jax_and_to_torch_take_the_suites_device_and_dtype_names():
     import jax
 
     import natgrad_impls.jax as nj
 
+    from natgrad_impls.torch import to_torch
+
+    assert to_torch({"w": np.ones(2)}, "cpu", "float32")["w"].dtype == torch.float32
     placed = nj.to_jax({"w": np.ones(2)}, "cpu", "float32")["w"]
     assert placed.devices() == {jax.devices("cpu")[0]} and placed.dtype == np.float32
     assert nj.jax_device(jax.devices("cpu")[0]) is jax.devices("cpu")[0] and nj.jax_device(None) is None

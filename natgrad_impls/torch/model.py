@@ -22,7 +22,9 @@ _ACTIVATIONS = {Activation.RELU: torch.relu, Activation.TANH: torch.tanh, Activa
 
 
 def to_torch(arrays: dict, device="cpu", dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """`arrays` (numpy, e.g. models.init_params) as tensors on `device` in `dtype`; to_jax takes the same."""
+    """`arrays` (numpy, e.g. models.init_params) as tensors on `device` in `dtype` (a torch.dtype or
+    its name, "float32"); to_jax takes the same."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return {name: torch.as_tensor(value, dtype=dtype, device=device) for name, value in arrays.items()}
 
 
