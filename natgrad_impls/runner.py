@@ -12,7 +12,8 @@ parameters theta_k after k updates:
   whose update is discarded.
 - time_s: cumulative wall-clock of the steps 0..k-1 (each synchronised: torch.cuda.synchronize,
   jax.block_until_ready), after two warm-up steps (jit compilation, first-call costs; K-FAC's
-  second runs its other program) that are not recorded; evaluation, logging and batch slicing are outside it.
+  second runs its other program) that are not recorded; evaluation, logging and batch slicing are
+  outside it.
 - train_loss, train_accuracy, test_loss, test_accuracy: full-train and test evaluation, every
   `eval_every` steps and at the last step, on tasks trained with mini-batches or with a test split
   (the networks); empty on the other rows. Accuracy where the task has classes.
