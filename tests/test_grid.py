@@ -417,13 +417,20 @@ def test_an_optimizer_without_a_numpy_reference_is_named(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_cuda_grid_equals_the_cpu_grid(framework):
-    # exact Fisher: torch draws other random numbers on the GPU than on the CPU
-    kwargs = dict(lrs=(-3, 0, 4), dampings=(-4, 0, 3), steps=20, repeats=0, hyperparameters={"fisher": "exact"},
+    """At every point that is not chaotic, to 1e-8 or 100 x the point's sensitivity, as the CPU
+    frameworks' grids are compared (a GPU sums in another order). Exact Fisher: torch draws other
+    random numbers on the GPU than on the CPU."""
+    keys = ["optimizer", "lr", "damping", "step"]
+    kwargs = dict(lrs=(-3, 0, 4), dampings=(-4, 0, 3), steps=STEPS, repeats=0, hyperparameters={"fisher": "exact"},
                   progress=False)
-    on_gpu = grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], framework, "cuda", **kwargs).frame
-    on_cpu = grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], "numpy", **kwargs).frame
-    assert len(on_gpu) == len(on_cpu)
-    np.testing.assert_allclose(on_gpu["loss"], on_cpu["loss"], rtol=1e-8)
+    on_gpu, on_cpu = (grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], f, d, **kwargs).frame
+                      .set_index(keys).sort_index() for f, d in ((framework, "cuda"), ("numpy", "cpu")))
+    assert on_gpu.index.equals(on_cpu.index)
+    for (optimizer, lr, damping), runs in on_cpu.groupby(keys[:3], observed=True, dropna=False):
+        spread = _sensitivity("breastcancer", optimizer, lr, damping, fisher="exact")
+        if spread <= 1e-8:
+            np.testing.assert_allclose(on_gpu.loc[runs.index, "loss"], runs["loss"], rtol=max(1e-8, 100 * spread),
+                                       err_msg=f"{optimizer} {lr} {damping}")
 
 
 @pytest.mark.parametrize("optimizers, bounds, message", [
