@@ -158,11 +158,11 @@ class Problem:
         if self.logit_clip is not None and self.likelihood != Likelihood.BERNOULLI:
             raise ValueError(f"logit_clip: only the bernoulli likelihood clips, not {self.likelihood}")
 
-    def check_targets(self, f_shape, y_shape, y_integer: bool) -> None:
+    def check_targets(self, f_shape, f_dtype, y_shape, y_dtype, y_integer: bool) -> None:
         """A ValueError naming the batch's y where it does not fit the outputs f (N x k): y of f's
-        shape with gaussian and bernoulli (a y of (N,) would broadcast against f to N x N), integer
-        class labels of shape (N,) with categorical. Shapes and dtypes only: no host sync, and in
-        jax nothing traced."""
+        shape and dtype with gaussian and bernoulli (a y of (N,) would broadcast against f to N x N;
+        jax's curvature refuses another dtype deep inside a VJP), integer class labels of shape (N,)
+        with categorical. Shapes and dtypes only: no host sync, and in jax nothing traced."""
         if self.likelihood == Likelihood.CATEGORICAL:
             if tuple(y_shape) != tuple(f_shape[:-1]) or not y_integer:
                 kind = "integer" if y_integer else "float"
@@ -171,6 +171,8 @@ class Problem:
         elif tuple(y_shape) != tuple(f_shape):
             raise ValueError(f"batch: y must have the outputs' shape {tuple(f_shape)} for a {self.likelihood} "
                              f"likelihood, not {tuple(y_shape)}")
+        elif y_dtype != f_dtype:
+            raise ValueError(f"batch: y is {y_dtype} and the outputs are {f_dtype}: give them one dtype")
 
 
 # The paper code clips the Bernoulli mean to [1e-8, 1 - 1e-8]; on the logit that is +-this.

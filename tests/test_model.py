@@ -258,16 +258,19 @@ def test_a_problem_names_a_model_it_cannot_take():
         models.Problem(torch.nn.Linear(3, 1), "gaussian")
 
 
-BAD_BATCHES = {  # likelihood, what is wrong, the error
-    "gaussian y of (N,)": ("gaussian", lambda x, y: (x, y[:, 0]), r"y must have the outputs' shape \(8, 2\) for a "
-                                                                 r"gaussian likelihood, not \(8,\)"),
-    "bernoulli y of (N,)": ("bernoulli", lambda x, y: (x, y[:, 0]), r"y must have the outputs' shape \(8, 2\)"),
-    "float class labels": ("categorical", lambda x, y: (x, y.astype(np.float64)),
+BAD_BATCHES = {  # likelihood, the parameters' dtype, the batch from a good one (NumPy), the error
+    "gaussian y of (N,)": ("gaussian", "float64", lambda x, y: (x, y[:, 0]),
+                           r"y must have the outputs' shape \(8, 2\) for a gaussian likelihood, not \(8,\)"),
+    "bernoulli y of (N,)": ("bernoulli", "float64", lambda x, y: (x, y[:, 0]),
+                            r"y must have the outputs' shape \(8, 2\)"),
+    "gaussian y in float64, params in float32": ("gaussian", "float32", lambda x, y: (x, y.astype("float64")),
+                                                 r"y is (torch\.)?float64 and the outputs are (torch\.)?float32"),
+    "float class labels": ("categorical", "float64", lambda x, y: (x, y.astype("float64")),
                            r"y must be integer class labels of shape \(8,\) for a categorical likelihood, not float"),
-    "class labels of (N, 1)": ("categorical", lambda x, y: (x, y[:, None]),
+    "class labels of (N, 1)": ("categorical", "float64", lambda x, y: (x, y[:, None]),
                                r"y must be integer .* not integer of \(8, 1\)"),
-    "x in float64, params in float32": ("gaussian", lambda x, y: (x, y), r"x is (torch\.)?float64 and the parameters "
-                                                                         r"are (torch\.)?float32: give them one dtype"),
+    "x in float64, params in float32": ("gaussian", "float32", lambda x, y: (x.astype("float64"), y),
+                                        r"x is (torch\.)?float64 and the parameters are (torch\.)?float32"),
 }
 
 
@@ -276,13 +279,14 @@ BAD_BATCHES = {  # likelihood, what is wrong, the error
 def test_a_step_names_what_is_wrong_with_its_batch(impl, bad, optimizer):
     """A y that does not fit the outputs, or an x in another dtype than the parameters, stops the
     step with a ValueError naming it: a gaussian y of (N,) broadcast against the outputs to an N x N
-    loss (193 for 1.56, and sgd ran on), jax took float32 parameters to float64."""
-    likelihood, spoil, message = BAD_BATCHES[bad]
+    loss (193 for 1.56, and sgd ran on), jax took float32 parameters to float64, and its curvature
+    refused a float64 y inside a VJP."""
+    likelihood, dtype, spoil, message = BAD_BATCHES[bad]
     problem = models.Problem(models.mlp((3, 4, 2 if likelihood != "categorical" else 3)), likelihood)
-    x, y = spoil(*make_data(problem, 8))
-    dtype = "float32" if "float32" in bad else "float64"
+    x, y = make_data(problem, 8)
+    x, y = spoil(x.astype(dtype), y.astype(dtype) if y.dtype.kind == "f" else y)
+    batch = tuple(impl.params({"a": a}, a.dtype.name)["a"] for a in (x, y))  # (each in its own dtype)
     params = impl.params(models.init_params(problem.model, 0), dtype)
-    batch = impl.batch(x, y) if "float class" not in bad else (impl.batch(x, y)[0], impl.params({"y": y})["y"])
     opt = getattr(impl.module, optimizer)(problem, lr=0.1, **({"damping": 0.1} if optimizer == "ngd" else {}))
     with pytest.raises(ValueError, match=f"^batch: {message}"):
         opt.step(params, opt.init(params), batch)

@@ -107,13 +107,13 @@ def clip_logits(problem: Problem, f: jax.Array) -> jax.Array:
 
 
 def check_targets(problem: Problem, f: jax.Array, y: jax.Array) -> None:
-    """`Problem.check_targets` on the outputs f and the batch's y (shapes and dtypes: at trace time)."""
-    problem.check_targets(f.shape, y.shape, jnp.issubdtype(y.dtype, jnp.integer))
+    """`Problem.check_targets` on the outputs f and the batch's y, where a step takes its batch
+    (`loss`, `curvature.gradient_and_curvature`; shapes and dtypes: at trace time)."""
+    problem.check_targets(f.shape, f.dtype, y.shape, y.dtype, jnp.issubdtype(y.dtype, jnp.integer))
 
 
 def nll(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
     """Per-example negative log-likelihood (N,), summed over output dimensions."""
-    check_targets(problem, f, y)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:
@@ -125,7 +125,9 @@ def nll(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
 def loss(problem: Problem, params: dict, batch) -> jax.Array:
     """Mean NLL over the batch plus the l2 term (DESIGN 4)."""
     x, y = batch
-    value = nll(problem, output(problem.model, params, x), y).mean()
+    f = output(problem.model, params, x)
+    check_targets(problem, f, y)
+    value = nll(problem, f, y).mean()
     if problem.l2:
         value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
     return value

@@ -7,8 +7,8 @@
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the loss
 at the parameters the step started from and the gradient norm. `step` is one jitted function with
 the problem and the hyperparameters closed over (static), except those that the runs of a tuning job
-vary, lr, damping and the MC label sampler's seed: they are scalars in the state (as
-optax.inject_hyperparams keeps them), so that one compiled program serves every value and the
+vary, lr, damping and the MC label sampler's seed: they are scalars in the state (arguments of the
+program, not constants compiled into it), so that one compiled program serves every value and the
 pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
 optimizer that steps decides them: its own replace a state's (`_with_own_hyperparameters`; as in
 torch, a state another optimizer made steps with this one's values). The jitted programs are built
@@ -89,13 +89,18 @@ def _traced(h, params: dict, *names: str) -> dict:
 def _with_own_hyperparameters(compiled, h, *names: str):
     """`compiled`'s step with this optimizer's traced `names` in place of the state's: a state made by
     another optimizer's init (an lr schedule that rebuilds the optimizer each step) steps with this
-    optimizer's values, as in torch, not the ones its init put in the state. Made at the first step,
-    placed like the parameters; the same pytree, so the same compiled program."""
-    own = {}
+    optimizer's values, as in torch, not the ones its init put in the state. The same pytree, so the
+    same compiled program. Made once per placement of the parameters (a step on another device takes
+    its own), and afresh inside a caller's trace (jax.jit(opt.step), lax.scan), whose tracers must
+    not outlive it."""
+    made = {}  # sharding of the parameters -> the scalars placed like them
 
     def step(params, state, batch, **static):  # (static: K-FAC's refresh)
-        if not own:
-            own.update(_traced(h, params, *names))
+        like = next(iter(params.values()))
+        if isinstance(like, jax.core.Tracer):
+            own = _traced(h, params, *names)
+        else:
+            own = made.get(like.sharding) or made.setdefault(like.sharding, _traced(h, params, *names))
         return compiled(params, state._replace(hyperparameters=own), batch, **static)
 
     return step

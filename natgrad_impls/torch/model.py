@@ -80,13 +80,13 @@ def clip_logits(problem: Problem, f: torch.Tensor) -> torch.Tensor:
 
 
 def check_targets(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> None:
-    """`Problem.check_targets` on the outputs f and the batch's y."""
-    problem.check_targets(f.shape, y.shape, not y.is_floating_point())
+    """`Problem.check_targets` on the outputs f and the batch's y, where a step takes its batch
+    (`loss`, `curvature.gradient_and_curvature`)."""
+    problem.check_targets(f.shape, f.dtype, y.shape, y.dtype, not y.is_floating_point())
 
 
 def nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example negative log-likelihood (N,), summed over output dimensions."""
-    check_targets(problem, f, y)
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:
@@ -99,7 +99,6 @@ def mean_nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     """The batch's mean NLL. Categorical: cross_entropy's own mean reduction, which saves a mean
     and its backward (two of the ~20 kernels of an sgd step, where a GPU step is launch-bound)."""
     if problem.likelihood == Likelihood.CATEGORICAL:
-        check_targets(problem, f, y)
         return F.cross_entropy(f, y)
     return nll(problem, f, y).mean()
 
@@ -107,7 +106,9 @@ def mean_nll(problem: Problem, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def loss(problem: Problem, params: dict, batch) -> torch.Tensor:
     """Mean NLL over the batch plus the l2 term (DESIGN 4)."""
     x, y = batch
-    value = mean_nll(problem, output(problem.model, params, x), y)
+    f = output(problem.model, params, x)
+    check_targets(problem, f, y)
+    value = mean_nll(problem, f, y)
     if problem.l2:
         value = value + 0.5 * problem.l2 * sum((p**2).sum() for p in params.values())
     return value
