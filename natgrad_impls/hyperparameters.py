@@ -19,6 +19,15 @@ def _check(condition: bool, name: str, value, requirement: str) -> None:
         raise ValueError(f"{name}: {value!r} must be {requirement}")
 
 
+def _as_python_scalars(hyperparameters) -> None:
+    """NumPy scalars (a value read from an array) as the Python numbers they hold: every framework
+    takes those (torch.Generator.manual_seed refuses np.int64), and so do the result columns."""
+    for field in dataclasses.fields(hyperparameters):
+        value = getattr(hyperparameters, field.name)
+        if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
+            object.__setattr__(hyperparameters, field.name, value.item())
+
+
 def is_finite_number(value) -> bool:
     """A finite real number (a Python or NumPy int or float: numbers.Real), not a bool: an int to
     Python, but `"lr": true` is a mistake, not lr 1."""
@@ -37,6 +46,7 @@ class SGD:
     momentum: float = 0.0
 
     def __post_init__(self):
+        _as_python_scalars(self)
         _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(is_finite_number(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
 
@@ -49,6 +59,7 @@ class Adam:
     eps: float = 1e-8
 
     def __post_init__(self):
+        _as_python_scalars(self)
         _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(is_finite_number(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "in [0, 1)")
         _check(is_finite_number(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "in [0, 1)")
@@ -88,6 +99,7 @@ class NaturalGradient:
     seed: int = 0  # seeds the mc label sampler
 
     def __post_init__(self):
+        _as_python_scalars(self)
         _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(is_finite_number(self.damping) and self.damping >= 0, "damping", self.damping, "a finite number >= 0")
         object.__setattr__(self, "fisher", parse(Fisher, self.fisher, "fisher"))
@@ -107,6 +119,7 @@ class KFAC:
     seed: int = 0
 
     def __post_init__(self):
+        _as_python_scalars(self)
         _check(is_finite_number(self.lr) and self.lr >= 0, "lr", self.lr, "a finite number >= 0")
         _check(is_finite_number(self.damping) and self.damping > 0, "damping", self.damping, "a finite number > 0")
         _check(is_integer(self.kfac_update_period) and self.kfac_update_period >= 1,

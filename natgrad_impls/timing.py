@@ -16,6 +16,7 @@ K-FAC optimizer with fixed learning rate, damping and no momentum.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -27,7 +28,8 @@ import numpy as np
 
 from natgrad_impls import make_optimizer, models
 from natgrad_impls.models import Problem
-from natgrad_impls.names import Curvature, Device, DType, Fisher, Framework, Likelihood, parse
+from natgrad_impls.hyperparameters import HYPERPARAMETERS, KFAC
+from natgrad_impls.names import Curvature, Device, DType, Fisher, Framework, Likelihood, Optimizer, parse
 
 
 # -- what is timed ------------------------------------------------------------------------------------
@@ -710,7 +712,6 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
     import jax.numpy as jnp
 
     import natgrad_impls.jax as nj
-    from natgrad_impls.hyperparameters import KFAC
     from natgrad_impls.kfac_jax_compat import import_kfac_jax
 
     kfac_jax = import_kfac_jax()
@@ -778,11 +779,6 @@ def kfac_jax_step_call(problem: Problem, params, batch, device="cpu", dtype="flo
 def _with_our_defaults(optimizer: str, hyperparameters: dict) -> dict:
     """Every hyperparameter of our `optimizer` (hyperparameters.py's defaults where not given), so a
     peer takes the step ours takes and not its own defaults (Adam's eps and betas, should ours move)."""
-    import dataclasses
-
-    from natgrad_impls.hyperparameters import HYPERPARAMETERS
-    from natgrad_impls.names import Optimizer
-
     return dataclasses.asdict(HYPERPARAMETERS[Optimizer(optimizer)](**hyperparameters))
 
 

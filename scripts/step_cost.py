@@ -70,7 +70,11 @@ def _measurements(frameworks, settings, device, dtype, problem, params, batch, p
     a table without it is worth more than none (on a borrowed GPU, a rerun may not be possible)."""
     measurements = []
     for framework in frameworks:
-        grad = timing.gradient_call(framework, problem, params, batch, device, dtype)
+        try:
+            grad = timing.gradient_call(framework, problem, params, batch, device, dtype)
+        except Exception as error:
+            print(f"skipping {framework}: its gradient: {type(error).__name__}: {error}", flush=True)
+            continue
         for label in settings:
             try:
                 measurements.append(_measurement(framework, label, grad, device, dtype, problem, params, batch, peers))
@@ -150,6 +154,8 @@ def cost_table(frameworks, settings, device="cpu", dtype="float32", repeats=30, 
             print(f"round {done} of {rounds}: {m.row['framework']} {m.row['setting']} measured", flush=True)
             if on_update:
                 on_update(table)
+    if table.empty:
+        print("nothing was timed (every measurement failed: see above)", flush=True)
     return table
 
 

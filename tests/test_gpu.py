@@ -26,7 +26,7 @@ class JaxCuda:
         import natgrad_impls.jax as nj
 
         self.module, self.jax, self.jnp = nj, jax, jnp
-        self.device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+        self.device = nj.jax_device(device)
 
     def params(self, arrays, dtype="float64"):
         return {k: self.jax.device_put(self.jnp.asarray(v, dtype=dtype), self.device) for k, v in arrays.items()}

@@ -404,16 +404,6 @@ def test_an_optimizer_without_a_batched_update_is_refused(monkeypatch):
         grid.validate("wine", "sgd,adam")
 
 
-def test_an_optimizer_without_a_numpy_reference_is_named(monkeypatch):
-    """Its hyperparameters' names come from the numpy signature: without one, a ValueError says so
-    (not a KeyError from inside the runner)."""
-    from natgrad_impls.numpy import OPTIMIZERS
-
-    monkeypatch.delitem(OPTIMIZERS, Optimizer.KFAC)
-    with pytest.raises(ValueError, match=r"^optimizer: 'kfac' has no numpy reference"):
-        runner.accepted("kfac")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_cuda_grid_equals_the_cpu_grid(framework):
@@ -425,12 +415,15 @@ def test_cuda_grid_equals_the_cpu_grid(framework):
                   progress=False)
     on_gpu, on_cpu = (grid.run_grid("breastcancer", ["sgd", "ngd", "kfac"], f, d, **kwargs).frame
                       .set_index(keys).sort_index() for f, d in ((framework, "cuda"), ("numpy", "cpu")))
-    assert on_gpu.index.equals(on_cpu.index)
+    assert on_gpu.index.equals(on_cpu.index) and (on_gpu["diverged"] == on_cpu["diverged"]).all()
+    compared = 0
     for (optimizer, lr, damping), runs in on_cpu.groupby(keys[:3], observed=True, dropna=False):
         spread = _sensitivity("breastcancer", optimizer, lr, damping, fisher="exact")
         if spread <= 1e-8:
             np.testing.assert_allclose(on_gpu.loc[runs.index, "loss"], runs["loss"], rtol=max(1e-8, 100 * spread),
                                        err_msg=f"{optimizer} {lr} {damping}")
+            compared += 1
+    assert compared >= 20, compared  # of 28 points (torch on the CPU in its place: 27)
 
 
 @pytest.mark.parametrize("optimizers, bounds, message", [

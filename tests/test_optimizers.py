@@ -566,13 +566,22 @@ def test_torch_steps_leave_no_graph_behind_on_parameters_that_require_grad(optim
 
 @pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
 def test_numpy_scalars_are_numbers(framework):
-    """A NumPy float32 lr or int64 period (a value read from an array) is a number; a NumPy bool is
-    not: `lr: np.float32(0.1) must be a finite number` contradicted itself."""
-    opt = make_optimizer(framework, "kfac", PROBLEMS["logistic"], lr=np.float32(0.1), damping=np.float64(1e-3),
-                         kfac_update_period=np.int64(2), kfac_ema=np.float32(0.5))
-    assert opt.hyperparameters.lr == np.float32(0.1)
+    """A NumPy float32 lr or int64 seed (a value read from an array) is the number it holds, and a
+    step takes it (torch's generator refused an np.int64 seed); a NumPy bool is not a number:
+    `lr: np.float32(0.1) must be a finite number` contradicted itself."""
+    problem = PROBLEMS["logistic"]
+    x, y = make_data(problem, 6)
+    impl = {"torch": TorchImpl, "jax": JaxImpl}.get(framework)
+    for optimizer, hp in [("kfac", {"kfac_update_period": np.int64(2), "kfac_ema": np.float32(0.5)}),
+                          ("ngd", {"fisher": "mc", "samples": np.int64(2)})]:
+        opt = make_optimizer(framework, optimizer, problem, lr=np.float32(0.1), damping=np.float64(1e-3),
+                             seed=np.int64(3), **hp)
+        assert opt.hyperparameters.lr == np.float32(0.1) and type(opt.hyperparameters.seed) is int
+        if impl is not None:
+            params = impl().params(models.init_params(problem.model, 0))
+            opt.step(params, opt.init(params), impl().batch(x, y))
     with pytest.raises(ValueError, match=r"^lr: "):
-        make_optimizer(framework, "sgd", PROBLEMS["logistic"], lr=np.bool_(True))
+        make_optimizer(framework, "sgd", problem, lr=np.bool_(True))
 
 
 @pytest.mark.parametrize("optimizer", list(Optimizer))
@@ -669,8 +678,8 @@ def test_float32_runs_stay_float32_and_learn(impl, optimizer, hp):
     ("ngd", {"fisher": "exact"}, 2e-3),
 ])
 def test_natural_gradient_steps_are_accurate_in_float32_at_the_grids_smallest_damping(impl, optimizer, hp, tolerance):
-    """The direction (C + damping I)^-1 g in float32 against float64's at damping 1e-4, the networks
-    grid's smallest. The general Woodbury form (g - U c) / damping cancels as 1 / damping: ef takes
+    """The direction (C + damping I)^-1 g in float32 against float64's at damping 1e-4 (the networks
+    grid's smallest for ngd). The general Woodbury form (g - U c) / damping cancels as 1 / damping: ef takes
     the push-through form for its gradient, in its factor's span, instead (3e-7 here, 2e-3 by
     Woodbury); exact NGD's gradient is not in its factor's span (2e-4 here, 3e-5 at damping 1e-3;
     digits-mlp's network at a 128 batch: 2e-3 from its start, 1e-3 after 60 steps that fit it)."""

@@ -21,6 +21,7 @@ import torch
 import dense_reference as ref
 from conftest import every_optimizer, jax_compiles, singular_task, underdetermined_task
 from natgrad_impls import make_optimizer, models, results, runner, timing
+from natgrad_impls.names import Optimizer
 from natgrad_impls.tasks import TASKS
 
 OFFLINE = [name for name, task in TASKS.items() if task.offline]
@@ -855,3 +856,13 @@ def test_a_misspec_run_records_its_variant():
                        progress=False)
     assert frame["variant"].tolist() == ["linear-misspecified-b"] * 2
     assert "variant" not in runner.run("wine", "sgd", "numpy", hyperparameters={"lr": 1e-6}, steps=1, progress=False)
+
+
+def test_an_optimizer_without_a_numpy_reference_is_named(monkeypatch):
+    """Its hyperparameters' names come from the numpy signature: without one, a ValueError says so
+    (not a KeyError from inside the runner)."""
+    from natgrad_impls.numpy import OPTIMIZERS
+
+    monkeypatch.delitem(OPTIMIZERS, Optimizer.KFAC)
+    with pytest.raises(ValueError, match=r"^optimizer: 'kfac' has no numpy reference"):
+        runner.accepted("kfac")

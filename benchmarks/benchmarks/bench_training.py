@@ -64,7 +64,7 @@ def _train(label, framework, device, run, steps) -> float:
         put = lambda a: torch.as_tensor(a, device=device, dtype=getattr(torch, dtype) if floating(a) else None)
         loss = natgrad_impls.torch.loss
     else:
-        jax_device = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+        jax_device = natgrad_impls.jax.jax_device(device)
         put = lambda a: jax.device_put(np.asarray(a, dtype=dtype) if floating(a) else a, jax_device)
         loss = natgrad_impls.jax.loss
     params = {k: put(v) for k, v in models.init_params(problem.model, SEED).items()}
