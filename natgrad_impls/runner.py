@@ -644,12 +644,10 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
             evaluating = evaluate and (k % eval_every == 0 or k == steps)
             if cos_ef_ngd:
                 held.append((k, params, batch))  # (the steps return new parameters: nothing is copied)
+            if evaluating:
+                record.evaluation(k, io, params, batches.data, test, task.classes)
             if evaluating or len(held) >= COSINES_HELD:
-                eval_start = time.perf_counter()
-                if evaluating:
-                    record.evaluation(k, io, params, batches.data, test, task.classes)
                 record.cosine(io, held, cos_damping)
-                record.eval_s += time.perf_counter() - eval_start
             start = time.perf_counter()
             new_params, new_state, info = opt.step(params, state, batch)
             io.sync(new_params)
@@ -668,10 +666,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
             record.step_s += took
             params, state = new_params, new_state
             bar.update(1)
-        if held:
-            eval_start = time.perf_counter()
-            record.cosine(io, [h for h in held if h[0] <= last], cos_damping)
-            record.eval_s += time.perf_counter() - eval_start
+        record.cosine(io, [h for h in held if h[0] <= last], cos_damping)
     loop_s = time.perf_counter() - loop_start
     bar.close()
 
@@ -747,16 +742,20 @@ class _Record:
         self.step_s = self.eval_s = 0.0
 
     def evaluation(self, k, io, params, train, test, classes) -> None:
-        e = self.evaluations
+        start, e = time.perf_counter(), self.evaluations
         e["train_loss"][k], e["train_accuracy"][k] = io.evaluate(params, *train, classes)
         if test is not None:
             e["test_loss"][k], e["test_accuracy"][k] = io.evaluate(params, *test, classes)
+        self.eval_s += time.perf_counter() - start
 
     def cosine(self, io, held: list, damping) -> None:
-        """The cosines of the held (step, parameters, batch), which it empties."""
+        """The cosines of the held (step, parameters, batch), which it empties; their time is the
+        evaluations' (eval_s), not the steps'."""
+        start = time.perf_counter()
         for k, params, batch in held:
             self.cosines[k] = io.cosine(params, batch, damping)  # cos_ef_ngd, cos_ngd_grad
         held.clear()
+        self.eval_s += time.perf_counter() - start
 
     def columns(self, n: int, diverged: bool, evaluate: bool, has_test: bool, has_classes: bool) -> dict:
         """The first n rows: the evaluations where the run made them (accuracy where the task has
