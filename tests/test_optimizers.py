@@ -640,8 +640,8 @@ def test_adam_defaults_are_torch_optims_and_optaxs():
 ])
 def test_the_optimizer_that_steps_decides_its_hyperparameters(impl, optimizer, theirs, ours):
     """A state made by another optimizer's init (an lr schedule that rebuilds the optimizer) steps
-    with the stepping optimizer's lr, damping and seed, as its own state does: jax keeps them in the
-    state (one compiled program for every value), where they must not outlive the optimizer."""
+    with the stepping optimizer's lr, damping and seed, as its own state does (jax's step takes them
+    as arguments of one compiled program for every value; they had lived in the state)."""
     x, y = make_data(PROBLEM, 16, seed=0)
     params, batch = impl.params(models.init_params(PROBLEM.model, 1)), impl.batch(x, y)
     stepping = getattr(impl.module, optimizer)(PROBLEM, **ours)

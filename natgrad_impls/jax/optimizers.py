@@ -7,19 +7,18 @@
 params is a dict name -> array (a pytree, `Model.param_names`), batch is (x, y); info holds the loss
 at the parameters the step started from and the gradient norm. `step` is one jitted function with
 the problem and the hyperparameters closed over (static), except those that the runs of a tuning job
-vary, lr, damping and the MC label sampler's seed: they are scalars in the state (arguments of the
-program, not constants compiled into it), so that one compiled program serves every value and the
-pipeline's persistent compilation cache compiles a tuning job's step once, not once per setting. The
-optimizer that steps decides them: its own replace a state's (`_with_own_hyperparameters`; as in
-torch, a state another optimizer made steps with this one's values). The jitted programs are built
-once per problem and compiled hyperparameters (`_shared`), so that the runs of one process (a tuning
-job's settings and seeds) reuse them, traced and compiled, instead of tracing, lowering and reading
-back the same program every run (on digits-mlp, 0.07 s a run for sgd and 0.14 s for kfac). States
-are NamedTuples of arrays, the step counter included. K-FAC's step is two compiled programs, with
-and without the inverse refresh, picked on the host from a host copy of its counter: a `lax.cond` on
-the device counter costs a host sync every step on a GPU (XLA's ConditionalThunk copies the
-predicate to the host and blocks until the stream is done, so no later step can be queued behind
-it).
+vary, lr, damping and the MC label sampler's seed: they are scalar arguments of the program, not
+constants compiled into it, so that one compiled program serves every value and the pipeline's
+persistent compilation cache compiles a tuning job's step once, not once per setting; the optimizer
+that steps gives its own (`_with_own_hyperparameters`), so that, as in torch, a state another
+optimizer made steps with this one's values. The jitted programs are built once per problem and
+compiled hyperparameters (`_shared`), so that the runs of one process (a tuning job's settings and
+seeds) reuse them, traced and compiled, instead of tracing, lowering and reading back the same
+program every run (on digits-mlp, 0.07 s a run for sgd and 0.14 s for kfac). States are NamedTuples
+of arrays, the step counter included. K-FAC's step is two compiled programs, with and without the
+inverse refresh, picked on the host from a host copy of its counter: a `lax.cond` on the device
+counter costs a host sync every step on a GPU (XLA's ConditionalThunk copies the predicate to the
+host and blocks until the stream is done, so no later step can be queued behind it).
 The curvature-based optimizers differ only in the curvature they precondition with.
 """
 
@@ -43,19 +42,16 @@ from natgrad_impls.names import Curvature, Fisher
 class SGDState(NamedTuple):
     step: jax.Array
     momentum: dict | None
-    hyperparameters: dict  # {"lr": float64 scalar} (module docstring)
 
 
 class AdamState(NamedTuple):
     step: jax.Array
     m: dict
     v: dict
-    hyperparameters: dict
 
 
 class NaturalGradientState(NamedTuple):
     step: jax.Array
-    hyperparameters: dict  # {"lr", "damping", "seed"}
 
 
 class KFACState(NamedTuple):
@@ -65,7 +61,6 @@ class KFACState(NamedTuple):
     A_inv: dict  # damped inverses, refreshed every kfac_update_period steps
     G_inv: dict
     device_step: jax.Array  # the same count, for the program: a host int would be copied in every call
-    hyperparameters: dict
 
 
 def _counter(params: dict) -> jax.Array:
@@ -76,8 +71,8 @@ def _counter(params: dict) -> jax.Array:
 
 
 def _traced(h, params: dict, *names: str) -> dict:
-    """The hyperparameters `names` of `h` as float64 scalars placed like the parameters, for the
-    state (module docstring); "seed", the MC label sampler's, as an int64 one (the key of a Python
+    """The hyperparameters `names` of `h` as float64 scalars placed like the parameters, arguments of
+    the program (module docstring); "seed", the MC label sampler's, as an int64 one (the key of a Python
     int seed). Where a float meets the parameters it is rounded to their dtype, as a Python float
     is, so a step multiplies by the same numbers as with the values compiled in (`curvature.damped`
     says where a division moves by round-off)."""
@@ -87,29 +82,28 @@ def _traced(h, params: dict, *names: str) -> dict:
 
 
 def _with_own_hyperparameters(compiled, h, *names: str):
-    """`compiled`'s step with this optimizer's traced `names` in place of the state's: a state made by
-    another optimizer's init (an lr schedule that rebuilds the optimizer each step) steps with this
-    optimizer's values, as in torch, not the ones its init put in the state. The same pytree, so the
-    same compiled program. Made once per placement of the parameters (a step on another device takes
-    its own), and afresh inside a caller's trace (jax.jit(opt.step), lax.scan), whose tracers must
-    not outlive it."""
+    """`compiled`'s step given this optimizer's traced `names` (its `traced` argument): the optimizer
+    that steps decides them, as in torch, whichever optimizer's init made the state (an lr schedule
+    may rebuild the optimizer each step). Made once per placement of the parameters (a step on
+    another device takes its own), and afresh inside a caller's trace (jax.jit(opt.step), lax.scan),
+    whose tracers must not outlive it."""
     made = {}  # sharding of the parameters -> the scalars placed like them
 
     def step(params, state, batch, **static):  # (static: K-FAC's refresh)
         like = next(iter(params.values()))
         if isinstance(like, jax.core.Tracer):
-            own = _traced(h, params, *names)
+            traced = _traced(h, params, *names)
         else:
-            own = made.get(like.sharding) or made.setdefault(like.sharding, _traced(h, params, *names))
-        return compiled(params, state._replace(hyperparameters=own), batch, **static)
+            traced = made.get(like.sharding) or made.setdefault(like.sharding, _traced(h, params, *names))
+        return compiled(params, state, batch, traced, **static)
 
     return step
 
 
-def _damping(h, state):
+def _damping(h, traced):
     """The traced damping, or a Python 0.0: zero damping selects the dense solve at trace time
     (curvature.FactorCurvature), so it stays a constant of its own program."""
-    return state.hyperparameters["damping"] if h.damping else 0.0
+    return traced["damping"] if h.damping else 0.0
 
 
 def _descend(params: dict, direction: dict, lr: jax.Array) -> dict:
@@ -117,7 +111,7 @@ def _descend(params: dict, direction: dict, lr: jax.Array) -> dict:
 
 
 def _compiled(h):
-    """`h` as its programs see it: lr, damping and seed are traced (state.hyperparameters), so any
+    """`h` as its programs see it: lr, damping and seed are traced (`_traced`), so any
     value compiles alike, except a damping of 0, which picks the dense solve at trace time
     (`_damping`); K-FAC's period picks a program on the host, never inside one."""
     masked = {"lr": 0.0}
@@ -158,22 +152,22 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
 
     def init(params):
         momentum = {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None
-        return SGDState(_counter(params), momentum, _traced(h, params, "lr"))
+        return SGDState(_counter(params), momentum)
 
     return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_sgd_step, problem, _compiled(h)), h, "lr"), h)
 
 
 def _sgd_step(problem: Problem, h: hp.SGD):
     @jax.jit
-    def step(params, state, batch):
+    def step(params, state, batch, traced):
         value, grad = _loss_and_grad(problem, params, batch)
         direction, buffers = grad, None
         if h.momentum:
             buffers = {k: h.momentum * state.momentum[k] + g for k, g in grad.items()}
             direction = buffers
-        new = _descend(params, direction, state.hyperparameters["lr"])
+        new = _descend(params, direction, traced["lr"])
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
-        return new, SGDState(state.step + 1, buffers, state.hyperparameters), info
+        return new, SGDState(state.step + 1, buffers), info
 
     return step
 
@@ -190,14 +184,14 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
     def init(params):
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
-        return AdamState(_counter(params), zeros(), zeros(), _traced(h, params, "lr"))
+        return AdamState(_counter(params), zeros(), zeros())
 
     return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_adam_step, problem, _compiled(h)), h, "lr"), h)
 
 
 def _adam_step(problem: Problem, h: hp.Adam):
     @jax.jit
-    def step(params, state, batch):
+    def step(params, state, batch, traced):
         value, grad = _loss_and_grad(problem, params, batch)
         t = state.step + 1
         m = {k: h.b1 * state.m[k] + (1 - h.b1) * g for k, g in grad.items()}
@@ -206,20 +200,20 @@ def _adam_step(problem: Problem, h: hp.Adam):
         tf = t.astype(jnp.float64)
         c1, c2 = 1 - h.b1**tf, 1 - h.b2**tf
         # (lr m^) / (...) in this order, not _descend's lr (m^ / (...)): float32 runs keep their numbers.
-        lr = state.hyperparameters["lr"]
+        lr = traced["lr"]
         new = {
             k: p - lr.astype(p.dtype) * (m[k] / c1.astype(p.dtype)) / (jnp.sqrt(v[k] / c2.astype(p.dtype)) + h.eps)
             for k, p in params.items()
         }
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
-        return new, AdamState(t, m, v, state.hyperparameters), info
+        return new, AdamState(t, m, v), info
 
     return step
 
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
     def init(params):
-        return NaturalGradientState(_counter(params), _traced(h, params, "lr", "damping", "seed"))
+        return NaturalGradientState(_counter(params))
 
     compiled = _shared(_natural_gradient_step, problem, _compiled(h), curvature)
     return FunctionalOptimizer(init, _with_own_hyperparameters(compiled, h, "lr", "damping", "seed"), h)
@@ -227,11 +221,11 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
 
 def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: Curvature):
     @jax.jit
-    def step(params, state, batch):
-        key = mc_sampler(state.hyperparameters["seed"], state.step) if curvature == Curvature.MC else None
+    def step(params, state, batch, traced):
+        key = mc_sampler(traced["seed"], state.step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
-        layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, state))
-        new = _descend(params, C.from_layers(problem.model, layers), state.hyperparameters["lr"])
+        layers, grad_norm = C.precondition(problem, curvature, grad, factor, _damping(h, traced))
+        new = _descend(params, C.from_layers(problem.model, layers), traced["lr"])
         return new, state._replace(step=state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
     return step
@@ -289,7 +283,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         square = lambda size, like: jnp.zeros_like(like, shape=(size, size))  # placed like the parameters
         A = {k: square(w.shape[1], w) for k, w in layers.items()}
         G = {k: square(w.shape[0], w) for k, w in layers.items()}
-        return KFACState(0, A, G, A, G, _counter(params), _traced(h, params, "lr", "damping", "seed"))
+        return KFACState(0, A, G, A, G, _counter(params))
 
     compiled_step = _with_own_hyperparameters(_shared(_kfac_step, problem, _compiled(h)), h, "lr", "damping", "seed")
 
@@ -306,8 +300,8 @@ def _kfac_step(problem: Problem, h: hp.KFAC):
     curvature = Curvature(h.fisher.value)
 
     @functools.partial(jax.jit, static_argnames="refresh")
-    def compiled_step(params, state, batch, refresh: bool):
-        key = mc_sampler(state.hyperparameters["seed"], state.device_step) if curvature == Curvature.MC else None
+    def compiled_step(params, state, batch, traced, refresh: bool):
+        key = mc_sampler(traced["seed"], state.device_step) if curvature == Curvature.MC else None
         value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
         batch_factors = C.kronecker(factor)
         first = state.device_step == 0
@@ -317,13 +311,13 @@ def _kfac_step(problem: Problem, h: hp.KFAC):
                                        batch_factors.shift)
 
         if refresh:
-            inverse = factors.inverse(state.hyperparameters["damping"])
+            inverse = factors.inverse(traced["damping"])
         else:
             inverse = C.KroneckerCurvature(problem.model, state.A_inv, state.G_inv)
         direction = C.from_layers(problem.model, inverse.multiply_layers(grad))
-        new = _descend(params, direction, state.hyperparameters["lr"])
+        new = _descend(params, direction, traced["lr"])
         info = {"loss": value, "grad_norm": C.total_norm(grad.values())}
-        state = KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1, state.hyperparameters)
+        state = KFACState(None, factors.A, factors.G, inverse.A, inverse.G, state.device_step + 1)
         return new, state, info
 
     return compiled_step
