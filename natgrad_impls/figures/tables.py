@@ -397,9 +397,9 @@ def step_work(optimizer: str, values) -> tuple:
     """The optimizer and its STEP_WORK hyperparameters, from `values` (a mapping; a value missing or
     NaN is the optimizer's default)."""
     defaults = {f.name: f.default for f in dataclasses.fields(HYPERPARAMETERS[Optimizer(optimizer)])}
-    work = [optimizer]
+    work, taken = [optimizer], accepted(optimizer)
     for name, reads in STEP_WORK.items():
-        if name in accepted(optimizer):
+        if name in taken:
             value = values.get(name)
             work.append(reads(defaults[name] if value is None or pd.isna(value) else value))
     return tuple(work)
