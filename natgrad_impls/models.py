@@ -11,6 +11,7 @@ handed to the framework, so numpy, torch and jax runs start from the same point.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Union
 
@@ -94,7 +95,22 @@ class Model:
 
     def param_names(self) -> list[str]:
         """Canonical order of the flat parameter vector: layers in order, weight then bias."""
-        return list(self.param_shapes())
+        return list(self._param_names)
+
+    @functools.cached_property
+    def _param_names(self) -> tuple[str, ...]:  # (made once: every step's check reads them)
+        return tuple(self.param_shapes())
+
+    def check_params(self, params: dict) -> None:
+        """A KeyError naming the parameters that `params` lacks or holds beyond the model's: an extra
+        one stopped torch's autograd, passed through jax's sgd and adam untouched and was a bare
+        KeyError in the curvatures."""
+        if params.keys() == set(self._param_names):
+            return
+        missing = [name for name in self._param_names if name not in params]
+        extra = sorted(set(params) - set(self._param_names))
+        said = [f"lacks {', '.join(missing)}"] * bool(missing) + [f"has {', '.join(extra)}"] * bool(extra)
+        raise KeyError(f"params: {' and '.join(said)} (the model's are {', '.join(self._param_names)})")
 
     def num_params(self) -> int:
         return sum(math.prod(shape) for shape in self.param_shapes().values())

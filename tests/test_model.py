@@ -44,6 +44,7 @@ def test_every_layer_of_a_strided_padded_cnn_matches_torch_nn(name, framework):
     problem = PROBLEMS[name] if name in PROBLEMS else _cifar10_cnn()
     model, params = problem.model, models.init_params(problem.model, 0)
     prefixes = [models.Model(model.layers[: i + 1], model.input_shape) for i in range(len(model.layers))]
+    own = lambda prefix, every: {k: every[k] for k in prefix.param_names()}  # noqa: E731  (a prefix's parameters)
     x, _ = make_data(problem, 2)
     h, expected = torch.tensor(x), []
     for module in ref.torch_nn(model, params):
@@ -57,11 +58,11 @@ def test_every_layer_of_a_strided_padded_cnn_matches_torch_nn(name, framework):
 
         jparams = JM.to_jax(params)
         for index, prefix in enumerate(prefixes):
-            shape = jax.eval_shape(functools.partial(JM.output, prefix), jparams, x).shape
+            shape = jax.eval_shape(functools.partial(JM.output, prefix), own(prefix, jparams), x).shape
             assert shape == expected[index].shape, f"layer {index}: {model.layers[index]}"
-        outputs = jax.jit(lambda p, x: [JM.output(prefix, p, x) for prefix in prefixes])(jparams, x)
+        outputs = jax.jit(lambda p, x: [JM.output(prefix, own(prefix, p), x) for prefix in prefixes])(jparams, x)
     else:
-        outputs = [M.output(prefix, M.to_torch(params), torch.tensor(x)) for prefix in prefixes]
+        outputs = [M.output(prefix, own(prefix, M.to_torch(params)), torch.tensor(x)) for prefix in prefixes]
     for index, (actual, wanted) in enumerate(zip(outputs, expected)):
         np.testing.assert_allclose(np.asarray(actual), wanted, rtol=0, atol=1e-12 * np.abs(wanted).max(),
                                    err_msg=f"layer {index}: {model.layers[index]}")

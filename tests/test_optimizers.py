@@ -584,6 +584,30 @@ def test_numpy_scalars_are_numbers(framework):
         make_optimizer(framework, "sgd", problem, lr=np.bool_(True))
 
 
+@pytest.mark.parametrize("optimizer, hp", [(o, hp) for o, hp, _ in STEP_CASES])
+@pytest.mark.parametrize("framework", ["torch", "jax", "numpy"])
+def test_a_step_refuses_parameters_and_states_that_are_not_its_own(framework, optimizer, hp):
+    """A parameter beyond the model's stopped torch's autograd, passed through jax's sgd and adam
+    untouched and was a bare KeyError in the curvatures; a step before init (state None) was an
+    AttributeError from inside the step, and another optimizer's state stepped as if fresh."""
+    problem = PROBLEMS["logistic"]
+    x, y = make_data(problem, 6)
+    impl = {"torch": TorchImpl, "jax": JaxImpl}.get(framework)
+    params, batch = models.init_params(problem.model, 0), (x, y)
+    if impl is not None:
+        params, batch = impl().params(params), impl().batch(x, y)
+    opt = make_optimizer(framework, optimizer, problem, **hp)
+    other = make_optimizer(framework, "kfac", problem, lr=0.1, damping=1.0) if optimizer == "sgd" else \
+        make_optimizer(framework, "sgd", problem, lr=0.1)
+    with pytest.raises(KeyError, match=r"params: has extra \(the model's are dense0.weight"):
+        opt.step({**params, "extra": params["dense0.weight"]}, opt.init(params), batch)
+    with pytest.raises(TypeError, match=r"^state: .* not NoneType \(make one with opt.init\(params\)\)"):
+        opt.step(params, None, batch)
+    with pytest.raises(TypeError, match=f"^state: .* not {type(other.init(params)).__name__}$"):
+        opt.step(params, other.init(params), batch)
+    opt.step(params, opt.init(params), batch)
+
+
 @pytest.mark.parametrize("optimizer", list(Optimizer))
 def test_every_framework_takes_the_hyperparameters_the_runner_passes(optimizer):
     """`runner.accepted` (what the runner, grid and CLI pass) is numpy's signature; torch's and jax's

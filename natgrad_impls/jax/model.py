@@ -55,6 +55,7 @@ def _patches(h: jax.Array, layer: Conv2d) -> jax.Array:
 def forward(model: Model, params: dict, x: jax.Array, perturbations: dict | None = None):
     """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
     unfolded patches N x T x in*k*k'; ' = with the bias column)."""
+    model.check_params(params)
     check_inputs(x.dtype, next(iter(params.values())).dtype)
     inputs = {}
     h = x

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from natgrad_impls import hyperparameters as hp
-from natgrad_impls.interface import FunctionalOptimizer
+from natgrad_impls.interface import FunctionalOptimizer, functional_optimizer
 from natgrad_impls.jax import curvature as C
 from natgrad_impls.jax import model as M
 from natgrad_impls.models import Problem
@@ -154,7 +154,8 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         momentum = {k: jnp.zeros_like(p) for k, p in params.items()} if h.momentum else None
         return SGDState(_counter(params), momentum)
 
-    return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_sgd_step, problem, _compiled(h)), h, "lr"), h)
+    step = _with_own_hyperparameters(_shared(_sgd_step, problem, _compiled(h)), h, "lr")
+    return functional_optimizer(init, step, h, SGDState)
 
 
 def _sgd_step(problem: Problem, h: hp.SGD):
@@ -186,7 +187,8 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         zeros = lambda: {k: jnp.zeros_like(p) for k, p in params.items()}
         return AdamState(_counter(params), zeros(), zeros())
 
-    return FunctionalOptimizer(init, _with_own_hyperparameters(_shared(_adam_step, problem, _compiled(h)), h, "lr"), h)
+    step = _with_own_hyperparameters(_shared(_adam_step, problem, _compiled(h)), h, "lr")
+    return functional_optimizer(init, step, h, AdamState)
 
 
 def _adam_step(problem: Problem, h: hp.Adam):
@@ -216,7 +218,8 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
         return NaturalGradientState(_counter(params))
 
     compiled = _shared(_natural_gradient_step, problem, _compiled(h), curvature)
-    return FunctionalOptimizer(init, _with_own_hyperparameters(compiled, h, "lr", "damping", "seed"), h)
+    step = _with_own_hyperparameters(compiled, h, "lr", "damping", "seed")
+    return functional_optimizer(init, step, h, NaturalGradientState)
 
 
 def _natural_gradient_step(problem: Problem, h: hp.NaturalGradient, curvature: Curvature):
@@ -293,7 +296,7 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         new, state, info = compiled_step(params, state._replace(step=None), batch, refresh=refresh)
         return new, state._replace(step=count + 1), info
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, KFACState)
 
 
 def _kfac_step(problem: Problem, h: hp.KFAC):

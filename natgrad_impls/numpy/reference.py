@@ -27,7 +27,7 @@ import numpy as np
 from scipy.special import expit
 
 from natgrad_impls import hyperparameters as hp
-from natgrad_impls.interface import FunctionalOptimizer
+from natgrad_impls.interface import FunctionalOptimizer, functional_optimizer
 from natgrad_impls.models import Dense, Problem, flatten, random_stream, unflatten
 from natgrad_impls.names import Fisher, Likelihood, parse
 
@@ -80,6 +80,7 @@ def _design(problem: Problem, batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _theta(problem: Problem, params: dict) -> np.ndarray:
+    problem.model.check_params(params)
     return flatten(problem.model, {k: np.asarray(v, dtype=np.float64) for k, v in params.items()})
 
 
@@ -232,7 +233,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         direction = grad if buffer is None else buffer
         return _params(problem, theta - h.lr * direction), SGDState(state.step + 1, buffer), _info(value, grad)
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, SGDState)
 
 
 @hp.documented
@@ -258,7 +259,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         new = theta - h.lr * m_hat / (np.sqrt(v_hat) + h.eps)
         return _params(problem, new), AdamState(t, m, v), _info(value, grad)
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, AdamState)
 
 
 @hp.documented
@@ -278,7 +279,7 @@ def ef(problem: Problem, lr: float, damping: float) -> FunctionalOptimizer:
         new = theta - h.lr * solve(matrix, grad, hp.structurally_singular(h.damping, *z.shape))
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
-    return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
+    return functional_optimizer(lambda params: NaturalGradientState(0), step, h, NaturalGradientState)
 
 
 @hp.documented
@@ -302,7 +303,7 @@ def ngd(problem: Problem, lr: float, damping: float, fisher: Fisher | str = Fish
         new = theta - h.lr * solve(matrix, grad, hp.structurally_singular(problem.l2 + h.damping, *z.shape))
         return _params(problem, new), NaturalGradientState(state.step + 1), _info(value, grad)
 
-    return FunctionalOptimizer(lambda params: NaturalGradientState(0), step, h)
+    return functional_optimizer(lambda params: NaturalGradientState(0), step, h, NaturalGradientState)
 
 
 @hp.documented
@@ -346,4 +347,4 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         new = theta - h.lr * G_inv * (A_inv @ grad)
         return _params(problem, new), KFACState(state.step + 1, A, G, A_inv, G_inv), _info(value, grad)
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, KFACState)

@@ -40,6 +40,7 @@ def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = N
     output, differentiable: the first one is made a leaf that requires grad, so that autograd
     records the rest of the model from it and nothing before it. (Without them nothing is
     augmented or unfolded: the plain gradient, the unit of cost, does no more than it needs.)"""
+    model.check_params(params)
     check_inputs(x.dtype, next(iter(params.values())).dtype)
     h = x
     for index, layer in enumerate(model.layers):
@@ -52,7 +53,7 @@ def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = N
             if inputs is not None:
                 patches = F.unfold(h, layer.kernel_size, padding=layer.padding, stride=layer.stride)
                 inputs[name] = _augment(patches.transpose(1, 2), layer.bias)
-            bias = params[f"{name}.bias"] if layer.bias else None  # (a missing bias is a KeyError, as in jax)
+            bias = params[f"{name}.bias"] if layer.bias else None
             h = F.conv2d(h, params[f"{name}.weight"], bias, layer.stride, layer.padding)
         elif isinstance(layer, Act):
             h = _ACTIVATIONS[layer.kind](h)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from natgrad_impls import hyperparameters as hp
-from natgrad_impls.interface import FunctionalOptimizer
+from natgrad_impls.interface import FunctionalOptimizer, functional_optimizer
 from natgrad_impls.models import Problem
 from natgrad_impls.names import Curvature, Fisher
 from natgrad_impls.torch import curvature as C
@@ -84,7 +84,7 @@ def sgd(problem: Problem, lr: float, momentum: float = 0.0) -> FunctionalOptimiz
         new = _descend(params, direction, h.lr)
         return new, SGDState(state.step + 1, buffers), {"loss": value, "grad_norm": C.total_norm(g)}
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, SGDState)
 
 
 @hp.documented
@@ -119,7 +119,7 @@ def adam(problem: Problem, lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
         state = AdamState(t, dict(zip(names, m)), dict(zip(names, v)))
         return dict(zip(names, new)), state, {"loss": value, "grad_norm": C.total_norm(g)}
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, AdamState)
 
 
 def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvature) -> FunctionalOptimizer:
@@ -135,7 +135,7 @@ def _natural_gradient(problem: Problem, h: hp.NaturalGradient, curvature: Curvat
         new = _descend(params, C.from_layers(problem.model, layers), h.lr)
         return new, NaturalGradientState(state.step + 1), {"loss": value, "grad_norm": grad_norm}
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, NaturalGradientState)
 
 
 @hp.documented
@@ -204,4 +204,4 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         new_state = KFACState(state.step + 1, factors.A, factors.G, inverse.A, inverse.G)
         return new, new_state, {"loss": value, "grad_norm": C.total_norm(grad.values())}
 
-    return FunctionalOptimizer(init, step, h)
+    return functional_optimizer(init, step, h, KFACState)
