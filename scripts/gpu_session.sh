@@ -87,9 +87,10 @@ setup() {  # on the GPU machine: the carried wheels, and a `natgrad` command (th
     # h100, h200, ...: the first word of the name with a digit in it ("nogpu" where torch sees none)
     GPU=$(python3 -c "import torch; name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''
 print(next((w.lower() for w in name.split() if any(c.isdigit() for c in w)), 'nogpu'))")
-    if [ -d .whl ] && [ ! -d "$SITE/snakemake" ]; then  # (a failure is said below; the parts that need none still run)
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            .whl/*.whl 2>&1 | tail -n 5 | tee -a "$OUT/check_$GPU.txt" || true
+    # (a failure or timeout is said below; the parts that need none still run. 63 wheels, 40 MB: seconds)
+    if [ -d .whl ] && [ ! -d "$SITE/snakemake" ]; then
+        timeout 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" .whl/*.whl 2>&1 | tail -n 5 | tee -a "$OUT/check_$GPU.txt" || true
     fi
     local missing  # said loudly: without them the peer comparison, asv and the pipeline are skipped
     missing=$(python3 -c "import importlib.util as u
