@@ -104,7 +104,7 @@ def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
 
 class _Backend:
     """What the batched computation needs beyond the operators the three array modules share
-    (`@`, arithmetic, exp, log1p, abs, sqrt, where, clip, mean/sum over the last axis)."""
+    (`@`, arithmetic, exp, log1p, abs, sqrt, isfinite, where, clip, mean/sum over the last axis)."""
 
     name: str
     xp = None
@@ -519,7 +519,9 @@ class _KFAC(_Method):
         if k % h.kfac_update_period == 0:  # the frameworks' factored Tikhonov, their zero case too
             a = A.diagonal().mean()
             live = (a > 0) & (G > 0)
-            pi = xp.where(live, xp.sqrt(a / xp.where(live, G, 1.0)), 1.0)
+            pi = xp.sqrt(xp.where(live, a, 1.0)) / xp.sqrt(xp.where(live, G, 1.0))  # (a / G overflows where G is tiny)
+            live = live & xp.isfinite(pi) & (pi > 0)
+            pi = xp.where(live, pi, 1.0)
             A_inv = be.damped_inverse(A, self.root * pi)  # (A is every run's: dead runs' set below)
             A_inv = xp.where(live[:, None, None], A_inv, be.eye(A.shape[-1]) / self.root[:, None, None])
             G_inv = 1 / (G * live + self.root / pi)

@@ -293,6 +293,55 @@ def test_numpy_kfac_steps_where_every_logit_is_saturated():
     np.testing.assert_allclose(steps[2], steps[0], rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype, a, g", [("float32", 1e4, 1e-36), ("float32", 1.0, 1e-40), ("float64", 1.0, 1e-310)])
+def test_kfac_inverse_where_g_is_tiny_beside_a(dtype, a, g):
+    """pi = sqrt(a / g) overflowed where G's trace is tiny but not zero (a confident fit's MC
+    residuals): pi inf, inf * 0 in the damped factor, a NaN step in torch; jax, flushing the
+    subnormal g to zero, took the zero case, or with a large a returned 0. The damped block is
+    lambda I there, so its inverse multiplies by 1 / lambda in both."""
+    import natgrad_impls.jax.curvature as JC
+    import natgrad_impls.torch.curvature as TC
+
+    model, damping = models.linear(3, 2, bias=True), 1e-2
+    A, G, v = a * np.eye(4), g * np.eye(2), np.ones((2, 4))
+    t = {k: torch.tensor(m, dtype=getattr(torch, dtype)) for k, m in (("A", A), ("G", G), ("v", v))}
+    j = {k: jnp.asarray(m, dtype=dtype) for k, m in (("A", A), ("G", G), ("v", v))}
+    for module, arrays in ((TC, t), (JC, j)):
+        inverse = module.KroneckerCurvature(model, {"dense0": arrays["A"]}, {"dense0": arrays["G"]}).inverse(damping)
+        product = np.asarray(inverse.multiply_layers({"dense0": arrays["v"]})["dense0"], dtype=np.float64)
+        np.testing.assert_allclose(product, v / damping, rtol=1e-5, err_msg=module.__name__)
+
+
+def test_kfac_steps_alike_everywhere_where_every_logit_is_negatively_saturated():
+    """Float64, the exact Bernoulli likelihood, every logit -360: the MC residuals are sigmoid(-360)
+    (no label 1 is ever drawn), G = their mean square = 2e-313, and pi = sqrt(a / G) overflowed: the
+    numpy reference's, torch's and the numpy grid's runs were NaN, diverged at step 1, where jax's
+    stepped on. All four now step by the same lr g / lambda."""
+    import natgrad_impls.numpy as reference
+    from natgrad_impls import grid
+
+    problem = models.Problem(models.linear(5, 1, bias=True), "bernoulli")  # no logit clip
+    x = np.random.default_rng(0).normal(size=(20, 5))
+    y = np.zeros((20, 1))
+    y[:5] = 1.0
+    start = {"dense0.weight": np.zeros((1, 5)), "dense0.bias": np.array([-360.0])}
+    steps = []
+    for impl in (None, TorchImpl(), JaxImpl()):
+        opt = (reference if impl is None else impl.module).kfac(problem, lr=1.0, damping=1e-2, fisher="mc")
+        params, batch = (start, (x, y)) if impl is None else (impl.params(start), impl.batch(x, y))
+        new = opt.step(params, opt.init(params), batch)[0]
+        new = new if impl is None else impl.numpy(new)
+        steps.append(np.concatenate([(new[k] - start[k]).ravel() for k in start]))
+    z = np.hstack([x, np.ones((20, 1))])
+    np.testing.assert_allclose(steps[0], z.T @ y[:, 0] / 20 / 1e-2, rtol=1e-10)  # -lr g / lambda, g = -z^T y / N
+    for step in steps[1:]:
+        np.testing.assert_allclose(step, steps[0], rtol=1e-10)
+    runs = grid.trajectories(problem, x, y, "kfac", hyperparameters.KFAC(1.0, 1.0, fisher="mc"), [1.0], [1e-2], 2,
+                             theta0=np.concatenate([start["dense0.weight"].ravel(), start["dense0.bias"]])[None],
+                             progress=False)
+    assert not runs.diverged[0] and np.isfinite(runs.loss[0]).all() and runs.loss[0][1] < runs.loss[0][0]
+
+
 def test_ngd_step_with_l2_is_the_dense_formula_where_the_gram_product_is_cheaper(impl):
     """With l2 the gradient is no longer the mean of the data's per-example gradients, so U^T g cannot
     come from the Gram product over the data's rows: on a wide-input MLP at a small batch, where that

@@ -340,8 +340,9 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
         if state.step % h.kfac_update_period == 0:
             root = math.sqrt(h.damping + problem.l2)
             a = np.trace(A) / A.shape[0]
-            live = a > 0 and G > 0
-            pi = math.sqrt(a / G) if live else 1.0
+            pi = math.sqrt(a) / math.sqrt(G) if a > 0 and G > 0 else 0.0  # (a / G overflows where G is tiny)
+            live = 0 < pi < math.inf
+            pi = pi if live else 1.0
             A_inv = inverse(A * live + root * pi * np.eye(A.shape[0]))
             G_inv = 1.0 / (G * live + root / pi)
         new = theta - h.lr * G_inv * (A_inv @ grad)

@@ -309,14 +309,18 @@ class KroneckerCurvature:
         so that each factor is damped in proportion to its own scale (DESIGN 4 has the two swapped).
         Where a factor is zero (a layer whose outputs get no gradient: all its units dead, or
         saturated logits), A (x) G is too and the damped block is lambda I: both inverses are then
-        I / sqrt(lambda) (kfac-jax's zero case), where pi would be 0/0 or inf and the step NaN.
+        I / sqrt(lambda) (kfac-jax's zero case), where pi would be 0/0 or inf and the step NaN; so
+        they are where G is so small beside A (or A beside G) that pi overflows (or underflows).
         Returned as a KroneckerCurvature whose multiply applies them."""
         root = math.sqrt(damping + self.shift)
         A_inv, G_inv = {}, {}
         for k in self.A:
             a, g = torch.diagonal(self.A[k]).mean(), torch.diagonal(self.G[k]).mean()
             live = (a > 0) & (g > 0)  # a tensor, not a bool: no read back from the device
-            pi = torch.where(live, torch.sqrt(a / torch.where(live, g, 1.0)), 1.0)  # no 0/0 even where unused
+            # roots first: a / g overflows where G is tiny beside A (a confident fit's MC residuals)
+            pi = torch.sqrt(torch.where(live, a, 1.0)) / torch.sqrt(torch.where(live, g, 1.0))  # no 0/0 where unused
+            live = live & torch.isfinite(pi) & (pi > 0)
+            pi = torch.where(live, pi, 1.0)
             A_inv[k] = _damped_inverse(self.A[k] * live, root * pi)
             G_inv[k] = _damped_inverse(self.G[k] * live, root / pi)
         return KroneckerCurvature(self.model, A_inv, G_inv)
