@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls.interface import FunctionalOptimizer, functional_optimizer
@@ -77,8 +78,12 @@ def _traced(h, params: dict, *names: str) -> dict:
     is, so a step multiplies by the same numbers as with the values compiled in (`curvature.damped`
     says where a division moves by round-off)."""
     like = next(iter(params.values()))
-    dtype = lambda name: jnp.int64 if name == "seed" else jnp.float64  # noqa: E731
-    return {name: jnp.full_like(like, getattr(h, name), shape=(), dtype=dtype(name)) for name in names}
+    values = {name: np.asarray(getattr(h, name), dtype=np.int64 if name == "seed" else np.float64) for name in names}
+    # Transfers, not programs (jnp.full_like compiled one per dtype at a process's first step),
+    # committed to a device where the parameters are (as jit's outputs then are: a mix compiles anew).
+    if isinstance(like, jax.core.Tracer) or not like.committed:  # (in a caller's trace: its constants)
+        return {name: jnp.asarray(value) for name, value in values.items()}
+    return {name: jax.device_put(value, like.sharding) for name, value in values.items()}
 
 
 def _with_own_hyperparameters(compiled, h, *names: str):
