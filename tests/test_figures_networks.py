@@ -870,6 +870,20 @@ def test_a_setting_that_diverged_on_a_seed_sets_no_target():
     assert table.loc["sgd", "steps_to_target"] == 20 and pd.isna(table.loc["kfac", "steps_to_target"])
 
 
+def test_where_every_setting_diverged_the_best_is_the_one_that_lasted_longest():
+    """kfac's lr 0.01 falls to 0.2, then blows up at step 30; lr 1 is NaN at step 10. Both final
+    losses are inf: the table took whichever its rows listed first, and the tuning job reruns that
+    one on every seed. The one that lasted reached sgd's target (0.6) at step 10 on its way."""
+    sgd = hand_runs([[4.0, 2.0, 1.0, 0.6]])
+    lasted = hand_runs([[4.0, 0.5, 0.2, 900.0]], lr=0.01, optimizer="kfac").assign(diverged=True)  # (every row,
+    early = hand_runs([[4.0, np.nan]], lr=1.0, optimizer="kfac").assign(diverged=True)  # as the runner writes)
+    for order in ((sgd, lasted, early), (sgd, early, lasted)):
+        table = tables.best_hyperparameters(pd.concat(order, ignore_index=True)).set_index("optimizer")
+        assert table.loc["kfac", "lr"] == 0.01 and table.loc["kfac", "diverged"]
+        assert table.target_loss.tolist() == [0.6, 0.6]
+        assert table.loc["sgd", "steps_to_target"] == 30 and table.loc["kfac", "steps_to_target"] == 10
+
+
 def test_a_best_setting_that_ends_above_its_start_sets_no_target():
     """sgd's best setting ends at 6, above the start (4): as the target, every run would reach it at
     step 0. The target is kfac's 0.5, which sgd never reaches."""

@@ -103,8 +103,10 @@ def _best_settings(measured, group, hp, objective) -> pd.DataFrame:
     """Per group, its best setting's row of `_per_setting` (with its `_setting` key)."""
     settings = _per_setting(_per_run(measured, group, hp, objective), group, hp)
     # a setting that diverged on any seed ranks after every setting that did not (its median can hide
-    # a seed in three blowing up: a setting on the edge of stability, chosen by luck)
-    ranked = settings.sort_values(["diverged", "final_loss"], na_position="last", kind="stable")
+    # a seed in three blowing up: a setting on the edge of stability, chosen by luck); among settings
+    # that all diverged (final_loss inf), the one that ran longest before it did, not the first listed
+    ranked = settings.sort_values(["diverged", "final_loss", "survived"], ascending=[True, True, False],
+                                  na_position="last", kind="stable")
     return ranked.groupby(group, observed=True, sort=False).head(1)
 
 
@@ -164,7 +166,7 @@ def setting_key(frame, hp) -> pd.Series:
 
 def _per_run(frame, group, hp, objective) -> pd.DataFrame:
     """One row per run: its setting, final objective (inf when diverged), steps, test accuracy."""
-    frame = frame.assign(_setting=setting_key(frame, hp)).sort_values("step")
+    frame = frame.assign(_setting=setting_key(frame, hp)).sort_values("step", kind="stable")
     runs = frame.groupby(group + ["_setting", "seed"], observed=True, sort=False)
     out = runs.agg(final=(objective, "last"), steps=("step", "max"), diverged=("diverged", "any"),
                    **{h: (h, "first") for h in hp})
@@ -177,11 +179,12 @@ def _per_run(frame, group, hp, objective) -> pd.DataFrame:
 
 
 def _per_setting(per_run, group, hp) -> pd.DataFrame:
-    """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed did."""
+    """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed did,
+    and survived, the median of the seeds' last recorded steps (a diverged run's last before it blew up)."""
     settings = per_run.groupby(group + ["_setting"], observed=True, sort=False)
     out = settings.agg(final_loss=("final", "median"), final_loss_min=("final", "min"),
                        final_loss_max=("final", "max"), seeds=("seed", "nunique"), steps=("steps", "max"),
-                       diverged=("diverged", "any"), **{h: (h, "first") for h in hp})
+                       diverged=("diverged", "any"), survived=("steps", "median"), **{h: (h, "first") for h in hp})
     if "final_test_accuracy" in per_run.columns:  # with its range: a test set of 360 moves 0.003 an example
         accuracy = settings["final_test_accuracy"]
         out = out.assign(final_test_accuracy=accuracy.median(), final_test_accuracy_min=accuracy.min(),
@@ -192,7 +195,8 @@ def _per_setting(per_run, group, hp) -> pd.DataFrame:
 
 
 def _reach(measured, best, group, hp, objective) -> pd.DataFrame:
-    """Median over the best setting's seeds of the first step (and time_s) at or below the target."""
+    """Median over the best setting's seeds of the first step (and time_s) at or below the target (a
+    seed that diverged too: where it got there first, as the captions say)."""
     frame = measured.assign(_setting=setting_key(measured, hp)).merge(
         best[group + ["_setting", "target_loss"]], on=group + ["_setting"])
     rows = []
