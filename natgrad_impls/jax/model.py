@@ -119,7 +119,9 @@ def nll(problem: Problem, f: jax.Array, y: jax.Array) -> jax.Array:
         return 0.5 * ((f - y) ** 2).sum(-1)
     if problem.likelihood == Likelihood.BERNOULLI:
         f = clip_logits(problem, f)
-        return (jax.nn.softplus(f) - y * f).sum(-1)
+        # softplus(f) - y f without its cancellation where f is large (numpy reference's _nll); smooth
+        # at f = 0, where relu(f) + log1p(exp(-|f|)) has no derivative for autodiff to take
+        return (y * jax.nn.softplus(-f) + (1 - y) * jax.nn.softplus(f)).sum(-1)
     return jax.nn.logsumexp(f, -1) - jnp.take_along_axis(f, y[:, None], -1)[:, 0]
 
 

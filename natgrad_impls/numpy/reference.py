@@ -101,8 +101,10 @@ def _logits(problem: Problem, z: np.ndarray, theta: np.ndarray) -> np.ndarray:
 def _nll(problem: Problem, f: np.ndarray, y: np.ndarray) -> np.ndarray:
     if problem.likelihood == Likelihood.GAUSSIAN:
         return 0.5 * (f - y) ** 2
-    # softplus(f) - y f, with logaddexp: exact for every f (no large-f shortcut).
-    return np.logaddexp(0.0, f) - y * f
+    # softplus(f) - y f written as y softplus(-f) + (1 - y) softplus(f): the same for every y, but
+    # for labels in {0, 1} one term, so a confident fit's small loss is not a difference of two
+    # large numbers (softplus(30) - 30 kept 2 digits)
+    return y * np.logaddexp(0.0, -f) + (1 - y) * np.logaddexp(0.0, f)
 
 
 def _mean(problem: Problem, f: np.ndarray) -> np.ndarray:
