@@ -870,15 +870,18 @@ def _run_line(frame, hyperparameters, seed, how="") -> str:
 
 
 @functools.cache
-def code_version() -> str:
+def code_version(leave_out: tuple[str, ...] = ()) -> str:
     """A hash of the package's source files and of the numerical libraries' versions: what a kept
-    run was computed by (a new torch or jax moves float32 results, and so invalidates it too)."""
+    run was computed by (a new torch or jax moves float32 results, and so invalidates it too).
+    `leave_out`: source files not counted, as paths in the package ("figures/paper.py")."""
     import hashlib
     from pathlib import Path
 
     digest = hashlib.sha256(timing.package_versions(("numpy", "scipy", "torch", "jax", "jaxlib")).encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
+        name = path.relative_to(Path(__file__).parent).as_posix()
+        if name not in leave_out:
+            digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 

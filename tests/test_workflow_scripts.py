@@ -9,6 +9,7 @@ checkout's (paths from this file), never an installed copy.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -116,9 +117,9 @@ def test_figure_3_is_drawn_from_the_best_runs_with_the_cosine_and_its_caption(tm
     static = REPO / "workflow" / "report" / "fig3-optimisation.rst"
     out = tmp_path / "figures"
     run_script("figure.py", tmp_path, rule="figure_fig3_optimisation",
-               input=Files(folder / "numpy-cpu.parquet", folder / "cos.parquet"),
+               input=Files(folder / "numpy-cpu.parquet", folder / "cos.parquet", caption=static),
                output=Files(png=out / "fig3.png", pdf=out / "fig3.pdf", caption=out / "fig3.rst"),
-               params=SimpleNamespace(figure="fig3-optimisation", caption=str(static)))
+               params=SimpleNamespace(figure="fig3-optimisation"))
     assert (out / "fig3.png").read_bytes()[:4] == b"\x89PNG" and (out / "fig3.pdf").read_bytes()[:4] == b"%PDF"
     caption = (out / "fig3.rst").read_text()
     assert caption.startswith(static.read_text().strip() + "\n\n**This run:** ")
@@ -139,10 +140,11 @@ def test_reference_figures_note_tables_measured_with_other_versions(tmp_path):
     for name, extra in tables_.items():
         pd.DataFrame([{**row, **extra}]).to_csv(tmp_path / name, index=False)
     out = tmp_path / "figures"
-    run_script("figure.py", tmp_path, rule="figure", input=Files(*(tmp_path / name for name in tables_)),
+    run_script("figure.py", tmp_path, rule="figure",
+               input=Files(*(tmp_path / name for name in tables_),
+                           caption=REPO / "workflow" / "report" / "reference-cost.rst"),
                output=Files(png=out / "f.png", pdf=out / "f.pdf", caption=out / "f.rst"),
-               params=SimpleNamespace(figure="reference-cost",
-                                      caption=str(REPO / "workflow" / "report" / "reference-cost.rst")))
+               params=SimpleNamespace(figure="reference-cost"))
     notes = (out / "f.rst").read_text().split("**This run:** ", 1)[1]
     assert "old.csv: records no package versions" in notes
     assert f"other.csv: measured with torch 2.11.0; this run has {timing.package_versions(['torch'])}." in notes
@@ -159,9 +161,10 @@ def test_figure_2_and_its_appendix_draw_their_own_model(tmp_path, figure, model)
                           "theta_1": [None, None, -0.2], "loss": [None, None, 0.5], "curvature": None})
     table.to_parquet(tmp_path / "misspec.parquet", index=False)
     out = tmp_path / "figures"
-    run_script("figure.py", tmp_path, rule="figure", input=Files(tmp_path / "misspec.parquet"),
+    run_script("figure.py", tmp_path, rule="figure",
+               input=Files(tmp_path / "misspec.parquet", caption=REPO / "workflow" / "report" / f"{figure}.rst"),
                output=Files(png=out / "f.png", pdf=out / "f.pdf", caption=out / "f.rst"),
-               params=SimpleNamespace(figure=figure, caption=str(REPO / "workflow" / "report" / f"{figure}.rst")))
+               params=SimpleNamespace(figure=figure))
     caption = (out / "f.rst").read_text()
     assert ("Correct: not in the table" in caption) == (model == "linear"), caption
     assert "Misspecified (A): not in the table" in caption
@@ -304,7 +307,8 @@ def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tm
     """cost.py hands timing its rule's own settings: a cost job timing.settings on its task, a
     scaling job timing.scaling's settings, widths and batch sizes (not the cost job's settings), both
     timing's dtype and repeats; each table names the machine that timed it (device_name) and the
-    threads its framework could use (cpu_threads)."""
+    threads its framework could use (cpu_threads): the rule's, XLA's too (PJRT_NPROC, which it reads
+    where Snakemake's OMP_NUM_THREADS does not reach it)."""
     import inspect
 
     from natgrad_impls import timing
@@ -322,16 +326,16 @@ def test_cost_and_scaling_jobs_time_what_the_config_says_and_name_the_machine(tm
     spy("cost_table")
     spy("scaling_table")
     monkeypatch.setattr(timing, "device_name", lambda device, framework="torch": f"machine of {framework} {device}")
-    monkeypatch.setattr(timing, "cpu_threads", lambda framework: {"jax": 2}[framework])
+    monkeypatch.setattr(timing, "cpu_threads", lambda framework: int(os.environ.get("PJRT_NPROC", 0)))
     t = {"dtype": "float64", "repeats": 7, "settings": ["sgd", "kfac"],
          "scaling": {"frameworks": ["jax"], "settings": ["ngd-mc"], "widths": [8, 16], "batch_sizes": [4, 32]}}
     wildcards = SimpleNamespace(task="digits-mlp", framework="jax", device="cpu")
     for rule, params in (("cost", SimpleNamespace(timing=t)),
                          ("scaling", SimpleNamespace(timing=t, scaling=t["scaling"]))):
         run_script("cost.py", tmp_path, rule=rule, output=Files(tmp_path / f"{rule}.csv"), params=params,
-                   wildcards=wildcards)
+                   wildcards=wildcards, threads=3)
         assert set(pd.read_csv(tmp_path / f"{rule}.csv")["machine"]) == {"machine of jax cpu"}, rule
-        assert set(pd.read_csv(tmp_path / f"{rule}.csv")["threads"]) == {2}, rule
+        assert set(pd.read_csv(tmp_path / f"{rule}.csv")["threads"]) == {3}, rule
     assert calls == {"cost_table": dict(task="digits-mlp", framework="jax", device="cpu", dtype="float64",
                                         settings=["sgd", "kfac"], repeats=7),
                      "scaling_table": dict(framework="jax", device="cpu", widths=[8, 16], batch_sizes=[4, 32],
@@ -797,7 +801,7 @@ def test_the_configuration_asks_for_its_figures_and_tables_from_their_files(dags
         if job["rule"].startswith(("figure_", "table_")):
             item = Path(job["output"][0]).stem
             inputs = ({k: sorted(v) for k, v in job["named_input"].items()} if job["rule"].startswith("table_")
-                      else sorted(job["input"]))
+                      else sorted(set(job["input"]) - {f"workflow/report/{item}.rst"}))  # (less its caption)
             found[item] = (job["report"]["category"], job["report"]["labels"]["item"], inputs)
     expected = {item: (section, f"{number} {item}", {k: sorted(v) for k, v in inputs.items()}
                        if isinstance(inputs, dict) else sorted(inputs))
@@ -805,6 +809,36 @@ def test_the_configuration_asks_for_its_figures_and_tables_from_their_files(dags
     assert found.keys() == expected.keys(), f"asked for {sorted(found)}, expected {sorted(expected)}"
     for item in expected:
         assert found[item] == expected[item], f"{item}: {found[item]}, expected {expected[item]}"
+
+
+COMPUTING_RULES = {"grid", "grid_logit_clip_none", "cos_along_best_ef", "toy", "tune", "train", "cost", "scaling"}
+
+
+def test_jobs_take_as_params_what_they_read_and_the_code_that_computes_them(dags):
+    """Snakemake reruns a job whose params changed. The whole `networks` section as a tune job's param
+    reran every tuning job for new rerun seeds, and `timing` every cost job for another task list;
+    the library, which Snakemake does not track, is a param, so that a fix to it reruns what it
+    computed (runner.code_version): the computing rules' without the drawing modules, whose edits
+    redraw the figures and tables alone."""
+    from natgrad_impls.runner import code_version
+
+    leave_out = ("figures/__init__.py", "figures/cost.py", "figures/networks.py", "figures/paper.py",
+                 "figures/style.py")
+    protocol = {"dtype", "steps", "eval_every"}
+    read = {"tune": {"protocol": protocol}, "train": {"protocol": protocol},
+            "cost": {"timing": {"dtype", "settings", "repeats"}},
+            "scaling": {"timing": {"dtype", "repeats"}, "scaling": {"widths", "batch_sizes", "settings"}}}
+    codes = collections.defaultdict(set)
+    for job in dags["gpu.yaml"]:
+        for param, keys in read.get(job["rule"], {}).items():
+            assert set(job["params"][param]) == keys, (job["rule"], param)
+        if job["rule"] in COMPUTING_RULES:
+            codes["computed"].add(job["params"]["code"])
+        elif job["rule"].startswith(("figure_", "table_")):
+            codes["drawn"].add(job["params"]["code"])
+        codes["rules"].add(job["rule"])
+    assert COMPUTING_RULES - {"grid_logit_clip_none"} <= codes.pop("rules")
+    assert codes == {"computed": {code_version(leave_out)[:16]}, "drawn": {code_version()[:16]}}
 
 
 def test_download_tasks_get_a_data_job_and_the_starting_point_reuses_only_a_configured_wine_grid(dags):
@@ -853,5 +887,5 @@ def test_each_figure_has_its_own_caption(dags, name):
     for job in dags[name]:
         if job["rule"].startswith("figure_"):
             figure = Path(job["output"][0]).stem
-            assert job["params"]["caption"] == f"workflow/report/{figure}.rst", job["params"]
-            assert (REPO / job["params"]["caption"]).read_text().strip(), figure
+            assert job["named_input"]["caption"] == [f"workflow/report/{figure}.rst"], job["named_input"]
+            assert (REPO / "workflow" / "report" / f"{figure}.rst").read_text().strip(), figure

@@ -56,6 +56,41 @@ def share_jax_compilations(directory=".cache/jax"):
         os.environ.setdefault(name, value)
 
 
+# The package's modules that only draw: no computed result depends on them (`computed_by`).
+DRAWING_MODULES = ("figures/__init__.py", "figures/cost.py", "figures/networks.py", "figures/paper.py",
+                   "figures/style.py")
+
+
+@functools.cache
+def computed_by():
+    """What the computing rules' results are computed by (runner.code_version, short), a param of
+    each: Snakemake reruns a job when its rule or script changes, not the library the script
+    imports, so a fix to natgrad_impls would have left the report's numbers as they were. The
+    drawing modules are left out: editing a figure redraws the figures (`drawn_by`), nothing else."""
+    from natgrad_impls.runner import code_version
+
+    return code_version(leave_out=DRAWING_MODULES)[:16]
+
+
+@functools.cache
+def drawn_by():
+    """`computed_by` for the figure and table rules: the whole package."""
+    from natgrad_impls.runner import code_version
+
+    return code_version()[:16]
+
+
+def network_protocol():
+    """What a tune or train job reads of `networks` (train.py), as its param: the whole section
+    would rerun every tuning job for a change of the rerun seeds or of another optimizer's grid."""
+    return {name: config["networks"][name] for name in ("dtype", "steps", "eval_every")}
+
+
+def timing_protocol(*names):
+    """What a timing job reads of `timing` (cost.py), as its param (as `network_protocol`)."""
+    return {name: config["timing"][name] for name in names}
+
+
 @functools.cache
 def devices_for(framework):
     """numpy: cpu. torch and jax: the configured list, or with `devices: auto` cpu, plus cuda where

@@ -11,6 +11,7 @@ for _figure, (_category, _inputs) in figures().items():
             f"figure_{_figure.replace('-', '_')}"
         input:
             _inputs,
+            caption=f"workflow/report/{_figure}.rst",  # (an input: a caption's edit redraws it)
         output:
             png=report(f"{RESULTS}/figures/{_figure}.png", caption=f"../../{RESULTS}/figures/{_figure}.rst",
                        category=_category, labels=_labels[_figure]),
@@ -22,7 +23,7 @@ for _figure, (_category, _inputs) in figures().items():
             f"{LOGS}/figures/{_figure}.log",
         params:
             figure=_figure,
-            caption=f"workflow/report/{_figure}.rst",
+            code=drawn_by(),
         threads: 1
         script:
             "../scripts/figure.py"
@@ -46,6 +47,7 @@ for _table, (_category, _inputs) in tables().items():
             f"{LOGS}/tables/{_table}.log",
         params:
             table=_table,
+            code=drawn_by(),
         threads: 1
         script:
             "../scripts/table.py"

@@ -16,6 +16,7 @@ rule grid:
         options=grid_options,
         env=single_threaded(1),
         checkpoints=checkpoints_beside,
+        code=computed_by(),
     threads: 1
     priority: 10  # the longest jobs: start them first
     resources:
@@ -38,6 +39,7 @@ use rule grid as grid_logit_clip_none with:
         options=lambda wildcards: grid_options(wildcards) + " --logit-clip none",
         env=single_threaded(1),
         checkpoints=checkpoints_beside,
+        code=computed_by(),
 
 
 rule cos_along_best_ef:
@@ -51,6 +53,7 @@ rule cos_along_best_ef:
         f"{LOGS}/grid/{{task}}/cos.log",
     params:
         steps=config["convex"]["steps"],
+        code=computed_by(),
     threads: 1
     script:
         "../scripts/cos_along_best_ef.py"

@@ -13,7 +13,8 @@ rule cost:
     log:
         f"{LOGS}/cost/{{task}}/{{framework}}-{{device}}.log",
     params:
-        timing=config["timing"],
+        timing=timing_protocol("dtype", "settings", "repeats"),
+        code=computed_by(),
     threads: workflow.cores
     resources:
         gpu=gpu_resources,
@@ -29,8 +30,9 @@ rule scaling:
     log:
         f"{LOGS}/scaling/{{framework}}-{{device}}.log",
     params:
-        scaling=config["timing"]["scaling"],
-        timing=config["timing"],
+        scaling={name: config["timing"]["scaling"][name] for name in ("widths", "batch_sizes", "settings")},
+        timing=timing_protocol("dtype", "repeats"),
+        code=computed_by(),
     threads: workflow.cores
     resources:
         gpu=gpu_resources,

@@ -13,6 +13,8 @@ rule toy:
         f"{LOGS}/toys/{{toy}}.log",
     wildcard_constraints:
         toy="vecfield|misspec|starting_point",
+    params:
+        code=computed_by(),
     threads: 1
     script:
         "../scripts/toy.py"

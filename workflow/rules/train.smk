@@ -22,9 +22,10 @@ rule tune:
     params:
         runs=lambda w: tuning_runs(w.optimizer),
         seeds=config["networks"]["tuning_seeds"],
-        protocol=config["networks"],
+        protocol=network_protocol(),
         cos_ef_ngd=False,
         checkpoints=checkpoints_beside,
+        code=computed_by(),
     threads: 1
     resources:
         gpu=gpu_resources,
@@ -44,9 +45,10 @@ rule train:
         f"{LOGS}/train/{{task}}/{{optimizer}}/{{framework}}-{{device}}.log",
     params:
         seeds=config["networks"]["seeds"],
-        protocol=config["networks"],
+        protocol=network_protocol(),
         cos_ef_ngd=lambda w: w.optimizer in config["networks"].get("cos_ef_ngd", []),
         checkpoints=checkpoints_beside,
+        code=computed_by(),
     threads: workflow.cores
     resources:
         gpu=gpu_resources,

@@ -1,8 +1,16 @@
 """Time one rule's cost table: a network task's (rule cost) or the scaling sweep (rule scaling)."""
 
-from natgrad_impls import results, timing
+import os
+
+from natgrad_impls.runner import thread_environment
 
 snakemake = globals()["snakemake"]  # set by Snakemake's script directive
+# The rule's threads for torch, BLAS and XLA alike, before torch or jax is imported: Snakemake sets
+# OMP_NUM_THREADS, which XLA ignores (it sizes its pool from PJRT_NPROC, else the CPU affinity), so
+# with --cores below the machine's, jax's steps had every core and torch's the rule's.
+os.environ.update(thread_environment(snakemake.threads))
+
+from natgrad_impls import results, timing  # noqa: E402
 
 w, t = snakemake.wildcards, snakemake.params.timing
 with results.job_log(snakemake.log[0]):

@@ -67,8 +67,8 @@ def caption(static: str, notes: str) -> str:
 
 with results.job_log(snakemake.log[0]):
     name = snakemake.params.figure
-    drawn = DRAW[name](list(snakemake.input))
+    drawn = DRAW[name]([path for path in snakemake.input if path != snakemake.input.caption])
     save(drawn, snakemake.output.png, notes=False)  # the notes go into the caption
     plt.close(drawn.figure)
-    results.write_text(caption(snakemake.params.caption, drawn.caption_notes), snakemake.output.caption)
+    results.write_text(caption(snakemake.input.caption, drawn.caption_notes), snakemake.output.caption)
     print(f"{name}: {drawn.caption_notes or 'no notes'}")
