@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -138,6 +139,25 @@ class Stopped(SystemExit):
 
 
 @contextlib.contextmanager
+def _descriptors_to(log):
+    """File descriptors 1 and 2 onto `log` within the block: what torch, XLA and the C libraries
+    write (warnings, an abort's message) bypasses Python's sys.stdout and sys.stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        log.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
 def job_log(path):
     """A pipeline job's body with its stdout and stderr in the log file `path`, and the traceback
     of an error too (written before the file closes, then raised again): else the log Snakemake
@@ -150,7 +170,8 @@ def job_log(path):
     def stop(signum, frame):
         raise Stopped(128 + signum)
 
-    with open(path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(path, "w", buffering=1) as log, _descriptors_to(log), contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         main = threading.current_thread() is threading.main_thread()  # only it may set a handler
         previous = signal.signal(signal.SIGTERM, stop) if main else None
         try:

@@ -308,6 +308,22 @@ def test_a_failing_pipeline_job_writes_its_traceback_to_its_log(tmp_path):
     assert text.startswith("tuning 3 settings\n") and "Traceback" in text and "ZeroDivisionError" in text
 
 
+def test_a_job_log_holds_what_c_code_writes_too(tmp_path):
+    """torch's, XLA's and the C libraries' messages (a warning, an abort's last words) go to file
+    descriptors 1 and 2, not through sys.stdout: they went to Snakemake's console, not the job's log.
+    Both descriptors are the process's own again after the block."""
+    import os
+
+    log = tmp_path / "job.log"
+    before = [os.fstat(fd).st_ino for fd in (1, 2)]
+    with results.job_log(log):
+        print("from python")
+        os.write(1, b"from C, stdout\n")
+        os.write(2, b"from C, stderr\n")
+    assert log.read_text() == "from python\nfrom C, stdout\nfrom C, stderr\n"
+    assert [os.fstat(fd).st_ino for fd in (1, 2)] == before
+
+
 def test_a_pipeline_job_stopped_by_sigterm_unwinds_and_says_so(tmp_path):
     """SIGTERM inside results.job_log unwinds (a result being written removes its temporary file)
     with exit status 143 and a line in the log; the handler before it is back afterwards."""
