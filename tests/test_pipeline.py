@@ -86,6 +86,9 @@ def test_slurm_profile_sends_cuda_jobs_to_the_gpu_partition_with_no_limit_on_the
     assert "profiles/default" not in output
     asks = re.findall(r"slurm_partition=(\w+),.*?\bgpu=(\d+)", output)
     assert len(asks) > 20 and set(asks) == {("gpu", "1"), ("cpu", "0")}
+    # the jobs that time take their node alone, as they take every core on one machine
+    exclusive = set(re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: .*slurm_extra=--exclusive", output, re.M))
+    assert exclusive == {"train", "cost", "scaling"}, exclusive
 
 
 @pytest.mark.parametrize("overlay", [None, "config/smoke.yaml", "config/paper.yaml", "config/gpu.yaml"])

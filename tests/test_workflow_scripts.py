@@ -480,6 +480,7 @@ def build(root, configfile, cores):
                  "named_input": {name: [str(f) for f in ([v] if isinstance(v, str) else v)]
                                  for name, v in job.input.items()},
                  "report": report(job), "wildcards": dict(job.wildcards_dict), "threads": job.threads,
+                 "local": job.rule.name in dag_workflow._localrules or job.rule.norun,  # (is_local: all, here)
                  "params": {name: plain(value) for name, value in job.params.items()},
                  "shell": job.shellcmd if job.is_shell else None,
                  "script": job.rule.script and job.rule.basedir.join(job.rule.script).get_path_or_uri(True)}
@@ -809,6 +810,14 @@ def test_the_configuration_asks_for_its_figures_and_tables_from_their_files(dags
     assert found.keys() == expected.keys(), f"asked for {sorted(found)}, expected {sorted(expected)}"
     for item in expected:
         assert found[item] == expected[item], f"{item}: {found[item]}, expected {expected[item]}"
+
+
+def test_on_a_cluster_data_figures_and_tables_run_where_snakemake_does(dags):
+    """`localrule`: a download needs the network, which a cluster's compute nodes often lack, and a
+    figure or table is seconds of work, not a job to queue; every computing job is submitted."""
+    for job in dags["gpu.yaml"]:
+        local = job["rule"] == "data" or job["rule"].startswith(("figure_", "table_"))
+        assert job["local"] == (local or job["rule"] == "all"), job["rule"]
 
 
 COMPUTING_RULES = {"grid", "grid_logit_clip_none", "cos_along_best_ef", "toy", "tune", "train", "cost", "scaling"}

@@ -11,6 +11,7 @@ rule data:
     log:
         f"{LOGS}/data/{{task}}.log",
     threads: 1
+    localrule: True  # on a cluster, where the network is (compute nodes often have none)
     retries: 2  # the network may fail; the checksum makes a retry safe
     script:
         "../scripts/data.py"

@@ -25,6 +25,7 @@ for _figure, (_category, _inputs) in figures().items():
             figure=_figure,
             code=drawn_by(),
         threads: 1
+        localrule: True  # on a cluster: seconds of drawing, not a job in the queue
         script:
             "../scripts/figure.py"
 
@@ -49,5 +50,6 @@ for _table, (_category, _inputs) in tables().items():
             table=_table,
             code=drawn_by(),
         threads: 1
+        localrule: True
         script:
             "../scripts/table.py"
