@@ -501,13 +501,14 @@ DAG_CONFIGS = ("smoke.yaml", "gpu.yaml")  # ids not "gpu": conftest skips the `g
 # overlays of the tests' own (written into the copy's config/), each leaving out or splitting up what
 # the shipped ones have together: which figures, tables and jobs a configuration asks for
 OVERLAYS = {
-    # no ef (no cosine anywhere), a Bernoulli and a download task, no wine grid, timing and scaling apart
+    # no ef, the one optimizer whose runs record the cosine (no cosine anywhere), a Bernoulli and a download
+    # task, no wine grid, timing and scaling apart
     "no-ef.yaml": """
 optimizers: [sgd, ngd, kfac]
 devices: [cpu]
 convex: {tasks: [breastcancer, yacht], frameworks: [numpy], hyperparameters: {kfac: {kfac_update_period: 3}}}
 toys: [starting_point]
-networks: {tasks: [digits-mlp, mnist1d-mlp], frameworks: [jax]}
+networks: {tasks: [digits-mlp, mnist1d-mlp], frameworks: [jax], cos_ef_ngd: [ef]}
 timing: {settings: [], scaling: {frameworks: [jax], settings: [sgd]}}
 """,
     # neither figure 3 task, no Bernoulli task; the cosine of ngd; timing on a task the networks do not tune
