@@ -26,6 +26,7 @@ jax_allocates_on_demand()
 
 
 onstart:
+    check_devices_are_listed_for_other_machines()
     remove_stale_temporaries()
 
 

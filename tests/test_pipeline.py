@@ -91,6 +91,21 @@ def test_slurm_profile_sends_cuda_jobs_to_the_gpu_partition_with_no_limit_on_the
     assert exclusive == {"train", "cost", "scaling"}, exclusive
 
 
+def test_the_slurm_profile_parses_and_refuses_devices_auto_before_any_job(tmp_path):
+    """A run (not a dry run) under the SLURM profile: without `cores` the rules that take every core
+    (`threads: workflow.cores`) stopped the workflow before it parsed; with `devices: auto`, which
+    each node would decide for itself, it stops before any job with the field and the remedy."""
+    profile = tmp_path / "slurm"
+    profile.mkdir()
+    (profile / "config.yaml").write_text((REPO / "profiles/slurm/config.yaml").read_text())
+    copy = copy_repository(tmp_path / "natgrad-bench")
+    done = snakemake(copy, "--workflow-profile", str(profile), timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "requires a total number of cores" not in output
+    assert "config devices: auto asks this machine for a GPU, but the jobs run on other nodes" in output, output[-2000:]
+    assert not result_files(copy), "a job ran before the devices were checked"
+
+
 @pytest.mark.parametrize("overlay", [None, "config/smoke.yaml", "config/paper.yaml", "config/gpu.yaml"])
 def test_dry_run_builds_the_dag(repo_copy, overlay):
     args = ["-n", "--workflow-profile", "none"] + (["--configfile", overlay] if overlay else [])

@@ -228,6 +228,16 @@ def check_rerun_seeds_are_fresh():
 check_rerun_seeds_are_fresh()
 
 
+def check_devices_are_listed_for_other_machines():
+    """`devices: auto` asks the machine Snakemake runs on for a GPU; under a cluster executor every
+    job parses the workflow again on its own node, and a CPU node's plan (no cuda jobs) differs from
+    the one submitted from a GPU node, or the other way round. (At `onstart`: the executor is not
+    known while the workflow is parsed.)"""
+    if config["devices"] == "auto" and not workflow.local_exec:
+        raise ValueError("config devices: auto asks this machine for a GPU, but the jobs run on other nodes: "
+                         "list the devices, e.g. --config 'devices=[cpu,cuda]' (config/gpu.yaml does)")
+
+
 def check_reference_folder():
     """A misspelled `reference` would leave the report's reference section out without a word. A
     warning, not an error: a copy of the workflow run elsewhere may have no committed runs to show."""
