@@ -995,6 +995,10 @@ def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_toge
     assert table.loc[("wine", "torch", "sgd"), "loss_over_best"] == pytest.approx(12.0)
     assert table.loc[("digits-mlp", "torch", "kfac"), "loss_over_best"] == pytest.approx(0.01)
     assert "gradient_equivalents" not in table.columns  # no cost measured: no column
+    # rounding the ratios to 9 digits split these two, 2e-15 apart across a rounding boundary
+    straddle = best_rows("wine", "torch", {"ngd": 1.0, "ef": 1.0000000105 - 1e-15, "kfac": 1.0000000105 + 1e-15},
+                         dtype="float64")
+    assert tables.summary(straddle).set_index("optimizer")["rank"].to_dict() == {"ngd": 1, "ef": 2, "kfac": 2}
 
 
 def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():

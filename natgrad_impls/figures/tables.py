@@ -380,8 +380,7 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     lowest = finite.groupby(groups).transform("min")
     frame["loss_over_best"] = frame["final_loss"] / lowest
     # ties to round-off share a rank (wine's least-squares minimum, reached by three optimizers)
-    key = (finite / lowest).round(TIE_DIGITS).fillna(np.inf)
-    frame["rank"] = key.groupby(groups).rank(method="min").astype("Int64")
+    frame["rank"] = (finite / lowest).groupby(groups).transform(_tied_ranks).astype("Int64")
     if cost is not None and not cost.empty:
         frame["setting"] = frame.apply(cost_setting, axis=1)
         on = ["task", "framework", "device", "setting"]
@@ -389,6 +388,18 @@ def summary(best: pd.DataFrame, cost: pd.DataFrame | None = None) -> pd.DataFram
     frame["_order"] = frame["optimizer"].map({o.value: i for i, o in enumerate(Optimizer)})
     frame = frame.sort_values(place + ["rank", "_order"], kind="stable").reset_index(drop=True)
     return frame[[c for c in SUMMARY if c in frame.columns]]
+
+
+def _tied_ranks(ratios: pd.Series) -> pd.Series:
+    """Ranks 1, 2, ... of `ratios` (final losses over the lowest), those within 10^-TIE_DIGITS
+    (relative) of their tie's smallest sharing its rank, NaN (diverged) last and tied: rounding the
+    ratios split two values 2e-15 apart that straddled a rounding boundary."""
+    ranks, anchor, anchor_rank = {}, None, 0
+    for position, (index, value) in enumerate(ratios.fillna(np.inf).sort_values(kind="stable").items(), start=1):
+        if anchor is None or not value <= anchor * (1 + 10.0**-TIE_DIGITS):
+            anchor, anchor_rank = value, position
+        ranks[index] = anchor_rank
+    return pd.Series(ranks).reindex(ratios.index)
 
 
 # The hyperparameters that decide what a step computes, not only the numbers it computes with
