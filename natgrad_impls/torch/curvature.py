@@ -313,16 +313,19 @@ class KroneckerCurvature:
         they are where G is so small beside A (or A beside G) that pi overflows (or underflows).
         Returned as a KroneckerCurvature whose multiply applies them."""
         root = math.sqrt(damping + self.shift)
-        A_inv, G_inv = {}, {}
-        for k in self.A:
-            a, g = torch.diagonal(self.A[k]).mean(), torch.diagonal(self.G[k]).mean()
-            live = (a > 0) & (g > 0)  # a tensor, not a bool: no read back from the device
-            # roots first: a / g overflows where G is tiny beside A (a confident fit's MC residuals)
-            pi = torch.sqrt(torch.where(live, a, 1.0)) / torch.sqrt(torch.where(live, g, 1.0))  # no 0/0 where unused
-            live = live & torch.isfinite(pi) & (pi > 0)
-            pi = torch.where(live, pi, 1.0)
-            A_inv[k] = _damped_inverse(self.A[k] * live, root * pi)
-            G_inv[k] = _damped_inverse(self.G[k] * live, root / pi)
+        names = list(self.A)
+        # every layer's pi at once, tensors, not bools (no read back from the device): a dozen
+        # operators for the model, not for each layer (a small model's step on a GPU is bound by
+        # kernel launches)
+        a = torch.stack([torch.diagonal(self.A[k]).mean() for k in names])
+        g = torch.stack([torch.diagonal(self.G[k]).mean() for k in names])
+        live = (a > 0) & (g > 0)
+        # roots first: a / g overflows where G is tiny beside A (a confident fit's MC residuals)
+        pi = torch.sqrt(torch.where(live, a, 1.0)) / torch.sqrt(torch.where(live, g, 1.0))  # no 0/0 where unused
+        live = live & torch.isfinite(pi) & (pi > 0)
+        pi = torch.where(live, pi, 1.0)
+        A_inv = {k: _damped_inverse(self.A[k] * live[i], root * pi[i]) for i, k in enumerate(names)}
+        G_inv = {k: _damped_inverse(self.G[k] * live[i], root / pi[i]) for i, k in enumerate(names)}
         return KroneckerCurvature(self.model, A_inv, G_inv)
 
     def multiply_inverse(self, v: dict, damping: float) -> dict:
