@@ -206,7 +206,7 @@ def test_float32_ngd_dampings_below_their_floor_stop_before_any_job(repo_copy, t
     for ef whose runs record the cosine (an NGD direction at EF's damping), are named before any job:
     each tuning job would otherwise fail, or had stepped off NGD's direction (a float32 run's)."""
     overlay = tmp_path / "dampings.yaml"
-    for dampings, named in (("{ngd: [1.0, 1.0e-6]}", "ngd"), ("{ef: [1.0, 1.0e-7]}", "ef")):
+    for dampings, named in (("{ngd: [1.0, 1.0e-5]}", "ngd"), ("{ef: [1.0, 1.0e-7]}", "ef")):
         overlay.write_text(f"networks:\n  dampings: {dampings}\n")
         done = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(overlay))
         assert done.returncode != 0
