@@ -999,6 +999,12 @@ def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_toge
     straddle = best_rows("wine", "torch", {"ngd": 1.0, "ef": 1.0000000105 - 1e-15, "kfac": 1.0000000105 + 1e-15},
                          dtype="float64")
     assert tables.summary(straddle).set_index("optimizer")["rank"].to_dict() == {"ngd": 1, "ef": 2, "kfac": 2}
+    # tables concatenated as read repeat index labels (the ranks were kept by label)
+    repeated = pd.concat([best_rows("wine", "torch", {"sgd": 3.0, "adam": 1.0}, dtype="float64"),
+                          best_rows("wine", "torch", {"ef": 2.0, "ngd": 0.5}, dtype="float64")])
+    assert repeated.index.has_duplicates
+    ranks = tables.summary(repeated).set_index("optimizer")["rank"].to_dict()
+    assert ranks == {"ngd": 1, "adam": 2, "ef": 3, "sgd": 4}, ranks
 
 
 def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():

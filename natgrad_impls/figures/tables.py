@@ -394,12 +394,13 @@ def _tied_ranks(ratios: pd.Series) -> pd.Series:
     """Ranks 1, 2, ... of `ratios` (final losses over the lowest), those within 10^-TIE_DIGITS
     (relative) of their tie's smallest sharing its rank, NaN (diverged) last and tied: rounding the
     ratios split two values 2e-15 apart that straddled a rounding boundary."""
-    ranks, anchor, anchor_rank = {}, None, 0
-    for position, (index, value) in enumerate(ratios.fillna(np.inf).sort_values(kind="stable").items(), start=1):
-        if anchor is None or not value <= anchor * (1 + 10.0**-TIE_DIGITS):
-            anchor, anchor_rank = value, position
-        ranks[index] = anchor_rank
-    return pd.Series(ranks).reindex(ratios.index)
+    values = ratios.fillna(np.inf).to_numpy(dtype=float)
+    ranks, anchor, anchor_rank = np.zeros(len(values), dtype=int), None, 0
+    for position, i in enumerate(np.argsort(values, kind="stable"), start=1):  # (by position: labels may repeat)
+        if anchor is None or not values[i] <= anchor * (1 + 10.0**-TIE_DIGITS):
+            anchor, anchor_rank = values[i], position
+        ranks[i] = anchor_rank
+    return pd.Series(ranks, index=ratios.index)
 
 
 # The hyperparameters that decide what a step computes, not only the numbers it computes with
