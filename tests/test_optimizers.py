@@ -479,8 +479,9 @@ def test_jax_steps_compile_once_per_program_and_never_branch_on_the_device(monke
 @pytest.mark.parametrize("optimizer, hp, programs", STEP_CASES)
 def test_a_jax_optimizer_steps_where_its_parameters_are_and_inside_a_callers_trace(optimizer, hp, programs):
     """Its own lr, damping and seed (`_with_own_hyperparameters`) are placed like the parameters of
-    each step: parameters moved to another device step there (two host devices, in a process of its
-    own), and a step traced by the caller (jax.jit(opt.step)) leaves no tracer behind."""
+    each step: parameters moved to another device step there, and parameters split over both
+    devices step too (two host devices, in a process of its own); a step traced by the caller
+    (jax.jit(opt.step)) leaves no tracer behind."""
     import subprocess
     import sys
 
@@ -490,7 +491,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 import natgrad_impls.jax as nj
 from natgrad_impls import models
 from conftest import make_data
-problem = models.Problem(models.mlp((6, 5, 3), "tanh"), "categorical")
+problem = models.Problem(models.mlp((6, 4, 3), "tanh"), "categorical")
 x, y = make_data(problem, 8)
 first, second = jax.devices("cpu")[:2]
 opt = nj.{optimizer}(problem, **{hp!r})
@@ -500,6 +501,14 @@ params, state, _ = opt.step(params, state, jax.device_put((x, y), first))
 params, state, batch = jax.device_put((params, state, (x, y)), second)
 params, state, _ = opt.step(params, state, batch)
 assert all(p.devices() == {{second}} for p in params.values())
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(jax.devices("cpu")[:2], ("d",))
+split = lambda k: NamedSharding(mesh, P("d") if k == "dense0.weight" else P())
+params = {{k: jax.device_put(v, split(k)) for k, v in nj.to_jax(models.init_params(problem.model, 0)).items()}}
+state = opt.init(params)
+for _ in range(2):
+    params, state, _ = opt.step(params, state, jax.device_put((x, y), NamedSharding(mesh, P())))
+assert all(jax.numpy.isfinite(p).all() for p in params.values())
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -83,7 +83,12 @@ def _traced(h, params: dict, *names: str) -> dict:
     # committed to a device where the parameters are (as jit's outputs then are: a mix compiles anew).
     if isinstance(like, jax.core.Tracer) or not like.committed:  # (in a caller's trace: its constants)
         return {name: jnp.asarray(value) for name, value in values.items()}
-    return {name: jax.device_put(value, like.sharding) for name, value in values.items()}
+    sharding = like.sharding
+    if not sharding.is_fully_replicated:  # a parameter split over devices: the scalars on each of them
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return {name: jnp.full_like(like, value, shape=()) for name, value in values.items()}
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return {name: jax.device_put(value, sharding) for name, value in values.items()}
 
 
 def _with_own_hyperparameters(compiled, h, *names: str):
