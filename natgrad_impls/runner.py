@@ -201,12 +201,12 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
         # parameters) is singular: the solve could only fail, after forming a D x D matrix
         raise ValueError(f"damping: 0 leaves {task.name}'s curvature singular; use a damping > 0")
     check_setting(task, framework, device, dtype)
-    if optimizer == Optimizer.NGD:
+    if optimizer == Optimizer.NGD and h.fisher == Fisher.EXACT:  # (MC's residual is not the gradient's)
         check_float32_ngd_damping(task, dtype, h.damping)
     return Spec(task, optimizer, framework, device, dtype, h)
 
 
-# Below this damping (plus l2), float32 NGD on a network loses its direction to round-off: the exact
+# Below this damping (plus l2), float32 exact-Fisher NGD on a network loses its direction to round-off: the exact
 # Fisher's gradient lies in its factor's span (g = U alpha), so the NGD direction is small beside
 # g / damping and Woodbury's (v - U c) / damping a difference of large vectors, float32's error over
 # the damping (EF's push-through form, U (damping I + U^T U)^-1 alpha, does not cancel; the exact
@@ -217,8 +217,8 @@ FLOAT32_NGD_MIN_DAMPING = 1e-4
 
 
 def check_float32_ngd_damping(task: Task, dtype: DType | str, damping: float, field: str = "damping") -> None:
-    """ValueError naming `field` where an NGD direction (an ngd step, or the cosine's) on `task` in
-    `dtype` would be lost to round-off at `damping` (`FLOAT32_NGD_MIN_DAMPING`)."""
+    """ValueError naming `field` where an exact-Fisher NGD direction (an ngd step, or the cosine's)
+    on `task` in `dtype` would be lost to round-off at `damping` (`FLOAT32_NGD_MIN_DAMPING`)."""
     lam = damping + task.problem.l2
     if parse(DType, dtype, "dtype") == DType.FLOAT32 and not is_convex(task) and lam < FLOAT32_NGD_MIN_DAMPING:
         raise ValueError(f"{field}: {damping:g} is below {FLOAT32_NGD_MIN_DAMPING:g}, where float32 NGD on a network "

@@ -200,13 +200,15 @@ def check_tuning_grids():
 
 
 def check_float32_ngd_dampings():
-    """The networks' NGD directions (ngd's steps, and the cosine's along the runs of cos_ef_ngd, at their
-    dampings) resolve in the networks' dtype, as each run will check, before any job."""
+    """The networks' exact-Fisher NGD directions (ngd's steps, and the cosine's along the runs of
+    cos_ef_ngd, at their dampings) resolve in the networks' dtype, as each run will check, before any
+    job."""
     from natgrad_impls.runner import check_float32_ngd_damping
     from natgrad_impls.tasks import get_task
 
     n = config["networks"]
-    directions = {o for o in config["optimizers"] if o == "ngd" or o in n.get("cos_ef_ngd", [])}
+    exact = n.get("hyperparameters", {}).get("ngd", {}).get("fisher", "exact") == "exact"  # (ngd's default)
+    directions = {o for o in config["optimizers"] if (o == "ngd" and exact) or o in n.get("cos_ef_ngd", [])}
     for optimizer in sorted(o for o in directions if takes_damping(o)):
         for task in n["tasks"]:
             try:
