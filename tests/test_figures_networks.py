@@ -882,6 +882,16 @@ def test_where_every_setting_diverged_the_best_is_the_one_that_lasted_longest():
         assert table.loc["kfac", "lr"] == 0.01 and table.loc["kfac", "diverged"]
         assert table.target_loss.tolist() == [0.6, 0.6]
         assert table.loc["sgd", "steps_to_target"] == 30 and table.loc["kfac", "steps_to_target"] == 10
+    # as the runner records them: the full-train loss at evaluations only (every 20 steps), the mini-batch
+    # loss every step; both settings blow up between the same two evaluations, lr 0.01 later (step 39)
+    def evaluated(lr, last):
+        steps = np.arange(last + 1)
+        return pd.DataFrame(dict(task="digits-mlp", optimizer="kfac", framework="torch", device="cpu",
+                                 dtype="float32", seed=0, lr=lr, step=steps, loss=np.where(steps < last, 1.0, np.inf),
+                                 train_loss=np.where(steps % 20 == 0, 2.0 - steps / 40, np.nan), time_s=steps * 0.1,
+                                 diverged=True))
+    for order in ((evaluated(0.01, 39), evaluated(1.0, 25)), (evaluated(1.0, 25), evaluated(0.01, 39))):
+        assert tables.best_hyperparameters(pd.concat(order, ignore_index=True)).lr.tolist() == [0.01]
 
 
 def test_a_best_setting_that_ends_above_its_start_sets_no_target():

@@ -57,6 +57,7 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=GROUP + ["final_loss", "target_loss", "time_to_target_s"])
     objective, group, hp = _columns(frame)
+    frame = _with_last_step(frame, group, hp)
     measured = frame[frame[objective].notna()]
     best = _best_settings(measured, group, hp, objective)
     # a setting that diverged on any seed sets no target (its median is one seed from blowing up), nor
@@ -87,6 +88,7 @@ def in_best_setting(runs: pd.DataFrame) -> pd.Series:
     `best_hyperparameters` lists, so that a figure draws the setting its table names."""
     frame = _runs(runs)
     objective, group, hp = _columns(frame)
+    frame = _with_last_step(frame, group, hp)
     best = _best_settings(frame[frame[objective].notna()], group, hp, objective)
     chosen = pd.MultiIndex.from_frame(best[group + ["_setting"]])
     ran = pd.MultiIndex.from_frame(frame[group].assign(_setting=setting_key(frame, hp)))
@@ -164,12 +166,20 @@ def setting_key(frame, hp) -> pd.Series:
     return pd.util.hash_pandas_object(frame[hp], index=False) if hp else pd.Series(0, index=frame.index)
 
 
+def _with_last_step(frame, group, hp) -> pd.DataFrame:
+    """`frame` with `_last_step`, each run's last recorded step over all of its rows: a network run's
+    objective is recorded at evaluations only, and two runs that diverged between the same two
+    evaluations would tie on their last objective row."""
+    runs = frame.assign(_setting=setting_key(frame, hp)).groupby(group + ["_setting", "seed"], observed=True)
+    return frame.assign(_last_step=runs["step"].transform("max"))
+
+
 def _per_run(frame, group, hp, objective) -> pd.DataFrame:
     """One row per run: its setting, final objective (inf when diverged), steps, test accuracy."""
     frame = frame.assign(_setting=setting_key(frame, hp)).sort_values("step", kind="stable")
     runs = frame.groupby(group + ["_setting", "seed"], observed=True, sort=False)
     out = runs.agg(final=(objective, "last"), steps=("step", "max"), diverged=("diverged", "any"),
-                   **{h: (h, "first") for h in hp})
+                   last_step=("_last_step", "max"), **{h: (h, "first") for h in hp})
     if "test_accuracy" in frame.columns:
         out["final_test_accuracy"] = runs["test_accuracy"].agg(lambda v: v.dropna().iloc[-1] if v.notna().any() else np.nan)
     if "chaotic" in frame.columns:
@@ -179,12 +189,14 @@ def _per_run(frame, group, hp, objective) -> pd.DataFrame:
 
 
 def _per_setting(per_run, group, hp) -> pd.DataFrame:
-    """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed did,
-    and survived, the median of the seeds' last recorded steps (a diverged run's last before it blew up)."""
+    """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed
+    did, and survived, the median of the seeds' last recorded steps (`_with_last_step`: a diverged
+    run's last before it blew up)."""
     settings = per_run.groupby(group + ["_setting"], observed=True, sort=False)
     out = settings.agg(final_loss=("final", "median"), final_loss_min=("final", "min"),
                        final_loss_max=("final", "max"), seeds=("seed", "nunique"), steps=("steps", "max"),
-                       diverged=("diverged", "any"), survived=("steps", "median"), **{h: (h, "first") for h in hp})
+                       diverged=("diverged", "any"), survived=("last_step", "median"),
+                       **{h: (h, "first") for h in hp})
     if "final_test_accuracy" in per_run.columns:  # with its range: a test set of 360 moves 0.003 an example
         accuracy = settings["final_test_accuracy"]
         out = out.assign(final_test_accuracy=accuracy.median(), final_test_accuracy_min=accuracy.min(),
