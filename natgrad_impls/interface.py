@@ -24,8 +24,10 @@ def functional_optimizer(init, step, hyperparameters, state_type: type) -> Funct
     def checked_step(params, state, batch):
         if not isinstance(state, state_type):
             hint = " (make one with opt.init(params))" if state is None else ""
-            raise TypeError(f"state: this step takes the {state_type.__name__} its optimizer's init makes, "
-                            f"not {type(state).__name__}{hint}")
+            given, wanted = type(state).__name__, state_type.__name__
+            if given == wanted:  # another framework's (torch's SGDState in jax's sgd)
+                given, wanted = (f"{t.__module__}.{t.__qualname__}" for t in (type(state), state_type))
+            raise TypeError(f"state: this step takes the {wanted} its optimizer's init makes, not {given}{hint}")
         return step(params, state, batch)
 
     return FunctionalOptimizer(init, checked_step, hyperparameters)

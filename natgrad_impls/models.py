@@ -105,10 +105,10 @@ class Model:
         """A KeyError naming the parameters that `params` lacks or holds beyond the model's: an extra
         one stopped torch's autograd, passed through jax's sgd and adam untouched and was a bare
         KeyError in the curvatures."""
-        if params.keys() == set(self._param_names):
+        if set(params) == set(self._param_names):
             return
         missing = [name for name in self._param_names if name not in params]
-        extra = sorted(set(params) - set(self._param_names))
+        extra = sorted(map(str, set(params) - set(self._param_names)))
         said = [f"lacks {', '.join(missing)}"] * bool(missing) + [f"has {', '.join(extra)}"] * bool(extra)
         raise KeyError(f"params: {' and '.join(said)} (the model's are {', '.join(self._param_names)})")
 

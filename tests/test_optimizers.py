@@ -663,7 +663,17 @@ def test_a_step_refuses_parameters_and_states_that_are_not_its_own(framework, op
         opt.step(params, None, batch)
     with pytest.raises(TypeError, match=f"^state: .* not {type(other.init(params)).__name__}$"):
         opt.step(params, other.init(params), batch)
+    if framework != "jax":  # (jax's pytrees refuse keys of two types before any step)
+        with pytest.raises(KeyError, match=r"params: has 0 \(the model's"):  # a key that is not a name
+            opt.step({**params, 0: params["dense0.weight"]}, opt.init(params), batch)
     opt.step(params, opt.init(params), batch)
+    if framework == "jax":  # another framework's state of the same name is named by its module
+        from natgrad_impls import torch as torch_impls
+
+        start = TorchImpl().params(models.init_params(problem.model, 0))
+        theirs = getattr(torch_impls, optimizer)(problem, **hp).init(start)
+        with pytest.raises(TypeError, match=r"not natgrad_impls\.torch\.optimizers\."):
+            opt.step(params, theirs, batch)
 
 
 @pytest.mark.parametrize("optimizer", list(Optimizer))
