@@ -156,8 +156,8 @@ BAD = {
     "undamped network": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch", "--lr", "0.1",
                           "--damping", "0"], "damping: 0 leaves digits-mlp's curvature singular; use a damping > 0"),
     # would have stepped far off NGD's direction (float32's error over the damping), as a plain bad setting
-    "float32 ngd below its damping floor": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch",
-                                            "--lr", "0.1", "--damping", "1e-7", "--dtype", "float32"],
+    "float32 ngd below its damping floor": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework",
+                                            "torch", "--lr", "0.1", "--damping", "1e-7", "--dtype", "float32"],
                                            "damping: 1e-07 is below 0.0001, where float32 NGD on a network loses its "
                                            "direction to round-off"),
     "float32 cosine below its damping floor": (["run", "--task", "digits-mlp", "--optimizer", "ef", "--framework",

@@ -167,9 +167,9 @@ def setting_key(frame, hp) -> pd.Series:
 
 
 def _with_last_step(frame, group, hp) -> pd.DataFrame:
-    """`frame` with `_last_step`, each run's last recorded step over all of its rows: a network run's
-    objective is recorded at evaluations only, and two runs that diverged between the same two
-    evaluations would tie on their last objective row."""
+    """`frame` with `_last_step`, each run's last recorded step over all of its rows: a network
+    run's objective is recorded at evaluations only, and two runs that diverged between the same
+    two evaluations would tie on their last objective row."""
     runs = frame.assign(_setting=setting_key(frame, hp)).groupby(group + ["_setting", "seed"], observed=True)
     return frame.assign(_last_step=runs["step"].transform("max"))
 
