@@ -206,13 +206,13 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
     return Spec(task, optimizer, framework, device, dtype, h)
 
 
-# Below this damping (plus l2), float32 exact-Fisher NGD on a network loses its direction to round-off: the exact
-# Fisher's gradient lies in its factor's span (g = U alpha), so the NGD direction is small beside
-# g / damping and Woodbury's (v - U c) / damping a difference of large vectors, float32's error over
-# the damping (EF's push-through form, U (damping I + U^T U)^-1 alpha, does not cancel; the exact
-# Fisher does not take it yet). Off from float64, mnist1d-mlp after 1000 Adam steps: 290% at 1e-5,
-# 7% at 1e-4, 0.3% at 1e-3 (a 64-16-10 MLP at its start: 0.25% at 1e-5). MC NGD: 2e-6 at 1e-4.
-# The convex tasks solve densely.
+# Below this damping (plus l2), float32 exact-Fisher NGD on a network loses its direction to
+# round-off: the exact Fisher's gradient lies in its factor's span (g = U alpha), so the NGD
+# direction is small beside g / damping and Woodbury's (v - U c) / damping a difference of large
+# vectors, float32's error over the damping (EF's push-through form, U (damping I + U^T U)^-1 alpha,
+# does not cancel; the exact Fisher does not take it yet). Off from float64, mnist1d-mlp after 1000
+# Adam steps: 290% at 1e-5, 7% at 1e-4, 0.3% at 1e-3 (a 64-16-10 MLP at its start: 0.25% at 1e-5).
+# MC NGD: 2e-6 at 1e-4. The convex tasks solve densely.
 FLOAT32_NGD_MIN_DAMPING = 1e-4
 
 
