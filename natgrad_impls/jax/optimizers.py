@@ -86,7 +86,7 @@ def _traced(h, params: dict, *names: str) -> dict:
     sharding = like.sharding
     if not sharding.is_fully_replicated:  # a parameter split over devices: the scalars on each of them
         if not isinstance(sharding, jax.sharding.NamedSharding):
-            return {name: jnp.full_like(like, value, shape=()) for name, value in values.items()}
+            return {name: jnp.full_like(like, value, shape=(), dtype=value.dtype) for name, value in values.items()}
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     return {name: jax.device_put(value, sharding) for name, value in values.items()}
 
