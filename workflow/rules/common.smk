@@ -61,7 +61,6 @@ DRAWING_MODULES = ("figures/__init__.py", "figures/cost.py", "figures/networks.p
                    "figures/style.py")
 
 
-@functools.cache
 def computed_by():
     """What the computing rules' results are computed by (runner.code_version, short), a param of
     each: Snakemake reruns a job when its rule or script changes, not the library the script
@@ -72,7 +71,6 @@ def computed_by():
     return code_version(leave_out=DRAWING_MODULES)[:16]
 
 
-@functools.cache
 def drawn_by():
     """`computed_by` for the figure and table rules: the whole package."""
     from natgrad_impls.runner import code_version
@@ -80,15 +78,15 @@ def drawn_by():
     return code_version()[:16]
 
 
+def fields(section: dict, *names):
+    """The fields `names` of a config section, a job's param where it reads those alone: the whole
+    section would rerun it for a change it never reads (every tuning job for new rerun seeds)."""
+    return {name: section[name] for name in names}
+
+
 def network_protocol():
-    """What a tune or train job reads of `networks` (train.py), as its param: the whole section
-    would rerun every tuning job for a change of the rerun seeds or of another optimizer's grid."""
-    return {name: config["networks"][name] for name in ("dtype", "steps", "eval_every")}
-
-
-def timing_protocol(*names):
-    """What a timing job reads of `timing` (cost.py), as its param (as `network_protocol`)."""
-    return {name: config["timing"][name] for name in names}
+    """What a tune or train job reads of `networks` (train.py)."""
+    return fields(config["networks"], "dtype", "steps", "eval_every")
 
 
 @functools.cache
@@ -203,11 +201,13 @@ def check_float32_ngd_dampings():
     """The networks' exact-Fisher NGD directions (ngd's steps, and the cosine's along the runs of
     cos_ef_ngd, at their dampings) resolve in the networks' dtype, as each run will check, before any
     job."""
-    from natgrad_impls.runner import check_float32_ngd_damping
+    from natgrad_impls.names import Fisher
+    from natgrad_impls.runner import check_float32_ngd_damping, make_hyperparameters
     from natgrad_impls.tasks import get_task
 
     n = config["networks"]
-    exact = n.get("hyperparameters", {}).get("ngd", {}).get("fisher", "exact") == "exact"  # (ngd's default)
+    fixed = n.get("hyperparameters", {}).get("ngd", {})  # (lr and damping: placeholders)
+    exact = make_hyperparameters("ngd", {"lr": 1.0, "damping": 1.0, **fixed}).fisher == Fisher.EXACT
     directions = {o for o in config["optimizers"] if (o == "ngd" and exact) or o in n.get("cos_ef_ngd", [])}
     for optimizer in sorted(o for o in directions if takes_damping(o)):
         for task in n["tasks"]:

@@ -13,7 +13,7 @@ rule cost:
     log:
         f"{LOGS}/cost/{{task}}/{{framework}}-{{device}}.log",
     params:
-        timing=timing_protocol("dtype", "settings", "repeats"),
+        timing=fields(config["timing"], "dtype", "settings", "repeats"),
         code=computed_by(),
     threads: workflow.cores
     resources:
@@ -30,8 +30,8 @@ rule scaling:
     log:
         f"{LOGS}/scaling/{{framework}}-{{device}}.log",
     params:
-        scaling={name: config["timing"]["scaling"][name] for name in ("widths", "batch_sizes", "settings")},
-        timing=timing_protocol("dtype", "repeats"),
+        scaling=fields(config["timing"]["scaling"], "widths", "batch_sizes", "settings"),
+        timing=fields(config["timing"], "dtype", "repeats"),
         code=computed_by(),
     threads: workflow.cores
     resources:
