@@ -87,7 +87,7 @@ def test_exact_fisher_does_not_depend_on_samples(impl):
 def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl):
     """Lambda = diag(p) - p p^T from a k x (k - 1) root (its rank, so (k - 1) N Woodbury columns),
     to float32 round-off also where the model is sure of the first or of the last class (the
-    root's pivot) or gives a class probability 0."""
+    root's pivot, its most probable class) or gives a class probability 0."""
     k = 5
     p = np.random.default_rng(0).dirichlet(np.ones(k), size=4)
     p[1] = [1 - 4e-7, 1e-7, 1e-7, 1e-7, 1e-7]
@@ -95,12 +95,103 @@ def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl
     p[3] = [0.5, 0.5, 0.0, 0.0, 0.0]
     problem = models.Problem(models.linear(3, k), "categorical")
     mean = impl.params({"p": p}, "float32")["p"]
-    root = impl.numpy(impl.module.model.fisher_factor(problem, mean)).astype(np.float64)
+    _, labels = impl.batch(np.zeros(1), np.zeros(4, int))
+    root = impl.numpy(impl.module.model.fisher_factor(problem, mean, labels)[0]).astype(np.float64)
     assert root.shape == (k - 1, 4, k)
     expected = np.stack([np.diag(q) - np.outer(q, q) for q in p.astype(np.float32).astype(np.float64)])
     np.testing.assert_allclose(np.einsum("cnk,cnl->nkl", root, root), expected, rtol=0, atol=3e-7)
     _, _, _, factor = build(impl, problem, 6, Curvature.EXACT)
     assert factor.num_columns == (k - 1) * 6
+
+
+# mean, labels and whether the residual lies in the root's range, per dtype (a probability of
+# 1e-40 is subnormal in float32, where it counts as 0)
+COORDINATE_CASES = {
+    "gaussian": ([[0.3, -2.0], [1e3, 4.0]], [[1.0, 0.5], [-1e3, 4.0]], {"float64": [1, 1], "float32": [1, 1]}),
+    "bernoulli": (
+        [[0.3, 0.8], [1e-6, 1 - 1e-6], [1.0, 0.5], [0.0, 0.5]],
+        [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]],
+        {"float64": [1, 1, 0, 0], "float32": [1, 1, 0, 0]},
+    ),
+    "categorical": (
+        [[0.1, 0.2, 0.3, 0.4], [1 - 3e-7, 1e-7, 1e-7, 1e-7], [1e-7, 1e-7, 1e-7, 1 - 3e-7],
+         [1 - 3e-7, 1e-7, 1e-7, 1e-7], [1 - 3e-7, 1e-7, 1e-7, 1e-7], [0.5, 0.5, 0.0, 0.0],
+         [0.5, 0.5, 0.0, 0.0], [1 - 1e-40, 1e-40, 0.0, 0.0], [1.0, 0.0, 0.0, 1e-20]],
+        [2, 0, 3, 3, 1, 2, 3, 1, 3],
+        {"float64": [1, 1, 1, 1, 1, 0, 0, 1, 1], "float32": [1, 1, 1, 1, 1, 0, 0, 0, 1]},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("likelihood", list(COORDINATE_CASES))
+def test_fisher_factor_gives_the_residual_in_the_roots_columns(impl, likelihood, dtype):
+    """E_n alpha_n = residual_n, E_n the exact Fisher's root: its gradient in its factor's columns,
+    which NGD's push-through solve takes. To the dtype's round-off for confident predictions, right
+    (the label is the categorical root's pivot) and wrong (a pivot on the last class instead loses
+    1 / sqrt(p_y) times the round-off: all of it at 1e-20); alpha = 0 and not
+    held exactly where the residual leaves the root's range (a label of probability 0, or below the
+    smallest normal number; a bernoulli output at s (1 - s) = 0)."""
+    mean, labels, held = COORDINATE_CASES[likelihood]
+    k = len(mean[0])
+    problem = models.Problem(models.linear(3, k), likelihood)
+    mean = impl.params({"m": np.array(mean)}, dtype)["m"]
+    _, y = impl.batch(np.zeros(1), np.array(labels), dtype)
+    root, alpha, actual = impl.module.model.fisher_factor(problem, mean, y)
+    root, alpha = impl.numpy(root).astype(np.float64), impl.numpy(alpha).astype(np.float64)
+    residual = impl.numpy(impl.module.model.residual(problem, mean, y)).astype(np.float64)
+    np.testing.assert_array_equal(impl.numpy(actual), np.array(held[dtype], bool))
+    inside = np.array(held[dtype], bool)
+    np.testing.assert_array_equal(alpha[:, ~inside], 0.0)
+    represented = np.einsum("cnk,cn->nk", root, alpha)
+    scale = np.maximum(np.abs(residual), 1.0)
+    np.testing.assert_allclose(represented[inside] / scale[inside], residual[inside] / scale[inside], rtol=0,
+                               atol=8 * np.finfo(dtype).eps)
+
+
+def _exact_ngd_directions(impl, problem, params, x, y, damping, dtype):
+    """precondition's (push-through) and plain Woodbury's exact-Fisher NGD directions, flat float64."""
+    _, grad, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params, dtype), impl.batch(x, y, dtype), Curvature.EXACT)
+    pushed, _ = impl.curvature.precondition(problem, Curvature.EXACT, grad, factor, damping)
+    woodbury = factor.multiply_inverse_layers(grad, damping)
+    as_flat = lambda layers: flat(impl, problem, impl.curvature.from_layers(problem.model, layers)).astype(np.float64)
+    return as_flat(pushed), as_flat(woodbury)
+
+
+def test_exact_ngd_direction_holds_in_float32_at_small_dampings(impl):
+    """The exact Fisher's gradient lies in its factor's span, g = U c: Woodbury's (g - U K^-1 U^T g) /
+    damping subtracts two nearly equal vectors and divides float32's round-off by the damping (here
+    twice the direction's size off float64's at 1e-8), push-through's U K^-1 c / s^2 does not."""
+    problem = models.Problem(models.mlp((10, 8, 5), "tanh"), "categorical")
+    x, y = make_data(problem, 8)
+    params = models.init_params(problem.model, 1)
+    expected, _ = _exact_ngd_directions(impl, problem, params, x, y, 1e-8, "float64")
+    pushed, woodbury = _exact_ngd_directions(impl, problem, params, x, y, 1e-8, "float32")
+    error = lambda d: np.linalg.norm(d - expected) / np.linalg.norm(expected)
+    assert error(pushed) < 1e-4
+    assert error(woodbury) > 0.1  # (the cancellation this setting provokes)
+
+
+@pytest.mark.parametrize("by_gram", [True, False])
+def test_exact_ngd_solves_for_a_label_the_model_gives_probability_zero(impl, by_gram):
+    """A label whose probability underflows (a logit margin over 745 in float64) leaves the Fisher
+    root's range: that example's residual is solved for by Woodbury (`outside`), the others' by
+    push-through, in one solve that equals a dense solve with autograd's gradient."""
+    problem = PROBLEMS["softmax-regression"]
+    x, y = make_data(problem, 4)
+    params = models.init_params(problem.model, 1)
+    logits = params["dense0.weight"] @ x[0]
+    x[0] *= 1000 / np.ptp(logits)
+    y[0] = np.argmin(logits)
+    _, grad, factor = impl.curvature.gradient_and_curvature(
+        problem, impl.params(params), impl.batch(x, y), Curvature.EXACT)
+    assert impl.numpy(factor.outside).tolist() == [0.25, 0, 0, 0]  # (1/N where not held)
+    assert problem.model.num_params() > factor.num_columns  # Woodbury, not the dense fallback
+    damping = 1e-3
+    solution = impl.curvature.from_layers(problem.model, factor.multiply_inverse_mean(grad, damping, by_gram))
+    dense = ref.fisher(problem, params, x, y) + damping * np.eye(problem.model.num_params())
+    close(flat(impl, problem, solution), np.linalg.solve(dense, ref.loss_gradient(problem, params, x, y)), rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["linear-gaussian", "logistic", "softmax-regression"])

@@ -13,8 +13,9 @@ W' = [W | b] (out x in'), so a per-example gradient of a dense layer is delta a^
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
   A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
   (`inverse_factor_multiply`; `inverse_column_mean` for ef's gradient and its norm from the same
-  Gram matrix); the true Fisher's gradient without l2, the mean of the data's
-  per-example gradients, may take U^T g from the Gram product (`multiply_inverse_mean`).
+  Gram matrix); so is the exact Fisher's gradient without l2, U alpha / N with alpha the residuals
+  in its root's columns (`multiply_inverse_mean`, which also takes MC's by Woodbury, U^T g from
+  the Gram product where that is cheaper).
   `precondition` picks.
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
 Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
@@ -129,6 +130,10 @@ class FactorCurvature:
     # {layer: (1 + r) x N x out}: the data residual's deltas stacked before U's (`deltas` is its
     # [1:]), kept for the true Fisher, whose gradient they give but whose columns they are not
     stacked: dict | None = None
+    # the true Fisher's gradient without l2 as g = U c + V w (as in torch): `coefficients` c (r x N),
+    # `outside` w (N); None for MC (c = 0, w = 1/N)
+    coefficients: jax.Array | None = None
+    outside: jax.Array | None = None
 
     @property
     def num_columns(self) -> int:
@@ -170,11 +175,12 @@ class FactorCurvature:
             total = total + (d * av).sum(-1) if a.ndim == 2 else total + (d * av).sum((-1, -2))
         return total
 
-    def factor_multiply(self, c: jax.Array) -> dict:
-        """U c for coefficients c (r x N), as layer matrices."""
+    def factor_multiply(self, c: jax.Array, rows: dict | None = None) -> dict:
+        """U c for coefficients c (r x N), as layer matrices, or W c for W's columns built from the
+        deltas `rows` (e x N x out, c then e x N) as `gram`'s."""
         out = {}
         for name, a in self.inputs.items():
-            d = self.deltas[name]
+            d = self.deltas[name] if rows is None else rows[name]
             if a.ndim == 2:
                 out[name] = jnp.einsum("cno,cn,ni->oi", d, c, a)
             else:
@@ -208,20 +214,33 @@ class FactorCurvature:
         return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
 
     def multiply_inverse_mean(self, layers: dict, damping: float, by_gram: bool | None = None) -> dict:
-        """(C + damping I)^-1 g for g the mean of the columns V of `stacked`'s first block (the true
-        Fisher's gradient without l2), g also given as layer matrices. As `multiply_inverse_layers`,
-        but U^T g = (V^T U)^T 1/N can come out of one Gram product over V's and U's rows together,
-        (1 + r) N x M, instead of a product of every layer's inputs with g: cheaper where
-        r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
-        choice unless `by_gram` says otherwise."""
+        """(C + damping I)^-1 g for the true Fisher's gradient without l2, g = U c + V w (see
+        `coefficients`), g also given as layer matrices: push-through for U's span and Woodbury for
+        the rest, one solve with the Woodbury kernel for both (torch's docstring says why); U^T v from
+        the Gram product over V's and U's rows together where that is cheaper, unless `by_gram` says
+        otherwise."""
         lam = self._lam(damping)
         if by_gram is None:
             by_gram = self._mean_by_gram_is_cheaper()
-        if not by_gram or self._solves_densely(lam):
+        if self._solves_densely(lam):
             return self.multiply_inverse_layers(layers, damping)
-        n = next(iter(self.inputs.values())).shape[0]
-        joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
-        return self._woodbury(layers, joint[n:], joint[:n].mean(0), lam)
+        r, n = next(iter(self.deltas.values())).shape[:2]
+        w = self.outside if self.outside is not None else jnp.full((n,), 1 / n, layers[next(iter(layers))].dtype)
+        if by_gram:
+            joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
+            gram, transposed = joint[n:], w @ joint[:n]
+        else:
+            v = layers if self.coefficients is None else self.factor_multiply(w[None], self._data_rows())
+            gram, transposed = self.gram(), self.transpose_multiply(v)
+        rhs = -transposed.reshape(r, n) / lam
+        if self.coefficients is not None:
+            rhs = rhs + self.coefficients / self.scale**2
+        # (z as torch's: this module's kernel, lam I + s^2 U^T U, is s^2 times torch's)
+        z = self._kernel_solve(gram, self.scale**2 * rhs, lam).reshape(r, n)
+        return self.factor_multiply(jnp.concatenate([w[None] / lam, z]), self.stacked)  # V w / lam + U z
+
+    def _data_rows(self) -> dict:
+        return {k: d[:1] for k, d in self.stacked.items()}
 
     def _mean_by_gram_is_cheaper(self) -> bool:
         if self.stacked is None or any(a.ndim != 2 for a in self.inputs.values()):
@@ -384,19 +403,21 @@ def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
     }
 
 
-def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, key) -> jax.Array:
+def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, key):
     """The 1 + r stacked output-space cotangents: the residual at the data's labels, then the
-    Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC).
-    The predictive mean is computed once."""
+    Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC);
+    and for the exact Fisher the residual's coordinates in those columns (`M.fisher_factor`),
+    else None. The predictive mean is computed once."""
     mean = M.predictive_mean(problem, f)
     if curvature == Curvature.EMPIRICAL:
-        return M.residual(problem, mean, y)[None]
+        return M.residual(problem, mean, y)[None], None
     if curvature == Curvature.EXACT:
-        return jnp.concatenate([M.residual(problem, mean, y)[None], M.fisher_factor(problem, mean)])
+        root, alpha, held = M.fisher_factor(problem, mean, y)
+        return jnp.concatenate([M.residual(problem, mean, y)[None], root]), (alpha, held)
     # (one residual per label set, then concatenated: torch's single residual over the concatenated
     # labels compiled to a step 12% slower here, 784-1000-10 at batch 512 on the CPU)
     labels = M.sample_labels(problem, mean, samples, key)
-    return jnp.concatenate([M.residual(problem, mean, y)[None], M.residual(problem, mean, labels)])
+    return jnp.concatenate([M.residual(problem, mean, y)[None], M.residual(problem, mean, labels)]), None
 
 
 def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, key=None):
@@ -407,13 +428,19 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
     M.check_targets(problem, f, y)  # (before the residuals, which would broadcast a y of the wrong shape)
-    deltas = pullback(_cotangents(problem, f, y, curvature, samples, key))
+    cotangents, coordinates = _cotangents(problem, f, y, curvature, samples, key)
+    deltas = pullback(cotangents)
     if curvature == Curvature.EMPIRICAL:
         factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
     else:
         draws = samples if curvature == Curvature.MC else 1
+        coefficients = outside = None
+        if coordinates is not None:
+            alpha, held = coordinates
+            coefficients, outside = alpha / n, (~held).astype(f.dtype) / n
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
-        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2,
+                                 stacked=deltas, coefficients=coefficients, outside=outside)
     grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n)
     value = M.nll(problem, f, y).mean()
     if problem.l2:
@@ -427,7 +454,7 @@ def precondition(problem: Problem, curvature: Curvature, grad: dict, factor: Fac
     """(C + damping I)^-1 g as layer matrices, and ||g||. Without l2 the gradient is the mean of the
     data's per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
     `inverse_column_mean` (cheaper, and it cancels less than Woodbury; `grad` is not used there);
-    for the true Fisher U^T g may come from the Gram product (`multiply_inverse_mean`)."""
+    the true Fisher's by `multiply_inverse_mean`, the exact one's by push-through too (as torch's)."""
     if problem.l2:
         return factor.multiply_inverse_layers(grad, damping), total_norm(grad.values())
     if curvature == Curvature.EMPIRICAL:

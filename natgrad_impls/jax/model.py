@@ -159,27 +159,45 @@ def residual(problem: Problem, mean: jax.Array, y: jax.Array) -> jax.Array:
     return mean - target(problem, y, mean)
 
 
-def fisher_factor(problem: Problem, mean: jax.Array) -> jax.Array:
+def fisher_factor(problem: Problem, mean: jax.Array, y: jax.Array):
     """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
-    from the predictive mean.
-
-    gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: Lambda = diag(p) - p p^T has rank
-    k - 1 (Lambda 1 = 0), and so has the k x (k - 1) root with columns
-    E_j = sqrt(p_j) (e_j - w), j < k, w = (p_1..p_(k-1) / (1 + sqrt(p_k)), sqrt(p_k)):
-    a tenth fewer Woodbury columns than a k-column root at k = 10, and (1 + sqrt(p_k)) >= 1
-    divides nothing small, however confident the model.
-    """
+    from the predictive mean; and the residual at labels y in their columns, alpha (r x N) with
+    E_n alpha_n = residual_n, with where that holds (N booleans). As torch's
+    (`natgrad_impls.torch.model.fisher_factor`, which derives the closed forms and the pivot)."""
     n, k = mean.shape
     eye = jnp.eye(k, dtype=mean.dtype)
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1)
+        return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1), residual(problem, mean, y).T, jnp.ones(n, bool)
+    tiny = jnp.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        return (jnp.sqrt(mean * (1 - mean))[:, :, None] * eye).transpose(2, 0, 1)
+        variance = mean * (1 - mean)
+        held = (variance >= tiny).all(-1)
+        deviation = jnp.sqrt(variance)
+        alpha = jnp.where(held[:, None], residual(problem, mean, y) / deviation, 0.0)
+        return (deviation[:, :, None] * eye).transpose(2, 0, 1), alpha.T, held
+    swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
+    y = jnp.take_along_axis(swap, y[:, None], 1)  # (the label's place in that order)
     root = jnp.sqrt(mean)
     last = root[:, -1:]
-    w = jnp.concatenate([mean[:, :-1] / (1 + last), last], 1)
+    scale = 1 / (1 + last)
+    w = jnp.concatenate([mean[:, :-1] * scale, last], 1)
     factor = root[:, None, :-1] * eye[:, :-1] - w[:, :, None] * root[:, None, :-1]
-    return factor.transpose(2, 0, 1)
+    label = jnp.take_along_axis(mean, y, 1)  # p_y, N x 1
+    held = label[:, 0] >= tiny
+    inverse = lax.rsqrt(label)
+    alpha = root[:, :-1] * jnp.where(y == k - 1, inverse, scale) - target(problem, y[:, 0], mean)[:, :-1] * inverse
+    alpha = jnp.where(held[:, None], alpha, 0.0)  # (NaN from 0 * inf where p_y = 0)
+    return jnp.take_along_axis(factor, swap[:, :, None], 1).transpose(2, 0, 1), alpha.T, held
+
+
+def _pivot_last(mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per example, the index that swaps its most probable class with the last (its own inverse),
+    N x k, and the mean in that order."""
+    k = mean.shape[-1]
+    top = jnp.argmax(mean, -1)[:, None]
+    order = jnp.arange(k)
+    swap = jnp.where(order == top, k - 1, jnp.where(order == k - 1, top, order))
+    return swap, jnp.take_along_axis(mean, swap, 1)
 
 
 def flat_draw(sampler, key: jax.Array, shape: tuple, dtype) -> jax.Array:

@@ -11,8 +11,9 @@ a dense layer is delta a^T.
   Gram matrix sum_l (Delta Delta^T) * (A A^T), never a D x D matrix, unless D <= M (dense solve).
   A vector in U's span, as ef's gradient without l2, is solved for by push-through instead
   (`inverse_factor_multiply`; `inverse_column_mean` for ef's gradient and its norm from the same
-  Gram matrix); the true Fisher's gradient without l2, the mean of the data's
-  per-example gradients, may take U^T g from the Gram product (`multiply_inverse_mean`).
+  Gram matrix); so is the exact Fisher's gradient without l2, U alpha / N with alpha the residuals
+  in its root's columns (`multiply_inverse_mean`, which also takes MC's by Woodbury, U^T g from
+  the Gram product where that is cheaper).
   `precondition` picks.
 - `KroneckerCurvature`, per layer A (x) G (K-FAC, KFC for convolutions).
 Both offer multiply, multiply_inverse and to_dense (in `Model.param_names` order) for the tests,
@@ -121,6 +122,12 @@ class FactorCurvature:
     # {layer: (1 + r) x N x out}: the data residual's deltas stacked before U's (`deltas` is its
     # [1:]), kept for the true Fisher, whose gradient they give but whose columns they are not
     stacked: dict | None = None
+    # the true Fisher's gradient without l2 as g = U c + V w, V the data residual's per-example
+    # gradients (`stacked`'s first block): `coefficients` c (r x N) the exact Fisher's residuals in
+    # its root's columns over N (`M.fisher_factor`), `outside` w (N) 1/N for the examples whose
+    # residual the root does not hold (rarely any), else 0; None for MC (c = 0, w = 1/N)
+    coefficients: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
 
     @property
     def num_columns(self) -> int:
@@ -160,12 +167,13 @@ class FactorCurvature:
             terms.append((self.deltas[name] * av).sum(-1 if a.dim() == 2 else (-1, -2)))
         return sum(terms[1:], terms[0])
 
-    def factor_multiply(self, c: torch.Tensor) -> dict:
-        """U c for coefficients c (r x N), as layer matrices: the r cotangents' deltas are summed
+    def factor_multiply(self, c: torch.Tensor, rows: dict | None = None) -> dict:
+        """U c for coefficients c (r x N), as layer matrices, or W c for W's columns built from the
+        deltas `rows` (e x N x out, c then e x N) as `gram`'s: the cotangents' deltas are summed
         first (a does not depend on them), so the large product with a is done once."""
         out = {}
         for name, a in self.inputs.items():
-            d = self.deltas[name]
+            d = self.deltas[name] if rows is None else rows[name]
             weighted = d * c.reshape(*c.shape, *[1] * (d.dim() - 2))
             weighted = weighted[0] if len(d) == 1 else weighted.sum(0)  # N (x T) x out
             out[name] = weighted.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
@@ -198,20 +206,37 @@ class FactorCurvature:
         return self._woodbury(layers, self.gram(), self.transpose_multiply(layers), lam)
 
     def multiply_inverse_mean(self, layers: dict, damping: float, by_gram: bool | None = None) -> dict:
-        """(C + damping I)^-1 g for g the mean of the columns V of `stacked`'s first block (the true
-        Fisher's gradient without l2), g also given as layer matrices. As `multiply_inverse_layers`,
-        but U^T g = (V^T U)^T 1/N can come out of one Gram product over V's and U's rows together,
-        (1 + r) N x M, instead of a product of every layer's inputs with g: cheaper where
+        """(C + damping I)^-1 g for the true Fisher's gradient without l2, g = U c + V w (see
+        `coefficients`), g also given as layer matrices. One solve with the Woodbury kernel
+        K = lam / s^2 I + U^T U for both parts: push-through for U's span,
+        (lam I + s^2 U U^T)^-1 U c = U K^-1 c / s^2, and Woodbury for the rest, (v - U K^-1 U^T v) / lam.
+        The exact Fisher's gradient lies in its span: Woodbury alone would subtract two nearly equal
+        vectors and divide their round-off by lam (float32 on a trained MLP: 54% off at lam = 1e-5).
+        U^T v = (V^T U)^T w can come out of one Gram product over V's and U's rows together,
+        (1 + r) N x M, instead of a product of every layer's inputs with v: cheaper where
         r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
         choice unless `by_gram` says otherwise."""
         lam = damping + self.shift
         if by_gram is None:
             by_gram = self._mean_by_gram_is_cheaper()
-        if not by_gram or self._solves_densely(lam):
+        if self._solves_densely(lam):
             return self.multiply_inverse_layers(layers, damping)
-        n = next(iter(self.inputs.values())).shape[0]
-        joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
-        return self._woodbury(layers, joint[n:], joint[:n].mean(0), lam)
+        r, n = next(iter(self.deltas.values())).shape[:2]
+        w = self.outside if self.outside is not None else layers[next(iter(layers))].new_full((n,), 1 / n)
+        if by_gram:
+            joint = self.gram(self.stacked)  # [V | U]^T U: V^T U in the first N rows
+            gram, transposed = joint[n:], w @ joint[:n]
+        else:
+            v = layers if self.coefficients is None else self.factor_multiply(w[None], self._data_rows())
+            gram, transposed = self.gram(), self.transpose_multiply(v)
+        rhs = transposed.reshape(r, n) / -lam
+        if self.coefficients is not None:
+            rhs.add_(self.coefficients, alpha=1 / self.scale**2)
+        z = self._kernel_solve(gram, rhs, lam).reshape(r, n)
+        return self.factor_multiply(torch.cat([w[None] / lam, z]), self.stacked)  # V w / lam + U z
+
+    def _data_rows(self) -> dict:
+        return {k: d[:1] for k, d in self.stacked.items()}
 
     def _mean_by_gram_is_cheaper(self) -> bool:
         if self.stacked is None or any(a.dim() != 2 for a in self.inputs.values()):
@@ -366,17 +391,20 @@ def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
     return dict(zip(names, sums))
 
 
-def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, generator) -> torch.Tensor:
+def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, generator):
     """The 1 + r stacked output-space cotangents: the residual at the data's labels, then the
     Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC,
-    one residual computation for data and sampled labels). The predictive mean is computed once."""
+    one residual computation for data and sampled labels); and for the exact Fisher the residual's
+    coordinates in those columns (`M.fisher_factor`), else None. The predictive mean is
+    computed once."""
     mean = M.predictive_mean(problem, f)
     if curvature == Curvature.EMPIRICAL:
-        return M.residual(problem, mean, y)[None]
+        return M.residual(problem, mean, y)[None], None
     if curvature == Curvature.EXACT:
-        return torch.cat([M.residual(problem, mean, y)[None], M.fisher_factor(problem, mean)])
+        root, alpha, held = M.fisher_factor(problem, mean, y)
+        return torch.cat([M.residual(problem, mean, y)[None], root]), (alpha, held)
     labels = M.sample_labels(problem, mean, samples, generator)
-    return M.residual(problem, mean, torch.cat([y[None], labels]))
+    return M.residual(problem, mean, torch.cat([y[None], labels])), None
 
 
 def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, generator=None,
@@ -388,13 +416,19 @@ def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Cur
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
     M.check_targets(problem, f, y)  # (before the residuals, which would broadcast a y of the wrong shape)
-    deltas = pullback(_cotangents(problem, f, y, curvature, samples, generator))
+    cotangents, coordinates = _cotangents(problem, f, y, curvature, samples, generator)
+    deltas = pullback(cotangents)
     if curvature == Curvature.EMPIRICAL:
         factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
     else:
         draws = samples if curvature == Curvature.MC else 1
+        coefficients = outside = None
+        if coordinates is not None:
+            alpha, held = coordinates
+            coefficients, outside = alpha / n, (~held).to(f.dtype) / n
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
-        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2, stacked=deltas)
+        factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2,
+                                 stacked=deltas, coefficients=coefficients, outside=outside)
     grad = _layer_gradient(inputs, {k: d[0] for k, d in deltas.items()}, n) if gradient else None
     value = M.mean_nll(problem, f, y)
     if problem.l2:
@@ -408,8 +442,9 @@ def precondition(problem: Problem, curvature: Curvature, grad: dict | None, fact
     """(C + damping I)^-1 g as layer matrices, and ||g||. Without l2 the gradient is the mean of the
     data's per-example gradients: for ef those are its factor's columns, g = U 1/N, solved for by
     `inverse_column_mean` (cheaper, and it cancels less than Woodbury; `grad` may be None there, as
-    `gradient_needed` says); for the true Fisher U^T g may come from the Gram product
-    (`multiply_inverse_mean`)."""
+    `gradient_needed` says); the true Fisher's by `multiply_inverse_mean`, the exact one's by
+    push-through too (its gradient lies in its factor's span). With l2 (g = U c + l2 theta) Woodbury
+    on g: lam >= l2 bounds what its cancellation costs."""
     if not gradient_needed(problem, curvature):  # ef without l2
         return factor.inverse_column_mean(damping)
     if problem.l2:

@@ -153,26 +153,59 @@ def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(shape).scatter_(-1, labels[..., None], 1.0)
 
 
-def fisher_factor(problem: Problem, mean: torch.Tensor) -> torch.Tensor:
+def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor):
     """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
-    from the predictive mean.
+    from the predictive mean; and the residual at labels y in their columns, alpha (r x N) with
+    E_n alpha_n = residual_n, with where that holds (N booleans): the exact Fisher's gradient as
+    U alpha / N, which NGD solves for without cancellation (`FactorCurvature.multiply_inverse_mean`).
 
-    gaussian: I; bernoulli: diag(sqrt(s(1-s))); categorical: Lambda = diag(p) - p p^T has rank
-    k - 1 (Lambda 1 = 0), and so has the k x (k - 1) root with columns
-    E_j = sqrt(p_j) (e_j - w), j < k, w = (p_1..p_(k-1) / (1 + sqrt(p_k)), sqrt(p_k)):
-    a tenth fewer Woodbury columns than a k-column root at k = 10, and (1 + sqrt(p_k)) >= 1
-    divides nothing small, however confident the model.
+    gaussian: E = I, alpha = r; bernoulli: E = diag(sqrt(s(1-s))), alpha = r / sqrt(s(1-s));
+    categorical: Lambda = diag(p) - p p^T has rank k - 1 (Lambda 1 = 0), and so has the k x (k - 1)
+    root pivoted on the example's most probable class q, with columns E_j = sqrt(p_j) (e_j - w),
+    j != q, w_j = p_j / (1 + sqrt(p_q)), w_q = sqrt(p_q): a tenth fewer Woodbury columns than a
+    k-column root at k = 10, and (1 + sqrt(p_q)) >= 1 divides nothing small. alpha = E^T (r / p),
+    since Lambda (r / p) = r - p 1^T r = r, in closed form for r = p - e_y (r / p would cancel):
+    alpha_j = sqrt(p_j) / (1 + sqrt(p_q)) - [j = y] / sqrt(p_y) for y != q, sqrt(p_j / p_q) for y = q.
+    E alpha sums terms as large as alpha_j sqrt(p_j): at most sqrt(k) with the most probable class
+    as the pivot, but 1 / sqrt(p_q) with another (on a pivot of p_q = 1e-20, float32 keeps none of a
+    confidently wrong example's digits). alpha does not hold where its divisor (p_y; s(1-s) at any
+    of a bernoulli example's outputs) is below the dtype's smallest normal number: there the
+    residual leaves the root's range (a label of probability 0), and alpha is 0.
     """
     n, k = mean.shape
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return torch.eye(k, dtype=mean.dtype, device=mean.device).expand(n, k, k).permute(2, 0, 1)
+        root = torch.eye(k, dtype=mean.dtype, device=mean.device).expand(n, k, k).permute(2, 0, 1)
+        return root, residual(problem, mean, y).T, torch.ones(n, dtype=torch.bool, device=mean.device)
+    tiny = torch.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        return torch.diag_embed(torch.sqrt(mean * (1 - mean))).permute(2, 0, 1)
+        variance = mean * (1 - mean)
+        held = (variance >= tiny).all(-1)
+        deviation = variance.sqrt()
+        alpha = torch.where(held[:, None], residual(problem, mean, y) / deviation, 0.0)
+        return torch.diag_embed(deviation).permute(2, 0, 1), alpha.T, held
+    swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
+    y = swap.gather(1, y[:, None])  # (the label's place in that order)
     root = mean.sqrt()
     last = root[:, -1:]
-    w = torch.cat([mean[:, :-1] / (1 + last), last], 1)
+    scale = 1 / (1 + last)
+    w = torch.cat([mean[:, :-1] * scale, last], 1)
     factor = torch.diag_embed(root)[:, :, :-1] - w[:, :, None] * root[:, None, :-1]
-    return factor.permute(2, 0, 1)
+    label = mean.gather(1, y)  # p_y, N x 1
+    held = label[:, 0] >= tiny
+    inverse = label.rsqrt()
+    alpha = root[:, :-1] * torch.where(y == k - 1, inverse, scale) - one_hot(y[:, 0], mean)[:, :-1] * inverse
+    alpha = torch.where(held[:, None], alpha, 0.0)  # (NaN from 0 * inf where p_y = 0)
+    return factor.gather(1, swap[:, :, None].expand(n, k, k - 1)).permute(2, 0, 1), alpha.T, held
+
+
+def _pivot_last(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the index that swaps its most probable class with the last (its own inverse),
+    N x k, and the mean in that order."""
+    n, k = mean.shape
+    top = mean.argmax(-1, keepdim=True)
+    swap = torch.arange(k, device=mean.device).expand(n, k).scatter(1, top, k - 1)
+    swap[:, -1:] = top
+    return swap, mean.gather(1, swap)
 
 
 def sample_labels(problem: Problem, mean: torch.Tensor, samples: int, generator: torch.Generator):
