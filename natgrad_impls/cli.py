@@ -203,8 +203,6 @@ def cmd_run(args) -> int:
     _checked(lambda: runner.check_batch_size(spec.task, args.batch_size))
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
         raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
-    if args.cos_ef_ngd:  # (the cosine's NGD direction, at the run's damping)
-        _checked(lambda: runner.check_float32_ngd_damping(spec.task, spec.dtype, spec.kwargs()["damping"]))
     out = _checked(lambda: results.check_writable(args.out))  # last: it makes the folder
     frame = _unavailable(lambda: runner.run(
         spec.task, spec.optimizer, spec.framework, spec.device, spec.dtype, hps, args.steps, args.batch_size, args.seed,

@@ -58,7 +58,7 @@ import numpy as np
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls import make_optimizer, models, results, timing
-from natgrad_impls.names import DType, Device, Fisher, Framework, Optimizer, parse
+from natgrad_impls.names import Curvature, DType, Device, Fisher, Framework, Optimizer, parse
 from natgrad_impls.tasks import Task, get_task
 
 if TYPE_CHECKING:  # imported where a table is made (`results`: the command line starts without it)
@@ -201,29 +201,7 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
         # parameters) is singular: the solve could only fail, after forming a D x D matrix
         raise ValueError(f"damping: 0 leaves {task.name}'s curvature singular; use a damping > 0")
     check_setting(task, framework, device, dtype)
-    if optimizer == Optimizer.NGD and h.fisher == Fisher.EXACT:  # (MC's residual is not the gradient's)
-        check_float32_ngd_damping(task, dtype, h.damping)
     return Spec(task, optimizer, framework, device, dtype, h)
-
-
-# Below this damping (plus l2), float32 exact-Fisher NGD on a network loses its direction to
-# round-off: the exact Fisher's gradient lies in its factor's span (g = U alpha), so the NGD
-# direction is small beside g / damping and Woodbury's (v - U c) / damping a difference of large
-# vectors, float32's error over the damping (EF's push-through form, U (damping I + U^T U)^-1 alpha,
-# does not cancel; the exact Fisher does not take it yet). Off from float64, mnist1d-mlp after 1000
-# Adam steps: 290% at 1e-5, 7% at 1e-4, 0.3% at 1e-3 (a 64-16-10 MLP at its start: 0.25% at 1e-5).
-# MC NGD: 2e-6 at 1e-4. The convex tasks solve densely.
-FLOAT32_NGD_MIN_DAMPING = 1e-4
-
-
-def check_float32_ngd_damping(task: Task, dtype: DType | str, damping: float, field: str = "damping") -> None:
-    """ValueError naming `field` where an exact-Fisher NGD direction (an ngd step, or the cosine's)
-    on `task` in `dtype` would be lost to round-off at `damping` (`FLOAT32_NGD_MIN_DAMPING`)."""
-    lam = damping + task.problem.l2
-    if parse(DType, dtype, "dtype") == DType.FLOAT32 and not is_convex(task) and lam < FLOAT32_NGD_MIN_DAMPING:
-        raise ValueError(f"{field}: {damping:g} is below {FLOAT32_NGD_MIN_DAMPING:g}, where float32 NGD on a network "
-                         "loses its direction to round-off (measured on a trained MLP: 290% off at 1e-5, 7% at "
-                         "1e-4); use float64 or a larger damping")
 
 
 def check_batch_size(task: Task, batch_size) -> None:
@@ -379,16 +357,13 @@ class _TorchIO:
         return value, correct / x.shape[0]
 
     def cosine(self, params, batch, damping):
-        from natgrad_impls.names import Curvature
-
-        C, model = self.C, self.problem.model
-        _, grad, ef = C.gradient_and_curvature(self.problem, params, batch, Curvature.EMPIRICAL)
-        _, _, fisher = C.gradient_and_curvature(self.problem, params, batch, Curvature.EXACT)
-        v = C.from_layers(model, grad)
-        a = C.flatten(model, ef.multiply_inverse(v, damping))
-        b = C.flatten(model, fisher.multiply_inverse(v, damping))
+        C, problem = self.C, self.problem
+        _, grad, ef = C.gradient_and_curvature(problem, params, batch, Curvature.EMPIRICAL)
+        _, _, fisher = C.gradient_and_curvature(problem, params, batch, Curvature.EXACT)
+        a, b, g = (C.flatten(problem.model, C.from_layers(problem.model, layers)) for layers in (
+            *_cosine_directions(C, problem, grad, ef, fisher, damping), grad))
         norm = self.torch.linalg.vector_norm
-        return float(_vector_cosine(a, b, norm)), float(_vector_cosine(b, C.flatten(model, v), norm))
+        return float(_vector_cosine(a, b, norm)), float(_vector_cosine(b, g, norm))
 
 
 class _JaxIO:
@@ -504,19 +479,27 @@ def _jax_cosine(problem):
     import jax.numpy as jnp
 
     from natgrad_impls.jax import curvature as C
-    from natgrad_impls.names import Curvature
 
     model = problem.model
 
     def cosine(p, b, lam):
         _, grad, ef = C.gradient_and_curvature(problem, p, b, Curvature.EMPIRICAL)
         _, _, fisher = C.gradient_and_curvature(problem, p, b, Curvature.EXACT)
-        v = C.from_layers(model, grad)
-        a = C.flatten(model, ef.multiply_inverse(v, lam))
-        c = C.flatten(model, fisher.multiply_inverse(v, lam))
-        return _vector_cosine(a, c, jnp.linalg.norm), _vector_cosine(c, C.flatten(model, v), jnp.linalg.norm)
+        a, c, g = (C.flatten(model, C.from_layers(model, layers)) for layers in (
+            *_cosine_directions(C, problem, grad, ef, fisher, lam), grad))
+        return _vector_cosine(a, c, jnp.linalg.norm), _vector_cosine(c, g, jnp.linalg.norm)
 
-    return jax.jit(cosine, static_argnums=2)  # damping static: multiply_inverse branches on 0 (dense solve)
+    return jax.jit(cosine, static_argnums=2)  # damping static: the solves branch on 0 (dense solve)
+
+
+def _cosine_directions(C, problem, grad: dict, ef, fisher, damping):
+    """EF's and the exact Fisher's directions for the gradient `grad`, as layer matrices, as their
+    steps take them (`C.precondition`: push-through where the gradient lies in the factor's span,
+    without Woodbury's cancellation), from one batch's EF and exact Fisher factors (the latter
+    holds the same gradient in its own columns); `C` the framework's curvature module."""
+    ngd, _ = C.precondition(problem, Curvature.EXACT, grad, fisher, damping)
+    ef_direction, _ = C.precondition(problem, Curvature.EMPIRICAL, grad, ef, damping)
+    return ef_direction, ngd
 
 
 def _vector_cosine(a, b, norm):
@@ -744,7 +727,6 @@ def _check_cos_damping(spec: Spec, cos_damping):
         raise ValueError(f"cos_damping: {spec.optimizer.value} has no damping; pass cos_damping (a number >= 0)")
     if not hp.is_finite_number(cos_damping) or cos_damping < 0:
         raise ValueError(f"cos_damping: {cos_damping!r} must be a finite number >= 0")
-    check_float32_ngd_damping(spec.task, spec.dtype, cos_damping, "cos_damping")  # (the cosine's NGD direction)
     return cos_damping
 
 

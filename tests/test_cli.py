@@ -155,14 +155,6 @@ BAD = {
     # would have formed and solved a singular 9610 x 9610 matrix (29 s, 1.9 GB) to diverge at step 0
     "undamped network": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework", "torch", "--lr", "0.1",
                           "--damping", "0"], "damping: 0 leaves digits-mlp's curvature singular; use a damping > 0"),
-    # would have stepped far off NGD's direction (float32's error over the damping), as a plain bad setting
-    "float32 ngd below its damping floor": (["run", "--task", "digits-mlp", "--optimizer", "ngd", "--framework",
-                                            "torch", "--lr", "0.1", "--damping", "1e-7", "--dtype", "float32"],
-                                           "damping: 1e-07 is below 0.0001, where float32 NGD on a network loses its "
-                                           "direction to round-off"),
-    "float32 cosine below its damping floor": (["run", "--task", "digits-mlp", "--optimizer", "ef", "--framework",
-                                               "jax", "--lr", "0.1", "--damping", "1e-5", "--dtype", "float32",
-                                               "--cos-ef-ngd"], "damping: 1e-05 is below 0.0001"),
     # the cosine is measured with the run's damping: refused before the run, not a traceback from it
     "cosine without damping": (["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
                                 "--cos-ef-ngd"], "cos_ef_ngd: needs the run's damping; sgd has none"),

@@ -201,27 +201,6 @@ def test_an_optimizer_without_a_tuning_grid_stops_before_any_job(tmp_path, grid,
     assert not result_files(root), "a job ran before the config was checked"
 
 
-def test_float32_ngd_dampings_below_their_floor_stop_before_any_job(repo_copy, tmp_path):
-    """networks.dampings that float32 exact-Fisher NGD cannot resolve (runner.FLOAT32_NGD_MIN_DAMPING),
-    for ngd, and for ef whose runs record the cosine (an NGD direction at EF's damping), are named
-    before any job: each tuning job would otherwise fail, or had stepped off NGD's direction. MC
-    NGD's dampings are not held to it."""
-    overlay = tmp_path / "dampings.yaml"
-    for dampings, named in (("{ngd: [1.0, 1.0e-5]}", "ngd"), ("{ef: [1.0, 1.0e-7]}", "ef")):
-        overlay.write_text(f"networks:\n  dampings: {dampings}\n")
-        done = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(overlay))
-        assert done.returncode != 0
-        assert f"config networks.dampings ({named}, digits-mlp): damping: 1e-0" in done.stdout + done.stderr
-    mc = "networks:\n  dampings: {ngd: [1.0, 1.0e-5]}\n  hyperparameters: {ngd: {fisher: mc}}\n"
-    overlay.write_text(mc + "  cos_ef_ngd: [ef]\n")
-    done = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(overlay))
-    assert done.returncode == 0, done.stderr[-2000:]  # MC NGD's direction resolves there
-    overlay.write_text(mc + "  cos_ef_ngd: [ef, ngd]\n")  # but the cosine along its runs is the exact Fisher's
-    done = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(overlay))
-    assert "config networks.dampings (ngd, digits-mlp): damping: 1e-05" in done.stdout + done.stderr
-    assert not result_files(repo_copy), "a job ran before the config was checked"
-
-
 def test_a_download_that_fails_once_is_retried(tmp_path):
     """The data rule's `retries`: a mirror that answers 503 to the first request (a network hiccup)
     costs one retry, not the run. a1a is the one unpinned file, so a file the test writes with a1a's

@@ -194,27 +194,6 @@ def check_tuning_grids():
     if missing:
         raise ValueError(f"config networks.dampings has no list for {', '.join(missing)}: give each optimizer that "
                          "takes a damping its list, or one list for all of them")
-    check_float32_ngd_dampings()
-
-
-def check_float32_ngd_dampings():
-    """The networks' exact-Fisher NGD directions (ngd's steps, and the cosine's along the runs of
-    cos_ef_ngd, at their dampings) resolve in the networks' dtype, as each run will check, before any
-    job."""
-    from natgrad_impls.names import Fisher
-    from natgrad_impls.runner import check_float32_ngd_damping, make_hyperparameters
-    from natgrad_impls.tasks import get_task
-
-    n = config["networks"]
-    fixed = n.get("hyperparameters", {}).get("ngd", {})  # (lr and damping: placeholders)
-    exact = make_hyperparameters("ngd", {"lr": 1.0, "damping": 1.0, **fixed}).fisher == Fisher.EXACT
-    directions = {o for o in config["optimizers"] if (o == "ngd" and exact) or o in n.get("cos_ef_ngd", [])}
-    for optimizer in sorted(o for o in directions if takes_damping(o)):
-        for task in n["tasks"]:
-            try:
-                check_float32_ngd_damping(get_task(task), n["dtype"], min(tuning_dampings(optimizer)))
-            except ValueError as error:
-                raise ValueError(f"config networks.dampings ({optimizer}, {task}): {error}") from None
 
 
 def check_rerun_seeds_are_fresh():
