@@ -17,7 +17,7 @@ from typing import Union
 
 import numpy as np
 
-from natgrad_impls.names import Activation, Likelihood, LogitClip, parse
+from natgrad_impls.names import Activation, Curvature, Likelihood, LogitClip, parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +173,18 @@ class Problem:
         object.__setattr__(self, "likelihood", parse(Likelihood, self.likelihood, "likelihood"))
         if self.logit_clip is not None and self.likelihood != Likelihood.BERNOULLI:
             raise ValueError(f"logit_clip: only the bernoulli likelihood clips, not {self.likelihood}")
+
+    def factor_columns(self, curvature: Curvature | str, batch_size: int, samples: int = 1) -> int:
+        """Columns of a batch's curvature factor U (the frameworks' `FactorCurvature.num_columns`):
+        per example, its gradient (the EF), the output Fisher root's rank (exact: k - 1 of k classes,
+        else the k outputs) or `samples` residuals at drawn labels (MC)."""
+        curvature = parse(Curvature, curvature, "curvature")
+        if curvature == Curvature.EMPIRICAL:
+            return batch_size
+        if curvature == Curvature.MC:
+            return samples * batch_size
+        outputs = list(self.model.output_shapes().values())[-1][0]
+        return (outputs - 1 if self.likelihood == Likelihood.CATEGORICAL else outputs) * batch_size
 
     def check_targets(self, f_shape, f_dtype, y_shape, y_dtype, y_integer: bool) -> None:
         """A ValueError naming the batch's y where it does not fit the outputs f (N x k): y of f's

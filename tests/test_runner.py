@@ -795,6 +795,39 @@ def test_float32_ngd_directions_hold_at_small_dampings_on_networks(framework):
     assert (cosines["float64"] < 0.1).all()  # (NGD's direction far from EF's and the gradient's)
 
 
+def test_float32_dense_solves_below_their_damping_floor_are_refused_on_networks_only():
+    """Where a batch gives the curvature factor as many columns as the network has parameters, ef and
+    ngd solve densely, which float32 resolves to eps ||C|| only (C singular: 150% off float64 at
+    1e-8): refused below runner.FLOAT32_DENSE_MIN_DAMPING, for the step and the cosine, naming the
+    field; float64, a batch that leaves the push-through solves, kfac and a convex task run."""
+    digits = dict(task="digits-mlp", framework="torch", dtype="float32")  # 9610 parameters, 9 classes - 1
+    from natgrad_impls.tasks import Task
+
+    small = Task("mlp-4-3-3", models.Problem(models.mlp((4, 3, 3), "tanh"), "categorical"), True, "test", 40, None,
+                 10, lambda seed: None)  # 27 parameters, full batch: the EF's 40 columns
+    refused = [("ngd", {"damping": 1e-6}, 1068, None, "damping: 1e-06 is below 0.0001.*exact curvature 9612 columns"),
+               ("ngd", {"damping": 1e-5, "fisher": "mc", "samples": 9}, 1068, None, "mc curvature 9612 columns"),
+               ("kfac", {"damping": 1e-3}, 1068, 1e-6, "cos_damping: 1e-06 .*exact curvature 9612"),
+               ("ef", {"damping": 1e-5}, None, None, "damping: 1e-05 .*empirical curvature 40 columns, at least "
+                                                     "mlp-4-3-3's 27 parameters")]
+    for optimizer, h, batch_size, cos_damping, message in refused:
+        task = small if optimizer == "ef" else digits["task"]
+        spec = runner.resolve(optimizer=optimizer, hyperparameters={"lr": 0.1, **h}, **{**digits, "task": task})
+        with pytest.raises(ValueError, match=message):
+            runner.check_float32_dense_solves(spec, batch_size, cos_damping)
+    accepted = [("ngd", {"damping": 1e-8}, 1067, "float32", None), ("ngd", {"damping": 1e-4}, 1068, "float32", None),
+                ("ngd", {"damping": 1e-8}, 1068, "float64", None), ("kfac", {"damping": 1e-8}, 1068, "float32", None),
+                ("ef", {"damping": 1e-8}, 128, "float32", 1e-8)]
+    for optimizer, h, batch_size, dtype, cos_damping in accepted:
+        spec = runner.resolve(optimizer=optimizer, hyperparameters={"lr": 0.1, **h}, **{**digits, "dtype": dtype})
+        runner.check_float32_dense_solves(spec, batch_size, cos_damping)
+    wine = runner.resolve("wine", "ngd", "torch", dtype="float32", hyperparameters={"lr": 0.1, "damping": 1e-10})
+    runner.check_float32_dense_solves(wine, None)  # (convex: D small, C invertible by its data)
+    with pytest.raises(ValueError, match="^damping: 1e-06 is below"):  # and run checks before any step
+        runner.run("digits-mlp", "ngd", "torch", dtype="float32", hyperparameters={"lr": 0.1, "damping": 1e-6},
+                   batch_size=1068, steps=1, progress=False)
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_cos_ef_ngd_is_on_the_steps_batch_with_cos_damping(framework):
     """Row k's cosine is measured on the k-th mini-batch (the one step k sees), not the whole training
@@ -827,7 +860,7 @@ def test_held_cosines_are_those_of_their_own_steps(task, framework, monkeypatch)
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_network_cosines_match_the_dense_reference(framework):
-    """On an MLP the cosines come from the Woodbury solves and each layer's flattened gradient: both
+    """On an MLP the cosines come from the steps' own solves and each layer's flattened gradient: both
     columns against dense EF and Fisher matrices, on the first batch at the Glorot start (lr 0). At a
     small damping the NGD step is far from the gradient (cos_ngd_grad well below 1); at a damping that
     swamps both curvatures, both steps are gradient steps and both cosines are 1."""

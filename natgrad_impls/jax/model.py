@@ -170,10 +170,11 @@ def fisher_factor(problem: Problem, mean: jax.Array, y: jax.Array):
         return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1), residual(problem, mean, y).T, jnp.ones(n, bool)
     tiny = jnp.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        variance = mean * (1 - mean)
-        held = (variance >= tiny).all(-1)
+        variance, r = mean * (1 - mean), residual(problem, mean, y)
+        scaled = variance >= tiny
+        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
         deviation = jnp.sqrt(variance)
-        alpha = jnp.where(held[:, None], residual(problem, mean, y) / deviation, 0.0)
+        alpha = jnp.where(scaled & held[:, None], r / deviation, 0.0)
         return (deviation[:, :, None] * eye).transpose(2, 0, 1), alpha.T, held
     swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
     y = jnp.take_along_axis(swap, y[:, None], 1)  # (the label's place in that order)

@@ -169,8 +169,9 @@ def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor):
     E alpha sums terms as large as alpha_j sqrt(p_j): at most sqrt(k) with the most probable class
     as the pivot, but 1 / sqrt(p_q) with another (on a pivot of p_q = 1e-20, float32 keeps none of a
     confidently wrong example's digits). alpha does not hold where its divisor (p_y; s(1-s) at any
-    of a bernoulli example's outputs) is below the dtype's smallest normal number: there the
-    residual leaves the root's range (a label of probability 0), and alpha is 0.
+    of a bernoulli example's outputs whose residual is not 0, as where float32 rounds a sigmoid to
+    1 at a label of 1) is below the dtype's smallest normal number: there the residual leaves the
+    root's range (a label of probability 0), and alpha is 0.
     """
     n, k = mean.shape
     if problem.likelihood == Likelihood.GAUSSIAN:
@@ -178,10 +179,11 @@ def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor):
         return root, residual(problem, mean, y).T, torch.ones(n, dtype=torch.bool, device=mean.device)
     tiny = torch.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        variance = mean * (1 - mean)
-        held = (variance >= tiny).all(-1)
+        variance, r = mean * (1 - mean), residual(problem, mean, y)
+        scaled = variance >= tiny
+        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
         deviation = variance.sqrt()
-        alpha = torch.where(held[:, None], residual(problem, mean, y) / deviation, 0.0)
+        alpha = torch.where(scaled & held[:, None], r / deviation, 0.0)
         return torch.diag_embed(deviation).permute(2, 0, 1), alpha.T, held
     swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
     y = swap.gather(1, y[:, None])  # (the label's place in that order)
