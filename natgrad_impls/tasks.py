@@ -57,16 +57,22 @@ class Task:
     variants: tuple[str, ...] = ()
 
     def load(self, seed: int = 0, dtype=np.float64) -> Dataset:
-        """Train (and test, or None) arrays; floating arrays in `dtype`, integer labels as int64."""
+        """Train (and test, or None) arrays; floating arrays in `dtype`, integer labels as int64.
+        ValueError naming the split where a categorical task's labels are not its classes' indices:
+        torch's steps would stop at an index error, jax's (which cannot check on the device) would
+        step on with a one-hot of zeros."""
         train, test = self.loader(seed)
 
-        def cast(split):
+        def cast(split, name):
             if split is None:
                 return None
             y = split.y if split.y.dtype.kind in "iu" else split.y.astype(dtype, copy=False)
+            if self.problem.likelihood == Likelihood.CATEGORICAL and len(y) and (y.min() < 0 or y.max() >= self.classes):
+                raise ValueError(f"{self.name} {name}: labels from {y.min()} to {y.max()}, not class indices "
+                                 f"0 to {self.classes - 1}")
             return Split(np.ascontiguousarray(split.X, dtype=dtype), np.ascontiguousarray(y))
 
-        return Dataset(cast(train), cast(test))
+        return Dataset(cast(train, "train"), cast(test, "test"))
 
     @property
     def classes(self) -> int | None:

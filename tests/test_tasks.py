@@ -74,6 +74,23 @@ def test_offline_tasks_load(name):
         assert task.batch_size < task.n_train
 
 
+@pytest.mark.parametrize("labels, message", [([0, 3, 1], "labels from 0 to 3, not class indices 0 to 2"),
+                                             ([0, -1, 2], "labels from -1 to 2")])
+def test_a_categorical_task_with_labels_outside_its_classes_is_refused_at_load(labels, message):
+    """A label of no class (a custom loader's 1-based labels, say): torch's step would stop at an
+    index error and jax's would step on with a one-hot of zeros; load names the split instead."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    problem = models.Problem(models.mlp((2, 4, 3), "tanh"), "categorical")
+    good = Split(np.zeros((3, 2)), np.array([0, 1, 2]))
+    bad = Split(np.zeros((3, 2)), np.array(labels))
+    for train, test, split in ((bad, None, "train"), (good, bad, "test")):
+        task = Task("three-classes", problem, True, "test", 3, None, 10, lambda seed: Dataset(train, test))
+        with pytest.raises(ValueError, match=f"^three-classes {split}: {message}"):
+            task.load()
+    Task("three-classes", problem, True, "test", 3, None, 10, lambda seed: Dataset(good, good)).load()
+
+
 @pytest.mark.parametrize("name", OFFLINE)
 def test_same_seed_same_data(name):
     first, second = TASKS[name].load(seed=3), TASKS[name].load(seed=3)
