@@ -929,6 +929,17 @@ def _script(name):
     return module
 
 
+def test_float32_directions_prints_the_step_against_woodbury(capsys):
+    """scripts/float32_directions.py (the README's float32 NGD figures): a row per framework and damping,
+    the step's direction within float32's reach of float64's where Woodbury's is off by its size."""
+    _script("float32_directions").main(["--task", "digits-mlp", "--adam-steps", "3", "--batch-size", "32",
+                                        "--dampings", "1e-8", "--frameworks", "torch,jax"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["torch", "1e-08"], ["jax", "1e-08"]]
+    for _, _, step, woodbury in rows:
+        assert float(step) < 1e-4 < 0.1 < float(woodbury)
+
+
 def _step_cost_script():
     """scripts/step_cost.py as a module."""
     return _script("step_cost")
