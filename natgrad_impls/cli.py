@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
     if args.cos_ef_ngd and "damping" not in spec.kwargs():
         raise BadInput(f"cos_ef_ngd: needs the run's damping; {spec.optimizer.value} has none (use ef, ngd or kfac)")
     cos_damping = spec.kwargs()["damping"] if args.cos_ef_ngd else None  # (the cosine's: the run's)
-    _checked(lambda: runner.check_float32_dense_solves(spec, args.batch_size, cos_damping, cos_field="damping"))
+    _checked(lambda: runner.check_float32_wide_batches(spec, args.batch_size, cos_damping, cos_field="damping"))
     out = _checked(lambda: results.check_writable(args.out))  # last: it makes the folder
     frame = _unavailable(lambda: runner.run(
         spec.task, spec.optimizer, spec.framework, spec.device, spec.dtype, hps, args.steps, args.batch_size, args.seed,

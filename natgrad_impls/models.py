@@ -117,7 +117,17 @@ class Model:
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-example output shape of every parametric layer (where delta is read off)."""
-        shape, shapes = self.input_shape, {}
+        return {name: shape for name, shape in self._shapes() if name}
+
+    @property
+    def num_outputs(self) -> int:
+        """k, the width of the model's output (after every layer, a last Flatten's too), which the
+        likelihood reads: the classes of a categorical model."""
+        return math.prod(list(self._shapes())[-1][1])
+
+    def _shapes(self):
+        """(parametric layer's name or None, per-example output shape) of every layer, in order."""
+        shape = self.input_shape
         for index, layer in enumerate(self.layers):
             if isinstance(layer, Dense):
                 shape = (layer.out_features,)
@@ -129,10 +139,7 @@ class Model:
                 shape = (shape[0], side(shape[1]), side(shape[2]))
             elif isinstance(layer, Flatten):
                 shape = (math.prod(shape),)
-            name = layer_name(index, layer)
-            if name:
-                shapes[name] = shape
-        return shapes
+            yield layer_name(index, layer), shape
 
     @property
     def has_conv(self) -> bool:
@@ -183,7 +190,7 @@ class Problem:
             return batch_size
         if curvature == Curvature.MC:
             return samples * batch_size
-        outputs = list(self.model.output_shapes().values())[-1][0]
+        outputs = self.model.num_outputs
         return (outputs - 1 if self.likelihood == Likelihood.CATEGORICAL else outputs) * batch_size
 
     def check_targets(self, f_shape, f_dtype, y_shape, y_dtype, y_integer: bool) -> None:

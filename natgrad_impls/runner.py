@@ -204,21 +204,23 @@ def resolve(task, optimizer, framework, device="cpu", dtype="float64", hyperpara
     return Spec(task, optimizer, framework, device, dtype, h)
 
 
-# Where a batch's curvature factor has at least as many columns as the network has parameters, ef
-# and ngd solve densely (`FactorCurvature._solves_densely`): LU on C + damping I, which float32
-# resolves only to about eps ||C||, and a categorical network's C is singular (a shift of every
-# logit is in its null space), so float32's round-off along it is divided by the damping. Exact
-# NGD on a 4-6-5 MLP (65 parameters, 80 columns): 8e-3 off float64 at damping 1e-6, 150% at 1e-8.
-# (With fewer columns the steps solve for their gradients by push-through, at any damping.)
-FLOAT32_DENSE_MIN_DAMPING = 1e-4
+# float32 keeps ef's and ngd's directions at any damping while a batch gives the curvature factor
+# far fewer columns than the network has parameters (push-through on the factor's span). As the
+# columns near the parameters, Woodbury's kernel U^T U nears singular (a categorical network's U
+# has a rank below D: a shift of every logit is in C's null space), and from D columns on the solve
+# is dense (LU on C + damping I, which float32 resolves to eps ||C|| only). float32's exact-NGD
+# direction against float64's at damping 1e-8 on a 16-32-10 MLP (874 parameters): 2e-5 at 450
+# columns, 1e-4 at 630, 5% at 846; on a 4-6-5 MLP at 80 columns (dense), 150%; at 1e-4, at most
+# 1e-4 in all of them. Below this damping a float32 batch must give fewer columns than D / 2.
+FLOAT32_WIDE_BATCH_MIN_DAMPING = 1e-4
 
 
-def check_float32_dense_solves(spec: Spec, batch_size: int | None, cos_damping: float | None = None,
+def check_float32_wide_batches(spec: Spec, batch_size: int | None, cos_damping: float | None = None,
                                cos_field: str = "cos_damping") -> None:
-    """ValueError naming the field where a float32 run on a network would solve its curvature densely
-    (batch_size, None for the task's, large beside its parameters) at a damping float32 cannot
-    resolve there (`FLOAT32_DENSE_MIN_DAMPING`): ef's and ngd's steps, and the cosine's EF and
-    exact-Fisher solves (cos_damping: None where the run records no cosine; `cos_field` its name)."""
+    """ValueError naming the field where a float32 run on a network would solve with a factor of at
+    least half as many columns as parameters (batch_size, None for the task's) at a damping below
+    `FLOAT32_WIDE_BATCH_MIN_DAMPING`: ef's and ngd's steps, and the cosine's EF and exact-Fisher
+    solves (cos_damping: None where the run records no cosine; `cos_field` its name)."""
     problem = spec.task.problem
     if spec.dtype != DType.FLOAT32 or is_convex(spec.task):
         return
@@ -230,13 +232,15 @@ def check_float32_dense_solves(spec: Spec, batch_size: int | None, cos_damping: 
         solves.append(("damping", h.damping, curvature, h.samples))
     if cos_damping is not None:
         solves += [(cos_field, cos_damping, curvature, 1) for curvature in (Curvature.EMPIRICAL, Curvature.EXACT)]
+    size = problem.model.num_params()
     for field, damping, curvature, samples in solves:
-        columns, size = problem.factor_columns(curvature, batch_size, samples), problem.model.num_params()
-        if columns >= size and damping + problem.l2 < FLOAT32_DENSE_MIN_DAMPING:
-            raise ValueError(f"{field}: {damping:g} is below {FLOAT32_DENSE_MIN_DAMPING:g}, where float32 loses the "
-                             f"direction of a dense solve: batch_size {batch_size} gives the {curvature} curvature "
-                             f"{columns} columns, at least {spec.task.name}'s {size} parameters; use float64, a "
-                             "larger damping or a smaller batch_size")
+        columns = problem.factor_columns(curvature, batch_size, samples)
+        shift = 0.0 if curvature == Curvature.EMPIRICAL else problem.l2  # (l2 enters the true Fisher only)
+        if 2 * columns >= size and damping + shift < FLOAT32_WIDE_BATCH_MIN_DAMPING:
+            raise ValueError(f"{field}: {damping:g} is below {FLOAT32_WIDE_BATCH_MIN_DAMPING:g}, where float32 loses "
+                             f"the direction of a wide batch: batch_size {batch_size} gives the {curvature} "
+                             f"curvature {columns} columns, at least half of {spec.task.name}'s {size} parameters; "
+                             "use float64, a larger damping or a smaller batch_size")
 
 
 def check_batch_size(task: Task, batch_size) -> None:
@@ -658,7 +662,7 @@ def run(task, optimizer, framework, device="cpu", dtype="float64", hyperparamete
     task = spec.task
     steps, batch_size, eval_every = _check_lengths(task, steps, batch_size, eval_every)
     cos_damping = _check_cos_damping(spec, cos_damping) if cos_ef_ngd else None
-    check_float32_dense_solves(spec, batch_size, cos_damping)
+    check_float32_wide_batches(spec, batch_size, cos_damping)
 
     data = task.load(seed)
     io = _IO[spec.framework](task.problem, spec.device, spec.dtype)

@@ -59,8 +59,8 @@ class Task:
     def load(self, seed: int = 0, dtype=np.float64) -> Dataset:
         """Train (and test, or None) arrays; floating arrays in `dtype`, integer labels as int64.
         ValueError naming the split where a categorical task's labels are not its classes' indices:
-        torch's steps would stop at an index error, jax's (which cannot check on the device) would
-        step on with a one-hot of zeros."""
+        torch's steps would stop at an index error, and jax, which cannot check on the device, would
+        give a label out of range a NaN loss (a divergence at step 0), a negative one a wrong finite one."""
         train, test = self.loader(seed)
 
         def cast(split, name):
@@ -77,7 +77,7 @@ class Task:
     @property
     def classes(self) -> int | None:
         """Number of classes: categorical outputs, 2 for one Bernoulli output, else None."""
-        outputs = list(self.problem.model.output_shapes().values())[-1][0]
+        outputs = self.problem.model.num_outputs
         if self.problem.likelihood == Likelihood.CATEGORICAL:
             return outputs
         return 2 if self.problem.likelihood == Likelihood.BERNOULLI and outputs == 1 else None

@@ -28,7 +28,7 @@ def trained_point(task_name: str, adam_steps: int, batch_size: int, seed: int = 
 
     task = tasks.get_task(task_name)
     x, y = task.load(seed).train
-    rng = np.random.default_rng(seed)
+    rng = models.random_stream(seed, "batches")
     params = nt.to_torch(models.init_params(task.problem.model, seed))
     opt = nt.adam(task.problem, lr=1e-3)
     state = opt.init(params)
@@ -50,8 +50,12 @@ def directions(framework: str, problem, params, batch, dtype: str, damping: floa
     C = importlib.import_module(f"natgrad_impls.{framework}.curvature")
     convert = module.to_torch if framework == "torch" else module.to_jax
     x, y = batch
-    arrays = convert({"x": x}, dtype=dtype)["x"], convert({"y": y}, dtype="int64")["y"]
+    labels = "int64" if y.dtype.kind in "iu" else dtype  # (class indices, or targets in the outputs' dtype)
+    arrays = convert({"x": x}, dtype=dtype)["x"], convert({"y": y}, dtype=labels)["y"]
     _, grad, factor = C.gradient_and_curvature(problem, convert(params, dtype=dtype), arrays, Curvature.EXACT)
+    if problem.model.num_params() <= factor.num_columns:  # (the solve the step takes then: curvature.py)
+        raise SystemExit(f"--batch-size {len(x)} gives the factor {factor.num_columns} columns for "
+                         f"{problem.model.num_params()} parameters: a dense solve, neither push-through nor Woodbury")
     step, _ = C.precondition(problem, Curvature.EXACT, grad, factor, damping)
     woodbury = factor.multiply_inverse_layers(grad, damping)
     flat = lambda layers: models.flatten(problem.model, {k: np.asarray(v, np.float64) for k, v in _host(

@@ -180,7 +180,7 @@ def make_data(problem: models.Problem, n: int, seed: int = 0):
     """Random inputs and labels of the right kind for `problem` (float64 NumPy)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, *problem.model.input_shape))
-    k = list(problem.model.output_shapes().values())[-1][0]
+    k = problem.model.num_outputs
     if problem.likelihood == "gaussian":
         y = rng.normal(size=(n, k))
     elif problem.likelihood == "bernoulli":

@@ -929,6 +929,7 @@ def _script(name):
     return module
 
 
+@pytest.mark.slow
 def test_float32_directions_prints_the_step_against_woodbury(capsys):
     """scripts/float32_directions.py (the README's float32 NGD figures): a row per framework and damping,
     the step's direction within float32's reach of float64's where Woodbury's is off by its size."""
@@ -937,7 +938,7 @@ def test_float32_directions_prints_the_step_against_woodbury(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [row[:2] for row in rows] == [["torch", "1e-08"], ["jax", "1e-08"]]
     for _, _, step, woodbury in rows:
-        assert float(step) < 1e-4 < 0.1 < float(woodbury)
+        assert float(step) < 1e-3 < 0.1 < float(woodbury)  # (measured: at most 5e-5 against 9 to 13)
 
 
 def _step_cost_script():

@@ -195,10 +195,12 @@ def test_exact_ngd_solves_for_a_label_the_model_gives_probability_zero(impl, by_
 
 
 @pytest.mark.parametrize("curvature", list(Curvature))
-@pytest.mark.parametrize("name", ["linear-gaussian", "mlp-bernoulli", "cnn-categorical"])
+@pytest.mark.parametrize("name", ["linear-gaussian", "mlp-bernoulli", "cnn-categorical", "conv-last"])
 def test_problem_counts_the_factor_columns_a_batch_gives(impl, name, curvature):
-    """models.Problem.factor_columns (which the runner's float32 check reads) against the factor's."""
-    problem = PROBLEMS[name]
+    """models.Problem.factor_columns (which the runner's float32 check reads) against the factor's,
+    also for a model whose output is a flattened convolution's (12 outputs, not its 3 channels)."""
+    conv_last = models.Model((models.Conv2d(2, 3, 2), models.Flatten()), (2, 3, 3))
+    problem = models.Problem(conv_last, "categorical") if name == "conv-last" else PROBLEMS[name]
     _, _, _, factor = build(impl, problem, 5, curvature, samples=2)
     assert problem.factor_columns(curvature, 5, samples=2) == factor.num_columns
 

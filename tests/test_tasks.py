@@ -78,7 +78,7 @@ def test_offline_tasks_load(name):
                                              ([0, -1, 2], "labels from -1 to 2")])
 def test_a_categorical_task_with_labels_outside_its_classes_is_refused_at_load(labels, message):
     """A label of no class (a custom loader's 1-based labels, say): torch's step would stop at an
-    index error and jax's would step on with a one-hot of zeros; load names the split instead."""
+    index error and jax's give a NaN loss, or a wrong finite one; load names the split instead."""
     from natgrad_impls.tasks import Dataset, Split, Task
 
     problem = models.Problem(models.mlp((2, 4, 3), "tanh"), "categorical")

@@ -211,7 +211,8 @@ class FactorCurvature:
         K = lam / s^2 I + U^T U for both parts: push-through for U's span,
         (lam I + s^2 U U^T)^-1 U c = U K^-1 c / s^2, and Woodbury for the rest, (v - U K^-1 U^T v) / lam.
         The exact Fisher's gradient lies in its span: Woodbury alone would subtract two nearly equal
-        vectors and divide their round-off by lam (float32 on a trained MLP: 54% off at lam = 1e-5).
+        vectors and divide their round-off by lam (float32 on a trained MLP: 3% off at lam = 1e-5, 30
+        times the direction's size at 1e-8; scripts/float32_directions.py).
         U^T v = (V^T U)^T w can come out of one Gram product over V's and U's rows together,
         (1 + r) N x M, instead of a product of every layer's inputs with v: cheaper where
         r N sum(out) < sum(in' out) over Dense layers (MC at batches narrower than the input), the
