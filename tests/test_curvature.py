@@ -72,6 +72,25 @@ def test_exact_fisher_matches_jacobian_reference(impl, name):
     close(impl.numpy(factor.to_dense()), ref.fisher(problem, params, x, y))
 
 
+def test_kfac_takes_the_exact_fisher_without_its_gradients_coordinates(impl, monkeypatch):
+    """K-FAC needs the exact Fisher's columns alone: its steps skip the gradient's coordinates in
+    them (torch: 17 operators a step on the cost MLP), and the factor is the same without them."""
+    problem = PROBLEMS["mlp-categorical"]
+    x, y = make_data(problem, 6)
+    params, batch = impl.params(models.init_params(problem.model, 1)), impl.batch(x, y)
+    with_split = impl.curvature.gradient_and_curvature(problem, params, batch, Curvature.EXACT)[2]
+    without = impl.curvature.gradient_and_curvature(problem, params, batch, Curvature.EXACT, coordinates=False)[2]
+    assert with_split.coefficients is not None and without.coefficients is None and without.outside is None
+    np.testing.assert_array_equal(impl.numpy(without.to_dense()), impl.numpy(with_split.to_dense()))
+    asked = []
+    original = impl.curvature.gradient_and_curvature
+    monkeypatch.setattr(impl.curvature, "gradient_and_curvature",
+                        lambda *args, **kwargs: asked.append(kwargs.get("coordinates", True)) or original(*args, **kwargs))
+    opt = impl.module.kfac(problem, lr=0.1, damping=0.1, fisher="exact")
+    opt.step(params, opt.init(params), batch)
+    assert asked == [False]
+
+
 def test_exact_fisher_does_not_depend_on_samples(impl):
     """`samples` counts MC label draws. The exact Fisher draws none (the optimizers refuse samples > 1
     with it), yet the curvature builders take samples whatever the Fisher: given 3, the exact Fisher,
@@ -95,8 +114,7 @@ def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl
     p[3] = [0.5, 0.5, 0.0, 0.0, 0.0]
     problem = models.Problem(models.linear(3, k), "categorical")
     mean = impl.params({"p": p}, "float32")["p"]
-    _, labels = impl.batch(np.zeros(1), np.zeros(4, int))
-    root = impl.numpy(impl.module.model.fisher_factor(problem, mean, labels)[0]).astype(np.float64)
+    root = impl.numpy(impl.module.model.fisher_factor(problem, mean)[0]).astype(np.float64)
     assert root.shape == (k - 1, 4, k)
     expected = np.stack([np.diag(q) - np.outer(q, q) for q in p.astype(np.float32).astype(np.float64)])
     np.testing.assert_allclose(np.einsum("cnk,cnl->nkl", root, root), expected, rtol=0, atol=3e-7)
@@ -137,7 +155,7 @@ def test_fisher_factor_gives_the_residual_in_the_roots_columns(impl, likelihood,
     problem = models.Problem(models.linear(3, k), likelihood)
     mean = impl.params({"m": np.array(mean)}, dtype)["m"]
     _, y = impl.batch(np.zeros(1), np.array(labels), dtype)
-    root, alpha, actual = impl.module.model.fisher_factor(problem, mean, y)
+    root, (alpha, actual) = impl.module.model.fisher_factor(problem, mean, y)
     root, alpha = impl.numpy(root).astype(np.float64), impl.numpy(alpha).astype(np.float64)
     residual = impl.numpy(impl.module.model.residual(problem, mean, y)).astype(np.float64)
     np.testing.assert_array_equal(impl.numpy(actual), np.array(held[dtype], bool))

@@ -403,40 +403,42 @@ def _layer_gradient(inputs: dict, deltas0: dict, n: int) -> dict:
     }
 
 
-def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, key):
+def _cotangents(problem: Problem, f, y, curvature: Curvature, samples: int, key, coordinates: bool):
     """The 1 + r stacked output-space cotangents: the residual at the data's labels, then the
     Fisher's r: none (EF), the columns of Lambda^1/2 (exact) or residuals at sampled labels (MC);
-    and for the exact Fisher the residual's coordinates in those columns (`M.fisher_factor`),
-    else None. The predictive mean is computed once."""
+    and for the exact Fisher, where `coordinates`, the residual's coordinates in those columns
+    (`M.fisher_factor`), else None. The predictive mean is computed once."""
     mean = M.predictive_mean(problem, f)
     if curvature == Curvature.EMPIRICAL:
         return M.residual(problem, mean, y)[None], None
     if curvature == Curvature.EXACT:
-        root, alpha, held = M.fisher_factor(problem, mean, y)
-        return jnp.concatenate([M.residual(problem, mean, y)[None], root]), (alpha, held)
+        root, split = M.fisher_factor(problem, mean, y if coordinates else None)
+        return jnp.concatenate([M.residual(problem, mean, y)[None], root]), split
     # (one residual per label set, then concatenated: torch's single residual over the concatenated
     # labels compiled to a step 12% slower here, 784-1000-10 at batch 512 on the CPU)
     labels = M.sample_labels(problem, mean, samples, key)
     return jnp.concatenate([M.residual(problem, mean, y)[None], M.residual(problem, mean, labels)]), None
 
 
-def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, key=None):
+def gradient_and_curvature(problem: Problem, params: dict, batch, curvature: Curvature, samples=1, key=None,
+                           coordinates: bool = True):
     """Loss, gradient (as layer matrices, l2 included) and the FactorCurvature of one batch, from
     one forward and one backward pass over 1 + r stacked cotangents. `key` (a jax.random key)
-    drives the label sampler of the mc curvature and is ignored otherwise."""
+    drives the label sampler of the mc curvature and is ignored otherwise. coordinates=False: the
+    exact Fisher's factor without its gradient's coordinates (K-FAC, as torch's)."""
     x, y = batch
     n = x.shape[0]
     f, inputs, pullback = linearize(problem, params, x)
     M.check_targets(problem, f, y)  # (before the residuals, which would broadcast a y of the wrong shape)
-    cotangents, coordinates = _cotangents(problem, f, y, curvature, samples, key)
+    cotangents, split = _cotangents(problem, f, y, curvature, samples, key, coordinates)
     deltas = pullback(cotangents)
     if curvature == Curvature.EMPIRICAL:
         factor = FactorCurvature(problem.model, inputs, deltas, 1 / math.sqrt(n))
     else:
         draws = samples if curvature == Curvature.MC else 1
         coefficients = outside = None
-        if coordinates is not None:
-            alpha, held = coordinates
+        if split is not None:
+            alpha, held = split
             coefficients, outside = alpha / n, (~held).astype(f.dtype) / n
         factor_deltas = {k: d[1:] for k, d in deltas.items()}
         factor = FactorCurvature(problem.model, inputs, factor_deltas, 1 / math.sqrt(n * draws), problem.l2,

@@ -159,36 +159,42 @@ def residual(problem: Problem, mean: jax.Array, y: jax.Array) -> jax.Array:
     return mean - target(problem, y, mean)
 
 
-def fisher_factor(problem: Problem, mean: jax.Array, y: jax.Array):
+def fisher_factor(problem: Problem, mean: jax.Array, y: jax.Array | None = None):
     """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
-    from the predictive mean; and the residual at labels y in their columns, alpha (r x N) with
-    E_n alpha_n = residual_n, with where that holds (N booleans). As torch's
+    from the predictive mean; and, given labels y (None: K-FAC), the residual in their columns,
+    (alpha (r x N) with E_n alpha_n = residual_n, where that holds (N booleans)). As torch's
     (`natgrad_impls.torch.model.fisher_factor`, which derives the closed forms and the pivot)."""
     n, k = mean.shape
     eye = jnp.eye(k, dtype=mean.dtype)
     if problem.likelihood == Likelihood.GAUSSIAN:
-        return jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1), residual(problem, mean, y).T, jnp.ones(n, bool)
+        root = jnp.broadcast_to(eye, (n, k, k)).transpose(2, 0, 1)
+        return root, None if y is None else (residual(problem, mean, y).T, jnp.ones(n, bool))
     tiny = jnp.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        variance, r = mean * (1 - mean), residual(problem, mean, y)
-        scaled = variance >= tiny
-        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
+        variance = mean * (1 - mean)
         deviation = jnp.sqrt(variance)
-        alpha = jnp.where(scaled & held[:, None], r / deviation, 0.0)
-        return (deviation[:, :, None] * eye).transpose(2, 0, 1), alpha.T, held
+        root = (deviation[:, :, None] * eye).transpose(2, 0, 1)
+        if y is None:
+            return root, None
+        r, scaled = residual(problem, mean, y), variance >= tiny
+        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
+        return root, (jnp.where(scaled & held[:, None], r / deviation, 0.0).T, held)
     swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
-    y = jnp.take_along_axis(swap, y[:, None], 1)  # (the label's place in that order)
     root = jnp.sqrt(mean)
     last = root[:, -1:]
     scale = 1 / (1 + last)
     w = jnp.concatenate([mean[:, :-1] * scale, last], 1)
     factor = root[:, None, :-1] * eye[:, :-1] - w[:, :, None] * root[:, None, :-1]
+    factor = jnp.take_along_axis(factor, swap[:, :, None], 1).transpose(2, 0, 1)
+    if y is None:
+        return factor, None
+    y = jnp.take_along_axis(swap, y[:, None], 1)  # (the label's place in that order)
     label = jnp.take_along_axis(mean, y, 1)  # p_y, N x 1
     held = label[:, 0] >= tiny
     inverse = lax.rsqrt(label)
     alpha = root[:, :-1] * jnp.where(y == k - 1, inverse, scale) - target(problem, y[:, 0], mean)[:, :-1] * inverse
     alpha = jnp.where(held[:, None], alpha, 0.0)  # (NaN from 0 * inf where p_y = 0)
-    return jnp.take_along_axis(factor, swap[:, :, None], 1).transpose(2, 0, 1), alpha.T, held
+    return factor, (alpha.T, held)
 
 
 def _pivot_last(mean: jax.Array) -> tuple[jax.Array, jax.Array]:

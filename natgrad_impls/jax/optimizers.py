@@ -315,7 +315,8 @@ def _kfac_step(problem: Problem, h: hp.KFAC):
     @functools.partial(jax.jit, static_argnames="refresh")
     def compiled_step(params, state, batch, traced, refresh: bool):
         key = mc_sampler(traced["seed"], state.device_step) if curvature == Curvature.MC else None
-        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key)
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, key,
+                                                       coordinates=False)
         batch_factors = C.kronecker(factor)
         first = state.device_step == 0
         ema = lambda old, new: h.kfac_ema * old + (1 - h.kfac_ema) * new

@@ -153,11 +153,12 @@ def one_hot(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(shape).scatter_(-1, labels[..., None], 1.0)
 
 
-def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor):
+def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor | None = None):
     """Square roots E_n of the output-space Fishers, Lambda_n = E_n E_n^T, stacked as r x N x k,
-    from the predictive mean; and the residual at labels y in their columns, alpha (r x N) with
-    E_n alpha_n = residual_n, with where that holds (N booleans): the exact Fisher's gradient as
-    U alpha / N, which NGD solves for without cancellation (`FactorCurvature.multiply_inverse_mean`).
+    from the predictive mean; and, given labels y (None: K-FAC, which needs the root alone), the
+    residual in their columns, (alpha (r x N) with E_n alpha_n = residual_n, where that holds (N
+    booleans)): the exact Fisher's gradient as U alpha / N, which NGD solves for without
+    cancellation (`FactorCurvature.multiply_inverse_mean`).
 
     gaussian: E = I, alpha = r; bernoulli: E = diag(sqrt(s(1-s))), alpha = r / sqrt(s(1-s));
     categorical: Lambda = diag(p) - p p^T has rank k - 1 (Lambda 1 = 0), and so has the k x (k - 1)
@@ -176,28 +177,34 @@ def fisher_factor(problem: Problem, mean: torch.Tensor, y: torch.Tensor):
     n, k = mean.shape
     if problem.likelihood == Likelihood.GAUSSIAN:
         root = torch.eye(k, dtype=mean.dtype, device=mean.device).expand(n, k, k).permute(2, 0, 1)
-        return root, residual(problem, mean, y).T, torch.ones(n, dtype=torch.bool, device=mean.device)
+        held = torch.ones(n, dtype=torch.bool, device=mean.device)
+        return root, None if y is None else (residual(problem, mean, y).T, held)
     tiny = torch.finfo(mean.dtype).tiny
     if problem.likelihood == Likelihood.BERNOULLI:
-        variance, r = mean * (1 - mean), residual(problem, mean, y)
-        scaled = variance >= tiny
-        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
+        variance = mean * (1 - mean)
         deviation = variance.sqrt()
-        alpha = torch.where(scaled & held[:, None], r / deviation, 0.0)
-        return torch.diag_embed(deviation).permute(2, 0, 1), alpha.T, held
+        root = torch.diag_embed(deviation).permute(2, 0, 1)
+        if y is None:
+            return root, None
+        r, scaled = residual(problem, mean, y), variance >= tiny
+        held = (scaled | (r == 0)).all(-1)  # (a sigmoid rounded to its label: 0 = 0 alpha)
+        return root, (torch.where(scaled & held[:, None], r / deviation, 0.0).T, held)
     swap, mean = _pivot_last(mean)  # in the classes' order with q last; rows swapped back at the end
-    y = swap.gather(1, y[:, None])  # (the label's place in that order)
     root = mean.sqrt()
     last = root[:, -1:]
     scale = 1 / (1 + last)
     w = torch.cat([mean[:, :-1] * scale, last], 1)
     factor = torch.diag_embed(root)[:, :, :-1] - w[:, :, None] * root[:, None, :-1]
+    factor = factor.gather(1, swap[:, :, None].expand(n, k, k - 1)).permute(2, 0, 1)
+    if y is None:
+        return factor, None
+    y = swap.gather(1, y[:, None])  # (the label's place in that order)
     label = mean.gather(1, y)  # p_y, N x 1
     held = label[:, 0] >= tiny
     inverse = label.rsqrt()
     alpha = root[:, :-1] * torch.where(y == k - 1, inverse, scale) - one_hot(y[:, 0], mean)[:, :-1] * inverse
     alpha = torch.where(held[:, None], alpha, 0.0)  # (NaN from 0 * inf where p_y = 0)
-    return factor.gather(1, swap[:, :, None].expand(n, k, k - 1)).permute(2, 0, 1), alpha.T, held
+    return factor, (alpha.T, held)
 
 
 def _pivot_last(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

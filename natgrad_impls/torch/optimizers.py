@@ -189,7 +189,8 @@ def kfac(problem: Problem, lr: float, damping: float, kfac_update_period: int = 
 
     def step(params, state, batch):
         generator = mc_sampler(h.seed, state.step, batch[0].device) if curvature == Curvature.MC else None
-        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator)
+        value, grad, factor = C.gradient_and_curvature(problem, params, batch, curvature, h.samples, generator,
+                                                       coordinates=False)
         first = state.step == 0
         factors = C.kronecker(factor, 1.0 if first else 1 - h.kfac_ema)
         if not first:  # X <- ema X + (1 - ema) X_batch, in place (the batch's are fresh tensors)
