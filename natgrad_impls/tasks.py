@@ -67,7 +67,8 @@ class Task:
             if split is None:
                 return None
             y = split.y if split.y.dtype.kind in "iu" else split.y.astype(dtype, copy=False)
-            if self.problem.likelihood == Likelihood.CATEGORICAL and len(y) and (y.min() < 0 or y.max() >= self.classes):
+            categorical = self.problem.likelihood == Likelihood.CATEGORICAL
+            if categorical and len(y) and (y.min() < 0 or y.max() >= self.classes):
                 raise ValueError(f"{self.name} {name}: labels from {y.min()} to {y.max()}, not class indices "
                                  f"0 to {self.classes - 1}")
             return Split(np.ascontiguousarray(split.X, dtype=dtype), np.ascontiguousarray(y))

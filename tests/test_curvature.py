@@ -82,10 +82,13 @@ def test_kfac_takes_the_exact_fisher_without_its_gradients_coordinates(impl, mon
     without = impl.curvature.gradient_and_curvature(problem, params, batch, Curvature.EXACT, coordinates=False)[2]
     assert with_split.coefficients is not None and without.coefficients is None and without.outside is None
     np.testing.assert_array_equal(impl.numpy(without.to_dense()), impl.numpy(with_split.to_dense()))
-    asked = []
-    original = impl.curvature.gradient_and_curvature
-    monkeypatch.setattr(impl.curvature, "gradient_and_curvature",
-                        lambda *args, **kwargs: asked.append(kwargs.get("coordinates", True)) or original(*args, **kwargs))
+    asked, original = [], impl.curvature.gradient_and_curvature
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("coordinates", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(impl.curvature, "gradient_and_curvature", spy)
     opt = impl.module.kfac(problem, lr=0.1, damping=0.1, fisher="exact")
     opt.step(params, opt.init(params), batch)
     assert asked == [False]
