@@ -57,7 +57,7 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=GROUP + ["final_loss", "target_loss", "time_to_target_s"])
     objective, group, hp = _columns(frame)
-    frame = _with_last_step(frame, group, hp)
+    frame = _keyed(frame, group, hp)
     measured = frame[frame[objective].notna()]
     best = _best_settings(measured, group, hp, objective)
     # a setting that diverged on any seed sets no target (its median is one seed from blowing up), nor
@@ -67,7 +67,7 @@ def best_hyperparameters(runs: pd.DataFrame) -> pd.DataFrame:
     reliable = best[np.isfinite(best["final_loss"]) & ~best["diverged"].astype(bool) & improved]
     targets = reliable.groupby("task", observed=True)["final_loss"].max().rename("target_loss")
     best = best.merge(targets, on="task", how="left")
-    reach = _reach(measured, best, group, hp, objective)
+    reach = _reach(measured, best, group, objective)
     best = best.merge(reach, on=group, how="left")
     if "repeat" in runs.columns:
         best = _repeat_range(runs, best, group, objective)
@@ -88,10 +88,10 @@ def in_best_setting(runs: pd.DataFrame) -> pd.Series:
     `best_hyperparameters` lists, so that a figure draws the setting its table names."""
     frame = _runs(runs)
     objective, group, hp = _columns(frame)
-    frame = _with_last_step(frame, group, hp)
+    frame = _keyed(frame, group, hp)
     best = _best_settings(frame[frame[objective].notna()], group, hp, objective)
     chosen = pd.MultiIndex.from_frame(best[group + ["_setting"]])
-    ran = pd.MultiIndex.from_frame(frame[group].assign(_setting=setting_key(frame, hp)))
+    ran = pd.MultiIndex.from_frame(frame[group + ["_setting"]])
     return pd.Series(ran.isin(chosen), index=frame.index)
 
 
@@ -166,17 +166,20 @@ def setting_key(frame, hp) -> pd.Series:
     return pd.util.hash_pandas_object(frame[hp], index=False) if hp else pd.Series(0, index=frame.index)
 
 
-def _with_last_step(frame, group, hp) -> pd.DataFrame:
-    """`frame` with `_last_step`, each run's last recorded step over all of its rows: a network
-    run's objective is recorded at evaluations only, and two runs that diverged between the same
-    two evaluations would tie on their last objective row."""
-    runs = frame.assign(_setting=setting_key(frame, hp)).groupby(group + ["_setting", "seed"], observed=True)
+def _keyed(frame, group, hp) -> pd.DataFrame:
+    """`frame` with `_setting` (`setting_key`, hashed once for every use below) and `_last_step`,
+    each run's last recorded step over all of its rows: a network run's objective is recorded at
+    evaluations only, and two runs that diverged between the same two evaluations would tie on
+    their last objective row."""
+    frame = frame.assign(_setting=setting_key(frame, hp))
+    runs = frame.groupby(group + ["_setting", "seed"], observed=True)
     return frame.assign(_last_step=runs["step"].transform("max"))
 
 
 def _per_run(frame, group, hp, objective) -> pd.DataFrame:
-    """One row per run: its setting, final objective (inf when diverged), steps, test accuracy."""
-    frame = frame.assign(_setting=setting_key(frame, hp)).sort_values("step", kind="stable")
+    """One row per run of a `_keyed` frame: its setting, final objective (inf when diverged), steps,
+    test accuracy."""
+    frame = frame.sort_values("step", kind="stable")
     runs = frame.groupby(group + ["_setting", "seed"], observed=True, sort=False)
     out = runs.agg(final=(objective, "last"), steps=("step", "max"), diverged=("diverged", "any"),
                    last_step=("_last_step", "max"), **{h: (h, "first") for h in hp})
@@ -190,7 +193,7 @@ def _per_run(frame, group, hp, objective) -> pd.DataFrame:
 
 def _per_setting(per_run, group, hp) -> pd.DataFrame:
     """Median over seeds per setting (and the min..max), the number of seeds, diverged if any seed
-    did, and survived, the median of the seeds' last recorded steps (`_with_last_step`: a diverged
+    did, and survived, the median of the seeds' last recorded steps (`_keyed`: a diverged
     run's last before it blew up)."""
     settings = per_run.groupby(group + ["_setting"], observed=True, sort=False)
     out = settings.agg(final_loss=("final", "median"), final_loss_min=("final", "min"),
@@ -206,11 +209,11 @@ def _per_setting(per_run, group, hp) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _reach(measured, best, group, hp, objective) -> pd.DataFrame:
+def _reach(measured, best, group, objective) -> pd.DataFrame:
     """Median over the best setting's seeds of the first step (and time_s) at or below the target (a
-    seed that diverged too: where it got there first, as the captions say)."""
-    frame = measured.assign(_setting=setting_key(measured, hp)).merge(
-        best[group + ["_setting", "target_loss"]], on=group + ["_setting"])
+    seed that diverged too: where it got there first, as the captions say); `measured`: rows of a
+    `_keyed` frame."""
+    frame = measured.merge(best[group + ["_setting", "target_loss"]], on=group + ["_setting"])
     rows = []
     for key, group_rows in frame.groupby(group, observed=True, sort=False):
         steps, times = [], []
