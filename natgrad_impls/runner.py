@@ -398,7 +398,7 @@ class _TorchIO:
     def cosine(self, params, batch, damping):
         C, problem = self.C, self.problem
         _, grad, ef = C.gradient_and_curvature(problem, params, batch, Curvature.EMPIRICAL)
-        _, _, fisher = C.gradient_and_curvature(problem, params, batch, Curvature.EXACT)
+        _, _, fisher = C.gradient_and_curvature(problem, params, batch, Curvature.EXACT, gradient=False)  # EF's
         a, b, g = (C.flatten(problem.model, C.from_layers(problem.model, layers)) for layers in (
             *_cosine_directions(C, problem, grad, ef, fisher, damping), grad))
         norm = self.torch.linalg.vector_norm
