@@ -23,6 +23,7 @@ include: "workflow/rules/report.smk"
 
 share_jax_compilations()  # in the environment that every job inherits
 jax_allocates_on_demand()
+finds_its_own_tools()
 
 
 onstart:

@@ -38,6 +38,16 @@ def jax_allocates_on_demand():
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def finds_its_own_tools(search="PATH"):
+    """Shell jobs (`natgrad grid`) find the console scripts installed beside the Python that runs
+    Snakemake, not whatever an unactivated shell has first on its PATH (`.venv/bin/snakemake` run
+    directly: "natgrad: command not found"). Under `--sdm conda` a job's environment puts its own
+    bin/ first still. (PATH is not a setting of the workflow: no `envvars` for the linter.)"""
+    own, folders = os.path.dirname(sys.executable), os.environ.get(search, "")
+    if folders.split(os.pathsep)[0] != own:
+        os.environ[search] = os.pathsep.join([own, folders]) if folders else own
+
+
 def share_jax_compilations(directory=".cache/jax"):
     """One persistent jax compilation cache for every job (a setting of the environment wins). A jax
     run compiles its step, batching and evaluation programs, most of its time in a tuning or
