@@ -214,9 +214,14 @@ class Problem:
 KUNSTNER_LOGIT_CLIP = math.log((1 - 1e-8) / 1e-8)
 
 
-def check_inputs(x_dtype, param_dtype) -> None:
-    """A ValueError naming the batch's x where its dtype is not the parameters' (torch would stop at
-    the first product, jax would promote the step to float64 and return float64 parameters)."""
+def check_inputs(model: Model, x_shape, x_dtype=None, param_dtype=None) -> None:
+    """A ValueError naming the batch's x where its examples are not of the model's input_shape
+    (torch and jax stopped at the first product with an error about matrices), or its dtype is not
+    the parameters' (torch would stop there too, jax would promote the step to float64 and return
+    float64 parameters; not checked where a dtype is None: the numpy reference's float64 copy)."""
+    if tuple(x_shape[1:]) != tuple(model.input_shape):
+        expected = ", ".join(["N", *map(str, model.input_shape)])
+        raise ValueError(f"batch: x must be of shape ({expected}) for this model, not {tuple(x_shape)}")
     if x_dtype != param_dtype:
         raise ValueError(f"batch: x is {x_dtype} and the parameters are {param_dtype}: give them one dtype")
 

@@ -308,14 +308,19 @@ BAD_BATCHES = {  # likelihood, the parameters' dtype, the batch from a good one 
                                r"y must be integer .* not integer of \(8, 1\)"),
     "x in float64, params in float32": ("gaussian", "float32", lambda x, y: (x.astype("float64"), y),
                                         r"x is (torch\.)?float64 and the parameters are (torch\.)?float32"),
+    "x of another width": ("categorical", "float64", lambda x, y: (x[:, :2], y),
+                           r"x must be of shape \(N, 3\) for this model, not \(8, 2\)"),
+    "x with an extra axis": ("gaussian", "float64", lambda x, y: (x[:, None, :], y),
+                             r"x must be of shape \(N, 3\) for this model, not \(8, 1, 3\)"),
 }
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "ngd"])  # the loss alone, and the curvature's pass
 @pytest.mark.parametrize("bad", BAD_BATCHES)
 def test_a_step_names_what_is_wrong_with_its_batch(impl, bad, optimizer):
-    """A y that does not fit the outputs, or an x in another dtype than the parameters, stops the
-    step with a ValueError naming it: a gaussian y of (N,) broadcast against the outputs to an N x N
+    """A y that does not fit the outputs, or an x of another shape than the model's input or in
+    another dtype than the parameters, stops the step with a ValueError naming it (an x of another
+    width was torch's and jax's own error about matrices): a gaussian y of (N,) broadcast against the outputs to an N x N
     loss (193 for 1.56, and sgd ran on), jax took float32 parameters to float64, and its curvature
     refused a float64 y inside a VJP."""
     likelihood, dtype, spoil, message = BAD_BATCHES[bad]
@@ -327,6 +332,17 @@ def test_a_step_names_what_is_wrong_with_its_batch(impl, bad, optimizer):
     opt = getattr(impl.module, optimizer)(problem, lr=0.1, **({"damping": 0.1} if optimizer == "ngd" else {}))
     with pytest.raises(ValueError, match=f"^batch: {message}"):
         opt.step(params, opt.init(params), batch)
+
+
+def test_the_numpy_reference_names_an_x_of_another_width():
+    from natgrad_impls import numpy as nn
+
+    problem = models.Problem(models.linear(3), "gaussian")
+    x, y = make_data(problem, 8)
+    opt = nn.sgd(problem, lr=0.1)
+    params = models.init_params(problem.model, 0)
+    with pytest.raises(ValueError, match=r"^batch: x must be of shape \(N, 3\) for this model, not \(8, 4\)"):
+        opt.step(params, opt.init(params), (np.hstack([x, x[:, :1]]), y))
 
 
 @pytest.mark.parametrize("layer", ["dense2.bias", "conv0.bias"])

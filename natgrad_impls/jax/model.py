@@ -56,7 +56,7 @@ def forward(model: Model, params: dict, x: jax.Array, perturbations: dict | None
     """Model output, and {layer: input} of every parametric layer (Dense: N x in'; Conv2d: the
     unfolded patches N x T x in*k*k'; ' = with the bias column)."""
     model.check_params(params)
-    check_inputs(x.dtype, next(iter(params.values())).dtype)
+    check_inputs(model, x.shape, x.dtype, next(iter(params.values())).dtype)
     inputs = {}
     h = x
     for index, layer in enumerate(model.layers):

@@ -28,7 +28,7 @@ from scipy.special import expit
 
 from natgrad_impls import hyperparameters as hp
 from natgrad_impls.interface import FunctionalOptimizer, functional_optimizer
-from natgrad_impls.models import Dense, Problem, flatten, random_stream, unflatten
+from natgrad_impls.models import Dense, Problem, check_inputs, flatten, random_stream, unflatten
 from natgrad_impls.names import Fisher, Likelihood, parse
 
 
@@ -73,7 +73,8 @@ def _design(problem: Problem, batch) -> tuple[np.ndarray, np.ndarray]:
     x, y = batch
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
-    if x.ndim != 2 or y.shape[0] != x.shape[0]:
+    check_inputs(problem.model, x.shape)
+    if y.shape[0] != x.shape[0]:
         raise ValueError(f"batch: expected X (N, D) and y (N, 1), got {x.shape} and {np.shape(batch[1])}")
     z = np.hstack([x, np.ones((x.shape[0], 1))]) if problem.model.layers[0].bias else x
     return z, y

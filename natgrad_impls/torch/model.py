@@ -41,7 +41,7 @@ def forward(model: Model, params: dict, x: torch.Tensor, inputs: dict | None = N
     records the rest of the model from it and nothing before it. (Without them nothing is
     augmented or unfolded: the plain gradient, the unit of cost, does no more than it needs.)"""
     model.check_params(params)
-    check_inputs(x.dtype, next(iter(params.values())).dtype)
+    check_inputs(model, x.shape, x.dtype, next(iter(params.values())).dtype)
     h = x
     for index, layer in enumerate(model.layers):
         name = layer_name(index, layer)
