@@ -63,6 +63,7 @@ PAPER_DAMPINGS = (-10.0, 10.0, 41)
 CHAOS_NOISE = 1e-14
 CHAOS_TOLERANCE = 1e-8
 DEFAULT_REPEATS = 5
+MAX_ROWS = 2 * 10**7  # an optimizer's grid in memory: 20 paper grids' (9,881 runs x 101 steps), ~4 GB at its peak
 PROGRESS_EVERY_S = 30  # a line in a job log this often (a paper grid on a1a takes minutes per optimizer)
 WITH_DAMPING = tuple(o for o in Optimizer if "damping" in accepted(o))
 
@@ -83,6 +84,19 @@ def check_values(bounds, field: str) -> np.ndarray:
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{field}: {float(value)!r} (10**{float(exponent):g}) must be a finite number > 0")
     return values
+
+
+def check_size(optimizers, lrs, dampings, steps: int) -> None:
+    """A ValueError naming lrs (and dampings) where an optimizer's grid would record more than
+    MAX_ROWS rows (about 200 bytes each at its peak): it is computed and held in memory at once,
+    and a mistyped NUM would otherwise end in a MemoryError or the kernel's kill, minutes later."""
+    for optimizer in optimizers:
+        damped = optimizer in WITH_DAMPING
+        rows = int(lrs[2]) * (int(dampings[2]) if damped else 1) * (steps + 1)
+        if rows > MAX_ROWS:
+            fields = "lrs x dampings" if damped else "lrs"
+            raise ValueError(f"{fields}: {optimizer.value}'s grid would record {rows:,} rows ({fields} x (steps + 1)), "
+                             f"more than the {MAX_ROWS:,} one grid holds in memory: fewer values or steps")
 
 
 def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
@@ -727,19 +741,20 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     check_setting(task, framework, device, dtype)
     lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
     dampings = parse_bounds(dampings, "dampings") if isinstance(dampings, str) else tuple(dampings)
-    lr_ends, damping_ends = (check_values(b, f)[[0, -1]].tolist() for b, f in ((lrs, "lrs"), (dampings, "dampings")))
     steps = task.steps if steps is None else int(steps)
     if steps < 0:
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
+    check_size(optimizers, lrs, dampings, steps)
+    lr_ends, damping_ends = (check_values(b, f)[[0, -1]].tolist() for b, f in ((lrs, "lrs"), (dampings, "dampings")))
     if int(repeats) < 0:
         raise ValueError(f"repeats: {repeats!r} must be an integer >= 0")
     check_seed(seed)
     extra = dict(hyperparameters or {})
     for name in extra:
         if not any(name in accepted(o) for o in optimizers):
-            theirs = sorted({f for o in optimizers for f in accepted(o)} - {"lr", "damping"})
+            theirs = sorted({f for o in optimizers for f in accepted(o)} - {"lr", "damping", "seed"})
             raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
-                             f"(theirs: {', '.join(theirs)})")
+                             f"({'theirs beside lr and damping: ' + ', '.join(theirs) if theirs else 'lr and damping alone'})")
     for optimizer in optimizers:  # with the grid's own extremes, as `natgrad run` would check each run
         own = {k: v for k, v in extra.items() if k in accepted(optimizer)}
         for lr in lr_ends:

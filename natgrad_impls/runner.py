@@ -173,13 +173,13 @@ def make_hyperparameters(optimizer: Optimizer | str, values: dict, seed: int = 0
     names = accepted(optimizer)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name in names}
     values = {k: v for k, v in (values or {}).items() if v is not None}
+    listed = ", ".join(n for n in fields if n != "seed")  # (the seed is the run's unless given: not one to set)
     for name in values:
         if name not in fields:
-            raise ValueError(f"{name}: not a hyperparameter of {optimizer.value} (one of {', '.join(fields)})")
+            raise ValueError(f"{name}: not a hyperparameter of {optimizer.value} (one of {listed})")
     for name, field in fields.items():
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        if required and name not in values:  # (the seed is the run's unless given: not listed as one to set)
-            listed = ", ".join(n for n in fields if n != "seed")
+        if required and name not in values:
             raise ValueError(f"{name}: required by {optimizer.value} (its hyperparameters: {listed})")
     if "seed" in fields and "seed" not in values:
         values["seed"] = seed

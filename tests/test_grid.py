@@ -390,8 +390,24 @@ def test_validation_names_the_field():
         grid.validate("wine", "ngd", dampings="1:2")
     with pytest.raises(ValueError, match=r"^fisher: 'exakt' is not one of exact, mc$"):
         grid.validate("wine", "ngd", hyperparameters={"fisher": "exakt"})
-    with pytest.raises(ValueError, match=r"^fisher: not a hyperparameter of sgd, ef \(theirs: momentum\)$"):
+    with pytest.raises(ValueError, match=r"^fisher: not a hyperparameter of sgd, ef \(theirs beside lr and damping: "
+                                         r"momentum\)$"):
         grid.validate("wine", "sgd,ef", hyperparameters={"fisher": "mc"})
+    with pytest.raises(ValueError, match=r"^fisher: not a hyperparameter of ef \(lr and damping alone\)$"):
+        grid.validate("wine", "ef", hyperparameters={"fisher": "mc"})
+    with pytest.raises(ValueError, match=r"^momentum: not a hyperparameter of ngd \(theirs beside lr and damping: "
+                                         r"fisher, samples\)$"):  # (not the run's seed)
+        grid.validate("wine", "ngd", hyperparameters={"momentum": 0.5})
+
+
+def test_a_grid_too_large_to_hold_is_refused_before_anything_is_allocated():
+    """A mistyped NUM (1e8 lrs) ended in a MemoryError, or the kernel's kill, minutes later."""
+    with pytest.raises(ValueError, match=r"^lrs: sgd's grid would record 10,100,000,000 rows \(lrs x \(steps \+ 1\)\)"):
+        grid.validate("wine", "sgd", lrs="-3:0:100000000", steps=100)
+    with pytest.raises(ValueError, match=r"^lrs x dampings: ngd's grid would record 20,200,000 rows"):
+        grid.validate("wine", "sgd,ngd", lrs="-3:0:2000", dampings="-3:0:100", steps=100)
+    grid.validate("wine", "sgd", lrs="-3:0:198000", steps=100)  # 19,998,000 rows: at the limit
+    grid.validate("wine", "ngd", lrs=grid.PAPER_LRS, dampings=grid.PAPER_DAMPINGS, steps=100)  # the paper's
 
 
 def test_an_optimizer_without_a_batched_update_is_refused(monkeypatch):
