@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     *others, last = (o.value for o in Optimizer)
     run.add_argument("--optimizer", required=True, help=f"{', '.join(others)} or {last}")
     run.add_argument("--framework", required=True, help="numpy (convex tasks only), torch or jax")
-    _common(run, "the initial parameters (glorot), the mini-batch order, the MC labels")
+    _common(run, "the initial parameters (glorot; the convex tasks start at 0), the mini-batch order, the MC labels")
     run.add_argument("--lr", type=number, help=_hyperparameter_help("lr"))
     run.add_argument("--damping", type=number, help=_hyperparameter_help("damping"))
     for option, name, kind in EXTRA_HYPERPARAMETERS:
@@ -212,9 +212,18 @@ def cmd_run(args) -> int:
     _write(frame, out)
     last = frame.iloc[-1]
     state = "diverged" if last["diverged"] else "final"
-    print(f"{spec.task.name} {spec.optimizer.value} {spec.framework.value}: {state} loss {last['loss']:.6g} at step "
-          f"{int(last['step'])}, {last['time_s']:.3g} s of steps; wrote {len(frame)} rows to {out}")
+    print(f"{spec.task.name} {spec.optimizer.value} {spec.framework.value}: {state} {_objective(frame)}, "
+          f"{last['time_s']:.3g} s of steps; wrote {len(frame)} rows to {out}")
     return 0
+
+
+def _objective(frame) -> str:
+    """The last full-train loss where the run evaluated one (a mini-batch run: its `loss` is one
+    batch's), else the last `loss` (a full-batch run's objective), and its step."""
+    evaluated = frame.dropna(subset=["train_loss"]) if "train_loss" in frame.columns else frame.iloc[:0]
+    name = "train_loss" if len(evaluated) else "loss"
+    row = (evaluated if len(evaluated) else frame).iloc[-1]
+    return f"{name} {row[name]:.6g} at step {int(row['step'])}"
 
 
 def cmd_grid(args) -> int:

@@ -151,7 +151,7 @@ ARGUMENTS = {
     "eps": "added to the square root of the second moment (outside it), >= 0",
     "damping": "added to the curvature's diagonal, >= 0 (> 0 for kfac, whose factors are split by pi); 0 "
                "leaves ef's and ngd's curvature singular where it has fewer columns (examples, or examples x "
-               "outputs) than parameters, as a network's has: the step is NaN",
+               "outputs) than parameters, as a network's has: the step is NaN (`natgrad run` refuses it there)",
     "fisher": "exact (the output Fisher in closed form) or mc (labels drawn from the model)",
     "samples": "labels drawn per example when fisher is mc, >= 1",
     "seed": "seeds the mc label sampler (with the step), >= 0",

@@ -87,6 +87,22 @@ def test_run_in_process_with_hyperparameters(tmp_path, optimizer, extra, capsys)
     assert "wrote 4 rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("batch", [None, 10])
+def test_run_says_the_objective_it_ends_at(tmp_path, batch, capsys):
+    """A mini-batch run's last `loss` is one batch's (1e-8 on breastcancer, where the full-train loss
+    is 1.8): the summary says the last full-train loss it evaluated; a full-batch run's `loss` is it."""
+    out = tmp_path / "run.csv"
+    size = ["--batch-size", str(batch)] if batch else []
+    assert cli.main(["run", "--task", "breastcancer", "--optimizer", "sgd", "--framework", "numpy", "--lr", "0.1",
+                     *size, "--steps", "20", "--eval-every", "10", "--out", str(out)]) == 0
+    frame, said = results.read(out), capsys.readouterr().out
+    name = "train_loss" if batch else "loss"
+    value = frame.dropna(subset=[name])[name].iloc[-1]
+    assert f"final {name} {value:.6g} at step 20," in said
+    if batch:
+        assert f"{frame['loss'].iloc[-1]:.6g} at" not in said
+
+
 BAD = {
     "unknown task": (["run", "--task", "mnist9", "--optimizer", "sgd", "--framework", "torch", "--lr", "0.1"],
                      "task: 'mnist9' is not one of wine, breastcancer"),
