@@ -75,11 +75,26 @@ def main(argv=None) -> None:
     parser.add_argument("--dampings", default="1e-2,1e-3,1e-4,1e-5,1e-6,1e-8,1e-10,1e-14")
     parser.add_argument("--frameworks", default="torch,jax")
     args = parser.parse_args(argv)
+    from natgrad_impls import runner, tasks
+
+    networks = [name for name, task in tasks.TASKS.items() if not runner.is_convex(task)]
+    if args.task not in networks:
+        parser.error(f"--task: {args.task!r} is not a network task (one of {', '.join(networks)})")
+    try:
+        dampings = [float(d) for d in args.dampings.split(",")]
+    except ValueError:
+        dampings = []
+    if not dampings or not all(d > 0 for d in dampings):  # (NaN too)
+        parser.error(f"--dampings: {args.dampings!r} must be comma-separated numbers > 0")
+    if not {"torch", "jax"} >= set(args.frameworks.split(",")):
+        parser.error(f"--frameworks: {args.frameworks!r} must be torch, jax or both, comma-separated")
+    if args.adam_steps < 0 or args.batch_size < 1:
+        parser.error("--adam-steps must be >= 0 and --batch-size >= 1")
     problem, params, batch = trained_point(args.task, args.adam_steps, args.batch_size)
     print(f"{args.task} after {args.adam_steps} Adam steps; error of float32's direction against float64's")
     print(f"{'framework':>9} {'damping':>8} {'step':>9} {'woodbury':>9}")
     for framework in args.frameworks.split(","):
-        for damping in (float(d) for d in args.dampings.split(",")):
+        for damping in dampings:
             step64, woodbury64 = directions(framework, problem, params, batch, "float64", damping)
             step32, woodbury32 = directions(framework, problem, params, batch, "float32", damping)
             error = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)

@@ -216,6 +216,13 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",")
+    for task in tasks:
+        try:
+            grid.check_grid_task(get_task(task))
+        except (KeyError, ValueError) as error:
+            parser.error(f"--tasks: {error.args[0]}")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction: {args.fraction} must be in (0, 1]")
     rng = np.random.default_rng(args.seed)
     report = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "tasks": {}}
 

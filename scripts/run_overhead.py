@@ -65,6 +65,8 @@ def main(argv=None):
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads (default 1: stable timings on a shared machine; 0 = torch's default)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.torch_threads < 0:
+        parser.error("--repeats must be >= 1 and --torch-threads >= 0")
     if args.torch_threads:
         import torch
 

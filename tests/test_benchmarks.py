@@ -941,6 +941,21 @@ def test_float32_directions_prints_the_step_against_woodbury(capsys):
         assert float(step) < 1e-3 < 0.1 < float(woodbury)  # (measured: at most 5e-5 against 9 to 13)
 
 
+@pytest.mark.parametrize("script, argv, said", [
+    ("float32_directions", ["--task", "nope"], "--task: 'nope' is not a network task (one of digits-mlp,"),
+    ("float32_directions", ["--dampings", "1e-2,nan"], "--dampings: '1e-2,nan' must be comma-separated numbers > 0"),
+    ("float32_directions", ["--frameworks", "numpy"], "--frameworks: 'numpy' must be torch, jax or both"),
+    ("run_overhead", ["--repeats", "0"], "--repeats must be >= 1"),
+    ("grid_speed", ["--tasks", "digits-mlp"], "--tasks: task: 'digits-mlp' is not a full-batch convex task"),
+    ("grid_speed", ["--fraction", "-1"], "--fraction: -1.0 must be in (0, 1]"),
+])
+def test_the_scripts_name_a_bad_argument_before_any_work(script, argv, said, capsys):
+    """One line naming the option, exit 2 (a traceback, an empty min() or a silent run before)."""
+    with pytest.raises(SystemExit) as stopped:
+        _script(script).main(argv)
+    assert stopped.value.code == 2 and said in capsys.readouterr().err
+
+
 def _step_cost_script():
     """scripts/step_cost.py as a module."""
     return _script("step_cost")
