@@ -129,10 +129,11 @@ def test_categorical_fisher_root_has_rank_many_columns_and_holds_in_float32(impl
 # 1e-40 is subnormal in float32, where it counts as 0)
 COORDINATE_CASES = {
     "gaussian": ([[0.3, -2.0], [1e3, 4.0]], [[1.0, 0.5], [-1e3, 4.0]], {"float64": [1, 1], "float32": [1, 1]}),
-    "bernoulli": (  # (a sigmoid rounded to 1 at a label of 1: held, at 0: not)
-        [[0.3, 0.8], [1e-6, 1 - 1e-6], [1.0, 0.5], [1.0, 0.5], [0.0, 0.5]],
-        [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
-        {"float64": [1, 1, 1, 0, 0], "float32": [1, 1, 1, 0, 0]},
+    "bernoulli": (  # (a sigmoid rounded to 1 at a label of 1: held, at 0: not; s (1 - s) = 1e-40 is
+        # a normal number in float64, not in float32)
+        [[0.3, 0.8], [1e-6, 1 - 1e-6], [1.0, 0.5], [1.0, 0.5], [0.0, 0.5], [1e-40, 0.5]],
+        [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]],
+        {"float64": [1, 1, 1, 0, 0, 1], "float32": [1, 1, 1, 0, 0, 0]},
     ),
     "categorical": (
         [[0.1, 0.2, 0.3, 0.4], [1 - 3e-7, 1e-7, 1e-7, 1e-7], [1e-7, 1e-7, 1e-7, 1 - 3e-7],
