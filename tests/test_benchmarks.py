@@ -1651,6 +1651,7 @@ def test_grid_speed_extrapolates_the_loop_to_the_grid_and_divides_by_the_grid(mo
     monkeypatch.setattr(grid_speed, "run_grid_process", lambda task, out: (2.0, 3.0, "sgd best\nngd best\nef best"))
     monkeypatch.setattr(grid_speed, "results", SimpleNamespace(read=lambda out: frame))
     monkeypatch.setattr(grid_speed, "get_task", lambda name: task)
+    monkeypatch.setattr(grid_speed.grid, "check_grid_task", lambda task: None)  # (a stand-in task)
     monkeypatch.setattr(grid_speed, "grid_points", points.get)
     monkeypatch.setattr(grid_speed, "paper_run", paper_run)
     assert grid_speed.main(["--tasks", "toy", "--fraction", "0.5", "--out", str(tmp_path / "speed.json")]) == 0
