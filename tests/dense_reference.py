@@ -1,8 +1,8 @@
 """Dense float64 references built with torch.func autograd alone: per-example gradients (vmap of
 grad), output Jacobians (jacrev) and the Hessian of the NLL with respect to the output. They share
 nothing with the layer-wise curvature code under test but the forward pass and the NLL, which
-tests/test_model.py checks against torch.nn separately (`torch_nn`, the same network in torch.nn
-modules)."""
+tests/test_model.py checks against torch.nn (`torch_nn`, the same network in torch.nn modules) and
+against the likelihoods written out here (`nll`, which `loss` uses)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,26 @@ def _setup(problem, params, x, y):
 
 
 def loss(problem, params, x, y) -> float:
-    p, x, y = _setup(problem, params, x, y)
-    return float(M.loss(problem, p, (x, y)))
+    """The mean NLL plus the l2 term, written out in NumPy from the model's outputs (the forward pass
+    is the one thing shared with the code under test)."""
+    p, xt, _ = _setup(problem, params, x, y)
+    f = M.output(problem.model, p, xt).numpy()
+    if problem.logit_clip is not None:  # (bernoulli only: the paper code's clip of the logits)
+        f = np.clip(f, -problem.logit_clip, problem.logit_clip)
+    penalty = 0.5 * problem.l2 * sum(float((np.asarray(v, np.float64) ** 2).sum()) for v in params.values())
+    return float(nll(problem.likelihood, f, np.asarray(y)).mean()) + penalty
+
+
+def nll(likelihood, f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example negative log-likelihood of outputs f (N x k), written out in float64 (no logit
+    clip): gaussian 0.5 |f - y|^2, bernoulli sum log(1 + e^f) - y f, categorical logsumexp(f) - f_y."""
+    f = np.asarray(f, np.float64)
+    if likelihood == "gaussian":
+        return 0.5 * ((f - y) ** 2).sum(-1)
+    if likelihood == "bernoulli":
+        return (np.logaddexp(0.0, f) - y * f).sum(-1)
+    top = f.max(-1)
+    return top + np.log(np.exp(f - top[:, None]).sum(-1)) - f[np.arange(len(f)), y]
 
 
 def loss_gradient(problem, params, x, y) -> np.ndarray:

@@ -49,8 +49,8 @@ def test_loss_value_matches_autograd_reference(impl, name):
     """The loss value (of the curvature pass and of `<framework>.loss`, which sgd and adam
     differentiate) against the dense reference's. The test above takes the gradient from closed-form
     residuals, which never read the NLL, and compares the two values with each other: an NLL averaged
-    over several outputs instead of summed (gaussian, bernoulli) passed it. (In torch the reference's
-    NLL is the one under test; tests/test_model.py checks that one against torch.nn.)"""
+    over several outputs instead of summed (gaussian, bernoulli) passed it. (The reference's NLL is
+    written out in NumPy, on the model's outputs.)"""
     problem = PROBLEMS[name]
     (x, y, params), value, _, _ = build(impl, problem, 9, Curvature.EMPIRICAL)
     expected = ref.loss(problem, params, x, y)
