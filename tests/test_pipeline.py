@@ -164,6 +164,8 @@ BAD_CONFIGS = {  # overlay, what the output must say (regexes), the field it mus
     "unquoted log10 bounds": ("convex:\n  dampings: -10:10:41\n",
                               [SCHEMA + r": config\['convex'\]\['dampings'\]: YAML read the unquoted value as the "
                                         r"number -36641; quote it \(log10 START:STOP:NUM"], "dampings"),
+    "a convex grid too large to hold": ("convex:\n  lrs: '-3:0:1000000'\n",
+                                        [r"config convex.lrs: sgd's grid would record 101,000,000 rows"], "lrs"),
     "log10 bounds beyond float64": ("convex:\n  dampings: '-400:0:3'\n",
                                     [r"config convex.dampings: 0.0 \(10\*\*-400\) must be a finite number > 0"],
                                     "dampings"),
