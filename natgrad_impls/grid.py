@@ -753,8 +753,8 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     for name in extra:
         if not any(name in accepted(o) for o in optimizers):
             theirs = sorted({f for o in optimizers for f in accepted(o)} - {"lr", "damping", "seed"})
-            raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} "
-                             f"({'theirs beside lr and damping: ' + ', '.join(theirs) if theirs else 'lr and damping alone'})")
+            said = f"theirs beside lr and damping: {', '.join(theirs)}" if theirs else "lr and damping alone"
+            raise ValueError(f"{name}: not a hyperparameter of {', '.join(o.value for o in optimizers)} ({said})")
     for optimizer in optimizers:  # with the grid's own extremes, as `natgrad run` would check each run
         own = {k: v for k, v in extra.items() if k in accepted(optimizer)}
         for lr in lr_ends:

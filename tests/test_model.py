@@ -316,10 +316,10 @@ BAD_BATCHES = {  # likelihood, the parameters' dtype, the batch from a good one 
 @pytest.mark.parametrize("bad", BAD_BATCHES)
 def test_a_step_names_what_is_wrong_with_its_batch(impl, bad, optimizer):
     """A y that does not fit the outputs, or an x of another shape than the model's input or in
-    another dtype than the parameters, stops the step with a ValueError naming it (an x of another
-    width was torch's and jax's own error about matrices): a gaussian y of (N,) broadcast against the outputs to an N x N
-    loss (193 for 1.56, and sgd ran on), jax took float32 parameters to float64, and its curvature
-    refused a float64 y inside a VJP."""
+    another dtype than the parameters, stops the step with a ValueError naming it: a gaussian y of
+    (N,) broadcast against the outputs to an N x N loss (193 for 1.56, and sgd ran on), jax took
+    float32 parameters to float64, and its curvature refused a float64 y inside a VJP; an x of
+    another width met torch's and jax's own errors about matrices."""
     likelihood, dtype, spoil, message = BAD_BATCHES[bad]
     problem = models.Problem(models.mlp((3, 4, 2 if likelihood != "categorical" else 3)), likelihood)
     x, y = make_data(problem, 8)

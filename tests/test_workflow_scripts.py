@@ -822,8 +822,9 @@ def test_on_a_cluster_data_figures_and_tables_run_where_snakemake_does(dags):
 
 
 COMPUTING_RULES = {"grid", "grid_logit_clip_none", "cos_along_best_ef", "toy", "tune", "train", "cost", "scaling"}
-COMPUTING_CODE = ("natgrad_impls/cli.py", "workflow/scripts/cos_along_best_ef.py", "workflow/scripts/toy.py",
-                  "workflow/scripts/train.py", "workflow/scripts/cost.py", "workflow/scripts/data.py")  # (grid: the CLI)
+COMPUTING_CODE = ("natgrad_impls/cli.py",  # (grid's)
+                  "workflow/scripts/cos_along_best_ef.py", "workflow/scripts/toy.py", "workflow/scripts/train.py",
+                  "workflow/scripts/cost.py", "workflow/scripts/data.py")
 PACKAGE = REPO / "natgrad_impls"
 
 
