@@ -99,6 +99,16 @@ def check_size(optimizers, lrs, dampings, steps: int) -> None:
                              f"more than the {MAX_ROWS:,} one grid holds in memory: fewer values or steps")
 
 
+def check_bounds(optimizers, lrs, dampings, steps: int):
+    """lrs and dampings ('START:STOP:NUM' or (start, stop, num)) as bounds tuples and their
+    logspaces, a ValueError naming the field where they do not parse, would make a grid too large
+    to hold (`check_size`, first: before a logspace is allocated) or leave float64 (`check_values`)."""
+    lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
+    dampings = parse_bounds(dampings, "dampings") if isinstance(dampings, str) else tuple(dampings)
+    check_size(optimizers, lrs, dampings, steps)
+    return lrs, dampings, check_values(lrs, "lrs"), check_values(dampings, "dampings")
+
+
 def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
     """'START:STOP:NUM' (log10 bounds) as a tuple, or a ValueError naming the field."""
     parts = str(text).split(":")
@@ -739,13 +749,11 @@ def validate(task, optimizers, framework="numpy", device="cpu", dtype="float64",
     task = resolve_task(task, variant, logit_clip)
     check_grid_task(task)
     check_setting(task, framework, device, dtype)
-    lrs = parse_bounds(lrs, "lrs") if isinstance(lrs, str) else tuple(lrs)
-    dampings = parse_bounds(dampings, "dampings") if isinstance(dampings, str) else tuple(dampings)
     steps = task.steps if steps is None else int(steps)
     if steps < 0:
         raise ValueError(f"steps: {steps!r} must be an integer >= 0")
-    check_size(optimizers, lrs, dampings, steps)
-    lr_ends, damping_ends = (check_values(b, f)[[0, -1]].tolist() for b, f in ((lrs, "lrs"), (dampings, "dampings")))
+    lrs, dampings, lr_values, damping_values = check_bounds(optimizers, lrs, dampings, steps)
+    lr_ends, damping_ends = (values[[0, -1]].tolist() for values in (lr_values, damping_values))
     if int(repeats) < 0:
         raise ValueError(f"repeats: {repeats!r} must be an integer >= 0")
     check_seed(seed)

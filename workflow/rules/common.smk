@@ -277,14 +277,11 @@ def check_grid_bounds():
     """convex.lrs and .dampings as `natgrad grid` will read them (both ends finite and > 0 in
     float64: "-400:0:3" matches the schema's pattern but starts at 0; a grid small enough to hold),
     before any job."""
-    from natgrad_impls.grid import check_size, check_values, parse_bounds
+    from natgrad_impls.grid import check_bounds
 
     c = config["convex"]
     try:
-        bounds = {field: parse_bounds(c[field], field) for field in ("lrs", "dampings")}
-        check_size([Optimizer(o) for o in config["optimizers"]], bounds["lrs"], bounds["dampings"], c["steps"])
-        for field, values in bounds.items():
-            check_values(values, field)
+        check_bounds([Optimizer(o) for o in config["optimizers"]], c["lrs"], c["dampings"], c["steps"])
     except ValueError as error:
         raise ValueError(f"config convex.{error}") from None
 
