@@ -892,6 +892,12 @@ def test_where_every_setting_diverged_the_best_is_the_one_that_lasted_longest():
                                  diverged=True))
     for order in ((evaluated(0.01, 39), evaluated(1.0, 25)), (evaluated(1.0, 25), evaluated(0.01, 39))):
         assert tables.best_hyperparameters(pd.concat(order, ignore_index=True)).lr.tolist() == [0.01]
+    # over seeds, the median of their last steps: lr 0.01's seeds last to steps 10, 30 and 30 (one blew
+    # up earliest of all), lr 1's to 20 each
+    lasted = hand_runs([[4.0, 900.0], [4.0, 2.0, 1.0, 900.0], [4.0, 2.0, 1.0, 900.0]], lr=0.01, diverged=(0, 1, 2))
+    short = hand_runs([[4.0, 2.0, 900.0]] * 3, lr=1.0, diverged=(0, 1, 2))
+    for order in ((lasted, short), (short, lasted)):
+        assert tables.best_hyperparameters(pd.concat(order, ignore_index=True)).lr.tolist() == [0.01]
 
 
 def test_a_best_setting_that_ends_above_its_start_sets_no_target():
@@ -903,6 +909,24 @@ def test_a_best_setting_that_ends_above_its_start_sets_no_target():
     assert table.loc["kfac", "steps_to_target"] == 20 and pd.isna(table.loc["sgd", "steps_to_target"])
     alone = tables.best_hyperparameters(hand_runs([[4.0, 5.0, 6.0]]))  # nothing improved: no target at all
     assert "target_loss" not in alone.columns or alone.target_loss.isna().all()
+    level = pd.concat([hand_runs([[4.0, 4.0, 4.0]]), hand_runs([[4.0, 1.0, 0.5]], optimizer="kfac")])
+    table = tables.best_hyperparameters(level).set_index("optimizer")  # ending at the start improved nothing
+    assert table.target_loss.tolist() == [0.5, 0.5] and pd.isna(table.loc["sgd", "steps_to_target"])
+
+
+def test_improvement_is_judged_against_the_median_start():
+    """The start a setting must end below is the median over the seeds' step-0 losses (4 of 2, 4, 4):
+    sgd ends at 3 on every seed, below 4, and sets the target (3), although seed 0 started at 2."""
+    starts = [2.0, 4.0, 4.0]
+    frame = pd.concat([hand_runs([[start, 3.0, 3.0] for start in starts]),
+                       hand_runs([[start, 1.0, 0.5] for start in starts], optimizer="kfac")])
+    assert tables.best_hyperparameters(frame).target_loss.tolist() == [3.0, 3.0]
+
+
+def test_the_final_loss_and_its_range_are_the_median_min_and_max_over_seeds():
+    """Three seeds ending at 0.5, 0.9 and 0.6: final loss 0.6, range 0.5 to 0.9, seeds 3."""
+    row = tables.best_hyperparameters(hand_runs([[4.0, 1.0, 0.5], [4.0, 1.0, 0.9], [4.0, 1.0, 0.6]])).iloc[0]
+    assert (row.final_loss_min, row.final_loss, row.final_loss_max, row.seeds) == (0.5, 0.6, 0.9, 3)
 
 
 def test_a_grid_best_run_is_its_repeat_0_and_its_chaos_repeats_only_span_its_range():
@@ -1015,6 +1039,31 @@ def test_summary_ranks_each_place_apart_diverged_last_and_ties_to_round_off_toge
     assert repeated.index.has_duplicates
     ranks = tables.summary(repeated).set_index("optimizer")["rank"].to_dict()
     assert ranks == {"ngd": 1, "adam": 2, "ef": 3, "sgd": 4}, ranks
+    # a tie is judged from its smallest value, not link by link: kfac is 0.6e-9 above ef, 1.2e-9 above ngd
+    chain = best_rows("wine", "torch", {"ngd": 1.0, "ef": 1.0 + 0.6e-9, "kfac": 1.0 + 1.2e-9}, dtype="float64")
+    assert tables.summary(chain).set_index("optimizer")["rank"].to_dict() == {"ngd": 1, "ef": 1, "kfac": 3}
+    # float32 and float64 runs of one framework are ranked apart
+    dtypes = pd.concat([best_rows("wine", "torch", {"sgd": 0.1, "ngd": 0.2}, dtype="float64"),
+                        best_rows("wine", "torch", {"sgd": 0.4, "ngd": 0.3}, dtype="float32")], ignore_index=True)
+    table = tables.summary(dtypes).set_index(["dtype", "optimizer"])
+    assert table["rank"].to_dict() == {("float64", "sgd"): 1, ("float64", "ngd"): 2, ("float32", "ngd"): 1,
+                                       ("float32", "sgd"): 2}
+    assert table.loc[("float32", "sgd"), "loss_over_best"] == pytest.approx(4 / 3)
+
+
+def test_summary_keeps_the_best_tables_columns_with_their_optimizer():
+    """Steps and time to target, test accuracy and the chaos flag come through, each on its own row."""
+    best = best_rows("digits-mlp", "torch", {"sgd": 0.2, "kfac": 0.1}, steps_to_target=[50, 20],
+                     time_to_target_s=[1.5, 0.4], final_test_accuracy=[0.9, 0.95], chaotic=[False, True])
+    table = tables.summary(best)
+    assert list(table.columns) == ["task", "framework", "device", "dtype", "optimizer", "rank", "final_loss",
+                                   "loss_over_best", "steps_to_target", "time_to_target_s", "final_test_accuracy",
+                                   "diverged", "chaotic"]
+    table = table.set_index("optimizer")
+    assert table["steps_to_target"].to_dict() == {"kfac": 20, "sgd": 50}
+    assert table["time_to_target_s"].to_dict() == {"kfac": 0.4, "sgd": 1.5}
+    assert table["final_test_accuracy"].to_dict() == {"kfac": 0.95, "sgd": 0.9}
+    assert table["chaotic"].to_dict() == {"kfac": True, "sgd": False}
 
 
 def test_summary_gives_each_best_setting_the_cost_of_the_step_it_ran():
