@@ -603,6 +603,20 @@ def test_alternating_medians_warm_up_then_sample_in_turn(clock):
     assert log == expected
 
 
+def test_a_sample_lasts_at_least_min_sample_s(clock):
+    """Calls of 3 ms with samples of at least 4 ms: two calls a sample (6 ms), not one (3 ms); after
+    the warm-up's single call, 3 samples of 2 calls."""
+    ms, calls = 2.0**-10, []
+
+    def call():
+        clock[0] += 3 * ms
+        calls.append(1)
+
+    medians = timing.alternating_medians([timing.Timed(call, lambda out: None)], repeats=3, warmup=0, warmup_s=0,
+                                         min_sample_s=4 * ms)
+    assert medians == [3 * ms] and len(calls) == 1 + 3 * 2
+
+
 def test_alternating_medians_time_each_call_in_a_row_not_in_the_wake_of_another(clock):
     """A clock on which the two gradients after a long step cost 3 times their 1 ms (as jax's after
     an exact-NGD step did): sampled right after the step, the gradient would come out at 3 ms;

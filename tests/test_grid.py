@@ -226,6 +226,22 @@ def test_a_chaotic_best_run_prints_bounds_that_differ():
                      True, 3.6e-7)
     low, high = re.search(r"end between (\S+) and (\S+) ", best.describe()).groups()
     assert low != high and float(low) == pytest.approx(7.709684 - 0.1e-6, rel=1e-9)
+    # the bounds span the best run's own loss too (1, below both repeats), as the spread does
+    best = grid.Best("ef", 0.1, 1e-10, 1.0, 100, False, np.array([1.5, 1.25]), True, 0.5)
+    bounds = re.search(r"end between (\S+) and (\S+) ", best.describe()).groups()
+    assert tuple(map(float, bounds)) == (1.0, 1.5)
+
+
+def test_a_grid_whose_best_setting_is_among_nan_runs_picks_the_finite_one():
+    """NGD on an exactly singular Z^T Z: damping 1e-300 ends in NaN, damping 1 at a finite loss. The
+    best is the finite run, neither a NaN nor no best at all."""
+    result = grid.run_grid(singular_task(), ["ngd"], "torch", lrs=(0, 0, 1), dampings=(-300, 0, 2), steps=5,
+                           repeats=0, progress=False)
+    ends = result.frame.groupby("damping")["loss"].agg(lambda loss: loss.iloc[-1])
+    assert ends.isna().to_dict() == {1e-300: True, 1.0: False}
+    [best] = result.best
+    assert best.damping == 1.0 and math.isfinite(best.loss) and not best.diverged
+    assert set(result.frame.loc[result.frame["best"], "damping"]) == {1.0}
 
 
 def test_a_grid_stopped_part_way_resumes_at_its_next_optimizer(tmp_path, monkeypatch):
@@ -406,7 +422,7 @@ def test_a_grid_too_large_to_hold_is_refused_before_anything_is_allocated():
         grid.validate("wine", "sgd", lrs="-3:0:100000000", steps=100)
     with pytest.raises(ValueError, match=r"^lrs x dampings: ngd's grid would record 20,200,000 rows"):
         grid.validate("wine", "sgd,ngd", lrs="-3:0:2000", dampings="-3:0:100", steps=100)
-    grid.validate("wine", "sgd", lrs="-3:0:198000", steps=100)  # 19,998,000 rows: at the limit
+    grid.validate("wine", "sgd", lrs="-3:0:200000", steps=99)  # 20,000,000 rows: the limit itself
     grid.validate("wine", "ngd", lrs=grid.PAPER_LRS, dampings=grid.PAPER_DAMPINGS, steps=100)  # the paper's
 
 

@@ -263,6 +263,7 @@ def test_a_csv_result_has_the_frames_columns_and_no_index(tmp_path):
     path = results.write(frame, tmp_path / "run.csv")
     assert path.read_text().splitlines()[0] == "task,step,loss"
     pd.testing.assert_frame_equal(pd.read_csv(path), frame)
+    pd.testing.assert_frame_equal(results.read(results.write(frame, tmp_path / "RUN.CSV")), frame)  # any case
 
 
 @pytest.mark.parametrize("task, written", [("digits-mlp", "128"), ("wine", "")])
