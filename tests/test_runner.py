@@ -88,6 +88,13 @@ def test_smoke(task, optimizer, framework):
         assert (frame["batch_size"] == TASKS[task].batch_size).all()
 
 
+def test_a_run_without_steps_takes_its_tasks_default():
+    """steps omitted (`natgrad run` without --steps): the task's own number, wine's 100, so rows 0 to 100."""
+    frame = runner.run("wine", "ngd", "numpy", hyperparameters={"lr": 1.0, "damping": 1e-3}, progress=False)
+    assert TASKS["wine"].steps == 100 and frame["step"].tolist() == list(range(101))
+    assert not frame["diverged"].any()
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_divergence_stops_and_marks_the_run(framework):
     frame = runner.run("wine", "sgd", framework, hyperparameters={"lr": 1.0}, steps=50, progress=False)
