@@ -22,6 +22,7 @@ from conftest import PROBLEMS, JaxImpl, TorchImpl, every_optimizer, jax_compiles
 from natgrad_impls import hyperparameters, make_optimizer, models
 from natgrad_impls.names import Curvature, Optimizer
 from natgrad_impls.runner import accepted
+from natgrad_impls.tasks import TASKS
 
 PROBLEM = PROBLEMS["mlp-categorical"]
 jax.config.update("jax_enable_x64", True)  # optax references in float64
@@ -221,6 +222,16 @@ def test_mc_labels_of_neighbouring_seeds_are_not_one_step_apart(impl, optimizer,
     seven_at_1 = impl.numpy(seven.step(params, step1, batch)[0])
     eight_at_0 = impl.numpy(eight.step(params, eight.init(params), batch)[0])
     assert max(np.abs(seven_at_1[k] - eight_at_0[k]).max() for k in seven_at_1) > 1e-6
+
+
+def test_torch_mc_samplers_of_ten_seeds_over_the_longest_task_never_coincide():
+    """The test above compares neighbouring seeds one step apart; a stride of 1,003 between seeds would
+    pass it and give seed 1 at step 0 seed 0's labels at step 1,003, inside a run of the longest task."""
+    from natgrad_impls.torch.optimizers import mc_sampler
+
+    steps = max(task.steps for task in TASKS.values())
+    seeds = {mc_sampler(seed, step, "cpu").initial_seed() for seed in range(10) for step in range(steps + 1)}
+    assert len(seeds) == 10 * (steps + 1)
 
 
 def test_kfac_mc_factors_average_over_samples(impl):
