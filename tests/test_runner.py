@@ -772,6 +772,10 @@ def test_bernoulli_accuracy_is_the_sign_of_the_logit(framework, monkeypatch):
     for name, (x, y) in zip(("train", "test"), task.load(2)):
         expected = [np.mean((x @ t["dense0.weight"].T + t["dense0.bias"] > 0) == (y == 1)) for t in thetas]
         np.testing.assert_allclose(frame[f"{name}_accuracy"], expected, rtol=0, atol=1e-15, err_msg=name)
+    # from theta0 = 0, the convex tasks' start, every logit is exactly 0: not > 0, so class 0 everywhere
+    start = runner.run(task, "sgd", framework, hyperparameters={"lr": 0.0}, steps=0, progress=False)
+    for name, (x, y) in zip(("train", "test"), task.load(0)):
+        assert start[f"{name}_accuracy"].iloc[0] == np.mean(y == 0), name
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
