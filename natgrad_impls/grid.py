@@ -612,7 +612,7 @@ def _chunk(model, be, optimizer, h, lr, damping, theta0, steps, seed) -> Traject
         out.loss[live, k] = values[active]
         out.grad_norm[live, k] = norms[active]
         out.time_s[live, k] = elapsed[live]
-        bad = active & ~(values <= DIVERGENCE_FACTOR * initial)  # NaN-safe
+        bad = active & ~(np.isfinite(values) & (values <= DIVERGENCE_FACTOR * initial))  # NaN; inf, at step 0 too
         if bad.any():
             out.last[rows[bad]], out.diverged[rows[bad]] = k, True
             active &= ~bad

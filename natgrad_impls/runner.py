@@ -834,7 +834,7 @@ def _fetch(io, pending, loss, grad_norm, initial):
         loss[j], grad_norm[j] = io.scalars(info)
         if j == 0:
             initial = loss[0]
-        if not loss[j] <= DIVERGENCE_FACTOR * initial:  # also catches NaN
+        if not (math.isfinite(loss[j]) and loss[j] <= DIVERGENCE_FACTOR * initial):  # NaN; inf, at step 0 too
             found = j
             break
     pending.clear()

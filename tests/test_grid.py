@@ -747,6 +747,23 @@ def test_a_grid_of_no_points_is_refused():
         grid.validate("wine", "sgd", lrs="0:1:0")
 
 
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_a_run_whose_first_loss_overflows_diverges_at_step_0(framework):
+    """Targets of 1e200: the squared error at theta0 = 0 overflows to inf, and inf <= 100 x inf held, so
+    such a run never counted as diverged. The runner and the grid stop it at step 0."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    x = np.linspace(-1, 1, 20)[:, None]
+    data = Dataset(Split(x, np.full((20, 1), 1e200)), None)
+    task = Task("overflow", models.Problem(models.linear(1, 1), "gaussian"), True, "test", 20, None, 10,
+                lambda seed: data)
+    run = runner.run(task, "sgd", framework, hyperparameters={"lr": 1e-3}, steps=5, progress=False)
+    result = grid.run_grid(task, ["sgd"], framework, lrs=(-3, -3, 1), steps=5, repeats=0, progress=False)
+    for frame in (run, result.frame):
+        assert frame["step"].tolist() == [0] and frame["diverged"].all() and np.isposinf(frame["loss"]).all()
+    assert result.best == []
+
+
 def test_an_optimizer_with_no_finite_run_has_no_best():
     """Every ngd run of the singular task fails its solve (NaN after step 0, as the test above shows):
     there is no best run to report or repeat, and on_done hears None."""
