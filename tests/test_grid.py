@@ -747,6 +747,16 @@ def test_a_grid_of_no_points_is_refused():
         grid.validate("wine", "sgd", lrs="0:1:0")
 
 
+def test_an_optimizer_with_no_finite_run_has_no_best():
+    """Every ngd run of the singular task fails its solve (NaN after step 0, as the test above shows):
+    there is no best run to report or repeat, and on_done hears None."""
+    done = []
+    result = grid.run_grid(singular_task(), ["ngd"], "torch", lrs=(0, 0, 1), dampings=(-300, -300, 1), steps=3,
+                           repeats=2, progress=False, on_done=lambda o, b, s: done.append(b))
+    assert result.best == [] and done == [None]
+    assert (result.frame["repeat"] == 0).all() and not result.frame["best"].any()
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_a_run_whose_first_loss_overflows_diverges_at_step_0(framework):
     """Targets of 1e200: the squared error at theta0 = 0 overflows to inf, and inf <= 100 x inf held, so
@@ -762,16 +772,6 @@ def test_a_run_whose_first_loss_overflows_diverges_at_step_0(framework):
     for frame in (run, result.frame):
         assert frame["step"].tolist() == [0] and frame["diverged"].all() and np.isposinf(frame["loss"]).all()
     assert result.best == []
-
-
-def test_an_optimizer_with_no_finite_run_has_no_best():
-    """Every ngd run of the singular task fails its solve (NaN after step 0, as the test above shows):
-    there is no best run to report or repeat, and on_done hears None."""
-    done = []
-    result = grid.run_grid(singular_task(), ["ngd"], "torch", lrs=(0, 0, 1), dampings=(-300, -300, 1), steps=3,
-                           repeats=2, progress=False, on_done=lambda o, b, s: done.append(b))
-    assert result.best == [] and done == [None]
-    assert (result.frame["repeat"] == 0).all() and not result.frame["best"].any()
 
 
 def test_a_grid_of_zero_steps_records_the_start():
