@@ -53,7 +53,7 @@ from natgrad_impls import models, results
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.numpy import reference
 from natgrad_impls.runner import (
-    DIVERGENCE_FACTOR, accepted, check_seed, checkpoint_path, code_version, hyperparameter_columns, is_convex,
+    accepted, check_seed, checkpoint_path, code_version, diverged, hyperparameter_columns, is_convex,
     make_hyperparameters, ordered_columns, progress_bar, resolve_task, check_setting, task_columns, usable_cores,
 )
 from natgrad_impls.timing import device_name
@@ -612,7 +612,7 @@ def _chunk(model, be, optimizer, h, lr, damping, theta0, steps, seed) -> Traject
         out.loss[live, k] = values[active]
         out.grad_norm[live, k] = norms[active]
         out.time_s[live, k] = elapsed[live]
-        bad = active & ~(np.isfinite(values) & (values <= DIVERGENCE_FACTOR * initial))  # NaN; inf, at step 0 too
+        bad = active & diverged(values, initial)
         if bad.any():
             out.last[rows[bad]], out.diverged[rows[bad]] = k, True
             active &= ~bad

@@ -826,6 +826,12 @@ def warm_up(io, opt, params, state, batch) -> None:
     io.sync(warm[0])
 
 
+def diverged(loss, initial):
+    """DESIGN 4's rule, for a loss or an array of them (the grid's runs): above DIVERGENCE_FACTOR x the
+    initial loss, or NaN/inf (at step 0 too: an initial inf would otherwise bound nothing)."""
+    return ~(np.isfinite(loss) & (loss <= DIVERGENCE_FACTOR * initial))
+
+
 def _fetch(io, pending, loss, grad_norm, initial):
     """Record the pending steps' loss and gradient norm; the first step that diverged (loss above
     100 x the first one, or NaN/inf) or None, and the first loss."""
@@ -834,7 +840,7 @@ def _fetch(io, pending, loss, grad_norm, initial):
         loss[j], grad_norm[j] = io.scalars(info)
         if j == 0:
             initial = loss[0]
-        if not (math.isfinite(loss[j]) and loss[j] <= DIVERGENCE_FACTOR * initial):  # NaN; inf, at step 0 too
+        if diverged(loss[j], initial):
             found = j
             break
     pending.clear()
