@@ -224,6 +224,16 @@ def singular_task():
     return Task("singular", problem, True, "test", 20, None, 10, lambda seed: data)
 
 
+def overflowing_task():
+    """A linear regression to targets of 1e200: the squared error at theta0 = 0 overflows to inf."""
+    from natgrad_impls.tasks import Dataset, Split, Task
+
+    x = np.linspace(-1, 1, 20)[:, None]
+    data = Dataset(Split(x, np.full((20, 1), 1e200)), None)
+    problem = models.Problem(models.linear(1, 1), "gaussian")
+    return Task("overflow", problem, True, "test", 20, None, 10, lambda seed: data)
+
+
 def underdetermined_task():
     """3 examples of 5 random inputs: every curvature of the 5 weights has rank <= 3, singular without
     damping, yet LU's pivots, perturbed by round-off, are not exactly 0."""

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import singular_task
+from conftest import overflowing_task, singular_task
 from natgrad_impls import cli, grid, models, results, runner
 from natgrad_impls.names import Optimizer
 from natgrad_impls.tasks import get_task
@@ -759,14 +759,9 @@ def test_an_optimizer_with_no_finite_run_has_no_best():
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_a_run_whose_first_loss_overflows_diverges_at_step_0(framework):
-    """Targets of 1e200: the squared error at theta0 = 0 overflows to inf, and inf <= 100 x inf held, so
-    such a run never counted as diverged. The runner and the grid stop it at step 0."""
-    from natgrad_impls.tasks import Dataset, Split, Task
-
-    x = np.linspace(-1, 1, 20)[:, None]
-    data = Dataset(Split(x, np.full((20, 1), 1e200)), None)
-    task = Task("overflow", models.Problem(models.linear(1, 1), "gaussian"), True, "test", 20, None, 10,
-                lambda seed: data)
+    """The first loss is inf, and inf <= 100 x inf held, so such a run never counted as diverged. The
+    runner and the grid stop it at step 0."""
+    task = overflowing_task()
     run = runner.run(task, "sgd", framework, hyperparameters={"lr": 1e-3}, steps=5, progress=False)
     result = grid.run_grid(task, ["sgd"], framework, lrs=(-3, -3, 1), steps=5, repeats=0, progress=False)
     for frame in (run, result.frame):
