@@ -234,12 +234,12 @@ def overflowing_task():
     return Task("overflow", problem, True, "test", 20, None, 10, lambda seed: data)
 
 
-def underdetermined_task():
+def underdetermined_task(examples: int = 3):
     """3 examples of 5 random inputs: every curvature of the 5 weights has rank <= 3, singular without
-    damping, yet LU's pivots, perturbed by round-off, are not exactly 0."""
+    damping, yet LU's pivots, perturbed by round-off, are not exactly 0 (5 examples: invertible)."""
     from natgrad_impls.tasks import Dataset, Split, Task
 
-    x = np.random.default_rng(0).normal(size=(3, 5))
+    x = np.random.default_rng(0).normal(size=(examples, 5))
     data = Dataset(Split(x, x @ np.arange(1.0, 6.0)[:, None]), None)
     problem = models.Problem(models.linear(5, 1), "gaussian")
-    return Task("underdetermined", problem, True, "test", 3, None, 10, lambda seed: data)
+    return Task("underdetermined", problem, True, "test", examples, None, 10, lambda seed: data)

@@ -202,6 +202,19 @@ def test_an_undamped_curvature_of_too_few_columns_is_a_divergence(framework, opt
     assert len(frame) == 2 and math.isfinite(frame["loss"].iloc[0]) and math.isnan(frame["loss"].iloc[1])
 
 
+@pytest.mark.parametrize("optimizer", ["ef", "ngd"])
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_an_undamped_curvature_of_as_many_columns_as_weights_is_solved(framework, optimizer):
+    """The other side of the rule above: 5 examples of the 5 weights give an invertible curvature, whose
+    undamped solve must not be refused. ngd at lr 1 on this noiseless linear regression is Newton's
+    step: the loss drops to round-off at step 1."""
+    frame = runner.run(underdetermined_task(examples=5), optimizer, framework,
+                       hyperparameters={"lr": 1.0, "damping": 0.0}, steps=3, progress=False)
+    assert not frame["diverged"].any() and np.isfinite(frame["loss"]).all() and len(frame) == 4
+    if optimizer == "ngd":
+        assert frame["loss"].iloc[1] < 1e-20 * frame["loss"].iloc[0]
+
+
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_same_seed_same_numbers(framework):
     task = "wine" if framework == "numpy" else "digits-mlp"
