@@ -4,6 +4,7 @@ tasks both offline (a clear DataUnavailable) and on small stand-in files with ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -61,6 +62,22 @@ def check_dataset(task, dataset):
         assert dataset.test.X.shape[1:] == X.shape[1:] and dataset.test.y.shape[1:] == y.shape[1:]
         assert dataset.test.y.dtype == y.dtype
     return X, y
+
+
+@pytest.mark.parametrize("name", ["breastcancer", "digits-mlp"])
+def test_load_gives_floating_arrays_in_the_dtype_asked_and_class_indices_as_int64(name):
+    """float32 runs read their data in float32 (labels of a Bernoulli task are floats too); class
+    indices stay int64 whatever the dtype."""
+    for split in filter(None, TASKS[name].load(dtype=np.float32)):  # (breastcancer: no test split)
+        assert split.X.dtype == np.float32
+        assert split.y.dtype == (np.int64 if name == "digits-mlp" else np.float32)
+
+
+def test_classes_are_a_categorical_tasks_outputs_and_two_for_one_bernoulli_output():
+    """None where accuracy means nothing: a regression, or 784 Bernoulli pixels (the autoencoder)."""
+    classes = {name: task.classes for name, task in TASKS.items()}
+    assert classes["digits-mlp"] == classes["cifar10-cnn"] == 10 and classes["breastcancer"] == classes["a1a"] == 2
+    assert classes["mnist-autoencoder"] is None and classes["wine"] is None
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -162,6 +179,9 @@ def test_misspec_variants():
         get_task("misspec", "nope")
     with pytest.raises(ValueError, match="variant"):
         get_task("wine", "linear-correct")
+    for name in ("wine", "misspec"):  # `--variant ""` is a slip, not the default variant
+        with pytest.raises(ValueError, match="^variant: "):
+            get_task(name, "")
 
 
 # The paper code's toy sets (Kunstner et al., libs/eftk/eftk/toydata.py), as it draws them after
@@ -289,6 +309,9 @@ def test_a_changed_recipe_is_made_again_not_read_from_an_older_file(tmp_path, mo
     monkeypatch.setattr(tasks, "_make_digits", _make_digits)
     np.testing.assert_array_equal(TASKS["digits-mlp"].load().train.X, 2 * before.train.X)
     assert len(list((tmp_path / "generated").glob("*.npz"))) == 2
+    # one function, other arguments (wine's and breastcancer's recipes): another recipe too
+    wine, cancer = (functools.partial(tasks._scikit_learn_set, name) for name in ("load_wine", "load_breast_cancer"))
+    assert tasks._recipe(wine) != tasks._recipe(cancer)
 
 
 def test_digits_are_scikit_learns_scaled_to_the_unit_interval(tmp_path, monkeypatch):
@@ -305,10 +328,19 @@ def test_digits_are_scikit_learns_scaled_to_the_unit_interval(tmp_path, monkeypa
 
 
 def test_digits_split_is_stratified_and_fixed():
+    """The same split for every seed: scikit-learn's stratified 80/20 split drawn with random_state 0,
+    the one every digits result was computed on."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     (X, y), (X_test, y_test) = TASKS["digits-mlp"].load(seed=5)
     assert 0 <= X.min() and X.max() <= 1
     np.testing.assert_allclose(np.bincount(y) / len(y), np.bincount(y_test) / len(y_test), atol=0.01)
     np.testing.assert_array_equal(y_test, TASKS["digits-mlp"].load(seed=0).test.y)
+    images, labels = load_digits(return_X_y=True)
+    _, images_test, _, labels_test = train_test_split(images, labels, test_size=0.2, random_state=0, stratify=labels)
+    np.testing.assert_array_equal(X_test, images_test / 16.0)
+    np.testing.assert_array_equal(y_test, labels_test)
 
 
 def test_a_warm_data_cache_spares_jobs_the_scikit_learn_import(tmp_path, monkeypatch):
@@ -506,7 +538,8 @@ def test_download_tasks_parse_their_files(offline, monkeypatch):
     assert X[1, 118] == 1 and X[2, 0] == 1  # 1-based LIBSVM indices
     (X, y), test = TASKS["mnist-autoencoder"].load()
     np.testing.assert_array_equal(X, y)
-    assert test.X.shape == (3, 784)
+    np.testing.assert_array_equal(test.X, test.y)  # each split its own target
+    assert test.X.shape == (3, 784) and not np.array_equal(test.X, X[:3])
 
 
 def test_idx_images_and_labels_are_read_as_written(offline, monkeypatch):
