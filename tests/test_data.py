@@ -313,6 +313,9 @@ def test_a_transfer_cut_short_is_a_failed_url_and_the_next_is_tried(cache, tmp_p
     with pytest.raises(DataUnavailable, match=re.escape("cut short after 300 of 1000 bytes")) as failed:
         fetch(Resource("other", cutting, pin, "other.bin"))
     assert not isinstance(failed.value, ChecksumMismatch)  # not "a wrong file": a transfer that broke off
+    one_short = http_server([(0, b"x" * 999)], announced=1000)
+    with pytest.raises(DataUnavailable, match=re.escape("cut short after 999 of 1000 bytes")):
+        fetch(Resource("other", one_short, pin, "other.bin"))
     assert files_in(cache) == [cache / "thing.bin"]
 
 
@@ -333,6 +336,10 @@ def test_a_server_that_trickles_bytes_is_a_failed_url(cache, tmp_path, monkeypat
     assert fetch(Resource("thing", trickling, sha, "thing.bin", mirrors=(good,))).read_bytes() == b"whole file"
     with pytest.raises(DataUnavailable, match=r"slower than 1000 bytes/s for 0\.3\d* s, after \d+ bytes"):
         fetch(Resource("other", trickling, sha, "other.bin"))
+    # a fast start does not buy the rest of the transfer: each window is judged on its own bytes
+    bursting = http_server([(0, b"x" * 5000)] + [(0.02, b"x")] * 10_000, announced=15_000)
+    with pytest.raises(DataUnavailable, match=r"slower than 1000 bytes/s for 0\.3\d* s, after \d+ bytes"):
+        fetch(Resource("other", bursting, sha, "other.bin"))
     assert time.monotonic() - started < 30
     assert files_in(cache) == [cache / "steady.bin", cache / "thing.bin"]
 
@@ -369,6 +376,8 @@ def test_pinned_resources_are_well_formed():
         assert resource.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", resource.sha256)
     unpinned = {k for k, r in data.RESOURCES.items() if r.sha256 is None}
     assert unpinned <= {"a1a"}  # no published checksum found: pin on the first online run
+    mnist = [r for k, r in data.RESOURCES.items() if k.startswith("mnist/")]
+    assert len(mnist) == 4 and all(r.mirrors for r in mnist)  # MNIST's own site refuses downloads: two hosts
 
 
 # -- generated data sets kept in the cache ----------------------------------------------------------
@@ -393,8 +402,9 @@ def test_generated_arrays_are_made_once_then_read_back(cache):
     assert (cache / "generated" / "toy-1.npz").stat().st_mode & 0o777 == 0o644  # as downloads: shared
 
 
-@pytest.mark.parametrize("damage", ["truncated", "other arrays", "no checksum"])
+@pytest.mark.parametrize("damage", ["truncated", "other arrays", "no checksum", "reshaped", "retyped"])
 def test_a_damaged_generated_file_is_made_again(cache, damage):
+    """Reshaped or retyped arrays of the same bytes are damage too: the checksum covers shape and dtype."""
     calls = []
     data.generated("toy-1", maker(calls))
     path = cache / "generated" / "toy-1.npz"
@@ -403,7 +413,8 @@ def test_a_damaged_generated_file_is_made_again(cache, damage):
     else:
         with np.load(path) as stored:
             kept = {k: stored[k] for k in stored.files}
-        kept["x"] = kept["x"] + 1  # the stored checksum no longer matches
+        kept["x"] = {"reshaped": kept["x"].reshape(4, 3), "retyped": kept["x"].view(np.int64)}.get(
+            damage, kept["x"] + 1)  # the stored checksum no longer matches
         if damage == "no checksum":
             del kept["sha256"]
         np.savez(path, **kept)
@@ -618,6 +629,13 @@ def idx_bytes(array: np.ndarray, type_code: int) -> bytes:
     big-endian int32, then the data, big-endian, in C order."""
     header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+@pytest.mark.parametrize("header", [b"\x01\x00\x08\x01", b"\x00\x01\x08\x01", b"\x00\x00\x07\x01"])
+def test_read_idx_refuses_a_file_without_the_formats_zero_bytes_and_type_code(tmp_path, header):
+    (tmp_path / "bad").write_bytes(header + struct.pack(">i", 3) + bytes(3))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "bad")
 
 
 def test_read_idx_keeps_the_shape_order_and_type(tmp_path):
