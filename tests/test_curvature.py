@@ -283,6 +283,30 @@ def test_inverse_factor_multiply_matches_dense_solve(impl, name, n, woodbury, cu
     close(flat(impl, problem, solution), np.linalg.solve(dense, u.T @ c.reshape(-1)), rtol=1e-8)
 
 
+@pytest.mark.parametrize("curvature", list(Curvature))
+def test_every_undamped_solve_with_fewer_columns_than_weights_is_nan(impl, curvature):
+    """damping 0 on an MLP of 57 weights with 4 examples: the dense reference's rank is at most 12, so
+    C^-1 does not exist, and every solve a step may take (the dense one, push-through, the column mean,
+    `precondition`) gives NaN, a divergence at the next step (DESIGN 4), never a finite step through a
+    pseudo-inverse of the Woodbury kernel."""
+    problem = PROBLEMS["mlp-categorical"]
+    (x, y, params), _, grad, factor = build(impl, problem, 4, curvature)
+    dense = (ref.empirical_fisher if curvature == Curvature.EMPIRICAL else ref.fisher)(problem, params, x, y)
+    assert np.linalg.matrix_rank(dense) <= 12 < problem.model.num_params()  # (mc: a rank <= the exact one's)
+    c = impl.params({"c": np.ones((factor.num_columns // 4, 4))})["c"]
+    solves = {
+        "multiply_inverse": factor.multiply_inverse(impl.curvature.from_layers(problem.model, grad), 0.0),
+        "multiply_inverse_layers": factor.multiply_inverse_layers(grad, 0.0),
+        "inverse_factor_multiply": factor.inverse_factor_multiply(c, 0.0),
+        "inverse_column_mean": factor.inverse_column_mean(0.0)[0],
+        "precondition": impl.curvature.precondition(problem, curvature, grad, factor, 0.0)[0],
+    }
+    if curvature != Curvature.EMPIRICAL:
+        solves["multiply_inverse_mean"] = factor.multiply_inverse_mean(grad, 0.0)
+    for name, solution in solves.items():
+        assert all(np.isnan(block).all() for block in impl.numpy(solution).values()), name
+
+
 @pytest.mark.parametrize("by_gram", [True, False])
 @pytest.mark.parametrize("curvature", [Curvature.EXACT, Curvature.MC])
 @pytest.mark.parametrize("name, n", [("mlp-categorical", 4), ("mlp-bernoulli", 3), ("cnn-categorical", 3)])
