@@ -531,6 +531,34 @@ def test_run_help_states_what_a_run_does_without_each_hyperparameter(tmp_path, m
     assert listed
 
 
+def test_the_defaults_are_the_papers_grid_and_seed_0():
+    """`natgrad grid` without --lrs and --dampings spans the grid of the paper's code (the Python API's
+    default, grid.PAPER_LRS and PAPER_DAMPINGS, written again as text for the CLI), and both commands
+    seed 0, as the Python API does."""
+    import inspect
+
+    from natgrad_impls import grid, runner
+
+    parser = cli._parser()
+    grid_args = parser.parse_args(["grid", "--task", "wine", "--out", "grid.csv"])
+    run_args = parser.parse_args(["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy",
+                                  "--out", "run.csv"])
+    assert grid.parse_bounds(grid_args.lrs, "lrs") == grid.PAPER_LRS
+    assert grid.parse_bounds(grid_args.dampings, "dampings") == grid.PAPER_DAMPINGS
+    defaults = {f: inspect.signature(f).parameters["seed"].default for f in (grid.run_grid, runner.run)}
+    assert grid_args.seed == run_args.seed == defaults[grid.run_grid] == defaults[runner.run] == 0
+
+
+def test_a_zero_is_a_number_in_any_notation_and_an_underflow_is_not():
+    """`number` refuses what float64 rounds to 0, judged by the digits before the exponent: 0e-5 is a
+    0 written out, and 1e-400 a typo."""
+    assert cli.number("0e-5") == cli.number("0.0E+3") == cli.number("-0") == 0
+    assert cli.number("5e-324") > 0
+    for underflow in ("1e-400", "0.5e-330", "-2E-999"):
+        with pytest.raises(cli.argparse.ArgumentTypeError, match="below float64's smallest number"):
+            cli.number(underflow)
+
+
 def test_help_names_the_variants_the_seed_and_the_evaluation_default(monkeypatch, capsys):
     """What a newcomer needs from --help without reading the code: misspec's variants, what --seed
     seeds, and --eval-every's default as the runner has it."""
