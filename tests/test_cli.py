@@ -341,7 +341,9 @@ def test_bad_input_through_the_console_script(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--task", "wine", "--optimizer", "sgd", "--framework", "numpy",
-                                              "--lr", "-1", "--out", "x.csv"]])
+                                              "--lr", "-1", "--out", "x.csv"],
+                                  ["run", "--task", "digits-mlp", "--optimizer", "sgd", "--framework", "torch",
+                                   "--lr", "0.1", "--out", "x.txt"]])
 def test_help_and_bad_input_answer_before_the_heavy_imports(argv):
     """pandas (0.5 s), torch and jax are imported where a run needs them, so that --help and a
     refused command answer at once."""
