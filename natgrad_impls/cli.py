@@ -22,7 +22,7 @@ import math
 import sys
 
 from natgrad_impls import results
-from natgrad_impls.hyperparameters import ARGUMENTS, HYPERPARAMETERS
+from natgrad_impls.hyperparameters import ARGUMENTS, HYPERPARAMETERS, PAPER_DAMPINGS, PAPER_LRS, bounds_text
 from natgrad_impls.names import Optimizer
 from natgrad_impls.runner import DEFAULT_EVAL_EVERY, accepted
 from natgrad_impls.tasks import MISSPEC_VARIANTS
@@ -54,7 +54,7 @@ EXTRA_HYPERPARAMETERS = (
 )
 
 
-GRID_BOUNDS = ("lrs", "dampings")  # `natgrad grid`'s log10 START:STOP:NUM options
+GRID_BOUNDS = {"lrs": PAPER_LRS, "dampings": PAPER_DAMPINGS}  # `natgrad grid`'s log10 START:STOP:NUM options
 
 
 class BadInput(Exception):
@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--optimizers", default="sgd,ngd,ef", help="comma-separated (default: sgd,ngd,ef)")
     grid.add_argument("--framework", default="numpy", help="numpy (default), torch or jax")
     _common(grid, "the MC labels, the chaos check's noise")
-    grid.add_argument("--lrs", default="-20:10:241", help="log10 START:STOP:NUM (default -20:10:241); write --lrs=-20:10:241")
-    grid.add_argument("--dampings", default="-10:10:41",
-                      help="log10 START:STOP:NUM (default -10:10:41); write --dampings=-10:10:41")
+    for field, bounds in GRID_BOUNDS.items():  # the paper's grid; '=' keeps a negative START from reading as an option
+        text = bounds_text(bounds)
+        grid.add_argument(f"--{field}", default=text,
+                          help=f"log10 START:STOP:NUM (default {text}); write --{field}={text}")
     for option, name, kind in EXTRA_HYPERPARAMETERS:
         grid.add_argument(option, dest=name, type=kind, help=_hyperparameter_help(name))
     grid.add_argument("--steps", type=int, help="default: the task's (100)")

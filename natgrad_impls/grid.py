@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from natgrad_impls import models, results
+from natgrad_impls.hyperparameters import PAPER_DAMPINGS, PAPER_LRS, bounds_text
 from natgrad_impls.names import DType, Device, Fisher, Framework, Likelihood, Optimizer, parse
 from natgrad_impls.numpy import reference
 from natgrad_impls.runner import (
@@ -58,8 +59,6 @@ from natgrad_impls.runner import (
 )
 from natgrad_impls.timing import device_name
 
-PAPER_LRS = (-20.0, 10.0, 241)  # log10 start, stop, number: np.logspace(-20, 10, 241)
-PAPER_DAMPINGS = (-10.0, 10.0, 41)
 CHAOS_NOISE = 1e-14
 CHAOS_TOLERANCE = 1e-8
 DEFAULT_REPEATS = 5
@@ -120,7 +119,7 @@ def parse_bounds(text: str, field: str) -> tuple[float, float, int]:
             raise ValueError
     except ValueError:
         raise ValueError(f"{field}: {text!r} must be START:STOP:NUM (log10 bounds, NUM an integer >= 1), "
-                         f"e.g. {':'.join(str(int(v)) for v in (PAPER_LRS if field == 'lrs' else PAPER_DAMPINGS))}") from None
+                         f"e.g. {bounds_text(PAPER_LRS if field == 'lrs' else PAPER_DAMPINGS)}") from None
     return start, stop, num
 
 

@@ -14,6 +14,18 @@ import numbers
 from natgrad_impls.names import Fisher, Optimizer, parse
 
 
+# The lr and damping grids' log10 bounds (start, stop, number): the paper's np.logspace(-20, 10, 241)
+# and np.logspace(-10, 10, 41), `natgrad grid`'s defaults. Here, not in grid, so that the CLI's help
+# can name them without importing grid's numerical stack.
+PAPER_LRS = (-20.0, 10.0, 241)
+PAPER_DAMPINGS = (-10.0, 10.0, 41)
+
+
+def bounds_text(bounds) -> str:
+    """(start, stop, num) log10 bounds as the CLI and config write them: (-20.0, 10.0, 241) -> '-20:10:241'."""
+    return ":".join(str(int(value)) if float(value).is_integer() else repr(float(value)) for value in bounds)
+
+
 def _check(condition: bool, name: str, value, requirement: str) -> None:
     if not condition:
         raise ValueError(f"{name}: {value!r} must be {requirement}")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import overflowing_task, singular_task
-from natgrad_impls import cli, grid, models, results, runner
+from natgrad_impls import cli, grid, hyperparameters, models, results, runner
 from natgrad_impls.names import Optimizer
 from natgrad_impls.tasks import get_task
 
@@ -395,6 +395,14 @@ def test_paper_grid_is_the_default():
     assert grid.parse_bounds(args.lrs, "lrs") == grid.PAPER_LRS
     assert grid.parse_bounds(args.dampings, "dampings") == grid.PAPER_DAMPINGS
     assert args.optimizers == "sgd,ngd,ef" and args.framework == "numpy" and args.repeats == grid.DEFAULT_REPEATS
+
+
+@pytest.mark.parametrize("bounds, text", [((-20.0, 10.0, 241), "-20:10:241"), ((-2.5, 0.1, 7), "-2.5:0.1:7"),
+                                          ((1e-7, 3e16, 2), "1e-07:30000000000000000:2")])
+def test_bounds_are_written_as_the_cli_reads_them(bounds, text):
+    """The CLI's default and grid's error messages write bounds as `natgrad grid` reads them back."""
+    assert hyperparameters.bounds_text(bounds) == text
+    assert grid.parse_bounds(text, "lrs") == bounds
 
 
 def test_validation_names_the_field():
