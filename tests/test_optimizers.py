@@ -177,6 +177,41 @@ def test_grad_norm_after_the_first_step_is_the_gradients(framework, optimizer, h
     np.testing.assert_allclose(float(np.asarray(info["grad_norm"])), expected, rtol=1e-10)
 
 
+_ONE_STEP_OLD = every_optimizer({
+    "sgd": {"lr": 0.5, "momentum": 0.9}, "adam": {"lr": 0.05}, "ef": {"lr": 0.5, "damping": 1e-2},
+    "ngd": {"lr": 0.5, "damping": 1e-2, "fisher": "mc"},
+    "kfac": {"lr": 0.5, "damping": 1e-2, "kfac_update_period": 2, "kfac_ema": 0.5},
+})
+
+
+def _snapshot(tree):
+    """Copies of a pytree's arrays (torch tensors, jax and numpy arrays), other leaves as they are."""
+    return [np.array(leaf) if hasattr(leaf, "shape") else leaf for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("optimizer", list(_ONE_STEP_OLD))
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_a_step_changes_neither_its_parameters_nor_its_state(framework, optimizer):
+    """The interface is functional (DESIGN 5): a step returns new parameters and a new state and leaves
+    its arguments as they were, so the same step taken twice from one (params, state) is the same step
+    (a restart from a kept state, a line search, the chaos repeats rely on it). From a state one step
+    old: momenta, moments and K-FAC's factors are not zero there, and an update made in place shows."""
+    problem = PROBLEMS["logistic"]
+    to_params, to_batch, to_numpy = _framework(framework)
+    x, y = make_data(problem, 6, seed=0)
+    opt = make_optimizer(framework, optimizer, problem, **_ONE_STEP_OLD[optimizer])
+    start, batch = to_params(models.init_params(problem.model, 1)), to_batch(x, y)
+    params, state, _ = opt.step(start, opt.init(start), batch)
+    before = _snapshot((params, state))
+    first = _snapshot(opt.step(params, state, batch)[:2])
+    after = _snapshot((params, state))
+    second = _snapshot(opt.step(params, state, batch)[:2])
+    for was, now in zip(before, after, strict=True):
+        np.testing.assert_array_equal(now, was)
+    for one, other in zip(first, second, strict=True):
+        np.testing.assert_array_equal(other, one)
+
+
 def test_ef_gradient_norm_from_the_gram_matrix_is_accurate_in_float32(impl):
     """ef's ||g|| from 1^T U^T U 1 / N^2 squares the cancellation between per-example gradients
     that summing them has; on a 64-16-10 MLP at batch 32 in float32 it stays within 1e-5 of the
