@@ -582,8 +582,8 @@ assert all(jax.numpy.isfinite(p).all() for p in params.values())
 @pytest.mark.parametrize("optimizer, hp, programs", STEP_CASES)
 def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(monkeypatch, optimizer, hp, programs):
     """The runs of a tuning job build an optimizer per setting and seed: each after the first takes
-    the steps already compiled for its problem (another lr, damping and MC seed: nothing traced or
-    compiled), and steps as a build of its own would, unshared and from its hyperparameters as
+    the steps already compiled for its problem (another lr, damping, MC seed and K-FAC period: nothing
+    traced or compiled), and steps as a build of its own would, unshared and from its hyperparameters as
     given, bit for bit. A hyperparameter compiled into the step (here momentum, b1, samples or
     kfac_ema, and damping 0, the dense solve) builds programs of its own."""
     import natgrad_impls.jax as nj
@@ -597,7 +597,8 @@ def test_a_jax_optimizer_built_for_another_setting_reuses_the_compiled_steps(mon
     for _ in range(programs):
         params, state, _ = first.step(params, state, batch)
     other = {**hp, "lr": hp["lr"] / 3, **({"damping": hp["damping"] * 10} if "damping" in hp else {}),
-             **({"seed": 7} if optimizer in ("ngd", "kfac") else {})}  # (their MC labels' seed)
+             **({"seed": 7} if optimizer in ("ngd", "kfac") else {}),  # (their MC labels' seed)
+             **({"kfac_update_period": 2} if optimizer == "kfac" else {})}
     built = optimizers._shared.cache_info
     with jax_compiles() as compiles:
         shared = getattr(nj, optimizer)(PROBLEM, **other)
