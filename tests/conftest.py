@@ -234,12 +234,13 @@ def overflowing_task():
     return Task("overflow", problem, True, "test", 20, None, 10, lambda seed: data)
 
 
-def underdetermined_task(examples: int = 3):
+def underdetermined_task(examples: int = 3, l2: float = 0.0):
     """3 examples of 5 random inputs: every curvature of the 5 weights has rank <= 3, singular without
-    damping, yet LU's pivots, perturbed by round-off, are not exactly 0 (5 examples: invertible)."""
+    damping, yet LU's pivots, perturbed by round-off, are not exactly 0 (5 examples: invertible; an
+    l2 prior makes the true Fisher invertible too, never the empirical one)."""
     from natgrad_impls.tasks import Dataset, Split, Task
 
     x = np.random.default_rng(0).normal(size=(examples, 5))
     data = Dataset(Split(x, x @ np.arange(1.0, 6.0)[:, None]), None)
-    problem = models.Problem(models.linear(5, 1), "gaussian")
+    problem = models.Problem(models.linear(5, 1), "gaussian", l2=l2)
     return Task("underdetermined", problem, True, "test", examples, None, 10, lambda seed: data)

@@ -216,6 +216,20 @@ def test_an_undamped_curvature_of_as_many_columns_as_weights_is_solved(framework
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_an_undamped_true_fisher_is_solved_with_an_l2_prior_and_the_empirical_one_is_not(framework):
+    """The prior's l2 I is part of the true Fisher (DESIGN 4), so on 3 examples of 5 weights it is
+    invertible undamped: Newton's step at lr 1 on this quadratic lands on the regularised minimum,
+    where the loss stays. The empirical Fisher has no prior term: still singular, its step NaN."""
+    task, kwargs = underdetermined_task(l2=0.1), dict(hyperparameters={"lr": 1.0, "damping": 0.0}, steps=3,
+                                                       progress=False)
+    ngd = runner.run(task, "ngd", framework, **kwargs)
+    assert not ngd["diverged"].any() and ngd["loss"].iloc[1] < 0.5 * ngd["loss"].iloc[0]
+    np.testing.assert_allclose(ngd["loss"].iloc[2:], ngd["loss"].iloc[1], rtol=1e-12)
+    ef = runner.run(task, "ef", framework, **kwargs)
+    assert math.isnan(ef["loss"].iloc[1]) and ef["diverged"].all()
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_same_seed_same_numbers(framework):
     task = "wine" if framework == "numpy" else "digits-mlp"
     hp = {"lr": 0.1, "damping": 1e-2} if framework == "numpy" else {"lr": 1e-3}
