@@ -212,6 +212,23 @@ def test_a_step_changes_neither_its_parameters_nor_its_state(framework, optimize
         np.testing.assert_array_equal(other, one)
 
 
+@pytest.mark.parametrize("optimizer", list(_ONE_STEP_OLD))
+@pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
+def test_every_state_counts_its_steps(framework, optimizer):
+    """state.step is the number of steps taken, in every optimizer's state: the MC samplers and K-FAC's
+    refreshes read theirs (sgd's and ef's, read by nothing inside, had stood still without a failing test)."""
+    problem = PROBLEMS["logistic"]
+    to_params, to_batch, _ = _framework(framework)
+    x, y = make_data(problem, 6, seed=0)
+    opt = make_optimizer(framework, optimizer, problem, **_ONE_STEP_OLD[optimizer])
+    params, batch = to_params(models.init_params(problem.model, 1)), to_batch(x, y)
+    state, counts = opt.init(params), []
+    for _ in range(3):
+        counts.append(int(state.step))
+        params, state, _ = opt.step(params, state, batch)
+    assert counts + [int(state.step)] == [0, 1, 2, 3]
+
+
 def test_ef_gradient_norm_from_the_gram_matrix_is_accurate_in_float32(impl):
     """ef's ||g|| from 1^T U^T U 1 / N^2 squares the cancellation between per-example gradients
     that summing them has; on a 64-16-10 MLP at batch 32 in float32 it stays within 1e-5 of the
