@@ -1,7 +1,8 @@
 """Validated hyperparameters, shared by the numpy, torch and jax optimizers (DESIGN 3).
 
 One frozen dataclass per optimizer, so the three frameworks accept exactly the same arguments and
-reject bad ones with the same ValueError naming the argument.
+reject bad ones with the same ValueError naming the argument; and the paper's lr and damping grids,
+the ranges `natgrad grid` searches by default.
 """
 
 from __future__ import annotations

@@ -193,11 +193,11 @@ def _snapshot(tree):
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])
 def test_a_step_changes_neither_its_parameters_nor_its_state(framework, optimizer):
     """The interface is functional (DESIGN 5): a step returns new parameters and a new state and leaves
-    its arguments as they were, so the same step taken twice from one (params, state) is the same step
-    (a restart from a kept state, a line search, the chaos repeats rely on it). From a state one step
-    old: momenta, moments and K-FAC's factors are not zero there, and an update made in place shows."""
+    its arguments as they were, so the same step taken twice from one (params, state) is the same step.
+    From a state one step old: momenta, moments and K-FAC's factors are not zero there, and an update
+    made in place shows."""
     problem = PROBLEMS["logistic"]
-    to_params, to_batch, to_numpy = _framework(framework)
+    to_params, to_batch, _ = _framework(framework)
     x, y = make_data(problem, 6, seed=0)
     opt = make_optimizer(framework, optimizer, problem, **_ONE_STEP_OLD[optimizer])
     start, batch = to_params(models.init_params(problem.model, 1)), to_batch(x, y)

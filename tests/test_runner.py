@@ -220,8 +220,8 @@ def test_an_undamped_true_fisher_is_solved_with_an_l2_prior_and_the_empirical_on
     """The prior's l2 I is part of the true Fisher (DESIGN 4), so on 3 examples of 5 weights it is
     invertible undamped: Newton's step at lr 1 on this quadratic lands on the regularised minimum,
     where the loss stays. The empirical Fisher has no prior term: still singular, its step NaN."""
-    task, kwargs = underdetermined_task(l2=0.1), dict(hyperparameters={"lr": 1.0, "damping": 0.0}, steps=3,
-                                                       progress=False)
+    task = underdetermined_task(l2=0.1)
+    kwargs = dict(hyperparameters={"lr": 1.0, "damping": 0.0}, steps=3, progress=False)
     ngd = runner.run(task, "ngd", framework, **kwargs)
     assert not ngd["diverged"].any() and ngd["loss"].iloc[1] < 0.5 * ngd["loss"].iloc[0]
     np.testing.assert_allclose(ngd["loss"].iloc[2:], ngd["loss"].iloc[1], rtol=1e-12)
